@@ -1,0 +1,1 @@
+"""Pure core shared by agent, server and simulator: wire protocol, manifest rules. No I/O."""

@@ -1,0 +1,429 @@
+"""The wire protocol: topics and payloads, the single source of truth.
+
+Agent, server and simulator import this module and nothing else to speak MQTT
+with each other (DESIGN §3.1). Values here cannot be built invalid: a `Topic`
+validates its ids when constructed, and payload models reject unknown fields,
+unsafe ids and oversized JSON. Pure: no I/O, no clock.
+
+Topics, all under ``addins/v1/{tenant}/``::
+
+    catalog/{addin_id}                      CatalogEntry      retained
+    assign/everyone/{addin_id}              Assignment        retained
+    assign/group/{group_id}/{addin_id}      Assignment        retained
+    assign/user/{user_id}/{addin_id}        Assignment        retained
+    member/{user_id}                        Membership        retained
+    group/{group_id}/parents                GroupParents      retained
+    policy                                  Policy            retained
+    report/{client_id}                      AgentReport       not retained
+
+Any retained state topic except ``policy`` may carry a `Tombstone` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+PROTOCOL_PREFIX = "addins/v1"
+MAX_PAYLOAD_BYTES = 64 * 1024
+"""Largest JSON payload accepted on any topic. A catalog entry is well under 2 KB."""
+
+_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$"
+_ID_RE = re.compile(_ID_PATTERN)
+_SHA256_PATTERN = r"^[0-9a-f]{64}$"
+_VERSION_PATTERN = r"^[0-9]{1,5}(\.[0-9]{1,5}){0,3}$"
+
+
+class ProtocolError(ValueError):
+    """A topic or payload that does not follow the protocol. The message says why."""
+
+
+class InvalidTopic(ProtocolError):
+    """A topic string or topic component that is not part of the protocol."""
+
+
+class InvalidPayload(ProtocolError):
+    """A payload that is not valid JSON for its topic's model."""
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is a safe id, else raise `InvalidTopic`.
+
+    Safe ids are 1–128 characters of ``[A-Za-z0-9._@-]`` starting with a letter or
+    digit, so no id can put ``+``, ``#``, ``/``, NUL or whitespace into a topic.
+    """
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidTopic(
+            f"invalid {what} {value!r}: use 1-128 characters of A-Z a-z 0-9 . _ @ -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+SafeId = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=_SHA256_PATTERN)]
+VersionString = Annotated[str, StringConstraints(pattern=_VERSION_PATTERN)]
+Revision = Annotated[int, Field(ge=1, le=2**53)]
+
+
+class Host(StrEnum):
+    """Office host applications, named as a user knows them."""
+
+    WORD = "Word"
+    EXCEL = "Excel"
+    POWERPOINT = "PowerPoint"
+    OUTLOOK = "Outlook"
+
+
+class Mode(StrEnum):
+    """Deployment mode of an assignment. Stronger modes win (see `Mode.strength`)."""
+
+    FIXED = "fixed"
+    OPTIONAL = "optional"
+    AVAILABLE = "available"
+
+    @property
+    def strength(self) -> int:
+        return {"available": 1, "optional": 2, "fixed": 3}[self.value]
+
+
+class Source(StrEnum):
+    LOB = "lob"
+    STORE = "store"
+
+
+class TopicKind(StrEnum):
+    CATALOG = "catalog"
+    ASSIGN_EVERYONE = "assign/everyone"
+    ASSIGN_GROUP = "assign/group"
+    ASSIGN_USER = "assign/user"
+    MEMBER = "member"
+    GROUP_PARENTS = "group/parents"
+    POLICY = "policy"
+    REPORT = "report"
+
+
+RETAINED_KINDS = frozenset(TopicKind) - {TopicKind.REPORT}
+TOMBSTONE_KINDS = RETAINED_KINDS - {TopicKind.POLICY}
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """One concrete protocol topic. Build it with the class methods; `str()` gives the wire form.
+
+    Only the ids meaningful for `kind` are set; the rest are None.
+    """
+
+    tenant: str
+    kind: TopicKind
+    addin_id: str | None = None
+    group_id: str | None = None
+    user_id: str | None = None
+    client_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_id(self.tenant, "tenant id")
+        wanted = _IDS_BY_KIND[self.kind]
+        for name in ("addin_id", "group_id", "user_id", "client_id"):
+            value = getattr(self, name)
+            if name in wanted:
+                if value is None:
+                    raise InvalidTopic(f"{self.kind} topic needs {name}")
+                check_id(value, name.replace("_", " "))
+            elif value is not None:
+                raise InvalidTopic(f"{self.kind} topic takes no {name}")
+
+    # -- builders ---------------------------------------------------------------------------
+    @classmethod
+    def catalog(cls, tenant: str, addin_id: str) -> Topic:
+        return cls(tenant, TopicKind.CATALOG, addin_id=addin_id)
+
+    @classmethod
+    def assign_everyone(cls, tenant: str, addin_id: str) -> Topic:
+        return cls(tenant, TopicKind.ASSIGN_EVERYONE, addin_id=addin_id)
+
+    @classmethod
+    def assign_group(cls, tenant: str, group_id: str, addin_id: str) -> Topic:
+        return cls(tenant, TopicKind.ASSIGN_GROUP, group_id=group_id, addin_id=addin_id)
+
+    @classmethod
+    def assign_user(cls, tenant: str, user_id: str, addin_id: str) -> Topic:
+        return cls(tenant, TopicKind.ASSIGN_USER, user_id=user_id, addin_id=addin_id)
+
+    @classmethod
+    def member(cls, tenant: str, user_id: str) -> Topic:
+        return cls(tenant, TopicKind.MEMBER, user_id=user_id)
+
+    @classmethod
+    def group_parents(cls, tenant: str, group_id: str) -> Topic:
+        return cls(tenant, TopicKind.GROUP_PARENTS, group_id=group_id)
+
+    @classmethod
+    def policy(cls, tenant: str) -> Topic:
+        return cls(tenant, TopicKind.POLICY)
+
+    @classmethod
+    def report(cls, tenant: str, client_id: str) -> Topic:
+        return cls(tenant, TopicKind.REPORT, client_id=client_id)
+
+    # -- wire form --------------------------------------------------------------------------
+    def __str__(self) -> str:
+        base = f"{PROTOCOL_PREFIX}/{self.tenant}"
+        k = TopicKind
+        match self.kind:
+            case k.CATALOG:
+                return f"{base}/catalog/{self.addin_id}"
+            case k.ASSIGN_EVERYONE:
+                return f"{base}/assign/everyone/{self.addin_id}"
+            case k.ASSIGN_GROUP:
+                return f"{base}/assign/group/{self.group_id}/{self.addin_id}"
+            case k.ASSIGN_USER:
+                return f"{base}/assign/user/{self.user_id}/{self.addin_id}"
+            case k.MEMBER:
+                return f"{base}/member/{self.user_id}"
+            case k.GROUP_PARENTS:
+                return f"{base}/group/{self.group_id}/parents"
+            case k.POLICY:
+                return f"{base}/policy"
+            case k.REPORT:
+                return f"{base}/report/{self.client_id}"
+        raise AssertionError(self.kind)  # pragma: no cover
+
+    @property
+    def retained(self) -> bool:
+        return self.kind in RETAINED_KINDS
+
+    @classmethod
+    def parse(cls, topic: str) -> Topic:
+        """Parse a wire topic; raise `InvalidTopic` naming what is wrong."""
+        if not isinstance(topic, str) or "\x00" in topic:
+            raise InvalidTopic(f"topic {topic!r} is not a clean string")
+        parts = topic.split("/")
+        if len(parts) < 4 or "/".join(parts[:2]) != PROTOCOL_PREFIX:
+            raise InvalidTopic(f"topic {topic!r} is not under {PROTOCOL_PREFIX}/{{tenant}}/")
+        tenant, rest = parts[2], parts[3:]
+        match rest:
+            case ["catalog", addin]:
+                return cls.catalog(tenant, addin)
+            case ["assign", "everyone", addin]:
+                return cls.assign_everyone(tenant, addin)
+            case ["assign", "group", group, addin]:
+                return cls.assign_group(tenant, group, addin)
+            case ["assign", "user", user, addin]:
+                return cls.assign_user(tenant, user, addin)
+            case ["member", user]:
+                return cls.member(tenant, user)
+            case ["group", group, "parents"]:
+                return cls.group_parents(tenant, group)
+            case ["policy"]:
+                return cls.policy(tenant)
+            case ["report", client]:
+                return cls.report(tenant, client)
+        raise InvalidTopic(f"topic {topic!r} is not a known {PROTOCOL_PREFIX} topic")
+
+
+_IDS_BY_KIND: dict[TopicKind, frozenset[str]] = {
+    TopicKind.CATALOG: frozenset({"addin_id"}),
+    TopicKind.ASSIGN_EVERYONE: frozenset({"addin_id"}),
+    TopicKind.ASSIGN_GROUP: frozenset({"group_id", "addin_id"}),
+    TopicKind.ASSIGN_USER: frozenset({"user_id", "addin_id"}),
+    TopicKind.MEMBER: frozenset({"user_id"}),
+    TopicKind.GROUP_PARENTS: frozenset({"group_id"}),
+    TopicKind.POLICY: frozenset(),
+    TopicKind.REPORT: frozenset({"client_id"}),
+}
+
+
+class Filters:
+    """Subscription filters (with ``+`` wildcards) an agent or the server subscribes to."""
+
+    @staticmethod
+    def catalog(tenant: str) -> str:
+        return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/catalog/+"
+
+    @staticmethod
+    def assign_everyone(tenant: str) -> str:
+        return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/assign/everyone/+"
+
+    @staticmethod
+    def assign_group(tenant: str, group_id: str) -> str:
+        t, g = check_id(tenant, "tenant id"), check_id(group_id, "group id")
+        return f"{PROTOCOL_PREFIX}/{t}/assign/group/{g}/+"
+
+    @staticmethod
+    def assign_user(tenant: str, user_id: str) -> str:
+        t, u = check_id(tenant, "tenant id"), check_id(user_id, "user id")
+        return f"{PROTOCOL_PREFIX}/{t}/assign/user/{u}/+"
+
+    @staticmethod
+    def reports(tenant: str) -> str:
+        return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/report/+"
+
+    @staticmethod
+    def everything(tenant: str) -> str:
+        return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/#"
+
+
+# -- payloads --------------------------------------------------------------------------------
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    revision: Revision
+    """Tenant-wide revision of the commit that produced this message."""
+    committed_at: float | None = None
+    """Server wall-clock time (Unix seconds) of that commit; used to measure propagation."""
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class CatalogEntry(_Payload):
+    """The current, consented version of one add-in in the tenant catalog."""
+
+    addin_id: SafeId
+    name: Annotated[str, StringConstraints(min_length=1, max_length=250)]
+    source: Source
+    version: VersionString
+    manifest_sha256: Sha256Hex
+    manifest_url: Annotated[str, StringConstraints(pattern=r"^/v1/manifests/[0-9a-f]{64}$")]
+    hosts: Annotated[list[Host], Field(max_length=8)]
+    permissions: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{1,32}$")]
+    enabled: bool
+    store_asset_id: SafeId | None = None
+
+
+class Assignment(_Payload):
+    """An assignment of the add-in named by the topic to its target, with a mode."""
+
+    mode: Mode
+
+
+class Membership(_Payload):
+    """A user's direct group memberships (the whole list, not a delta)."""
+
+    groups: Annotated[list[SafeId], Field(max_length=10_000)]
+
+
+class GroupParents(_Payload):
+    """The groups that directly contain this group (nesting)."""
+
+    parents: Annotated[list[SafeId], Field(max_length=10_000)]
+
+
+class Policy(_Payload):
+    """Tenant-wide policy."""
+
+    nested_groups: bool = False
+    """Honour nested groups. Microsoft's Centralized Deployment does not (default False)."""
+
+
+class Tombstone(_Payload):
+    """A retained deletion: the thing the topic names no longer exists."""
+
+    deleted: Literal[True]
+
+
+class AppliedAddin(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    addin_id: SafeId
+    version: VersionString
+    host: Host
+
+
+class AgentReport(BaseModel):
+    """Agent → server: what this client has applied, after each apply and on reconnect."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    client_id: SafeId
+    user_id: SafeId
+    revision: Annotated[int, Field(ge=0, le=2**53)]
+    """Highest tenant revision this client has received."""
+    reported_at: float
+    applied: Annotated[list[AppliedAddin], Field(max_length=4 * 1000)]
+    errors: Annotated[
+        list[Annotated[str, StringConstraints(max_length=500)]], Field(max_length=100)
+    ] = []
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+StatePayload: TypeAlias = CatalogEntry | Assignment | Membership | GroupParents | Policy
+AnyPayload: TypeAlias = StatePayload | Tombstone | AgentReport
+
+MODEL_BY_KIND: dict[TopicKind, type[BaseModel]] = {
+    TopicKind.CATALOG: CatalogEntry,
+    TopicKind.ASSIGN_EVERYONE: Assignment,
+    TopicKind.ASSIGN_GROUP: Assignment,
+    TopicKind.ASSIGN_USER: Assignment,
+    TopicKind.MEMBER: Membership,
+    TopicKind.GROUP_PARENTS: GroupParents,
+    TopicKind.POLICY: Policy,
+    TopicKind.REPORT: AgentReport,
+}
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors(include_url=False):
+        where = ".".join(str(p) for p in e["loc"]) or "payload"
+        parts.append(f"{where}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def decode(topic: Topic, payload: bytes | bytearray | str) -> AnyPayload:
+    """Validate a received payload for `topic` and return its model.
+
+    Raises `InvalidPayload` with a readable reason for: oversized payloads, bad UTF-8,
+    bad JSON, a non-object, unknown or missing fields, unsafe ids, a tombstone where
+    none is allowed, and a catalog entry whose add-in id differs from the topic's.
+    """
+    raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise InvalidPayload(
+            f"{topic}: payload of {len(raw)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
+        )
+    try:
+        data: Any = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise InvalidPayload(f"{topic}: payload is not UTF-8 ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+        raise InvalidPayload(f"{topic}: payload is not JSON ({e.msg} at {e.pos})") from e
+    if not isinstance(data, dict):
+        raise InvalidPayload(f"{topic}: payload must be a JSON object, got {type(data).__name__}")
+    model: type[BaseModel]
+    if "deleted" in data:
+        if topic.kind not in TOMBSTONE_KINDS:
+            raise InvalidPayload(f"{topic}: a {topic.kind} topic cannot carry a tombstone")
+        model = Tombstone
+    else:
+        model = MODEL_BY_KIND[topic.kind]
+    try:
+        value = model.model_validate_json(raw)
+    except ValidationError as e:
+        raise InvalidPayload(f"{topic}: invalid {model.__name__}: {_describe(e)}") from e
+    if isinstance(value, CatalogEntry) and value.addin_id != topic.addin_id:
+        raise InvalidPayload(
+            f"{topic}: catalog entry names add-in {value.addin_id!r}, topic names {topic.addin_id!r}"
+        )
+    if isinstance(value, AgentReport) and value.client_id != topic.client_id:
+        raise InvalidPayload(
+            f"{topic}: report from client {value.client_id!r} on {topic.client_id!r}'s topic"
+        )
+    assert isinstance(value, (_Payload, AgentReport))
+    return value  # type: ignore[return-value]
+
+
+def decode_message(topic: str, payload: bytes | bytearray | str) -> tuple[Topic, AnyPayload]:
+    """Parse a wire topic and decode its payload in one step."""
+    t = Topic.parse(topic)
+    return t, decode(t, payload)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian/Ubuntu checkout: a virtualenv in .venv with the
+# project and its test tools, and the Mosquitto broker binary the tests and
+# the simulator start privately (they never use a system broker on 1883).
+# Idempotent: a second run with an unchanged pyproject.toml does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { [ "$(id -u)" -eq 0 ]; }
+
+apt_install() {
+    if as_root && command -v apt-get >/dev/null 2>&1; then
+        echo "==> apt-get install $*"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "error: '$*' is missing and this script can only install it as root on Debian/Ubuntu." >&2
+        echo "       Run: sudo apt-get install -y $*   (then run this command again)" >&2
+        exit 1
+    fi
+}
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "error: Python 3.11 or newer is required (found: $("$PY" --version 2>&1 || echo none))." >&2
+    exit 1
+fi
+
+if ! find_mosquitto=$(command -v mosquitto || ls /usr/sbin/mosquitto 2>/dev/null); then
+    apt_install mosquitto
+    # Debian starts a system broker on 1883; the project never uses it.
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PY" -m venv .venv 2>/dev/null; then
+        rm -rf .venv
+        apt_install python3-venv
+        "$PY" -m venv .venv
+    fi
+fi
+
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+    echo "==> installing the project and its test tools into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test,fast]'
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi

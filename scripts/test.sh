@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs lint, types and
+# the whole pytest suite (real Mosquitto brokers on free loopback ports).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+echo "==> ruff"
+.venv/bin/ruff check addin_core agent server_stub simulator tests bench
+echo "==> mypy"
+.venv/bin/mypy
+echo "==> pytest"
+exec .venv/bin/pytest -q "$@"

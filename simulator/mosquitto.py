@@ -1,0 +1,191 @@
+"""A private Mosquitto broker process: started on a free loopback port with its own config.
+
+Used by the test suite (through the `broker` fixture) and by `addin-sim run` when no
+`--broker` is given. It can be stopped, killed with SIGKILL and restarted on the same port,
+with or without persistence, so fault tests can do to the broker what production does.
+The machine's own broker on port 1883 is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+class BrokerError(RuntimeError):
+    """The broker binary is missing or the process did not come up."""
+
+
+def find_mosquitto() -> str:
+    """Return the path of the mosquitto binary, or raise with how to install it."""
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
+        None,
+    )
+    if not found:
+        raise BrokerError(
+            "mosquitto is not installed: run `sudo apt-get install -y mosquitto` "
+            "(scripts/bootstrap.sh does this when run as root)"
+        )
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class MosquittoBroker:
+    """One Mosquitto process bound to 127.0.0.1 on a port chosen once and kept across restarts."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        persistence: bool = False,
+        max_queued_messages: int = 1000,
+        extra_config: str = "",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = "127.0.0.1"
+        self.port = port or free_port(self.host)
+        self.password_file = password_file
+        self.acl_file = acl_file
+        self.persistence = persistence
+        self.max_queued_messages = max_queued_messages
+        self.extra_config = extra_config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.config_path = self.workdir / "mosquitto.conf"
+        self.log_path = self.workdir / "mosquitto.log"
+        self.persistence_dir = self.workdir / "persistence"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def write_config(self) -> Path:
+        lines = [
+            f"listener {self.port} {self.host}",
+            f"allow_anonymous {'false' if self.password_file else 'true'}",
+            f"max_queued_messages {self.max_queued_messages}",
+            "max_inflight_messages 0",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "connection_messages false",
+        ]
+        if os.geteuid() == 0:
+            # Mosquitto drops root to the `mosquitto` user, which could not read our files.
+            lines.append("user root")
+        if self.password_file:
+            lines.append(f"password_file {self.password_file}")
+        if self.acl_file:
+            lines.append(f"acl_file {self.acl_file}")
+        if self.persistence:
+            self.persistence_dir.mkdir(exist_ok=True)
+            lines += ["persistence true", f"persistence_location {self.persistence_dir}/"]
+        else:
+            lines.append("persistence false")
+        if self.extra_config:
+            lines.append(self.extra_config)
+        self.config_path.write_text("\n".join(lines) + "\n")
+        return self.config_path
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.running:
+            return
+        self.write_config()
+        log = open(self.log_path, "ab")  # handed to the child process
+        try:
+            self.process = subprocess.Popen(
+                [find_mosquitto(), "-c", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        self._wait_until_accepting(timeout)
+
+    def _wait_until_accepting(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise BrokerError(
+                    f"mosquitto exited at start (port {self.port}); log:\n{self.log_tail()}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        self.kill()
+        raise BrokerError(f"mosquitto did not accept connections within {timeout}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop (SIGTERM): with persistence, Mosquitto saves its database first."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to save anything."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self, *, hard: bool = False, timeout: float = 10.0) -> None:
+        """Stop (or kill, when `hard`) and start again on the same port."""
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        deadline = time.monotonic() + timeout
+        # The kernel may keep the port briefly; retry until it is free again.
+        while True:
+            try:
+                self.start(timeout=timeout)
+                return
+            except BrokerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

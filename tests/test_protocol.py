@@ -1,0 +1,217 @@
+"""The wire protocol: topics and payloads round-trip, and malformed input is refused clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from addin_core.protocol import (
+    MAX_PAYLOAD_BYTES,
+    AgentReport,
+    AppliedAddin,
+    Assignment,
+    CatalogEntry,
+    Filters,
+    GroupParents,
+    Host,
+    InvalidPayload,
+    InvalidTopic,
+    Membership,
+    Mode,
+    Policy,
+    Source,
+    Tombstone,
+    Topic,
+    TopicKind,
+    decode,
+    decode_message,
+)
+
+ADDIN = "2b88e7e5-1f45-4d5b-9b0e-6f0e8d3c1a11"
+SHA = "ab" * 32
+
+TOPICS = [
+    (Topic.catalog("contoso", ADDIN), f"addins/v1/contoso/catalog/{ADDIN}"),
+    (Topic.assign_everyone("contoso", ADDIN), f"addins/v1/contoso/assign/everyone/{ADDIN}"),
+    (
+        Topic.assign_group("contoso", "sales", ADDIN),
+        f"addins/v1/contoso/assign/group/sales/{ADDIN}",
+    ),
+    (
+        Topic.assign_user("contoso", "ann@contoso.com", ADDIN),
+        f"addins/v1/contoso/assign/user/ann@contoso.com/{ADDIN}",
+    ),
+    (Topic.member("contoso", "ann"), "addins/v1/contoso/member/ann"),
+    (Topic.group_parents("contoso", "sales"), "addins/v1/contoso/group/sales/parents"),
+    (Topic.policy("contoso"), "addins/v1/contoso/policy"),
+    (Topic.report("contoso", "ws-001"), "addins/v1/contoso/report/ws-001"),
+]
+
+
+@pytest.mark.parametrize(("topic", "wire"), TOPICS)
+def test_topic_round_trip(topic: Topic, wire: str) -> None:
+    assert str(topic) == wire
+    assert Topic.parse(wire) == topic
+    assert topic.retained == (topic.kind is not TopicKind.REPORT)
+
+
+@pytest.mark.parametrize(
+    "bad_id", ["a+b", "a#", "a/b", "a\x00b", "", " a", "-a", "x" * 129, "ü", "a b"]
+)
+def test_unsafe_ids_cannot_make_a_topic(bad_id: str) -> None:
+    with pytest.raises(InvalidTopic, match="invalid"):
+        Topic.member("contoso", bad_id)
+    with pytest.raises(InvalidTopic):
+        Topic.catalog(bad_id, ADDIN)
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        "addins/v2/contoso/policy",
+        "addins/v1/contoso",
+        "addins/v1/contoso/catalog",
+        "addins/v1/contoso/catalog/a/b",
+        "addins/v1/contoso/assign/nobody/a",
+        "addins/v1/contoso/group/g/children",
+        "addins/v1/+/policy",
+        "addins/v1/contoso/member/#",
+        "addins/v1/contoso/member/a\x00",
+        "other/v1/contoso/policy",
+    ],
+)
+def test_parse_rejects_unknown_topics(wire: str) -> None:
+    with pytest.raises(InvalidTopic):
+        Topic.parse(wire)
+
+
+def test_topic_demands_exactly_its_ids() -> None:
+    with pytest.raises(InvalidTopic, match="needs addin_id"):
+        Topic("contoso", TopicKind.CATALOG)
+    with pytest.raises(InvalidTopic, match="takes no user_id"):
+        Topic("contoso", TopicKind.POLICY, user_id="ann")
+
+
+def test_filters() -> None:
+    assert Filters.catalog("c") == "addins/v1/c/catalog/+"
+    assert Filters.assign_group("c", "g") == "addins/v1/c/assign/group/g/+"
+    assert Filters.assign_user("c", "u") == "addins/v1/c/assign/user/u/+"
+    with pytest.raises(InvalidTopic):
+        Filters.assign_group("c", "g/#")
+
+
+def catalog_entry(**over: object) -> CatalogEntry:
+    fields: dict[str, object] = dict(
+        addin_id=ADDIN,
+        name="Contoso Notes",
+        source=Source.LOB,
+        version="1.2.0.0",
+        manifest_sha256=SHA,
+        manifest_url=f"/v1/manifests/{SHA}",
+        hosts=[Host.WORD, Host.EXCEL],
+        permissions="ReadWriteDocument",
+        enabled=True,
+        revision=7,
+        committed_at=1700000000.5,
+    )
+    fields.update(over)
+    return CatalogEntry(**fields)  # type: ignore[arg-type]
+
+
+PAYLOADS = [
+    (Topic.catalog("c", ADDIN), catalog_entry()),
+    (Topic.assign_everyone("c", ADDIN), Assignment(mode=Mode.OPTIONAL, revision=2)),
+    (Topic.assign_group("c", "g", ADDIN), Assignment(mode=Mode.FIXED, revision=3)),
+    (Topic.assign_user("c", "u", ADDIN), Assignment(mode=Mode.AVAILABLE, revision=4)),
+    (Topic.member("c", "u"), Membership(groups=["g", "h"], revision=5)),
+    (Topic.group_parents("c", "g"), GroupParents(parents=["all-staff"], revision=6)),
+    (Topic.policy("c"), Policy(nested_groups=True, revision=8)),
+    (Topic.member("c", "u"), Tombstone(deleted=True, revision=9)),
+    (
+        Topic.report("c", "ws1"),
+        AgentReport(
+            client_id="ws1",
+            user_id="u",
+            revision=9,
+            reported_at=1.0,
+            applied=[AppliedAddin(addin_id=ADDIN, version="1.0", host=Host.WORD)],
+            errors=[],
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("topic", "payload"), PAYLOADS)
+def test_payload_round_trip(topic: Topic, payload: object) -> None:
+    wire = payload.to_bytes()  # type: ignore[attr-defined]
+    assert decode(topic, wire) == payload
+    t2, p2 = decode_message(str(topic), wire)
+    assert (t2, p2) == (topic, payload)
+
+
+def good_catalog_json(**over: object) -> bytes:
+    data = json.loads(catalog_entry().to_bytes())
+    data.update(over)
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(
+    ("topic", "raw", "reason"),
+    [
+        (Topic.policy("c"), b"\xff\xfe", "not UTF-8"),
+        (Topic.policy("c"), b'{"nested_groups": true, "revision": 1', "not JSON"),
+        (Topic.policy("c"), b"[1, 2]", "must be a JSON object"),
+        (Topic.policy("c"), b'"hello"', "must be a JSON object"),
+        (
+            Topic.policy("c"),
+            b'{"nested_groups": true, "revision": 1, "admin": true}',
+            "Extra inputs",
+        ),
+        (Topic.policy("c"), b'{"nested_groups": true}', "revision: Field required"),
+        (Topic.policy("c"), b'{"nested_groups": "yes", "revision": 1}', "nested_groups"),
+        (Topic.policy("c"), b'{"revision": 0}', "revision"),
+        (Topic.policy("c"), b'{"revision": "5"}', "revision"),
+        (Topic.policy("c"), b'{"deleted": true, "revision": 3}', "cannot carry a tombstone"),
+        (Topic.member("c", "u"), b'{"deleted": false, "revision": 3}', "Tombstone"),
+        (Topic.member("c", "u"), b'{"groups": ["ok", "bad/#"], "revision": 3}', "groups.1"),
+        (Topic.member("c", "u"), b'{"groups": ["a\\u0000"], "revision": 3}', "groups.0"),
+        (Topic.assign_user("c", "u", "a"), b'{"mode": "mandatory", "revision": 3}', "mode"),
+        (Topic.catalog("c", ADDIN), good_catalog_json(addin_id="other"), "names add-in"),
+        (Topic.catalog("c", ADDIN), good_catalog_json(version="1.2.3.4.5"), "version"),
+        (Topic.catalog("c", ADDIN), good_catalog_json(version="123456"), "version"),
+        (Topic.catalog("c", ADDIN), good_catalog_json(manifest_sha256="XYZ"), "manifest_sha256"),
+        (
+            Topic.catalog("c", ADDIN),
+            good_catalog_json(manifest_url="http://evil/x"),
+            "manifest_url",
+        ),
+        (Topic.catalog("c", ADDIN), good_catalog_json(hosts=["Notepad"]), "hosts.0"),
+        (Topic.catalog("c", ADDIN), good_catalog_json(source="sideload"), "source"),
+        (
+            Topic.report("c", "ws1"),
+            b'{"client_id": "ws2", "user_id": "u", "revision": 1,'
+            b' "reported_at": 1.0, "applied": []}',
+            "on 'ws1'",
+        ),
+        (Topic.policy("c"), b" " * (MAX_PAYLOAD_BYTES + 1), "exceeds"),
+    ],
+)
+def test_malformed_payloads_are_refused_with_a_reason(
+    topic: Topic, raw: bytes, reason: str
+) -> None:
+    with pytest.raises(InvalidPayload) as err:
+        decode(topic, raw)
+    assert reason in str(err.value)
+    assert str(topic) in str(err.value)
+
+
+def test_mode_strength_orders_fixed_over_optional_over_available() -> None:
+    assert Mode.FIXED.strength > Mode.OPTIONAL.strength > Mode.AVAILABLE.strength
+    assert max([Mode.AVAILABLE, Mode.FIXED, Mode.OPTIONAL], key=lambda m: m.strength) is Mode.FIXED
+
+
+def test_payloads_are_immutable() -> None:
+    p = Policy(nested_groups=False, revision=1)
+    with pytest.raises(Exception, match="frozen"):
+        p.nested_groups = True  # type: ignore[misc]
