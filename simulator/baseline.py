@@ -1,0 +1,192 @@
+"""Bare MQTT fan-out: the floor the agents' propagation is compared with.
+
+One bare aiomqtt subscriber per client (no agent, no SQLite, no HTTP), one QoS 1 publish, and
+the time until every subscriber has it. Run inside a simulation (each worker process hosts
+its share, next to its agents, so the baseline is measured on the same broker and machine)
+or on its own with `addin-sim baseline --clients N`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiomqtt
+
+from simulator.control import BrokerAddress
+from simulator.metrics import LatencyHistogram
+
+CONNECT_CONCURRENCY = 50
+"""Mosquitto drops connects beyond about 100 in flight; stay well below."""
+
+
+class BaselineShard:
+    """`n` bare subscribers on one event loop."""
+
+    def __init__(self, broker: BrokerAddress, topic: str, n: int, prefix: str) -> None:
+        self.broker, self.topic, self.n, self.prefix = broker, topic, n, prefix
+        self.hist = LatencyHistogram()
+        self.received = 0
+        self._clients: list[aiomqtt.Client] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._all_in = asyncio.Event()
+
+    async def connect(self) -> None:
+        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def one(i: int) -> None:
+            async with sem:
+                client = aiomqtt.Client(
+                    self.broker.host,
+                    self.broker.port,
+                    identifier=f"{self.prefix}-{i}",
+                    username=self.broker.username,
+                    password=self.broker.password,
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    timeout=30,
+                )
+                for attempt in range(10):
+                    try:
+                        await client.__aenter__()
+                        break
+                    except aiomqtt.MqttError:
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                else:
+                    raise RuntimeError(f"baseline subscriber {i} could not connect")
+                await client.subscribe(self.topic, qos=1)
+                self._clients.append(client)
+                self._tasks.append(asyncio.create_task(self._listen(client)))
+
+        await asyncio.gather(*(one(i) for i in range(self.n)))
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        with contextlib.suppress(aiomqtt.MqttError, asyncio.CancelledError):
+            async for message in client.messages:
+                now = time.time()
+                sent = json.loads(bytes(message.payload))["sent_at"]
+                self.hist.record(now - sent)
+                self.received += 1
+                if self.received >= self.n:
+                    self._all_in.set()
+                return
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_in.wait(), timeout)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for c in self._clients:
+            with contextlib.suppress(Exception):
+                await c.__aexit__(None, None, None)
+        self._clients.clear()
+
+
+async def publish_probe(broker: BrokerAddress, topic: str) -> None:
+    async with aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=f"addin-sim-probe-{uuid.uuid4().hex[:8]}",
+        username=broker.username,
+        password=broker.password,
+        protocol=aiomqtt.ProtocolVersion.V5,
+    ) as c:
+        await c.publish(topic, json.dumps({"sent_at": time.time()}).encode(), qos=1)
+
+
+def _shard_process(
+    url: str, topic: str, n: int, prefix: str, ready: Any, go: Any, out: Any, timeout: float
+) -> None:
+    async def main() -> None:
+        shard = BaselineShard(BrokerAddress.parse(url), topic, n, prefix)
+        await shard.connect()
+        ready.put(n)
+        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+        await shard.wait(timeout)
+        out.put((shard.hist.encode(), shard.received))
+        await shard.close()
+
+    asyncio.run(main())
+
+
+def run_baseline(
+    url: str,
+    clients: int,
+    processes: int = 1,
+    timeout: float = 60.0,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Connect `clients` bare subscribers over `processes` processes, publish once, measure."""
+    broker = BrokerAddress.parse(url)
+    topic = f"addin-sim/v1/baseline-{uuid.uuid4().hex[:8]}/probe"
+    processes = max(1, min(processes, clients))
+    ctx = multiprocessing.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    shares = [
+        clients // processes + (1 if i < clients % processes else 0) for i in range(processes)
+    ]
+    procs = [
+        ctx.Process(
+            target=_shard_process,
+            args=(
+                url,
+                topic,
+                n,
+                f"addin-sim-base-{i}-{uuid.uuid4().hex[:6]}",
+                ready,
+                go,
+                out,
+                timeout,
+            ),
+            daemon=True,
+        )
+        for i, n in enumerate(shares)
+    ]
+    for p in procs:
+        p.start()
+    connected = 0
+    try:
+        for _ in procs:
+            connected += ready.get(timeout=max(60.0, clients / 50))
+            if progress:
+                progress(connected)
+        go.set()
+        asyncio.run(publish_probe(broker, topic))
+        hist = LatencyHistogram()
+        received = 0
+        for _ in procs:
+            enc, got = out.get(timeout=timeout + 30)
+            hist.merge(LatencyHistogram.decode(enc))
+            received += got
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return {"clients": clients, "received": received, "processes": processes, **hist.summary()}
+
+
+async def baseline_in_loop(
+    broker: BrokerAddress,
+    topic: str,
+    n: int,
+    prefix: str,
+    ready: Callable[[], Awaitable[None]],
+    timeout: float,
+) -> tuple[LatencyHistogram, int]:
+    """Used by a simulation worker: connect `n` subscribers, call `ready`, wait for the probe."""
+    shard = BaselineShard(broker, topic, n, prefix)
+    try:
+        await shard.connect()
+        await ready()
+        await shard.wait(timeout)
+        return shard.hist, shard.received
+    finally:
+        await shard.close()
