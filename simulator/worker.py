@@ -1,0 +1,380 @@
+"""A simulation worker: N virtual clients — each a real `agent.daemon.Agent` — on one event loop.
+
+Only two things differ from a workstation: the applier is in memory and the cache is an
+in-memory SQLite database (or one SQLite file per client, for scenarios where clients go
+offline and come back with their cache). All agents of a worker share one `httpx.AsyncClient`
+(one connection pool) to fetch manifests.
+
+The worker obeys the coordinator's commands on the control channel (`simulator.control`),
+records every agent event's latency (event time minus the commit time the server stamped on
+the message) into HDR histograms keyed by revision, and answers with encoded histograms,
+convergence times and mismatches. `addin-sim worker --run ID --broker URL --server URL` runs
+one, on this machine or another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from addin_core.protocol import Host
+from simulator import control
+from simulator.baseline import baseline_in_loop
+from simulator.control import BrokerAddress, ControlChannel
+from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet
+from simulator.oracle import diff_entitlements, diff_installed
+
+log = logging.getLogger(__name__)
+
+CONNECT_CONCURRENCY = 50
+"""Mosquitto drops connects beyond about 100 in flight (then clients retry after 1-3 s)."""
+
+STAGE_OF_KIND = {"notified": "notified", "manifest_cached": "cached", "applied": "applied"}
+
+
+def expand(compact: Mapping[str, Any]) -> dict[str, Any]:
+    """Expected values are shipped as {"values": [...], "users": {user: index}}: most users
+    share one expectation, so the message stays small at 10,000 users."""
+    values = compact["values"]
+    return {u: values[i] for u, i in compact["users"].items()}
+
+
+class VirtualClient:
+    def __init__(self, client_id: str, user_id: str) -> None:
+        self.client_id = client_id
+        self.user_id = user_id
+        self.agent: Any = None
+        self.online = False
+        self.started_at = 0.0
+
+
+class Worker:
+    def __init__(
+        self,
+        run: str,
+        broker: BrokerAddress,
+        server_url: str,
+        *,
+        wid: str | None = None,
+        cache_dir: Path | None = None,
+        role: str = "worker",
+    ) -> None:
+        self.run = run
+        self.broker = broker
+        self.server_url = server_url
+        self.wid = wid or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.cache_dir = cache_dir
+        self.clients: dict[str, VirtualClient] = {}
+        self.http: httpx.AsyncClient | None = None
+        self.by_revision: dict[int, StageSet] = {}
+        self.cold = StageSet()
+        self.cold_revision = 0
+        self._seen: set[tuple[str, str, int]] = set()
+        self.monitor = ProcessMonitor(role)
+        self._last_seq = -1
+        self._done = asyncio.Event()
+        self._busy: asyncio.Task[None] | None = None
+        self._launcher: asyncio.Task[None] | None = None
+        self.channel = ControlChannel(
+            broker, f"w-{self.wid}", [control.cmd_topic(run)], self._on_message
+        )
+        self.agent_settings: dict[str, Any] = {}
+
+    # -- control --------------------------------------------------------------------------
+    async def serve(self) -> None:
+        """Join the run and obey commands until `shutdown`."""
+        await self.channel.start()
+        await self.channel.publish_state(
+            control.hello_topic(self.run, self.wid),
+            {"wid": self.wid, "pid": os.getpid(), "host": socket.gethostname()},
+        )
+        try:
+            await self._done.wait()
+        finally:
+            await self._teardown()
+            await self.channel.clear(control.hello_topic(self.run, self.wid))
+            await self.channel.clear(control.reply_topic(self.run, self.wid))
+            await self.channel.close()
+
+    async def _on_message(self, topic: str, data: dict[str, Any]) -> None:
+        seq = int(data.get("seq", -1))
+        if seq <= self._last_seq:
+            return  # a command we already obey (re-published after a reconnect)
+        self._last_seq = seq
+        self._busy = asyncio.create_task(self._obey(seq, data["cmd"], data.get("args", {})))
+
+    async def _reply(self, seq: int, result: dict[str, Any]) -> None:
+        await self.channel.publish_state(
+            control.reply_topic(self.run, self.wid), {"seq": seq, "wid": self.wid, **result}
+        )
+
+    async def _obey(self, seq: int, cmd: str, args: dict[str, Any]) -> None:
+        try:
+            handler = getattr(self, f"cmd_{cmd}")
+            result = await handler(seq, args)
+            await self._reply(seq, {"ok": True, "result": result})
+        except Exception as e:  # reported to the coordinator, which fails the run clearly
+            log.exception("command %s failed", cmd)
+            await self._reply(seq, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+    # -- commands -------------------------------------------------------------------------
+    async def cmd_start(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Create and start this worker's agents: args.clients = [[client_id, user_id], ...]."""
+        self.agent_settings = dict(args["agent"])
+        self.cold_revision = int(args.get("cold_revision", 0))
+        mine = args["shards"].get(self.wid, [])
+        self.http = httpx.AsyncClient(
+            base_url=self.server_url,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            timeout=30,
+        )
+        for client_id, user_id in mine:
+            self.clients[client_id] = VirtualClient(client_id, user_id)
+        await self._start_clients(list(self.clients.values()), seq)
+        return {"clients": len(self.clients)}
+
+    async def _start_clients(self, clients: list[VirtualClient], seq: int) -> None:
+        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        done = 0
+        last_progress = time.monotonic()
+
+        async def one(c: VirtualClient) -> None:
+            nonlocal done, last_progress
+            async with sem:
+                c.agent = self._make_agent(c)
+                c.started_at = time.time()
+                await c.agent.start()
+                c.online = True
+            done += 1
+            if time.monotonic() - last_progress > 0.25 or done == len(clients):
+                last_progress = time.monotonic()
+                await self.channel.publish(
+                    f"{control.PREFIX}/{self.run}/worker/{self.wid}/progress",
+                    {"seq": seq, "done": done, "total": len(clients)},
+                )
+
+        await asyncio.gather(*(one(c) for c in clients))
+
+    def _make_agent(self, c: VirtualClient) -> Any:
+        from agent.applier import MemoryApplier
+        from agent.config import AgentConfig
+        from agent.daemon import Agent
+
+        s = self.agent_settings
+        if s.get("cache") == "file" and self.cache_dir is not None:
+            cache_path = str(self.cache_dir / f"{c.client_id}.sqlite")
+        else:
+            cache_path = ":memory:"
+        config = AgentConfig(
+            tenant=s["tenant"],
+            user_id=c.user_id,
+            client_id=c.client_id,
+            broker_url=self.broker.url,
+            broker_username=self.broker.username,
+            broker_password=self.broker.password,
+            server_url=self.server_url,
+            server_token=s.get("agent_token"),
+            cache_path=cache_path,
+            applier="memory",
+            control=None,
+        )
+        return Agent(config, http=self.http, applier=MemoryApplier(), observer=self._observer(c))
+
+    def _observer(self, c: VirtualClient) -> Any:
+        def observe(event: Any) -> None:
+            stage = STAGE_OF_KIND.get(event.kind)
+            if stage is None:
+                return
+            revision = int(event.revision or 0)
+            key = (c.client_id, stage, revision)
+            if key in self._seen:
+                return
+            self._seen.add(key)
+            if revision <= self.cold_revision:
+                # State that existed before the client started: measured from its start.
+                self.cold.record(stage, event.at - c.started_at)
+            elif event.committed_at:
+                self.by_revision.setdefault(revision, StageSet()).record(
+                    stage, event.at - event.committed_at
+                )
+
+        return observe
+
+    async def cmd_converge(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Poll entitlements until every online client matches the oracle or time runs out.
+
+        Returns each converged client's time (seconds after args.t0) for the convergence curve.
+        """
+        expected = expand(args["expected"])
+        t0, deadline = float(args["t0"]), time.monotonic() + float(args["timeout"])
+        pending = {cid for cid, c in self.clients.items() if c.online}
+        offsets: list[float] = []
+        while pending:
+            now = time.time()
+            for cid in list(pending):
+                c = self.clients[cid]
+                if not diff_entitlements(expected.get(c.user_id, {}), self._ents(c)):
+                    offsets.append(max(0.0, now - t0))
+                    pending.discard(cid)
+            if not pending or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        return {"offsets": offsets, "unconverged": len(pending)}
+
+    @staticmethod
+    def _ents(c: VirtualClient) -> dict[str, str]:
+        return {a: str(e.mode) for a, e in c.agent.entitlements().items()}
+
+    @staticmethod
+    def _inst(c: VirtualClient) -> dict[str, dict[str, str]]:
+        return {str(h): dict(v) for h, v in c.agent.installed().items()}
+
+    async def cmd_checkpoint(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Launch every host of every online client, then compare entitlements and installed
+        sets with the oracle. Clients still fetching a manifest get more launches until the
+        deadline; what still differs then is a mismatch."""
+        ents, inst = expand(args["entitlements"]), expand(args["installed"])
+        deadline = time.monotonic() + float(args["timeout"])
+        sem = asyncio.Semaphore(200)
+        todo = [c for c in self.clients.values() if c.online]
+        mismatches: list[dict[str, Any]] = []
+        while todo:
+
+            async def launch_all(c: VirtualClient) -> None:
+                async with sem:
+                    for h in Host:
+                        await c.agent.launch(h)
+
+            await asyncio.gather(*(launch_all(c) for c in todo))
+            mismatches = []
+            for c in todo:
+                diff = diff_entitlements(ents.get(c.user_id, {}), self._ents(c))
+                diff += diff_installed(inst.get(c.user_id, {}), self._inst(c))
+                if diff:
+                    mismatches.append({"client": c.client_id, "user": c.user_id, "diff": diff})
+            if not mismatches or time.monotonic() > deadline:
+                break
+            retry = {m["client"] for m in mismatches}
+            todo = [c for c in todo if c.client_id in retry]
+            await asyncio.sleep(0.25)
+        return {"checked": sum(c.online for c in self.clients.values()), "mismatches": mismatches}
+
+    async def cmd_launches(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        """Poisson app launches: each online user launches a random host at `rate` per second,
+        for `duration` seconds (the superposition of per-user Poisson processes is one Poisson
+        process with the summed rate, picking a user uniformly)."""
+        rng = random.Random(f"{args.get('seed', 1)}:{self.wid}:{seq}")
+        online = [c for c in self.clients.values() if c.online]
+        total_rate = float(args["rate"]) * len(online)
+        end = time.monotonic() + float(args["duration"])
+        launched = 0
+        tasks: set[asyncio.Task[Any]] = set()
+        while online and total_rate > 0:
+            await asyncio.sleep(rng.expovariate(total_rate))
+            if time.monotonic() > end:
+                break
+            c = rng.choice(online)
+            t = asyncio.create_task(c.agent.launch(rng.choice(list(Host))))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            launched += 1
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return {"launched": launched}
+
+    async def cmd_offline(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        chosen = [cid for cid in args["clients"] if cid in self.clients]
+        for cid in chosen:
+            c = self.clients[cid]
+            if c.online:
+                await c.agent.stop()
+                c.online = False
+        return {"offline": len(chosen)}
+
+    async def cmd_online(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        back = [c for c in self.clients.values() if not c.online]
+        await self._start_clients(back, seq)
+        return {"online": len(back)}
+
+    async def cmd_stats(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        steps: dict[str, dict[str, str]] = {}
+        for name, revisions in args["steps"].items():
+            s = StageSet()
+            for r in revisions:
+                if int(r) in self.by_revision:
+                    s.merge(self.by_revision[int(r)])
+            steps[name] = s.encode()
+        return {
+            "steps": steps,
+            "cold": self.cold.encode(),
+            "process": self.monitor.result().as_dict(),
+            "clients": len(self.clients),
+        }
+
+    async def cmd_baseline(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        n = int(args["shares"].get(self.wid, 0))
+
+        async def ready() -> None:
+            await self._reply(seq, {"ok": True, "phase": "ready"})
+
+        hist, received = await baseline_in_loop(
+            self.broker,
+            args["topic"],
+            n,
+            f"addin-sim-bare-{self.wid}",
+            ready,
+            float(args.get("timeout", 30)),
+        )
+        return {"hist": hist.encode(), "received": received}
+
+    async def cmd_sample(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        self.monitor.sample()
+        return {}
+
+    async def cmd_shutdown(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        await self._teardown()
+        result = {"process": self.monitor.result().as_dict()}
+        asyncio.get_running_loop().call_later(0.5, self._done.set)
+        return result
+
+    async def _teardown(self) -> None:
+        self.monitor.sample()
+
+        async def stop(c: VirtualClient) -> None:
+            if c.online:
+                with contextlib.suppress(Exception):
+                    await c.agent.stop()
+                c.online = False
+
+        sem = asyncio.Semaphore(200)
+
+        async def bounded(c: VirtualClient) -> None:
+            async with sem:
+                await stop(c)
+
+        await asyncio.gather(*(bounded(c) for c in self.clients.values()))
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
+
+
+def hist_from(text: str) -> LatencyHistogram:
+    return LatencyHistogram.decode(text)
+
+
+async def run_worker(
+    run: str, broker_url: str, server_url: str, cache_dir: Path | None = None
+) -> None:
+    w = Worker(run, BrokerAddress.parse(broker_url), server_url, cache_dir=cache_dir)
+    await w.serve()
