@@ -1,10 +1,136 @@
-"""`addin-server`: the deployment service's command line."""
+"""`addin-server`: the deployment service's command line.
+
+`serve` runs the HTTP API and the publisher. Every other subcommand works on the SQLite
+file directly (``--db`` or ``ADDIN_SERVER_DB``), so it works with or without a running
+server; a running server's publisher picks the change up within ~150 ms.
+"""
 
 from __future__ import annotations
 
-import click
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
+import click
+import yaml
+
+from server_stub import db
+from server_stub.broker_config import write_broker_config
+from server_stub.explain import render_explain, render_status
 from server_stub.manifest_cli import manifest
+from server_stub.operations import DEFAULT_MAX_ADDINS, OperationError, Service
+from server_stub.store import DEFAULT_CATALOG, StoreCatalog
+
+T = TypeVar("T")
+
+_db_option = click.option(
+    "--db",
+    "db_path",
+    envvar="ADDIN_SERVER_DB",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="SQLite database file [env ADDIN_SERVER_DB].",
+)
+_tenant_option = click.option(
+    "--tenant",
+    envvar="ADDIN_SERVER_TENANT",
+    default=None,
+    help="Tenant id; needed only when the database is new [env ADDIN_SERVER_TENANT].",
+)
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+_store_option = click.option(
+    "--store-catalog",
+    envvar="ADDIN_SERVER_STORE_CATALOG",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_CATALOG,
+    show_default="the bundled fixture catalog",
+    help="Folder of Store add-ins by asset id.",
+)
+_max_addins_option = click.option(
+    "--max-addins",
+    envvar="ADDIN_SERVER_MAX_ADDINS",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_ADDINS,
+    show_default=True,
+    help="Add-ins a tenant may hold (Microsoft's limit is 200).",
+)
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in (_json_option, _max_addins_option, _store_option, _tenant_option, _db_option):
+        f = opt(f)
+    return f
+
+
+async def _open(
+    db_path: Path,
+    tenant: str | None,
+    store_catalog: Path = DEFAULT_CATALOG,
+    max_addins: int = DEFAULT_MAX_ADDINS,
+    admin_user: str | None = None,
+) -> Service:
+    conn = await db.connect(db_path)
+    try:
+        stored = await db.stored_tenant(conn)
+        tenant = tenant or stored
+        if tenant is None:
+            raise click.UsageError(f"{db_path} is a new database: give --tenant")
+        await db.bind_tenant(conn, tenant)
+    except BaseException:
+        await conn.close()
+        raise
+    return Service(
+        conn,
+        tenant,
+        store=StoreCatalog(store_catalog),
+        max_addins=max_addins,
+        admin_user=admin_user,
+        actor="cli",
+    )
+
+
+def _run(
+    kw: dict[str, Any],
+    op: Callable[[Service], Awaitable[T]],
+    render: Callable[[T], str] | None = None,
+    admin_user: str | None = None,
+) -> None:
+    """Open the database, run one operation, print its result (text or --json)."""
+
+    async def go() -> T:
+        service = await _open(
+            kw["db_path"], kw["tenant"], kw["store_catalog"], kw["max_addins"], admin_user
+        )
+        try:
+            return await op(service)
+        finally:
+            await service.conn.close()
+
+    try:
+        result = asyncio.run(go())
+    except OperationError as e:
+        click.echo(f"error: {e.message}", err=True)
+        sys.exit(1 if e.status != 404 else 2)
+    except db.DatabaseError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if kw["as_json"]:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    elif render is not None:
+        click.echo(render(result))
+    else:
+        click.echo(_summary(result))
+
+
+def _summary(result: Any) -> str:
+    if isinstance(result, dict) and "revision" in result:
+        rest = {k: v for k, v in result.items() if k != "revision" and v is not None}
+        return f"revision {result['revision']}: " + ", ".join(f"{k}={v}" for k, v in rest.items())
+    return json.dumps(result, indent=2, sort_keys=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,3 +139,439 @@ def main() -> None:
 
 
 main.add_command(manifest)
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+@main.command()
+@_db_option
+@click.option("--tenant", envvar="ADDIN_SERVER_TENANT", required=True, help="Tenant id.")
+@click.option("--broker", envvar="ADDIN_SERVER_BROKER", required=True, help="mqtt://HOST:PORT")
+@click.option("--broker-username", envvar="ADDIN_SERVER_BROKER_USERNAME", default=None)
+@click.option("--broker-password", envvar="ADDIN_SERVER_BROKER_PASSWORD", default=None)
+@click.option("--listen", envvar="ADDIN_SERVER_LISTEN", default="127.0.0.1:8080", show_default=True)
+@click.option("--admin-token", envvar="ADDIN_SERVER_ADMIN_TOKEN", required=True)
+@click.option("--agent-token", envvar="ADDIN_SERVER_AGENT_TOKEN", required=True)
+@click.option(
+    "--admin-user",
+    envvar="ADDIN_SERVER_ADMIN_USER",
+    default=None,
+    help="The admin's own user id, for assignments to 'me'.",
+)
+@_store_option
+@_max_addins_option
+def serve(
+    db_path: Path,
+    tenant: str,
+    broker: str,
+    broker_username: str | None,
+    broker_password: str | None,
+    listen: str,
+    admin_token: str,
+    agent_token: str,
+    admin_user: str | None,
+    store_catalog: Path,
+    max_addins: int,
+) -> None:
+    """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT)."""
+    import uvicorn
+
+    from server_stub.api import create_app
+    from server_stub.publisher import Publisher
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    async def go() -> None:
+        service = await _open(db_path, tenant, store_catalog, max_addins, admin_user)
+        service.actor = "api"
+        publisher = Publisher(
+            db_path,
+            tenant,
+            broker,
+            username=broker_username,
+            password=broker_password,
+            report_sink=service.record_report,
+        )
+        service.on_commit = publisher.wake
+        app = create_app(service, admin_token=admin_token, agent_token=agent_token)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=int(port), log_level="warning", lifespan="off")
+        )
+        pub = asyncio.create_task(publisher.run())
+        click.echo(
+            f"addin-server: tenant {tenant}, http://{host}:{port}, broker {broker}", err=True
+        )
+        try:
+            await server.serve()
+        finally:
+            pub.cancel()
+            await asyncio.gather(pub, return_exceptions=True)
+            await service.conn.close()
+
+    asyncio.run(go())
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("org_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_common
+def load(org_file: Path, **kw: Any) -> None:
+    """Load users, groups, nesting, add-ins and assignments from ORG.yaml in one transaction."""
+    try:
+        doc = yaml.safe_load(org_file.read_text())
+    except yaml.YAMLError as e:
+        raise click.ClickException(f"{org_file} is not valid YAML: {e}") from None
+    base = org_file.parent
+    if isinstance(doc, dict) and kw["tenant"] is None and isinstance(doc.get("tenant"), str):
+        kw["tenant"] = doc["tenant"]
+
+    def render(r: dict[str, Any]) -> str:
+        return (
+            f"revision {r['revision']}: loaded {r['users']} users, {r['groups']} groups, "
+            f"{r['memberships']} memberships, {r['nestings']} nestings, "
+            f"{len(r['addins_added_or_updated'])} add-ins added or updated, "
+            f"{r['assignments']} assignments; {r['messages']} messages queued"
+        )
+
+    _run(kw, lambda s: s.load_org(doc, lambda p: (base / p).read_bytes()), render)
+
+
+# -- users and groups -----------------------------------------------------------------------
+
+
+@main.group()
+def user() -> None:
+    """Users: add, remove, show."""
+
+
+@user.command("add")
+@click.argument("user_id")
+@click.option("--name", default=None)
+@_common
+def user_add(user_id: str, name: str | None, **kw: Any) -> None:
+    """Create a user."""
+    _run(kw, lambda s: s.create_user(user_id, name))
+
+
+@user.command("remove")
+@click.argument("user_id")
+@_common
+def user_remove(user_id: str, **kw: Any) -> None:
+    """Delete a user (its direct assignments and memberships go too)."""
+    _run(kw, lambda s: s.delete_user(user_id))
+
+
+@user.command("show")
+@click.argument("user_id")
+@_common
+def user_show(user_id: str, **kw: Any) -> None:
+    """Show a user's groups and direct assignments."""
+    _run(kw, lambda s: s.get_user(user_id), lambda r: json.dumps(r, indent=2))
+
+
+@main.group()
+def group() -> None:
+    """Groups: add, remove, show, members, nesting."""
+
+
+@group.command("add")
+@click.argument("group_id")
+@click.option("--name", default=None)
+@_common
+def group_add(group_id: str, name: str | None, **kw: Any) -> None:
+    """Create a group."""
+    _run(kw, lambda s: s.create_group(group_id, name))
+
+
+@group.command("remove")
+@click.argument("group_id")
+@_common
+def group_remove(group_id: str, **kw: Any) -> None:
+    """Delete a group (its assignments, memberships and nestings go too)."""
+    _run(kw, lambda s: s.delete_group(group_id))
+
+
+@group.command("show")
+@click.argument("group_id")
+@_common
+def group_show(group_id: str, **kw: Any) -> None:
+    """Show a group's members, parents, children and assignments."""
+    _run(kw, lambda s: s.get_group(group_id), lambda r: json.dumps(r, indent=2))
+
+
+@group.command("add-member")
+@click.argument("group_id")
+@click.argument("user_id")
+@_common
+def group_add_member(group_id: str, user_id: str, **kw: Any) -> None:
+    """Make USER_ID a direct member of GROUP_ID."""
+    _run(kw, lambda s: s.add_member(group_id, user_id))
+
+
+@group.command("remove-member")
+@click.argument("group_id")
+@click.argument("user_id")
+@_common
+def group_remove_member(group_id: str, user_id: str, **kw: Any) -> None:
+    """Remove USER_ID from GROUP_ID."""
+    _run(kw, lambda s: s.remove_member(group_id, user_id))
+
+
+@group.command("nest")
+@click.argument("child")
+@click.argument("parent")
+@_common
+def group_nest(child: str, parent: str, **kw: Any) -> None:
+    """Nest group CHILD inside group PARENT (refused if it makes a cycle)."""
+    _run(kw, lambda s: s.nest(child, parent))
+
+
+@group.command("unnest")
+@click.argument("child")
+@click.argument("parent")
+@_common
+def group_unnest(child: str, parent: str, **kw: Any) -> None:
+    """Take group CHILD out of group PARENT."""
+    _run(kw, lambda s: s.unnest(child, parent))
+
+
+@main.group()
+def policy() -> None:
+    """Tenant policy."""
+
+
+@policy.command("set")
+@click.option("--nested-groups/--no-nested-groups", required=True)
+@_common
+def policy_set(nested_groups: bool, **kw: Any) -> None:
+    """Honour nested groups or not (Microsoft does not)."""
+    _run(kw, lambda s: s.set_policy(nested_groups))
+
+
+# -- add-ins --------------------------------------------------------------------------------
+
+
+@main.group()
+def addin() -> None:
+    """Add-ins: add (LOB or Store), list, show, consent, enable, disable, remove, assign."""
+
+
+@addin.command("add")
+@click.argument("manifest_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_common
+def addin_add(manifest_file: Path, **kw: Any) -> None:
+    """Add a LOB add-in from MANIFEST_FILE, or update it if its Id is already there."""
+    content = manifest_file.read_bytes()
+    _run(kw, lambda s: s.add_lob(content))
+
+
+@addin.command("add-store")
+@click.argument("asset_id")
+@_common
+def addin_add_store(asset_id: str, **kw: Any) -> None:
+    """Add a Store add-in by asset id (WA...)."""
+    _run(kw, lambda s: s.add_store(asset_id))
+
+
+@addin.command("list")
+@_common
+def addin_list(**kw: Any) -> None:
+    """List the tenant's add-ins."""
+
+    def render(rows: list[dict[str, Any]]) -> str:
+        out = [f"{'ADD-IN':<38} {'NAME':<28} {'SOURCE':<6} {'VERSION':<11} {'STATE':<14} ASSIGNED"]
+        for a in rows:
+            state = "off" if not a["enabled"] else a["state"]
+            targets = ", ".join(
+                (x["target"] if x["target"] == "everyone" else f"{x['target']}:{x['target_id']}")
+                + f"={x['mode']}"
+                for x in a["assignments"]
+            )
+            out.append(
+                f"{a['addin_id']:<38} {a['name'][:28]:<28} {a['source']:<6} "
+                f"{a['version']:<11} {state:<14} {targets or '-'}"
+            )
+        return "\n".join(out)
+
+    _run(kw, lambda s: s.list_addins(), render)
+
+
+@addin.command("show")
+@click.argument("addin_id")
+@_common
+def addin_show(addin_id: str, **kw: Any) -> None:
+    """Show one add-in."""
+    _run(kw, lambda s: s.get_addin(addin_id), lambda r: json.dumps(r, indent=2))
+
+
+@addin.command("consent")
+@click.argument("addin_id")
+@_common
+def addin_consent(addin_id: str, **kw: Any) -> None:
+    """Accept a pending version whose permissions or hosts changed."""
+    _run(kw, lambda s: s.consent(addin_id))
+
+
+@addin.command("enable")
+@click.argument("addin_id")
+@_common
+def addin_enable(addin_id: str, **kw: Any) -> None:
+    """Turn an add-in on."""
+    _run(kw, lambda s: s.set_enabled(addin_id, True))
+
+
+@addin.command("disable")
+@click.argument("addin_id")
+@_common
+def addin_disable(addin_id: str, **kw: Any) -> None:
+    """Turn an add-in off (it stays assigned)."""
+    _run(kw, lambda s: s.set_enabled(addin_id, False))
+
+
+@addin.command("remove")
+@click.argument("addin_id")
+@_common
+def addin_remove(addin_id: str, **kw: Any) -> None:
+    """Remove an add-in and all its assignments (tombstones)."""
+    _run(kw, lambda s: s.remove_addin(addin_id))
+
+
+def _target_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--me",
+        "me",
+        default=None,
+        envvar="ADDIN_SERVER_ADMIN_USER",
+        help="'Just me': the admin's own user id [env ADDIN_SERVER_ADMIN_USER].",
+    )(f)
+    f = click.option("--group", "group_id", default=None, help="Assign to this group.")(f)
+    f = click.option("--user", "user_id", default=None, help="Assign to this user.")(f)
+    f = click.option("--everyone", is_flag=True, help="Assign to Everyone.")(f)
+    return f
+
+
+def _pick_target(
+    everyone: bool, user_id: str | None, group_id: str | None, me: str | None
+) -> tuple[str, str | None]:
+    chosen = [
+        t
+        for t in (
+            ("everyone", None) if everyone else None,
+            ("user", user_id) if user_id else None,
+            ("group", group_id) if group_id else None,
+        )
+        if t
+    ]
+    if not chosen and me:
+        return "me", None
+    if len(chosen) != 1:
+        raise click.UsageError("give exactly one of --everyone, --user U, --group G, --me U")
+    return chosen[0]
+
+
+@addin.command("assign")
+@click.argument("addin_id")
+@_target_options
+@click.option(
+    "--mode",
+    type=click.Choice(["fixed", "optional", "available"]),
+    default="fixed",
+    show_default=True,
+)
+@_common
+def addin_assign(
+    addin_id: str,
+    everyone: bool,
+    user_id: str | None,
+    group_id: str | None,
+    me: str | None,
+    mode: str,
+    **kw: Any,
+) -> None:
+    """Assign an add-in to Everyone, a user, a group or yourself, with a mode."""
+    target, tid = _pick_target(everyone, user_id, group_id, me)
+    _run(kw, lambda s: s.assign(addin_id, target, tid, mode), admin_user=me)
+
+
+@addin.command("unassign")
+@click.argument("addin_id")
+@_target_options
+@_common
+def addin_unassign(
+    addin_id: str,
+    everyone: bool,
+    user_id: str | None,
+    group_id: str | None,
+    me: str | None,
+    **kw: Any,
+) -> None:
+    """Remove one assignment of an add-in."""
+    target, tid = _pick_target(everyone, user_id, group_id, me)
+    _run(kw, lambda s: s.unassign(addin_id, target, tid), admin_user=me)
+
+
+@main.group()
+def store() -> None:
+    """The simulated Office Store."""
+
+
+@store.command("publish")
+@click.argument("asset_id")
+@click.option("--version", default=None, help="Version to publish (default: the newest).")
+@_common
+def store_publish(asset_id: str, version: str | None, **kw: Any) -> None:
+    """The Store releases a newer version; tenants that have the add-in get it automatically."""
+    _run(kw, lambda s: s.store_publish(asset_id, version))
+
+
+# -- troubleshooting ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--user", "user_id", required=True)
+@click.option("--addin", "addin_id", required=True)
+@_common
+def explain(user_id: str, addin_id: str, **kw: Any) -> None:
+    """Is USER entitled to ADDIN, through which assignment and group path, and what did
+    the user's agents report?"""
+    _run(kw, lambda s: s.explain(user_id, addin_id), render_explain)
+
+
+@main.command()
+@click.argument("addin_id", required=False)
+@_common
+def status(addin_id: str | None, **kw: Any) -> None:
+    """Per add-in: entitled users and how many agents reported the current version applied."""
+    _run(kw, lambda s: s.status(addin_id), render_status)
+
+
+@main.command("broker-config")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@_common
+def broker_config(directory: Path, **kw: Any) -> None:
+    """Write Mosquitto `passwd` and `acl` files and `credentials.json` (0600) into DIRECTORY."""
+
+    async def op(s: Service) -> dict[str, Any]:
+        users = [r[0] for r in await s._rows("SELECT id FROM users ORDER BY id")]
+        creds = write_broker_config(directory, s.tenant, users)
+        return {
+            "directory": str(directory),
+            "server_username": creds["server"]["username"],  # type: ignore[index]
+            "agents": len(users),
+            "files": ["passwd", "acl", "credentials.json"],
+        }
+
+    def render(r: dict[str, Any]) -> str:
+        return (
+            f"wrote {r['directory']}/passwd ({r['agents']} agent accounts + server account "
+            f"{r['server_username']}), {r['directory']}/acl, "
+            f"{r['directory']}/credentials.json (mode 0600)"
+        )
+
+    _run(kw, op, render)

@@ -1,0 +1,189 @@
+"""The server's state in one SQLite file: schema, migrations, connection settings.
+
+Everything the deployment service knows lives here: directory (users, groups,
+memberships, nesting), catalog (add-ins, their versions, manifest bytes by sha256),
+assignments, policy, the tenant revision counter, the audit log, the outbox of messages
+still to publish, the latest retained payload per topic, and the agents' reports.
+
+WAL mode lets the HTTP server, the publisher and CLI commands run by other processes read
+while one of them writes; writers take the lock up front (``BEGIN IMMEDIATE``) so two
+writers never deadlock on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiosqlite
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS users (
+    id   TEXT PRIMARY KEY,
+    name TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS groups (
+    id   TEXT PRIMARY KEY,
+    name TEXT NOT NULL
+);
+-- Direct user -> group membership.
+CREATE TABLE IF NOT EXISTS memberships (
+    user_id  TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    group_id TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+    PRIMARY KEY (user_id, group_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS memberships_by_group ON memberships(group_id);
+-- Group nesting: `child` is a member of `parent`.
+CREATE TABLE IF NOT EXISTS nesting (
+    child  TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+    parent TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
+    PRIMARY KEY (child, parent)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nesting_by_parent ON nesting(parent);
+-- Manifest bytes by content hash; immutable, kept even after an add-in is removed so a
+-- URL once published never breaks for an agent still fetching it.
+CREATE TABLE IF NOT EXISTS manifests (
+    sha256  TEXT PRIMARY KEY,
+    content BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS addins (
+    id              TEXT PRIMARY KEY,
+    source          TEXT NOT NULL CHECK (source IN ('lob', 'store')),
+    store_asset_id  TEXT,
+    enabled         INTEGER NOT NULL DEFAULT 1,
+    current_version TEXT NOT NULL,
+    -- A newer version whose hosts or permissions differ: waits for `consent`.
+    pending_version TEXT,
+    created_revision INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS addin_versions (
+    addin_id     TEXT NOT NULL REFERENCES addins(id) ON DELETE CASCADE,
+    version      TEXT NOT NULL,
+    sha256       TEXT NOT NULL REFERENCES manifests(sha256),
+    display_name TEXT NOT NULL,
+    hosts        TEXT NOT NULL,      -- JSON list of Host values
+    permissions  TEXT NOT NULL,
+    added_revision INTEGER NOT NULL,
+    PRIMARY KEY (addin_id, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS assignments (
+    addin_id  TEXT NOT NULL REFERENCES addins(id) ON DELETE CASCADE,
+    target    TEXT NOT NULL CHECK (target IN ('everyone', 'user', 'group')),
+    target_id TEXT NOT NULL,         -- '' for everyone
+    mode      TEXT NOT NULL CHECK (mode IN ('fixed', 'optional', 'available')),
+    PRIMARY KEY (addin_id, target, target_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS assignments_by_target ON assignments(target, target_id);
+-- Which store versions the (simulated) Store has published, per asset id.
+CREATE TABLE IF NOT EXISTS store_published (
+    asset_id TEXT PRIMARY KEY,
+    version  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision  INTEGER NOT NULL,
+    at        REAL NOT NULL,
+    actor     TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    detail    TEXT NOT NULL          -- JSON
+);
+-- Messages committed with their change and not yet acknowledged by the broker.
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision     INTEGER NOT NULL,
+    topic        TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    created_at   REAL NOT NULL,
+    published_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(id) WHERE published_at IS NULL;
+-- The latest retained payload per topic (tombstones included): what a broker that lost
+-- its state must be given again.
+CREATE TABLE IF NOT EXISTS retained (
+    topic    TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    payload  BLOB NOT NULL
+);
+-- Latest report per agent client.
+CREATE TABLE IF NOT EXISTS reports (
+    client_id   TEXT PRIMARY KEY,
+    user_id     TEXT NOT NULL,
+    revision    INTEGER NOT NULL,
+    reported_at REAL NOT NULL,
+    received_at REAL NOT NULL,
+    applied     TEXT NOT NULL,       -- JSON list of {addin_id, version, host}
+    errors      TEXT NOT NULL        -- JSON list of strings
+);
+CREATE INDEX IF NOT EXISTS reports_by_user ON reports(user_id);
+"""
+
+
+class DatabaseError(RuntimeError):
+    """The database file belongs to another tenant or has an unknown schema."""
+
+
+async def connect(path: str | Path) -> aiosqlite.Connection:
+    """Open the database (creating the schema if needed) with the settings every user needs."""
+    conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=30.0)
+    conn.row_factory = aiosqlite.Row
+    await conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across process crashes in WAL mode; only an OS crash can lose
+    # the last transactions, which the outbox then never published either.
+    await conn.execute("PRAGMA synchronous=NORMAL")
+    await conn.execute("PRAGMA foreign_keys=ON")
+    await conn.execute("PRAGMA busy_timeout=30000")
+    await _migrate(conn)
+    return conn
+
+
+async def _migrate(conn: aiosqlite.Connection) -> None:
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _split(_SCHEMA):
+            await conn.execute(statement)
+        row = await (await conn.execute("SELECT value FROM meta WHERE key='schema'")).fetchone()
+        if row is None:
+            await conn.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, ?)",
+                [("schema", str(SCHEMA_VERSION)), ("revision", "0"), ("nested_groups", "0")],
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"database schema {row[0]} is newer than this server ({SCHEMA_VERSION})"
+            )
+        await conn.execute("COMMIT")
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
+
+
+def _split(script: str) -> list[str]:
+    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+async def bind_tenant(conn: aiosqlite.Connection, tenant: str) -> None:
+    """Record the tenant on first use; refuse a file that belongs to another tenant."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = await (await conn.execute("SELECT value FROM meta WHERE key='tenant'")).fetchone()
+        if row is None:
+            await conn.execute("INSERT INTO meta(key, value) VALUES ('tenant', ?)", (tenant,))
+        elif row[0] != tenant:
+            raise DatabaseError(
+                f"database belongs to tenant {row[0]!r}, not {tenant!r}; one tenant per server"
+            )
+        await conn.execute("COMMIT")
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
+
+
+async def stored_tenant(conn: aiosqlite.Connection) -> str | None:
+    row = await (await conn.execute("SELECT value FROM meta WHERE key='tenant'")).fetchone()
+    return None if row is None else str(row[0])

@@ -1,0 +1,150 @@
+"""Who is entitled to an add-in, and why: the server's view, for `explain` and `status`.
+
+Pure functions over plain data (no database, no clock), so the rules are easy to test
+and match DESIGN §2: an assignment reaches a user directly, through Everyone, or through
+a group the user is in; through a nested group only when the tenant policy honours
+nesting. Nesting cycles are walked at most once per group, so they never hang.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from addin_core.protocol import Mode
+
+
+@dataclass(frozen=True)
+class AssignmentRow:
+    target: str  # "everyone" | "user" | "group"
+    target_id: str  # "" for everyone
+    mode: Mode
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One assignment that reaches (or would reach) a user."""
+
+    assignment: AssignmentRow
+    group_path: tuple[str, ...] = ()
+    """For a group assignment: the user's direct group first, the assigned group last."""
+    counts: bool = True
+    """False when the path needs nesting and the policy has nesting off."""
+
+    @property
+    def nested(self) -> bool:
+        return len(self.group_path) > 1
+
+    def describe(self, user_id: str) -> str:
+        a = self.assignment
+        if a.target == "everyone":
+            return f"assignment to Everyone (mode {a.mode})"
+        if a.target == "user":
+            return f"assignment to user {user_id} directly (mode {a.mode})"
+        if not self.nested:
+            return (
+                f"assignment to group {a.target_id} (mode {a.mode}): {user_id} is a direct member"
+            )
+        chain = " -> ".join(self.group_path)
+        text = f"assignment to group {a.target_id} (mode {a.mode}) through nesting {user_id} in {chain}"
+        return text if self.counts else text + "; ignored because nested_groups is off"
+
+
+def group_paths(
+    direct_groups: Iterable[str], parents: Mapping[str, Sequence[str]]
+) -> dict[str, tuple[str, ...]]:
+    """Shortest path from one of the user's direct groups to every group it reaches by nesting.
+
+    Breadth-first, each group visited once: cycles terminate.
+    """
+    paths: dict[str, tuple[str, ...]] = {}
+    queue: deque[str] = deque()
+    for g in sorted(direct_groups):
+        if g not in paths:
+            paths[g] = (g,)
+            queue.append(g)
+    while queue:
+        g = queue.popleft()
+        for p in parents.get(g, ()):
+            if p not in paths:
+                paths[p] = (*paths[g], p)
+                queue.append(p)
+    return paths
+
+
+def grants_for_user(
+    user_id: str,
+    direct_groups: Iterable[str],
+    parents: Mapping[str, Sequence[str]],
+    assignments: Iterable[AssignmentRow],
+    nested_groups: bool,
+) -> list[Grant]:
+    """Every assignment of one add-in that reaches `user_id`, strongest first."""
+    paths = group_paths(direct_groups, parents)
+    grants: list[Grant] = []
+    for a in assignments:
+        if a.target == "everyone" or (a.target == "user" and a.target_id == user_id):
+            grants.append(Grant(a))
+        elif a.target == "group" and a.target_id in paths:
+            path = paths[a.target_id]
+            grants.append(Grant(a, path, counts=nested_groups or len(path) == 1))
+    grants.sort(key=lambda g: (not g.counts, -g.assignment.mode.strength))
+    return grants
+
+
+def effective_mode(grants: Iterable[Grant]) -> Mode | None:
+    """The strongest mode among the grants that count, or None when none does."""
+    modes = [g.assignment.mode for g in grants if g.counts]
+    return max(modes, key=lambda m: m.strength) if modes else None
+
+
+def group_closure_members(
+    group_id: str,
+    members: Mapping[str, Iterable[str]],
+    children: Mapping[str, Sequence[str]],
+    nested_groups: bool,
+) -> set[str]:
+    """Users reached by an assignment to `group_id` (its nested sub-groups too when allowed)."""
+    users = set(members.get(group_id, ()))
+    if not nested_groups:
+        return users
+    seen = {group_id}
+    queue = deque([group_id])
+    while queue:
+        g = queue.popleft()
+        for c in children.get(g, ()):
+            if c not in seen:
+                seen.add(c)
+                users.update(members.get(c, ()))
+                queue.append(c)
+    return users
+
+
+def entitled_users(
+    assignments: Iterable[AssignmentRow],
+    all_users: Iterable[str],
+    members: Mapping[str, Iterable[str]],
+    children: Mapping[str, Sequence[str]],
+    nested_groups: bool,
+) -> dict[str, Mode]:
+    """user id -> effective mode for one add-in, computed per assignment (never per user)."""
+    result: dict[str, Mode] = {}
+    everyone: list[str] | None = None
+
+    def grant(users: Iterable[str], mode: Mode) -> None:
+        for u in users:
+            old = result.get(u)
+            if old is None or mode.strength > old.strength:
+                result[u] = mode
+
+    for a in assignments:
+        if a.target == "everyone":
+            if everyone is None:
+                everyone = list(all_users)
+            grant(everyone, a.mode)
+        elif a.target == "user":
+            grant([a.target_id], a.mode)
+        else:
+            grant(group_closure_members(a.target_id, members, children, nested_groups), a.mode)
+    return result

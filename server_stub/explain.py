@@ -1,0 +1,63 @@
+"""Human-readable text for `explain` and `status` (the JSON forms come from `Service`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def render_explain(e: dict[str, Any]) -> str:
+    lines = [
+        f"User {e['user']} and add-in {e['addin_name']} ({e['addin_id']}) version {e['version']}"
+        + ("" if e["enabled"] else " [turned off]")
+        + (" [newer version waits for consent]" if e["state"] == "needs_consent" else ""),
+        f"Policy: nested groups {'honoured' if e['nested_groups'] else 'not honoured (Microsoft default)'}",
+    ]
+    if e["entitled"]:
+        verdict = f"ENTITLED, mode {e['mode']}"
+        if not e["enabled"]:
+            verdict += ", but the add-in is turned off: agents remove it at next launch"
+    elif e["grants"]:
+        verdict = "NOT ENTITLED: only nested-group assignments reach this user and nesting is off"
+    else:
+        verdict = "NOT ENTITLED: no assignment reaches this user"
+    lines.append(f"Verdict: {verdict}")
+    for g in e["grants"]:
+        mark = "+" if g["counts"] else "-"
+        lines.append(f"  {mark} {g['why']}")
+    if not e["reports"]:
+        lines.append(f"Agents: no report received from any agent of {e['user']}")
+    for r in e["reports"]:
+        applied = ", ".join(f"{a['version']} on {a['host']}" for a in r["applied"]) or "not applied"
+        lines.append(
+            f"Agent {r['client_id']}: reported {_when(r['reported_at'])} at revision "
+            f"{r['revision']}: {applied}"
+        )
+        for err in r["errors"]:
+            lines.append(f"    error: {err}")
+    return "\n".join(lines)
+
+
+def render_status(s: dict[str, Any]) -> str:
+    rows = s["addins"]
+    if not rows:
+        return f"No add-ins in the catalog (revision {s['revision']})."
+    header = f"{'ADD-IN':<38} {'NAME':<28} {'VERSION':<11} {'STATE':<14} {'APPLIED':>16}"
+    lines = [header]
+    for a in rows:
+        state = "off" if not a["enabled"] else a["state"]
+        applied = f"{a['reported_current']}/{a['to_install']}"
+        lines.append(
+            f"{a['addin_id']:<38} {a['name'][:28]:<28} {a['version']:<11} {state:<14} {applied:>16}"
+        )
+        if a["available_only"]:
+            lines.append(f"{'':<38} + {a['available_only']} users may install it (available)")
+    lines.append(
+        f"APPLIED = entitled users (fixed/optional) whose agent reported the current version; "
+        f"revision {s['revision']}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""Drains the outbox to MQTT: QoS 1, retained, a row marked done only after its PUBACK.
+
+The publisher keeps a persistent MQTT 5 session (client id ``addin-server-<tenant>``).
+When the broker answers CONNACK with *session present = false*, it has lost (or never
+had) our state, so everything in the `retained` table is published again before the
+outbox is drained. Rows written by other processes (CLI commands on the same database)
+are found by polling; in-process writes call `wake()`.
+
+It also subscribes to the agents' ``report/+`` topics and hands each valid report to a sink.
+
+Test hook: with ``ADDIN_SERVER_CRASH_AFTER_COMMIT=1`` in the environment the process exits
+with status 70 (``os._exit``, no cleanup) the moment it has committed rows to publish and
+before publishing any of them: the "killed between commit and publish" case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiomqtt
+import aiosqlite
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
+from server_stub import db
+
+log = logging.getLogger("addin_server.publisher")
+
+CRASH_ENV = "ADDIN_SERVER_CRASH_AFTER_COMMIT"
+SESSION_EXPIRY_S = 7 * 24 * 3600
+BATCH = 500
+
+ReportSink = Callable[[AgentReport], Awaitable[None]]
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    u = urlparse(url if "://" in url else f"mqtt://{url}")
+    if u.scheme not in ("mqtt", "tcp") or not u.hostname:
+        raise ValueError(f"broker URL {url!r}: expected mqtt://HOST:PORT")
+    return u.hostname, u.port or 1883
+
+
+class Publisher:
+    def __init__(
+        self,
+        db_path: str | Path,
+        tenant: str,
+        broker_url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        poll_interval: float = 0.15,
+        report_sink: ReportSink | None = None,
+    ) -> None:
+        self.db_path = db_path
+        self.tenant = tenant
+        self.host, self.port = parse_broker_url(broker_url)
+        self.username = username
+        self.password = password
+        self.poll_interval = poll_interval
+        self.report_sink = report_sink
+        self._wake = asyncio.Event()
+        self._session_present = False
+        self.connected = asyncio.Event()
+        self.published = 0
+        self.republished_all = 0
+
+    def wake(self, _revision: int | None = None) -> None:
+        self._wake.set()
+
+    def _crash_hook(self) -> None:
+        if os.environ.get(CRASH_ENV) == "1":
+            log.warning("%s=1: exiting before publishing committed rows", CRASH_ENV)
+            os._exit(70)
+
+    def _client(self) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.username,
+            password=self.password,
+            identifier=f"addin-server-{self.tenant}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            max_inflight_messages=1000,
+            timeout=30,
+        )
+        client.pending_calls_threshold = 1_000_000
+        # aiomqtt does not expose CONNACK's session-present flag; wrap its paho callback to
+        # see it, because it decides whether the broker must be given all state again.
+        inner = client._client.on_connect
+
+        def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+            self._session_present = bool(getattr(flags, "session_present", False))
+            inner(c, userdata, flags, rc, props)
+
+        client._client.on_connect = on_connect
+        return client
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect on failure; runs until cancelled."""
+        conn = await db.connect(self.db_path)
+        delay = 0.2
+        try:
+            while True:
+                try:
+                    async with self._client() as client:
+                        delay = 0.2
+                        await self._session(conn, client)
+                except aiomqtt.MqttError as e:
+                    self.connected.clear()
+                    log.warning("broker connection lost (%s); retrying in %.1fs", e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            await conn.close()
+
+    async def _session(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> None:
+        await client.subscribe(Filters.reports(self.tenant), qos=1)
+        if not self._session_present:
+            await self.republish_all(conn, client)
+        self.connected.set()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._receive(client))
+            tg.create_task(self._drain_forever(conn, client))
+
+    async def republish_all(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> int:
+        """Publish every current retained payload; the outbox rows it covers are done."""
+        await conn.execute("BEGIN")
+        try:
+            row = await (await conn.execute("SELECT max(id) FROM outbox")).fetchone()
+            max_id = int(row[0] or 0) if row else 0
+            pending = await (
+                await conn.execute("SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT 1")
+            ).fetchone()
+            retained = list(
+                await (await conn.execute("SELECT topic, payload FROM retained")).fetchall()
+            )
+        finally:
+            await conn.execute("COMMIT")
+        if pending:
+            self._crash_hook()
+        log.info("broker has no session for us: republishing %d retained topics", len(retained))
+        await self._publish_many(client, [(r[0], bytes(r[1])) for r in retained])
+        await conn.execute(
+            "UPDATE outbox SET published_at=? WHERE id<=? AND published_at IS NULL",
+            (time.time(), max_id),
+        )
+        self.republished_all += 1
+        return len(retained)
+
+    async def _publish_many(self, client: aiomqtt.Client, msgs: list[tuple[str, bytes]]) -> None:
+        # Concurrent publishes still leave in order on the one TCP connection, so a later
+        # payload for a topic always lands after an earlier one.
+        for i in range(0, len(msgs), BATCH):
+            chunk = msgs[i : i + BATCH]
+            await asyncio.gather(
+                *(client.publish(t, p, qos=1, retain=True, timeout=30) for t, p in chunk)
+            )
+            self.published += len(chunk)
+
+    async def drain_once(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> int:
+        rows = list(
+            await (
+                await conn.execute(
+                    "SELECT id, topic, payload FROM outbox WHERE published_at IS NULL "
+                    "ORDER BY id LIMIT ?",
+                    (BATCH * 4,),
+                )
+            ).fetchall()
+        )
+        if not rows:
+            return 0
+        self._crash_hook()
+        await self._publish_many(client, [(r[1], bytes(r[2])) for r in rows])
+        # Every publish above got its PUBACK (publish() with qos=1 waits for it).
+        await conn.execute(
+            "UPDATE outbox SET published_at=? WHERE id<=? AND id>=? AND published_at IS NULL",
+            (time.time(), rows[-1][0], rows[0][0]),
+        )
+        return len(rows)
+
+    async def _drain_forever(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> None:
+        cycles = 0
+        while True:
+            while await self.drain_once(conn, client):
+                pass
+            cycles += 1
+            if cycles % 2000 == 0:
+                # Published rows are history; keep a day of it for debugging.
+                await conn.execute(
+                    "DELETE FROM outbox WHERE published_at < ?", (time.time() - 86400,)
+                )
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            except TimeoutError:
+                pass
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            try:
+                _, payload = decode_message(str(message.topic), bytes(message.payload))  # type: ignore[arg-type]
+            except ProtocolError as e:
+                log.warning("ignoring invalid message: %s", e)
+                continue
+            if isinstance(payload, AgentReport) and self.report_sink is not None:
+                try:
+                    await self.report_sink(payload)
+                except Exception:
+                    log.exception("could not store report from %s", payload.client_id)
