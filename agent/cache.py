@@ -1,0 +1,310 @@
+"""The agent's SQLite cache: the durable copy of everything the daemon knows (DESIGN §3.3).
+
+The daemon keeps its working model in memory and writes every state transition through
+`Cache.commit` as ONE transaction, so `kill -9` at any instant leaves either the state
+before or the state after. WAL mode: readers (the troubleshooting commands, through
+`open_readonly`) never block the writer and never see half a transition.
+
+A file cache goes through aiosqlite (one worker thread, so the event loop never waits on
+the disk). ``cache_path=":memory:"`` runs sqlite3 inline instead: an in-memory database
+never waits on I/O, and the simulator runs thousands of agents in one process, where a
+thread per agent would cost far more than the queries.
+
+Tables (documented for helpdesk use in docs/agent.md):
+
+received      one row per retained topic held: latest payload and its revision
+entitlements  resolved add-ins with mode and provenance (JSON) and a readable `via`
+manifests     manifests by sha256: verified or refused (with the reason)
+installed     what each host app has, as of its last launch
+pending       changes per host waiting for the next launch, with the reason they wait
+choices       the user's own install/remove decisions for optional/available add-ins
+events        append-only log of what happened, in order
+sync          key/value: connection, subscriptions, revision, first-connect marker
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (
+    topic        TEXT PRIMARY KEY,
+    kind         TEXT NOT NULL,
+    addin_id     TEXT,
+    group_id     TEXT,
+    revision     INTEGER NOT NULL,
+    committed_at REAL,
+    received_at  REAL NOT NULL,
+    deleted      INTEGER NOT NULL DEFAULT 0,
+    payload      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entitlements (
+    addin_id    TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    mode        TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    sha256      TEXT NOT NULL,
+    hosts       TEXT NOT NULL,
+    permissions TEXT NOT NULL,
+    via         TEXT NOT NULL,
+    provenance  TEXT NOT NULL,
+    resolved_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS manifests (
+    sha256      TEXT PRIMARY KEY,
+    addin_id    TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('verified', 'refused')),
+    reason      TEXT,
+    permissions TEXT,
+    hosts       TEXT,
+    size        INTEGER,
+    fetched_at  REAL NOT NULL,
+    xml         BLOB
+);
+CREATE TABLE IF NOT EXISTS installed (
+    host         TEXT NOT NULL,
+    addin_id     TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    sha256       TEXT NOT NULL,
+    permissions  TEXT NOT NULL,
+    hosts        TEXT NOT NULL,
+    installed_at REAL NOT NULL,
+    revision     INTEGER NOT NULL,
+    PRIMARY KEY (host, addin_id)
+);
+CREATE TABLE IF NOT EXISTS pending (
+    host         TEXT NOT NULL,
+    addin_id     TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    action       TEXT NOT NULL CHECK (action IN ('install', 'update', 'remove')),
+    from_version TEXT,
+    to_version   TEXT,
+    sha256       TEXT,
+    state        TEXT NOT NULL CHECK (state IN ('ready', 'waiting', 'needs_consent')),
+    reason       TEXT NOT NULL,
+    since        REAL NOT NULL,
+    revision     INTEGER NOT NULL,
+    committed_at REAL,
+    PRIMARY KEY (host, addin_id)
+);
+CREATE TABLE IF NOT EXISTS choices (
+    addin_id TEXT PRIMARY KEY,
+    choice   TEXT NOT NULL CHECK (choice IN ('install', 'remove')),
+    at       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       REAL NOT NULL,
+    kind     TEXT NOT NULL,
+    addin_id TEXT,
+    host     TEXT,
+    revision INTEGER,
+    detail   TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS sync (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+TABLES = (
+    "received",
+    "entitlements",
+    "manifests",
+    "installed",
+    "pending",
+    "choices",
+    "events",
+    "sync",
+)
+
+Statement = tuple[str, Sequence[Any]]
+
+
+@dataclass(slots=True)
+class Tx:
+    """The statements of one state transition, committed together by `Cache.commit`."""
+
+    statements: list[Statement] = field(default_factory=list)
+    now: float = field(default_factory=time.time)
+
+    def __bool__(self) -> bool:
+        return bool(self.statements)
+
+    def add(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self.statements.append((sql, params))
+
+    def upsert(self, table: str, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.add(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def delete(self, table: str, **where: Any) -> None:
+        cond = " AND ".join(f"{k} = ?" for k in where)
+        self.add(f"DELETE FROM {table} WHERE {cond}", tuple(where.values()))
+
+    def event(
+        self,
+        kind: str,
+        detail: str = "",
+        *,
+        addin_id: str | None = None,
+        host: str | None = None,
+        revision: int | None = None,
+    ) -> None:
+        self.add(
+            "INSERT INTO events (at, kind, addin_id, host, revision, detail) VALUES (?,?,?,?,?,?)",
+            (self.now, kind, addin_id, host, revision, detail),
+        )
+
+    def sync(self, key: str, value: Any) -> None:
+        self.add(
+            "INSERT OR REPLACE INTO sync (key, value) VALUES (?, ?)",
+            (key, value if isinstance(value, str) else json.dumps(value)),
+        )
+
+
+class CacheError(RuntimeError):
+    """The cache file cannot be opened or is not an agent cache."""
+
+
+def _init_sync(conn: sqlite3.Connection, memory: bool) -> None:
+    if not memory:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise CacheError(f"could not switch the cache to WAL mode (got {mode})")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(SCHEMA)
+    conn.execute(
+        "INSERT OR IGNORE INTO sync (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+    )
+    conn.commit()
+
+
+class Cache:
+    """Writable cache used by the daemon (and by `launch`/`install`/`remove` when it is down)."""
+
+    def __init__(
+        self,
+        path: str,
+        sync_conn: sqlite3.Connection | None,
+        async_conn: aiosqlite.Connection | None,
+    ) -> None:
+        self.path = path
+        self._sync = sync_conn
+        self._async = async_conn
+
+    @property
+    def memory(self) -> bool:
+        return self._sync is not None
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Cache:
+        spath = str(path)
+        if spath == ":memory:":
+            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            _init_sync(conn, memory=True)
+            return cls(spath, conn, None)
+        Path(spath).parent.mkdir(parents=True, exist_ok=True)
+        # autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT in `commit`.
+        db = await aiosqlite.connect(spath, isolation_level=None, timeout=30)
+        try:
+            await db.execute("PRAGMA busy_timeout=30000")
+            cur = await db.execute("PRAGMA journal_mode=WAL")
+            row = await cur.fetchone()
+            if not row or str(row[0]).lower() != "wal":
+                raise CacheError(f"could not switch {spath} to WAL mode")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.executescript(SCHEMA)
+            await db.execute(
+                "INSERT OR IGNORE INTO sync (key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+        except sqlite3.DatabaseError as e:
+            await db.close()
+            raise CacheError(f"{spath} is not a usable agent cache: {e}") from e
+        return cls(spath, None, db)
+
+    async def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+        if self._async is not None:
+            await self._async.close()
+            self._async = None
+
+    async def commit(self, tx: Tx) -> None:
+        """Run every statement of `tx` in one transaction (all or nothing)."""
+        if not tx.statements:
+            return
+        if self._sync is not None:
+            conn = self._sync
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in tx.statements:
+                    conn.execute(sql, params)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return
+        db = self._async
+        if db is None:
+            raise CacheError("cache is closed")
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in tx.statements:
+                await db.execute(sql, params)
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        await db.execute("COMMIT")
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        if self._sync is not None:
+            self._sync.row_factory = sqlite3.Row
+            return list(self._sync.execute(sql, params).fetchall())
+        db = self._async
+        if db is None:
+            raise CacheError("cache is closed")
+        db.row_factory = sqlite3.Row
+        async with db.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+
+def open_readonly(path: str | Path) -> sqlite3.Connection:
+    """Open a cache for reading only (``mode=ro``): never takes a write lock, never creates
+    the file, and in WAL mode never blocks or waits for the daemon."""
+    p = Path(path)
+    if not p.exists():
+        raise CacheError(f"no agent cache at {p} (has the agent run on this computer?)")
+    uri = f"file:{p.resolve()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=5)
+    conn.row_factory = sqlite3.Row
+    try:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise CacheError(f"{p} is not an SQLite database: {e}") from e
+    missing = [t for t in TABLES if t not in names]
+    if missing:
+        conn.close()
+        raise CacheError(f"{p} is not an agent cache (missing tables: {', '.join(missing)})")
+    return conn
+
+
+def rows_to_dicts(rows: Iterable[sqlite3.Row]) -> list[dict[str, Any]]:
+    return [dict(r) for r in rows]

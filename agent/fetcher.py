@@ -1,0 +1,149 @@
+"""Manifests by sha256 over HTTP, then verification (issue 4 item 4).
+
+One `httpx.AsyncClient` can be shared by many agents (the simulator runs thousands in one
+process and wants one connection pool). Concurrency per agent is bounded by a semaphore;
+transient failures (connection errors, 5xx, 408/429) are retried with exponential backoff
+and full jitter. A manifest is accepted only if its sha256 matches the one it was asked
+for, the manifest reader accepts it, and its Id and Version equal the catalog entry's.
+Anything else is a refusal, with the reason, and is never installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import httpx
+
+from addin_core.protocol import CatalogEntry, Host
+
+log = logging.getLogger("addin_agent.fetcher")
+
+MAX_MANIFEST_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """`verified` / `refused` are final for that sha256; `failed` means try again later."""
+
+    status: Literal["verified", "refused", "failed"]
+    sha256: str
+    addin_id: str
+    version: str
+    reason: str | None = None
+    xml: bytes | None = None
+    permissions: str | None = None
+    hosts: tuple[Host, ...] = ()
+    attempts: int = 0
+    fetched_at: float = 0.0
+
+
+def verify(entry: CatalogEntry, body: bytes) -> FetchResult:
+    """Check downloaded bytes against the catalog entry. Pure (no I/O)."""
+    from addin_core.manifest import ManifestError, parse_manifest
+
+    def refuse(reason: str) -> FetchResult:
+        return FetchResult(
+            "refused",
+            entry.manifest_sha256,
+            entry.addin_id,
+            entry.version,
+            reason=reason,
+            fetched_at=time.time(),
+        )
+
+    if len(body) > MAX_MANIFEST_BYTES:
+        return refuse(f"manifest is {len(body)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+    digest = hashlib.sha256(body).hexdigest()
+    if digest != entry.manifest_sha256:
+        return refuse(f"content hash {digest[:12]}… does not match {entry.manifest_sha256[:12]}…")
+    try:
+        manifest = parse_manifest(body)
+    except ManifestError as e:
+        return refuse(f"the manifest reader rejected it: {e}")
+    if str(manifest.id).lower() != entry.addin_id.lower():
+        return refuse(f"manifest Id {manifest.id} is not the catalog's {entry.addin_id}")
+    if manifest.version != entry.version:
+        return refuse(f"manifest Version {manifest.version} is not the catalog's {entry.version}")
+    perms = getattr(manifest.permissions, "value", manifest.permissions)
+    return FetchResult(
+        "verified",
+        entry.manifest_sha256,
+        entry.addin_id,
+        entry.version,
+        xml=body,
+        permissions=str(perms) if perms is not None else None,
+        hosts=tuple(Host(h) for h in manifest.hosts),
+        fetched_at=time.time(),
+    )
+
+
+class Fetcher:
+    def __init__(
+        self,
+        server_url: str,
+        token: str | None,
+        http: httpx.AsyncClient | None = None,
+        concurrency: int = 4,
+        attempts: int = 5,
+        base_delay: float = 0.2,
+        max_delay: float = 10.0,
+    ) -> None:
+        self.server_url = server_url.rstrip("/")
+        self.token = token
+        self._own = http is None
+        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        self._sem = asyncio.Semaphore(concurrency)
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+
+    async def aclose(self) -> None:
+        if self._own:
+            await self.http.aclose()
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2^attempt)]."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+    async def fetch(self, entry: CatalogEntry) -> FetchResult:
+        url = self.server_url + entry.manifest_url
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        last = "not attempted"
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(self.backoff(attempt))
+            try:
+                async with self._sem:
+                    resp = await self.http.get(url, headers=headers)
+            except httpx.HTTPError as e:
+                last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+                log.info("manifest %s attempt %d failed: %s", entry.addin_id, attempt + 1, last)
+                continue
+            if resp.status_code == 200:
+                result = verify(entry, resp.content)
+                return _with_attempts(result, attempt + 1)
+            last = f"HTTP {resp.status_code} from {url}"
+            log.info("manifest %s attempt %d: %s", entry.addin_id, attempt + 1, last)
+            if resp.status_code in (401, 403):
+                last += " (check server_token)"
+        return FetchResult(
+            "failed",
+            entry.manifest_sha256,
+            entry.addin_id,
+            entry.version,
+            reason=last,
+            attempts=self.attempts,
+            fetched_at=time.time(),
+        )
+
+
+def _with_attempts(r: FetchResult, n: int) -> FetchResult:
+    from dataclasses import replace
+
+    return replace(r, attempts=n)

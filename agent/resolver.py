@@ -1,0 +1,232 @@
+"""Client-side resolution: from received state to the add-ins this user is entitled to. Pure.
+
+`resolve` answers "what should be installed, in which mode, in which host apps, and why";
+`explain` answers the same question for one add-in even when the answer is "nothing",
+with every fact `addin-agent why` needs (nested-only assignments, turned-off add-ins,
+hosts the add-in does not support...).
+
+Rules (DESIGN §2): targets everyone / user / group; nested groups count only when the
+tenant policy `nested_groups` is on; the strongest mode wins (fixed > optional > available);
+turned-off add-ins are excluded; an add-in shows only in the hosts its manifest lists and
+that are installed on this computer. Group nesting is walked breadth-first with a visited
+set (cycles cannot loop) and a depth bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from addin_core.protocol import Assignment, CatalogEntry, Host, Mode, Topic
+from agent.state import ReceivedState
+
+MAX_GROUP_DEPTH = 32
+"""Deepest nesting followed. Real directories nest a handful of levels; the bound keeps a
+pathological chain from costing more than it is worth."""
+
+TargetKind = Literal["everyone", "user", "group"]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One assignment that reaches the user: its target, mode, and the group path.
+
+    `path` runs from a group the user is directly in to the assigned group
+    (``("emea-sales", "sales")`` means: you are in emea-sales, which is nested in sales).
+    """
+
+    target: TargetKind
+    mode: Mode
+    revision: int
+    group_id: str | None = None
+    path: tuple[str, ...] = ()
+
+    @property
+    def nested(self) -> bool:
+        return len(self.path) > 1
+
+    def describe(self) -> str:
+        if self.target == "everyone":
+            return "assigned to Everyone"
+        if self.target == "user":
+            return "assigned to you directly"
+        if self.nested:
+            return (
+                f"assigned to group {self.group_id} (you are in it through {' → '.join(self.path)})"
+            )
+        return f"assigned to group {self.group_id} (you are a direct member)"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "group_id": self.group_id,
+            "path": list(self.path),
+            "mode": self.mode.value,
+            "revision": self.revision,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Entitlement:
+    """The user is entitled to `addin_id` in `mode`, in `hosts`, because of `grants`."""
+
+    addin_id: str
+    name: str
+    mode: Mode
+    version: str
+    sha256: str
+    hosts: tuple[Host, ...]
+    """Hosts it shows in on this computer (catalog hosts that are installed here)."""
+    permissions: str
+    grants: tuple[Grant, ...]
+    catalog_hosts: tuple[Host, ...] = ()
+    """Every host the consented manifest lists."""
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Everything the resolver knows about one add-in for one user."""
+
+    addin_id: str
+    entry: CatalogEntry | None
+    removed_from_catalog: bool
+    nested_groups: bool
+    grants: tuple[Grant, ...]
+    """Grants that count under the current policy."""
+    blocked: tuple[Grant, ...]
+    """Grants through nested groups while nesting is disabled: they do not count."""
+    hosts_here: tuple[Host, ...]
+    entitlement: Entitlement | None
+
+
+def group_paths(
+    state: ReceivedState, user_id: str, nested: bool = True
+) -> dict[str, tuple[str, ...]]:
+    """Every group reaching `user_id`, each with the shortest path from a direct group.
+
+    With `nested` False only direct groups are returned. Cycle-safe and depth-bounded.
+    """
+    paths: dict[str, tuple[str, ...]] = {}
+    frontier: list[str] = []
+    for g in state.membership.get(user_id, ()):
+        if g not in paths:
+            paths[g] = (g,)
+            frontier.append(g)
+    if not nested:
+        return paths
+    depth = 1
+    while frontier and depth < MAX_GROUP_DEPTH:
+        nxt: list[str] = []
+        for g in frontier:
+            for p in state.parents.get(g, ()):
+                if p not in paths:
+                    paths[p] = (*paths[g], p)
+                    nxt.append(p)
+        frontier = nxt
+        depth += 1
+    return paths
+
+
+def _grants_for(
+    state: ReceivedState, user_id: str, addin_id: str, paths: dict[str, tuple[str, ...]]
+) -> list[Grant]:
+    out: list[Grant] = []
+    a = state.assign_everyone.get(addin_id)
+    if a is not None:
+        out.append(Grant("everyone", a.mode, a.revision))
+    a = state.assign_user.get(user_id, {}).get(addin_id)
+    if a is not None:
+        out.append(Grant("user", a.mode, a.revision))
+    for g, path in paths.items():
+        ga = state.assign_group.get(g, {}).get(addin_id)
+        if ga is not None:
+            out.append(Grant("group", ga.mode, ga.revision, g, path))
+    return out
+
+
+def _all_grants(
+    state: ReceivedState, user_id: str, paths: dict[str, tuple[str, ...]]
+) -> dict[str, list[Grant]]:
+    """Grants per add-in in one pass over the (small) assignment tables."""
+    out: dict[str, list[Grant]] = {}
+
+    def add(addin_id: str, grant: Grant) -> None:
+        out.setdefault(addin_id, []).append(grant)
+
+    for addin_id, a in state.assign_everyone.items():
+        add(addin_id, Grant("everyone", a.mode, a.revision))
+    for addin_id, a in state.assign_user.get(user_id, {}).items():
+        add(addin_id, Grant("user", a.mode, a.revision))
+    for g, path in paths.items():
+        bucket: dict[str, Assignment] = state.assign_group.get(g, {})
+        for addin_id, a in bucket.items():
+            add(addin_id, Grant("group", a.mode, a.revision, g, path))
+    return out
+
+
+def _strongest(grants: Iterable[Grant]) -> Mode:
+    return max((g.mode for g in grants), key=lambda m: m.strength)
+
+
+def _entitle(entry: CatalogEntry, grants: list[Grant], hosts: Iterable[Host]) -> Entitlement | None:
+    if not grants or not entry.enabled:
+        return None
+    wanted = set(hosts)
+    here = tuple(h for h in entry.hosts if h in wanted)
+    if not here:
+        return None
+    return Entitlement(
+        addin_id=entry.addin_id,
+        name=entry.name,
+        mode=_strongest(grants),
+        version=entry.version,
+        sha256=entry.manifest_sha256,
+        hosts=here,
+        permissions=entry.permissions,
+        grants=tuple(grants),
+        catalog_hosts=tuple(entry.hosts),
+    )
+
+
+def resolve(
+    state: ReceivedState, user_id: str, hosts: Iterable[Host] = tuple(Host)
+) -> dict[str, Entitlement]:
+    """The add-ins `user_id` is entitled to on a computer with `hosts` installed."""
+    hosts = tuple(hosts)
+    paths = group_paths(state, user_id, nested=state.nested_groups)
+    out: dict[str, Entitlement] = {}
+    for addin_id, grants in _all_grants(state, user_id, paths).items():
+        entry = state.catalog.get(addin_id)
+        if entry is None:
+            continue
+        ent = _entitle(entry, grants, hosts)
+        if ent is not None:
+            out[addin_id] = ent
+    return out
+
+
+def explain(
+    state: ReceivedState, user_id: str, addin_id: str, hosts: Iterable[Host] = tuple(Host)
+) -> Explanation:
+    """What the resolver concludes about `addin_id`, including the reasons it does not count."""
+    hosts = tuple(hosts)
+    all_paths = group_paths(state, user_id, nested=True)
+    grants = _grants_for(state, user_id, addin_id, all_paths)
+    nested = state.nested_groups
+    counting = [g for g in grants if nested or not g.nested]
+    blocked = [g for g in grants if not nested and g.nested]
+    entry = state.catalog.get(addin_id)
+    removed = entry is None and state.is_tombstoned(Topic.catalog(state.tenant, addin_id))
+    here = tuple(h for h in entry.hosts if h in hosts) if entry else ()
+    ent = _entitle(entry, counting, hosts) if entry else None
+    return Explanation(
+        addin_id=addin_id,
+        entry=entry,
+        removed_from_catalog=removed,
+        nested_groups=nested,
+        grants=tuple(counting),
+        blocked=tuple(blocked),
+        hosts_here=here,
+        entitlement=ent,
+    )

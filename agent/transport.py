@@ -1,0 +1,176 @@
+"""MQTT transport (aiomqtt, MQTT 5): persistent session, QoS 1, reconnect forever.
+
+Knows nothing of add-ins: it delivers (topic, payload) to a callback, keeps the broker's
+subscriptions equal to the set it is given, and publishes reports. Session expiry is at
+least 7 days; clean start only on the very first connect of this agent (the caller
+remembers that in the cache), so messages published while it is offline are queued.
+On every reconnect it re-subscribes (retain handling 0: send retained state), so the
+agent converges even when the broker lost its sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.subscriptions import reconcile
+
+log = logging.getLogger("addin_agent.transport")
+
+MessageHandler = Callable[[str, bytes], Awaitable[None]]
+ConnectHandler = Callable[[bool], Awaitable[None]]
+"""Called after each (re)connect and subscribe; the argument is the session-present flag."""
+
+
+class Transport:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        session_expiry: int,
+        keepalive: int,
+        on_message: MessageHandler,
+        on_connect: ConnectHandler,
+        on_disconnect: Callable[[str], Awaitable[None]],
+        desired: Callable[[], set[str]],
+        clean_start_first: bool,
+        min_backoff: float = 0.5,
+        max_backoff: float = 60.0,
+    ) -> None:
+        self.host, self.port, self.client_id = host, port, client_id
+        self.username, self.password = username, password
+        self.session_expiry, self.keepalive = session_expiry, keepalive
+        self.on_message, self.on_connect, self.on_disconnect = on_message, on_connect, on_disconnect
+        self.desired = desired
+        self.clean_start = clean_start_first
+        self.min_backoff, self.max_backoff = min_backoff, max_backoff
+        self.client: aiomqtt.Client | None = None
+        self.subscribed: set[str] = set()
+        self.connected = asyncio.Event()
+        self.first_attempt = asyncio.Event()
+        self.attempts = 0
+        self._task: asyncio.Task[None] | None = None
+        self._sub_lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        self.connected.clear()
+
+    def _make_client(self) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=self.client_id,
+            username=self.username,
+            password=self.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=self.clean_start,
+            properties=props,
+            keepalive=self.keepalive,
+            timeout=10,
+        )
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            self.attempts += 1
+            try:
+                client = self._make_client()
+                async with client:
+                    failures = 0
+                    self.client = client
+                    # After the first successful connect the session must persist.
+                    self.clean_start = False
+                    self.subscribed = set()
+                    await self.sync_subscriptions()
+                    self.connected.set()
+                    self.first_attempt.set()
+                    log.info("connected to %s:%d as %s", self.host, self.port, self.client_id)
+                    await self.on_connect(True)
+                    async for message in client.messages:
+                        await self.on_message(str(message.topic), _payload_bytes(message.payload))
+                # The message iterator only ends when the connection does.
+                raise aiomqtt.MqttError("connection closed")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # every failure of the link, incl. auth, reconnects
+                self.client = None
+                was = self.connected.is_set()
+                self.connected.clear()
+                self.first_attempt.set()
+                failures += 1
+                delay = random.uniform(
+                    self.min_backoff / 2,
+                    min(self.max_backoff, self.min_backoff * 2 ** min(failures, 16)),
+                )
+                log.warning(
+                    "broker %s:%d %s (%s); reconnect attempt %d in %.1fs",
+                    self.host,
+                    self.port,
+                    "connection lost" if was else "unreachable",
+                    e,
+                    self.attempts + 1,
+                    delay,
+                )
+                with contextlib.suppress(Exception):
+                    await self.on_disconnect(str(e))
+                await asyncio.sleep(delay)
+
+    async def sync_subscriptions(self) -> None:
+        """Make the broker's subscriptions equal `desired()` (no-op while offline)."""
+        client = self.client
+        if client is None:
+            return
+        async with self._sub_lock:
+            diff = reconcile(self.subscribed, self.desired())
+            if diff.subscribe:
+                opts = SubscribeOptions(qos=1, retainHandling=0)
+                await client.subscribe([(f, opts) for f in diff.subscribe])
+                self.subscribed |= set(diff.subscribe)
+                log.debug("subscribed %s", ", ".join(diff.subscribe))
+            if diff.unsubscribe:
+                await client.unsubscribe(list(diff.unsubscribe))
+                self.subscribed -= set(diff.unsubscribe)
+                log.debug("unsubscribed %s", ", ".join(diff.unsubscribe))
+
+    async def publish(self, topic: str, payload: bytes) -> bool:
+        client = self.client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic, payload, qos=1, retain=False)
+            return True
+        except aiomqtt.MqttError as e:
+            log.info("publish to %s failed: %s", topic, e)
+            return False
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    if payload is None:
+        return b""
+    return str(payload).encode()
