@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -32,7 +34,12 @@ def org(
 ) -> None:
     """Write a generated organisation (ORG YAML for `addin-server load`) to stdout."""
     o = generate_org(
-        users, groups, nesting_depth=nesting_depth, seed=seed, tenant=tenant, nested_groups=nested_groups
+        users,
+        groups,
+        nesting_depth=nesting_depth,
+        seed=seed,
+        tenant=tenant,
+        nested_groups=nested_groups,
     )
     sys.stdout.write(o.to_yaml())
 
@@ -63,10 +70,168 @@ def baseline(clients: int, workers: int | None, broker_url: str | None, as_json:
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        t = Table(title=f"bare MQTT fan-out, {clients} subscribers, {result['processes']} processes")
+        t = Table(
+            title=f"bare MQTT fan-out, {clients} subscribers, {result['processes']} processes"
+        )
         for col in ("received", "p50_ms", "p95_ms", "p99_ms", "max_ms"):
             t.add_column(col, justify="right")
         t.add_row(*(str(result[c]) for c in ("received", "p50_ms", "p95_ms", "p99_ms", "max_ms")))
         Console().print(t)
     if result["received"] < clients:
         raise SystemExit(1)
+
+
+def _event_loop_run(coro: Any) -> Any:
+    """asyncio.run, on uvloop when it is installed (it handles thousands of sockets better)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+@main.command()
+@click.option("--clients", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option(
+    "--scenario", default="phased-rollout", show_default=True, help="Shipped NAME or a YAML FILE."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 64),
+    default=None,
+    help="Worker processes (default: one per core); 0 runs the agents inside this process.",
+)
+@click.option(
+    "--remote-workers",
+    type=click.IntRange(0, 64),
+    default=0,
+    help="Also wait for N `addin-sim worker` processes to join.",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(path_type=Path),
+    default=Path("sim-report"),
+    show_default=True,
+)
+@click.option(
+    "--broker", "broker_url", default=None, help="mqtt://HOST:PORT (default: a private Mosquitto)."
+)
+@click.option(
+    "--server",
+    "server_url",
+    default=None,
+    help="http://HOST:PORT (default: a private server stub).",
+)
+@click.option("--admin-token", envvar="ADDIN_SIM_ADMIN_TOKEN", default=None, help="With --server.")
+@click.option("--agent-token", envvar="ADDIN_SIM_AGENT_TOKEN", default=None, help="With --server.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--run-id", default=None, help="Run id remote workers join (default: random).")
+@click.option("--no-baseline", is_flag=True, help="Skip the bare MQTT fan-out measurement.")
+def run(
+    clients: int,
+    scenario: str,
+    workers: int | None,
+    remote_workers: int,
+    report_dir: Path,
+    broker_url: str | None,
+    server_url: str | None,
+    admin_token: str | None,
+    agent_token: str | None,
+    seed: int,
+    run_id: str | None,
+    no_baseline: bool,
+) -> None:
+    """Run a scenario with N virtual clients and check every one against the oracle."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulator.coordinator import Coordinator, RunError, RunOptions, default_workers
+    from simulator.report import print_summary, write_reports
+    from simulator.scenario import ScenarioError, load_scenario
+
+    try:
+        sc = load_scenario(scenario)
+    except ScenarioError as e:
+        raise click.UsageError(str(e)) from None
+    if server_url and not admin_token:
+        raise click.UsageError("--server needs --admin-token (or ADDIN_SIM_ADMIN_TOKEN)")
+    if workers is None:
+        workers = default_workers()
+    tasks: dict[str, Any] = {}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+
+        def on_progress(name: str, done: int, total: int) -> None:
+            if name == "connect":
+                if name not in tasks:
+                    tasks[name] = progress.add_task("connecting clients", total=clients)
+                progress.update(tasks[name], completed=done)
+            else:
+                for t in tasks.values():
+                    progress.update(t, completed=progress.tasks[t].total)
+                tasks[name] = progress.add_task(name, total=1)
+
+        options = RunOptions(
+            clients=clients,
+            workers=workers,
+            seed=seed,
+            broker_url=broker_url,
+            server_url=server_url,
+            admin_token=admin_token,
+            agent_token=agent_token,
+            remote_workers=remote_workers,
+            baseline=not no_baseline,
+            progress=on_progress,
+        )
+        if run_id:
+            options.run_id = run_id
+        if remote_workers:
+            console.print(
+                f"run id {options.run_id}: join with `addin-sim worker --run {options.run_id} "
+                f"--broker URL --server URL`"
+            )
+        try:
+            result = _event_loop_run(Coordinator(sc, options).execute())
+        except RunError as e:
+            console.print(f"[bold red]run failed:[/] {e}")
+            raise SystemExit(2) from None
+        for t in tasks.values():
+            progress.update(t, completed=progress.tasks[t].total)
+    report = write_reports(result, report_dir)
+    print_summary(report, Console())
+    console.print(f"report: {report_dir}/report.json, {report_dir}/report.html")
+    if report["mismatches"] or report["server_disagreements"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--run", "run_id", required=True, help="The run id the coordinator printed.")
+@click.option("--broker", "broker_url", required=True, help="mqtt://HOST:PORT")
+@click.option("--server", "server_url", required=True, help="http://HOST:PORT of the server stub.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="For per-client SQLite files.",
+)
+def worker(run_id: str, broker_url: str, server_url: str, cache_dir: Path | None) -> None:
+    """Join a run as a worker: host virtual clients as the coordinator commands."""
+    import logging
+
+    from simulator.worker import run_worker
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if cache_dir is None:
+        cache_dir = Path(tempfile.mkdtemp(prefix="addin-sim-worker-"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _event_loop_run(run_worker(run_id, broker_url, server_url, cache_dir))
+
+
+if __name__ == "__main__":
+    main()

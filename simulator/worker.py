@@ -83,8 +83,9 @@ class Worker:
         self._seen: set[tuple[str, str, int]] = set()
         self.monitor = ProcessMonitor(role)
         self._last_seq = -1
+        self._replies: dict[str, dict[str, Any]] = {}
         self._done = asyncio.Event()
-        self._busy: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._launcher: asyncio.Task[None] | None = None
         self.channel = ControlChannel(
             broker, f"w-{self.wid}", [control.cmd_topic(run)], self._on_message
@@ -112,11 +113,18 @@ class Worker:
         if seq <= self._last_seq:
             return  # a command we already obey (re-published after a reconnect)
         self._last_seq = seq
-        self._busy = asyncio.create_task(self._obey(seq, data["cmd"], data.get("args", {})))
+        task = asyncio.create_task(self._obey(seq, data["cmd"], data.get("args", {})))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _reply(self, seq: int, result: dict[str, Any]) -> None:
+        # Commands may overlap (convergence polling runs while launches happen), so the
+        # retained reply holds the latest result of each recent command, not just the last.
+        self._replies[str(seq)] = result
+        for old in sorted(self._replies, key=int)[:-8]:
+            del self._replies[old]
         await self.channel.publish_state(
-            control.reply_topic(self.run, self.wid), {"seq": seq, "wid": self.wid, **result}
+            control.reply_topic(self.run, self.wid), {"wid": self.wid, "replies": self._replies}
         )
 
     async def _obey(self, seq: int, cmd: str, args: dict[str, Any]) -> None:

@@ -1,0 +1,775 @@
+"""The coordinator: sets up broker, server and workers, drives a scenario, checks the oracle.
+
+It owns the ground truth. Every admin action goes to the server's HTTP admin API and, once the
+server accepted it, to the oracle; after each step every worker polls its agents until their
+entitlements equal the oracle's, and at checkpoints launches every host app and compares the
+installed sets too. Workers (subprocesses here, or `addin-sim worker` on other machines, or
+in-process for tests) are driven over the broker (`simulator.control`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from addin_core.protocol import Filters, Host, Mode
+from simulator import control
+from simulator.control import BrokerAddress, ControlChannel
+from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet, convergence_curve
+from simulator.mosquitto import MosquittoBroker, free_port
+from simulator.oracle import AdminAction, GroundTruth
+from simulator.orggen import Org, addin_guid, generate_org, make_manifest
+from simulator.scenario import ADMIN_OPS, Scenario, Step
+
+TENANT = "contoso"
+
+
+class RunError(RuntimeError):
+    """The run could not proceed (server refused an action, a worker failed, ...)."""
+
+
+@dataclass
+class RunOptions:
+    clients: int = 1000
+    workers: int = 0
+    """Worker subprocesses; 0 runs one worker inside the coordinator's own event loop."""
+    seed: int = 1
+    broker_url: str | None = None
+    server_url: str | None = None
+    admin_token: str | None = None
+    agent_token: str | None = None
+    remote_workers: int = 0
+    """Workers expected to join from elsewhere (`addin-sim worker --run ID ...`)."""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    workdir: Path | None = None
+    baseline: bool = True
+    progress: Callable[[str, int, int], None] | None = None
+    """progress(task, done, total): live progress for the terminal."""
+
+
+@dataclass
+class StepResult:
+    name: str
+    revisions: list[int] = field(default_factory=list)
+    started_at: float = 0.0
+    duration_s: float = 0.0
+    offsets: list[float] = field(default_factory=list)
+    unconverged: int = 0
+    online: int = 0
+    stages: StageSet = field(default_factory=StageSet)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    scenario: Scenario
+    options: RunOptions
+    steps: list[StepResult]
+    mismatches: list[dict[str, Any]]
+    stages: StageSet
+    baseline: dict[str, Any]
+    processes: list[dict[str, Any]]
+    started_at: float
+    duration_s: float
+    workers: int
+    server_disagreements: list[str]
+
+
+def _compact(per_user: Mapping[str, Any]) -> dict[str, Any]:
+    values: list[Any] = []
+    index: dict[str, int] = {}
+    users: dict[str, int] = {}
+    for user, value in per_user.items():
+        key = json.dumps(value, sort_keys=True)
+        if key not in index:
+            index[key] = len(values)
+            values.append(value)
+        users[user] = index[key]
+    return {"values": values, "users": users}
+
+
+def _script(name: str) -> str:
+    """The console script next to this interpreter (the venv's), else the one on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise RunError(f"{name} is not installed: run scripts/bootstrap.sh")
+    return found
+
+
+class Environment:
+    """The private broker and server stub (when not given), torn down at the end."""
+
+    def __init__(self, options: RunOptions, workdir: Path) -> None:
+        self.options = options
+        self.workdir = workdir
+        self.broker: MosquittoBroker | None = None
+        self.server: subprocess.Popen[bytes] | None = None
+        self.server_args: list[str] = []
+        self.broker_url = options.broker_url or ""
+        self.server_url = options.server_url or ""
+        self.admin_token = options.admin_token or secrets.token_urlsafe(16)
+        self.agent_token = options.agent_token or secrets.token_urlsafe(16)
+
+    def start(self) -> None:
+        if not self.broker_url:
+            self.broker = MosquittoBroker(self.workdir / "broker", max_queued_messages=10_000)
+            self.broker.start()
+            self.broker_url = self.broker.url
+        if not self.server_url:
+            port = free_port()
+            self.server_url = f"http://127.0.0.1:{port}"
+            self.server_args = [
+                _script("addin-server"),
+                "serve",
+                "--db",
+                str(self.workdir / "server.sqlite"),
+                "--broker",
+                self.broker_url,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--tenant",
+                TENANT,
+                "--admin-token",
+                self.admin_token,
+                "--agent-token",
+                self.agent_token,
+            ]
+            self.start_server()
+
+    def start_server(self, timeout: float = 30.0) -> None:
+        log = open(self.workdir / "server.log", "ab")  # handed to the child
+        try:
+            self.server = subprocess.Popen(
+                self.server_args, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise RunError(f"the server stub exited at start; see {self.workdir}/server.log")
+            try:
+                if httpx.get(f"{self.server_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RunError(f"the server stub did not answer /healthz within {timeout}s")
+
+    def restart_server(self) -> None:
+        if self.server is None:
+            raise RunError("server_restart needs the private server (run without --server)")
+        self.server.terminate()
+        try:
+            self.server.wait(10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
+        self.start_server()
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.terminate()
+            try:
+                self.server.wait(10)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+        if self.broker is not None:
+            self.broker.kill()
+
+
+class Coordinator:
+    def __init__(self, scenario: Scenario, options: RunOptions) -> None:
+        self.scenario = scenario
+        self.options = options
+        self.run = options.run_id
+        self.rng = random.Random(options.seed)
+        self.org: Org = generate_org(
+            max(1, options.clients),
+            scenario.org.groups,
+            nesting_depth=scenario.org.nesting_depth,
+            seed=options.seed,
+            tenant=TENANT,
+            nested_groups=scenario.org.nested_groups,
+        )
+        self.truth = GroundTruth.from_org_document(self.org.to_document())
+        self.addin_ids = {a: addin_guid(a, options.seed) for a in scenario.addins}
+        self.addin_state: dict[str, dict[str, Any]] = {
+            a: {
+                "version": s.version,
+                "hosts": [str(h) for h in s.hosts],
+                "permissions": s.permissions,
+            }
+            for a, s in scenario.addins.items()
+        }
+        self.clients = [(f"ws-{u}", u) for u in self.org.users]
+        self.seq = 0
+        self.hellos: dict[str, dict[str, Any]] = {}
+        self.replies: dict[str, dict[str, Any]] = {}
+        self.progress_seen: dict[str, dict[str, Any]] = {}
+        self._changed = asyncio.Event()
+        self.disagreements: list[str] = []
+        self.offline_clients: set[str] = set()
+        self.tap: dict[str, list[dict[str, Any]]] = {}
+        self.process_monitors: list[ProcessMonitor] = []
+
+    # -- control channel ----------------------------------------------------------------------
+    async def _on_worker(self, topic: str, data: dict[str, Any]) -> None:
+        parsed = control.parse_worker_topic(self.run, topic)
+        if parsed is None:
+            return
+        wid, kind = parsed
+        if kind == "hello":
+            self.hellos[wid] = data
+        elif kind == "reply":
+            self.replies[wid] = data.get("replies", {})
+        elif kind == "progress":
+            self.progress_seen[wid] = data
+        self._changed.set()
+
+    async def command(
+        self,
+        cmd: str,
+        args: dict[str, Any],
+        timeout: float = 300.0,
+        phase: str | None = None,
+        progress_task: str | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        self.seq += 1
+        seq = self.seq
+        await self.channel.publish_state(
+            control.cmd_topic(self.run), {"seq": seq, "cmd": cmd, "args": args}
+        )
+        return await self.wait_replies(seq, timeout, phase, progress_task)
+
+    async def wait_replies(
+        self, seq: int, timeout: float, phase: str | None = None, progress_task: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = {
+                wid: r[str(seq)]
+                for wid, r in self.replies.items()
+                if wid in self.workers
+                and str(seq) in r
+                and (r[str(seq)].get("phase") == phase if phase else "phase" not in r[str(seq)])
+            }
+            for wid, r in got.items():
+                if not r.get("ok", False):
+                    raise RunError(f"worker {wid}: {r.get('error')}")
+            if progress_task and self.options.progress:
+                done = sum(p["done"] for p in self.progress_seen.values() if p.get("seq") == seq)
+                self.options.progress(progress_task, done, 0)
+            if len(got) == len(self.workers):
+                return got
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.workers) - set(got))
+                raise RunError(f"no answer to {seq} from workers {missing} within {timeout}s")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.5)
+
+    # -- the run ------------------------------------------------------------------------------
+    async def execute(self) -> RunResult:
+        with contextlib.ExitStack() as stack:
+            workdir = self.options.workdir or Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="addin-sim-"))
+            )
+            env = Environment(self.options, workdir)
+            stack.callback(env.stop)
+            await asyncio.to_thread(env.start)
+            self.env = env
+            return await self._execute(env, workdir)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute(self, env: Environment, workdir: Path) -> RunResult:
+        started = time.time()
+        broker = BrokerAddress.parse(env.broker_url)
+        self.http = httpx.AsyncClient(
+            base_url=env.server_url,
+            headers={"Authorization": f"Bearer {env.admin_token}"},
+            timeout=60,
+        )
+        self.channel = ControlChannel(
+            broker, f"coord-{self.run}", [control.worker_filter(self.run)], self._on_worker
+        )
+        await self.channel.start()
+        self.tapper = ControlChannel(
+            broker, f"tap-{self.run}", [Filters.everything(TENANT)], self._on_tap
+        )
+        await self.tapper.start()
+        self.monitors = [ProcessMonitor("coordinator")]
+        if env.broker and env.broker.process:
+            self.monitors.append(ProcessMonitor("broker", env.broker.process.pid))
+        if env.server:
+            self.monitors.append(ProcessMonitor("server", env.server.pid))
+        sampler = asyncio.create_task(self._sample_forever())
+        local_procs: list[subprocess.Popen[bytes]] = []
+        in_process: list[asyncio.Task[None]] = []
+        try:
+            await self._load_org()
+            cold_revision = 0
+            for item in self.scenario.setup:
+                cold_revision = max([cold_revision, *await self._admin(item, None)])
+            # workers
+            cache_dir = workdir / "caches"
+            cache_dir.mkdir(exist_ok=True)
+            if self.options.workers == 0:
+                from simulator.worker import Worker
+
+                w = Worker(
+                    self.run, broker, env.server_url, cache_dir=cache_dir, role="coordinator+worker"
+                )
+                in_process.append(asyncio.create_task(w.serve()))
+                self.in_process_worker = w
+            for _ in range(self.options.workers):
+                local_procs.append(self._spawn_worker(env, cache_dir))
+            wanted = max(1, self.options.workers) + self.options.remote_workers
+            deadline = time.monotonic() + 60
+            while len(self.hellos) < wanted:
+                if time.monotonic() > deadline:
+                    raise RunError(
+                        f"only {len(self.hellos)} of {wanted} workers joined within 60 s"
+                    )
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.5)
+            self.workers = sorted(self.hellos)[:wanted]
+            shards = {
+                wid: [list(c) for c in self.clients[i :: len(self.workers)]]
+                for i, wid in enumerate(self.workers)
+            }
+            self.shards = shards
+            self.start_args: dict[str, Any] = {
+                "shards": shards,
+                "cold_revision": cold_revision,
+                "agent": {
+                    "tenant": TENANT,
+                    "agent_token": env.agent_token,
+                    "cache": self.scenario.cache,
+                },
+            }
+            steps: list[StepResult] = []
+            if self.scenario.start == "before":
+                connect = StepResult("connect", started_at=time.time())
+                await self.command("start", self.start_args, timeout=600, progress_task="connect")
+                await self._converge(connect, connect.started_at, 120)
+                connect.duration_s = time.time() - connect.started_at
+                steps.append(connect)
+            baseline: dict[str, Any] = {"p99_ms": None, "max_ms": None, "clients": 0}
+            if self.options.baseline and self.scenario.start == "before":
+                baseline = await self._baseline(broker)
+            all_mismatches: list[dict[str, Any]] = []
+            for step in self.scenario.steps:
+                steps.append(await self._run_step(step, all_mismatches))
+            if self.options.baseline and self.scenario.start == "storm":
+                baseline = await self._baseline(broker)
+            final = StepResult("final-check", started_at=time.time())
+            await self._converge(final, final.started_at, 60)
+            all_mismatches.extend(await self._checkpoint("final-check"))
+            final.duration_s = time.time() - final.started_at
+            steps.append(final)
+            stats = await self.command(
+                "stats", {"steps": {s.name: s.revisions for s in steps}}, timeout=120
+            )
+            cold = StageSet()
+            for r in stats.values():
+                cold.merge(StageSet.decode(r["result"]["cold"]))
+                for s in steps:
+                    s.stages.merge(StageSet.decode(r["result"]["steps"].get(s.name, {})))
+            for s in steps:
+                if s.name in ("connect", "cold-start") or any(
+                    "start_clients" in i
+                    for st in self.scenario.steps
+                    if st.name == s.name
+                    for i in st.do
+                ):
+                    s.stages.merge(cold)
+            total = StageSet()
+            for s in steps:
+                if s.name != "connect":
+                    total.merge(s.stages)
+            shut = await self.command("shutdown", {}, timeout=120)
+            processes = [m.result().as_dict() for m in self.monitors]
+            for r in shut.values():
+                proc = r["result"]["process"]
+                if proc["role"] != "coordinator+worker":
+                    processes.append(proc)
+                else:
+                    processes[0]["role"] = "coordinator+worker"
+            return RunResult(
+                scenario=self.scenario,
+                options=self.options,
+                steps=steps,
+                mismatches=all_mismatches,
+                stages=total,
+                baseline=baseline,
+                processes=processes,
+                started_at=started,
+                duration_s=time.time() - started,
+                workers=len(self.workers),
+                server_disagreements=self.disagreements,
+            )
+        finally:
+            sampler.cancel()
+            for t in in_process:
+                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(t), 5)
+                t.cancel()
+            for p in local_procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(10)
+                if p.poll() is None:
+                    p.kill()
+            await self.channel.clear(control.cmd_topic(self.run))
+            await self.channel.close()
+            await self.tapper.close()
+            await self.http.aclose()
+
+    def _spawn_worker(self, env: Environment, cache_dir: Path) -> subprocess.Popen[bytes]:
+        log = open(env.workdir / f"worker-{len(self.process_monitors)}.log", "ab")
+        try:
+            p = subprocess.Popen(
+                [
+                    _script("addin-sim"),
+                    "worker",
+                    "--run",
+                    self.run,
+                    "--broker",
+                    env.broker_url,
+                    "--server",
+                    env.server_url,
+                    "--cache-dir",
+                    str(cache_dir),
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            log.close()
+        self.process_monitors.append(ProcessMonitor("worker", p.pid))
+        return p
+
+    async def _sample_forever(self) -> None:
+        while True:
+            for m in self.monitors:
+                m.sample()
+            await asyncio.sleep(0.5)
+
+    async def _on_tap(self, topic: str, data: dict[str, Any]) -> None:
+        held = self.tap.setdefault(topic, [])
+        if not held or held[-1] != data:
+            held.append(data)
+            del held[:-2]
+
+    # -- admin actions ------------------------------------------------------------------------
+    async def _load_org(self) -> None:
+        r = await self.http.post("/v1/org", json=self.org.to_document())
+        if r.status_code >= 400:
+            raise RunError(f"POST /v1/org: {r.status_code} {r.text[:300]}")
+
+    def _group(self, ref: str) -> str:
+        if ref.startswith("@rank:"):
+            return self.org.groups_by_size()[int(ref[6:])].id
+        if ref == "@child":
+            for g in self.org.groups:
+                if g.parents:
+                    return g.id
+            raise RunError("@child: the organisation has no nested group (nesting_depth 0)")
+        return ref
+
+    def _user(self, ref: str) -> str:
+        if ref.startswith("@user:"):
+            return self.org.users[int(ref[6:])]
+        return ref
+
+    def _target(self, target: str) -> tuple[str, str | None]:
+        if target == "everyone":
+            return "everyone", None
+        kind, _, ref = target.partition(":")
+        if kind == "group":
+            return "group", self._group(ref)
+        if kind == "user":
+            return "user", self._user(ref)
+        raise RunError(f"target {target!r}: use everyone, group:ID or user:ID")
+
+    async def _call(self, method: str, url: str, **kw: Any) -> dict[str, Any]:
+        for attempt in range(50):
+            try:
+                r = await self.http.request(method, url, **kw)
+                break
+            except httpx.TransportError:
+                # The server may be restarting (a fault of this scenario): retry briefly.
+                await asyncio.sleep(0.2 * min(attempt + 1, 5))
+        else:
+            raise RunError(f"{method} {url}: server unreachable")
+        if r.status_code >= 400:
+            raise RunError(f"{method} {url}: {r.status_code} {r.text[:300]}")
+        data: dict[str, Any] = r.json()
+        return data
+
+    async def _admin(self, item: Mapping[str, Any], step: StepResult | None) -> list[int]:
+        """Do one admin action on the server and in the oracle; return the revisions."""
+        ((op, a),) = item.items()
+        if op == "churn":
+            group = self._group(a["group"])
+            rng = random.Random(f"{self.options.seed}:{a.get('seed', 0)}:{group}")
+            members = sorted(u for u, g in self.truth.membership if g == group)
+            outsiders = sorted(set(self.org.users) - set(members))
+            revs: list[int] = []
+            for u in rng.sample(members, min(int(a.get("remove", 0)), len(members))):
+                revs += await self._admin({"remove_member": {"user": u, "group": group}}, step)
+            for u in rng.sample(outsiders, min(int(a.get("add", 0)), len(outsiders))):
+                revs += await self._admin({"add_member": {"user": u, "group": group}}, step)
+            return revs
+        addin_alias = a.get("addin")
+        addin_id = self.addin_ids.get(addin_alias, "") if addin_alias else ""
+        action: AdminAction
+        match op:
+            case "upload":
+                st = self.addin_state[addin_alias]
+                for k in ("version", "permissions", "hosts"):
+                    if k in a:
+                        st[k] = [str(h) for h in a[k]] if k == "hosts" else str(a[k])
+                spec = self.scenario.addins[addin_alias]
+                xml = make_manifest(
+                    addin_id,
+                    name=spec.name or addin_alias,
+                    version=st["version"],
+                    hosts=[Host(h) for h in st["hosts"]],
+                    permissions=st["permissions"],
+                )
+                action = AdminAction("upload", {"addin_id": addin_id, **st})
+                res = await self._call(
+                    "POST", "/v1/addins", content=xml, headers={"Content-Type": "application/xml"}
+                )
+                expected = self.truth.apply(action)
+                if res.get("state") != expected:
+                    self.disagreements.append(
+                        f"upload {addin_alias} {st['version']}: server says {res.get('state')}, oracle {expected}"
+                    )
+            case "assign" | "unassign":
+                kind, tid = self._target(a["target"])
+                body: dict[str, Any] = {"target": kind, "target_id": tid}
+                if op == "assign":
+                    body["mode"] = str(Mode(a["mode"]))
+                res = await self._call("POST", f"/v1/addins/{addin_id}/{op}", json=body)
+                self.truth.apply(AdminAction(op, {"addin_id": addin_id, **body}))
+            case "consent" | "enable" | "disable":
+                res = await self._call("POST", f"/v1/addins/{addin_id}/{op}")
+                self.truth.apply(AdminAction(op, {"addin_id": addin_id}))
+            case "remove":
+                res = await self._call("DELETE", f"/v1/addins/{addin_id}")
+                self.truth.apply(AdminAction("remove_addin", {"addin_id": addin_id}))
+            case "add_member" | "remove_member":
+                g, u = self._group(a["group"]), self._user(a["user"])
+                res = await self._call(
+                    "PUT" if op == "add_member" else "DELETE", f"/v1/groups/{g}/members/{u}"
+                )
+                self.truth.apply(AdminAction(op, {"user": u, "group": g}))
+            case "add_parent" | "remove_parent":
+                g, p = self._group(a["group"]), self._group(a["parent"])
+                res = await self._call(
+                    "PUT" if op == "add_parent" else "DELETE", f"/v1/groups/{g}/parents/{p}"
+                )
+                self.truth.apply(AdminAction(op, {"group": g, "parent": p}))
+            case "policy":
+                res = await self._call(
+                    "PUT", "/v1/policy", json={"nested_groups": bool(a["nested_groups"])}
+                )
+                self.truth.apply(AdminAction("policy", {"nested_groups": bool(a["nested_groups"])}))
+            case _:
+                raise RunError(f"unknown admin action {op!r}")
+        rev = int(res.get("revision", 0))
+        if step is not None and rev:
+            step.revisions.append(rev)
+        return [rev] if rev else []
+
+    # -- steps --------------------------------------------------------------------------------
+    def _expected(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        ents = self.truth.entitlements_for_all()
+        inst_cache: dict[str, Any] = {}
+        installed: dict[str, Any] = {}
+        for user, e in ents.items():
+            key = json.dumps({k: str(v) for k, v in sorted(e.items())})
+            if key not in inst_cache:
+                inst_cache[key] = {str(h): v for h, v in self.truth.installed_for(e).items()}
+            installed[user] = inst_cache[key]
+        return (
+            _compact({u: {a: str(m) for a, m in e.items()} for u, e in ents.items()}),
+            _compact(installed),
+        )
+
+    async def _converge(self, result: StepResult, t0: float, timeout: float) -> None:
+        ents, _ = self._expected()
+        replies = await self.command(
+            "converge", {"expected": ents, "t0": t0, "timeout": timeout}, timeout=timeout + 60
+        )
+        result.offsets = [o for r in replies.values() for o in r["result"]["offsets"]]
+        result.unconverged = sum(r["result"]["unconverged"] for r in replies.values())
+        result.online = len(result.offsets) + result.unconverged
+
+    async def _checkpoint(self, name: str) -> list[dict[str, Any]]:
+        ents, inst = self._expected()
+        replies = await self.command(
+            "checkpoint", {"entitlements": ents, "installed": inst, "timeout": 30}, timeout=180
+        )
+        out = []
+        for r in replies.values():
+            for m in r["result"]["mismatches"]:
+                out.append({"checkpoint": name, **m})
+        return out
+
+    async def _run_step(self, step: Step, mismatches: list[dict[str, Any]]) -> StepResult:
+        res = StepResult(step.name, started_at=time.time())
+        if self.options.progress:
+            self.options.progress(f"step {step.name}", 0, 0)
+        converge_task: asyncio.Task[None] | None = None
+        dirty = False
+
+        def start_converge() -> asyncio.Task[None]:
+            return asyncio.create_task(self._converge(res, res.started_at, step.settle_timeout))
+
+        for item in step.do:
+            ((key, args),) = item.items()
+            if key in ADMIN_OPS:
+                await self._admin(item, res)
+                dirty = True
+                continue
+            if key == "checkpoint":
+                if converge_task is None or dirty:
+                    converge_task = start_converge()
+                    dirty = False
+                await converge_task
+                mismatches.extend(await self._checkpoint(step.name))
+                continue
+            if dirty and key not in (
+                "broker_restart",
+                "broker_kill",
+                "server_restart",
+                "duplicates",
+            ):
+                converge_task = start_converge()
+                dirty = False
+            await self._other(key, args, res)
+        if converge_task is None or dirty:
+            converge_task = start_converge()
+        await converge_task
+        res.duration_s = time.time() - res.started_at
+        return res
+
+    async def _other(self, key: str, a: Mapping[str, Any], res: StepResult) -> None:
+        env = self.env
+        match key:
+            case "wait":
+                await asyncio.sleep(float(a.get("seconds", 1)))
+            case "launches":
+                await self.command(
+                    "launches",
+                    {
+                        "rate": a.get("rate", 0.1),
+                        "duration": a.get("duration", 2),
+                        "seed": self.options.seed,
+                    },
+                    timeout=float(a.get("duration", 2)) + 120,
+                )
+            case "start_clients":
+                self.start_args["cold_revision"] = max(
+                    [int(self.start_args["cold_revision"]), *res.revisions]
+                )
+                await self.command("start", self.start_args, timeout=600, progress_task="connect")
+            case "broker_restart" | "broker_kill":
+                if env.broker is None:
+                    raise RunError(f"{key} needs the private broker (run without --broker)")
+                await asyncio.to_thread(env.broker.restart, hard=key == "broker_kill")
+                if env.broker.process:
+                    self.monitors.append(ProcessMonitor("broker", env.broker.process.pid))
+                res.notes.append(key.replace("_", " "))
+            case "server_restart":
+                await asyncio.to_thread(env.restart_server)
+                if env.server:
+                    self.monitors.append(ProcessMonitor("server", env.server.pid))
+                res.notes.append("server restarted")
+            case "offline":
+                rng = random.Random(f"{self.options.seed}:{a.get('seed', 0)}")
+                chosen = rng.sample(
+                    [c for c, _ in self.clients], int(len(self.clients) * float(a["share"]))
+                )
+                self.offline_clients |= set(chosen)
+                await self.command("offline", {"clients": chosen}, timeout=120)
+                res.notes.append(f"{len(chosen)} clients offline")
+            case "online":
+                await self.command("online", {}, timeout=600, progress_task="connect")
+                res.notes.append(f"{len(self.offline_clients)} clients back online")
+                self.offline_clients.clear()
+            case "duplicates":
+                # Re-send, not retained, the previous message of each topic (older revision:
+                # arrives "reordered") and the current one (a duplicate). Agents must ignore both.
+                sent = 0
+                for topic, held in list(self.tap.items()):
+                    for data in held:
+                        await self.tapper.publish(topic, data)
+                        sent += 1
+                res.notes.append(f"{sent} duplicated/reordered messages")
+            case _:
+                raise RunError(f"unknown step item {key!r}")
+
+    async def _baseline(self, broker: BrokerAddress) -> dict[str, Any]:
+        n = len(self.clients)
+        shares = {
+            wid: n // len(self.workers) + (1 if i < n % len(self.workers) else 0)
+            for i, wid in enumerate(self.workers)
+        }
+        topic = control.baseline_topic(self.run)
+        self.seq += 1
+        seq = self.seq
+        await self.channel.publish_state(
+            control.cmd_topic(self.run),
+            {
+                "seq": seq,
+                "cmd": "baseline",
+                "args": {"shares": shares, "topic": topic, "timeout": 30},
+            },
+        )
+        await self.wait_replies(seq, 600, phase="ready")
+        from simulator.baseline import publish_probe
+
+        await publish_probe(broker, topic)
+        replies = await self.wait_replies(seq, 120)
+        hist = LatencyHistogram()
+        received = 0
+        for r in replies.values():
+            hist.merge(LatencyHistogram.decode(r["result"]["hist"]))
+            received += r["result"]["received"]
+        return {"clients": n, "received": received, **hist.summary()}
+
+
+def curve_of(step: StepResult) -> list[tuple[float, float]]:
+    return convergence_curve(step.offsets, max(1, step.online))
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p)]
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
