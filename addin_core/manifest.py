@@ -16,7 +16,8 @@ What is an error and what is a warning (see docs/conformance.md for how real fil
   Version, ProviderName, DefaultLocale, DisplayName, Description, Permissions for TaskPane and
   Content add-ins, a base SourceLocation); Id not a GUID; Version not 1-4 numeric parts of at
   most 5 digits; Permissions not a level of the manifest's type; a SourceLocation that is not an
-  absolute https URL (http, even to localhost, is an error).
+  absolute https URL (http, even to localhost, is an error; so is Visual Studio's unpublished
+  `~remoteAppUrl` placeholder).
 * warnings: a SourceLocation on https://localhost (a developer manifest: fine for a sideload,
   useless for a fleet); a MailApp without `<Permissions>` (Office treats it as Restricted); a
   MailApp without `<Requirements>`; a SourceLocation `resid` that names no `<bt:Url>`.
@@ -253,7 +254,13 @@ class _Reader:
         self.warnings.append(Finding(code, element, line, reason))
 
     def report(self, manifest: Manifest | None) -> ManifestReport:
-        return ManifestReport(manifest, tuple(self.errors), tuple(self.warnings))
+        # In line order, as a person fixes a file; findings without a line (whole file) first.
+        def order(f: Finding) -> int:
+            return f.line or 0
+
+        return ManifestReport(
+            manifest, tuple(sorted(self.errors, key=order)), tuple(sorted(self.warnings, key=order))
+        )
 
     # -- bytes to tree ---------------------------------------------------------------------
 
@@ -292,7 +299,7 @@ class _Reader:
             self.error("not-well-formed", "<OfficeApp>", line, f"not well-formed XML: {exc.msg}")
             return self.report(None)
         docinfo: Any = root.getroottree().docinfo
-        if docinfo.doctype or docinfo.internalDTD is not None or docinfo.internalDTD is not None:
+        if docinfo.doctype or docinfo.internalDTD is not None:
             # The prolog scan should have caught this; belt and braces.
             self.error("dtd-forbidden", "<!DOCTYPE>", 1, "a DOCTYPE is not allowed in a manifest")
             return self.report(None)
@@ -594,7 +601,17 @@ class _Reader:
             self.error("bad-source", element, line, f"{value!r} is not a URL: {exc}")
             return
         scheme = parts.scheme.lower()
-        if scheme == "http":
+        if value.startswith("~remoteAppUrl"):
+            # Visual Studio replaces this token with the web project's URL when it publishes; a
+            # manifest that still holds it has not been published and cannot be deployed.
+            self.error(
+                "placeholder-source",
+                element,
+                line,
+                f"{value!r} still holds the Visual Studio placeholder ~remoteAppUrl; "
+                "publish the project (or replace it with the https URL of the web app)",
+            )
+        elif scheme == "http":
             local = " (even for localhost)" if host in _LOCALHOSTS else ""
             self.error(
                 "http-source",

@@ -56,9 +56,11 @@ def _print_report(console: Console, file: str, report: ManifestReport) -> None:
             highlight=False,
         )
     for f in report.errors:
-        console.print(f"  [red]error[/] [{escape(f.code)}] {escape(str(f))}", highlight=False)
+        console.print(f"  [red]error[/] {escape(f'[{f.code}]')} {escape(str(f))}", highlight=False)
     for f in report.warnings:
-        console.print(f"  [yellow]warning[/] [{escape(f.code)}] {escape(str(f))}", highlight=False)
+        console.print(
+            f"  [yellow]warning[/] {escape(f'[{f.code}]')} {escape(str(f))}", highlight=False
+        )
 
 
 @manifest.command("validate")
