@@ -1,10 +1,539 @@
-"""`addin-agent`: the endpoint daemon and its troubleshooting commands."""
+"""`addin-agent`: the endpoint daemon and its troubleshooting commands.
+
+`run` is the daemon. `launch`, `install` and `remove` go through the running daemon's
+control endpoint, or straight to the cache when no daemon answers. Everything else reads
+the cache read-only: it works with the daemon stopped and never blocks it. Every command
+takes `--json`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
 import click
+from rich.console import Console
+from rich.table import Table
+
+from addin_core.protocol import Host
+from agent.cache import CacheError, open_readonly
+from agent.config import AgentConfig, ConfigError, load_config
+
+console = Console()
+err_console = Console(stderr=True)
+
+HOST_CHOICE = click.Choice([h.value for h in Host], case_sensitive=False)
+
+
+def _host(value: str | None) -> Host | None:
+    if value is None:
+        return None
+    for h in Host:
+        if h.value.lower() == value.lower():
+            return h
+    raise click.BadParameter(f"unknown host {value!r}")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}")
+    sys.exit(code)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def when(t: float | None) -> str:
+    if not t:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
+
+
+class Ctx:
+    def __init__(self, config_path: str | None, cache: str | None) -> None:
+        self.config_path = config_path
+        self.cache_override = cache
+        self._config: AgentConfig | None = None
+
+    def config(self) -> AgentConfig:
+        if self._config is None:
+            try:
+                self._config = load_config(self.config_path)
+            except ConfigError as e:
+                fail(str(e))
+        return self._config
+
+    def cache_path(self) -> str:
+        if self.cache_override:
+            return self.cache_override
+        if self.config_path is None and not os.environ.get("ADDIN_AGENT_TENANT"):
+            fail("no cache given: pass --config FILE (or ADDIN_AGENT_CONFIG) or --cache PATH")
+        return self.config().cache_path
+
+    def ro(self) -> sqlite3.Connection:
+        try:
+            return open_readonly(self.cache_path())
+        except CacheError as e:
+            fail(str(e))
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option(
+    "--config",
+    "config_path",
+    envvar="ADDIN_AGENT_CONFIG",
+    type=click.Path(),
+    help="Agent TOML config (env ADDIN_AGENT_CONFIG).",
+)
+@click.option("--cache", help="Cache file to read (overrides the config's cache_path).")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, cache: str | None) -> None:
     """Office add-in deployment agent."""
+    ctx.obj = Ctx(config_path, cache)
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="Agent TOML config.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@pass_ctx
+def run(c: Ctx, config_path: str | None, verbose: int) -> None:
+    """Run the agent daemon until SIGTERM/SIGINT."""
+    if config_path:
+        c.config_path = config_path
+    cfg = c.config()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if verbose < 2:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    asyncio.run(_run(cfg))
+
+
+async def _run(cfg: AgentConfig) -> None:
+    from agent.daemon import Agent
+
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.start()
+    logging.getLogger("addin_agent").info(
+        "agent %s for %s/%s running; cache %s",
+        cfg.client_id,
+        cfg.tenant,
+        cfg.user_id,
+        cfg.cache_path,
+    )
+    await stop.wait()
+    logging.getLogger("addin_agent").info("shutting down")
+    await agent.stop()
+
+
+# -- talking to the daemon (or the cache directly) ---------------------------------------------
+
+
+def _control_call(cfg: AgentConfig, method: str, path: str) -> tuple[int, dict[str, Any]] | None:
+    """Call the running daemon; None when it does not answer (then act on the cache)."""
+    if not cfg.control:
+        return None
+    import httpx
+
+    from agent.control import parse_endpoint
+
+    where = parse_endpoint(cfg.control)
+    try:
+        if isinstance(where, str):
+            transport = httpx.HTTPTransport(uds=where)
+            with httpx.Client(transport=transport, timeout=30) as h:
+                r = h.request(method, f"http://agent{path}")
+        else:
+            r = httpx.request(method, f"http://{where[0]}:{where[1]}{path}", timeout=30)
+    except httpx.TransportError:
+        return None
+    return r.status_code, r.json()
+
+
+async def _direct(cfg: AgentConfig, what: str, arg: str) -> Any:
+    from agent.daemon import Agent
+
+    agent = Agent(cfg)
+    await agent.open()
+    try:
+        if what == "launch":
+            host = Host(arg)
+            n = len([k for k in agent.pending if k[0] == host and agent.pending[k].ready])
+            return {"host": host.value, "installed": await agent.launch(host), "applied": n}
+        if what == "install":
+            return {"message": await agent.install(arg)}
+        return {"message": await agent.remove(arg)}
+    finally:
+        await agent.stop()
+
+
+def _act(c: Ctx, what: str, arg: str, path: str) -> dict[str, Any]:
+    from agent.daemon import AgentRefusal
+
+    cfg = c.config()
+    answer = _control_call(cfg, "POST", path)
+    if answer is not None:
+        status, body = answer
+        if status != 200:
+            fail(body.get("detail", f"daemon answered {status}"))
+        body["via"] = "daemon"
+        return body
+    try:
+        body = asyncio.run(_direct(cfg, what, arg))
+    except AgentRefusal as e:
+        fail(str(e))
+    except CacheError as e:
+        fail(str(e))
+    body["via"] = "cache"
+    return body
+
+
+@main.command()
+@click.argument("host", type=HOST_CHOICE)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def launch(c: Ctx, host: str, as_json: bool) -> None:
+    """HOST starts: apply its pending changes and print the installed set."""
+    h = _host(host)
+    assert h is not None
+    body = _act(c, "launch", h.value, f"/v1/launch/{h.value}")
+    if as_json:
+        emit_json(body)
+        return
+    t = Table(title=f"{h.value}: installed add-ins ({body['applied']} change(s) applied)")
+    t.add_column("add-in")
+    t.add_column("version")
+    for a, v in sorted(body["installed"].items()):
+        t.add_row(a, v)
+    console.print(t)
+
+
+@main.command()
+@click.argument("addin")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def install(c: Ctx, addin: str, as_json: bool) -> None:
+    """Install an available add-in (by name or id); applies at the next launch."""
+    body = _act(c, "install", addin, f"/v1/install/{addin}")
+    emit_json(body) if as_json else console.print(body["message"])
+
+
+@main.command()
+@click.argument("addin")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def remove(c: Ctx, addin: str, as_json: bool) -> None:
+    """Remove an optional add-in (a fixed one is refused); applies at the next launch."""
+    body = _act(c, "remove", addin, f"/v1/remove/{addin}")
+    emit_json(body) if as_json else console.print(body["message"])
+
+
+# -- read-only troubleshooting ---------------------------------------------------------------
+
+
+def _sync(conn: sqlite3.Connection) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in conn.execute("SELECT key, value FROM sync"):
+        try:
+            out[r["key"]] = json.loads(r["value"])
+        except (json.JSONDecodeError, TypeError):
+            out[r["key"]] = r["value"]
+    return out
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def status_data(conn: sqlite3.Connection) -> dict[str, Any]:
+    s = _sync(conn)
+    running = _pid_alive(s.get("pid")) and bool(s.get("connected") is not None)
+    counts = {
+        t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+        for t in ("received", "entitlements", "manifests", "installed", "pending", "events")
+    }
+    pending: dict[str, dict[str, int]] = {}
+    for r in conn.execute("SELECT host, state, count(*) n FROM pending GROUP BY host, state"):
+        pending.setdefault(r["host"], {})[r["state"]] = r["n"]
+    installed = {
+        r["host"]: r["n"]
+        for r in conn.execute("SELECT host, count(*) n FROM installed GROUP BY host")
+    }
+    refused = conn.execute("SELECT count(*) FROM manifests WHERE status='refused'").fetchone()[0]
+    client = s.get("client", {})
+    return {
+        "client": client,
+        "daemon_running": running,
+        "connected": bool(s.get("connected")) and running,
+        "connected_at": s.get("connected_at"),
+        "disconnected_at": s.get("disconnected_at"),
+        "last_error": s.get("last_error"),
+        "last_message_at": s.get("last_message_at"),
+        "revision": s.get("revision", 0),
+        "counts": counts,
+        "manifests_refused": refused,
+        "installed_per_host": installed,
+        "pending_per_host": pending,
+        "subscriptions": s.get("subscriptions", []),
+    }
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def status(c: Ctx, as_json: bool) -> None:
+    """Connection, last message, revision held, counts, pending per host."""
+    d = status_data(c.ro())
+    if as_json:
+        emit_json(d)
+        return
+    cl = d["client"]
+    conn_text = (
+        "[green]connected[/green] since " + when(d["connected_at"])
+        if d["connected"]
+        else f"[yellow]not connected[/yellow] (daemon {'running' if d['daemon_running'] else 'stopped'}"
+        + (f"; last error: {d['last_error']}" if d["last_error"] else "")
+        + ")"
+    )
+    console.print(
+        f"Agent   {cl.get('client_id', '?')}  user {cl.get('user_id', '?')}  "
+        f"tenant {cl.get('tenant', '?')}"
+    )
+    console.print(f"Broker  {conn_text}")
+    console.print(f"State   revision {d['revision']}, last message {when(d['last_message_at'])}")
+    n = d["counts"]
+    console.print(
+        f"Cache   {n['received']} topics held, {n['entitlements']} entitlements, "
+        f"{n['manifests']} manifests ({d['manifests_refused']} refused), "
+        f"{n['events']} events"
+    )
+    t = Table(title="Per host app")
+    for col in ("host", "installed", "pending ready", "waiting", "needs consent"):
+        t.add_column(col)
+    for h in cl.get("hosts", [x.value for x in Host]):
+        p = d["pending_per_host"].get(h, {})
+        t.add_row(
+            h,
+            str(d["installed_per_host"].get(h, 0)),
+            str(p.get("ready", 0)),
+            str(p.get("waiting", 0)),
+            str(p.get("needs_consent", 0)),
+        )
+    console.print(t)
+
+
+def list_data(conn: sqlite3.Connection, host: Host | None) -> list[dict[str, Any]]:
+    info = _sync(conn).get("client", {})
+    hosts = [host.value] if host else info.get("hosts", [h.value for h in Host])
+    ents = {r["addin_id"]: dict(r) for r in conn.execute("SELECT * FROM entitlements")}
+    inst = {(r["host"], r["addin_id"]): dict(r) for r in conn.execute("SELECT * FROM installed")}
+    pend = {(r["host"], r["addin_id"]): dict(r) for r in conn.execute("SELECT * FROM pending")}
+    rows: list[dict[str, Any]] = []
+    for h in hosts:
+        ids = {a for a, e in ents.items() if h in e["hosts"].split(",")}
+        ids |= {a for (hh, a) in inst if hh == h} | {a for (hh, a) in pend if hh == h}
+        for a in sorted(ids, key=lambda x: (ents.get(x, {}).get("name") or x).lower()):
+            e, i, p = ents.get(a), inst.get((h, a)), pend.get((h, a))
+            rows.append(
+                {
+                    "host": h,
+                    "addin_id": a,
+                    "name": (e or i or p or {}).get("name", a),
+                    "mode": e["mode"] if e else None,
+                    "entitled_version": e["version"] if e else None,
+                    "installed_version": i["version"] if i else None,
+                    "pending": f"{p['action']} → {p['to_version'] or '—'} ({p['state']})"
+                    if p
+                    else None,
+                    "pending_reason": p["reason"] if p else None,
+                    "via": e["via"] if e else None,
+                }
+            )
+    return rows
+
+
+@main.command("list")
+@click.option("--host", type=HOST_CHOICE)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def list_cmd(c: Ctx, host: str | None, as_json: bool) -> None:
+    """Add-ins per host: mode, entitled and installed versions, pending change."""
+    rows = list_data(c.ro(), _host(host))
+    if as_json:
+        emit_json(rows)
+        return
+    t = Table(title="Add-ins")
+    for col in ("host", "name", "mode", "installed", "entitled", "pending", "via"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(
+            r["host"],
+            r["name"],
+            r["mode"] or "—",
+            r["installed_version"] or "—",
+            r["entitled_version"] or "—",
+            r["pending"] or "",
+            r["via"] or "",
+        )
+    console.print(t)
+
+
+@main.command()
+@click.argument("addin")
+@click.option("--host", type=HOST_CHOICE)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def why(c: Ctx, addin: str, host: str | None, as_json: bool) -> None:
+    """Why ADDIN (name or id) is or is not in a host app: the chain and one verdict."""
+    from agent.why import why as why_fn
+
+    rep = why_fn(c.ro(), addin, _host(host))
+    if as_json:
+        emit_json(rep.to_json())
+        return
+    title = rep.name or addin
+    console.print(f"[bold]{title}[/bold]" + (f"  ({rep.addin_id})" if rep.addin_id else ""))
+    for s in rep.steps:
+        mark = {True: "[green]✓[/green]", False: "[red]✗[/red]", None: "•"}[s.ok]
+        console.print(f"  {mark} {s.label}: {s.detail}", highlight=False)
+    console.print(f"[bold]→ {rep.verdict}[/bold]", highlight=False)
+
+
+_REL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+
+
+def parse_since(text: str) -> float:
+    """``10m``, ``2h``, ``1d``, an ISO time (``2026-05-01T14:00``) or Unix seconds."""
+    m = _REL.match(text.strip())
+    if m:
+        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return time.time() - float(m.group(1)) * mult
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError as e:
+        raise click.BadParameter(
+            f"{text!r}: use 10m / 2h / 1d, an ISO time like 2026-05-01T14:00, or Unix seconds"
+        ) from e
+
+
+@main.command()
+@click.option("--since", help="10m, 2h, 1d, an ISO time, or Unix seconds.")
+@click.option("--limit", default=200, show_default=True, help="Most recent N events.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def events(c: Ctx, since: str | None, limit: int, as_json: bool) -> None:
+    """The append-only event log, oldest first."""
+    t0 = parse_since(since) if since else 0.0
+    conn = c.ro()
+    rows = [
+        dict(r)
+        for r in conn.execute(
+            "SELECT * FROM (SELECT * FROM events WHERE at >= ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (t0, limit),
+        )
+    ]
+    if as_json:
+        emit_json(rows)
+        return
+    t = Table(title="Events")
+    for col in ("time", "kind", "add-in", "host", "rev", "detail"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(
+            when(r["at"]),
+            r["kind"],
+            r["addin_id"] or "",
+            r["host"] or "",
+            str(r["revision"] or ""),
+            r["detail"],
+        )
+    console.print(t)
+
+
+@main.command()
+@click.argument("sql")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def query(c: Ctx, sql: str, as_json: bool) -> None:
+    """Run read-only SQL against the cache (the connection cannot write)."""
+    conn = c.ro()
+    try:
+        cur = conn.execute(sql)
+        cols = [d[0] for d in cur.description or []]
+        rows = [list(r) for r in cur.fetchall()]
+    except sqlite3.Error as e:
+        fail(f"query failed: {e}")
+    if as_json:
+        emit_json([dict(zip(cols, r, strict=True)) for r in rows])
+        return
+    t = Table()
+    for col in cols:
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(
+            *(
+                "NULL" if v is None else (f"<{len(v)} bytes>" if isinstance(v, bytes) else str(v))
+                for v in r
+            )
+        )
+    console.print(t)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def doctor(c: Ctx, as_json: bool) -> None:
+    """Check broker and server reachability, clock skew, cache integrity, manifest hashes and
+    that subscriptions match memberships."""
+    from agent.doctor import run_checks
+
+    cfg = c.config()
+    checks = run_checks(cfg, c.ro())
+    if as_json:
+        emit_json([ch.__dict__ for ch in checks])
+    else:
+        for ch in checks:
+            mark = {
+                "ok": "[green]ok[/green]  ",
+                "warn": "[yellow]warn[/yellow]",
+                "fail": "[red]FAIL[/red]",
+            }[ch.status]
+            console.print(f"{mark} {ch.name}: {ch.detail}", highlight=False)
+    if any(ch.status == "fail" for ch in checks):
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+
+__all__ = ["Path", "main"]

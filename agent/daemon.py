@@ -424,7 +424,19 @@ class Agent:
             await self.cache.commit(tx)
         self._emit("notified", rev, committed_at, topic.addin_id)
         if topic.kind in (TopicKind.MEMBER, TopicKind.GROUP_PARENTS) and self.transport:
+            before = set(self.transport.subscribed)
             await self.transport.sync_subscriptions()
+            if self.transport.subscribed != before and self.cache is not None:
+                stx = Tx()
+                stx.sync("subscriptions", sorted(self.transport.subscribed))
+                added = self.transport.subscribed - before
+                removed = before - self.transport.subscribed
+                stx.event(
+                    "subscriptions",
+                    f"+{len(added)} -{len(removed)}: " + ", ".join(sorted(added | removed))[:500],
+                    revision=rev,
+                )
+                await self.cache.commit(stx)
         self._schedule_fetches()
         return True
 

@@ -1,0 +1,195 @@
+"""`addin-agent doctor`: checks an engineer runs first on a misbehaving workstation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Literal
+
+from agent.config import AgentConfig
+from agent.subscriptions import desired_filters
+from agent.why import load_state
+
+Status = Literal["ok", "warn", "fail"]
+
+MAX_SKEW = 60.0
+"""Seconds of clock difference with the server before doctor warns (event times and
+`committed_at` latencies become misleading)."""
+
+
+@dataclass(slots=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+def check_broker(cfg: AgentConfig, timeout: float = 5.0) -> Check:
+    host, port = cfg.broker_host, cfg.broker_port
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        return Check("broker", "fail", f"{host}:{port} unreachable: {e}")
+    # An MQTT CONNECT under a separate client id: using the agent's own id would
+    # disconnect the running daemon (the broker allows one session per id).
+    import paho.mqtt.client as mqtt
+
+    result: dict[str, object] = {}
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"{cfg.client_id}-doctor"[:128],
+        protocol=mqtt.MQTTv5,
+    )
+    if cfg.broker_username:
+        client.username_pw_set(cfg.broker_username, cfg.broker_password)
+
+    def on_connect(c: object, u: object, f: object, rc: object, p: object = None) -> None:
+        result.setdefault("rc", rc)
+
+    client.on_connect = on_connect  # type: ignore[assignment]
+    try:
+        client.connect(host, port, keepalive=10)
+        deadline = time.monotonic() + timeout
+        while "rc" not in result and time.monotonic() < deadline:
+            client.loop(0.1)
+        client.disconnect()
+    except OSError as e:
+        return Check("broker", "fail", f"{host}:{port} refused the MQTT connection: {e}")
+    rc = result.get("rc")
+    if rc is None:
+        return Check("broker", "fail", f"{host}:{port} accepts TCP but did not answer MQTT CONNECT")
+    if getattr(rc, "is_failure", False):
+        return Check("broker", "fail", f"{host}:{port} refused the login: {rc}")
+    return Check("broker", "ok", f"{host}:{port} reachable, MQTT 5 login accepted")
+
+
+def check_server(cfg: AgentConfig, cache_revision: int) -> list[Check]:
+    import httpx
+
+    url = cfg.server_url.rstrip("/") + "/healthz"
+    try:
+        t0 = time.time()
+        r = httpx.get(url, timeout=5)
+        t1 = time.time()
+    except httpx.HTTPError as e:
+        return [Check("server", "fail", f"{url} unreachable: {e}")]
+    if r.status_code != 200:
+        return [Check("server", "fail", f"{url} answered HTTP {r.status_code}")]
+    out = []
+    try:
+        rev = int(r.json().get("revision", 0))
+    except (ValueError, AttributeError):
+        rev = -1
+    lag = rev - cache_revision
+    out.append(
+        Check(
+            "server",
+            "ok" if lag <= 0 else "warn",
+            f"{url} reachable; server revision {rev}, this cache holds {cache_revision}"
+            + (
+                f" ({lag} behind: normal for a few seconds, or changes that do not concern this user)"
+                if lag > 0
+                else ""
+            ),
+        )
+    )
+    date = r.headers.get("date")
+    if date:
+        server_t = parsedate_to_datetime(date).timestamp()
+        skew = (t0 + t1) / 2 - server_t
+        # The Date header has 1 s resolution; only report what is clearly a skew.
+        status: Status = "ok" if abs(skew) < MAX_SKEW else "warn"
+        out.append(Check("clock", status, f"local clock is {skew:+.1f} s from the server's"))
+    else:
+        out.append(Check("clock", "warn", "server sent no Date header; skew unknown"))
+    return out
+
+
+def check_integrity(conn: sqlite3.Connection) -> Check:
+    rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+    if rows == ["ok"]:
+        return Check("cache integrity", "ok", "PRAGMA integrity_check: ok")
+    return Check("cache integrity", "fail", "; ".join(str(r) for r in rows[:5]))
+
+
+def check_manifests(conn: sqlite3.Connection) -> Check:
+    bad, n = [], 0
+    for r in conn.execute("SELECT sha256, addin_id, xml FROM manifests WHERE status='verified'"):
+        if r["xml"] is None:
+            continue
+        n += 1
+        if hashlib.sha256(bytes(r["xml"])).hexdigest() != r["sha256"]:
+            bad.append(r["addin_id"])
+    if bad:
+        return Check(
+            "manifest hashes", "fail", f"stored manifest differs from its hash: {', '.join(bad)}"
+        )
+    return Check("manifest hashes", "ok", f"{n} cached manifest(s) match their sha256")
+
+
+def check_subscriptions(cfg: AgentConfig, conn: sqlite3.Connection) -> Check:
+    state = load_state(conn, cfg.tenant)
+    want = desired_filters(state, cfg.user_id)
+    row = conn.execute("SELECT value FROM sync WHERE key='subscriptions'").fetchone()
+    have = set(json.loads(row["value"])) if row else set()
+    if not row:
+        return Check("subscriptions", "warn", "no subscriptions recorded yet (never connected)")
+    missing, extra = want - have, have - want
+    if not missing and not extra:
+        return Check("subscriptions", "ok", f"{len(have)} subscriptions match the memberships held")
+    parts = []
+    if missing:
+        parts.append("missing " + ", ".join(sorted(missing)))
+    if extra:
+        parts.append("extra " + ", ".join(sorted(extra)))
+    return Check("subscriptions", "fail", "; ".join(parts))
+
+
+def check_applied(cfg: AgentConfig, conn: sqlite3.Connection) -> Check | None:
+    if cfg.applier != "folder" or not cfg.applier_dir:
+        return None
+    from addin_core.protocol import Host
+    from agent.applier import FolderApplier
+
+    fa = FolderApplier(cfg.applier_dir)
+    diffs = []
+    for h in cfg.hosts:
+        want = {
+            r["addin_id"]: r["sha256"]
+            for r in conn.execute(
+                "SELECT addin_id, sha256 FROM installed WHERE host=?", (Host(h).value,)
+            )
+        }
+        have = fa.current(h)
+        if want != have:
+            diffs.append(h.value)
+    if diffs:
+        return Check(
+            "add-in folders",
+            "warn",
+            f"folder differs from the installed set for {', '.join(diffs)}; "
+            "the next launch of those apps repairs it",
+        )
+    return Check("add-in folders", "ok", f"{cfg.applier_dir} matches the installed set")
+
+
+def run_checks(cfg: AgentConfig, conn: sqlite3.Connection) -> list[Check]:
+    rev_row = conn.execute("SELECT max(revision) FROM received").fetchone()
+    rev = int(rev_row[0] or 0)
+    checks = [
+        check_broker(cfg),
+        *check_server(cfg, rev),
+        check_integrity(conn),
+        check_manifests(conn),
+        check_subscriptions(cfg, conn),
+    ]
+    applied = check_applied(cfg, conn)
+    if applied:
+        checks.append(applied)
+    return checks
