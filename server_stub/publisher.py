@@ -72,6 +72,7 @@ class Publisher:
         self.connected = asyncio.Event()
         self.published = 0
         self.republished_all = 0
+        self.connections = 0
 
     def wake(self, _revision: int | None = None) -> None:
         self._wake.set()
@@ -99,7 +100,7 @@ class Publisher:
         client.pending_calls_threshold = 1_000_000
         # aiomqtt does not expose CONNACK's session-present flag; wrap its paho callback to
         # see it, because it decides whether the broker must be given all state again.
-        inner = client._client.on_connect
+        inner: Any = client._client.on_connect
 
         def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
             self._session_present = bool(getattr(flags, "session_present", False))
@@ -127,13 +128,25 @@ class Publisher:
             await conn.close()
 
     async def _session(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> None:
+        self.connections += 1
         await client.subscribe(Filters.reports(self.tenant), qos=1)
         if not self._session_present:
             await self.republish_all(conn, client)
         self.connected.set()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._receive(client))
-            tg.create_task(self._drain_forever(conn, client))
+        # Not a TaskGroup: its ExceptionGroup would hide the MqttError `run` reconnects on.
+        tasks = [
+            asyncio.create_task(self._receive(client)),
+            asyncio.create_task(self._drain_forever(conn, client)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
+            raise aiomqtt.MqttError("message stream ended")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def republish_all(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> int:
         """Publish every current retained payload; the outbox rows it covers are done."""
@@ -211,7 +224,7 @@ class Publisher:
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             try:
-                _, payload = decode_message(str(message.topic), bytes(message.payload))  # type: ignore[arg-type]
+                _, payload = decode_message(str(message.topic), bytes(message.payload))
             except ProtocolError as e:
                 log.warning("ignoring invalid message: %s", e)
                 continue

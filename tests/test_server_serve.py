@@ -1,0 +1,202 @@
+"""`addin-server serve` and the CLI as real processes: HTTP on 127.0.0.1, a real broker, and
+a server killed between commit and publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from server_helpers import TASKPANE_ID, TASKPANE_V1, Collector, retained_state
+
+from simulator.mosquitto import MosquittoBroker, free_port
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+AGENT = {"Authorization": "Bearer agent-secret"}
+
+
+def cli(db: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server_stub", *args, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
+
+
+class Server:
+    def __init__(self, db: Path, broker: MosquittoBroker, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = db.with_suffix(f".{self.port}.log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "server_stub", "serve",
+                    "--db", str(db), "--tenant", "contoso", "--broker", broker.url,
+                    "--listen", f"127.0.0.1:{self.port}",
+                    "--admin-token", "admin-secret", "--agent-token", "agent-secret",
+                    "--admin-user", "ann",
+                ],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **(env or {})},
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise AssertionError(f"server not ready; log:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    made: list[Server] = []
+    yield made
+    for s in made:
+        s.stop()
+
+
+async def test_serve_http_api_publishes_and_serves_manifests(
+    tmp_path: Path, broker: MosquittoBroker, servers: list[Server]
+) -> None:
+    db = tmp_path / "server.db"
+    srv = Server(db, broker)
+    servers.append(srv)
+    srv.wait_ready()
+    async with (
+        httpx.AsyncClient(base_url=srv.url, headers=ADMIN, timeout=10) as http,
+        Collector(broker.port) as col,
+    ):
+        r = await http.post("/v1/users", json={"id": "ann", "name": "Ann"})
+        assert r.status_code == 200 and r.json()["revision"] == 1
+        r = await http.post(
+            "/v1/addins",
+            content=TASKPANE_V1.read_bytes(),
+            headers={"Content-Type": "application/xml"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "addin_id": TASKPANE_ID,
+            "version": "1.0.0.0",
+            "state": "current",
+            "revision": 2,
+        }
+        r = await http.post(
+            f"/v1/addins/{TASKPANE_ID}/assign", json={"target": "me", "mode": "optional"}
+        )
+        assert r.json()["target_id"] == "ann" and r.json()["revision"] == 3
+        await col.wait_for(3, {f"assign/user/ann/{TASKPANE_ID}"})
+        await col.wait_for(2, {f"catalog/{TASKPANE_ID}"})
+        entry = col.by_revision(2)[f"catalog/{TASKPANE_ID}"]
+
+        # Manifest serving: agent token, immutable caching, 404 and 401.
+        m = await http.get(entry["manifest_url"], headers=AGENT)
+        assert m.status_code == 200
+        assert m.content == TASKPANE_V1.read_bytes()
+        assert m.headers["content-type"] == "application/xml"
+        assert m.headers["etag"] == f'"{entry["manifest_sha256"]}"'
+        assert "immutable" in m.headers["cache-control"]
+        assert (await http.get("/v1/manifests/" + "0" * 64, headers=AGENT)).status_code == 404
+        assert (
+            await http.get(entry["manifest_url"], headers={"Authorization": "Bearer x"})
+        ).status_code == 401
+        assert (await http.get("/v1/addins", headers=AGENT)).status_code == 401
+
+        # Errors: clear message, nothing changed.
+        r = await http.post(
+            "/v1/addins", content=b"<OfficeApp/>", headers={"Content-Type": "application/xml"}
+        )
+        assert r.status_code == 422 and r.json()["detail"]
+        r = await http.post(
+            "/v1/addins",
+            content=TASKPANE_V1.read_bytes(),
+            headers={"Content-Type": "application/xml"},
+        )
+        assert r.status_code == 409 and "1.0.0.0" in r.json()["detail"]
+        assert (await http.delete("/v1/users/nobody")).status_code == 404
+        assert (await http.get("/healthz")).json() == {"ok": True, "revision": 3}
+
+        # A CLI write made by another process is picked up by the running publisher.
+        done = cli(db, "user", "add", "bob", "--json")
+        assert json.loads(done.stdout)["revision"] == 4
+        await col.wait_for(4, {"member/bob"})
+
+        # Explain and status over HTTP.
+        ex = (await http.get("/v1/explain", params={"user": "ann", "addin": TASKPANE_ID})).json()
+        assert ex["entitled"] is True and ex["mode"] == "optional"
+        st = (await http.get("/v1/status")).json()
+        assert st["addins"][0]["to_install"] == 1
+
+
+async def test_killed_between_commit_and_publish_publishes_exactly_once_after_restart(
+    tmp_path: Path, broker: MosquittoBroker, servers: list[Server]
+) -> None:
+    db = tmp_path / "server.db"
+    cli(db, "user", "add", "ann", "--tenant", "contoso")
+    first = Server(db, broker)
+    servers.append(first)
+    first.wait_ready()
+    first.stop()  # the broker now holds our session and member/ann
+
+    crashing = Server(db, broker, env={"ADDIN_SERVER_CRASH_AFTER_COMMIT": "1"})
+    servers.append(crashing)
+    crashing.wait_ready()
+    async with Collector(broker.port) as col:
+        # Committed by another process; the server's publisher finds it and dies before
+        # publishing (os._exit, like SIGKILL: no cleanup).
+        out = json.loads(cli(db, "group", "add", "sales", "--json").stdout)
+        assert crashing.proc.wait(timeout=20) == 70
+        assert col.count("group/sales/parents") == 0
+
+        restarted = Server(db, broker)
+        servers.append(restarted)
+        restarted.wait_ready()
+        await col.wait_for(out["revision"], {"group/sales/parents"})
+        marker = json.loads(cli(db, "user", "add", "marker", "--json").stdout)
+        await col.wait_for(marker["revision"], {"member/marker"})
+        assert col.count("group/sales/parents") == 1
+        assert col.count("member/ann") == 1  # the retained copy, not a second publish
+    state = await retained_state(broker.port)
+    assert state["group/sales/parents"]["revision"] == out["revision"]
+
+
+def test_cli_errors_are_clear_and_change_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "server.db"
+    assert cli(db, "user", "add", "ann", check=False).returncode != 0  # new db needs --tenant
+    cli(db, "user", "add", "ann", "--tenant", "contoso")
+    cli(db, "group", "add", "a")
+    cli(db, "group", "add", "b")
+    cli(db, "group", "nest", "a", "b")
+    r = cli(db, "group", "nest", "b", "a", check=False)
+    assert r.returncode == 1
+    assert "cycle: b -> a -> b" in r.stderr
+    r = cli(db, "addin", "assign", "nope", "--everyone", check=False)
+    assert r.returncode == 2 and "unknown add-in 'nope'" in r.stderr
+    r = cli(db, "user", "add", "bad/id", check=False)
+    assert r.returncode == 1 and "invalid user id" in r.stderr
+    status = json.loads(cli(db, "status", "--json").stdout)
+    assert status["revision"] == 4
