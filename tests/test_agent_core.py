@@ -1,0 +1,324 @@
+"""The agent's pure core: received state, resolver, subscriptions, pending changes.
+
+Plain function calls on hand-built state: no broker, no files, no clock.
+"""
+
+from __future__ import annotations
+
+from addin_core.protocol import (
+    Assignment,
+    CatalogEntry,
+    GroupParents,
+    Host,
+    Membership,
+    Mode,
+    Policy,
+    Source,
+    Tombstone,
+    Topic,
+)
+from agent.pending import InstalledAddin, ManifestRecord, plan
+from agent.resolver import MAX_GROUP_DEPTH, explain, group_paths, resolve
+from agent.state import ReceivedState
+from agent.subscriptions import desired_filters, reconcile
+
+T = "contoso"
+U = "ann"
+
+
+def sha(c: str) -> str:
+    return c * 64
+
+
+def entry(
+    addin: str,
+    rev: int = 1,
+    version: str = "1.0.0.0",
+    hosts: tuple[Host, ...] = (Host.WORD, Host.EXCEL),
+    enabled: bool = True,
+    perms: str = "ReadDocument",
+    digest: str | None = None,
+) -> CatalogEntry:
+    d = digest or sha("a")
+    return CatalogEntry(
+        revision=rev,
+        addin_id=addin,
+        name=addin.title(),
+        source=Source.LOB,
+        version=version,
+        manifest_sha256=d,
+        manifest_url=f"/v1/manifests/{d}",
+        hosts=list(hosts),
+        permissions=perms,
+        enabled=enabled,
+    )
+
+
+class S:
+    """A tiny builder: every call publishes the next revision."""
+
+    def __init__(self) -> None:
+        self.state = ReceivedState(T)
+        self.rev = 0
+
+    def r(self) -> int:
+        self.rev += 1
+        return self.rev
+
+    def cat(self, addin: str, **kw: object) -> S:
+        self.state.apply(Topic.catalog(T, addin), entry(addin, rev=self.r(), **kw))  # type: ignore[arg-type]
+        return self
+
+    def everyone(self, addin: str, mode: Mode = Mode.FIXED) -> S:
+        self.state.apply(Topic.assign_everyone(T, addin), Assignment(revision=self.r(), mode=mode))
+        return self
+
+    def user(self, addin: str, mode: Mode = Mode.FIXED, user: str = U) -> S:
+        self.state.apply(
+            Topic.assign_user(T, user, addin), Assignment(revision=self.r(), mode=mode)
+        )
+        return self
+
+    def group(self, g: str, addin: str, mode: Mode = Mode.FIXED) -> S:
+        self.state.apply(Topic.assign_group(T, g, addin), Assignment(revision=self.r(), mode=mode))
+        return self
+
+    def member(self, *groups: str) -> S:
+        self.state.apply(Topic.member(T, U), Membership(revision=self.r(), groups=list(groups)))
+        return self
+
+    def parents(self, g: str, *ps: str) -> S:
+        self.state.apply(
+            Topic.group_parents(T, g), GroupParents(revision=self.r(), parents=list(ps))
+        )
+        return self
+
+    def nested(self, on: bool) -> S:
+        self.state.apply(Topic.policy(T), Policy(revision=self.r(), nested_groups=on))
+        return self
+
+
+# -- received state ------------------------------------------------------------------------
+
+
+def test_stale_and_duplicate_messages_are_ignored() -> None:
+    st = ReceivedState(T)
+    topic = Topic.assign_everyone(T, "notes")
+    assert st.apply(topic, Assignment(revision=5, mode=Mode.OPTIONAL))
+    assert not st.apply(topic, Assignment(revision=5, mode=Mode.FIXED))  # duplicate revision
+    assert not st.apply(topic, Assignment(revision=3, mode=Mode.FIXED))  # older, queued
+    assert st.assign_everyone["notes"].mode == Mode.OPTIONAL
+    assert st.apply(topic, Tombstone(revision=6, deleted=True))
+    assert "notes" not in st.assign_everyone
+    # An older assignment arriving after the tombstone does not resurrect it.
+    assert not st.apply(topic, Assignment(revision=4, mode=Mode.FIXED))
+    assert "notes" not in st.assign_everyone
+    assert st.revision == 6
+
+
+def test_messages_of_another_tenant_are_ignored() -> None:
+    st = ReceivedState(T)
+    assert not st.apply(
+        Topic.assign_everyone("fabrikam", "x"), Assignment(revision=1, mode=Mode.FIXED)
+    )
+    assert st.held == {}
+
+
+def test_forget_groups_drops_their_topics() -> None:
+    s = S().member("sales").group("sales", "a").parents("sales", "all")
+    gone = s.state.forget_groups({"sales"})
+    assert {str(t) for t in gone} == {
+        str(Topic.assign_group(T, "sales", "a")),
+        str(Topic.group_parents(T, "sales")),
+    }
+    assert s.state.assign_group == {} and s.state.parents == {}
+
+
+# -- resolver ------------------------------------------------------------------------------
+
+
+def test_everyone_user_and_group_targets() -> None:
+    s = S().cat("a").cat("b").cat("c").cat("d").everyone("a").user("b").group("sales", "c")
+    s.group("other", "d").member("sales")
+    ents = resolve(s.state, U)
+    assert set(ents) == {"a", "b", "c"}
+    assert ents["a"].grants[0].target == "everyone"
+    assert ents["b"].grants[0].target == "user"
+    assert ents["c"].grants[0].group_id == "sales" and ents["c"].grants[0].path == ("sales",)
+    # Another user's assignment never reaches ann.
+    s.user("d", user="bob")
+    assert "d" not in resolve(s.state, U)
+
+
+def test_strongest_mode_wins_and_all_provenance_is_kept() -> None:
+    s = (
+        S()
+        .cat("a")
+        .everyone("a", Mode.AVAILABLE)
+        .group("sales", "a", Mode.OPTIONAL)
+        .member("sales")
+    )
+    assert resolve(s.state, U)["a"].mode == Mode.OPTIONAL
+    s.user("a", Mode.FIXED)
+    e = resolve(s.state, U)["a"]
+    assert e.mode == Mode.FIXED
+    assert sorted(g.target for g in e.grants) == ["everyone", "group", "user"]
+
+
+def test_nested_groups_follow_the_policy_and_why_explains() -> None:
+    s = S().cat("a").member("emea").parents("emea", "sales").group("sales", "a")
+    assert resolve(s.state, U) == {}
+    x = explain(s.state, U, "a")
+    assert x.entitlement is None and x.grants == ()
+    assert x.blocked[0].group_id == "sales" and x.blocked[0].path == ("emea", "sales")
+    s.nested(True)
+    e = resolve(s.state, U)["a"]
+    assert e.grants[0].path == ("emea", "sales") and e.grants[0].nested
+    s.nested(False)
+    assert resolve(s.state, U) == {}
+
+
+def test_cycles_terminate_and_depth_is_bounded() -> None:
+    s = S().nested(True).member("g0").parents("g0", "g1").parents("g1", "g2").parents("g2", "g0")
+    assert set(group_paths(s.state, U)) == {"g0", "g1", "g2"}
+    chain = S().nested(True).member("c0")
+    for i in range(MAX_GROUP_DEPTH + 10):
+        chain.parents(f"c{i}", f"c{i + 1}")
+    paths = group_paths(chain.state, U)
+    assert len(paths) == MAX_GROUP_DEPTH
+    assert max(len(p) for p in paths.values()) == MAX_GROUP_DEPTH
+
+
+def test_turned_off_excluded_but_explainable() -> None:
+    s = S().cat("a", enabled=False).everyone("a")
+    assert resolve(s.state, U) == {}
+    x = explain(s.state, U, "a")
+    assert x.entry is not None and not x.entry.enabled and x.grants
+    s.cat("a", enabled=True)
+    assert "a" in resolve(s.state, U)
+
+
+def test_host_filter() -> None:
+    s = S().cat("mail", hosts=(Host.OUTLOOK,)).cat("doc", hosts=(Host.WORD, Host.EXCEL))
+    s.everyone("mail").everyone("doc")
+    ents = resolve(s.state, U, hosts=(Host.WORD,))
+    assert set(ents) == {"doc"} and ents["doc"].hosts == (Host.WORD,)
+    assert ents["doc"].catalog_hosts == (Host.WORD, Host.EXCEL)
+
+
+def test_removed_from_catalog_is_explained() -> None:
+    s = S().cat("a").everyone("a")
+    s.state.apply(Topic.catalog(T, "a"), Tombstone(revision=s.r(), deleted=True))
+    assert resolve(s.state, U) == {}
+    assert explain(s.state, U, "a").removed_from_catalog
+
+
+# -- subscriptions -------------------------------------------------------------------------
+
+
+def test_subscriptions_follow_ancestry_whatever_the_policy() -> None:
+    s = S().member("emea").parents("emea", "sales")
+    want = desired_filters(s.state, U)
+    assert f"addins/v1/{T}/assign/group/sales/+" in want
+    assert f"addins/v1/{T}/group/sales/parents" in want
+    assert f"addins/v1/{T}/member/{U}" in want and f"addins/v1/{T}/catalog/+" in want
+    s.nested(True)
+    assert desired_filters(s.state, U) == want
+    s.member("hr")
+    diff = reconcile(want, desired_filters(s.state, U))
+    assert f"addins/v1/{T}/assign/group/hr/+" in diff.subscribe
+    assert f"addins/v1/{T}/assign/group/emea/+" in diff.unsubscribe
+    assert f"addins/v1/{T}/assign/group/sales/+" in diff.unsubscribe
+    assert not reconcile(want, want)
+
+
+# -- pending changes -----------------------------------------------------------------------
+
+
+def rec(e: CatalogEntry, status: str = "verified", perms: str | None = None) -> ManifestRecord:
+    return ManifestRecord(
+        e.manifest_sha256,
+        e.addin_id,
+        e.version,
+        status,
+        None if status == "verified" else "bad",  # type: ignore[arg-type]
+        perms or e.permissions,
+        tuple(e.hosts),
+        0.0,
+    )
+
+
+def inst(e: CatalogEntry, host: Host = Host.WORD, version: str | None = None) -> InstalledAddin:
+    return InstalledAddin(
+        host,
+        e.addin_id,
+        e.name,
+        version or e.version,
+        sha("0"),
+        e.permissions,
+        tuple(e.hosts),
+        0.0,
+        1,
+    )
+
+
+def gone(addin: str, host: Host) -> str:
+    return "unassigned"
+
+
+def test_plan_install_waits_for_manifest_then_is_ready() -> None:
+    s = S().cat("a").everyone("a")
+    ents = resolve(s.state, U, (Host.WORD,))
+    p = plan(ents, {}, {}, {}, (Host.WORD,), gone)
+    assert p[(Host.WORD, "a")].state == "waiting" and p[(Host.WORD, "a")].action == "install"
+    e = s.state.catalog["a"]
+    p = plan(ents, {}, {e.manifest_sha256: rec(e)}, {}, (Host.WORD,), gone)
+    assert p[(Host.WORD, "a")].ready
+    p = plan(ents, {}, {e.manifest_sha256: rec(e, "refused")}, {}, (Host.WORD,), gone)
+    assert p[(Host.WORD, "a")].state == "waiting" and "refused" in p[(Host.WORD, "a")].reason
+
+
+def test_plan_updates_only_to_strictly_greater_versions() -> None:
+    s = S().cat("a", version="1.10.0.0").everyone("a")
+    e = s.state.catalog["a"]
+    ents = resolve(s.state, U, (Host.WORD,))
+    m = {e.manifest_sha256: rec(e)}
+    up = plan(ents, {Host.WORD: {"a": inst(e, version="1.9.0.0")}}, m, {}, (Host.WORD,), gone)
+    assert up[(Host.WORD, "a")].action == "update" and up[(Host.WORD, "a")].ready
+    down = plan(ents, {Host.WORD: {"a": inst(e, version="2.0.0.0")}}, m, {}, (Host.WORD,), gone)
+    assert down == {}
+    same = plan(ents, {Host.WORD: {"a": inst(e, version="1.10.0.0")}}, m, {}, (Host.WORD,), gone)
+    assert same == {}
+
+
+def test_plan_permission_change_needs_consent() -> None:
+    s = S().cat("a", version="2.0.0.0").everyone("a")
+    e = s.state.catalog["a"]
+    ents = resolve(s.state, U, (Host.WORD,))
+    m = {e.manifest_sha256: rec(e, perms="ReadWriteDocument")}
+    p = plan(ents, {Host.WORD: {"a": inst(e, version="1.0.0.0")}}, m, {}, (Host.WORD,), gone)
+    assert p[(Host.WORD, "a")].state == "needs_consent"
+
+
+def test_plan_modes_and_user_choices() -> None:
+    s = S().cat("f").cat("o").cat("v").everyone("f", Mode.FIXED).everyone("o", Mode.OPTIONAL)
+    s.everyone("v", Mode.AVAILABLE)
+    ents = resolve(s.state, U, (Host.WORD,))
+    m = {e.manifest_sha256: rec(e) for e in s.state.catalog.values()}
+    keys = lambda p: {a for (_, a), c in p.items() if c.action == "install"}  # noqa: E731
+    assert keys(plan(ents, {}, m, {}, (Host.WORD,), gone)) == {"f", "o"}
+    choices = {"o": "remove", "v": "install", "f": "remove"}
+    assert keys(plan(ents, {}, m, choices, (Host.WORD,), gone)) == {"f", "v"}
+
+
+def test_plan_removes_only_what_is_no_longer_wanted() -> None:
+    s = S().cat("a").cat("b").everyone("a")
+    a, b = s.state.catalog["a"], s.state.catalog["b"]
+    ents = resolve(s.state, U, (Host.WORD,))
+    have = {Host.WORD: {"a": inst(a, version="1.0.0.0"), "b": inst(b)}}
+    have[Host.WORD]["a"] = InstalledAddin(
+        Host.WORD, "a", "A", "1.0.0.0", a.manifest_sha256, a.permissions, tuple(a.hosts), 0.0, 1
+    )
+    p = plan(ents, have, {}, {}, (Host.WORD,), gone)
+    assert list(p) == [(Host.WORD, "b")] and p[(Host.WORD, "b")].action == "remove"
+    assert p[(Host.WORD, "b")].reason == "unassigned"
