@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiosqlite
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from addin_core.manifest import hosts_or_permissions_changed, parse_manifest, read_manifest
 from addin_core.protocol import (
@@ -51,6 +51,56 @@ from server_stub.store import StoreCatalog, StoreError
 
 MAX_MANIFEST_BYTES = 512 * 1024
 DEFAULT_MAX_ADDINS = 200
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OrgUser(_Doc):
+    id: str
+    name: str | None = None
+
+
+class OrgGroup(_Doc):
+    id: str
+    name: str | None = None
+    members: list[str] = []
+    parents: list[str] = []
+
+
+class OrgAddin(_Doc):
+    manifest: str | None = None
+    manifest_xml: str | None = None
+    store: str | None = None
+
+
+class OrgAssignment(_Doc):
+    addin: str
+    target: str
+    mode: str = "fixed"
+
+
+class OrgPolicy(_Doc):
+    nested_groups: bool = False
+
+
+class OrgDocument(_Doc):
+    """The ORG document of `addin-server load` and ``POST /v1/org`` (shape check only)."""
+
+    tenant: str | None = None
+    policy: OrgPolicy | None = None
+    users: list[OrgUser] = []
+    groups: list[OrgGroup] = []
+    addins: list[OrgAddin] = []
+    assignments: list[OrgAssignment] = []
+
+
+def _describe(err: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
+        for e in err.errors(include_url=False)
+    )
 
 
 class OperationError(Exception):
@@ -673,9 +723,10 @@ class Service:
         """
         if not isinstance(org, Mapping):
             raise BadRequest("the org document must be a mapping")
-        unknown = set(org) - {"tenant", "policy", "users", "groups", "addins", "assignments"}
-        if unknown:
-            raise BadRequest(f"unknown keys in the org document: {', '.join(sorted(unknown))}")
+        try:
+            OrgDocument.model_validate(org)
+        except ValidationError as e:
+            raise BadRequest("invalid org document: " + _describe(e)) from None
         if org.get("tenant") not in (None, self.tenant):
             raise BadRequest(
                 f"org document is for tenant {org['tenant']!r}, this server is {self.tenant!r}"
