@@ -258,9 +258,10 @@ class _Reader:
         def order(f: Finding) -> int:
             return f.line or 0
 
-        return ManifestReport(
-            manifest, tuple(sorted(self.errors, key=order)), tuple(sorted(self.warnings, key=order))
-        )
+        # Identical findings collapse: one <bt:Url> referenced from three hosts is one problem.
+        errors = sorted(dict.fromkeys(self.errors), key=order)
+        warnings = sorted(dict.fromkeys(self.warnings), key=order)
+        return ManifestReport(manifest, tuple(errors), tuple(warnings))
 
     # -- bytes to tree ---------------------------------------------------------------------
 
@@ -597,6 +598,7 @@ class _Reader:
         try:
             parts = urlsplit(value)
             host = (parts.hostname or "").lower()
+            parts.port  # noqa: B018 - raises ValueError for a port like "{PORT}" or 99999
         except ValueError as exc:
             self.error("bad-source", element, line, f"{value!r} is not a URL: {exc}")
             return
