@@ -383,8 +383,9 @@ class Coordinator:
             if self.options.baseline and self.scenario.start == "storm":
                 baseline = await self._baseline(broker)
             final = StepResult("final-check", started_at=time.time())
-            await self._converge(final, final.started_at, 60)
-            all_mismatches.extend(await self._checkpoint("final-check"))
+            settle = max(s.settle_timeout for s in self.scenario.steps)
+            await self._converge(final, final.started_at, settle)
+            all_mismatches.extend(await self._checkpoint("final-check", settle))
             final.duration_s = time.time() - final.started_at
             steps.append(final)
             stats = await self.command(
@@ -628,10 +629,12 @@ class Coordinator:
         result.unconverged = sum(r["result"]["unconverged"] for r in replies.values())
         result.online = len(result.offsets) + result.unconverged
 
-    async def _checkpoint(self, name: str) -> list[dict[str, Any]]:
+    async def _checkpoint(self, name: str, timeout: float) -> list[dict[str, Any]]:
         ents, inst = self._expected()
         replies = await self.command(
-            "checkpoint", {"entitlements": ents, "installed": inst, "timeout": 30}, timeout=180
+            "checkpoint",
+            {"entitlements": ents, "installed": inst, "timeout": timeout},
+            timeout=timeout + 150,
         )
         out = []
         for r in replies.values():
@@ -660,7 +663,7 @@ class Coordinator:
                     converge_task = start_converge()
                     dirty = False
                 await converge_task
-                mismatches.extend(await self._checkpoint(step.name))
+                mismatches.extend(await self._checkpoint(step.name, step.settle_timeout))
                 continue
             if dirty and key not in (
                 "broker_restart",

@@ -1,0 +1,16 @@
+# Shortcuts for the project's main commands (see README.md).
+.PHONY: test run bench fuzz
+
+test:
+	scripts/test.sh
+
+run:
+	scripts/demo.sh
+
+bench:
+	scripts/bootstrap.sh
+	bench/run_benchmarks.sh
+
+fuzz:
+	scripts/bootstrap.sh
+	.venv/bin/pytest -q tests -k fuzz

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Simulator benchmarks: phased-rollout and storm at 1,000 / 5,000 / 10,000 clients, one worker
+# process per core. Reports go to bench-results/<scenario>-<clients>/. Other parts append their
+# own benchmark commands below.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+for clients in ${SIM_BENCH_CLIENTS:-1000 5000 10000}; do
+    for scenario in phased-rollout storm; do
+        echo "==> addin-sim run --clients $clients --scenario $scenario"
+        .venv/bin/addin-sim run --clients "$clients" --scenario "$scenario" \
+            --report "bench-results/$scenario-$clients" || echo "   (exit status $?)"
+    done
+done
