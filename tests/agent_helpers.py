@@ -1,0 +1,248 @@
+"""Helpers for the agent's end-to-end tests: the real server stub in a subprocess, generated
+manifests, and agents with real SQLite caches and folder appliers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from simulator.mosquitto import MosquittoBroker, free_port
+
+ADMIN_TOKEN = "admin-secret"
+AGENT_TOKEN = "agent-secret"
+
+TASKPANE = """<?xml version="1.0" encoding="UTF-8"?>
+<OfficeApp xmlns="http://schemas.microsoft.com/office/appforoffice/1.1"
+ xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="TaskPaneApp">
+  <Id>{id}</Id>
+  <Version>{version}</Version>
+  <ProviderName>Contoso</ProviderName>
+  <DefaultLocale>en-US</DefaultLocale>
+  <DisplayName DefaultValue="{name}"/>
+  <Description DefaultValue="Test add-in {name}"/>
+  <Hosts>{hosts}</Hosts>
+  <DefaultSettings>
+    <SourceLocation DefaultValue="https://addins.contoso.com/{name}/index.html"/>
+  </DefaultSettings>
+  <Permissions>{permissions}</Permissions>
+</OfficeApp>
+"""
+
+MAILAPP = """<?xml version="1.0" encoding="utf-8"?>
+<OfficeApp xmlns="http://schemas.microsoft.com/office/appforoffice/1.1"
+ xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="MailApp">
+  <Id>{id}</Id>
+  <Version>{version}</Version>
+  <ProviderName>Contoso</ProviderName>
+  <DefaultLocale>en-US</DefaultLocale>
+  <DisplayName DefaultValue="{name}"/>
+  <Description DefaultValue="Test mail add-in {name}"/>
+  <Hosts><Host Name="Mailbox"/></Hosts>
+  <Requirements><Sets><Set Name="Mailbox" MinVersion="1.1"/></Sets></Requirements>
+  <FormSettings>
+    <Form xsi:type="ItemRead">
+      <DesktopSettings>
+        <SourceLocation DefaultValue="https://addins.contoso.com/{name}/read.html"/>
+        <RequestedHeight>250</RequestedHeight>
+      </DesktopSettings>
+    </Form>
+  </FormSettings>
+  <Permissions>{permissions}</Permissions>
+  <Rule xsi:type="ItemIs" ItemType="Message" FormType="Read"/>
+</OfficeApp>
+"""
+
+HOST_NAMES = {"Word": "Document", "Excel": "Workbook", "PowerPoint": "Presentation"}
+
+
+def manifest(
+    name: str,
+    version: str = "1.0.0.0",
+    hosts: tuple[str, ...] = ("Word",),
+    permissions: str | None = None,
+    addin_id: str | None = None,
+) -> bytes:
+    """A valid manifest. Outlook-only add-ins are MailApps, the rest TaskPaneApps."""
+    aid = addin_id or str(uuid.uuid5(uuid.NAMESPACE_URL, f"addin:{name}"))
+    if hosts == ("Outlook",):
+        return MAILAPP.format(
+            id=aid, version=version, name=name, permissions=permissions or "ReadItem"
+        ).encode()
+    xml_hosts = "".join(f'<Host Name="{HOST_NAMES[h]}"/>' for h in hosts)
+    return TASKPANE.format(
+        id=aid,
+        version=version,
+        name=name,
+        hosts=xml_hosts,
+        permissions=permissions or "ReadDocument",
+    ).encode()
+
+
+def addin_id(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"addin:{name}"))
+
+
+class ServerProcess:
+    """`addin-server serve` as a real process on a free loopback port."""
+
+    def __init__(self, workdir: Path, broker: MosquittoBroker, admin_user: str = "ann") -> None:
+        self.db = workdir / "server.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"server.{self.port}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "server_stub", "serve",
+                    "--db", str(self.db), "--tenant", "contoso", "--broker", broker.url,
+                    "--listen", f"127.0.0.1:{self.port}",
+                    "--admin-token", ADMIN_TOKEN, "--agent-token", AGENT_TOKEN,
+                    "--admin-user", admin_user,
+                ],
+                stdout=log,
+                stderr=log,
+                env=dict(os.environ),
+            )  # fmt: skip
+        self.wait_ready()
+        self.http = httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=20
+        )
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise AssertionError(f"server not ready; log:\n{self.log.read_text()}")
+
+    async def call(self, method: str, path: str, expect: int = 200, **kw: Any) -> dict[str, Any]:
+        r = await self.http.request(method, path, **kw)
+        assert r.status_code == expect, f"{method} {path}: {r.status_code} {r.text}"
+        data: dict[str, Any] = r.json()
+        return data
+
+    async def upload(self, xml: bytes, expect: int = 200) -> dict[str, Any]:
+        return await self.call(
+            "POST", "/v1/addins", expect, content=xml, headers={"Content-Type": "application/xml"}
+        )
+
+    async def assign(
+        self, addin: str, target: str, target_id: str | None = None, mode: str = "fixed"
+    ) -> int:
+        body = {"target": target, "target_id": target_id, "mode": mode}
+        return int((await self.call("POST", f"/v1/addins/{addin}/assign", json=body))["revision"])
+
+    async def unassign(self, addin: str, target: str, target_id: str | None = None) -> int:
+        body = {"target": target, "target_id": target_id}
+        return int((await self.call("POST", f"/v1/addins/{addin}/unassign", json=body))["revision"])
+
+    async def user(self, uid: str) -> int:
+        return int(
+            (await self.call("POST", "/v1/users", json={"id": uid, "name": uid}))["revision"]
+        )
+
+    async def group(self, gid: str) -> int:
+        return int(
+            (await self.call("POST", "/v1/groups", json={"id": gid, "name": gid}))["revision"]
+        )
+
+    async def join(self, gid: str, uid: str) -> int:
+        return int((await self.call("PUT", f"/v1/groups/{gid}/members/{uid}"))["revision"])
+
+    async def leave(self, gid: str, uid: str) -> int:
+        return int((await self.call("DELETE", f"/v1/groups/{gid}/members/{uid}"))["revision"])
+
+    async def nest(self, child: str, parent: str) -> int:
+        return int((await self.call("PUT", f"/v1/groups/{child}/parents/{parent}"))["revision"])
+
+    async def policy(self, nested: bool) -> int:
+        return int(
+            (await self.call("PUT", "/v1/policy", json={"nested_groups": nested}))["revision"]
+        )
+
+    async def revision(self) -> int:
+        return int((await self.http.get("/healthz")).json()["revision"])
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def agent_config(
+    tmp: Path, broker: MosquittoBroker, server: ServerProcess, user: str = "ann", **kw: Any
+) -> AgentConfig:
+    client = kw.pop("client_id", f"{user}-pc")
+    base: dict[str, Any] = dict(
+        tenant="contoso",
+        user_id=user,
+        client_id=client,
+        broker_url=broker.url,
+        server_url=server.url,
+        server_token=AGENT_TOKEN,
+        cache_path=str(tmp / f"{client}.sqlite"),
+        applier="folder",
+        applier_dir=str(tmp / f"{client}-wef"),
+    )
+    base.update(kw)
+    return AgentConfig(**base)
+
+
+async def until(
+    cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
+) -> None:
+    """Poll `cond` (bounded in time) until it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = cond()
+        if not isinstance(r, bool):
+            r = await r
+        if r:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def settled(agent: Agent, server: ServerProcess, timeout: float = 15.0) -> None:
+    """Wait until the agent holds the server's revision, no message arrived for a moment
+    (retained messages of different topics arrive in any order) and no manifest download
+    is in flight. Not every revision concerns every user, so a long quiet also counts."""
+    target = await server.revision()
+    deadline = time.monotonic() + timeout
+    last_count, quiet_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = sum(agent.stats.values())
+        now = time.monotonic()
+        if count != last_count:
+            last_count, quiet_since = count, now
+        busy = bool(agent._fetching) or any(
+            p.state == "waiting" and p.reason.startswith("manifest not downloaded")
+            for p in agent.pending.values()
+        )
+        quiet = now - quiet_since
+        if not busy and ((agent.revision >= target and quiet > 0.3) or quiet > 2.0):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"agent did not settle (holds {agent.revision}, server {target})")
