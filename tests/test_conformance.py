@@ -407,3 +407,20 @@ def test_hand_checked(corpus_dir: Path, expected: Expected) -> None:
         assert source in m.source_locations
     for requirement in expected.requirement_sets_include:
         assert requirement in m.requirement_sets
+
+
+def test_docs_figures_match_the_cli(corpus_dir: Path) -> None:
+    """docs/conformance.md must say exactly what `addin-server manifest validate --json` says
+    (bench/conformance_report.py --write regenerates it)."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "conformance_report", repo / "bench" / "conformance_report.py"
+    )
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    doc = (repo / "docs" / "conformance.md").read_text(encoding="utf-8")
+    generated = doc.split(report.BEGIN, 1)[1].split(report.END, 1)[0]
+    assert generated == "\n" + report.render(report.validate_json(corpus_dir))
