@@ -65,6 +65,8 @@ HOST_NAMES: dict[str, Host] = {
 }
 
 _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+# The element of findings about the file as a whole (size, encoding, XML syntax).
+FILE = "(file)"
 _LOCALHOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
@@ -136,9 +138,7 @@ def read_manifest(data: bytes) -> ManifestReport:
     try:
         return _Reader().read(data)
     except Exception as exc:  # a bug here must not turn a bad upload into a crash
-        finding = Finding(
-            "internal-error", "<OfficeApp>", None, f"the reader failed unexpectedly: {exc!r}"
-        )
+        finding = Finding("internal-error", FILE, None, f"the reader failed unexpectedly: {exc!r}")
         return ManifestReport(None, (finding,), ())
 
 
@@ -273,13 +273,13 @@ class _Reader:
         if len(data) > MAX_MANIFEST_BYTES:
             self.error(
                 "too-large",
-                "<OfficeApp>",
+                FILE,
                 None,
                 f"the manifest is {len(data)} bytes; the limit is {MAX_MANIFEST_BYTES} bytes (512 KB)",
             )
             return self.report(None)
         if not data.strip():
-            self.error("not-well-formed", "<OfficeApp>", None, "the file is empty")
+            self.error("not-well-formed", FILE, None, "the file is empty")
             return self.report(None)
         utf8 = self.decode(data)
         if utf8 is None:
@@ -297,7 +297,7 @@ class _Reader:
             root = etree.fromstring(utf8, _parser())
         except etree.XMLSyntaxError as exc:
             line = exc.lineno if isinstance(exc.lineno, int) and exc.lineno > 0 else None
-            self.error("not-well-formed", "<OfficeApp>", line, f"not well-formed XML: {exc.msg}")
+            self.error("not-well-formed", FILE, line, f"not well-formed XML: {exc.msg}")
             return self.report(None)
         docinfo: Any = root.getroottree().docinfo
         if docinfo.doctype or docinfo.internalDTD is not None:
@@ -313,9 +313,7 @@ class _Reader:
             try:
                 text = data.decode("utf-16")
             except UnicodeDecodeError as exc:
-                self.error(
-                    "bad-encoding", "<OfficeApp>", None, f"invalid UTF-16 at byte {exc.start}"
-                )
+                self.error("bad-encoding", FILE, None, f"invalid UTF-16 at byte {exc.start}")
                 return None
             return text.encode("utf-8")
         if data.startswith(b"\xef\xbb\xbf"):
@@ -326,7 +324,7 @@ class _Reader:
             # Offsets are into the BOM-less bytes; a BOM has no newline so lines are unchanged.
             self.error(
                 "bad-encoding",
-                "<OfficeApp>",
+                FILE,
                 _line_of_offset(data, exc.start),
                 f"invalid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
                 "save the manifest as UTF-8",

@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from addin_core.manifest import MAX_MANIFEST_BYTES, Finding, ManifestReport, read_manifest
+from addin_core.manifest import FILE, MAX_MANIFEST_BYTES, Finding, ManifestReport, read_manifest
 
 
 @click.group()
@@ -24,7 +24,7 @@ def _read_file(path: Path) -> ManifestReport:
         with path.open("rb") as handle:
             data = handle.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
-        finding = Finding("unreadable", "<file>", None, f"cannot read the file: {exc.strerror}")
+        finding = Finding("unreadable", FILE, None, f"cannot read the file: {exc.strerror}")
         return ManifestReport(None, (finding,), ())
     return read_manifest(data)
 
@@ -49,10 +49,11 @@ def _print_report(console: Console, file: str, report: ManifestReport) -> None:
     verdict = "[bold green]valid[/]" if report.valid else "[bold red]INVALID[/]"
     console.print(f"{verdict}  {escape(file)}")
     if m is not None:
-        hosts = ", ".join([h.value for h in m.hosts] + list(m.other_hosts)) or "-"
+        hosts = ",".join(h.value for h in m.hosts) or "-"
+        others = f" other-hosts={','.join(m.other_hosts)}" if m.other_hosts else ""
         console.print(
             f"  {m.type.value} id={escape(m.id or '-')} version={escape(m.version or '-')} "
-            f"hosts={escape(hosts)} permissions={escape(m.permissions or '-')}",
+            f"hosts={escape(hosts)}{escape(others)} permissions={escape(m.permissions or '-')}",
             highlight=False,
         )
     for f in report.errors:

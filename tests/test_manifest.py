@@ -394,7 +394,7 @@ def test_exactly_the_limit_is_accepted() -> None:
 
 def test_invalid_utf8_names_the_line() -> None:
     error = only_error(read_manifest(fixture("latin1.xml")))
-    assert (error.code, error.line) == ("bad-encoding", 7)
+    assert (error.code, error.element, error.line) == ("bad-encoding", "(file)", 7)
     assert "invalid UTF-8 (byte 0xe4" in error.reason
 
 
