@@ -181,10 +181,12 @@ def why(conn: sqlite3.Connection, query: str, host: Host | None = None) -> WhyRe
         steps.append(Step("assignment", False, f"no assignment reaches user {user}"))
 
     if not e.enabled:
+        inst = _installed(conn, addin_id)
+        still = f" It is removed from {', '.join(inst)} at the next launch." if inst else ""
         return _done(
             rep,
             "turned_off",
-            f"{name} is turned off by the admin. It stays assigned "
+            f"{name} is turned off by the admin.{still} It stays assigned "
             "and comes back when the admin turns it on again.",
         )
     if not x.grants:
@@ -197,6 +199,15 @@ def why(conn: sqlite3.Connection, query: str, host: Host | None = None) -> WhyRe
                 f"You are in group {g.group_id} only through nested group "
                 f"{g.path[0]} ({via}); nesting is disabled, so the assignment to "
                 f"{g.group_id} does not reach you.",
+            )
+        inst = _installed(conn, addin_id)
+        if inst:
+            return _done(
+                rep,
+                "pending_remove",
+                f"Still in {', '.join(inst)}: {name} is removed when "
+                f"{'it' if len(inst) == 1 else 'they'} next start(s), because no assignment "
+                "reaches you any more.",
             )
         return _done(
             rep,
