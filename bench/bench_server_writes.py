@@ -53,20 +53,35 @@ async def run(writes: int, concurrency: int, users: int) -> dict[str, float]:
             }
         )
     )
-    subprocess.run(
+    await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "server_stub", "load", str(org), "--db", str(db)],
         check=True,
         capture_output=True,
     )
-    proc = subprocess.Popen(
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
         [
-            sys.executable, "-m", "server_stub", "serve", "--db", str(db),
-            "--tenant", "contoso", "--broker", broker.url, "--listen", f"127.0.0.1:{port}",
-            "--admin-token", "bench", "--agent-token", "agent",
+            sys.executable,
+            "-m",
+            "server_stub",
+            "serve",
+            "--db",
+            str(db),
+            "--tenant",
+            "contoso",
+            "--broker",
+            broker.url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin-token",
+            "bench",
+            "--agent-token",
+            "agent",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url, headers=H, timeout=30) as http:
@@ -140,7 +155,9 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1000)
     a = ap.parse_args()
     result = asyncio.run(run(a.writes, a.concurrency, a.users))
-    result["machine"] = f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
+    result["machine"] = (
+        f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -224,7 +224,9 @@ def serve(
 def load(org_file: Path, **kw: Any) -> None:
     """Load users, groups, nesting, add-ins and assignments from ORG.yaml in one transaction."""
     try:
-        doc = yaml.safe_load(org_file.read_text())
+        # The C loader when PyYAML has it: a 10,000-user document parses ~10x faster.
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        doc = yaml.load(org_file.read_text(), Loader=loader)
     except yaml.YAMLError as e:
         raise click.ClickException(f"{org_file} is not valid YAML: {e}") from None
     base = org_file.parent

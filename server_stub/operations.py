@@ -394,13 +394,20 @@ class Service:
             await self._emit_membership(tx, user_id)
         return {"group": group_id, "user": user_id, "revision": tx.revision}
 
-    async def _cycle_path(self, tx: _Tx, child: str, parent: str) -> list[str] | None:
-        """If nesting `child` in `parent` closes a loop, the loop: child -> parent -> ... -> child."""
-        if child == parent:
-            return [child, child]
+    async def _nesting_edges(self, tx: _Tx) -> dict[str, list[str]]:
         edges: dict[str, list[str]] = defaultdict(list)
         for r in await tx.rows("SELECT child, parent FROM nesting"):
             edges[r[0]].append(r[1])
+        return edges
+
+    async def _cycle_path(
+        self, tx: _Tx, child: str, parent: str, edges: dict[str, list[str]] | None = None
+    ) -> list[str] | None:
+        """If nesting `child` in `parent` closes a loop, the loop: child -> parent -> ... -> child."""
+        if child == parent:
+            return [child, child]
+        if edges is None:
+            edges = await self._nesting_edges(tx)
         prev: dict[str, str] = {parent: ""}
         queue = [parent]
         while queue:
@@ -792,22 +799,22 @@ class Service:
             await conn.executemany(
                 "INSERT OR IGNORE INTO memberships(user_id, group_id) VALUES (?,?)", member_rows
             )
+            # One in-memory graph for the whole document: a query per nesting would be O(n^2).
+            edges = await self._nesting_edges(tx)
             for child, parent in nest_rows:
-                exists = await tx.row(
-                    "SELECT 1 FROM nesting WHERE child=? AND parent=?", (child, parent)
-                )
-                if exists:
+                if parent in edges.get(child, ()):
                     continue
-                cycle = await self._cycle_path(tx, child, parent)
+                cycle = await self._cycle_path(tx, child, parent, edges)
                 if cycle:
                     raise Conflict(
                         f"nesting group {child!r} in {parent!r} would make a cycle: "
                         + " -> ".join(cycle),
                         findings=cycle,
                     )
-                await conn.execute(
-                    "INSERT INTO nesting(child, parent) VALUES (?,?)", (child, parent)
-                )
+                edges[child].append(parent)
+            await conn.executemany(
+                "INSERT OR IGNORE INTO nesting(child, parent) VALUES (?,?)", nest_rows
+            )
             policy = org.get("policy")
             if policy is not None:
                 if not isinstance(policy, Mapping) or not isinstance(
