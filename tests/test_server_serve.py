@@ -200,3 +200,29 @@ def test_cli_errors_are_clear_and_change_nothing(tmp_path: Path) -> None:
     assert r.returncode == 1 and "invalid user id" in r.stderr
     status = json.loads(cli(db, "status", "--json").stdout)
     assert status["revision"] == 4
+
+
+def test_load_explain_and_status_from_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "m.xml").write_bytes(TASKPANE_V1.read_bytes())
+    (tmp_path / "org.yaml").write_text(
+        "tenant: contoso\n"
+        "users: [{id: ann}, {id: bob}]\n"
+        "groups:\n"
+        "  - {id: all-staff}\n"
+        "  - {id: sales, members: [ann], parents: [all-staff]}\n"
+        "addins: [{manifest: m.xml}, {store: WA104379501}]\n"
+        f"assignments: [{{addin: {TASKPANE_ID}, target: 'group:all-staff', mode: fixed}}]\n"
+    )
+    db = tmp_path / "server.db"
+    out = cli(db, "load", str(tmp_path / "org.yaml")).stdout
+    assert out.startswith("revision 1: loaded 2 users, 2 groups, 1 memberships, 1 nestings")
+    text = cli(db, "explain", "--user", "ann", "--addin", TASKPANE_ID).stdout
+    assert "NOT ENTITLED: only nested-group assignments reach this user" in text
+    assert "through nesting ann in sales -> all-staff; ignored because nested_groups is off" in text
+    cli(db, "policy", "set", "--nested-groups")
+    text = cli(db, "explain", "--user", "ann", "--addin", TASKPANE_ID).stdout
+    assert "Verdict: ENTITLED, mode fixed" in text
+    status = json.loads(cli(db, "status", TASKPANE_ID, "--json").stdout)
+    assert status["addins"][0]["to_install"] == 1  # ann via nesting; bob is in no group
+    assert status["addins"][0]["reported_current"] == 0
+    assert "0/1" in cli(db, "status").stdout
