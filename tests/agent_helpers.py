@@ -99,6 +99,20 @@ class ServerProcess:
 
     def __init__(self, workdir: Path, broker: MosquittoBroker, admin_user: str = "ann") -> None:
         self.db = workdir / "server.db"
+        for attempt in range(5):
+            # Other test processes may grab the free port first: then try another.
+            self._spawn(workdir, broker, admin_user)
+            try:
+                self.wait_ready()
+                break
+            except AssertionError:
+                if attempt == 4 or "address already in use" not in self.log.read_text():
+                    raise
+        self.http = httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=20
+        )
+
+    def _spawn(self, workdir: Path, broker: MosquittoBroker, admin_user: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"server.{self.port}.log"
@@ -115,15 +129,12 @@ class ServerProcess:
                 stderr=log,
                 env=dict(os.environ),
             )  # fmt: skip
-        self.wait_ready()
-        self.http = httpx.AsyncClient(
-            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=20
-        )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
+            if self.proc.poll() is not None:
+                raise AssertionError(self.log.read_text())
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return
