@@ -17,6 +17,7 @@ import signal
 import sqlite3
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -520,7 +521,7 @@ def doctor(c: Ctx, as_json: bool) -> None:
     cfg = c.config()
     checks = run_checks(cfg, c.ro())
     if as_json:
-        emit_json([ch.__dict__ for ch in checks])
+        emit_json([asdict(ch) for ch in checks])
     else:
         for ch in checks:
             mark = {

@@ -410,6 +410,13 @@ class Agent:
             committed_at = getattr(payload, "committed_at", None)
             tx = Tx()
             tx.upsert("received", _received_row(topic, self.state.held[topic], tx.now))
+            tx.event(
+                "received",
+                str(topic).split("/", 3)[3]
+                + (" (deleted)" if isinstance(payload, Tombstone) else ""),
+                addin_id=topic.addin_id,
+                revision=rev,
+            )
             tx.sync("last_message_at", tx.now)
             tx.sync("revision", self.state.revision)
             if topic.kind in (TopicKind.MEMBER, TopicKind.GROUP_PARENTS):

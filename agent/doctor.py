@@ -52,7 +52,7 @@ def check_broker(cfg: AgentConfig, timeout: float = 5.0) -> Check:
     def on_connect(c: object, u: object, f: object, rc: object, p: object = None) -> None:
         result.setdefault("rc", rc)
 
-    client.on_connect = on_connect  # type: ignore[assignment]
+    client.on_connect = on_connect
     try:
         client.connect(host, port, keepalive=10)
         deadline = time.monotonic() + timeout
@@ -101,7 +101,8 @@ def check_server(cfg: AgentConfig, cache_revision: int) -> list[Check]:
     )
     date = r.headers.get("date")
     if date:
-        server_t = parsedate_to_datetime(date).timestamp()
+        # The Date header is truncated to the second: its true value lies in [d, d + 1).
+        server_t = parsedate_to_datetime(date).timestamp() + 0.5
         skew = (t0 + t1) / 2 - server_t
         # The Date header has 1 s resolution; only report what is clearly a skew.
         status: Status = "ok" if abs(skew) < MAX_SKEW else "warn"
