@@ -24,6 +24,7 @@ sync          key/value: connection, subscriptions, revision, first-connect mark
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -206,6 +207,11 @@ class Cache:
         self.path = path
         self._sync = sync_conn
         self._async = async_conn
+        # Transitions are committed from several tasks (messages, launches, connection
+        # events). On the aiosqlite path every statement is an await, so two commits could
+        # interleave: the second BEGIN fails and its ROLLBACK undoes the first one's
+        # half-written transaction. One commit at a time.
+        self._commit_lock = asyncio.Lock()
 
     @property
     def memory(self) -> bool:
@@ -261,17 +267,18 @@ class Cache:
                 raise
             conn.execute("COMMIT")
             return
-        db = self._async
-        if db is None:
-            raise CacheError("cache is closed")
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params in tx.statements:
-                await db.execute(sql, params)
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
-        await db.execute("COMMIT")
+        async with self._commit_lock:
+            db = self._async
+            if db is None:
+                raise CacheError("cache is closed")
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, params in tx.statements:
+                    await db.execute(sql, params)
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         if self._sync is not None:

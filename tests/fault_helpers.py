@@ -1,0 +1,399 @@
+"""The fault suite's harness: a restartable server process, agents as cheap subprocesses,
+an admin that mirrors every accepted change into the oracle's ground truth, and the checks
+run after every fault (integrity, convergence to the oracle, nothing removed or downgraded).
+
+Run as a script, it is one agent process for the kill tests::
+
+    python tests/fault_helpers.py CONFIG_JSON
+
+It starts a real `agent.daemon.Agent` and launches every host app in a loop, so a SIGKILL
+lands during message handling, manifest fetching or applying, at random.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # when run as a script
+    sys.path.insert(0, str(REPO))
+
+from addin_core.protocol import Host, Mode  # noqa: E402
+from addin_core.version import compare_versions  # noqa: E402
+from agent.config import AgentConfig  # noqa: E402
+from agent.daemon import Agent  # noqa: E402
+from simulator.mosquitto import MosquittoBroker, free_port  # noqa: E402
+from simulator.oracle import AdminAction, GroundTruth, diff_entitlements, diff_installed  # noqa: E402
+
+ADMIN_TOKEN = "admin-secret"
+AGENT_TOKEN = "agent-secret"
+TENANT = "contoso"
+
+TASKPANE = """<?xml version="1.0" encoding="UTF-8"?>
+<OfficeApp xmlns="http://schemas.microsoft.com/office/appforoffice/1.1"
+ xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="TaskPaneApp">
+  <Id>{id}</Id>
+  <Version>{version}</Version>
+  <ProviderName>Contoso</ProviderName>
+  <DefaultLocale>en-US</DefaultLocale>
+  <DisplayName DefaultValue="{name}"/>
+  <Description DefaultValue="Fault suite add-in {name}"/>
+  <Hosts>{hosts}</Hosts>
+  <DefaultSettings>
+    <SourceLocation DefaultValue="https://addins.contoso.com/{name}/index.html"/>
+  </DefaultSettings>
+  <Permissions>ReadDocument</Permissions>
+</OfficeApp>
+"""
+XML_HOST = {Host.WORD: "Document", Host.EXCEL: "Workbook", Host.POWERPOINT: "Presentation"}
+
+
+def addin_guid(n: int) -> str:
+    return f"0000fa17-0000-4000-8000-{n:012d}"
+
+
+def manifest_xml(n: int, version: str, hosts: tuple[Host, ...]) -> bytes:
+    xml_hosts = "".join(f'<Host Name="{XML_HOST[h]}"/>' for h in hosts)
+    return TASKPANE.format(
+        id=addin_guid(n), version=version, name=f"fault{n}", hosts=xml_hosts
+    ).encode()
+
+
+# -- the server --------------------------------------------------------------------------------
+
+
+class Server:
+    """`addin-server serve` as a real process; restartable on the same port and database."""
+
+    def __init__(self, workdir: Path, broker: MosquittoBroker, busy_timeout: float | None = None):
+        self.workdir = workdir
+        self.db = workdir / "server.db"
+        self.broker = broker
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.busy_timeout = busy_timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "server.log"
+
+    def start(self, *, crash_after_commit: bool = False, wait: bool = True) -> None:
+        env = dict(os.environ)
+        env.pop("ADDIN_SERVER_CRASH_AFTER_COMMIT", None)
+        if crash_after_commit:
+            env["ADDIN_SERVER_CRASH_AFTER_COMMIT"] = "1"
+        if self.busy_timeout is not None:
+            env["ADDIN_SERVER_BUSY_TIMEOUT"] = str(self.busy_timeout)
+        self.starts += 1
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "server_stub", "serve",
+                    "--db", str(self.db), "--tenant", TENANT, "--broker", self.broker.url,
+                    "--listen", f"127.0.0.1:{self.port}",
+                    "--admin-token", ADMIN_TOKEN, "--agent-token", AGENT_TOKEN,
+                ],
+                stdout=log, stderr=log, env=env, cwd=REPO,
+            )  # fmt: skip
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.03)
+        raise AssertionError(f"server not ready:\n{self.log_tail()}")
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def db_revision(self) -> int:
+        with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as c:
+            return int(c.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0])
+
+    def unpublished(self) -> int:
+        with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as c:
+            return int(
+                c.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
+            )
+
+    def retained_rows(self) -> dict[str, dict[str, Any]]:
+        with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as c:
+            rows = c.execute("SELECT topic, payload FROM retained").fetchall()
+        return {t.removeprefix(f"addins/v1/{TENANT}/"): json.loads(bytes(p)) for t, p in rows}
+
+
+# -- the admin, mirrored into the oracle -------------------------------------------------------
+
+
+@dataclass
+class Admin:
+    """Admin operations over the real HTTP API; each accepted one is applied to `truth`."""
+
+    server: Server
+    truth: GroundTruth = field(default_factory=GroundTruth)
+    revisions: list[int] = field(default_factory=list)
+
+    async def call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        async with httpx.AsyncClient(
+            base_url=self.server.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
+        ) as http:
+            r = await http.request(method, path, **kw)
+        assert r.status_code == 200, f"{method} {path}: {r.status_code} {r.text}"
+        data: dict[str, Any] = r.json()
+        self.revisions.append(int(data["revision"]))
+        return data
+
+    async def apply(self, action: AdminAction) -> None:
+        """Send `action` to the server and, once it answered 200, to the ground truth."""
+        a = action.args
+        match action.op:
+            case "add_user":
+                await self.call("POST", "/v1/users", json={"id": a["user"]})
+            case "add_group":
+                await self.call("POST", "/v1/groups", json={"id": a["group"]})
+            case "add_member":
+                await self.call("PUT", f"/v1/groups/{a['group']}/members/{a['user']}")
+            case "upload":
+                n, version, hosts = a["n"], a["version"], tuple(Host(h) for h in a["hosts"])
+                await self.call(
+                    "POST",
+                    "/v1/addins",
+                    content=manifest_xml(n, version, hosts),
+                    headers={"Content-Type": "application/xml"},
+                )
+                action = AdminAction(
+                    "upload",
+                    {
+                        "addin_id": addin_guid(n),
+                        "version": version,
+                        "hosts": hosts,
+                        "permissions": "ReadDocument",
+                    },
+                )
+            case "assign":
+                await self.call(
+                    "POST",
+                    f"/v1/addins/{a['addin_id']}/assign",
+                    json={
+                        "target": a["target"],
+                        "target_id": a.get("target_id"),
+                        "mode": a["mode"],
+                    },
+                )
+            case _:
+                raise AssertionError(f"the fault suite does not send {action.op}")
+        self.truth.apply(action)
+
+
+USERS = tuple(f"u{i:02d}" for i in range(1, 11))
+GROUPS = {"pilot": USERS[:2], "dept": USERS[:6], "ops": USERS[5:]}
+
+
+def org_actions() -> list[AdminAction]:
+    out = [AdminAction("add_user", {"user": u}) for u in USERS]
+    for g, members in GROUPS.items():
+        out.append(AdminAction("add_group", {"group": g}))
+        out += [AdminAction("add_member", {"user": u, "group": g}) for u in members]
+    return out
+
+
+class Rollout:
+    """A seeded, endless, MONOTONE rollout: new add-ins, strictly newer versions with the same
+    hosts and permissions, and assignments that never weaken what a user already has. So a
+    removal or a downgrade anywhere on the way is a bug, whatever fault happened."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.addins: dict[int, tuple[str, tuple[Host, ...]]] = {}
+        self.assigned: dict[tuple[str, str, str | None], Mode] = {}
+        self.next_n = 1
+
+    def step(self) -> AdminAction:
+        r = self.rng
+        choice = r.random()
+        if not self.addins or (choice < 0.25 and len(self.addins) < 8):
+            n = self.next_n
+            self.next_n += 1
+            hosts = tuple(sorted(r.sample(list(XML_HOST), r.randint(1, 2))))
+            self.addins[n] = ("1.0.0.0", hosts)
+            return AdminAction("upload", {"n": n, "version": "1.0.0.0", "hosts": hosts})
+        n = r.choice(sorted(self.addins))
+        version, hosts = self.addins[n]
+        if choice < 0.45:
+            parts = [int(p) for p in version.split(".")]
+            parts[r.randint(1, 3)] += 1
+            new = ".".join(map(str, parts))
+            self.addins[n] = (new, hosts)
+            return AdminAction("upload", {"n": n, "version": new, "hosts": hosts})
+        target = r.choice(["everyone", "user", "group", "group"])
+        tid = {"everyone": None, "user": r.choice(USERS), "group": r.choice(sorted(GROUPS))}[target]
+        key = (addin_guid(n), target, tid)
+        held = self.assigned.get(key)
+        stronger = [m for m in Mode if held is None or m.strength > held.strength]
+        if not stronger:
+            return self.step()
+        mode = r.choice(stronger)
+        self.assigned[key] = mode
+        return AdminAction(
+            "assign",
+            {"addin_id": addin_guid(n), "target": target, "target_id": tid, "mode": mode.value},
+        )
+
+
+# -- agents -----------------------------------------------------------------------------------
+
+
+def agent_config(workdir: Path, broker: MosquittoBroker, server: Server, user: str) -> AgentConfig:
+    return AgentConfig(
+        tenant=TENANT,
+        user_id=user,
+        client_id=f"{user}-pc",
+        broker_url=broker.url,
+        server_url=server.url,
+        server_token=AGENT_TOKEN,
+        cache_path=str(workdir / f"{user}-pc.sqlite"),
+        applier="folder",
+        applier_dir=str(workdir / f"{user}-wef"),
+        hosts=(Host.WORD, Host.EXCEL, Host.POWERPOINT),
+        keepalive=5,
+    )
+
+
+def spawn_agent(cfg: AgentConfig, log: Path) -> subprocess.Popen[bytes]:
+    """One agent in its own process (killed with SIGKILL by the tests)."""
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), cfg.model_dump_json()],
+            stdout=f, stderr=f, cwd=REPO,
+        )  # fmt: skip
+
+
+async def _agent_main(cfg: AgentConfig) -> None:
+    agent = Agent(cfg)
+    await agent.start()
+    # Bounded only by the test, which kills this process; the cap is a safety net.
+    for _ in range(20_000):
+        for host in cfg.hosts:
+            await agent.launch(host)
+        await asyncio.sleep(0.03)
+
+
+async def converge(
+    agents: dict[str, Agent], truth: GroundTruth, timeout: float = 30.0
+) -> dict[str, list[str]]:
+    """Wait (bounded) until every agent's entitlements and, after a launch of every host, its
+    installed set equal the oracle's. Returns the remaining differences per user."""
+    hosts = next(iter(agents.values())).config.hosts
+    expected = truth.entitlements_for_all(hosts)
+    deadline = time.monotonic() + timeout
+    diffs: dict[str, list[str]] = {}
+    while True:
+        diffs = {}
+        for user, agent in agents.items():
+            ents = {a: e.mode for a, e in agent.entitlements().items()}
+            d = diff_entitlements(expected.get(user, {}), ents)
+            d += [
+                f"{a}: version {e.version}, expected {truth.addins[a].version}"
+                for a, e in agent.entitlements().items()
+                if a in truth.addins and e.version != truth.addins[a].version
+            ]
+            if not d:
+                for h in hosts:
+                    await agent.launch(h)
+                want = truth.installed_for(expected.get(user, {}), hosts)
+                have = agent.installed()
+                d = diff_installed(
+                    {h.value: v for h, v in want.items()},
+                    {h.value: have.get(h, {}) for h in hosts},
+                )
+            if d:
+                diffs[user] = d
+        if not diffs or time.monotonic() > deadline:
+            return diffs
+        await asyncio.sleep(0.2)
+
+
+def integrity(path: str | Path) -> str:
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as c:
+        return str(c.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def regressions(path: str | Path) -> list[str]:
+    """Every removal, downgrade or loss of entitlement the agent ever recorded (its
+    append-only event log). In a monotone rollout each one is a bug."""
+    out = []
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as c:
+        rows = c.execute(
+            "SELECT kind, addin_id, host, detail FROM events "
+            "WHERE kind IN ('applied', 'unentitled') ORDER BY id"
+        ).fetchall()
+    for kind, addin, host, detail in rows:
+        if kind == "unentitled":
+            out.append(f"{addin}: lost its entitlement")
+            continue
+        action, _, change = detail.partition(" ")
+        versions = change.split(" at ")[0]
+        old, _, new = versions.partition("→")
+        if action == "remove":
+            out.append(f"{host} {addin}: removed ({detail})")
+        elif action == "update" and old and new and compare_versions(new, old) < 0:
+            out.append(f"{host} {addin}: downgraded ({detail})")
+    return out
+
+
+def all_caches(paths: Iterable[str | Path]) -> dict[str, tuple[str, list[str]]]:
+    return {str(p): (integrity(p), regressions(p)) for p in paths}
+
+
+if __name__ == "__main__":
+    asyncio.run(_agent_main(AgentConfig.model_validate_json(sys.argv[1])))
