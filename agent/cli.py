@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from rich import table as rich_table
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.text import Text
 
 from addin_core.protocol import Host
 from agent.cache import CacheError, open_readonly
@@ -31,6 +33,16 @@ from agent.config import AgentConfig, ConfigError, load_config
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+class Table(rich_table.Table):
+    """A rich Table whose string cells are plain text, never console markup: names, reasons
+    and query results come from manifests and the network ("[/bold]" in a DisplayName used
+    to crash `list`, and "[link=...]" could dress up a link in a helpdesk terminal)."""
+
+    def add_row(self, *renderables: Any, **kw: Any) -> None:
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kw)
+
 
 HOST_CHOICE = click.Choice([h.value for h in Host], case_sensitive=False)
 
@@ -45,7 +57,7 @@ def _host(value: str | None) -> Host | None:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}")
+    err_console.print(f"[red]error:[/red] {escape(message)}")
     sys.exit(code)
 
 
@@ -236,7 +248,7 @@ def launch(c: Ctx, host: str, as_json: bool) -> None:
 def install(c: Ctx, addin: str, as_json: bool) -> None:
     """Install an available add-in (by name or id); applies at the next launch."""
     body = _act(c, "install", addin, f"/v1/install/{addin}")
-    emit_json(body) if as_json else console.print(body["message"])
+    emit_json(body) if as_json else console.print(escape(body["message"]))
 
 
 @main.command()
@@ -246,7 +258,7 @@ def install(c: Ctx, addin: str, as_json: bool) -> None:
 def remove(c: Ctx, addin: str, as_json: bool) -> None:
     """Remove an optional add-in (a fixed one is refused); applies at the next launch."""
     body = _act(c, "remove", addin, f"/v1/remove/{addin}")
-    emit_json(body) if as_json else console.print(body["message"])
+    emit_json(body) if as_json else console.print(escape(body["message"]))
 
 
 # -- read-only troubleshooting ---------------------------------------------------------------
@@ -317,7 +329,7 @@ def status(c: Ctx, as_json: bool) -> None:
         "[green]connected[/green] since " + when(d["connected_at"])
         if d["connected"]
         else f"[yellow]not connected[/yellow] (daemon {'running' if d['daemon_running'] else 'stopped'}"
-        + (f"; last error: {d['last_error']}" if d["last_error"] else "")
+        + (f"; last error: {escape(str(d['last_error']))}" if d["last_error"] else "")
         + ")"
     )
     console.print(
@@ -417,11 +429,13 @@ def why(c: Ctx, addin: str, host: str | None, as_json: bool) -> None:
         emit_json(rep.to_json())
         return
     title = rep.name or addin
-    console.print(f"[bold]{title}[/bold]" + (f"  ({rep.addin_id})" if rep.addin_id else ""))
+    console.print(
+        f"[bold]{escape(title)}[/bold]" + (f"  ({escape(rep.addin_id)})" if rep.addin_id else "")
+    )
     for s in rep.steps:
         mark = {True: "[green]✓[/green]", False: "[red]✗[/red]", None: "•"}[s.ok]
-        console.print(f"  {mark} {s.label}: {s.detail}", highlight=False)
-    console.print(f"[bold]→ {rep.verdict}[/bold]", highlight=False)
+        console.print(f"  {mark} {escape(s.label)}: {escape(s.detail)}", highlight=False)
+    console.print(f"[bold]→ {escape(rep.verdict)}[/bold]", highlight=False)
 
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -481,6 +495,30 @@ def events(c: Ctx, since: str | None, limit: int, as_json: bool) -> None:
     console.print(t)
 
 
+_READ_ACTIONS = frozenset(
+    {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+)
+_READ_PRAGMAS = frozenset(
+    {
+        "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+        "foreign_key_list", "integrity_check", "quick_check", "journal_mode", "user_version",
+        "schema_version", "page_count", "page_size", "freelist_count", "database_list",
+        "compile_options", "data_version", "encoding", "application_id",
+    }
+)  # fmt: skip
+_SETTER_PRAGMAS = frozenset({"journal_mode", "user_version", "schema_version", "application_id"})
+
+
+def _read_only(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
+    """SQLite authorizer for `query`: SELECTs and read-only PRAGMAs, nothing else."""
+    if action in _READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_PRAGMAS:
+        if arg2 is None or (arg1 or "").lower() not in _SETTER_PRAGMAS:
+            return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
 @main.command()
 @click.argument("sql")
 @click.option("--json", "as_json", is_flag=True)
@@ -488,10 +526,20 @@ def events(c: Ctx, since: str | None, limit: int, as_json: bool) -> None:
 def query(c: Ctx, sql: str, as_json: bool) -> None:
     """Run read-only SQL against the cache (the connection cannot write)."""
     conn = c.ro()
+    # mode=ro stops writes to the cache, not ATTACH / VACUUM INTO / temp tables, which
+    # write other files: allow reading only.
+    conn.set_authorizer(_read_only)
     try:
         cur = conn.execute(sql)
         cols = [d[0] for d in cur.description or []]
         rows = [list(r) for r in cur.fetchall()]
+    except sqlite3.DatabaseError as e:
+        if str(e) in ("not authorized", "authorization denied"):
+            fail(
+                f"query failed: {e}: the cache is opened readonly, and query runs only "
+                "SELECT and read-only PRAGMA statements"
+            )
+        fail(f"query failed: {e}")
     except sqlite3.Error as e:
         fail(f"query failed: {e}")
     if as_json:
@@ -529,7 +577,7 @@ def doctor(c: Ctx, as_json: bool) -> None:
                 "warn": "[yellow]warn[/yellow]",
                 "fail": "[red]FAIL[/red]",
             }[ch.status]
-            console.print(f"{mark} {ch.name}: {ch.detail}", highlight=False)
+            console.print(f"{mark} {escape(ch.name)}: {escape(ch.detail)}", highlight=False)
     if any(ch.status == "fail" for ch in checks):
         sys.exit(1)
 

@@ -116,15 +116,20 @@ class Mqtt:
         self.granted: list[int] = []
         self._connack = threading.Event()
         self._suback = threading.Event()
+        self.disconnected = threading.Event()
         self.reason: Any = None
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
         self.port = port
 
     def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.reason = reason
         self._connack.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, _reason: Any, _p: Any) -> None:
+        self.disconnected.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
@@ -141,9 +146,9 @@ class Mqtt:
             raise AssertionError("no CONNACK within 10 s")
         return not self.reason.is_failure
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, retain: bool = False, wait: float = 10) -> None:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
-        info.wait_for_publish(10)
+        info.wait_for_publish(wait)
 
     def subscribe(self, *filters: str) -> list[int]:
         self._suback.clear()
@@ -347,7 +352,10 @@ class World:
             conn.close()
 
     def sync(self, key: str) -> Any:
-        r = self.rows("SELECT value FROM sync WHERE key = ?", (key,))
+        try:
+            r = self.rows("SELECT value FROM sync WHERE key = ?", (key,))
+        except sqlite3.OperationalError:  # the daemon is still creating its schema
+            return None
         return json.loads(r[0]["value"]) if r else None
 
     def last_event_id(self) -> int:
