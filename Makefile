@@ -13,4 +13,4 @@ bench:
 
 fuzz:
 	scripts/bootstrap.sh
-	.venv/bin/pytest -q tests -k fuzz
+	scripts/fuzz.sh
