@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import sqlite3
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Request
@@ -104,6 +105,17 @@ def create_app(service: Service, *, admin_token: str, agent_token: str) -> FastA
         if e.findings:
             body["findings"] = e.findings
         return JSONResponse(body, status_code=e.status)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _storage(_: Request, e: sqlite3.OperationalError) -> JSONResponse:
+        # Locked by another writer past the busy timeout, disk full, I/O error: the
+        # transaction was rolled back, so nothing changed and the admin may retry.
+        return JSONResponse(
+            {
+                "detail": f"the server's database could not be written ({e}); nothing was changed, retry later"
+            },
+            status_code=503,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_: Request, e: RequestValidationError) -> JSONResponse:

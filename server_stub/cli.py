@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -117,6 +118,13 @@ def _run(
         sys.exit(1 if e.status != 404 else 2)
     except db.DatabaseError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except sqlite3.OperationalError as e:
+        # Locked by another writer, disk full, I/O error: the transaction was rolled back.
+        click.echo(
+            f"error: could not write {kw['db_path']} ({e}); nothing was changed, retry later",
+            err=True,
+        )
         sys.exit(1)
     if kw["as_json"]:
         click.echo(json.dumps(result, indent=2, sort_keys=True))

@@ -12,6 +12,7 @@ writers never deadlock on a lock upgrade.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import aiosqlite
@@ -129,15 +130,24 @@ class DatabaseError(RuntimeError):
 
 async def connect(path: str | Path) -> aiosqlite.Connection:
     """Open the database (creating the schema if needed) with the settings every user needs."""
-    conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=30.0)
-    conn.row_factory = aiosqlite.Row
-    await conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL is durable across process crashes in WAL mode; only an OS crash can lose
-    # the last transactions, which the outbox then never published either.
-    await conn.execute("PRAGMA synchronous=NORMAL")
-    await conn.execute("PRAGMA foreign_keys=ON")
-    await conn.execute("PRAGMA busy_timeout=30000")
-    await _migrate(conn)
+    # How long a writer waits for another one's lock before failing with a clear error
+    # (ADDIN_SERVER_BUSY_TIMEOUT seconds, default 30).
+    busy = float(os.environ.get("ADDIN_SERVER_BUSY_TIMEOUT", "30"))
+    conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=busy)
+    try:
+        conn.row_factory = aiosqlite.Row
+        await conn.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
+        await conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across process crashes in WAL mode; only an OS crash can lose
+        # the last transactions, which the outbox then never published either.
+        await conn.execute("PRAGMA synchronous=NORMAL")
+        await conn.execute("PRAGMA foreign_keys=ON")
+        await _migrate(conn)
+    except BaseException:
+        # An open aiosqlite connection keeps a non-daemon thread: without this close, a
+        # CLI command facing a locked database printed nothing and never exited.
+        await conn.close()
+        raise
     return conn
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -119,9 +120,11 @@ class Publisher:
                     async with self._client() as client:
                         delay = 0.2
                         await self._session(conn, client)
-                except aiomqtt.MqttError as e:
+                except (aiomqtt.MqttError, sqlite3.OperationalError) as e:
+                    # A locked or full database must not end publication for good: rows
+                    # not marked done are published again (at least once) after the retry.
                     self.connected.clear()
-                    log.warning("broker connection lost (%s); retrying in %.1fs", e, delay)
+                    log.warning("publisher interrupted (%s); retrying in %.1fs", e, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
         finally:
