@@ -40,6 +40,9 @@ from agent.daemon import Agent  # noqa: E402
 from simulator.mosquitto import MosquittoBroker, free_port  # noqa: E402
 from simulator.oracle import AdminAction, GroundTruth, diff_entitlements, diff_installed  # noqa: E402
 
+SEED_OFFSET = int(os.environ.get("ADDIN_FAULT_SEED", "0"))
+"""Shifts every rollout's seed: `bench/fault_soak.py` runs the suite with many of them."""
+
 ADMIN_TOKEN = "admin-secret"
 AGENT_TOKEN = "agent-secret"
 TENANT = "contoso"
@@ -265,7 +268,7 @@ class Rollout:
     removal or a downgrade anywhere on the way is a bug, whatever fault happened."""
 
     def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed + SEED_OFFSET)
         self.addins: dict[int, tuple[str, tuple[Host, ...]]] = {}
         self.assigned: dict[tuple[str, str, str | None], Mode] = {}
         self.next_n = 1
