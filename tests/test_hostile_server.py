@@ -8,6 +8,7 @@ serve` as a real process on 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from hostile_helpers import (
     World,
     addin_id,
     manifest,
-    retained,
     server_cli,
     sha256,
+    wait_for,
 )
 
 BASE = manifest("base")
@@ -229,18 +230,24 @@ def test_same_version_with_other_content_is_refused(world: World, unchanged: Non
 
 
 def test_permission_escalation_is_held_as_needs_consent(world: World) -> None:
-    assert world.broker is not None
     esc = addin_id("escalate")
+    topic = f"addins/v1/contoso/catalog/{esc}"
+
+    def published() -> list[bytes]:
+        return [p for t, p, _ in world.watcher.messages if t == topic]
+
     world.upload(manifest("escalate"))
-    before = retained(world.broker.port, *world.server_account)
+    wait_for(published, 10, "version 1 published")
     out = world.upload(manifest("escalate", version="2.0.0.0", permissions="ReadWriteDocument"))
     assert out["state"] == "needs_consent" and out["version"] == "2.0.0.0"
     shown = world.call("GET", f"/v1/addins/{esc}")
     assert shown["state"] == "needs_consent"
-    # Nothing reaches agents until consent: the retained catalog entry is still 1.0.0.0.
-    after = retained(world.broker.port, *world.server_account)
-    assert after[f"addins/v1/contoso/catalog/{esc}"] == before[f"addins/v1/contoso/catalog/{esc}"]
-    assert b'"version":"1.0.0.0"' in after[f"addins/v1/contoso/catalog/{esc}"]
+    # Nothing reaches agents until consent. The upload was committed (its revision), and the
+    # server publishes in revision order, so a later change proves the publisher has passed it.
+    world.call("POST", f"/v1/addins/{esc}/disable")
+    wait_for(lambda: len(published()) == 2, 10, "the disable is published")
+    assert [json.loads(p)["version"] for p in published()] == ["1.0.0.0", "1.0.0.0"]
+    assert json.loads(published()[1])["enabled"] is False
     world.call("DELETE", f"/v1/addins/{esc}")
 
 
