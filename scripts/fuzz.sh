@@ -12,4 +12,4 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/pytest ] || scripts/bootstrap.sh
 export FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 echo "fuzzing: ${FUZZ_SECONDS}s per target"
-exec .venv/bin/pytest -q -p no:cacheprovider --durations=0 tests/test_fuzz_manifest.py tests/test_fuzz_protocol.py "$@"
+exec .venv/bin/pytest -q -s -p no:cacheprovider tests/test_fuzz_manifest.py tests/test_fuzz_protocol.py "$@"

@@ -8,6 +8,7 @@ seconds). `scripts/fuzz.sh` sets ``FUZZ_SECONDS``: each target then runs rounds 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -38,10 +39,17 @@ def fuzz_settings() -> settings:
 def run(target: Callable[[], None]) -> int:
     """Run the @given `target` once, or again and again until FUZZ_SECONDS are spent.
     Returns the number of rounds (each round draws new random examples)."""
-    stop = time.monotonic() + FUZZ_SECONDS
+    start = time.monotonic()
     rounds = 0
     while True:
         target()
         rounds += 1
-        if time.monotonic() >= stop:
-            return rounds
+        if time.monotonic() >= start + FUZZ_SECONDS:
+            break
+    if FUZZ_SECONDS > 0:  # scripts/fuzz.sh shows this (pytest -s)
+        name = sys._getframe(1).f_code.co_name  # the test that called run()
+        print(
+            f"\n{name}: {rounds} rounds x up to {FUZZ_LONG_EXAMPLES} examples "
+            f"in {time.monotonic() - start:.0f}s"
+        )
+    return rounds
