@@ -388,6 +388,8 @@ def regressions(path: str | Path) -> list[str]:
     append-only event log). In a monotone rollout each one is a bug."""
     out = []
     with contextlib.closing(sqlite3.connect(path, timeout=10)) as c:
+        if not c.execute("SELECT 1 FROM sqlite_master WHERE name='events'").fetchone():
+            return []  # killed before its very first start created the schema
         rows = c.execute(
             "SELECT kind, addin_id, host, detail FROM events "
             "WHERE kind IN ('applied', 'unentitled') ORDER BY id"
