@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from addin_core.protocol import Host, Mode
+from addin_core.version import is_newer
 from agent.resolver import Entitlement
 
 Action = Literal["install", "update", "remove"]
@@ -121,8 +122,6 @@ def consent_problem(ent: Entitlement, rec: ManifestRecord) -> str | None:
 
 
 def _is_newer(candidate: str, current: str) -> bool:
-    from addin_core.version import is_newer
-
     return bool(is_newer(candidate, current))
 
 
