@@ -141,6 +141,10 @@ class Tx:
 
     statements: list[Statement] = field(default_factory=list)
     now: float = field(default_factory=time.time)
+    sync_values: dict[str, str] = field(default_factory=dict)
+    """The sync keys written (also in `statements`), for caches that keep no tables."""
+    xml: dict[str, bytes] = field(default_factory=dict)
+    """Manifest bytes stored by sha256 (also in `statements`)."""
 
     def __bool__(self) -> bool:
         return bool(self.statements)
@@ -149,6 +153,8 @@ class Tx:
         self.statements.append((sql, params))
 
     def upsert(self, table: str, row: dict[str, Any]) -> None:
+        if table == "manifests" and row.get("xml") is not None:
+            self.xml[row["sha256"]] = row["xml"]
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         self.add(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
@@ -172,10 +178,9 @@ class Tx:
         )
 
     def sync(self, key: str, value: Any) -> None:
-        self.add(
-            "INSERT OR REPLACE INTO sync (key, value) VALUES (?, ?)",
-            (key, value if isinstance(value, str) else json.dumps(value)),
-        )
+        text = value if isinstance(value, str) else json.dumps(value)
+        self.sync_values[key] = text
+        self.add("INSERT OR REPLACE INTO sync (key, value) VALUES (?, ?)", (key, text))
 
 
 class CacheError(RuntimeError):
@@ -280,6 +285,14 @@ class Cache:
                 raise
             await db.execute("COMMIT")
 
+    async def sync_value(self, key: str) -> str | None:
+        rows = await self.fetchall("SELECT value FROM sync WHERE key = ?", (key,))
+        return str(rows[0]["value"]) if rows else None
+
+    async def manifest_xml(self, sha256: str) -> bytes | None:
+        rows = await self.fetchall("SELECT xml FROM manifests WHERE sha256 = ?", (sha256,))
+        return bytes(rows[0]["xml"]) if rows and rows[0]["xml"] is not None else None
+
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         if self._sync is not None:
             self._sync.row_factory = sqlite3.Row
@@ -290,6 +303,47 @@ class Cache:
         db.row_factory = sqlite3.Row
         async with db.execute(sql, params) as cur:
             return list(await cur.fetchall())
+
+
+class VolatileCache:
+    """``cache_path=":none:"``: no tables at all — the agent runs from its in-memory model.
+
+    For fleet simulation at scale only: an in-memory SQLite database costs ~250 KB per agent
+    (connection, lookaside, pages), the agent's own model ~40 KB. Nothing is queryable
+    (`why`, `events` have nothing to read); the transitions are computed exactly as with a
+    real cache, only not written. Keeps the sync keys and manifest bytes the agent reads back.
+    """
+
+    path = ":none:"
+    memory = True
+
+    def __init__(self) -> None:
+        self._sync: dict[str, str] = {}
+        self._xml: dict[str, bytes] = {}
+
+    async def commit(self, tx: Tx) -> None:
+        self._sync.update(tx.sync_values)
+        self._xml.update(tx.xml)
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return []
+
+    async def sync_value(self, key: str) -> str | None:
+        return self._sync.get(key)
+
+    async def manifest_xml(self, sha256: str) -> bytes | None:
+        return self._xml.get(sha256)
+
+    async def close(self) -> None:
+        pass
+
+
+async def open_cache(path: str | Path) -> Cache | VolatileCache:
+    """Open the cache named by `cache_path`: a file, ``:memory:`` (SQLite in memory) or
+    ``:none:`` (no tables; see `VolatileCache`)."""
+    if str(path) == ":none:":
+        return VolatileCache()
+    return await Cache.open(path)
 
 
 def open_readonly(path: str | Path) -> sqlite3.Connection:

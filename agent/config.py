@@ -43,9 +43,9 @@ class AgentConfig(BaseModel):
     client_id: str
     broker_url: str = "mqtt://127.0.0.1:1883"
     broker_username: str | None = None
-    broker_password: str | None = None
+    broker_password: str | None = Field(default=None, repr=False)
     server_url: str = "http://127.0.0.1:8080"
-    server_token: str | None = None
+    server_token: str | None = Field(default=None, repr=False)
     cache_path: str = "addin-agent.sqlite"
     hosts: tuple[Host, ...] = tuple(Host)
     applier: Literal["memory", "folder"] = "memory"

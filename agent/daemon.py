@@ -34,7 +34,7 @@ from addin_core.protocol import (
     decode,
 )
 from agent.applier import AppliedManifest, Applier, FolderApplier, MemoryApplier
-from agent.cache import Cache, Tx
+from agent.cache import Cache, Tx, VolatileCache, open_cache
 from agent.config import AgentConfig
 from agent.fetcher import Fetcher, FetchResult
 from agent.pending import (
@@ -121,7 +121,7 @@ class Agent:
         self.applier: Applier = applier
         self._http = http
         self.fetcher: Fetcher | None = None
-        self.cache: Cache | None = None
+        self.cache: Cache | VolatileCache | None = None
         self.state = ReceivedState(config.tenant)
         self._ents: dict[str, Entitlement] = {}
         self.manifests: dict[str, ManifestRecord] = {}
@@ -156,7 +156,7 @@ class Agent:
         """Open the cache and load the last good state (no network)."""
         if self.cache is not None:
             return
-        self.cache = await Cache.open(self.config.cache_path)
+        self.cache = await open_cache(self.config.cache_path)
         self._store_xml = not self.cache.memory or self.applier.needs_xml
         await self._load()
 
@@ -172,8 +172,7 @@ class Agent:
             concurrency=self.config.fetch_concurrency,
         )
         assert self.cache is not None
-        rows = await self.cache.fetchall("SELECT value FROM sync WHERE key='session_started'")
-        first = not rows
+        first = await self.cache.sync_value("session_started") is None
         self.transport = Transport(
             host=self.config.broker_host,
             port=self.config.broker_port,
@@ -535,8 +534,7 @@ class Agent:
     # -- launch and user choices ---------------------------------------------------------------
     async def _manifest_xml(self, sha: str) -> bytes | None:
         assert self.cache is not None
-        rows = await self.cache.fetchall("SELECT xml FROM manifests WHERE sha256 = ?", (sha,))
-        return bytes(rows[0]["xml"]) if rows and rows[0]["xml"] is not None else None
+        return await self.cache.manifest_xml(sha)
 
     async def launch(self, host: Host | str) -> dict[str, str]:
         """The host app starts: apply its ready pending changes atomically, then return the
@@ -604,7 +602,8 @@ class Agent:
             self._installed[host] = new
             for p in applied:
                 self.pending.pop((host, p.addin_id), None)
-            self._recompute(tx, self.state.revision, None)
+            if applied:  # an empty launch changes no entitlement or other host's pending
+                self._recompute(tx, self.state.revision, None)
             await self.cache.commit(tx)
         for p in applied:
             self._emit("applied", p.revision, p.committed_at, p.addin_id, host)

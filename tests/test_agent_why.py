@@ -200,3 +200,23 @@ async def test_why_names_the_cause(world: World) -> None:
     labels = [s["label"] for s in rep["steps"]]
     assert labels[:3] == ["catalog", "assignment", "mode"]
     assert "manifest" in labels and "installed in Word" in labels
+
+
+@pytest.mark.parametrize("cache_path", [":memory:", ":none:"])
+async def test_in_memory_caches_run_the_same_transitions(cache_path: str) -> None:
+    cfg = AgentConfig(tenant=T, user_id="ann", client_id="sim-1", cache_path=cache_path)
+    agent = Agent(cfg)
+    await agent.open()
+    w = World(agent)
+    x = await w.catalog("mem", "1.0.0.0")
+    await w.everyone(x, Mode.OPTIONAL)
+    assert await agent.launch(Host.WORD) == {x: "1.0.0.0"}
+    await w.catalog("mem", "1.1.0.0")
+    assert agent.pending[(Host.WORD, x)].ready
+    await agent.remove("mem")
+    assert await agent.launch(Host.WORD) == {}
+    # stop() keeps an in-memory cache, so the same Agent resumes where it was
+    await agent.stop()
+    await agent.open()
+    assert agent.installed() == {} and agent.choices == {x: "remove"}
+    await agent.stop()
