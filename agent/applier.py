@@ -6,6 +6,7 @@ makes it so; it is idempotent, so re-running it after a crash converges.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -52,6 +53,13 @@ class MemoryApplier:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}\.xml$")
 
 
+def _has_sha(path: Path, sha256: str) -> bool:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    except OSError:
+        return False
+
+
 class FolderApplier:
     """Writes verified manifests to ``<dir>/<Host>/<addin-id>.xml`` — the way Office for Mac
     loads manifests from its ``wef`` folder at launch.
@@ -73,9 +81,12 @@ class FolderApplier:
         d = self.folder(host)
         d.mkdir(parents=True, exist_ok=True)
         for addin_id, m in addins.items():
-            if m.xml is None:
-                raise ValueError(f"no manifest XML for {addin_id} {m.version}")
             target = d / f"{addin_id}.xml"
+            if m.xml is None:
+                # The caller passes no bytes for a file it saw intact (`current`); check it.
+                if not _has_sha(target, m.sha256):
+                    raise ValueError(f"no manifest XML for {addin_id} {m.version}")
+                continue
             try:
                 if target.read_bytes() == m.xml:
                     continue
@@ -98,8 +109,6 @@ class FolderApplier:
                 old.unlink(missing_ok=True)
 
     def current(self, host: Host) -> dict[str, str]:
-        import hashlib
-
         d = self.folder(host)
         if not d.is_dir():
             return {}

@@ -581,8 +581,12 @@ class Agent:
             # The applier goes first: if it fails nothing is recorded and the changes stay
             # pending; if we die after it, the next launch re-applies (appliers are idempotent).
             files: dict[str, AppliedManifest] = {}
+            # Read manifest bytes only for what the applier does not already hold intact.
+            held = self.applier.current(host) if self.applier.needs_xml else {}
             for a, inst in new.items():
-                xml = await self._manifest_xml(inst.sha256) if self.applier.needs_xml else None
+                xml = None
+                if self.applier.needs_xml and held.get(a) != inst.sha256:
+                    xml = await self._manifest_xml(inst.sha256)
                 files[a] = AppliedManifest(a, inst.version, inst.sha256, xml)
             try:
                 self.applier.apply(host, files)

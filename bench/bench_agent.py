@@ -1,0 +1,211 @@
+"""Agent benchmarks (issue 4): the daemon as a real process against a real server and broker.
+
+* idle daemon RSS and CPU with 50 add-ins entitled, installed in Word and Excel;
+* `launch` latency through the daemon's control socket (and the CLI process end to end);
+* `why` latency on the cache (in-process read-only query, and the CLI process end to end);
+* admin write → manifest cached: HTTP upload of a new version until the daemon has fetched,
+  verified and committed it (read from the cache file's `manifests.fetched_at`).
+
+    .venv/bin/python bench/bench_agent.py [--addins 50] [--launches 300] [--writes 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from agent_helpers import AGENT_TOKEN, ServerProcess, addin_id, manifest  # noqa: E402
+
+from agent.why import why  # noqa: E402
+from simulator.mosquitto import MosquittoBroker  # noqa: E402
+
+CLI = [sys.executable, "-m", "agent.cli"]
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def summary(values_s: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values_s]
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50), 3),
+        "p99_ms": round(pct(ms, 99), 3),
+        "max_ms": round(max(ms), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
+    }
+
+
+def _spawn(cfg: Path, log: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*CLI, "run", "--config", str(cfg)], stdout=log, stderr=log, env=env)
+
+
+def _timed_cli(env: dict[str, str], *args: str) -> float:
+    """Wall time of one `addin-agent` command as a user runs it (process start included)."""
+    t0 = time.perf_counter()
+    subprocess.run([*CLI, *args], env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+async def run(addins: int, launches: int, writes: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
+    broker = MosquittoBroker(work / "broker")
+    broker.start()
+    server = ServerProcess(work, broker)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        await server.user("ann")
+        for i in range(addins):
+            await server.upload(manifest(f"bench{i}", hosts=("Word", "Excel")))
+            await server.assign(addin_id(f"bench{i}"), "everyone", mode="fixed")
+        cache = work / "cache.sqlite"
+        sock = work / "agent.sock"
+        cfg = work / "agent.toml"
+        cfg.write_text(
+            f'tenant = "contoso"\nuser_id = "ann"\nclient_id = "bench-pc"\n'
+            f'broker_url = "{broker.url}"\nserver_url = "{server.url}"\n'
+            f'server_token = "{AGENT_TOKEN}"\ncache_path = "{cache}"\n'
+            f'applier = "folder"\napplier_dir = "{work / "wef"}"\ncontrol = "{sock}"\n'
+        )
+        env = {**os.environ, "ADDIN_AGENT_CONFIG": str(cfg)}
+        log = open(work / "daemon.log", "wb")  # noqa: ASYNC230
+        t_start = time.time()
+        proc = _spawn(cfg, log, env)
+        # Ready: every add-in entitled and its manifest verified.
+        while True:
+            if cache.exists():
+                try:
+                    with sqlite3.connect(f"file:{cache}?mode=ro", uri=True) as c:
+                        n = c.execute(
+                            "SELECT count(*) FROM manifests WHERE status='verified'"
+                        ).fetchone()[0]
+                    if n >= addins:
+                        break
+                except sqlite3.Error:
+                    pass
+            if time.time() - t_start > 120:
+                raise RuntimeError("daemon did not cache all manifests in 120 s")
+            await asyncio.sleep(0.05)
+        cold = time.time() - t_start
+
+        transport = httpx.AsyncHTTPTransport(uds=str(sock))
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as h:
+            t0 = time.perf_counter()
+            r = await h.post("/v1/launch/Word")
+            first_launch = time.perf_counter() - t0
+            assert len(r.json()["installed"]) == addins, r.text
+            await h.post("/v1/launch/Excel")
+
+            # Idle: connected, nothing happening.
+            p = psutil.Process(proc.pid)
+            await asyncio.sleep(2)
+            cpu0 = p.cpu_times()
+            t0 = time.monotonic()
+            await asyncio.sleep(10)
+            cpu1 = p.cpu_times()
+            idle_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (time.monotonic() - t0)
+            rss = p.memory_info().rss
+
+            lat = []
+            for i in range(launches):
+                host = ("Word", "Excel", "PowerPoint", "Outlook")[i % 4]
+                t0 = time.perf_counter()
+                r = await h.post(f"/v1/launch/{host}")
+                lat.append(time.perf_counter() - t0)
+                assert r.status_code == 200
+
+        cli_launch = []
+        for _ in range(10):
+            cli_launch.append(_timed_cli(env, "launch", "Word", "--json"))
+
+        ro = sqlite3.connect(f"file:{cache}?mode=ro", uri=True)
+        ro.row_factory = sqlite3.Row
+        why_lat = []
+        for i in range(300):
+            t0 = time.perf_counter()
+            rep = why(ro, f"bench{i % addins}")
+            why_lat.append(time.perf_counter() - t0)
+            assert rep.cause == "installed" or rep.cause == "mixed", rep
+        cli_why = []
+        for _ in range(10):
+            cli_why.append(_timed_cli(env, "why", "bench0", "--json"))
+
+        # Admin write -> manifest cached on this agent.
+        to_cached, to_notified = [], []
+        target = addin_id("bench0")
+        for i in range(writes):
+            version = f"1.0.{i + 1}.0"
+            t0 = time.time()
+            await server.upload(manifest("bench0", version, hosts=("Word", "Excel")))
+            while True:
+                row = ro.execute(
+                    "SELECT fetched_at FROM manifests WHERE addin_id=? AND version=?",
+                    (target, version),
+                ).fetchone()
+                if row:
+                    to_cached.append(row["fetched_at"] - t0)
+                    ev = ro.execute(
+                        "SELECT min(at) FROM events WHERE kind='received' AND addin_id=? AND at>=?",
+                        (target, t0),
+                    ).fetchone()[0]
+                    if ev:
+                        to_notified.append(ev - t0)
+                    break
+                if time.time() - t0 > 30:
+                    raise RuntimeError(f"{version} not cached within 30 s")
+                await asyncio.sleep(0.002)
+        ro.close()
+        return {
+            "addins": addins,
+            "cold_start_all_manifests_cached_s": round(cold, 2),
+            "first_launch_applying_all_ms": round(first_launch * 1000, 1),
+            "idle_rss_mb": round(rss / 2**20, 1),
+            "idle_cpu_percent": round(max(0.0, idle_cpu) * 100, 3),
+            "launch_via_socket": summary(lat),
+            "launch_cli_process": summary(cli_launch),
+            "why_in_process": summary(why_lat),
+            "why_cli_process": summary(cli_why),
+            "admin_write_to_notified": summary(to_notified),
+            "admin_write_to_manifest_cached": summary(to_cached),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}",
+        }
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+        await server.aclose()
+        broker.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--addins", type=int, default=50)
+    ap.add_argument("--launches", type=int, default=300)
+    ap.add_argument("--writes", type=int, default=20)
+    a = ap.parse_args()
+    print(json.dumps(asyncio.run(run(a.addins, a.launches, a.writes)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
