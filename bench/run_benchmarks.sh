@@ -11,3 +11,7 @@ for clients in ${SIM_BENCH_CLIENTS:-1000 5000 10000}; do
             --report "bench-results/$scenario-$clients" || echo "   (exit status $?)"
     done
 done
+
+# Agent: idle RSS/CPU with 50 add-ins, launch and why latency, admin write -> manifest cached.
+echo "==> bench/bench_agent.py"
+.venv/bin/python bench/bench_agent.py --addins 50 --launches 300 --writes 20 || echo "   (exit status $?)"

@@ -73,6 +73,17 @@ async def test_everyone_and_nothing_changes_before_launch(
         manifest("notes", hosts=("Word", "Excel"))
     )
 
+    # After the apply the agent reported what it applied; the server's explain shows it.
+    async def reported() -> bool:
+        x = await server.call("GET", f"/v1/explain?user=ann&addin={notes}")
+        return any(
+            a == {"addin_id": notes, "version": "1.0.0.0", "host": "Word"}
+            for r in x.get("reports", [])
+            for a in r["applied"]
+        )
+
+    await until(reported, what="the agent report reaches the server")
+
 
 async def test_user_and_just_me_targets(server: ServerProcess, make_agent: MakeAgent) -> None:
     a, b = addin_id("a"), addin_id("b")
