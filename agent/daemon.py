@@ -443,27 +443,33 @@ class Agent:
                     revision=rev,
                 )
                 await self.cache.commit(stx)
-        self._schedule_fetches()
+        self._schedule_fetches(rev, committed_at)
         return True
 
     # -- manifests ---------------------------------------------------------------------------
-    def _schedule_fetches(self) -> None:
+    def _schedule_fetches(self, revision: int = 0, committed_at: float | None = None) -> None:
+        """Start fetching every entitled manifest not cached yet. `revision`/`committed_at`
+        name the change that made them needed (e.g. an assignment to an add-in uploaded long
+        before): the `manifest_cached` event reports that cause, not the catalog entry's."""
         if self.fetcher is None or self._stopping:
             return
         for e in self._ents.values():
             if e.sha256 not in self.manifests and e.sha256 not in self._fetching:
                 entry = self.state.catalog.get(e.addin_id)
                 if entry is not None:
-                    self._fetching[e.sha256] = asyncio.create_task(self._fetch_loop(entry))
+                    cause = (revision, committed_at) if revision > entry.revision else None
+                    self._fetching[e.sha256] = asyncio.create_task(self._fetch_loop(entry, cause))
 
-    async def _fetch_loop(self, entry: CatalogEntry) -> None:
+    async def _fetch_loop(
+        self, entry: CatalogEntry, cause: tuple[int, float | None] | None = None
+    ) -> None:
         sha = entry.manifest_sha256
         delay = FETCH_RETRY_DELAY[0]
         try:
             while self.fetcher is not None:
                 result = await self.fetcher.fetch(entry)
                 if result.status != "failed":
-                    await self._record_manifest(entry, result)
+                    await self._record_manifest(entry, result, cause)
                     return
                 await self._record_fetch_error(entry, result.reason or "failed")
                 still_needed = any(e.sha256 == sha for e in self._ents.values())
@@ -483,7 +489,12 @@ class Agent:
             self._recompute(tx, entry.revision, entry.committed_at)
             await self.cache.commit(tx)
 
-    async def _record_manifest(self, entry: CatalogEntry, r: FetchResult) -> None:
+    async def _record_manifest(
+        self,
+        entry: CatalogEntry,
+        r: FetchResult,
+        cause: tuple[int, float | None] | None = None,
+    ) -> None:
         assert self.cache is not None and r.status != "failed"
         rec = ManifestRecord(
             r.sha256,
@@ -529,7 +540,8 @@ class Agent:
             self._recompute(tx, entry.revision, entry.committed_at)
             await self.cache.commit(tx)
         if r.status == "verified":
-            self._emit("manifest_cached", entry.revision, entry.committed_at, entry.addin_id)
+            rev, committed_at = cause or (entry.revision, entry.committed_at)
+            self._emit("manifest_cached", rev, committed_at, entry.addin_id)
 
     # -- launch and user choices ---------------------------------------------------------------
     async def _manifest_xml(self, sha: str) -> bytes | None:
