@@ -57,6 +57,9 @@ class AgentConfig(BaseModel):
     session_expiry: int = Field(default=8 * 86400, ge=7 * 86400)
     """MQTT 5 session expiry in seconds; at least 7 days so a week offline loses nothing."""
     keepalive: int = Field(default=60, ge=5, le=3600)
+    anti_entropy_interval: float = Field(default=600.0, ge=0)
+    """Seconds between anti-entropy checks against the server (jittered ±20 %); 0 disables
+    them. See agent/antientropy.py."""
 
     @field_validator("tenant", "user_id", "client_id")
     @classmethod

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 
+from server_stub.antientropy import user_digest, user_state
 from server_stub.operations import MAX_MANIFEST_BYTES, OperationError, Service
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -263,6 +264,15 @@ def create_app(service: Service, *, admin_token: str, agent_token: str) -> FastA
     @app.post("/v1/addins/{addin_id}/unassign", dependencies=[Admin])
     async def unassign(addin_id: str, body: UnassignIn) -> dict[str, Any]:
         return await service.unassign(addin_id, body.target, body.target_id)
+
+    # -- anti-entropy (server_stub/antientropy.py) --------------------------------------------
+    @app.get("/v1/agents/{user_id}/digest", dependencies=[Depends(agent_or_admin)])
+    async def agent_digest(user_id: str) -> dict[str, Any]:
+        return await user_digest(service, user_id)
+
+    @app.get("/v1/agents/{user_id}/state", dependencies=[Depends(agent_or_admin)])
+    async def agent_state(user_id: str) -> dict[str, Any]:
+        return await user_state(service, user_id)
 
     # -- troubleshooting ---------------------------------------------------------------------
     @app.get("/v1/explain", dependencies=[Admin])
