@@ -136,6 +136,7 @@ class Agent:
         self.control: Any = None
         self.stats = {"accepted": 0, "stale": 0, "invalid": 0}
         self._stopping = False
+        self.anti_entropy: Any = None  # agent/antientropy.py, started by start()
 
     # -- public interface --------------------------------------------------------------------
     def entitlements(self) -> dict[str, Entitlement]:
@@ -194,10 +195,18 @@ class Agent:
 
             self.control = ControlServer(self, self.config.control)
             await self.control.start()
+        # -- anti-entropy hook (agent/antientropy.py; None when anti_entropy_interval = 0) --
+        if self.anti_entropy is None:
+            from agent.antientropy import AntiEntropy
+
+            self.anti_entropy = AntiEntropy.start_for(self)
         await self.transport.first_attempt.wait()
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.anti_entropy is not None:  # anti-entropy hook (agent/antientropy.py)
+            await self.anti_entropy.stop()
+            self.anti_entropy = None
         if self.control is not None:
             await self.control.stop()
             self.control = None
