@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
-
 from addin_core.protocol import (
     AgentReport,
     AnyPayload,
@@ -36,7 +34,7 @@ from addin_core.protocol import (
 from agent.applier import AppliedManifest, Applier, FolderApplier, MemoryApplier
 from agent.cache import Cache, Tx, VolatileCache, open_cache
 from agent.config import AgentConfig
-from agent.fetcher import Fetcher, FetchResult
+from agent.fetcher import Fetcher, FetchResult, HttpClient
 from agent.pending import (
     InstalledAddin,
     ManifestRecord,
@@ -86,7 +84,7 @@ class Agent:
 
     Interface used by the simulator (thousands of agents in one process)::
 
-        agent = Agent(config, http=shared_httpx_client_or_None,
+        agent = Agent(config, http=shared_HttpPool_or_None,
                       applier=MemoryApplier() or None, observer=callable_or_None)
         await agent.start()        # open the cache, connect + subscribe in the background;
                                    # returns once the first connection attempt was made and
@@ -106,7 +104,7 @@ class Agent:
     def __init__(
         self,
         config: AgentConfig,
-        http: httpx.AsyncClient | None = None,
+        http: HttpClient | None = None,
         applier: Applier | None = None,
         observer: Callable[[AgentEvent], None] | None = None,
     ) -> None:

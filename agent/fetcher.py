@@ -1,7 +1,8 @@
 """Manifests by sha256 over HTTP, then verification (issue 4 item 4).
 
-One `httpx.AsyncClient` can be shared by many agents (the simulator runs thousands in one
-process and wants one connection pool). Concurrency per agent is bounded by a semaphore;
+Downloads go through `agent.http11.HttpPool` (a lean keep-alive HTTP/1.1 GET client), one per
+agent by default; one pool can be shared by many agents (the simulator runs thousands in one
+process and wants one connection pool). An `httpx.AsyncClient` is accepted too. Concurrency per agent is bounded by a semaphore;
 transient failures (connection errors, 5xx, 408/429) are retried with exponential backoff
 and full jitter. A manifest is accepted only if its sha256 matches the one it was asked
 for, the manifest reader accepts it, and its Id and Version equal the catalog entry's.
@@ -23,6 +24,7 @@ import httpx
 
 from addin_core.manifest import ManifestError, parse_manifest
 from addin_core.protocol import CatalogEntry, Host
+from agent.http11 import HttpPool
 
 log = logging.getLogger("addin_agent.fetcher")
 
@@ -34,12 +36,16 @@ agents using it. httpcore's pool scans its whole wait queue on every request, so
 thousands of agents queue there costs quadratic CPU and starves the event loop (measured:
 300 agents x 10 manifests stalled the loop for 20 s); queueing on a semaphore is O(1)."""
 
-_shared_limits: weakref.WeakKeyDictionary[httpx.AsyncClient, asyncio.Semaphore] = (
+HttpClient = HttpPool | httpx.AsyncClient
+"""What a Fetcher downloads with: both have ``await get(url, headers=...)`` returning an object
+with ``status_code`` and ``content``, and raise `httpx.HTTPError` subclasses on failure."""
+
+_shared_limits: weakref.WeakKeyDictionary[HttpClient, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _shared_limit(http: httpx.AsyncClient) -> asyncio.Semaphore:
+def _shared_limit(http: HttpClient) -> asyncio.Semaphore:
     sem = _shared_limits.get(http)
     if sem is None:
         sem = _shared_limits[http] = asyncio.Semaphore(SHARED_CLIENT_CONCURRENCY)
@@ -106,7 +112,7 @@ class Fetcher:
         self,
         server_url: str,
         token: str | None,
-        http: httpx.AsyncClient | None = None,
+        http: HttpClient | None = None,
         concurrency: int = 4,
         attempts: int = 5,
         base_delay: float = 0.2,
@@ -115,9 +121,12 @@ class Fetcher:
         self.server_url = server_url.rstrip("/")
         self.token = token
         self._own = http is None
-        self.http = http or httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+        self.http: HttpClient = http or HttpPool(
+            max_connections=concurrency, timeout=10.0, connect_timeout=5.0
+        )
         self._sem = asyncio.Semaphore(concurrency)
-        self._shared = _shared_limit(self.http) if http is not None else None
+        # An HttpPool bounds its own connections (O(1) wait); httpx's pool does not scale.
+        self._shared = _shared_limit(http) if isinstance(http, httpx.AsyncClient) else None
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay

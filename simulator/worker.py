@@ -2,7 +2,7 @@
 
 Only two things differ from a workstation: the applier is in memory and the cache is an
 in-memory SQLite database (or one SQLite file per client, for scenarios where clients go
-offline and come back with their cache). All agents of a worker share one `httpx.AsyncClient`
+offline and come back with their cache). All agents of a worker share one `HttpPool`
 (one connection pool) to fetch manifests.
 
 The worker obeys the coordinator's commands on the control channel (`simulator.control`),
@@ -26,9 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from addin_core.protocol import Host
+from agent.http11 import HttpPool
 from simulator import control
 from simulator.baseline import baseline_in_loop
 from simulator.control import BrokerAddress, ControlChannel
@@ -76,7 +75,7 @@ class Worker:
         self.wid = wid or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.cache_dir = cache_dir
         self.clients: dict[str, VirtualClient] = {}
-        self.http: httpx.AsyncClient | None = None
+        self.http: HttpPool | None = None
         self.by_revision: dict[int, StageSet] = {}
         self.cold = StageSet()
         self.cold_revision = 0
@@ -142,11 +141,7 @@ class Worker:
         self.agent_settings = dict(args["agent"])
         self.cold_revision = int(args.get("cold_revision", 0))
         mine = args["shards"].get(self.wid, [])
-        self.http = httpx.AsyncClient(
-            base_url=self.server_url,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-            timeout=30,
-        )
+        self.http = HttpPool(max_connections=64, timeout=30)
         for client_id, user_id in mine:
             self.clients[client_id] = VirtualClient(client_id, user_id)
         await self._start_clients(list(self.clients.values()), seq)

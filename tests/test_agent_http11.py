@@ -1,0 +1,157 @@
+"""agent.http11.HttpPool against a real loopback HTTP server that answers in every framing
+(Content-Length, chunked, until close), closes idle connections, lies, or stalls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from agent.http11 import HttpPool
+
+Handler = Callable[[str], bytes | None]
+"""request target -> raw response bytes (None: close without answering)."""
+
+
+class RawServer:
+    def __init__(self, handler: Handler, close_after: int = 0) -> None:
+        self.handler = handler
+        self.close_after = close_after  # close the connection after N answers (0: keep)
+        self.connections = 0
+        self.requests: list[str] = []
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        answered = 0
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode().split("\r\n")
+                self.requests.append(head.decode())
+                out = self.handler(lines[0].split(" ")[1])
+                if out is None:
+                    return
+                writer.write(out)
+                await writer.drain()
+                answered += 1
+                if self.close_after and answered >= self.close_after:
+                    return
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def ok(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[HttpPool]:
+    p = HttpPool(max_connections=4, timeout=2.0, connect_timeout=2.0, max_body=1000)
+    yield p
+    await p.aclose()
+
+
+async def test_content_length_reuses_one_connection(pool: HttpPool) -> None:
+    async with RawServer(lambda t: ok(t.encode())) as srv:
+        for i in range(5):
+            r = await pool.get(f"{srv.url}/m/{i}?x=1", headers={"Authorization": "Bearer t"})
+            assert (r.status_code, r.content) == (200, f"/m/{i}?x=1".encode())
+        assert srv.connections == 1
+        assert "Authorization: Bearer t" in srv.requests[0]
+        assert srv.requests[0].startswith("GET /m/0?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+async def test_chunked_and_close_delimited_bodies(pool: HttpPool) -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n"
+    async with RawServer(lambda t: chunked) as srv:
+        r = await pool.get(srv.url + "/c")
+        assert r.content == b"hello world"
+        r = await pool.get(srv.url + "/c")
+        assert r.content == b"hello world" and srv.connections == 1
+    async with RawServer(lambda t: b"HTTP/1.0 404 Not Found\r\n\r\nnope", close_after=1) as srv:
+        r = await pool.get(srv.url + "/x")
+        assert (r.status_code, r.content) == (404, b"nope")
+        r = await pool.get(srv.url + "/x")
+        assert r.status_code == 404 and srv.connections == 2
+
+
+async def test_server_closing_idle_connections_is_retried_once(pool: HttpPool) -> None:
+    async with RawServer(lambda t: ok(b"x"), close_after=1) as srv:
+        for _ in range(3):
+            assert (await pool.get(srv.url + "/m")).content == b"x"
+            await asyncio.sleep(0.05)  # let the server's close arrive (or not) first
+        assert srv.connections == 3
+
+
+async def test_bodies_over_the_limit_are_refused(pool: HttpPool) -> None:
+    big = b"y" * 1001
+    async with RawServer(lambda t: ok(big)) as srv:
+        with pytest.raises(httpx.RemoteProtocolError, match="over 1000"):
+            await pool.get(srv.url + "/big")
+    chunk = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n" + big + b"\r\n0\r\n\r\n"
+    async with RawServer(lambda t: chunk) as srv:
+        with pytest.raises(httpx.RemoteProtocolError, match="over 1000"):
+            await pool.get(srv.url + "/big")
+    async with RawServer(lambda t: b"HTTP/1.1 200 OK\r\n\r\n" + big, close_after=1) as srv:
+        with pytest.raises(httpx.RemoteProtocolError, match="over 1000"):
+            await pool.get(srv.url + "/big")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+    ],
+)
+async def test_malformed_answers_are_protocol_errors(pool: HttpPool, answer: bytes) -> None:
+    async with RawServer(lambda t: answer, close_after=1) as srv:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await pool.get(srv.url + "/m")
+
+
+async def test_unreachable_stalled_and_unsupported(pool: HttpPool) -> None:
+    async with RawServer(lambda t: ok(b"")) as srv:
+        url = srv.url
+    with pytest.raises(httpx.ConnectError):
+        await pool.get(url + "/m")  # the server is gone
+    stall = asyncio.Event()
+
+    async def never(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await stall.wait()
+
+    server = await asyncio.start_server(never, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fast = HttpPool(timeout=0.3)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            await fast.get(f"http://127.0.0.1:{port}/m")
+    finally:
+        stall.set()
+        server.close()
+        await fast.aclose()
+    with pytest.raises(httpx.UnsupportedProtocol):
+        await pool.get("ftp://127.0.0.1/x")
+    await pool.aclose()
+    with pytest.raises(httpx.TransportError):
+        await pool.get(url + "/m")
