@@ -379,7 +379,7 @@ def last_check(conn: sqlite3.Connection) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def compare_now(cfg: AgentConfig, state: ReceivedState) -> tuple[str, str]:
+def compare_now(cfg: AgentConfig, state: ReceivedState) -> tuple[Literal["ok", "warn"], str]:
     """(status, detail) of a live digest comparison from the cache, for `doctor`."""
     local = local_digest(state, cfg.user_id)
     url = f"{cfg.server_url.rstrip('/')}/v1/agents/{cfg.user_id}/digest"

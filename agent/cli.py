@@ -28,6 +28,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from addin_core.protocol import Host
+from agent.antientropy import describe_last
 from agent.cache import CacheError, open_readonly
 from agent.config import AgentConfig, ConfigError, load_config
 
@@ -312,6 +313,7 @@ def status_data(conn: sqlite3.Connection) -> dict[str, Any]:
         "installed_per_host": installed,
         "pending_per_host": pending,
         "subscriptions": s.get("subscriptions", []),
+        "anti_entropy": s.get("anti_entropy"),
     }
 
 
@@ -338,6 +340,7 @@ def status(c: Ctx, as_json: bool) -> None:
     )
     console.print(f"Broker  {conn_text}")
     console.print(f"State   revision {d['revision']}, last message {when(d['last_message_at'])}")
+    console.print(f"Sync    anti-entropy {escape(describe_last(d['anti_entropy']))}")
     n = d["counts"]
     console.print(
         f"Cache   {n['received']} topics held, {n['entitlements']} entitlements, "

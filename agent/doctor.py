@@ -180,6 +180,20 @@ def check_applied(cfg: AgentConfig, conn: sqlite3.Connection) -> Check | None:
     return Check("add-in folders", "ok", f"{cfg.applier_dir} matches the installed set")
 
 
+def check_anti_entropy(cfg: AgentConfig, conn: sqlite3.Connection) -> Check:
+    """Compare this cache's entitlement digest with the server's now; add the daemon's last
+    anti-entropy result."""
+    from agent.antientropy import compare_now, describe_last, last_check
+
+    status, detail = compare_now(cfg, load_state(conn, cfg.tenant))
+    last = last_check(conn)
+    if cfg.anti_entropy_interval <= 0:
+        detail += "; periodic check disabled (anti_entropy_interval = 0)"
+    else:
+        detail += f"; daemon: {describe_last(last)}"
+    return Check("anti-entropy", status, detail)
+
+
 def run_checks(cfg: AgentConfig, conn: sqlite3.Connection) -> list[Check]:
     rev_row = conn.execute("SELECT max(revision) FROM received").fetchone()
     rev = int(rev_row[0] or 0)
@@ -190,6 +204,7 @@ def run_checks(cfg: AgentConfig, conn: sqlite3.Connection) -> list[Check]:
         check_manifests(conn),
         check_subscriptions(cfg, conn),
     ]
+    checks.append(check_anti_entropy(cfg, conn))
     applied = check_applied(cfg, conn)
     if applied:
         checks.append(applied)

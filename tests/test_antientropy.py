@@ -28,10 +28,12 @@ from agent_helpers import (
     settled,
     until,
 )
+from click.testing import CliRunner
 from server_helpers import retained_state
 
 from addin_core.protocol import Host
 from agent.antientropy import AntiEntropy, local_digest
+from agent.cli import main as cli_main
 from agent.daemon import Agent
 from simulator.mosquitto import MosquittoBroker
 
@@ -193,8 +195,27 @@ async def test_matching_digest_records_no_resync(
         await until(lambda: ae.checks >= 3, timeout=15, what="three checks")
         assert ae.resyncs == 0 and not events(agent, "resync")
         assert ae.last is not None and ae.last.result == "ok"
-        assert ae.last.revision < ae.last.server_revision  # type: ignore[operator]
+        assert ae.last.server_revision is not None and ae.last.revision < ae.last.server_revision
         assert len(events(agent, "anti_entropy_ok")) == 1  # sparse: only on becoming ok
+
+        # `status` shows the last check; `doctor` compares the cache with the server now.
+        toml = tmp_path / "agent.toml"
+        toml.write_text(
+            "\n".join(
+                f"{k} = {json.dumps(v)}"
+                for k, v in agent.config.model_dump(mode="json").items()
+                if v is not None
+            )
+        )
+        r = CliRunner().invoke(cli_main, ["--config", str(toml), "status", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["anti_entropy"]["result"] == "ok"
+        r = CliRunner().invoke(cli_main, ["--config", str(toml), "status"])
+        assert "anti-entropy last check" in r.output and ": ok" in r.output
+        r = CliRunner().invoke(cli_main, ["--config", str(toml), "doctor", "--json"])
+        check = {c["name"]: c for c in json.loads(r.output)}["anti-entropy"]
+        assert check["status"] == "ok", check
+        assert "1 entitlement(s) match the server's" in check["detail"]
     finally:
         await agent.stop()
 
