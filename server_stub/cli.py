@@ -220,7 +220,13 @@ def serve(
             await asyncio.gather(pub, return_exceptions=True)
             await service.conn.close()
 
-    asyncio.run(go())
+    # uvloop when installed (the `fast` extra): the manifest endpoint serves a whole fleet.
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(go())
+    else:
+        uvloop.run(go())
 
 
 # -- load -----------------------------------------------------------------------------------
