@@ -128,6 +128,13 @@ def _event_loop_run(coro: Any) -> Any:
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--run-id", default=None, help="Run id remote workers join (default: random).")
 @click.option("--no-baseline", is_flag=True, help="Skip the bare MQTT fan-out measurement.")
+@click.option(
+    "--cache",
+    type=click.Choice(["memory", "file", "none"]),
+    default=None,
+    help="Agent cache of every client (default: the scenario's, usually memory): in-memory "
+    "SQLite, one SQLite file per client, or none (no SQL, least memory).",
+)
 def run(
     clients: int,
     scenario: str,
@@ -141,6 +148,7 @@ def run(
     seed: int,
     run_id: str | None,
     no_baseline: bool,
+    cache: str | None,
 ) -> None:
     """Run a scenario with N virtual clients and check every one against the oracle."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -187,6 +195,7 @@ def run(
             agent_token=agent_token,
             remote_workers=remote_workers,
             baseline=not no_baseline,
+            cache=cache,
             progress=on_progress,
         )
         if run_id:

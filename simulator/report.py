@@ -51,6 +51,7 @@ def build_report(r: RunResult) -> dict[str, Any]:
         "description": r.scenario.description.strip(),
         "seed": r.options.seed,
         "workers": r.workers,
+        "agent_cache": r.options.cache or r.scenario.cache,
         "mismatches": len(r.mismatches),
         "mismatch_list": r.mismatches[:MAX_LISTED_MISMATCHES],
         "server_disagreements": r.server_disagreements,
@@ -124,6 +125,10 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
         for p in report["processes"]
     )
     console.print(f"processes: {procs}")
+    console.print(
+        f"agent cache {report.get('agent_cache', 'memory')}: peak worker RSS per client "
+        f"{report['rss_per_client_kb']:.0f} KB"
+    )
     if report["mismatches"]:
         console.print(f"[bold red]{report['mismatches']} mismatches with the oracle[/]")
         for m in report["mismatch_list"][:20]:

@@ -4,7 +4,8 @@
 name: phased-rollout
 description: pilot group -> a department -> everyone
 org: {groups: 40, nesting_depth: 0, nested_groups: false}   # one user per client
-cache: memory            # or "file": one SQLite file per client (survives going offline)
+cache: memory            # or "file": one SQLite file per client (survives going offline),
+                         # or "none": no SQL at all (the agent's volatile cache; least memory)
 start: before            # clients connect before step 1; "storm": a step starts them all cold
 addins:
   notes: {hosts: [Word, Excel], permissions: ReadDocument, version: 1.0.0.0}
@@ -103,7 +104,7 @@ class Scenario(_Model):
     name: str
     description: str = ""
     org: OrgShape = OrgShape()
-    cache: Literal["memory", "file"] = "memory"
+    cache: Literal["memory", "file", "none"] = "memory"
     start: Literal["before", "storm"] = "before"
     addins: dict[str, AddinSpec] = {}
     setup: list[dict[str, Any]] = []

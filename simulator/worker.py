@@ -177,6 +177,8 @@ class Worker:
         s = self.agent_settings
         if s.get("cache") == "file" and self.cache_dir is not None:
             cache_path = str(self.cache_dir / f"{c.client_id}.sqlite")
+        elif s.get("cache") == "none":
+            cache_path = ":none:"
         else:
             cache_path = ":memory:"
         config = AgentConfig(
