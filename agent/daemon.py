@@ -51,6 +51,10 @@ log = logging.getLogger("addin_agent")
 
 EventKind = Literal["notified", "manifest_cached", "applied"]
 
+REPORT_DELAY = 1.0
+"""Reports after launches are coalesced over this many seconds: a user who starts Word, Excel
+and Outlook together sends one report, and a fleet's server stores a third of the rows."""
+
 FETCH_RETRY_DELAY = (5.0, 60.0)
 """After a round of fetch attempts fails, wait this long (jittered, doubling) to retry."""
 
@@ -134,6 +138,7 @@ class Agent:
         self.control: Any = None
         self.stats = {"accepted": 0, "stale": 0, "invalid": 0}
         self._stopping = False
+        self._report_task: asyncio.Task[None] | None = None
         self.anti_entropy: Any = None  # agent/antientropy.py, started by start()
 
     # -- public interface --------------------------------------------------------------------
@@ -208,6 +213,9 @@ class Agent:
         if self.control is not None:
             await self.control.stop()
             self.control = None
+        if self._report_task is not None:
+            self._report_task.cancel()
+            self._report_task = None
         for t in list(self._fetching.values()):
             t.cancel()
         for t in list(self._fetching.values()):
@@ -631,7 +639,7 @@ class Agent:
         for p in applied:
             self._emit("applied", p.revision, p.committed_at, p.addin_id, host)
         if applied:
-            await self.publish_report()
+            self._schedule_report()
         return {a: i.version for a, i in new.items()}
 
     async def _set_choice(self, addin_id: str, choice: str | None, detail: str) -> None:
@@ -739,6 +747,15 @@ class Agent:
             applied=applied[:4000],
             errors=errors,
         )
+
+    def _schedule_report(self) -> None:
+        if self._report_task is None or self._report_task.done():
+            self._report_task = asyncio.create_task(self._report_later())
+
+    async def _report_later(self) -> None:
+        await asyncio.sleep(REPORT_DELAY)
+        with contextlib.suppress(Exception):  # best effort; the next change reports again
+            await self.publish_report()
 
     async def publish_report(self) -> bool:
         if self.transport is None:
