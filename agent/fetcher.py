@@ -1,6 +1,6 @@
 """Manifests by sha256 over HTTP, then verification (issue 4 item 4).
 
-Downloads go through `agent.http11.HttpPool` (a lean keep-alive HTTP/1.1 GET client), one per
+Downloads go through `agent.http_pool.HttpPool` (aiohttp with a body-size cap), one per
 agent by default; one pool can be shared by many agents (the simulator runs thousands in one
 process and wants one connection pool). An `httpx.AsyncClient` is accepted too. Concurrency per agent is bounded by a semaphore;
 transient failures (connection errors, 5xx, 408/429) are retried with exponential backoff
@@ -24,7 +24,7 @@ import httpx
 
 from addin_core.manifest import ManifestError, parse_manifest
 from addin_core.protocol import CatalogEntry, Host
-from agent.http11 import HttpPool
+from agent.http_pool import HttpPool
 
 log = logging.getLogger("addin_agent.fetcher")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from addin_core.protocol import Host
-from agent.http11 import HttpPool
+from agent.http_pool import HttpPool
 from simulator import control
 from simulator.baseline import baseline_in_loop
 from simulator.control import BrokerAddress, ControlChannel

@@ -1,4 +1,4 @@
-"""agent.http11.HttpPool against a real loopback HTTP server that answers in every framing
+"""agent.http_pool.HttpPool against a real loopback HTTP server that answers in every framing
 (Content-Length, chunked, until close), closes idle connections, lies, or stalls."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import pytest
 
-from agent.http11 import HttpPool
+from agent.http_pool import HttpPool
 
 Handler = Callable[[str], bytes | None]
 """request target -> raw response bytes (None: close without answering)."""
