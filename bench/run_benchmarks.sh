@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Simulator benchmarks: phased-rollout and storm at 1,000 / 5,000 / 10,000 clients, one worker
-# process per core. Reports go to bench-results/<scenario>-<clients>/. Other parts append their
-# own benchmark commands below.
+# Simulator benchmarks (docs/benchmarks.md): phased-rollout and storm at 1,000 / 5,000 / 10,000
+# clients, one worker process per core, agents with the volatile cache (`--cache none`), then
+# 10,000 phased-rollout again with in-memory SQLite caches (the default) for the memory cost.
+# Reports go to bench-results/<scenario>-<clients>[-memory]/. Other parts append their own
+# benchmark commands below.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 for clients in ${SIM_BENCH_CLIENTS:-1000 5000 10000}; do
     for scenario in phased-rollout storm; do
-        echo "==> addin-sim run --clients $clients --scenario $scenario"
-        .venv/bin/addin-sim run --clients "$clients" --scenario "$scenario" \
+        echo "==> addin-sim run --clients $clients --scenario $scenario --cache none"
+        .venv/bin/addin-sim run --clients "$clients" --scenario "$scenario" --cache none \
             --report "bench-results/$scenario-$clients" || echo "   (exit status $?)"
     done
 done
+echo "==> addin-sim run --clients 10000 --scenario phased-rollout (cache: in-memory SQLite)"
+.venv/bin/addin-sim run --clients 10000 --scenario phased-rollout \
+    --report "bench-results/phased-rollout-10000-memory" || echo "   (exit status $?)"
 
 # Agent: idle RSS/CPU with 50 add-ins, launch and why latency, admin write -> manifest cached.
 echo "==> bench/bench_agent.py"
