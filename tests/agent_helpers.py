@@ -16,55 +16,14 @@ from typing import Any
 
 import httpx
 
+from addin_core.protocol import Host
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from simulator.mosquitto import MosquittoBroker, free_port
+from simulator.orggen import make_manifest
 
 ADMIN_TOKEN = "admin-secret"
 AGENT_TOKEN = "agent-secret"
-
-TASKPANE = """<?xml version="1.0" encoding="UTF-8"?>
-<OfficeApp xmlns="http://schemas.microsoft.com/office/appforoffice/1.1"
- xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="TaskPaneApp">
-  <Id>{id}</Id>
-  <Version>{version}</Version>
-  <ProviderName>Contoso</ProviderName>
-  <DefaultLocale>en-US</DefaultLocale>
-  <DisplayName DefaultValue="{name}"/>
-  <Description DefaultValue="Test add-in {name}"/>
-  <Hosts>{hosts}</Hosts>
-  <DefaultSettings>
-    <SourceLocation DefaultValue="https://addins.contoso.com/{name}/index.html"/>
-  </DefaultSettings>
-  <Permissions>{permissions}</Permissions>
-</OfficeApp>
-"""
-
-MAILAPP = """<?xml version="1.0" encoding="utf-8"?>
-<OfficeApp xmlns="http://schemas.microsoft.com/office/appforoffice/1.1"
- xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="MailApp">
-  <Id>{id}</Id>
-  <Version>{version}</Version>
-  <ProviderName>Contoso</ProviderName>
-  <DefaultLocale>en-US</DefaultLocale>
-  <DisplayName DefaultValue="{name}"/>
-  <Description DefaultValue="Test mail add-in {name}"/>
-  <Hosts><Host Name="Mailbox"/></Hosts>
-  <Requirements><Sets><Set Name="Mailbox" MinVersion="1.1"/></Sets></Requirements>
-  <FormSettings>
-    <Form xsi:type="ItemRead">
-      <DesktopSettings>
-        <SourceLocation DefaultValue="https://addins.contoso.com/{name}/read.html"/>
-        <RequestedHeight>250</RequestedHeight>
-      </DesktopSettings>
-    </Form>
-  </FormSettings>
-  <Permissions>{permissions}</Permissions>
-  <Rule xsi:type="ItemIs" ItemType="Message" FormType="Read"/>
-</OfficeApp>
-"""
-
-HOST_NAMES = {"Word": "Document", "Excel": "Workbook", "PowerPoint": "Presentation"}
 
 
 def manifest(
@@ -76,18 +35,14 @@ def manifest(
 ) -> bytes:
     """A valid manifest. Outlook-only add-ins are MailApps, the rest TaskPaneApps."""
     aid = addin_id or str(uuid.uuid5(uuid.NAMESPACE_URL, f"addin:{name}"))
-    if hosts == ("Outlook",):
-        return MAILAPP.format(
-            id=aid, version=version, name=name, permissions=permissions or "ReadItem"
-        ).encode()
-    xml_hosts = "".join(f'<Host Name="{HOST_NAMES[h]}"/>' for h in hosts)
-    return TASKPANE.format(
-        id=aid,
-        version=version,
+    outlook = hosts == ("Outlook",)
+    return make_manifest(
+        aid,
         name=name,
-        hosts=xml_hosts,
-        permissions=permissions or "ReadDocument",
-    ).encode()
+        version=version,
+        hosts=[Host(h) for h in hosts],
+        permissions=permissions or ("ReadItem" if outlook else "ReadDocument"),
+    )
 
 
 def addin_id(name: str) -> str:

@@ -39,6 +39,7 @@ from agent.config import AgentConfig  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
 from simulator.mosquitto import MosquittoBroker, free_port  # noqa: E402
 from simulator.oracle import AdminAction, GroundTruth, diff_entitlements, diff_installed  # noqa: E402
+from simulator.orggen import make_manifest  # noqa: E402
 
 SEED_OFFSET = int(os.environ.get("ADDIN_FAULT_SEED", "0"))
 """Shifts every rollout's seed: `bench/fault_soak.py` runs the suite with many of them."""
@@ -46,24 +47,7 @@ SEED_OFFSET = int(os.environ.get("ADDIN_FAULT_SEED", "0"))
 ADMIN_TOKEN = "admin-secret"
 AGENT_TOKEN = "agent-secret"
 TENANT = "contoso"
-
-TASKPANE = """<?xml version="1.0" encoding="UTF-8"?>
-<OfficeApp xmlns="http://schemas.microsoft.com/office/appforoffice/1.1"
- xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xsi:type="TaskPaneApp">
-  <Id>{id}</Id>
-  <Version>{version}</Version>
-  <ProviderName>Contoso</ProviderName>
-  <DefaultLocale>en-US</DefaultLocale>
-  <DisplayName DefaultValue="{name}"/>
-  <Description DefaultValue="Fault suite add-in {name}"/>
-  <Hosts>{hosts}</Hosts>
-  <DefaultSettings>
-    <SourceLocation DefaultValue="https://addins.contoso.com/{name}/index.html"/>
-  </DefaultSettings>
-  <Permissions>ReadDocument</Permissions>
-</OfficeApp>
-"""
-XML_HOST = {Host.WORD: "Document", Host.EXCEL: "Workbook", Host.POWERPOINT: "Presentation"}
+DOCUMENT_HOSTS = (Host.WORD, Host.EXCEL, Host.POWERPOINT)
 
 
 def addin_guid(n: int) -> str:
@@ -71,10 +55,9 @@ def addin_guid(n: int) -> str:
 
 
 def manifest_xml(n: int, version: str, hosts: tuple[Host, ...]) -> bytes:
-    xml_hosts = "".join(f'<Host Name="{XML_HOST[h]}"/>' for h in hosts)
-    return TASKPANE.format(
-        id=addin_guid(n), version=version, name=f"fault{n}", hosts=xml_hosts
-    ).encode()
+    return make_manifest(
+        addin_guid(n), name=f"fault{n}", version=version, hosts=hosts, permissions="ReadDocument"
+    )
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -279,7 +262,7 @@ class Rollout:
         if not self.addins or (choice < 0.25 and len(self.addins) < 8):
             n = self.next_n
             self.next_n += 1
-            hosts = tuple(sorted(r.sample(list(XML_HOST), r.randint(1, 2))))
+            hosts = tuple(sorted(r.sample(list(DOCUMENT_HOSTS), r.randint(1, 2))))
             self.addins[n] = ("1.0.0.0", hosts)
             return AdminAction("upload", {"n": n, "version": "1.0.0.0", "hosts": hosts})
         n = r.choice(sorted(self.addins))
