@@ -89,9 +89,7 @@ def build_report(r: RunResult) -> dict[str, Any]:
 
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
-    t = Table(
-        title=f"{report['scenario']}: {report['clients']} clients, {report['workers']} workers"
-    )
+    t = Table(title=f"{report['scenario']}: {_run_size(report)}")
     t.add_column("step")
     t.add_column("converged", justify="right")
     for stage in STAGES:
@@ -159,7 +157,7 @@ def _svg_plot(
     import math
 
     pts = [p for s in series.values() for p in s]
-    left, right, top, bottom = 60, 20, 30, 45
+    left, right, top, bottom = 60, 40, 30, 45
     w, h = width - left - right, height - top - bottom
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
     out.append(
@@ -199,7 +197,7 @@ def _svg_plot(
         xpix = left + (xv - xmin) / (xmax - xmin) * w
         out.append(f'<line x1="{xpix}" x2="{xpix}" y1="{top}" y2="{top + h}" stroke="#eee"/>')
         out.append(
-            f'<text x="{xpix}" y="{top + h + 14}" text-anchor="middle" font-size="10">{label:.3g}</text>'
+            f'<text x="{xpix}" y="{top + h + 14}" text-anchor="middle" font-size="10">{_tick(label)}</text>'
         )
     out.append(
         f'<text x="{left + w / 2}" y="{height - 8}" text-anchor="middle" font-size="11">{html.escape(xlabel)}</text>'
@@ -225,6 +223,23 @@ def _svg_plot(
     return "".join(out)
 
 
+def _run_size(report: dict[str, Any]) -> str:
+    workers = report["workers"]
+    return f"{report['clients']} clients, {workers} worker{'' if workers == 1 else 's'}"
+
+
+def _tick(value: float) -> str:
+    """An axis label a person reads: 2710, not 2.71e+03."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _stage_cells(stage: dict[str, Any]) -> str:
+    """p50, p99, max and count of one stage; dashes where the stage saw no event."""
+    if not stage.get("count"):
+        return "<td>–</td><td>–</td><td>–</td><td>0</td>"
+    return "".join(f"<td>{stage.get(k, '–')}</td>" for k in ("p50_ms", "p99_ms", "max_ms", "count"))
+
+
 def render_html(report: dict[str, Any], stages: StageSet) -> str:
     cdf = {s: stages.stages[s].cdf() for s in STAGES if s in stages.stages}
     cdf_svg = _svg_plot(
@@ -247,10 +262,7 @@ def render_html(report: dict[str, Any], stages: StageSet) -> str:
     )
     rows = []
     for s in report["steps"]:
-        cells = "".join(
-            f"<td>{(s['stages'].get(st) or {}).get('p50_ms', '-')}</td><td>{(s['stages'].get(st) or {}).get('p99_ms', '-')}</td><td>{(s['stages'].get(st) or {}).get('max_ms', '-')}</td><td>{(s['stages'].get(st) or {}).get('count', 0)}</td>"
-            for st in STAGES
-        )
+        cells = "".join(_stage_cells(s["stages"].get(st) or {}) for st in STAGES)
         rows.append(
             f"<tr><td>{html.escape(s['name'])}</td><td>{s['converged']}/{s['online_clients']}</td>"
             f"<td>{s['duration_s']}</td>{cells}<td>{html.escape(', '.join(s['notes']))}</td></tr>"
@@ -279,7 +291,7 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:first-child {{ text-align: left; }}
 .ok {{ color: #2a7; font-weight: bold; }} .bad {{ color: #c22; font-weight: bold; }}
 </style></head><body>
-<h1>{html.escape(report["scenario"])}: {report["clients"]} clients, {report["workers"]} workers</h1>
+<h1>{html.escape(report["scenario"])}: {_run_size(report)}</h1>
 <p>{html.escape(report["description"])}</p>
 {verdict}
 <p>Run took {report["duration_s"]} s. Bare MQTT fan-out on the same broker: p99 {b.get("p99_ms")} ms,
