@@ -153,6 +153,11 @@ class Agent:
         return self.state.revision
 
     @property
+    def fetching(self) -> int:
+        """Manifests being downloaded (or waiting to retry) right now."""
+        return len(self._fetching)
+
+    @property
     def connected(self) -> bool:
         return bool(self.transport is not None and self.transport.connected.is_set())
 

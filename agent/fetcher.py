@@ -17,12 +17,13 @@ import logging
 import random
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import httpx
 
-from addin_core.manifest import ManifestError, parse_manifest
+from addin_core.manifest import Manifest, ManifestError, parse_manifest
 from addin_core.protocol import CatalogEntry, Host
 from agent.http_pool import HttpPool
 
@@ -86,10 +87,9 @@ def verify(entry: CatalogEntry, body: bytes) -> FetchResult:
     digest = hashlib.sha256(body).hexdigest()
     if digest != entry.manifest_sha256:
         return refuse(f"content hash {digest[:12]}… does not match {entry.manifest_sha256[:12]}…")
-    try:
-        manifest = parse_manifest(body)
-    except ManifestError as e:
-        return refuse(f"the manifest reader rejected it: {e}")
+    manifest = _read_by_digest(digest, body)
+    if isinstance(manifest, str):
+        return refuse(f"the manifest reader rejected it: {manifest}")
     if str(manifest.id).lower() != entry.addin_id.lower():
         return refuse(f"manifest Id {manifest.id} is not the catalog's {entry.addin_id}")
     if manifest.version != entry.version:
@@ -105,6 +105,30 @@ def verify(entry: CatalogEntry, body: bytes) -> FetchResult:
         hosts=tuple(Host(h) for h in manifest.hosts),
         fetched_at=time.time(),
     )
+
+
+READ_MEMO_SIZE = 64
+
+_read_memo: OrderedDict[str, Manifest | str] = OrderedDict()
+
+
+def _read_by_digest(digest: str, body: bytes) -> Manifest | str:
+    """The reader's verdict on `body` (its `Manifest`, or why it was rejected), once per
+    sha256 per process. Every download is still hashed; bytes with the same hash are the same
+    bytes, and reading them is a pure function. One agent gains nothing; a process running
+    thousands (the simulator) reads each manifest once instead of thousands of times."""
+    hit = _read_memo.get(digest)
+    if hit is not None:
+        _read_memo.move_to_end(digest)
+        return hit
+    try:
+        verdict: Manifest | str = parse_manifest(body)
+    except ManifestError as e:
+        verdict = str(e)
+    _read_memo[digest] = verdict
+    if len(_read_memo) > READ_MEMO_SIZE:
+        _read_memo.popitem(last=False)
+    return verdict
 
 
 class Fetcher:

@@ -120,6 +120,18 @@ async def test_serve_http_api_publishes_and_serves_manifests(
         assert m.headers["content-type"] == "application/xml"
         assert m.headers["etag"] == f'"{entry["manifest_sha256"]}"'
         assert "immutable" in m.headers["cache-control"]
+        # Later downloads come from the in-memory fast path (ManifestFastPath): same answer.
+        again = await http.get(entry["manifest_url"], headers=AGENT)
+        same = ("content-type", "etag", "cache-control", "content-length")
+        assert again.status_code == 200 and again.content == m.content
+        assert {h: again.headers[h] for h in same} == {h: m.headers[h] for h in same}
+        unchanged = await http.get(
+            entry["manifest_url"], headers={**AGENT, "If-None-Match": m.headers["etag"]}
+        )
+        assert unchanged.status_code == 304 and unchanged.content == b""
+        assert unchanged.headers["etag"] == m.headers["etag"]
+        wrong = await http.get(entry["manifest_url"], headers={"Authorization": "Bearer agent"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
         assert (await http.get("/v1/manifests/" + "0" * 64, headers=AGENT)).status_code == 404
         assert (
             await http.get(entry["manifest_url"], headers={"Authorization": "Bearer x"})
