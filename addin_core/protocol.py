@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
 
@@ -125,6 +125,8 @@ class Topic:
     group_id: str | None = None
     user_id: str | None = None
     client_id: str | None = None
+    _wire: str = field(default="", init=False, repr=False, compare=False)
+    """The wire form, computed on first use (agents format every topic they accept)."""
 
     def __post_init__(self) -> None:
         check_id(self.tenant, "tenant id")
@@ -173,6 +175,11 @@ class Topic:
 
     # -- wire form --------------------------------------------------------------------------
     def __str__(self) -> str:
+        if not self._wire:
+            object.__setattr__(self, "_wire", self._format())
+        return self._wire
+
+    def _format(self) -> str:
         base = f"{PROTOCOL_PREFIX}/{self.tenant}"
         k = TopicKind
         match self.kind:
@@ -392,6 +399,34 @@ def decode(topic: Topic, payload: bytes | bytearray | str) -> AnyPayload:
         raise InvalidPayload(
             f"{topic}: payload of {len(raw)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit"
         )
+    value = _validate_plain(topic, raw)
+    if value is None:
+        value = _validate_diagnosed(topic, raw)
+    if isinstance(value, CatalogEntry) and value.addin_id != topic.addin_id:
+        raise InvalidPayload(
+            f"{topic}: catalog entry names add-in {value.addin_id!r}, topic names {topic.addin_id!r}"
+        )
+    if isinstance(value, AgentReport) and value.client_id != topic.client_id:
+        raise InvalidPayload(
+            f"{topic}: report from client {value.client_id!r} on {topic.client_id!r}'s topic"
+        )
+    assert isinstance(value, (_Payload, AgentReport))
+    return value  # type: ignore[return-value]
+
+
+def _validate_plain(topic: Topic, raw: bytes) -> BaseModel | None:
+    """The common case in one step: ASCII, no tombstone, valid for the topic's model.
+    None otherwise, and `_validate_diagnosed` says what is wrong (messages unchanged):
+    every agent of a fleet decodes every change, so parsing the JSON twice counts."""
+    if not raw.isascii() or b"deleted" in raw:
+        return None
+    try:
+        return MODEL_BY_KIND[topic.kind].model_validate_json(raw)
+    except ValidationError:
+        return None
+
+
+def _validate_diagnosed(topic: Topic, raw: bytes) -> BaseModel:
     try:
         data: Any = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -408,19 +443,9 @@ def decode(topic: Topic, payload: bytes | bytearray | str) -> AnyPayload:
     else:
         model = MODEL_BY_KIND[topic.kind]
     try:
-        value = model.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as e:
         raise InvalidPayload(f"{topic}: invalid {model.__name__}: {_describe(e)}") from e
-    if isinstance(value, CatalogEntry) and value.addin_id != topic.addin_id:
-        raise InvalidPayload(
-            f"{topic}: catalog entry names add-in {value.addin_id!r}, topic names {topic.addin_id!r}"
-        )
-    if isinstance(value, AgentReport) and value.client_id != topic.client_id:
-        raise InvalidPayload(
-            f"{topic}: report from client {value.client_id!r} on {topic.client_id!r}'s topic"
-        )
-    assert isinstance(value, (_Payload, AgentReport))
-    return value  # type: ignore[return-value]
 
 
 def decode_message(topic: str, payload: bytes | bytearray | str) -> tuple[Topic, AnyPayload]:

@@ -17,7 +17,7 @@ Rules (DESIGN §2, issue 4 item 6):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 from addin_core.protocol import Host, Mode
@@ -80,6 +80,24 @@ class PendingChange:
             other.action,
             other.to_version,
             other.sha256,
+        )
+
+    def stamped(self, since: float, revision: int, committed_at: float | None) -> PendingChange:
+        # dataclasses.replace() introspects the fields on every call; this runs for every
+        # pending change of every transition.
+        return PendingChange(
+            self.host,
+            self.addin_id,
+            self.name,
+            self.action,
+            self.from_version,
+            self.to_version,
+            self.sha256,
+            self.state,
+            self.reason,
+            since,
+            revision,
+            committed_at,
         )
 
     def content(self) -> tuple[object, ...]:
@@ -204,9 +222,7 @@ def carry_stamps(
     for key, p in new.items():
         prev = old.get(key)
         if prev is not None and prev.same_change(p):
-            out[key] = replace(
-                p, since=prev.since, revision=prev.revision, committed_at=prev.committed_at
-            )
+            out[key] = p.stamped(prev.since, prev.revision, prev.committed_at)
         else:
-            out[key] = replace(p, since=now, revision=revision, committed_at=committed_at)
+            out[key] = p.stamped(now, revision, committed_at)
     return out

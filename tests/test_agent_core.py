@@ -5,6 +5,13 @@ Plain function calls on hand-built state: no broker, no files, no clock.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from addin_core.protocol import (
     Assignment,
     CatalogEntry,
@@ -17,7 +24,8 @@ from addin_core.protocol import (
     Tombstone,
     Topic,
 )
-from agent.pending import InstalledAddin, ManifestRecord, plan
+from agent.cache import Tx
+from agent.pending import InstalledAddin, ManifestRecord, PendingChange, plan
 from agent.resolver import MAX_GROUP_DEPTH, explain, group_paths, resolve
 from agent.state import ReceivedState
 from agent.subscriptions import desired_filters, reconcile
@@ -322,3 +330,76 @@ def test_plan_removes_only_what_is_no_longer_wanted() -> None:
     p = plan(ents, have, {}, {}, (Host.WORD,), gone)
     assert list(p) == [(Host.WORD, "b")] and p[(Host.WORD, "b")].action == "remove"
     assert p[(Host.WORD, "b")].reason == "unassigned"
+
+
+@given(
+    st.one_of(
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=8),
+        st.lists(st.text(max_size=4), max_size=3),
+        st.dictionaries(st.text(max_size=4), st.integers(), max_size=3),
+        st.booleans(),
+        st.none(),
+    )
+)
+def test_sync_values_are_stored_as_json(value: object) -> None:
+    """Numbers take a shortcut (repr) in `Tx.sync`; what is stored must read back as JSON."""
+    tx = Tx()
+    tx.sync("k", value)
+    text = tx.sync_values["k"]
+    assert text == (value if isinstance(value, str) else json.dumps(value))
+    assert tx.statements == [
+        ("INSERT OR REPLACE INTO sync (key, value) VALUES (?, ?)", ("k", text))
+    ]
+
+
+def test_upsert_and_delete_statements() -> None:
+    tx = Tx()
+    tx.upsert("pending", {"host": "Word", "addin_id": "a", "revision": 3})
+    tx.delete("pending", host="Word", addin_id="a")
+    assert tx.statements == [
+        ("INSERT OR REPLACE INTO pending (host, addin_id, revision) VALUES (?, ?, ?)",
+         ("Word", "a", 3)),
+        ("DELETE FROM pending WHERE host = ? AND addin_id = ?", ("Word", "a")),
+    ]  # fmt: skip
+
+
+def test_stamped_pending_change_equals_dataclasses_replace() -> None:
+    p = PendingChange(
+        Host.WORD, "a", "A", "update", "1.0", "2.0", "ab" * 32, "ready", "r", 1.0, 2, 3.0
+    )
+    assert p.stamped(9.0, 8, None) == dataclasses.replace(
+        p, since=9.0, revision=8, committed_at=None
+    )
+    assert [f.name for f in dataclasses.fields(p)][-3:] == ["since", "revision", "committed_at"]
+
+
+def test_verification_reads_each_digest_once_and_still_checks_every_download() -> None:
+    from agent import fetcher
+    from simulator.orggen import make_manifest
+
+    addin = "0b5cb8a0-1f53-4e4e-8a60-1d1a8cd8e0aa"
+    xml = make_manifest(
+        addin, name="Memo", version="1.0.0.0", hosts=[Host.WORD], permissions="ReadDocument"
+    )
+    bad = xml.replace(b"<Version>1.0.0.0</Version>", b"<Version>one</Version>")
+
+    def entry_for(body: bytes) -> CatalogEntry:
+        sha = hashlib.sha256(body).hexdigest()
+        return CatalogEntry(
+            addin_id=addin, name="Memo", source=Source.LOB, version="1.0.0.0",
+            manifest_sha256=sha, manifest_url=f"/v1/manifests/{sha}", hosts=[Host.WORD],
+            permissions="ReadDocument", enabled=True, revision=1,
+        )  # fmt: skip
+
+    good_entry, bad_entry = entry_for(xml), entry_for(bad)
+    first, second = fetcher.verify(good_entry, xml), fetcher.verify(good_entry, bytes(xml))
+    assert first.status == second.status == "verified" and first.hosts == second.hosts
+    assert good_entry.manifest_sha256 in fetcher._read_memo
+    # A refusal is remembered too, with its reason, and other bytes are never taken for it.
+    refused = [fetcher.verify(bad_entry, bad) for _ in range(2)]
+    assert {r.status for r in refused} == {"refused"}
+    assert refused[0].reason == refused[1].reason and "reader rejected" in str(refused[0].reason)
+    tampered = fetcher.verify(good_entry, bad)
+    assert tampered.status == "refused" and "does not match" in str(tampered.reason)

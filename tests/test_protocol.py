@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from addin_core import protocol
 from addin_core.protocol import (
     MAX_PAYLOAD_BYTES,
     AgentReport,
@@ -215,3 +220,67 @@ def test_payloads_are_immutable() -> None:
     p = Policy(nested_groups=False, revision=1)
     with pytest.raises(Exception, match="frozen"):
         p.nested_groups = True  # type: ignore[misc]
+
+
+def test_topic_wire_form_is_cached_without_changing_equality() -> None:
+    fresh = Topic.assign_group("c", "g", ADDIN)
+    formatted = Topic.assign_group("c", "g", ADDIN)
+    assert str(formatted) == "addins/v1/c/assign/group/g/" + ADDIN
+    assert str(formatted) == str(formatted)  # the second call reads the cached form
+    # One has its wire form cached, the other not: still equal, same hash, same dict key.
+    assert fresh == formatted and hash(fresh) == hash(formatted)
+    assert {fresh: 1}[formatted] == 1
+    assert "_wire" not in repr(formatted)
+    for topic, wire in TOPICS:
+        assert str(Topic.parse(wire)) == wire == str(topic)
+
+
+def _outcome(fn: Callable[[], object]) -> tuple[str, object]:
+    try:
+        return ("ok", fn())
+    except InvalidPayload as e:
+        return ("refused", str(e))
+
+
+def _json_values() -> st.SearchStrategy[object]:
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 2**40),
+        st.floats(allow_nan=False),
+        st.text(max_size=12),
+        st.sampled_from(["fixed", "Word", "deleted", "1.0.0.0", SHA, f"/v1/manifests/{SHA}"]),
+    )
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+
+
+@given(
+    st.sampled_from(PAYLOADS),
+    st.dictionaries(st.sampled_from(["revision", "mode", "deleted", "groups", "name",
+                                     "hosts", "committed_at", "zzz", "addin_id"]),
+                    _json_values(), max_size=3),
+    st.lists(st.sampled_from(["revision", "mode", "groups", "name", "hosts", "deleted"]),
+             max_size=2),
+)  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_one_step_decoding_agrees_with_the_diagnosing_path(
+    case: tuple[Topic, Any], changes: dict[str, object], dropped: list[str]
+) -> None:
+    """`decode` validates plain ASCII payloads in one step and sends everything else through
+    the path that names what is wrong: both must reach the same verdict."""
+    topic, payload = case
+    data = json.loads(payload.to_bytes())
+    data.update(changes)
+    for key in dropped:
+        data.pop(key, None)
+    raw = json.dumps(data, ensure_ascii=False).encode()
+
+    def diagnosed() -> object:
+        plain = protocol._validate_plain
+        try:
+            protocol._validate_plain = lambda t, r: None  # type: ignore[assignment]
+            return decode(topic, raw)
+        finally:
+            protocol._validate_plain = plain
+
+    assert _outcome(lambda: decode(topic, raw)) == _outcome(diagnosed)
