@@ -272,6 +272,15 @@ class Filters:
         return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/report/+"
 
     @staticmethod
+    def retained_state(tenant: str) -> list[str]:
+        """Every retained state topic of the tenant (all but the agents' reports)."""
+        t = check_id(tenant, "tenant id")
+        return [
+            f"{PROTOCOL_PREFIX}/{t}/{rest}"
+            for rest in ("catalog/+", "assign/#", "member/+", "group/+/parents", "policy")
+        ]
+
+    @staticmethod
     def everything(tenant: str) -> str:
         return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/#"
 

@@ -202,7 +202,7 @@ def serve(
             broker,
             username=broker_username,
             password=broker_password,
-            report_sink=service.record_report,
+            report_sink=service.record_reports,
         )
         service.on_commit = publisher.wake
         app = create_app(service, admin_token=admin_token, agent_token=agent_token)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -913,24 +913,43 @@ class Service:
 
     async def record_report(self, report: Any) -> None:
         """Store the latest report of one agent client (from `report/{client_id}`)."""
-        async with self._lock:
-            await self.conn.execute(
-                "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
-                "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
-                "user_id=excluded.user_id, revision=excluded.revision, "
-                "reported_at=excluded.reported_at, received_at=excluded.received_at, "
-                "applied=excluded.applied, errors=excluded.errors "
-                "WHERE excluded.reported_at >= reports.reported_at",
-                (
-                    report.client_id,
-                    report.user_id,
-                    report.revision,
-                    report.reported_at,
-                    self.clock(),
-                    json.dumps([a.model_dump(mode="json") for a in report.applied]),
-                    json.dumps(list(report.errors)),
-                ),
+        await self.record_reports([report])
+
+    async def record_reports(self, reports: Sequence[Any]) -> None:
+        """Store a batch of reports in one transaction. After a rollout thousands of agents
+        report within a second; one commit each kept the server busy while the next change
+        was fanning out. An older report never replaces a newer one."""
+        if not reports:
+            return
+        now = self.clock()
+        rows = [
+            (
+                r.client_id,
+                r.user_id,
+                r.revision,
+                r.reported_at,
+                now,
+                json.dumps([a.model_dump(mode="json") for a in r.applied]),
+                json.dumps(list(r.errors)),
             )
+            for r in reports
+        ]
+        async with self._lock:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self.conn.executemany(
+                    "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
+                    "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
+                    "user_id=excluded.user_id, revision=excluded.revision, "
+                    "reported_at=excluded.reported_at, received_at=excluded.received_at, "
+                    "applied=excluded.applied, errors=excluded.errors "
+                    "WHERE excluded.reported_at >= reports.reported_at",
+                    rows,
+                )
+            except BaseException:
+                await self.conn.execute("ROLLBACK")
+                raise
+            await self.conn.execute("COMMIT")
 
     # -- reads ------------------------------------------------------------------------------
 

@@ -39,7 +39,10 @@ CRASH_ENV = "ADDIN_SERVER_CRASH_AFTER_COMMIT"
 SESSION_EXPIRY_S = 7 * 24 * 3600
 BATCH = 500
 
-ReportSink = Callable[[AgentReport], Awaitable[None]]
+ReportSink = Callable[[list[AgentReport]], Awaitable[None]]
+
+REPORT_BATCH = 1000
+"""Reports written in one transaction at most."""
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
@@ -225,14 +228,28 @@ class Publisher:
                 pass
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            try:
-                _, payload = decode_message(str(message.topic), bytes(message.payload))
-            except ProtocolError as e:
-                log.warning("ignoring invalid message: %s", e)
-                continue
-            if isinstance(payload, AgentReport) and self.report_sink is not None:
+        reports: asyncio.Queue[AgentReport] = asyncio.Queue()
+        store = asyncio.create_task(self._store_reports(reports))
+        try:
+            async for message in client.messages:
                 try:
-                    await self.report_sink(payload)
-                except Exception:
-                    log.exception("could not store report from %s", payload.client_id)
+                    _, payload = decode_message(str(message.topic), bytes(message.payload))
+                except ProtocolError as e:
+                    log.warning("ignoring invalid message: %s", e)
+                    continue
+                if isinstance(payload, AgentReport) and self.report_sink is not None:
+                    reports.put_nowait(payload)
+        finally:
+            store.cancel()
+
+    async def _store_reports(self, reports: asyncio.Queue[AgentReport]) -> None:
+        # Whatever arrived while the previous batch was being written goes in one transaction.
+        assert self.report_sink is not None
+        while True:
+            batch = [await reports.get()]
+            while not reports.empty() and len(batch) < REPORT_BATCH:
+                batch.append(reports.get_nowait())
+            try:
+                await self.report_sink(batch)
+            except Exception:
+                log.exception("could not store %d report(s)", len(batch))

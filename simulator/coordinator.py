@@ -315,7 +315,9 @@ class Coordinator:
         )
         await self.channel.start()
         self.tapper = ControlChannel(
-            broker, f"tap-{self.run}", [Filters.everything(TENANT)], self._on_tap
+            # State topics only: the tap also took every agent report (10,000 after a
+            # checkpoint), which cost this process most of a core during the next step.
+            broker, f"tap-{self.run}", Filters.retained_state(TENANT), self._on_tap
         )
         await self.tapper.start()
         self.monitors = [ProcessMonitor("coordinator")]

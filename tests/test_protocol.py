@@ -106,6 +106,15 @@ def test_filters() -> None:
         Filters.assign_group("c", "g/#")
 
 
+def test_retained_state_filters_match_every_state_topic_and_no_report() -> None:
+    from paho.mqtt.client import topic_matches_sub
+
+    filters = Filters.retained_state("contoso")
+    for topic, wire in TOPICS:
+        matched = any(topic_matches_sub(f, wire) for f in filters)
+        assert matched == (topic.kind != TopicKind.REPORT), wire
+
+
 def catalog_entry(**over: object) -> CatalogEntry:
     fields: dict[str, object] = dict(
         addin_id=ADDIN,

@@ -38,7 +38,7 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
 async def _start_publisher(
     service: Service, db_path: Path, broker: MosquittoBroker
 ) -> tuple[Publisher, asyncio.Task[None]]:
-    pub = Publisher(db_path, "contoso", broker.url, report_sink=service.record_report)
+    pub = Publisher(db_path, "contoso", broker.url, report_sink=service.record_reports)
     service.on_commit = pub.wake
     task = asyncio.create_task(pub.run())
     async with asyncio.timeout(10):
@@ -303,4 +303,46 @@ async def test_agent_reports_are_stored_and_explained(
     assert ex["reports"][0]["applied"] == [
         {"addin_id": TASKPANE_ID, "version": "1.0.0.0", "host": "Word"}
     ]
+    await _stop(task)
+
+
+async def test_a_burst_of_reports_is_stored_in_batches_newest_wins(
+    service: Service, tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """After a rollout thousands of agents report at once: every one is stored (batched
+    transactions), and a client's older report never replaces its newer one."""
+    import aiomqtt
+
+    from addin_core.protocol import AgentReport
+
+    _, task = await _start_publisher(service, tmp_path / "server.db", broker)
+
+    def report(client: str, at: float, revision: int) -> bytes:
+        return AgentReport(
+            client_id=client, user_id="u", revision=revision, reported_at=at, applied=[]
+        ).to_bytes()
+
+    async with aiomqtt.Client("127.0.0.1", broker.port) as c:
+        for i in range(400):
+            await c.publish(
+                str(Topic.report("contoso", f"ws{i}")), report(f"ws{i}", 10.0, 1), qos=1
+            )
+        # ws7's newer report, then an older one arriving late (reordered)
+        await c.publish(str(Topic.report("contoso", "ws7")), report("ws7", 20.0, 5), qos=1)
+        await c.publish(str(Topic.report("contoso", "ws7")), report("ws7", 15.0, 3), qos=1)
+    rows: list[Any] = []
+    for _ in range(200):
+        rows = list(
+            await (await service.conn.execute("SELECT client_id, revision FROM reports")).fetchall()
+        )
+        if len(rows) == 400:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # let the late, older ws7 report be written (or refused)
+    rows = list(
+        await (await service.conn.execute("SELECT client_id, revision FROM reports")).fetchall()
+    )
+    by_client = {r[0]: r[1] for r in rows}
+    assert len(by_client) == 400
+    assert by_client["ws7"] == 5 and by_client["ws0"] == 1
     await _stop(task)
