@@ -317,7 +317,10 @@ class Coordinator:
         self.tapper = ControlChannel(
             # State topics only: the tap also took every agent report (10,000 after a
             # checkpoint), which cost this process most of a core during the next step.
-            broker, f"tap-{self.run}", Filters.retained_state(TENANT), self._on_tap
+            broker,
+            f"tap-{self.run}",
+            Filters.retained_state(TENANT),
+            self._on_tap,
         )
         await self.tapper.start()
         self.monitors = [ProcessMonitor("coordinator")]
