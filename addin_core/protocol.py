@@ -208,6 +208,20 @@ class Topic:
     @classmethod
     def parse(cls, topic: str) -> Topic:
         """Parse a wire topic; raise `InvalidTopic` naming what is wrong."""
+        # Topics are immutable values and a process running many agents parses the same
+        # few strings thousands of times: remember the recent ones.
+        if isinstance(topic, str):
+            hit = _PARSED.get(topic)
+            if hit is not None:
+                return hit
+        parsed = cls._parse(topic)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[topic] = parsed
+        return parsed
+
+    @classmethod
+    def _parse(cls, topic: str) -> Topic:
         if not isinstance(topic, str) or "\x00" in topic:
             raise InvalidTopic(f"topic {topic!r} is not a clean string")
         parts = topic.split("/")
@@ -233,6 +247,9 @@ class Topic:
                 return cls.report(tenant, client)
         raise InvalidTopic(f"topic {topic!r} is not a known {PROTOCOL_PREFIX} topic")
 
+
+_PARSED: dict[str, Topic] = {}
+_PARSED_MAX = 4096
 
 _IDS_BY_KIND: dict[TopicKind, frozenset[str]] = {
     TopicKind.CATALOG: frozenset({"addin_id"}),

@@ -147,12 +147,16 @@ class Tx:
     """The sync keys written (also in `statements`), for caches that keep no tables."""
     xml: dict[str, bytes] = field(default_factory=dict)
     """Manifest bytes stored by sha256 (also in `statements`)."""
+    rows: bool = True
+    """False for a cache that keeps no tables (`VolatileCache.keeps_rows`): no statement is
+    kept, and callers may skip building rows nobody will write."""
 
     def __bool__(self) -> bool:
         return bool(self.statements)
 
     def add(self, sql: str, params: Sequence[Any] = ()) -> None:
-        self.statements.append((sql, params))
+        if self.rows:
+            self.statements.append((sql, params))
 
     def upsert(self, table: str, row: dict[str, Any]) -> None:
         if table == "manifests" and row.get("xml") is not None:
@@ -241,6 +245,8 @@ class Cache:
         # half-written transaction. One commit at a time.
         self._commit_lock = asyncio.Lock()
 
+    keeps_rows = True
+
     @property
     def memory(self) -> bool:
         return self._sync is not None
@@ -249,7 +255,12 @@ class Cache:
     async def open(cls, path: str | Path) -> Cache:
         spath = str(path)
         if spath == ":memory:":
-            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            # 8 prepared statements, not Python's 128: each costs ~3 KB per connection, and
+            # keeping the hottest 8 of an agent's ~16 took 40 KB off each in-memory cache
+            # for ~3 % more CPU per transition (measured with 2,000 agents in one process).
+            conn = sqlite3.connect(
+                ":memory:", isolation_level=None, check_same_thread=False, cached_statements=8
+            )
             _init_sync(conn, memory=True)
             return cls(spath, conn, None)
         Path(spath).parent.mkdir(parents=True, exist_ok=True)
@@ -339,6 +350,7 @@ class VolatileCache:
 
     path = ":none:"
     memory = True
+    keeps_rows = False
 
     def __init__(self) -> None:
         self._sync: dict[str, str] = {}

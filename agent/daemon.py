@@ -133,6 +133,7 @@ class Agent:
         self.fetch_errors: dict[str, str] = {}
         self._fetching: dict[str, asyncio.Task[None]] = {}
         self._lock = asyncio.Lock()
+        self._keeps_rows = True
         self._store_xml = True
         self.transport: Any = None
         self.control: Any = None
@@ -166,6 +167,7 @@ class Agent:
         if self.cache is not None:
             return
         self.cache = await open_cache(self.config.cache_path)
+        self._keeps_rows = self.cache.keeps_rows
         self._store_xml = not self.cache.memory or self.applier.needs_xml
         await self._load()
 
@@ -356,7 +358,7 @@ class Agent:
         old = self._ents
         self._ents = ents
         for addin_id, e in ents.items():
-            if old.get(addin_id) != e:
+            if tx.rows and old.get(addin_id) != e:
                 tx.upsert(
                     "entitlements",
                     {
@@ -387,7 +389,7 @@ class Agent:
         new = carry_stamps(new, self.pending, tx.now, revision, committed_at)
         for key, p in new.items():
             prev = self.pending.get(key)
-            if prev is None or prev.content() != p.content() or prev.since != p.since:
+            if tx.rows and (prev is None or prev.content() != p.content() or prev.since != p.since):
                 tx.upsert("pending", _pending_row(p))
                 tx.event(
                     "pending",
@@ -404,7 +406,7 @@ class Agent:
         """One message from the broker. Invalid or stale ones change nothing."""
         try:
             topic = Topic.parse(topic_str)
-            payload = decode(topic, payload_bytes)
+            payload = _decode(topic, topic_str, payload_bytes)
         except ProtocolError as e:
             self.stats["invalid"] += 1
             log.warning("refused message: %s", e)
@@ -427,15 +429,16 @@ class Agent:
             self.stats["accepted"] += 1
             rev = int(getattr(payload, "revision", 0))
             committed_at = getattr(payload, "committed_at", None)
-            tx = Tx()
-            tx.upsert("received", _received_row(topic, self.state.held[topic], tx.now))
-            tx.event(
-                "received",
-                str(topic).split("/", 3)[3]
-                + (" (deleted)" if isinstance(payload, Tombstone) else ""),
-                addin_id=topic.addin_id,
-                revision=rev,
-            )
+            tx = Tx(rows=self._keeps_rows)
+            if tx.rows:
+                tx.upsert("received", _received_row(topic, self.state.held[topic], tx.now))
+                tx.event(
+                    "received",
+                    str(topic).split("/", 3)[3]
+                    + (" (deleted)" if isinstance(payload, Tombstone) else ""),
+                    addin_id=topic.addin_id,
+                    revision=rev,
+                )
             tx.sync("last_message_at", tx.now)
             tx.sync("revision", self.state.revision)
             if topic.kind in (TopicKind.MEMBER, TopicKind.GROUP_PARENTS):
@@ -529,7 +532,7 @@ class Agent:
         async with self._lock:
             self.manifests[r.sha256] = rec
             self.fetch_errors.pop(r.sha256, None)
-            tx = Tx()
+            tx = Tx(rows=self._keeps_rows)
             tx.upsert(
                 "manifests",
                 {
@@ -767,6 +770,23 @@ class Agent:
             return False
         topic = Topic.report(self.config.tenant, self.config.client_id)
         return bool(await self.transport.publish(str(topic), self.report().to_bytes()))
+
+
+_DECODED: dict[tuple[str, bytes], AnyPayload] = {}
+_DECODED_MAX = 1024
+
+
+def _decode(topic: Topic, topic_str: str, payload: bytes) -> AnyPayload:
+    """`decode`, remembering recent results: payloads are immutable models, and a process
+    running many agents (the simulator) receives the same message once per agent."""
+    key = (topic_str, payload)
+    hit = _DECODED.get(key)
+    if hit is None:
+        hit = decode(topic, payload)
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[key] = hit
+    return hit
 
 
 def _received_row(topic: Topic, held: Held, now: float) -> dict[str, Any]:

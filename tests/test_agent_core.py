@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -403,3 +404,47 @@ def test_verification_reads_each_digest_once_and_still_checks_every_download() -
     assert refused[0].reason == refused[1].reason and "reader rejected" in str(refused[0].reason)
     tampered = fetcher.verify(good_entry, bad)
     assert tampered.status == "refused" and "does not match" in str(tampered.reason)
+
+
+def test_a_transition_for_a_cache_without_tables_keeps_only_what_is_read_back() -> None:
+    tx = Tx(rows=False)
+    tx.upsert("manifests", {"sha256": "ab" * 32, "xml": b"<OfficeApp/>"})
+    tx.upsert("pending", {"host": "Word", "addin_id": "a"})
+    tx.event("received", "x")
+    tx.sync("revision", 7)
+    assert tx.statements == [] and not tx
+    assert tx.sync_values == {"revision": "7"} and tx.xml == {"ab" * 32: b"<OfficeApp/>"}
+
+
+async def test_repeated_messages_decode_once_and_bad_ones_are_refused_every_time(
+    tmp_path: Path,
+) -> None:
+    from agent import daemon
+    from agent.applier import MemoryApplier
+    from agent.config import AgentConfig
+
+    agents = []
+    for n in range(2):
+        config = AgentConfig(
+            tenant="contoso", user_id=f"u{n}", client_id=f"c{n}",
+            broker_url="mqtt://127.0.0.1:1", server_url="http://127.0.0.1:1",
+            cache_path=":memory:", applier="memory", control=None,
+        )  # fmt: skip
+        agent = daemon.Agent(config, applier=MemoryApplier())
+        await agent.open()
+        agents.append(agent)
+    topic = str(Topic.assign_everyone("contoso", "addin-1"))
+    body = Assignment(revision=3, mode=Mode.FIXED).to_bytes()
+    for agent in agents:
+        await agent.handle_message(topic, body)
+    held = [a.state.held[Topic.parse(topic)].payload for a in agents]
+    assert held[0] is held[1]  # one decoded (immutable) model shared by both agents
+    bad = b'{"revision": 4, "mode": "mandatory"}'
+    for agent in agents:
+        for _ in range(2):
+            await agent.handle_message(topic, bad)
+        assert agent.stats["invalid"] == 2 and agent.revision == 3
+        rows = await agent.cache.fetchall("SELECT detail FROM events WHERE kind = 'invalid'")
+        assert len(rows) == 2 and "mode" in rows[0]["detail"]
+    for agent in agents:
+        await agent.cache.close()

@@ -293,3 +293,16 @@ def test_one_step_decoding_agrees_with_the_diagnosing_path(
             protocol._validate_plain = plain
 
     assert _outcome(lambda: decode(topic, raw)) == _outcome(diagnosed)
+
+
+def test_parsed_topics_are_remembered_and_bad_ones_refused_every_time() -> None:
+    wire = f"addins/v1/c/assign/everyone/{ADDIN}"
+    assert Topic.parse(wire) is Topic.parse(wire)
+    for _ in range(2):
+        with pytest.raises(InvalidTopic):
+            Topic.parse("addins/v1/c/assign/everyone/bad#id")
+        with pytest.raises(InvalidTopic):
+            Topic.parse(["not", "a", "string"])  # type: ignore[arg-type]
+    for n in range(protocol._PARSED_MAX + 10):  # bounded: the memo starts over when full
+        Topic.parse(f"addins/v1/c/member/u{n}")
+    assert len(protocol._PARSED) <= protocol._PARSED_MAX
