@@ -17,6 +17,10 @@ echo "==> addin-sim run --clients 10000 --scenario phased-rollout (cache: in-mem
 .venv/bin/addin-sim run --clients 10000 --scenario phased-rollout \
     --report "bench-results/phased-rollout-10000-memory" || echo "   (exit status $?)"
 
+# Per-agent CPU and memory of one fleet-wide change, many agents in one process.
+echo "==> bench/bench_agent_fleet.py"
+.venv/bin/python bench/bench_agent_fleet.py --agents 4000 || echo "   (exit status $?)"
+
 # Agent: idle RSS/CPU with 50 add-ins, launch and why latency, admin write -> manifest cached.
 echo "==> bench/bench_agent.py"
 .venv/bin/python bench/bench_agent.py --addins 50 --launches 300 --writes 20 || echo "   (exit status $?)"
