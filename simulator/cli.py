@@ -201,10 +201,17 @@ def run(
         if run_id:
             options.run_id = run_id
         if remote_workers:
-            console.print(
-                f"run id {options.run_id}: join with `addin-sim worker --run {options.run_id} "
-                f"--broker URL --server URL`"
-            )
+
+            def announce(broker: str, server: str) -> None:
+                # Plain echo, never wrapped: the line is meant to be copied as it is.
+                click.echo(
+                    f"waiting for {remote_workers} more worker(s); on each, run:\n"
+                    f"  addin-sim worker --run {options.run_id} --broker {broker} "
+                    f"--server {server}",
+                    err=True,
+                )
+
+            options.on_environment = announce
         try:
             result = _event_loop_run(Coordinator(sc, options).execute())
         except RunError as e:

@@ -64,6 +64,10 @@ class RunOptions:
     """Override the scenario's agent cache: "memory", "file" or "none"."""
     progress: Callable[[str, int, int], None] | None = None
     """progress(task, done, total): live progress for the terminal."""
+    on_environment: Callable[[str, str], None] | None = None
+    """on_environment(broker_url, server_url) once both are up: where workers join."""
+    join_timeout: float | None = None
+    """Seconds to wait for every worker to join (default 60, 600 with remote workers)."""
 
 
 @dataclass
@@ -299,6 +303,8 @@ class Coordinator:
             stack.callback(env.stop)
             await asyncio.to_thread(env.start)
             self.env = env
+            if self.options.on_environment is not None:
+                self.options.on_environment(env.broker_url, env.server_url)
             return await self._execute(env, workdir)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -350,11 +356,18 @@ class Coordinator:
             for _ in range(self.options.workers):
                 local_procs.append(self._spawn_worker(env, cache_dir))
             wanted = max(1, self.options.workers) + self.options.remote_workers
-            deadline = time.monotonic() + 60
+            # Someone has to start remote workers by hand: give them time.
+            join_timeout = self.options.join_timeout or (
+                600.0 if self.options.remote_workers else 60.0
+            )
+            deadline = time.monotonic() + join_timeout
+            if self.options.progress and self.options.remote_workers:
+                self.options.progress("workers joining", len(self.hellos), wanted)
             while len(self.hellos) < wanted:
                 if time.monotonic() > deadline:
                     raise RunError(
-                        f"only {len(self.hellos)} of {wanted} workers joined within 60 s"
+                        f"only {len(self.hellos)} of {wanted} workers joined "
+                        f"within {join_timeout:.0f} s"
                     )
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):

@@ -98,3 +98,53 @@ async def test_a_broken_resolver_is_caught_by_the_oracle(
     bad = {m["user"] for m in result.mismatches}
     assert bad == {"u00001"}  # exactly the user with the fixed assignment
     assert any("expected fixed, got optional" in d for m in result.mismatches for d in m["diff"])
+
+
+@pytest.mark.slow
+def test_a_worker_started_by_hand_joins_the_run(tmp_path: Path) -> None:
+    """`addin-sim run --remote-workers 1` prints the exact `addin-sim worker` command; a worker
+    started with it (here on this machine; elsewhere only the addresses differ) gets its share
+    of the clients, and the coordinator merges what both workers measured."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    report = tmp_path / "report"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "simulator.cli", "run", "--clients", "40", "--workers", "1",
+         "--remote-workers", "1", "--scenario", "group-churn", "--no-baseline",
+         "--report", str(report)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    worker: subprocess.Popen[str] | None = None
+    try:
+        assert run.stderr is not None
+        deadline = time.monotonic() + 60
+        command = None
+        while command is None and time.monotonic() < deadline:
+            line = run.stderr.readline()
+            assert line or run.poll() is None, "the run ended before announcing the join command"
+            found = re.search(r"addin-sim worker (--run \S+ --broker \S+ --server \S+)", line)
+            if found:
+                command = found.group(1).split()
+        assert command is not None
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "simulator.cli", "worker", *command],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+        out, err = run.communicate(timeout=240)
+        assert run.returncode == 0, out + err
+        assert worker.wait(timeout=30) == 0
+    finally:
+        for p in (run, worker):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    data = json.loads((report / "report.json").read_text())
+    assert data["mismatches"] == 0 and data["clients"] == 40
+    assert data["workers"] == 2
+    assert [p["role"] for p in data["processes"]].count("worker") == 2
+    assert data["steps"][0]["converged"] == 40
