@@ -63,6 +63,8 @@ class VirtualClient:
         self.agent: Any = None
         self.online = False
         self.started_at = 0.0
+        self.changed_at = 0.0
+        """When its agent last accepted a state message (its entitlements may have changed)."""
 
 
 class Worker:
@@ -217,6 +219,7 @@ class Worker:
     def _observer(self, c: VirtualClient) -> Any:
         def observe(event: Any) -> None:
             if event.kind == "notified":
+                c.changed_at = event.at
                 for touched in self._converging:
                     touched.add(c.client_id)
             stage = STAGE_OF_KIND.get(event.kind)
@@ -243,7 +246,9 @@ class Worker:
     async def cmd_converge(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
         """Poll entitlements until every online client matches the oracle or time runs out.
 
-        Returns each converged client's time (seconds after args.t0) for the convergence curve.
+        Returns each converged client's time (seconds after args.t0) for the convergence curve:
+        when its agent accepted the message that made it match (or when it started, if later),
+        not when this loop noticed — under load this command itself arrives seconds late.
         """
         expected = expand(args["expected"])
         t0, deadline = float(args["t0"]), time.monotonic() + float(args["timeout"])
@@ -261,7 +266,8 @@ class Worker:
                 for cid in check & pending:
                     c = self.clients[cid]
                     if not diff_entitlements(expected.get(c.user_id, {}), self._ents(c)):
-                        offsets.append(max(0.0, now - t0))
+                        at = min(now, max(c.changed_at, c.started_at))
+                        offsets.append(max(0.0, at - t0))
                         pending.discard(cid)
                 if not pending or time.monotonic() > deadline:
                     break

@@ -221,3 +221,44 @@ def test_histogram_summary_and_curve() -> None:
     assert 49.5 <= s["p50_ms"] <= 50.5 and 98.5 <= s["p99_ms"] <= 99.5
     curve = convergence_curve([0.1, 0.2, 0.3], total=4)
     assert curve[0] == (0.0, 0.0) and curve[-1] == (0.3, 0.75)
+
+
+async def test_convergence_times_come_from_the_agents_not_from_when_they_were_checked() -> None:
+    """Under load the converge command reaches a worker seconds after the change; each
+    client's convergence time must still be when its agent accepted the change."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from agent.daemon import AgentEvent
+    from simulator.control import BrokerAddress
+    from simulator.worker import VirtualClient, Worker
+
+    worker = Worker("run", BrokerAddress("127.0.0.1", 1), "http://127.0.0.1:1")
+    ents: dict[str, dict[str, object]] = {}
+
+    def client(cid: str, started: float, changed: float, mode: str | None) -> VirtualClient:
+        c = VirtualClient(cid, f"user-{cid}")
+        ents[cid] = {"addin": SimpleNamespace(mode=mode)} if mode else {}
+        c.agent = SimpleNamespace(entitlements=lambda: ents[cid])
+        c.online, c.started_at, c.changed_at = True, started, changed
+        worker.clients[cid] = c
+        return c
+
+    t0 = time.time() - 2.0  # the change was committed 2 s before the check runs
+    client("early", t0 - 60, t0 + 0.7, "fixed")  # accepted the change 0.7 s after t0
+    client("before", t0 - 60, t0 - 30, "fixed")  # already matched before the change
+    client("restarted", t0 + 1.5, t0 - 30, "fixed")  # came back (from its cache) at t0+1.5
+    late = client("late", t0 - 60, t0 - 30, None)  # has not got it yet
+    expected = {"values": [{"addin": "fixed"}], "users": {f"user-{c}": 0 for c in ents}}
+    task = asyncio.create_task(
+        worker.cmd_converge(1, {"expected": expected, "t0": t0, "timeout": 10})
+    )
+    await asyncio.sleep(0.2)
+    ents["late"] = {"addin": SimpleNamespace(mode="fixed")}
+    worker._observer(late)(AgentEvent("notified", 5, t0, "addin", None, time.time()))
+    result = await asyncio.wait_for(task, 5)
+    offsets = sorted(result["offsets"])
+    assert result["unconverged"] == 0 and len(offsets) == 4
+    assert offsets[0] == 0.0 and abs(offsets[1] - 0.7) < 0.01 and abs(offsets[2] - 1.5) < 0.01
+    assert 2.1 < offsets[3] < 3.0  # "late": when its agent accepted the message
