@@ -68,6 +68,11 @@ class RunOptions:
     """on_environment(broker_url, server_url) once both are up: where workers join."""
     join_timeout: float | None = None
     """Seconds to wait for every worker to join (default 60, 600 with remote workers)."""
+    checkpoint_settle: float = 3.0
+    """Seconds to let the fleet settle after a checkpoint before the scenario goes on.
+    A checkpoint launches every host of every client at once — a burst no real fleet
+    produces — and the reports and work it leaves behind slowed the next step's fan-out
+    (10,000 clients: Everyone-step notified p99 3.1-3.3 s right after, 2.1-2.8 s after 3 s)."""
 
 
 @dataclass
@@ -685,6 +690,7 @@ class Coordinator:
                     dirty = False
                 await converge_task
                 mismatches.extend(await self._checkpoint(step.name, step.settle_timeout))
+                await asyncio.sleep(self.options.checkpoint_settle)
                 continue
             if dirty and key not in (
                 "broker_restart",

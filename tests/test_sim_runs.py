@@ -22,6 +22,7 @@ CLIENTS = 30
 
 
 async def _run(scenario: Any, tmp_path: Path, **kw: Any) -> RunResult:
+    kw.setdefault("checkpoint_settle", 0.2)  # correctness does not depend on it; CI time does
     options = RunOptions(clients=CLIENTS, workers=0, workdir=tmp_path, **kw)
     return await asyncio.wait_for(Coordinator(scenario, options).execute(), 240)
 
