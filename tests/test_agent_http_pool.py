@@ -155,3 +155,38 @@ async def test_unreachable_stalled_and_unsupported(pool: HttpPool) -> None:
     await pool.aclose()
     with pytest.raises(httpx.TransportError):
         await pool.get(url + "/m")
+
+
+async def test_requests_beyond_the_limit_wait_without_their_timeout_running() -> None:
+    """Thousands of agents share one pool: requests over `max_connections` queue in the pool,
+    never more than that many reach the server at once, and time spent queueing does not
+    count against a request's own timeout."""
+    in_flight = peak = 0
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal in_flight, peak
+        try:
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                in_flight += 1
+                peak = max(peak, in_flight)
+                await asyncio.sleep(0.3)
+                in_flight -= 1
+                writer.write(ok(b"<x/>"))
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/m"
+    try:
+        # 12 requests, 2 at a time, 0.3 s each: the last waits ~1.5 s, its timeout is 1 s.
+        async with HttpPool(max_connections=2, timeout=1.0) as pool:
+            answers = await asyncio.gather(*(pool.get(url) for _ in range(12)))
+        assert [a.status_code for a in answers] == [200] * 12
+        assert peak == 2
+    finally:
+        server.close()
