@@ -774,11 +774,15 @@ class Agent:
 
 _DECODED: dict[tuple[str, bytes], AnyPayload] = {}
 _DECODED_MAX = 1024
+_DECODED_MAX_BYTES = 4096
+"""Only small payloads are remembered: 1,024 of them stay under 5 MB whatever is sent."""
 
 
 def _decode(topic: Topic, topic_str: str, payload: bytes) -> AnyPayload:
     """`decode`, remembering recent results: payloads are immutable models, and a process
     running many agents (the simulator) receives the same message once per agent."""
+    if len(payload) > _DECODED_MAX_BYTES:
+        return decode(topic, payload)
     key = (topic_str, payload)
     hit = _DECODED.get(key)
     if hit is None:
