@@ -11,10 +11,12 @@ agent converges even when the broker lost its sessions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -108,8 +110,13 @@ class Transport:
                     self.first_attempt.set()
                     log.info("connected to %s:%d as %s", self.host, self.port, self.client_id)
                     await self.on_connect(True)
-                    async for message in client.messages:
-                        await self.on_message(str(message.topic), _payload_bytes(message.payload))
+                    if has_direct_delivery(client):
+                        await self._deliver_directly(client)
+                    else:  # an aiomqtt without the internals below: its public iterator
+                        async for message in client.messages:
+                            await self.on_message(
+                                str(message.topic), _payload_bytes(message.payload)
+                            )
                 # The message iterator only ends when the connection does.
                 raise aiomqtt.MqttError("connection closed")
             except asyncio.CancelledError:
@@ -136,6 +143,44 @@ class Transport:
                 with contextlib.suppress(Exception):
                     await self.on_disconnect(str(e))
                 await asyncio.sleep(delay)
+
+    async def _deliver_directly(self, client: aiomqtt.Client) -> None:
+        """Hand each message to `on_message`, in order, straight from paho's callback.
+
+        aiomqtt's `messages` iterator builds a `Message` and, for every message, a Task for
+        its queue and an `asyncio.wait` on it and the disconnect future. With thousands of
+        agents in one process (the simulator) that was most of a fan-out's cost: 10,000
+        clients, Everyone-step notified p99 1.9 s this way vs 1.05 s directly, against a bare
+        aiomqtt fan-out of ~1.0 s. This reads three aiomqtt internals (`_client`, `_queue`,
+        `_disconnected`); `has_direct_delivery` checks them and a test pins them, and
+        without them the public iterator is used. PUBACK timing is unchanged: paho
+        acknowledges when its callback returns, as it did with aiomqtt's.
+        """
+        inbox: collections.deque[tuple[str, bytes]] = collections.deque()
+        wake = asyncio.Event()
+
+        def on_message(_client: object, _userdata: object, message: Any) -> None:
+            inbox.append((message.topic, _payload_bytes(message.payload)))
+            wake.set()
+
+        client._client.on_message = on_message
+        queued = client._queue  # what arrived before the switch, in order
+        while not queued.empty():
+            m = queued.get_nowait()
+            inbox.append((str(m.topic), _payload_bytes(m.payload)))
+        gone: asyncio.Future[None] = client._disconnected
+        gone.add_done_callback(lambda _f: wake.set())
+        while True:
+            while inbox:
+                topic, payload = inbox.popleft()
+                await self.on_message(topic, payload)
+            if gone.done():
+                if not gone.cancelled():
+                    gone.exception()  # retrieved: the reconnect loop reports the loss
+                return
+            wake.clear()
+            if not inbox:
+                await wake.wait()
 
     async def sync_subscriptions(self) -> None:
         """Make the broker's subscriptions equal `desired()` (no-op while offline)."""
@@ -164,6 +209,15 @@ class Transport:
         except aiomqtt.MqttError as e:
             log.info("publish to %s failed: %s", topic, e)
             return False
+
+
+def has_direct_delivery(client: aiomqtt.Client) -> bool:
+    """Whether this aiomqtt has the internals `Transport._deliver_directly` reads."""
+    return (
+        hasattr(getattr(client, "_client", None), "on_message")
+        and isinstance(getattr(client, "_queue", None), asyncio.Queue)
+        and isinstance(getattr(client, "_disconnected", None), asyncio.Future)
+    )
 
 
 def _payload_bytes(payload: object) -> bytes:

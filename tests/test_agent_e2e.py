@@ -241,3 +241,14 @@ async def test_host_filter(server: ServerProcess, make_agent: MakeAgent) -> None
     conn = open_readonly(agent.config.cache_path)
     assert why(conn, "mail", Host.WORD).cause == "host_unsupported"
     assert why(conn, "doc", Host.EXCEL).cause == "host_not_installed"
+
+
+async def test_the_installed_aiomqtt_allows_direct_delivery() -> None:
+    """`Transport` takes messages straight from paho through three aiomqtt internals (half the
+    CPU per message of aiomqtt's iterator); an aiomqtt upgrade that drops them must fail here,
+    not quietly fall back to the slow path."""
+    import aiomqtt
+
+    from agent.transport import has_direct_delivery
+
+    assert has_direct_delivery(aiomqtt.Client("127.0.0.1", 1))
