@@ -175,9 +175,9 @@ class Transport:
                 topic, payload = inbox.popleft()
                 await self.on_message(topic, payload)
             if gone.done():
-                if not gone.cancelled():
-                    gone.exception()  # retrieved: the reconnect loop reports the loss
-                return
+                cause = None if gone.cancelled() else gone.exception()
+                # aiomqtt's own words, so the log reads the same with either path.
+                raise aiomqtt.MqttError("Disconnected during message iteration") from cause
             wake.clear()
             if not inbox:
                 await wake.wait()
