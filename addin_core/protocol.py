@@ -21,6 +21,7 @@ Any retained state topic except ``policy`` may carry a `Tombstone` instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -211,14 +212,8 @@ class Topic:
         # Topics are immutable values and a process running many agents parses the same
         # few strings thousands of times: remember the recent ones.
         if isinstance(topic, str):
-            hit = _PARSED.get(topic)
-            if hit is not None:
-                return hit
-        parsed = cls._parse(topic)
-        if len(_PARSED) >= _PARSED_MAX:
-            _PARSED.clear()
-        _PARSED[topic] = parsed
-        return parsed
+            return _parse_remembered(topic)
+        return cls._parse(topic)  # refused, with the reason
 
     @classmethod
     def _parse(cls, topic: str) -> Topic:
@@ -248,8 +243,13 @@ class Topic:
         raise InvalidTopic(f"topic {topic!r} is not a known {PROTOCOL_PREFIX} topic")
 
 
-_PARSED: dict[str, Topic] = {}
 _PARSED_MAX = 4096
+
+
+@functools.lru_cache(maxsize=_PARSED_MAX)
+def _parse_remembered(topic: str) -> Topic:
+    return Topic._parse(topic)  # an InvalidTopic is raised, never remembered
+
 
 _IDS_BY_KIND: dict[TopicKind, frozenset[str]] = {
     TopicKind.CATALOG: frozenset({"addin_id"}),

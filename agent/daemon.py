@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -406,7 +407,7 @@ class Agent:
         """One message from the broker. Invalid or stale ones change nothing."""
         try:
             topic = Topic.parse(topic_str)
-            payload = _decode(topic, topic_str, payload_bytes)
+            payload = _decode(topic, payload_bytes)
         except ProtocolError as e:
             self.stats["invalid"] += 1
             log.warning("refused message: %s", e)
@@ -772,25 +773,22 @@ class Agent:
         return bool(await self.transport.publish(str(topic), self.report().to_bytes()))
 
 
-_DECODED: dict[tuple[str, bytes], AnyPayload] = {}
 _DECODED_MAX = 1024
 _DECODED_MAX_BYTES = 4096
 """Only small payloads are remembered: 1,024 of them stay under 5 MB whatever is sent."""
 
 
-def _decode(topic: Topic, topic_str: str, payload: bytes) -> AnyPayload:
+@functools.lru_cache(maxsize=_DECODED_MAX)
+def _decode_remembered(topic: Topic, payload: bytes) -> AnyPayload:
+    return decode(topic, payload)  # a refusal is raised, never remembered
+
+
+def _decode(topic: Topic, payload: bytes) -> AnyPayload:
     """`decode`, remembering recent results: payloads are immutable models, and a process
     running many agents (the simulator) receives the same message once per agent."""
     if len(payload) > _DECODED_MAX_BYTES:
         return decode(topic, payload)
-    key = (topic_str, payload)
-    hit = _DECODED.get(key)
-    if hit is None:
-        hit = decode(topic, payload)
-        if len(_DECODED) >= _DECODED_MAX:
-            _DECODED.clear()
-        _DECODED[key] = hit
-    return hit
+    return _decode_remembered(topic, payload)
 
 
 def _received_row(topic: Topic, held: Held, now: float) -> dict[str, Any]:

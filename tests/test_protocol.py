@@ -305,4 +305,4 @@ def test_parsed_topics_are_remembered_and_bad_ones_refused_every_time() -> None:
             Topic.parse(["not", "a", "string"])  # type: ignore[arg-type]
     for n in range(protocol._PARSED_MAX + 10):  # bounded: the memo starts over when full
         Topic.parse(f"addins/v1/c/member/u{n}")
-    assert len(protocol._PARSED) <= protocol._PARSED_MAX
+    assert protocol._parse_remembered.cache_info().currsize <= protocol._PARSED_MAX
