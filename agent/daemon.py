@@ -50,7 +50,9 @@ from agent.subscriptions import ancestry, desired_filters
 
 log = logging.getLogger("addin_agent")
 
-EventKind = Literal["notified", "manifest_cached", "applied"]
+EventKind = Literal[
+    "notified", "manifest_cached", "applied", "connected", "disconnected", "fetch_failed"
+]
 
 REPORT_DELAY = 1.0
 """Reports after launches are coalesced over this many seconds: a user who starts Word, Excel
@@ -102,8 +104,10 @@ class Agent:
     `observer(AgentEvent)` is called synchronously with kind ``"notified"`` (a state
     message with a newer revision was accepted), ``"manifest_cached"`` (a manifest was
     fetched and verified) or ``"applied"`` (a launch applied a change), with the revision
-    and ``committed_at`` of the admin change behind it. With ``config.control`` unset no
-    local endpoint is opened.
+    and ``committed_at`` of the admin change behind it; and, for counting, ``"connected"``,
+    ``"disconnected"`` (a connection attempt failed or the link was lost; not at stop) and
+    ``"fetch_failed"`` (a round of download attempts failed; retried later). With
+    ``config.control`` unset no local endpoint is opened.
     """
 
     def __init__(
@@ -512,6 +516,7 @@ class Agent:
             tx.event("fetch_failed", reason[:500], addin_id=entry.addin_id, revision=entry.revision)
             self._recompute(tx, entry.revision, entry.committed_at)
             await self.cache.commit(tx)
+        self._emit("fetch_failed", entry.revision, entry.committed_at, entry.addin_id)
 
     async def _record_manifest(
         self,
@@ -716,6 +721,7 @@ class Agent:
 
     # -- connection events and reports -------------------------------------------------------
     async def _on_connect(self, session_present: bool) -> None:
+        self._emit("connected", self.state.revision, None)
         if self.cache is None:
             return
         tx = Tx()
@@ -730,6 +736,7 @@ class Agent:
     async def _on_disconnect(self, reason: str) -> None:
         if self.cache is None or self._stopping:
             return
+        self._emit("disconnected", self.state.revision, None)
         tx = Tx()
         tx.sync("connected", 0)
         tx.sync("disconnected_at", tx.now)

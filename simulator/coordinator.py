@@ -32,6 +32,7 @@ import psutil
 from addin_core.protocol import Filters, Host, Mode
 from simulator import control
 from simulator.control import BrokerAddress, ControlChannel
+from simulator.fleetstats import FleetStats
 from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet, convergence_curve
 from simulator.mosquitto import MosquittoBroker, free_port
 from simulator.oracle import AdminAction, GroundTruth
@@ -101,6 +102,10 @@ class RunResult:
     duration_s: float
     workers: int
     server_disagreements: list[str]
+    fleet: FleetStats = field(default_factory=FleetStats)
+    """The workers' counters merged: timeline, manifest requests, connection events."""
+    admin_retries: int = 0
+    """Admin API calls sent again because the server was unreachable (a restart)."""
 
 
 def _compact(per_user: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,6 +246,7 @@ class Coordinator:
         self.offline_clients: set[str] = set()
         self.tap: dict[str, list[dict[str, Any]]] = {}
         self.process_monitors: list[ProcessMonitor] = []
+        self.admin_retries = 0
 
     # -- control channel ----------------------------------------------------------------------
     async def _on_worker(self, topic: str, data: dict[str, Any]) -> None:
@@ -418,8 +424,10 @@ class Coordinator:
                 "stats", {"steps": {s.name: s.revisions for s in steps}}, timeout=120
             )
             cold = StageSet()
+            fleet = FleetStats()
             for r in stats.values():
                 cold.merge(StageSet.decode(r["result"]["cold"]))
+                fleet.merge(FleetStats.decode(r["result"].get("fleet", {})))
                 for s in steps:
                     s.stages.merge(StageSet.decode(r["result"]["steps"].get(s.name, {})))
             for s in steps:
@@ -454,6 +462,8 @@ class Coordinator:
                 duration_s=time.time() - started,
                 workers=len(self.workers),
                 server_disagreements=self.disagreements,
+                fleet=fleet,
+                admin_retries=self.admin_retries,
             )
         finally:
             sampler.cancel()
@@ -546,6 +556,7 @@ class Coordinator:
                 break
             except httpx.TransportError:
                 # The server may be restarting (a fault of this scenario): retry briefly.
+                self.admin_retries += 1
                 await asyncio.sleep(0.2 * min(attempt + 1, 5))
         else:
             raise RunError(f"{method} {url}: server unreachable")
@@ -790,7 +801,7 @@ class Coordinator:
         for r in replies.values():
             hist.merge(LatencyHistogram.decode(r["result"]["hist"]))
             received += r["result"]["received"]
-        return {"clients": n, "received": received, **hist.summary()}
+        return {"clients": n, "received": received, **hist.summary(), "cdf": hist.cdf()}
 
 
 def curve_of(step: StepResult) -> list[tuple[float, float]]:

@@ -32,6 +32,7 @@ from agent.http_pool import HttpPool
 from simulator import control
 from simulator.baseline import baseline_in_loop
 from simulator.control import BrokerAddress, ControlChannel
+from simulator.fleetstats import AGENT_EVENTS, FleetStats, MeteredHttpPool
 from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet
 from simulator.oracle import diff_entitlements, diff_installed
 
@@ -65,6 +66,9 @@ class VirtualClient:
         self.started_at = 0.0
         self.changed_at = 0.0
         """When its agent last accepted a state message (its entitlements may have changed)."""
+        self.connected_once = False
+        """Whether its current agent has connected since it started (later connects are
+        reconnects)."""
 
 
 class Worker:
@@ -89,6 +93,7 @@ class Worker:
         self.cold = StageSet()
         self.cold_revision = 0
         self._seen: set[tuple[str, str, int]] = set()
+        self.fleet = FleetStats()
         self.monitor = ProcessMonitor(role)
         self._last_seq = -1
         self._replies: dict[str, dict[str, Any]] = {}
@@ -154,7 +159,7 @@ class Worker:
         self.agent_settings = dict(args["agent"])
         self.cold_revision = int(args.get("cold_revision", 0))
         mine = args["shards"].get(self.wid, [])
-        self.http = HttpPool(max_connections=64, timeout=30)
+        self.http = MeteredHttpPool(self.fleet, max_connections=64, timeout=30)
         for client_id, user_id in mine:
             self.clients[client_id] = VirtualClient(client_id, user_id)
         await self._start_clients(list(self.clients.values()), seq)
@@ -194,6 +199,9 @@ class Worker:
         from agent.config import AgentConfig
         from agent.daemon import Agent
 
+        if c.agent is not None:  # restarted: keep what the previous agent counted
+            self.fleet.add_messages(c.agent.stats)
+        c.connected_once = False
         s = self.agent_settings
         if s.get("cache") == "file" and self.cache_dir is not None:
             cache_path = str(self.cache_dir / f"{c.client_id}.sqlite")
@@ -218,6 +226,13 @@ class Worker:
 
     def _observer(self, c: VirtualClient) -> Any:
         def observe(event: Any) -> None:
+            if event.kind in AGENT_EVENTS:
+                self.fleet.events[event.kind] += 1
+                if event.kind == "connected":
+                    if c.connected_once:
+                        self.fleet.reconnects += 1
+                    c.connected_once = True
+                return
             if event.kind == "notified":
                 c.changed_at = event.at
                 for touched in self._converging:
@@ -233,6 +248,7 @@ class Worker:
             if revision <= self.cold_revision:
                 # State that existed before the client started: measured from its start.
                 self.cold.record(stage, event.at - c.started_at)
+                self.fleet.timeline.record(stage, event.at, event.at - c.started_at)
             elif event.committed_at:
                 # Not setdefault(revision, StageSet()): that would build (and drop) three HDR
                 # histograms, ~200 KB of counters, for every event.
@@ -240,6 +256,7 @@ class Worker:
                 if stages is None:
                     stages = self.by_revision[revision] = StageSet()
                 stages.record(stage, event.at - event.committed_at)
+                self.fleet.timeline.record(stage, event.at, event.at - event.committed_at)
 
         return observe
 
@@ -377,9 +394,14 @@ class Worker:
                 if int(r) in self.by_revision:
                     s.merge(self.by_revision[int(r)])
             steps[name] = s.encode()
+        fleet = FleetStats.decode(self.fleet.encode())
+        for c in self.clients.values():
+            if c.agent is not None:
+                fleet.add_messages(c.agent.stats)
         return {
             "steps": steps,
             "cold": self.cold.encode(),
+            "fleet": fleet.encode(),
             "process": self.monitor.result().as_dict(),
             "clients": len(self.clients),
         }
