@@ -334,7 +334,7 @@ def linear_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 def log_ticks(lo: float, hi: float) -> list[float]:
     """1-2-5 ticks (…, 1, 2, 5, 10, 20, 50, …) covering [lo, hi]: the first at or below lo,
-    the last at or above hi. Only the powers of ten when that would be more than 12 ticks."""
+    the last at or above hi."""
     lo, hi = max(lo, 1e-3), max(hi, 1e-3)
     candidates = [
         round(m * 10.0**k, 10)
@@ -343,14 +343,19 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     ]
     start = max((c for c in candidates if c <= lo * (1 + 1e-9)), default=candidates[0])
     end = min((c for c in candidates if c >= hi * (1 - 1e-9)), default=candidates[-1])
-    ticks = [c for c in candidates if start <= c <= end]
-    if len(ticks) > 12:
-        first = 10.0 ** math.floor(math.log10(start))
-        last = 10.0 ** math.ceil(math.log10(end))
-        ticks = [
-            round(10.0**k, 10) for k in range(round(math.log10(first)), round(math.log10(last)) + 1)
-        ]
-    return ticks
+    return [c for c in candidates if start <= c <= end]
+
+
+def labelled(ticks: list[float], log: bool, length: float, min_gap: float) -> list[float]:
+    """The ticks that get a label on an axis `length` pixels long: all of them, unless on a
+    log axis the closest two (2 and 5 are 0.3 decade apart) would be under `min_gap` pixels
+    apart; then only the powers of ten (the others stay as grid lines)."""
+    if not log or len(ticks) < 2:
+        return ticks
+    per_decade = length / (math.log10(ticks[-1]) - math.log10(ticks[0]))
+    if per_decade * math.log10(2) >= min_gap:
+        return ticks
+    return [t for t in ticks if abs(math.log10(t) - round(math.log10(t))) < 1e-9]
 
 
 @dataclass
@@ -450,19 +455,30 @@ def svg_plot(
     def py(v: float) -> float:
         return top + h - scale(y, yt, min(max(v, yt[0]), yt[-1]), h)
 
-    out.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="#fff" stroke="#bbb"/>')
+    out.append(
+        f'<rect class="plot" x="{left}" y="{top}" width="{w}" height="{h}" fill="#fff" '
+        'stroke="#bbb"/>'
+    )
+    y_labels = labelled(yt, y.log, h, 16)
+    x_labels = labelled(xt, x.log, w, 34)
     for v in yt:
         yy = _fmt_attr(py(v))
         out.append(f'<line x1="{left}" x2="{left + w}" y1="{yy}" y2="{yy}" stroke="#eee"/>')
+        if v not in y_labels:
+            continue
         out.append(
-            f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end" font-size="11">'
+            f'<text class="ytick" x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end" '
+            'font-size="11">'
             f"{esc(y.fmt(v))}</text>"
         )
     for v in xt:
         xx = _fmt_attr(px(v))
         out.append(f'<line x1="{xx}" x2="{xx}" y1="{top}" y2="{top + h}" stroke="#eee"/>')
+        if v not in x_labels:
+            continue
         out.append(
-            f'<text x="{xx}" y="{top + h + 16}" text-anchor="middle" font-size="11">'
+            f'<text class="xtick" x="{xx}" y="{top + h + 16}" text-anchor="middle" '
+            'font-size="11">'
             f"{esc(x.fmt(v))}</text>"
         )
     for i, (mx, label) in enumerate(markers):
@@ -500,6 +516,7 @@ def svg_plot(
                 f'{dash} stroke-linejoin="round" points="{pts}"/>'
             )
     row = 0
+    out.append('<g class="legend">')
     for s in drawn:
         if not s.legend:
             continue
@@ -511,7 +528,7 @@ def svg_plot(
         )
         out.append(f'<text x="{lx + 28}" y="{ly + 4}" font-size="12">{esc(s.name)}</text>')
         row += 1
-    out.append("</svg>")
+    out.append("</g></svg>")
     return "".join(out)
 
 
