@@ -58,7 +58,26 @@ async def test_small_run_of_every_scenario_has_no_mismatch(name: str, tmp_path: 
     # every online client converged in every step
     assert all(s["unconverged"] == 0 for s in data["steps"])
     assert data["stages"]["notified"]["count"] > 0
-    assert "<svg" in (tmp_path / "report" / "report.html").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<svg" in page and "Errors and retries" in page and "Over time" in page
+    # The load-test sections count what really happened.
+    requests, errors = data["manifest_requests"], data["errors"]
+    assert requests["count"] >= data["stages"]["cached"]["count"]
+    assert requests["count"] > 0  # every scenario assigns an add-in
+    assert sum(requests["answers"].values()) == requests["count"] and requests["p99_ms"] > 0
+    if name != "offline-clients":  # the one scenario that restarts the server
+        assert requests["failed"] == errors["manifest_requests_failed"] == 0
+    assert set(data["timeline"]["series"]) >= {"notified", "manifest_get"}
+    assert data["cdf"]["baseline"] and data["cdf"]["notified"]
+    if name == "broker-restart":
+        # Every client lost the broker and came back (once or twice: the kill may come while
+        # a client is still waiting to reconnect after the restart).
+        assert errors["connection_failures"] >= CLIENTS
+        assert errors["reconnects"] >= CLIENTS
+    else:
+        assert errors["reconnects"] == 0
+    if name == "offline-clients":  # the duplicated and reordered messages were ignored
+        assert errors["messages_stale"] > 0
 
 
 BROKEN = """
