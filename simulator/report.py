@@ -411,6 +411,7 @@ def svg_plot(
     height: int = 320,
     markers: Sequence[tuple[float, str]] = (),
     legend_width: int = 150,
+    title_size: int = 14,
 ) -> str:
     """A line plot as inline SVG. The legend sits right of the plot area, never over it."""
     drawn = [s for s in series if s.points]
@@ -422,7 +423,7 @@ def svg_plot(
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
         f'width="{width}" height="{height}" role="img" aria-label="{esc(title)}">',
-        f'<text x="{left + w / 2:.1f}" y="18" text-anchor="middle" font-size="14" '
+        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="{title_size}" '
         f'font-weight="600">{esc(title)}</text>',
     ]
     xs = [p[0] for s in drawn for p in s.points if not x.log or p[0] > 0]
@@ -584,22 +585,22 @@ def _convergence_panels(report: dict[str, Any]) -> str:
         end = curve[-1][0]
         in_seconds = end >= 2.0
         pts = _staircase([(t if in_seconds else t * 1000, f) for t, f in curve])
+        took = f"{end:.1f} s" if in_seconds else f"{end * 1000:.0f} ms"
         done = (
-            f"all in sync after {end:.2f} s"
-            if not s["unconverged"]
-            else f"{s['unconverged']} not in sync"
+            f"all in sync in {took}" if not s["unconverged"] else f"{s['unconverged']} not in sync"
         )
         panels.append(
             svg_plot(
                 [Series(s["name"], pts, "#d62728", legend=False)],
-                title=f"{s['name']}: {reached} reached, {done}",
+                title=f"{s['name']}: {reached:,} reached, {done}",
                 x=Axis(
                     "seconds after the step started" if in_seconds else "ms after the step started",
                     lo=0,
                 ),
                 y=Axis("converged", lo=0, hi=1, ticks=_share_ticks, fmt=_percent),
-                width=420,
-                height=240,
+                width=326,
+                height=230,
+                title_size=12,
             )
         )
     if not panels:
@@ -716,7 +717,7 @@ def _latency_rows(report: dict[str, Any]) -> list[list[str]]:
     m = report.get("manifest_requests") or {}
     if m.get("count"):
         rows.append(
-            ["manifest GET (request → answer)",
+            ["manifest GET",
              *(_ms(m.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")),
              f"{m['count']:,}"]
         )  # fmt: skip

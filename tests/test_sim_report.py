@@ -430,7 +430,8 @@ def test_each_step_converges_on_its_own_time_axis() -> None:
     svgs = _svgs(render_html(_report()))
     panels = {t.split(":")[0]: s for t, s in svgs.items() if " reached, " in t}
     assert set(panels) == {"connect", "pilot", "everyone"}  # final-check reached nobody
-    assert "pilot: 20 reached, all in sync after 0.03 s" in svgs
+    assert "pilot: 20 reached, all in sync in 35 ms" in svgs
+    assert "connect: 1,000 reached, all in sync in 3.4 s" in svgs
     # The pilot converged in 35 ms: its axis ends at 40 ms, not at connect's 3.4 s.
     assert _ticks(panels["pilot"], "xtick")[-1] == "40"
     assert _ticks(panels["connect"], "xtick")[-1] == "4"
