@@ -19,7 +19,10 @@ from agent.http_pool import HttpPool, HttpResponse
 from simulator.metrics import LatencyHistogram, Timeline
 
 MANIFEST_SERIES = "manifest_get"
-"""The timeline series of manifest requests (the stages use their own names)."""
+"""The timeline series of answered manifest requests (the stages use their own names)."""
+
+MANIFEST_FAILED_SERIES = "manifest_get_failed"
+"""The timeline series of manifest requests that failed: no answer, or not 200."""
 
 AGENT_EVENTS = ("connected", "disconnected", "fetch_failed")
 """Agent events counted (not timed): see `agent.daemon.AgentEvent`."""
@@ -34,6 +37,7 @@ class FleetStats:
     def __init__(self) -> None:
         self.timeline = Timeline()
         self.requests = LatencyHistogram()
+        """Latency of the answered requests (whatever the status)."""
         self.answers: Counter[str] = Counter()
         """Manifest requests by outcome: "200", "503", ..., or the transport error's name."""
         self.events: Counter[str] = Counter()
@@ -41,10 +45,15 @@ class FleetStats:
         self.messages: Counter[str] = Counter()
 
     def request(self, at: float, seconds: float, outcome: str) -> None:
-        """One manifest request answered (or failed) at Unix time `at` after `seconds`."""
-        self.requests.record(seconds)
-        self.timeline.record(MANIFEST_SERIES, at, seconds)
+        """One manifest request answered (`outcome` is the HTTP status) or failed (the
+        transport error's name) at Unix time `at`, after `seconds`. A failure without an
+        answer counts, but its time is not the endpoint's latency."""
         self.answers[outcome] += 1
+        if outcome.isdigit():
+            self.requests.record(seconds)
+            self.timeline.record(MANIFEST_SERIES, at, seconds)
+        if outcome != "200":
+            self.timeline.record(MANIFEST_FAILED_SERIES, at, seconds)
 
     def add_messages(self, stats: Mapping[str, int]) -> None:
         """Fold in one agent's message counters (when it is replaced, and at the end)."""
@@ -84,6 +93,10 @@ class FleetStats:
     @property
     def failed_requests(self) -> int:
         return sum(n for outcome, n in self.answers.items() if outcome != "200")
+
+    @property
+    def all_requests(self) -> int:
+        return sum(self.answers.values())
 
 
 class MeteredHttpPool(HttpPool):

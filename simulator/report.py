@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from simulator.coordinator import RunResult, curve_of
-from simulator.fleetstats import MANIFEST_SERIES
+from simulator.fleetstats import MANIFEST_FAILED_SERIES, MANIFEST_SERIES
 from simulator.metrics import STAGES, convergence_curve
 
 MAX_LISTED_MISMATCHES = 1000
@@ -81,7 +81,7 @@ def build_report(r: RunResult) -> dict[str, Any]:
     fleet = r.fleet
     deliveries = sum(int(v.get("count", 0)) for v in stages.values())
     width = bucket_width(r.duration_s)
-    series = [*STAGES, MANIFEST_SERIES]
+    series = [*STAGES, MANIFEST_SERIES, MANIFEST_FAILED_SERIES]
     return {
         "clients": r.options.clients,
         "scenario": r.scenario.name,
@@ -117,11 +117,13 @@ def build_report(r: RunResult) -> dict[str, Any]:
             "messages_accepted": fleet.messages.get("accepted", 0),
         },
         "manifest_requests": {
-            "count": fleet.requests.count,
+            "count": fleet.all_requests,
             "failed": fleet.failed_requests,
             "answers": dict(sorted(fleet.answers.items())),
-            "peak_per_s": fleet.timeline.peak_rate(MANIFEST_SERIES),
+            "peak_per_s": fleet.timeline.peak_rate(MANIFEST_SERIES, MANIFEST_FAILED_SERIES),
+            # Latency of the answered requests: a refused connection says nothing of it.
             **fleet.requests.summary(),
+            "answered": fleet.requests.count,
         },
         "errors": {
             "manifest_requests_failed": fleet.failed_requests,
@@ -203,14 +205,11 @@ def n_explained(report: dict[str, Any], short: bool = False) -> str:
 
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
-    with_notes = any(s["notes"] for s in report["steps"])
     t = Table(title=f"{report['scenario']}: {_run_size(report)}")
     t.add_column("step")
     t.add_column("in sync", justify="right")
     for stage in STAGES:
         t.add_column(f"{stage}\np50/p99 ms", justify="right")
-    if with_notes:
-        t.add_column("notes")
 
     def cell(st: dict[str, Any], stage: str) -> str:
         v = st.get(stage) or {}
@@ -223,16 +222,18 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
             s["name"],
             f"{s['converged']}/{s['online_clients']}",
             *(cell(s["stages"], st) for st in STAGES),
-            *([", ".join(s["notes"])] if with_notes else []),
         )
     t.add_section()
     t.add_row(
         "all changes",
         "",
         *(cell(report["stages"], st) for st in STAGES),
-        *([""] if with_notes else []),
     )
     console.print(t)
+    # Faults and the like, below the table: a column of them would squeeze the figures.
+    for s in report["steps"]:
+        if s["notes"]:
+            console.print(f"{s['name']}: {', '.join(s['notes'])}")
     console.print(n_explained(report, short=True))
     b = report["baseline"]
     if b.get("p99_ms") is not None:
@@ -386,6 +387,7 @@ _COLORS = {
     "applied": "#2ca02c",
     "baseline": "#555555",
     MANIFEST_SERIES: "#9467bd",
+    MANIFEST_FAILED_SERIES: "#d62728",
 }
 
 _LABELS = {
@@ -394,6 +396,7 @@ _LABELS = {
     "applied": "applied",
     "baseline": "bare MQTT fan-out",
     MANIFEST_SERIES: "manifest GET",
+    MANIFEST_FAILED_SERIES: "manifest GET failed",
 }
 
 
@@ -633,7 +636,7 @@ def _rate_svg(report: dict[str, Any]) -> str:
     duration = float(report["duration_s"])
     n = max(1, math.ceil(duration / width))
     series = []
-    for name in (*STAGES, MANIFEST_SERIES):
+    for name in (*STAGES, MANIFEST_SERIES, MANIFEST_FAILED_SERIES):
         rows = data.get(name)
         if not rows:
             continue
@@ -719,7 +722,7 @@ def _latency_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append(
             ["manifest GET",
              *(_ms(m.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")),
-             f"{m['count']:,}"]
+             f"{m.get('answered', m['count']):,}"]
         )  # fmt: skip
     return rows
 
@@ -815,7 +818,7 @@ h1 { margin-bottom: 0.2em; } h2 { margin: 1.2em 0 0.4em; border-bottom: 1px soli
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 13px; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f4f4f4; text-align: center; white-space: nowrap; }
-td:first-child { text-align: left; }
+td:first-child { text-align: left; white-space: nowrap; }
 table.steps td:nth-child(5n+6), table.steps th.stage { border-left: 2px solid #999; }
 table.kv td:nth-child(2) { text-align: left; }
 table.errors td:last-child, table.errors th:last-child { text-align: left; width: 24em; }

@@ -18,7 +18,12 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from simulator.fleetstats import MANIFEST_SERIES, FleetStats, MeteredHttpPool
+from simulator.fleetstats import (
+    MANIFEST_FAILED_SERIES,
+    MANIFEST_SERIES,
+    FleetStats,
+    MeteredHttpPool,
+)
 from simulator.metrics import BINS_PER_DECADE, TICK_S, Timeline
 from simulator.report import (
     bucket_width,
@@ -124,9 +129,12 @@ def test_fleet_stats_add_up_across_workers() -> None:
     total = FleetStats()
     for part in (a, b):
         total.merge(FleetStats.decode(json.loads(json.dumps(part.encode()))))
-    assert total.requests.count == 3 and total.failed_requests == 2
+    assert total.all_requests == 3 and total.failed_requests == 2
     assert dict(total.answers) == {"200": 1, "503": 1, "ConnectError": 1}
-    assert total.timeline.count(MANIFEST_SERIES) == 3
+    # Latency is the endpoint's: of the answers (200 and 503), not of a refused connection.
+    assert total.requests.count == total.timeline.count(MANIFEST_SERIES) == 2
+    assert total.requests.max_ms() == pytest.approx(200, rel=0.01)
+    assert total.timeline.count(MANIFEST_FAILED_SERIES) == 2
     assert (total.events["disconnected"], total.events["connected"], total.reconnects) == (2, 5, 3)
     assert dict(total.messages) == {"accepted": 10, "stale": 1, "invalid": 2}
     assert FleetStats.decode({}).requests.count == 0  # a worker of an older version
@@ -164,8 +172,9 @@ async def test_metered_pool_times_every_manifest_request_and_names_failures() ->
         await pool.aclose()
         await runner.cleanup()
     assert dict(stats.answers) == {"200": 2, "503": 1, "ConnectError": 1}
-    assert stats.requests.count == 4 and stats.failed_requests == 2
-    assert stats.timeline.count(MANIFEST_SERIES) == 4
+    assert stats.all_requests == 4 and stats.failed_requests == 2
+    assert stats.requests.count == stats.timeline.count(MANIFEST_SERIES) == 3
+    assert stats.timeline.count(MANIFEST_FAILED_SERIES) == 2
 
 
 async def test_worker_counts_reconnects_fetch_failures_and_message_stats() -> None:
@@ -274,6 +283,7 @@ def _report() -> dict[str, Any]:
     ]
     steps[0]["stages"]["notified"] = stage(252.0, 336.0, 359.0, 368.0, 2000)
     steps[2]["stages"]["cached"] = stage(359.0, 498.0, 511.0, 515.0, 919)
+    steps[2]["notes"] = ["broker kill", "330 duplicated/reordered messages"]
     return {
         "clients": 1000,
         "scenario": "phased-rollout",
@@ -312,6 +322,7 @@ def _report() -> dict[str, Any]:
         },
         "manifest_requests": {
             "count": 926,
+            "answered": 924,
             "failed": 7,
             "answers": {"200": 919, "503": 5, "ConnectError": 2},
             "peak_per_s": 885.0,
@@ -336,7 +347,8 @@ def _report() -> dict[str, Any]:
                 "notified": [[2.2, 100, 250.0, 350.0], [11.0, 1000, 150.0, 270.0]],
                 "cached": [[11.2, 919, 350.0, 500.0]],
                 "applied": [[12.0, 400, 2000.0, 2600.0]],
-                MANIFEST_SERIES: [[11.0, 900, 17.0, 170.0], [11.2, 26, 30.0, 250.0]],
+                MANIFEST_SERIES: [[11.0, 900, 17.0, 170.0], [11.2, 24, 30.0, 250.0]],
+                MANIFEST_FAILED_SERIES: [[11.2, 7, 1.0, 2.0]],
             },
         },
         "processes": [{"role": "worker", "pid": 12, "cpu_s": 3.0, "rss_max_kb": 153600}],
@@ -379,7 +391,9 @@ def test_html_shows_what_report_json_holds() -> None:
     ):
         assert expected in text, expected
     # Latency table: a row per stage, the bare fan-out and the manifest endpoint.
-    assert re.search(r"manifest GET[^<]*</td><td>17.7</td><td>176</td><td>179</td>", page)
+    assert re.search(
+        r"manifest GET</td><td>17.7</td><td>176</td><td>179</td><td>253</td><td>924</td>", page
+    )
     assert re.search(r"bare MQTT fan-out</td><td>85.4</td><td>158</td><td>159</td>", page)
 
 
@@ -444,7 +458,8 @@ def test_over_time_charts_show_stages_manifest_requests_and_steps() -> None:
     rate = next(s for t, s in svgs.items() if t.startswith("Deliveries and manifest requests"))
     latency = next(s for t, s in svgs.items() if t.startswith("Latency over time"))
     texts = [t.text for t in rate.iter(f"{SVG}text")]
-    for name in ("notified", "cached", "applied", "manifest GET", "connect", "pilot", "everyone"):
+    for name in ("notified", "cached", "applied", "manifest GET", "manifest GET failed",
+                 "connect", "pilot", "everyone"):  # fmt: skip
         assert name in texts, name
     assert "manifest GET p99" in [t.text for t in latency.iter(f"{SVG}text")]
     # 1000 notified deliveries in one 0.2 s bucket: 5,000 per second at the peak.
@@ -468,6 +483,7 @@ def test_html_and_terminal_say_what_n_counts() -> None:
     assert "manifest GET: 926 requests, 7 failed, busiest second 885" in flat
     assert "13 MQTT connection failures, 11 reconnects" in flat
     assert "seed 4242, agent cache file" in flat
+    assert "everyone: broker kill, 330 duplicated/reordered messages" in flat
 
 
 def test_an_older_report_without_the_new_sections_still_renders() -> None:
