@@ -117,13 +117,13 @@ def build_report(r: RunResult) -> dict[str, Any]:
             "messages_accepted": fleet.messages.get("accepted", 0),
         },
         "manifest_requests": {
+            # Latency of the answered requests: a refused connection says nothing of it.
+            **fleet.requests.summary(),
             "count": fleet.all_requests,
+            "answered": fleet.requests.count,
             "failed": fleet.failed_requests,
             "answers": dict(sorted(fleet.answers.items())),
             "peak_per_s": fleet.timeline.peak_rate(MANIFEST_SERIES, MANIFEST_FAILED_SERIES),
-            # Latency of the answered requests: a refused connection says nothing of it.
-            **fleet.requests.summary(),
-            "answered": fleet.requests.count,
         },
         "errors": {
             "manifest_requests_failed": fleet.failed_requests,

@@ -503,3 +503,75 @@ def test_report_json_keeps_plot_points_on_one_line() -> None:
     assert json.loads(text) == report
     assert "[2.2, 100, 250.0, 350.0]" in text
     assert len(text.splitlines()) < len(json.dumps(report, indent=2).splitlines()) / 2
+
+
+def test_build_report_counts_every_manifest_request_and_who_each_step_reached() -> None:
+    from simulator.coordinator import RunOptions, RunResult, StepResult
+    from simulator.metrics import StageSet
+    from simulator.report import build_report
+    from simulator.scenario import load_scenario
+
+    t0 = 1_700_000_000.0
+    fleet = FleetStats()
+    for i in range(5):
+        fleet.request(t0 + 2 + i * 0.1, 0.010, "200")
+    fleet.request(t0 + 3, 0.020, "503")
+    fleet.request(t0 + 3, 0.001, "ConnectError")
+    fleet.request(t0 + 3.1, 0.001, "ConnectError")
+    fleet.events.update({"disconnected": 4, "connected": 7, "fetch_failed": 1})
+    fleet.reconnects = 4
+    fleet.timeline.record("notified", t0 + 1.5, 0.2)
+    stages = StageSet()
+    stages.record("notified", 0.2)
+    # Two clients got a message of the step; the third already matched when it started.
+    step = StepResult("pilot", started_at=t0 + 1, offsets=[0.0, 0.4, 0.9], online=3)
+    step.unconverged = 1
+    result = RunResult(
+        scenario=load_scenario("phased-rollout"),
+        options=RunOptions(clients=4, seed=9, cache="none"),
+        steps=[step],
+        mismatches=[],
+        stages=stages,
+        baseline={
+            "clients": 4,
+            "received": 4,
+            "p50_ms": 1.0,
+            "p95_ms": 2.0,
+            "p99_ms": 2.0,
+            "max_ms": 2.0,
+            "cdf": [(1.0, 0.0), (2.0, 1.0)],
+        },
+        processes=[{"role": "worker", "pid": 1, "cpu_s": 1.0, "rss_max_kb": 4096}],
+        started_at=t0,
+        duration_s=10.0,
+        workers=1,
+        server_disagreements=[],
+        fleet=fleet,
+        admin_retries=2,
+    )
+    report = json.loads(to_json(build_report(result)))
+    m = report["manifest_requests"]
+    assert (m["count"], m["answered"], m["failed"]) == (8, 6, 3)
+    assert m["answers"] == {"200": 5, "503": 1, "ConnectError": 2}
+    assert m["p50_ms"] == pytest.approx(10, rel=0.01) and m["max_ms"] == pytest.approx(20, rel=0.01)
+    assert report["errors"] == {
+        "manifest_requests_failed": 3,
+        "fetch_rounds_failed": 1,
+        "connection_failures": 4,
+        "reconnects": 4,
+        "messages_stale": 0,
+        "messages_invalid": 0,
+        "admin_retries": 2,
+        "unconverged": 1,
+    }
+    (s,) = report["steps"]
+    assert (s["started_s"], s["reached"], s["converged"], s["online_clients"]) == (1.0, 3, 3, 3)
+    assert s["reached_convergence"][-1] == [0.9, round(2 / 3, 4)]  # one reached never converged
+    assert report["baseline"]["p95_ms"] == 2.0 and report["cdf"]["baseline"] == [
+        [1.0, 0.0],
+        [2.0, 1.0],
+    ]
+    assert report["timeline"]["bucket_s"] == 0.1
+    assert report["timeline"]["series"]["manifest_get_failed"][0][:2] == [3.0, 3]
+    assert (report["seed"], report["agent_cache"]) == (9, "none")
+    assert "Errors and retries" in render_html(report)
