@@ -419,15 +419,20 @@ def svg_plot(
     """A line plot as inline SVG. The legend sits right of the plot area, never over it."""
     drawn = [s for s in series if s.points]
     has_legend = any(s.legend for s in drawn)
-    left, top, bottom = 62, 30, 44
+    # A title of two lines (name, then figures) for narrow plots; the label reads both.
+    lines = title.split("\n")
+    left, top, bottom = 62, 14 + 16 * len(lines), 44
     right = (legend_width if has_legend else 0) + 16
     w, h = width - left - right, height - top - bottom
     esc = html.escape
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-        f'width="{width}" height="{height}" role="img" aria-label="{esc(title)}">',
-        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="{title_size}" '
-        f'font-weight="600">{esc(title)}</text>',
+        f'width="{width}" height="{height}" role="img" aria-label="{esc(": ".join(lines))}">',
+        *(
+            f'<text x="{width / 2:.1f}" y="{18 + 16 * i}" text-anchor="middle" '
+            f'font-size="{title_size}" font-weight="{600 if i == 0 else 400}">{esc(line)}</text>'
+            for i, line in enumerate(lines)
+        ),
     ]
     xs = [p[0] for s in drawn for p in s.points if not x.log or p[0] > 0]
     ys = [p[1] for s in drawn for p in s.points if not y.log or p[1] > 0]
@@ -588,22 +593,22 @@ def _convergence_panels(report: dict[str, Any]) -> str:
         end = curve[-1][0]
         in_seconds = end >= 2.0
         pts = _staircase([(t if in_seconds else t * 1000, f) for t, f in curve])
-        took = f"{end:.1f} s" if in_seconds else f"{end * 1000:.0f} ms"
+        took = f"{end:.1f} s" if end >= 1 else f"{end * 1000:.0f} ms"
         done = (
             f"all in sync in {took}" if not s["unconverged"] else f"{s['unconverged']} not in sync"
         )
         panels.append(
             svg_plot(
                 [Series(s["name"], pts, "#d62728", legend=False)],
-                title=f"{s['name']}: {reached:,} reached, {done}",
+                title=f"{s['name']}\n{reached:,} reached, {done}",
                 x=Axis(
                     "seconds after the step started" if in_seconds else "ms after the step started",
                     lo=0,
                 ),
                 y=Axis("converged", lo=0, hi=1, ticks=_share_ticks, fmt=_percent),
                 width=326,
-                height=230,
-                title_size=12,
+                height=240,
+                title_size=13,
             )
         )
     if not panels:
@@ -822,7 +827,8 @@ td:first-child { text-align: left; white-space: nowrap; }
 table.steps td:nth-child(5n+6), table.steps th.stage { border-left: 2px solid #999; }
 table.kv td:nth-child(2) { text-align: left; }
 table.errors td:last-child, table.errors th:last-child { text-align: left; width: 24em; }
-table.steps td:last-child { text-align: left; }
+table.steps td, table.steps th { padding: 3px 5px; }
+table.steps td:last-child { text-align: left; min-width: 10em; }
 .ok { color: #2a7; font-weight: bold; } .bad { color: #c22; font-weight: bold; }
 .row { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
 .col { max-width: 560px; }
