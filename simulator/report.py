@@ -258,13 +258,13 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
             f"{e['admin_retries']} admin calls retried"
         )
     tp = report["throughput"]
-    m_ = report.get("machine") or {}
+    machine = report.get("machine") or {}
     console.print(
         f"run: {report['duration_s']:.1f} s, {tp['deliveries']} deliveries "
         f"({tp['deliveries_per_s']:.0f}/s, busiest second "
         f"{tp.get('peak_deliveries_per_s', 0):.0f}); seed {report['seed']}, agent cache "
-        f"{report.get('agent_cache', 'memory')}; Python {m_.get('python', '?')} on "
-        f"{m_.get('cpus', '?')} CPUs"
+        f"{report.get('agent_cache', 'memory')}; Python {machine.get('python', '?')} on "
+        f"{machine.get('cpus', '?')} CPUs"
     )
     procs = ", ".join(
         f"{p['role']} {p['cpu_s']:.1f} s CPU {p['rss_max_kb'] // 1024} MiB"
