@@ -14,22 +14,39 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from addin_core.reconnect import SESSION_TAKEN_OVER, Backoff, disconnect_code, taken_over_text
 from agent.subscriptions import reconcile
 
 log = logging.getLogger("addin_agent.transport")
 
+MIN_BACKOFF, MAX_BACKOFF = 0.5, 60.0
+"""Reconnect delay: from ~`MIN_BACKOFF` s, doubling (jittered) up to `MAX_BACKOFF` s."""
+STABLE_AFTER = 30.0
+"""A connection must last this many seconds before the backoff starts again from the
+bottom; a shorter one (a broker that accepts and then drops us) keeps it growing."""
+FLAPPING_AFTER = 3
+"""Connections in a row, each accepted and then closed by the broker within `STABLE_AFTER`
+without a reason, before the log calls it a probable client id clash."""
+UNSPECIFIED = 0x80
+"""The reason paho reports for a connection closed without a DISCONNECT packet."""
+
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectHandler = Callable[[bool], Awaitable[None]]
 """Called after each (re)connect and subscribe; the argument is the session-present flag."""
+LossKind = Literal["disconnected", "session_taken_over", "connection_flapping"]
+DisconnectHandler = Callable[[str, LossKind], Awaitable[None]]
+"""Called after each failed attempt or lost connection: what happened, in words, and its
+kind: ``session_taken_over`` when the broker said another client connected with our id
+(MQTT 5 reason 0x8E), ``connection_flapping`` when it keeps closing our connection right
+after accepting it without saying why (probably the same), else ``disconnected``."""
 
 
 class Transport:
@@ -45,11 +62,11 @@ class Transport:
         keepalive: int,
         on_message: MessageHandler,
         on_connect: ConnectHandler,
-        on_disconnect: Callable[[str], Awaitable[None]],
+        on_disconnect: DisconnectHandler,
         desired: Callable[[], set[str]],
         clean_start_first: bool,
-        min_backoff: float = 0.5,
-        max_backoff: float = 60.0,
+        min_backoff: float | None = None,
+        max_backoff: float | None = None,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self.username, self.password = username, password
@@ -57,7 +74,15 @@ class Transport:
         self.on_message, self.on_connect, self.on_disconnect = on_message, on_connect, on_disconnect
         self.desired = desired
         self.clean_start = clean_start_first
-        self.min_backoff, self.max_backoff = min_backoff, max_backoff
+        self.backoff = Backoff(
+            MIN_BACKOFF if min_backoff is None else min_backoff,
+            MAX_BACKOFF if max_backoff is None else max_backoff,
+            stable_after=STABLE_AFTER,
+        )
+        self.taken_over = 0
+        """Times the broker disconnected us because another client took our client id."""
+        self.short_drops = 0
+        """Connections in a row the broker accepted and then closed without a reason."""
         self.client: aiomqtt.Client | None = None
         self.subscribed: set[str] = set()
         self.connected = asyncio.Event()
@@ -94,13 +119,13 @@ class Transport:
         )
 
     async def _run(self) -> None:
-        failures = 0
         while True:
             self.attempts += 1
+            client: aiomqtt.Client | None = None
             try:
                 client = self._make_client()
                 async with client:
-                    failures = 0
+                    self.backoff.connected()
                     self.client = client
                     # After the first successful connect the session must persist.
                     self.clean_start = False
@@ -126,23 +151,50 @@ class Transport:
                 was = self.connected.is_set()
                 self.connected.clear()
                 self.first_attempt.set()
-                failures += 1
-                delay = random.uniform(
-                    self.min_backoff / 2,
-                    min(self.max_backoff, self.min_backoff * 2 ** min(failures, 16)),
-                )
-                log.warning(
-                    "broker %s:%d %s (%s); reconnect attempt %d in %.1fs",
-                    self.host,
-                    self.port,
-                    "connection lost" if was else "unreachable",
-                    e,
-                    self.attempts + 1,
-                    delay,
-                )
+                delay = self.backoff.failed()
+                what, kind = self._explain_loss(e, client, was, delay)
                 with contextlib.suppress(Exception):
-                    await self.on_disconnect(str(e))
+                    await self.on_disconnect(what, kind)
                 await asyncio.sleep(delay)
+
+    def _explain_loss(
+        self, e: Exception, client: aiomqtt.Client | None, was: bool, delay: float
+    ) -> tuple[str, LossKind]:
+        """Log why the link failed, in words a helpdesk can act on; return them and the
+        kind of loss (the event recorded)."""
+        code = disconnect_code(e, client)
+        up = self.backoff.last_uptime
+        # Accepted, then closed by the broker with no reason, again and again: what two
+        # clients with one id look like on a broker that does not send reason 0x8E
+        # (Mosquitto before 2.0.15).
+        dropped = was and code in (None, UNSPECIFIED) and up is not None and up < STABLE_AFTER
+        self.short_drops = self.short_drops + 1 if dropped else 0
+        retry = (
+            f"reconnect attempt {self.attempts + 1} in {delay:.1f}s "
+            f"({self.backoff.failures} failures in a row)"
+        )
+        if code == SESSION_TAKEN_OVER:
+            self.taken_over += 1
+            what = taken_over_text(self.client_id)
+            log.error("broker %s:%d: %s; %s", self.host, self.port, what, retry)
+            return what, "session_taken_over"
+        if self.short_drops >= FLAPPING_AFTER:
+            what = (
+                f"the broker closed our connection {up:.1f}s after accepting it, "
+                f"{self.short_drops} times in a row, without a reason: probably another "
+                f"client uses our client id {self.client_id!r}"
+            )
+            log.error("broker %s:%d: %s; %s", self.host, self.port, what, retry)
+            return what, "connection_flapping"
+        log.warning(
+            "broker %s:%d %s (%s); %s",
+            self.host,
+            self.port,
+            "connection lost" if was else "unreachable",
+            e,
+            retry,
+        )
+        return str(e), "disconnected"
 
     async def _deliver_directly(self, client: aiomqtt.Client) -> None:
         """Hand each message to `on_message`, in order, straight from paho's callback.

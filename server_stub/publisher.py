@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
+from addin_core.reconnect import SESSION_TAKEN_OVER, Backoff, disconnect_code, taken_over_text
 from server_stub import db
 
 log = logging.getLogger("addin_server.publisher")
@@ -77,6 +78,7 @@ class Publisher:
         self.published = 0
         self.republished_all = 0
         self.connections = 0
+        self.taken_over = 0
 
     def wake(self, _revision: int | None = None) -> None:
         self._wake.set()
@@ -116,20 +118,34 @@ class Publisher:
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; runs until cancelled."""
         conn = await db.connect(self.db_path)
-        delay = 0.2
+        # Only a session that lasted counts as recovery: a broker that accepts us and then
+        # drops us (another publisher with our client id) must not be retried 5 times a second.
+        backoff = Backoff(0.2, 5.0, stable_after=30.0)
         try:
             while True:
+                client: aiomqtt.Client | None = None
                 try:
-                    async with self._client() as client:
-                        delay = 0.2
+                    client = self._client()
+                    async with client:
+                        backoff.connected()
                         await self._session(conn, client)
                 except (aiomqtt.MqttError, sqlite3.OperationalError) as e:
                     # A locked or full database must not end publication for good: rows
                     # not marked done are published again (at least once) after the retry.
                     self.connected.clear()
-                    log.warning("publisher interrupted (%s); retrying in %.1fs", e, delay)
+                    delay = backoff.failed()
+                    if disconnect_code(e, client) == SESSION_TAKEN_OVER:
+                        self.taken_over += 1
+                        log.error(
+                            "publisher: %s (another addin-server for tenant %s, on another "
+                            "database?); retrying in %.1fs",
+                            taken_over_text(f"addin-server-{self.tenant}"),
+                            self.tenant,
+                            delay,
+                        )
+                    else:
+                        log.warning("publisher interrupted (%s); retrying in %.1fs", e, delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
         finally:
             await conn.close()
 
