@@ -75,12 +75,19 @@ def shared_value(key: str) -> Any:
 
 
 def close_matches(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """Candidates a typo of `word` may have meant, best first (case-insensitive)."""
+    """What a typo of `word` may have meant (case-insensitive): the closest candidate, and
+    others only if about as close."""
     by_lower: dict[str, str] = {}
     for c in candidates:
         by_lower.setdefault(c.lower(), c)
-    found = difflib.get_close_matches(word.lower(), list(by_lower), n=n, cutoff=0.6)
-    return [by_lower[f] for f in found]
+    low = word.lower()
+    found = difflib.get_close_matches(low, list(by_lower), n=n, cutoff=0.6)
+    if not found:
+        return []
+    best = difflib.SequenceMatcher(None, low, found[0]).ratio()
+    return [
+        by_lower[f] for f in found if difflib.SequenceMatcher(None, low, f).ratio() >= best - 0.05
+    ]
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:

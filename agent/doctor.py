@@ -152,19 +152,17 @@ def check_client_id(cfg: AgentConfig, conn: sqlite3.Connection, now: float | Non
     ago = f"last {(now - last) / 60:.0f} min ago"
     if "session_taken_over" in counts:
         detail = (
-            f"the broker disconnected this agent {n} time(s) in the last 24 h ({ago}) because "
-            f"another client connected with client id {cfg.client_id!r} (MQTT reason 0x8E, "
-            "session taken over)"
+            f"the broker disconnected this agent {n} time(s) in the last 24 h ({ago}): another "
+            f"client connected with client id {cfg.client_id!r} (MQTT reason 0x8E, session "
+            "taken over)"
         )
     else:
         detail = (
             f"the broker closed this agent's connection right after accepting it {n} time(s) "
-            f"in the last 24 h ({ago}) without a reason: probably another client uses client "
-            f"id {cfg.client_id!r}"
+            f"in the last 24 h ({ago}), without a reason: probably another client uses "
+            f"client id {cfg.client_id!r}"
         )
-    detail += (
-        ": find the other agent with this client_id (a copied agent.toml?) and give each its own"
-    )
+    detail += "; give each agent its own client_id"
     return Check("client id", "fail" if now - last <= TAKEOVER_WINDOW else "warn", detail)
 
 

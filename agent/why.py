@@ -128,9 +128,8 @@ def why(conn: sqlite3.Connection, query: str, host: Host | None = None) -> WhyRe
             f"(revision {state.revision})"
             + (
                 did_you_mean(query, [e.name for e in state.catalog.values()])
-                or "; check the name or ask your admin whether it exists"
-            )
-            + ".",
+                or "; check the name or ask your admin whether it exists."
+            ),
         )
     x = explain(state, user, addin_id, hosts_here)
     name = x.entry.name if x.entry else addin_id
