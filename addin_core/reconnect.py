@@ -16,9 +16,17 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from typing import Literal
 
 SESSION_TAKEN_OVER = 0x8E
 """MQTT 5 DISCONNECT reason: another client connected with the same client id."""
+UNSPECIFIED = 0x80
+"""The reason paho reports for a connection closed without a DISCONNECT packet."""
+FLAPPING_AFTER = 3
+"""Connections in a row, each accepted and then closed by the broker before it was stable,
+without a reason, before a loss is called a probable client id clash."""
+
+LossKind = Literal["disconnected", "session_taken_over", "connection_flapping"]
 
 
 class Backoff:
@@ -51,6 +59,36 @@ class Backoff:
         self.failures += 1
         cap = min(self.maximum, self.initial * 2 ** min(self.failures, 30))
         return self._uniform(min(self.initial / 2, cap), cap)
+
+
+class LossClassifier:
+    """What a lost connection most likely was. ``session_taken_over``: the broker said
+    another client connected with our id (reason 0x8E). ``connection_flapping``: it keeps
+    closing our connection right after accepting it without saying why — what two clients
+    with one id look like on a broker that does not send 0x8E (Mosquitto before 2.0.15).
+    Else ``disconnected``."""
+
+    def __init__(self, stable_after: float, flapping_after: int = FLAPPING_AFTER) -> None:
+        self.stable_after, self.flapping_after = stable_after, flapping_after
+        self.short_drops = 0
+        """Connections in a row the broker accepted and then closed without a reason."""
+
+    def classify(self, code: int | None, uptime: float | None) -> LossKind:
+        """`uptime`: how long the lost connection had lasted, None if it never came up."""
+        dropped = uptime is not None and uptime < self.stable_after and code in (None, UNSPECIFIED)
+        self.short_drops = self.short_drops + 1 if dropped else 0
+        if code == SESSION_TAKEN_OVER:
+            return "session_taken_over"
+        if self.short_drops >= self.flapping_after:
+            return "connection_flapping"
+        return "disconnected"
+
+
+def flapping_text(client_id: str, uptime: float, times: int) -> str:
+    return (
+        f"the broker closed our connection {uptime:.1f}s after accepting it, {times} times in "
+        f"a row, without a reason: probably another client uses our client id {client_id!r}"
+    )
 
 
 def reason_code(exc: BaseException | None) -> int | None:

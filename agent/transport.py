@@ -15,14 +15,21 @@ import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from addin_core.reconnect import SESSION_TAKEN_OVER, Backoff, disconnect_code, taken_over_text
+from addin_core.reconnect import (
+    Backoff,
+    LossClassifier,
+    LossKind,
+    disconnect_code,
+    flapping_text,
+    taken_over_text,
+)
 from agent.subscriptions import reconcile
 
 log = logging.getLogger("addin_agent.transport")
@@ -32,16 +39,10 @@ MIN_BACKOFF, MAX_BACKOFF = 0.5, 60.0
 STABLE_AFTER = 30.0
 """A connection must last this many seconds before the backoff starts again from the
 bottom; a shorter one (a broker that accepts and then drops us) keeps it growing."""
-FLAPPING_AFTER = 3
-"""Connections in a row, each accepted and then closed by the broker within `STABLE_AFTER`
-without a reason, before the log calls it a probable client id clash."""
-UNSPECIFIED = 0x80
-"""The reason paho reports for a connection closed without a DISCONNECT packet."""
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectHandler = Callable[[bool], Awaitable[None]]
 """Called after each (re)connect and subscribe; the argument is the session-present flag."""
-LossKind = Literal["disconnected", "session_taken_over", "connection_flapping"]
 DisconnectHandler = Callable[[str, LossKind], Awaitable[None]]
 """Called after each failed attempt or lost connection: what happened, in words, and its
 kind: ``session_taken_over`` when the broker said another client connected with our id
@@ -81,8 +82,8 @@ class Transport:
         )
         self.taken_over = 0
         """Times the broker disconnected us because another client took our client id."""
-        self.short_drops = 0
-        """Connections in a row the broker accepted and then closed without a reason."""
+        self.losses = LossClassifier(STABLE_AFTER)
+        """What each lost connection most likely was (a client id clash or not)."""
         self.client: aiomqtt.Client | None = None
         self.subscribed: set[str] = set()
         self.connected = asyncio.Event()
@@ -162,39 +163,23 @@ class Transport:
     ) -> tuple[str, LossKind]:
         """Log why the link failed, in words a helpdesk can act on; return them and the
         kind of loss (the event recorded)."""
-        code = disconnect_code(e, client)
         up = self.backoff.last_uptime
-        # Accepted, then closed by the broker with no reason, again and again: what two
-        # clients with one id look like on a broker that does not send reason 0x8E
-        # (Mosquitto before 2.0.15).
-        dropped = was and code in (None, UNSPECIFIED) and up is not None and up < STABLE_AFTER
-        self.short_drops = self.short_drops + 1 if dropped else 0
+        kind = self.losses.classify(disconnect_code(e, client), up if was else None)
         retry = (
             f"reconnect attempt {self.attempts + 1} in {delay:.1f}s "
             f"({self.backoff.failures} failures in a row)"
         )
-        if code == SESSION_TAKEN_OVER:
+        if kind == "session_taken_over":
             self.taken_over += 1
             what = taken_over_text(self.client_id)
-            log.error("broker %s:%d: %s; %s", self.host, self.port, what, retry)
-            return what, "session_taken_over"
-        if self.short_drops >= FLAPPING_AFTER:
-            what = (
-                f"the broker closed our connection {up:.1f}s after accepting it, "
-                f"{self.short_drops} times in a row, without a reason: probably another "
-                f"client uses our client id {self.client_id!r}"
-            )
-            log.error("broker %s:%d: %s; %s", self.host, self.port, what, retry)
-            return what, "connection_flapping"
-        log.warning(
-            "broker %s:%d %s (%s); %s",
-            self.host,
-            self.port,
-            "connection lost" if was else "unreachable",
-            e,
-            retry,
-        )
-        return str(e), "disconnected"
+        elif kind == "connection_flapping":
+            what = flapping_text(self.client_id, up or 0.0, self.losses.short_drops)
+        else:
+            state = "connection lost" if was else "unreachable"
+            log.warning("broker %s:%d %s (%s); %s", self.host, self.port, state, e, retry)
+            return str(e), kind
+        log.error("broker %s:%d: %s; %s", self.host, self.port, what, retry)
+        return what, kind
 
     async def _deliver_directly(self, client: aiomqtt.Client) -> None:
         """Hand each message to `on_message`, in order, straight from paho's callback.

@@ -24,6 +24,8 @@ from agent.cache import Cache, Retention, Tx, open_readonly
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.doctor import check_client_id
+from server_stub import publisher
+from server_stub.publisher import Publisher
 from simulator.mosquitto import MosquittoBroker, free_port
 
 
@@ -296,6 +298,35 @@ async def test_two_agents_with_one_client_id_back_off_and_say_why(
     assert kinds
     assert check.status == "fail"
     assert "client id 'ann-laptop'" in check.detail
+
+
+async def test_two_publishers_of_one_tenant_back_off_and_say_why(
+    tmp_path: Path,
+    broker: MosquittoBroker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two servers of one tenant on two databases (the lock cannot see that) share the
+    publisher's client id."""
+    monkeypatch.setattr(publisher, "BACKOFF", (0.05, 1.0))
+    caplog.set_level(logging.INFO, logger="addin_server.publisher")
+    pubs = [Publisher(tmp_path / f"{n}.db", "contoso", broker.url) for n in ("a", "b")]
+    tasks = [asyncio.create_task(p.run()) for p in pubs]
+    try:
+        await until(
+            lambda: all(p.taken_over >= 3 for p in pubs),
+            timeout=60,
+            what="three takeovers said of each publisher",
+        )
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(
+        "client id 'addin-server-contoso'" in m and "another addin-server of tenant contoso" in m
+        for m in said
+    ), said
 
 
 async def test_reason_0x8e_is_logged_in_plain_words(caplog: pytest.LogCaptureFixture) -> None:
