@@ -41,9 +41,17 @@ _db_option = shared_option(
     help=f"SQLite database file [env {DB_ENV}]; accepted before or after the command name.",
 )
 
+PUBLISH_WAIT_ENV = "ADDIN_SERVER_PUBLISH_WAIT"
 PUBLISH_WAIT = 3.0
 """Seconds a write command waits for a running `serve` to publish its change before it
-says the change is not published yet."""
+says the change is not published yet (`ADDIN_SERVER_PUBLISH_WAIT` overrides)."""
+
+
+def _publish_wait() -> float:
+    try:
+        return max(0.0, float(os.environ.get(PUBLISH_WAIT_ENV, PUBLISH_WAIT)))
+    except ValueError:
+        return PUBLISH_WAIT
 
 
 def _db_path(writes: bool) -> Path:
@@ -199,7 +207,8 @@ def _run_on(
 async def _unpublished_note(service: Service, path: Path, revision: int) -> str | None:
     """None once `revision`'s messages are published (or it has none); otherwise what an
     admin must know: the change is committed, and why it has not reached the agents."""
-    deadline = time.monotonic() + PUBLISH_WAIT
+    wait = _publish_wait()
+    deadline = time.monotonic() + wait
     while True:
         waiting = await service.outbox_waiting(revision)
         if not waiting:
@@ -215,7 +224,7 @@ async def _unpublished_note(service: Service, path: Path, revision: int) -> str 
             backlog = await service.outbox_backlog()
             return (
                 f"revision {revision} is committed but not published yet: `addin-server serve` "
-                f"({publisher.describe()}) has not sent it within {PUBLISH_WAIT:.0f} s (is the "
+                f"({publisher.describe()}) has not sent it within {wait:g} s (is the "
                 f"broker reachable? see its log); {describe_backlog(backlog)}"
             )
         await asyncio.sleep(0.05)

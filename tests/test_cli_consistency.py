@@ -329,7 +329,9 @@ def test_write_with_a_server_running_is_published_or_says_why_not(
     db = loaded_db(tmp_path)
     server = Serve(db, broker)
     serving.append(server)
-    r = run("server", "user", "add", "bob", "--json", "--db", str(db))
+    # A generous wait: a loaded machine must not turn "published" into "not yet".
+    r = run("server", "user", "add", "bob", "--json", "--db", str(db),
+            env={"ADDIN_SERVER_PUBLISH_WAIT": "60"})  # fmt: skip
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert json.loads(r.stdout)["published"] is True
     r = run("server", "status", "--db", str(db))
