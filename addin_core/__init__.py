@@ -1,1 +1,3 @@
-"""Pure core shared by agent, server and simulator: wire protocol, manifest rules. No I/O."""
+"""Core shared by agent, server and simulator: wire protocol, manifest rules (pure, no I/O),
+the reconnect policy, and the two small OS-facing helpers both tools use: the one-daemon
+lock (`instance_lock`) and the command-line conventions (`cli_support`)."""

@@ -18,8 +18,12 @@ manifests     manifests by sha256: verified or refused (with the reason)
 installed     what each host app has, as of its last launch
 pending       changes per host waiting for the next launch, with the reason they wait
 choices       the user's own install/remove decisions for optional/available add-ins
-events        append-only log of what happened, in order
+events        log of what happened, in order; bounded (`Retention`): old rows are pruned
 sync          key/value: connection, subscriptions, revision, first-connect marker
+
+A file cache belongs to one process: `Cache.open` takes `<cache>.lock`
+(addin_core/instance_lock.py) and a second agent on the same file is refused with the
+holder's pid (`CacheInUse`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from addin_core.instance_lock import AlreadyLocked, InstanceLock
 
 SCHEMA_VERSION = 1
 
@@ -210,6 +216,39 @@ class CacheError(RuntimeError):
     """The cache file cannot be opened or is not an agent cache."""
 
 
+class CacheInUse(CacheError):
+    """Another live process (an agent daemon) has the cache open for writing."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        who = f"pid {pid}" if pid else "another process"
+        super().__init__(
+            f"another addin-agent ({who}) is running on cache {path}: one agent per cache; "
+            "stop it first, or give this one its own cache_path and client_id"
+        )
+        self.path = path
+        self.pid = pid
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of the event log a cache keeps: `days` of history and at most `rows` rows.
+
+    Pruned when the cache opens and then every `every` transitions or `interval` seconds,
+    whichever comes first, inside the transition's own transaction (no extra write).
+    """
+
+    days: float = 30.0
+    rows: int = 10_000
+    every: int = 1000
+    interval: float = 3600.0
+
+    def statement(self, now: float) -> Statement:
+        return (
+            "DELETE FROM events WHERE at < ? OR id <= (SELECT max(id) FROM events) - ?",
+            (now - self.days * 86400, self.rows),
+        )
+
+
 def _init_sync(conn: sqlite3.Connection, memory: bool) -> None:
     if memory:
         # An agent's cache holds a few dozen rows per table; with 512-byte pages an in-memory
@@ -235,10 +274,16 @@ class Cache:
         path: str,
         sync_conn: sqlite3.Connection | None,
         async_conn: aiosqlite.Connection | None,
+        retention: Retention | None = None,
+        lock: InstanceLock | None = None,
     ) -> None:
         self.path = path
         self._sync = sync_conn
         self._async = async_conn
+        self.retention = retention or Retention()
+        self._instance_lock = lock
+        self._commits_since_prune = 0
+        self._pruned_at = time.monotonic()
         # Transitions are committed from several tasks (messages, launches, connection
         # events). On the aiosqlite path every statement is an await, so two commits could
         # interleave: the second BEGIN fails and its ROLLBACK undoes the first one's
@@ -252,7 +297,8 @@ class Cache:
         return self._sync is not None
 
     @classmethod
-    async def open(cls, path: str | Path) -> Cache:
+    async def open(cls, path: str | Path, retention: Retention | None = None) -> Cache:
+        retention = retention or Retention()
         spath = str(path)
         if spath == ":memory:":
             # 8 prepared statements, not Python's 128: each costs ~3 KB per connection, and
@@ -262,8 +308,24 @@ class Cache:
                 ":memory:", isolation_level=None, check_same_thread=False, cached_statements=8
             )
             _init_sync(conn, memory=True)
-            return cls(spath, conn, None)
+            conn.execute(*retention.statement(time.time()))
+            return cls(spath, conn, None, retention)
         Path(spath).parent.mkdir(parents=True, exist_ok=True)
+        lock = InstanceLock(spath)
+        try:
+            lock.acquire()
+        except AlreadyLocked as e:
+            raise CacheInUse(spath, e.holder.pid) from None
+        except OSError as e:
+            raise CacheError(f"cannot lock {lock.path}: {e.strerror or e}") from e
+        try:
+            return await cls._open_file(spath, retention, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    async def _open_file(cls, spath: str, retention: Retention, lock: InstanceLock) -> Cache:
         # autocommit mode: transactions are explicit BEGIN IMMEDIATE ... COMMIT in `commit`.
         db = await aiosqlite.connect(spath, isolation_level=None, timeout=30)
         try:
@@ -278,28 +340,48 @@ class Cache:
                 "INSERT OR IGNORE INTO sync (key, value) VALUES ('schema_version', ?)",
                 (SCHEMA_VERSION,),
             )
+            await db.execute(*retention.statement(time.time()))
         except sqlite3.DatabaseError as e:
             await db.close()
             raise CacheError(f"{spath} is not a usable agent cache: {e}") from e
-        return cls(spath, None, db)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(spath, None, db, retention, lock)
 
     async def close(self) -> None:
         if self._sync is not None:
             self._sync.close()
             self._sync = None
         if self._async is not None:
-            await self._async.close()
-            self._async = None
+            try:
+                await self._async.close()
+            finally:
+                self._async = None
+                if self._instance_lock is not None:
+                    self._instance_lock.release()
+                    self._instance_lock = None
+
+    def _statements(self, tx: Tx) -> list[Statement]:
+        """`tx`'s statements, plus pruning the event log when it is due."""
+        self._commits_since_prune += 1
+        r = self.retention
+        if self._commits_since_prune < r.every and time.monotonic() - self._pruned_at < r.interval:
+            return tx.statements
+        self._commits_since_prune = 0
+        self._pruned_at = time.monotonic()
+        return [*tx.statements, r.statement(tx.now)]
 
     async def commit(self, tx: Tx) -> None:
         """Run every statement of `tx` in one transaction (all or nothing)."""
         if not tx.statements:
             return
+        statements = self._statements(tx)
         if self._sync is not None:
             conn = self._sync
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for sql, params in tx.statements:
+                for sql, params in statements:
                     conn.execute(sql, params)
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -312,7 +394,7 @@ class Cache:
                 raise CacheError("cache is closed")
             await db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, params in tx.statements:
+                for sql, params in statements:
                     await db.execute(sql, params)
             except BaseException:
                 await db.execute("ROLLBACK")
@@ -373,12 +455,12 @@ class VolatileCache:
         pass
 
 
-async def open_cache(path: str | Path) -> Cache | VolatileCache:
+async def open_cache(path: str | Path, retention: Retention | None = None) -> Cache | VolatileCache:
     """Open the cache named by `cache_path`: a file, ``:memory:`` (SQLite in memory) or
     ``:none:`` (no tables; see `VolatileCache`)."""
     if str(path) == ":none:":
         return VolatileCache()
-    return await Cache.open(path)
+    return await Cache.open(path, retention)
 
 
 def open_readonly(path: str | Path) -> sqlite3.Connection:

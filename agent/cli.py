@@ -27,13 +27,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
+from addin_core.cli_support import Group, error, shared_option, shared_value
+from addin_core.instance_lock import SUPPORTED as lock_supported
+from addin_core.instance_lock import held_by
 from addin_core.protocol import Host
 from agent.antientropy import describe_last
-from agent.cache import CacheError, open_readonly
+from agent.cache import CacheError, CacheInUse, open_readonly
 from agent.config import AgentConfig, ConfigError, load_config
 
 console = Console()
-err_console = Console(stderr=True)
 
 
 class Table(rich_table.Table):
@@ -58,8 +60,7 @@ def _host(value: str | None) -> Host | None:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}")
-    sys.exit(code)
+    error(message, code)
 
 
 def emit_json(data: Any) -> None:
@@ -72,16 +73,49 @@ def when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
 
 
+CONFIG_ENV = "ADDIN_AGENT_CONFIG"
+
+
+def default_config_paths() -> list[Path]:
+    """Where the agent looks for its config when neither --config nor ADDIN_AGENT_CONFIG
+    names one, in order: the machine's, then the user's (``~/.config/addin-agent`` on Linux,
+    ``~/Library/Application Support/addin-agent`` on macOS, ``%APPDATA%\\addin-agent`` on
+    Windows)."""
+    return [
+        Path("/etc/addin-agent/agent.toml"),
+        Path(click.get_app_dir("addin-agent")) / "agent.toml",
+    ]
+
+
 class Ctx:
-    def __init__(self, config_path: str | None, cache: str | None) -> None:
-        self.config_path = config_path
-        self.cache_override = cache
+    def __init__(self) -> None:
         self._config: AgentConfig | None = None
+
+    @property
+    def config_path(self) -> str | None:
+        given = shared_value("config") or os.environ.get(CONFIG_ENV)
+        if given:
+            return str(given)
+        for p in default_config_paths():
+            if p.is_file():
+                return str(p)
+        return None
+
+    @property
+    def cache_override(self) -> str | None:
+        value = shared_value("cache")
+        return str(value) if value else None
 
     def config(self) -> AgentConfig:
         if self._config is None:
+            path = self.config_path
+            if path is None and not os.environ.get("ADDIN_AGENT_TENANT"):
+                fail(
+                    "no agent config: pass --config FILE or set ADDIN_AGENT_CONFIG; "
+                    "looked for " + " and ".join(str(p) for p in default_config_paths())
+                )
             try:
-                self._config = load_config(self.config_path)
+                self._config = load_config(path)
             except ConfigError as e:
                 fail(str(e))
         return self._config
@@ -89,8 +123,6 @@ class Ctx:
     def cache_path(self) -> str:
         if self.cache_override:
             return self.cache_override
-        if self.config_path is None and not os.environ.get("ADDIN_AGENT_TENANT"):
-            fail("no cache given: pass --config FILE (or ADDIN_AGENT_CONFIG) or --cache PATH")
         return self.config().cache_path
 
     def ro(self) -> sqlite3.Connection:
@@ -100,35 +132,41 @@ class Ctx:
             fail(str(e))
 
 
-pass_ctx = click.make_pass_decorator(Ctx)
+def _options(f: Any) -> Any:
+    """--config and --cache: accepted before the subcommand (``addin-agent --config X status``)
+    and after it (``addin-agent status --config X``); the one after wins."""
+    f = shared_option(
+        "--config",
+        key="config",
+        type=click.Path(),
+        help=f"Agent TOML config [env {CONFIG_ENV}; default /etc/addin-agent/agent.toml, "
+        "then the user's config folder].",
+    )(f)
+    return shared_option(
+        "--cache", key="cache", help="Cache file to read (overrides the config's cache_path)."
+    )(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    envvar="ADDIN_AGENT_CONFIG",
-    type=click.Path(),
-    help="Agent TOML config (env ADDIN_AGENT_CONFIG).",
-)
-@click.option("--cache", help="Cache file to read (overrides the config's cache_path).")
+def pass_ctx(f: Any) -> Any:
+    return _options(click.make_pass_decorator(Ctx, ensure=True)(f))
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@_options
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, cache: str | None) -> None:
+def main(ctx: click.Context) -> None:
     """Office add-in deployment agent."""
-    ctx.obj = Ctx(config_path, cache)
+    ctx.obj = Ctx()
 
 
 # -- the daemon ------------------------------------------------------------------------------
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(), help="Agent TOML config.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @pass_ctx
-def run(c: Ctx, config_path: str | None, verbose: int) -> None:
+def run(c: Ctx, verbose: int) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
-    if config_path:
-        c.config_path = config_path
     cfg = c.config()
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO,
@@ -136,7 +174,12 @@ def run(c: Ctx, config_path: str | None, verbose: int) -> None:
     )
     if verbose < 2:
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(_run(cfg))
+    from agent.control import ControlError
+
+    try:
+        asyncio.run(_run(cfg))
+    except (CacheError, ControlError) as e:
+        fail(str(e))
 
 
 async def _run(cfg: AgentConfig) -> None:
@@ -147,7 +190,11 @@ async def _run(cfg: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await agent.start()
+    try:
+        await agent.start()
+    except BaseException:
+        await agent.stop()  # closes the cache and releases its lock; nothing else runs
+        raise
     logging.getLogger("addin_agent").info(
         "agent %s for %s/%s running; cache %s",
         cfg.client_id,
@@ -216,6 +263,18 @@ def _act(c: Ctx, what: str, arg: str, path: str) -> dict[str, Any]:
         body = asyncio.run(_direct(cfg, what, arg))
     except AgentRefusal as e:
         fail(str(e))
+    except CacheInUse as e:
+        # The daemon runs but its endpoint did not answer: writing the cache behind its
+        # back would be overwritten by its next transition.
+        via = (
+            f"its control endpoint {cfg.control} did not answer"
+            if cfg.control
+            else ("no control endpoint is configured (`control` in the config)")
+        )
+        fail(
+            f"the agent daemon ({'pid ' + str(e.pid) if e.pid else 'another process'}) holds "
+            f"{e.path} and {via}; {what} goes through the running daemon"
+        )
     except CacheError as e:
         fail(str(e))
     body["via"] = "cache"
@@ -283,9 +342,15 @@ def _pid_alive(pid: Any) -> bool:
         return False
 
 
-def status_data(conn: sqlite3.Connection) -> dict[str, Any]:
+def status_data(conn: sqlite3.Connection, cache_path: str | None = None) -> dict[str, Any]:
     s = _sync(conn)
-    running = _pid_alive(s.get("pid")) and bool(s.get("connected") is not None)
+    holder = held_by(cache_path) if cache_path and lock_supported else None
+    if cache_path and lock_supported:
+        # The daemon holds the cache's lock for as long as it runs: exact, unlike a pid
+        # that may have been reused since.
+        running = holder is not None
+    else:
+        running = _pid_alive(s.get("pid")) and bool(s.get("connected") is not None)
     counts = {
         t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
         for t in ("received", "entitlements", "manifests", "installed", "pending", "events")
@@ -302,6 +367,7 @@ def status_data(conn: sqlite3.Connection) -> dict[str, Any]:
     return {
         "client": client,
         "daemon_running": running,
+        "daemon_pid": holder.pid if holder else (s.get("pid") if running else None),
         "connected": bool(s.get("connected")) and running,
         "connected_at": s.get("connected_at"),
         "disconnected_at": s.get("disconnected_at"),
@@ -322,7 +388,7 @@ def status_data(conn: sqlite3.Connection) -> dict[str, Any]:
 @pass_ctx
 def status(c: Ctx, as_json: bool) -> None:
     """Connection, last message, revision held, counts, pending per host."""
-    d = status_data(c.ro())
+    d = status_data(c.ro(), c.cache_path())
     if as_json:
         emit_json(d)
         return

@@ -57,6 +57,10 @@ class AgentConfig(BaseModel):
     session_expiry: int = Field(default=8 * 86400, ge=7 * 86400)
     """MQTT 5 session expiry in seconds; at least 7 days so a week offline loses nothing."""
     keepalive: int = Field(default=60, ge=5, le=3600)
+    events_keep_days: float = Field(default=30.0, gt=0)
+    """The cache's event log keeps this many days of history ..."""
+    events_keep_rows: int = Field(default=10_000, ge=100)
+    """... and at most this many rows (pruned at start and every 1,000 transitions or hour)."""
     anti_entropy_interval: float = Field(default=600.0, ge=0)
     """Seconds between anti-entropy checks against the server (jittered ±20 %); 0 disables
     them. See agent/antientropy.py."""
@@ -119,6 +123,10 @@ def load_config(
             raise ConfigError(f"config file {p} does not exist") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+        except IsADirectoryError as e:
+            raise ConfigError(f"config file {p} is a directory; give the agent.toml in it") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {p}: {getattr(e, 'strerror', e)}") from e
     data.update(_from_env(os.environ if env is None else env))
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:

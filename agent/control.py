@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -43,21 +44,51 @@ def parse_endpoint(spec: str) -> tuple[str, int] | str:
     return host, int(port)
 
 
+class ControlError(RuntimeError):
+    """The control endpoint cannot be opened (in use by another process, no permission)."""
+
+
+def _claim_socket_path(path: str) -> None:
+    """Make way for our socket at `path`: remove one a dead process left behind, refuse
+    when a live process answers on it (its launches would come to us)."""
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise ControlError(
+        f"control socket {path} is in use by another process (another addin-agent?); "
+        "give this agent its own `control` path"
+    )
+
+
 class ControlServer:
     def __init__(self, agent: Agent, spec: str) -> None:
         self.agent = agent
         self.spec = spec
         self.server: asyncio.AbstractServer | None = None
+        self._socket_id: tuple[int, int] | None = None
+        """(st_dev, st_ino) of the unix socket this server bound: the only one it removes."""
 
     async def start(self) -> None:
         where = parse_endpoint(self.spec)
-        if isinstance(where, str):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(where)
-            self.server = await asyncio.start_unix_server(self._handle, path=where)
-            os.chmod(where, 0o600)
-        else:
-            self.server = await asyncio.start_server(self._handle, where[0], where[1])
+        try:
+            if isinstance(where, str):
+                _claim_socket_path(where)
+                self.server = await asyncio.start_unix_server(self._handle, path=where)
+                os.chmod(where, 0o600)
+                st = os.stat(where)
+                self._socket_id = (st.st_dev, st.st_ino)
+            else:
+                self.server = await asyncio.start_server(self._handle, where[0], where[1])
+        except OSError as e:
+            raise ControlError(
+                f"cannot open control endpoint {self.spec}: {e.strerror or e}"
+            ) from e
         log.info("control endpoint on %s", self.spec)
 
     async def stop(self) -> None:
@@ -67,9 +98,14 @@ class ControlServer:
                 await asyncio.wait_for(self.server.wait_closed(), 2)
             self.server = None
         where = parse_endpoint(self.spec)
-        if isinstance(where, str):
+        if isinstance(where, str) and self._socket_id is not None:
+            # Remove the socket only if it is still the one we bound: another daemon may
+            # have replaced a path we no longer own.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(where)
+                st = os.stat(where)
+                if (st.st_dev, st.st_ino) == self._socket_id:
+                    os.unlink(where)
+            self._socket_id = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         status, body = 500, {"detail": "internal error"}

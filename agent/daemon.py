@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from addin_core.cli_support import did_you_mean
 from addin_core.protocol import (
     AgentReport,
     AnyPayload,
@@ -33,7 +34,7 @@ from addin_core.protocol import (
     decode,
 )
 from agent.applier import AppliedManifest, Applier, FolderApplier, MemoryApplier
-from agent.cache import Cache, Tx, VolatileCache, open_cache
+from agent.cache import Cache, Retention, Tx, VolatileCache, open_cache
 from agent.config import AgentConfig
 from agent.fetcher import Fetcher, FetchResult, HttpClient
 from agent.pending import (
@@ -171,7 +172,10 @@ class Agent:
         """Open the cache and load the last good state (no network)."""
         if self.cache is not None:
             return
-        self.cache = await open_cache(self.config.cache_path)
+        self.cache = await open_cache(
+            self.config.cache_path,
+            Retention(days=self.config.events_keep_days, rows=self.config.events_keep_rows),
+        )
         self._keeps_rows = self.cache.keeps_rows
         self._store_xml = not self.cache.memory or self.applier.needs_xml
         await self._load()
@@ -188,6 +192,13 @@ class Agent:
             concurrency=self.config.fetch_concurrency,
         )
         assert self.cache is not None
+        if self.config.control:
+            from agent.control import ControlServer
+
+            # Before the broker: a daemon refused here never connects under the client id
+            # of the one that holds the endpoint.
+            self.control = ControlServer(self, self.config.control)
+            await self.control.start()
         first = await self.cache.sync_value("session_started") is None
         self.transport = Transport(
             host=self.config.broker_host,
@@ -205,11 +216,6 @@ class Agent:
         )
         self.transport.start()
         self._schedule_fetches()
-        if self.config.control:
-            from agent.control import ControlServer
-
-            self.control = ControlServer(self, self.config.control)
-            await self.control.start()
         # -- anti-entropy hook (agent/antientropy.py; None when anti_entropy_interval = 0) --
         if self.anti_entropy is None:
             from agent.antientropy import AntiEntropy
@@ -678,7 +684,10 @@ class Agent:
         for a, e in self.state.catalog.items():
             if a.lower() == low or e.name.lower() == low:
                 return a
-        raise AgentRefusal(f"no add-in called {name_or_id!r} is in this computer's catalog")
+        raise AgentRefusal(
+            f"no add-in called {name_or_id!r} is in this computer's catalog"
+            + did_you_mean(name_or_id, [e.name for e in self.state.catalog.values()])
+        )
 
     async def install(self, name_or_id: str) -> str:
         """The user installs an available add-in (or takes back an optional one they
@@ -733,7 +742,7 @@ class Agent:
         await self.cache.commit(tx)
         await self.publish_report()
 
-    async def _on_disconnect(self, reason: str) -> None:
+    async def _on_disconnect(self, reason: str, kind: str = "disconnected") -> None:
         if self.cache is None or self._stopping:
             return
         self._emit("disconnected", self.state.revision, None)
@@ -741,7 +750,9 @@ class Agent:
         tx.sync("connected", 0)
         tx.sync("disconnected_at", tx.now)
         tx.sync("last_error", reason[:500])
-        tx.event("disconnected", reason[:500])
+        # `doctor` counts session_taken_over and connection_flapping: two agents with one
+        # client id never stop knocking each other off the broker, and each looks healthy.
+        tx.event(kind, reason[:500])
         await self.cache.commit(tx)
 
     def report(self) -> AgentReport:

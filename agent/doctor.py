@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
+from addin_core.instance_lock import SUPPORTED as lock_supported
+from addin_core.instance_lock import held_by
 from agent.config import AgentConfig
 from agent.subscriptions import desired_filters
 from agent.why import load_state
@@ -112,6 +114,58 @@ def check_server(cfg: AgentConfig, cache_revision: int) -> list[Check]:
     return out
 
 
+def check_daemon(cfg: AgentConfig) -> Check | None:
+    """Whether an agent daemon runs on this cache (it holds the cache's lock while it runs)."""
+    if not lock_supported or cfg.cache_path.startswith(":"):
+        return None
+    holder = held_by(cfg.cache_path)
+    if holder is None:
+        return Check(
+            "daemon",
+            "warn",
+            f"no addin-agent is running on {cfg.cache_path}: changes arrive only while it runs",
+        )
+    return Check("daemon", "ok", f"addin-agent ({holder.describe()}) is running on this cache")
+
+
+TAKEOVER_WINDOW = 3600.0
+"""`doctor` fails when another client took the agent's client id within this many seconds."""
+
+
+def check_client_id(cfg: AgentConfig, conn: sqlite3.Connection, now: float | None = None) -> Check:
+    """Two agents with one client id (a copied agent.toml, a second agent on another cache)
+    knock each other off the broker for as long as both run; each looks healthy alone."""
+    now = time.time() if now is None else now
+    counts = {
+        r["kind"]: (int(r["n"]), float(r["last"]))
+        for r in conn.execute(
+            "SELECT kind, count(*) n, max(at) last FROM events WHERE at >= ? "
+            "AND kind IN ('session_taken_over', 'connection_flapping') GROUP BY kind",
+            (now - 86400,),
+        )
+    }
+    if not counts:
+        return Check(
+            "client id", "ok", f"no other client took client id {cfg.client_id!r} in the last 24 h"
+        )
+    n, last = counts.get("session_taken_over") or counts["connection_flapping"]
+    ago = f"last {(now - last) / 60:.0f} min ago"
+    if "session_taken_over" in counts:
+        detail = (
+            f"the broker disconnected this agent {n} time(s) in the last 24 h ({ago}): another "
+            f"client connected with client id {cfg.client_id!r} (MQTT reason 0x8E, session "
+            "taken over)"
+        )
+    else:
+        detail = (
+            f"the broker closed this agent's connection right after accepting it {n} time(s) "
+            f"in the last 24 h ({ago}), without a reason: probably another client uses "
+            f"client id {cfg.client_id!r}"
+        )
+    detail += "; give each agent its own client_id"
+    return Check("client id", "fail" if now - last <= TAKEOVER_WINDOW else "warn", detail)
+
+
 def check_integrity(conn: sqlite3.Connection) -> Check:
     rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
     if rows == ["ok"]:
@@ -197,8 +251,11 @@ def check_anti_entropy(cfg: AgentConfig, conn: sqlite3.Connection) -> Check:
 def run_checks(cfg: AgentConfig, conn: sqlite3.Connection) -> list[Check]:
     rev_row = conn.execute("SELECT max(revision) FROM received").fetchone()
     rev = int(rev_row[0] or 0)
+    daemon = check_daemon(cfg)
     checks = [
+        *([daemon] if daemon else []),
         check_broker(cfg),
+        check_client_id(cfg, conn),
         *check_server(cfg, rev),
         check_integrity(conn),
         check_manifests(conn),

@@ -14,7 +14,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,13 +22,32 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from addin_core.reconnect import (
+    Backoff,
+    LossClassifier,
+    LossKind,
+    disconnect_code,
+    flapping_text,
+    taken_over_text,
+)
 from agent.subscriptions import reconcile
 
 log = logging.getLogger("addin_agent.transport")
 
+MIN_BACKOFF, MAX_BACKOFF = 0.5, 60.0
+"""Reconnect delay: from ~`MIN_BACKOFF` s, doubling (jittered) up to `MAX_BACKOFF` s."""
+STABLE_AFTER = 30.0
+"""A connection must last this many seconds before the backoff starts again from the
+bottom; a shorter one (a broker that accepts and then drops us) keeps it growing."""
+
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectHandler = Callable[[bool], Awaitable[None]]
 """Called after each (re)connect and subscribe; the argument is the session-present flag."""
+DisconnectHandler = Callable[[str, LossKind], Awaitable[None]]
+"""Called after each failed attempt or lost connection: what happened, in words, and its
+kind: ``session_taken_over`` when the broker said another client connected with our id
+(MQTT 5 reason 0x8E), ``connection_flapping`` when it keeps closing our connection right
+after accepting it without saying why (probably the same), else ``disconnected``."""
 
 
 class Transport:
@@ -45,11 +63,11 @@ class Transport:
         keepalive: int,
         on_message: MessageHandler,
         on_connect: ConnectHandler,
-        on_disconnect: Callable[[str], Awaitable[None]],
+        on_disconnect: DisconnectHandler,
         desired: Callable[[], set[str]],
         clean_start_first: bool,
-        min_backoff: float = 0.5,
-        max_backoff: float = 60.0,
+        min_backoff: float | None = None,
+        max_backoff: float | None = None,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self.username, self.password = username, password
@@ -57,7 +75,15 @@ class Transport:
         self.on_message, self.on_connect, self.on_disconnect = on_message, on_connect, on_disconnect
         self.desired = desired
         self.clean_start = clean_start_first
-        self.min_backoff, self.max_backoff = min_backoff, max_backoff
+        self.backoff = Backoff(
+            MIN_BACKOFF if min_backoff is None else min_backoff,
+            MAX_BACKOFF if max_backoff is None else max_backoff,
+            stable_after=STABLE_AFTER,
+        )
+        self.taken_over = 0
+        """Times the broker disconnected us because another client took our client id."""
+        self.losses = LossClassifier(STABLE_AFTER)
+        """What each lost connection most likely was (a client id clash or not)."""
         self.client: aiomqtt.Client | None = None
         self.subscribed: set[str] = set()
         self.connected = asyncio.Event()
@@ -94,13 +120,13 @@ class Transport:
         )
 
     async def _run(self) -> None:
-        failures = 0
         while True:
             self.attempts += 1
+            client: aiomqtt.Client | None = None
             try:
                 client = self._make_client()
                 async with client:
-                    failures = 0
+                    self.backoff.connected()
                     self.client = client
                     # After the first successful connect the session must persist.
                     self.clean_start = False
@@ -126,23 +152,34 @@ class Transport:
                 was = self.connected.is_set()
                 self.connected.clear()
                 self.first_attempt.set()
-                failures += 1
-                delay = random.uniform(
-                    self.min_backoff / 2,
-                    min(self.max_backoff, self.min_backoff * 2 ** min(failures, 16)),
-                )
-                log.warning(
-                    "broker %s:%d %s (%s); reconnect attempt %d in %.1fs",
-                    self.host,
-                    self.port,
-                    "connection lost" if was else "unreachable",
-                    e,
-                    self.attempts + 1,
-                    delay,
-                )
+                delay = self.backoff.failed()
+                what, kind = self._explain_loss(e, client, was, delay)
                 with contextlib.suppress(Exception):
-                    await self.on_disconnect(str(e))
+                    await self.on_disconnect(what, kind)
                 await asyncio.sleep(delay)
+
+    def _explain_loss(
+        self, e: Exception, client: aiomqtt.Client | None, was: bool, delay: float
+    ) -> tuple[str, LossKind]:
+        """Log why the link failed, in words a helpdesk can act on; return them and the
+        kind of loss (the event recorded)."""
+        up = self.backoff.last_uptime
+        kind = self.losses.classify(disconnect_code(e, client), up if was else None)
+        retry = (
+            f"reconnect attempt {self.attempts + 1} in {delay:.1f}s "
+            f"({self.backoff.failures} failures in a row)"
+        )
+        if kind == "session_taken_over":
+            self.taken_over += 1
+            what = taken_over_text(self.client_id)
+        elif kind == "connection_flapping":
+            what = flapping_text(self.client_id, up or 0.0, self.losses.short_drops)
+        else:
+            state = "connection lost" if was else "unreachable"
+            log.warning("broker %s:%d %s (%s); %s", self.host, self.port, state, e, retry)
+            return str(e), kind
+        log.error("broker %s:%d: %s; %s", self.host, self.port, what, retry)
+        return what, kind
 
     async def _deliver_directly(self, client: aiomqtt.Client) -> None:
         """Hand each message to `on_message`, in order, straight from paho's callback.

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from addin_core.cli_support import did_you_mean
 from addin_core.protocol import Host, Mode, ProtocolError, Topic, decode
 from agent.pending import wanted
 from agent.resolver import Explanation, explain
@@ -124,7 +125,11 @@ def why(conn: sqlite3.Connection, query: str, host: Host | None = None) -> WhyRe
             host,
             "unknown",
             f"No add-in called {query!r} is in the catalog this computer received "
-            f"(revision {state.revision}); check the name or ask your admin whether it exists.",
+            f"(revision {state.revision})"
+            + (
+                did_you_mean(query, [e.name for e in state.catalog.values()])
+                or "; check the name or ask your admin whether it exists."
+            ),
         )
     x = explain(state, user, addin_id, hosts_here)
     name = x.entry.name if x.entry else addin_id

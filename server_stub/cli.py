@@ -8,10 +8,12 @@ server; a running server's publisher picks the change up within ~150 ms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sqlite3
-import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,23 +21,66 @@ from typing import Any, TypeVar
 import click
 import yaml
 
+from addin_core.cli_support import Group, error, shared_option, shared_value
+from addin_core.instance_lock import AlreadyLocked, InstanceLock, held_by
 from server_stub import db
 from server_stub.broker_config import write_broker_config
-from server_stub.explain import render_explain, render_status
+from server_stub.explain import describe_backlog, render_explain, render_status
 from server_stub.manifest_cli import manifest
 from server_stub.operations import DEFAULT_MAX_ADDINS, OperationError, Service
 from server_stub.store import DEFAULT_CATALOG, StoreCatalog
 
 T = TypeVar("T")
 
-_db_option = click.option(
+DB_ENV = "ADDIN_SERVER_DB"
+
+_db_option = shared_option(
     "--db",
-    "db_path",
-    envvar="ADDIN_SERVER_DB",
-    required=True,
+    key="db",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="SQLite database file [env ADDIN_SERVER_DB].",
+    help=f"SQLite database file [env {DB_ENV}]; accepted before or after the command name.",
 )
+
+PUBLISH_WAIT_ENV = "ADDIN_SERVER_PUBLISH_WAIT"
+PUBLISH_WAIT = 3.0
+"""Seconds a write command waits for a running `serve` to publish its change before it
+says the change is not published yet (`ADDIN_SERVER_PUBLISH_WAIT` overrides)."""
+
+
+def _publish_wait() -> float:
+    try:
+        return max(0.0, float(os.environ.get(PUBLISH_WAIT_ENV, PUBLISH_WAIT)))
+    except ValueError:
+        return PUBLISH_WAIT
+
+
+def _db_path(writes: bool) -> Path:
+    """The database this command works on. A read never creates one, and nothing creates
+    one in a folder that does not exist (a mistyped path must not leave files around)."""
+    given = shared_value("db") or os.environ.get(DB_ENV)
+    if not given:
+        error(f"no database given: pass --db FILE or set {DB_ENV}", 2)
+    path = Path(given)
+    if path.is_dir():
+        error(f"--db {path} is a directory; give the database file in it", 2)
+    if not path.parent.is_dir():
+        error(f"no folder {path.parent} for the database {path}", 2)
+    if not writes and not path.exists():
+        error(
+            f"no database at {path} (check --db / {DB_ENV}); "
+            "a write command such as `load` or `user add --tenant T` creates one",
+            2,
+        )
+    return path
+
+
+def _remove_new_database(path: Path) -> None:
+    """Delete a database this command created and then failed to use."""
+    for p in (path, *(Path(f"{path}{x}") for x in ("-wal", "-shm", "-journal"))):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 _tenant_option = click.option(
     "--tenant",
     envvar="ADDIN_SERVER_TENANT",
@@ -99,39 +144,90 @@ def _run(
     op: Callable[[Service], Awaitable[T]],
     render: Callable[[T], str] | None = None,
     admin_user: str | None = None,
+    *,
+    writes: bool = True,
 ) -> None:
-    """Open the database, run one operation, print its result (text or --json)."""
+    """Open the database, run one operation, print its result (text or --json).
+
+    A database this command created is deleted again if the command fails: a failed `load`
+    or a mistyped --db leaves nothing behind."""
+    path = _db_path(writes)
+    created = not path.exists()
+    done = False
+    try:
+        _run_on(path, kw, op, render, admin_user, writes)
+        done = True
+    finally:
+        if created and not done:
+            _remove_new_database(path)
+
+
+def _run_on(
+    path: Path,
+    kw: dict[str, Any],
+    op: Callable[[Service], Awaitable[T]],
+    render: Callable[[T], str] | None,
+    admin_user: str | None,
+    writes: bool,
+) -> None:
+    note: str | None = None
 
     async def go() -> T:
-        service = await _open(
-            kw["db_path"], kw["tenant"], kw["store_catalog"], kw["max_addins"], admin_user
-        )
+        nonlocal note
+        service = await _open(path, kw["tenant"], kw["store_catalog"], kw["max_addins"], admin_user)
         try:
-            return await op(service)
+            result = await op(service)
+            if writes and isinstance(result, dict) and isinstance(result.get("revision"), int):
+                note = await _unpublished_note(service, path, result["revision"])
+                if kw["as_json"]:
+                    result["published"] = note is None
+            return result
         finally:
             await service.conn.close()
 
     try:
         result = asyncio.run(go())
     except OperationError as e:
-        click.echo(f"error: {e.message}", err=True)
-        sys.exit(1 if e.status != 404 else 2)
+        error(e.message, 1 if e.status != 404 else 2)
     except db.DatabaseError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        error(str(e))
     except sqlite3.OperationalError as e:
         # Locked by another writer, disk full, I/O error: the transaction was rolled back.
-        click.echo(
-            f"error: could not write {kw['db_path']} ({e}); nothing was changed, retry later",
-            err=True,
-        )
-        sys.exit(1)
+        error(f"could not write {path} ({e}); nothing was changed, retry later")
     if kw["as_json"]:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
     elif render is not None:
         click.echo(render(result))
     else:
         click.echo(_summary(result))
+    if note is not None:
+        click.echo(f"warning: {note}", err=True)
+
+
+async def _unpublished_note(service: Service, path: Path, revision: int) -> str | None:
+    """None once `revision`'s messages are published (or it has none); otherwise what an
+    admin must know: the change is committed, and why it has not reached the agents."""
+    wait = _publish_wait()
+    deadline = time.monotonic() + wait
+    while True:
+        waiting = await service.outbox_waiting(revision)
+        if not waiting:
+            return None
+        publisher = held_by(path)
+        if publisher is None:
+            backlog = await service.outbox_backlog()
+            return (
+                f"revision {revision} is committed but not published: no `addin-server serve` "
+                f"is running on {path}; {describe_backlog(backlog)}, published when it starts"
+            )
+        if time.monotonic() >= deadline:
+            backlog = await service.outbox_backlog()
+            return (
+                f"revision {revision} is committed but not published yet: `addin-server serve` "
+                f"({publisher.describe()}) has not sent it within {wait:g} s (is the "
+                f"broker reachable? see its log); {describe_backlog(backlog)}"
+            )
+        await asyncio.sleep(0.05)
 
 
 def _summary(result: Any) -> str:
@@ -141,7 +237,8 @@ def _summary(result: Any) -> str:
     return json.dumps(result, indent=2, sort_keys=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@_db_option
 def main() -> None:
     """Deployment service stub: directory, catalog, assignments, publication."""
 
@@ -170,7 +267,6 @@ main.add_command(manifest)
 @_store_option
 @_max_addins_option
 def serve(
-    db_path: Path,
     tenant: str,
     broker: str,
     broker_username: str | None,
@@ -183,14 +279,50 @@ def serve(
     max_addins: int,
 ) -> None:
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT)."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
+    db_path = _db_path(writes=True)
+    # One publisher per database: a second one would publish under the same MQTT client id
+    # and the two would knock each other off the broker for as long as both run.
+    lock = InstanceLock(db_path)
+    try:
+        lock.acquire()
+    except AlreadyLocked as e:
+        error(
+            f"another addin-server serve ({e.holder.describe()}) is running on {db_path}: "
+            "one server per database; stop it first"
+        )
+    except OSError as e:
+        error(f"cannot lock {lock.path}: {e.strerror or e}")
+    try:
+        _serve(db_path, tenant, broker, broker_username, broker_password, host, int(port),
+               admin_token, agent_token, admin_user, store_catalog, max_addins)  # fmt: skip
+    except db.DatabaseError as e:
+        error(str(e))
+    finally:
+        lock.release()
+
+
+def _serve(
+    db_path: Path,
+    tenant: str,
+    broker: str,
+    broker_username: str | None,
+    broker_password: str | None,
+    host: str,
+    port: int,
+    admin_token: str,
+    agent_token: str,
+    admin_user: str | None,
+    store_catalog: Path,
+    max_addins: int,
+) -> None:
     import uvicorn
 
     from server_stub.api import create_app
     from server_stub.publisher import Publisher
 
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     async def go() -> None:
@@ -207,7 +339,7 @@ def serve(
         service.on_commit = publisher.wake
         app = create_app(service, admin_token=admin_token, agent_token=agent_token)
         server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=int(port), log_level="warning", lifespan="off")
+            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
         )
         pub = asyncio.create_task(publisher.run())
         click.echo(
@@ -262,6 +394,7 @@ def load(org_file: Path, **kw: Any) -> None:
 
 
 @main.group()
+@_db_option
 def user() -> None:
     """Users: add, remove, show."""
 
@@ -288,10 +421,11 @@ def user_remove(user_id: str, **kw: Any) -> None:
 @_common
 def user_show(user_id: str, **kw: Any) -> None:
     """Show a user's groups and direct assignments."""
-    _run(kw, lambda s: s.get_user(user_id), lambda r: json.dumps(r, indent=2))
+    _run(kw, lambda s: s.get_user(user_id), lambda r: json.dumps(r, indent=2), writes=False)
 
 
 @main.group()
+@_db_option
 def group() -> None:
     """Groups: add, remove, show, members, nesting."""
 
@@ -318,7 +452,7 @@ def group_remove(group_id: str, **kw: Any) -> None:
 @_common
 def group_show(group_id: str, **kw: Any) -> None:
     """Show a group's members, parents, children and assignments."""
-    _run(kw, lambda s: s.get_group(group_id), lambda r: json.dumps(r, indent=2))
+    _run(kw, lambda s: s.get_group(group_id), lambda r: json.dumps(r, indent=2), writes=False)
 
 
 @group.command("add-member")
@@ -358,6 +492,7 @@ def group_unnest(child: str, parent: str, **kw: Any) -> None:
 
 
 @main.group()
+@_db_option
 def policy() -> None:
     """Tenant policy."""
 
@@ -374,6 +509,7 @@ def policy_set(nested_groups: bool, **kw: Any) -> None:
 
 
 @main.group()
+@_db_option
 def addin() -> None:
     """Add-ins: add (LOB or Store), list, show, consent, enable, disable, remove, assign."""
 
@@ -415,7 +551,7 @@ def addin_list(**kw: Any) -> None:
             )
         return "\n".join(out)
 
-    _run(kw, lambda s: s.list_addins(), render)
+    _run(kw, lambda s: s.list_addins(), render, writes=False)
 
 
 @addin.command("show")
@@ -423,7 +559,7 @@ def addin_list(**kw: Any) -> None:
 @_common
 def addin_show(addin_id: str, **kw: Any) -> None:
     """Show one add-in."""
-    _run(kw, lambda s: s.get_addin(addin_id), lambda r: json.dumps(r, indent=2))
+    _run(kw, lambda s: s.get_addin(addin_id), lambda r: json.dumps(r, indent=2), writes=False)
 
 
 @addin.command("consent")
@@ -533,6 +669,7 @@ def addin_unassign(
 
 
 @main.group()
+@_db_option
 def store() -> None:
     """The simulated Office Store."""
 
@@ -551,20 +688,30 @@ def store_publish(asset_id: str, version: str | None, **kw: Any) -> None:
 
 @main.command()
 @click.option("--user", "user_id", required=True)
-@click.option("--addin", "addin_id", required=True)
+@click.option("--addin", "addin_id", required=True, help="Add-in id or display name.")
 @_common
 def explain(user_id: str, addin_id: str, **kw: Any) -> None:
     """Is USER entitled to ADDIN, through which assignment and group path, and what did
     the user's agents report?"""
-    _run(kw, lambda s: s.explain(user_id, addin_id), render_explain)
+    _run(kw, lambda s: s.explain(user_id, addin_id), render_explain, writes=False)
 
 
 @main.command()
-@click.argument("addin_id", required=False)
+@click.argument("addin", required=False)
 @_common
-def status(addin_id: str | None, **kw: Any) -> None:
-    """Per add-in: entitled users and how many agents reported the current version applied."""
-    _run(kw, lambda s: s.status(addin_id), render_status)
+def status(addin: str | None, **kw: Any) -> None:
+    """Per add-in (ADDIN: id or name): entitled users and how many agents reported the
+    current version applied; whether a publisher runs, and the outbox backlog."""
+
+    path = _db_path(writes=False)
+
+    async def op(s: Service) -> dict[str, Any]:
+        result = await s.status(addin)
+        holder = held_by(path)
+        result["publisher"] = {"running": holder is not None, "pid": holder and holder.pid}
+        return result
+
+    _run(kw, op, render_status, writes=False)
 
 
 @main.command("broker-config")
@@ -590,4 +737,4 @@ def broker_config(directory: Path, **kw: Any) -> None:
             f"{r['directory']}/credentials.json (mode 0600)"
         )
 
-    _run(kw, op, render)
+    _run(kw, op, render, writes=False)

@@ -42,10 +42,48 @@ def render_explain(e: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def describe_backlog(outbox: dict[str, Any]) -> str:
+    """``"9 messages wait in the outbox (oldest 3 min)"``."""
+    n = outbox["waiting"]
+    if not n:
+        return "the outbox is empty"
+    age = max(0.0, time.time() - float(outbox["oldest_created_at"]))
+    return f"{n} message{'s' if n != 1 else ''} wait{'s' if n == 1 else ''} in the outbox (oldest {_age(age)})"
+
+
+def _publisher_line(s: dict[str, Any]) -> str | None:
+    outbox, pub = s.get("outbox"), s.get("publisher")
+    if outbox is None:
+        return None
+    if pub is None:
+        return f"Outbox: {describe_backlog(outbox)}"
+    if pub["running"]:
+        who = f"pid {pub['pid']}" if pub.get("pid") else "running"
+        return f"Publisher: addin-server serve ({who}) is running; {describe_backlog(outbox)}"
+    tail = ", published when it starts" if outbox["waiting"] else ""
+    return (
+        f"Publisher: no addin-server serve is running on this database; "
+        f"{describe_backlog(outbox)}{tail}"
+    )
+
+
 def render_status(s: dict[str, Any]) -> str:
     rows = s["addins"]
+    publisher = _publisher_line(s)
     if not rows:
-        return f"No add-ins in the catalog (revision {s['revision']})."
+        return f"No add-ins in the catalog (revision {s['revision']})." + (
+            f"\n{publisher}" if publisher else ""
+        )
     header = f"{'ADD-IN':<38} {'NAME':<28} {'VERSION':<11} {'STATE':<14} {'APPLIED':>16}"
     lines = [header]
     for a in rows:
@@ -60,4 +98,6 @@ def render_status(s: dict[str, Any]) -> str:
         f"APPLIED = entitled users (fixed/optional) whose agent reported the current version; "
         f"revision {s['revision']}"
     )
+    if publisher:
+        lines.append(publisher)
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from typing import Any
 import aiosqlite
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from addin_core.cli_support import did_you_mean
 from addin_core.manifest import hosts_or_permissions_changed, parse_manifest, read_manifest
 from addin_core.protocol import (
     Assignment,
@@ -301,8 +302,55 @@ class Service:
     async def _need(self, tx: _Tx, table: str, key: str, what: str) -> aiosqlite.Row:
         r = await tx.row(f"SELECT * FROM {table} WHERE id=?", (key,))
         if r is None:
-            raise NotFound(f"unknown {what} {key!r}")
+            raise await self._unknown(table, key, what)
         return r
+
+    async def _unknown(self, table: str, key: str, what: str) -> NotFound:
+        """`unknown user 'an'; did you mean 'ann'?`: ids (and add-in names) close to `key`."""
+        names = [str(r[0]) for r in await self._rows(f"SELECT id FROM {table}")]
+        if table == "addins":
+            names += [n for n in (await self._addin_names()).values()]
+        return NotFound(f"unknown {what} {key!r}" + did_you_mean(key, names))
+
+    async def _addin_names(self) -> dict[str, str]:
+        """Display name of each add-in's current version, by id."""
+        return {
+            str(r[0]): str(r[1])
+            for r in await self._rows(
+                "SELECT a.id, v.display_name FROM addins a JOIN addin_versions v "
+                "ON v.addin_id = a.id AND v.version = a.current_version"
+            )
+        }
+
+    async def find_addin(self, name_or_id: str) -> str:
+        """An add-in id from what an admin typed: its id, or its display name (any case)."""
+        if await self._rows("SELECT 1 FROM addins WHERE id=?", (name_or_id,)):
+            return name_or_id
+        low = name_or_id.lower()
+        names = await self._addin_names()
+        found = sorted(a for a, n in names.items() if low in (a.lower(), n.lower()))
+        if len(found) > 1:
+            raise BadRequest(
+                f"{len(found)} add-ins are called {name_or_id!r}: give the id ({', '.join(found)})"
+            )
+        if not found:
+            raise await self._unknown("addins", name_or_id, "add-in")
+        return found[0]
+
+    async def outbox_waiting(self, revision: int | None = None) -> int:
+        """Messages committed and not yet acknowledged by the broker (of one revision)."""
+        sql = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        rows = await self._rows(sql + (" AND revision=?" if revision is not None else ""),
+                                () if revision is None else (revision,))  # fmt: skip
+        return int(rows[0][0])
+
+    async def outbox_backlog(self) -> dict[str, Any]:
+        """What waits to be published: how many messages, since when."""
+        rows = await self._rows(
+            "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL"
+        )
+        n, oldest = rows[0]
+        return {"waiting": int(n), "oldest_created_at": oldest}
 
     # -- users and groups -------------------------------------------------------------------
 
@@ -993,15 +1041,15 @@ class Service:
         return [await self._addin_view(r) for r in rows]
 
     async def get_addin(self, addin_id: str) -> dict[str, Any]:
+        """One add-in, by id or display name."""
+        addin_id = await self.find_addin(addin_id)
         rows = await self._rows("SELECT * FROM addins WHERE id=?", (addin_id,))
-        if not rows:
-            raise NotFound(f"unknown add-in {addin_id!r}")
         return await self._addin_view(rows[0])
 
     async def get_user(self, user_id: str) -> dict[str, Any]:
         rows = await self._rows("SELECT id, name FROM users WHERE id=?", (user_id,))
         if not rows:
-            raise NotFound(f"unknown user {user_id!r}")
+            raise await self._unknown("users", user_id, "user")
         groups = await self._rows(
             "SELECT group_id FROM memberships WHERE user_id=? ORDER BY group_id", (user_id,)
         )
@@ -1019,7 +1067,7 @@ class Service:
     async def get_group(self, group_id: str) -> dict[str, Any]:
         rows = await self._rows("SELECT id, name FROM groups WHERE id=?", (group_id,))
         if not rows:
-            raise NotFound(f"unknown group {group_id!r}")
+            raise await self._unknown("groups", group_id, "group")
         members = await self._rows(
             "SELECT user_id FROM memberships WHERE group_id=? ORDER BY user_id", (group_id,)
         )
@@ -1064,6 +1112,7 @@ class Service:
         """Is `user_id` entitled to `addin_id`, through what, and what did its agents report."""
         user = await self.get_user(user_id)
         addin = await self.get_addin(addin_id)
+        addin_id = addin["addin_id"]  # an admin may have typed its name
         nested = await self.nested_groups()
         grants = grants_for_user(
             user_id,
@@ -1154,7 +1203,12 @@ class Service:
                     "reporting": len(installing & reporting_users),
                 }
             )
-        return {"nested_groups": nested, "addins": out, "revision": await self.revision()}
+        return {
+            "nested_groups": nested,
+            "addins": out,
+            "revision": await self.revision(),
+            "outbox": await self.outbox_backlog(),
+        }
 
 
 def _list(org: Mapping[str, Any], key: str) -> list[Any]:

@@ -31,6 +31,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
+from addin_core.reconnect import (
+    Backoff,
+    LossClassifier,
+    disconnect_code,
+    flapping_text,
+    taken_over_text,
+)
 from server_stub import db
 
 log = logging.getLogger("addin_server.publisher")
@@ -40,6 +47,11 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 BATCH = 500
 
 ReportSink = Callable[[list[AgentReport]], Awaitable[None]]
+
+BACKOFF = (0.2, 5.0)
+"""Reconnect delay: from ~0.2 s, doubling (jittered) up to 5 s."""
+STABLE_AFTER = 30.0
+"""Seconds a broker session must last before the backoff starts again from the bottom."""
 
 REPORT_BATCH = 1000
 """Reports written in one transaction at most."""
@@ -77,6 +89,8 @@ class Publisher:
         self.published = 0
         self.republished_all = 0
         self.connections = 0
+        self.taken_over = 0
+        """Connections the broker gave to another client with our id (said or probable)."""
 
     def wake(self, _revision: int | None = None) -> None:
         self._wake.set()
@@ -116,20 +130,44 @@ class Publisher:
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; runs until cancelled."""
         conn = await db.connect(self.db_path)
-        delay = 0.2
+        # Only a session that lasted counts as recovery: a broker that accepts us and then
+        # drops us (another publisher with our client id) must not be retried 5 times a second.
+        backoff = Backoff(*BACKOFF, stable_after=STABLE_AFTER)
+        losses = LossClassifier(STABLE_AFTER)
+        client_id = f"addin-server-{self.tenant}"
         try:
             while True:
+                client: aiomqtt.Client | None = None
                 try:
-                    async with self._client() as client:
-                        delay = 0.2
+                    client = self._client()
+                    async with client:
+                        backoff.connected()
                         await self._session(conn, client)
                 except (aiomqtt.MqttError, sqlite3.OperationalError) as e:
                     # A locked or full database must not end publication for good: rows
                     # not marked done are published again (at least once) after the retry.
                     self.connected.clear()
-                    log.warning("publisher interrupted (%s); retrying in %.1fs", e, delay)
+                    delay = backoff.failed()
+                    up = backoff.last_uptime
+                    kind = losses.classify(disconnect_code(e, client), up)
+                    if kind == "disconnected":
+                        log.warning("publisher interrupted (%s); retrying in %.1fs", e, delay)
+                    else:
+                        self.taken_over += 1
+                        what = (
+                            taken_over_text(client_id)
+                            if kind == "session_taken_over"
+                            else flapping_text(client_id, up or 0.0, losses.short_drops)
+                        )
+                        log.error(
+                            "publisher: %s (another addin-server of tenant %s, on another "
+                            "database?); retrying in %.1fs (%d failures in a row)",
+                            what,
+                            self.tenant,
+                            delay,
+                            backoff.failures,
+                        )
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
         finally:
             await conn.close()
 
