@@ -58,7 +58,9 @@ def _host(value: str | None) -> Host | None:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {escape(message)}")
+    """One ``error:`` line per line of `message` (a bad config names each bad field)."""
+    for line in message.splitlines() or [message]:
+        err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -136,19 +138,45 @@ def run(c: Ctx, config_path: str | None, verbose: int) -> None:
     )
     if verbose < 2:
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    asyncio.run(_run(cfg))
+    problem = asyncio.run(_run(cfg))
+    if problem is not None:
+        fail(f"agent {cfg.client_id} not started: {problem}")
 
 
-async def _run(cfg: AgentConfig) -> None:
+def _startup_problem(e: BaseException, cfg: AgentConfig) -> str:
+    """One line saying what stopped the start, naming the file or endpoint involved."""
+    if isinstance(e, CacheError):
+        return str(e)
+    if isinstance(e, sqlite3.Error):
+        return f"cache {cfg.cache_path} is not usable: {e}"
+    if isinstance(e, OSError):
+        what = e.strerror or str(e)
+        where = e.filename or ""
+        if cfg.control and (where == cfg.control or not where):
+            return f"control endpoint {cfg.control} cannot be created: {what}"
+        return f"{where}: {what}" if where else what
+    return f"{type(e).__name__}: {e}"
+
+
+async def _run(cfg: AgentConfig) -> str | None:
+    """The daemon's life; returns why it could not start (None after a normal stop)."""
     from agent.daemon import Agent
 
+    log = logging.getLogger("addin_agent")
     agent = Agent(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await agent.start()
-    logging.getLogger("addin_agent").info(
+    try:
+        await agent.start()
+    except Exception as e:
+        # Whatever was opened (cache, socket, broker task) is closed before saying why, so
+        # the process ends instead of living on with a half-started daemon.
+        log.debug("start failed", exc_info=True)
+        await agent.stop()
+        return _startup_problem(e, cfg)
+    log.info(
         "agent %s for %s/%s running; cache %s",
         cfg.client_id,
         cfg.tenant,
@@ -156,8 +184,9 @@ async def _run(cfg: AgentConfig) -> None:
         cfg.cache_path,
     )
     await stop.wait()
-    logging.getLogger("addin_agent").info("shutting down")
+    log.info("shutting down")
     await agent.stop()
+    return None
 
 
 # -- talking to the daemon (or the cache directly) ---------------------------------------------

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from addin_core.protocol import Host
+from agent.config import parse_control
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -33,14 +34,8 @@ MAX_REQUEST = 16 * 1024
 
 
 def parse_endpoint(spec: str) -> tuple[str, int] | str:
-    """``"8765"`` or ``"127.0.0.1:8765"`` -> (host, port); anything with a slash -> socket path."""
-    if "/" in spec:
-        return spec
-    host, _, port = spec.rpartition(":")
-    host = host or "127.0.0.1"
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"control endpoint {spec!r} must be on loopback (127.0.0.1)")
-    return host, int(port)
+    """(host, port) on loopback, or a unix socket path (see `agent.config.parse_control`)."""
+    return parse_control(spec)
 
 
 class ControlServer:

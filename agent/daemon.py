@@ -183,6 +183,13 @@ class Agent:
             http=self._http,
             concurrency=self.config.fetch_concurrency,
         )
+        # The control endpoint before the broker: an endpoint that cannot be created fails
+        # the start before anything connects or logs.
+        if self.config.control:
+            from agent.control import ControlServer
+
+            self.control = ControlServer(self, self.config.control)
+            await self.control.start()
         assert self.cache is not None
         first = await self.cache.sync_value("session_started") is None
         self.transport = Transport(
@@ -201,11 +208,6 @@ class Agent:
         )
         self.transport.start()
         self._schedule_fetches()
-        if self.config.control:
-            from agent.control import ControlServer
-
-            self.control = ControlServer(self, self.config.control)
-            await self.control.start()
         # -- anti-entropy hook (agent/antientropy.py; None when anti_entropy_interval = 0) --
         if self.anti_entropy is None:
             from agent.antientropy import AntiEntropy
