@@ -20,6 +20,7 @@ import click
 import yaml
 
 from server_stub import db
+from server_stub.broker_cli import broker
 from server_stub.broker_config import write_broker_config
 from server_stub.explain import render_explain, render_status
 from server_stub.manifest_cli import manifest
@@ -147,6 +148,7 @@ def main() -> None:
 
 
 main.add_command(manifest)
+main.add_command(broker)
 
 
 # -- serve ----------------------------------------------------------------------------------
@@ -186,11 +188,17 @@ def serve(
     import uvicorn
 
     from server_stub.api import create_app
-    from server_stub.publisher import Publisher
+    from server_stub.publisher import Publisher, parse_broker_url
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
+    try:
+        parse_broker_url(broker)
+    except ValueError as e:
+        # Refused here, not retried for ever by the publisher.
+        click.echo(f"error: --broker {e}", err=True)
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     async def go() -> None:
