@@ -590,6 +590,32 @@ def query(c: Ctx, sql: str, as_json: bool) -> None:
     console.print(t)
 
 
+@main.command("wait")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds before giving up.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def wait_cmd(c: Ctx, timeout: float, as_json: bool) -> None:
+    """Wait until the daemon is connected, holds the entitlements the server computes for
+    this user and has downloaded their manifests; exit 1 after TIMEOUT saying what is
+    missing. For provisioning scripts."""
+    from agent.wait import wait_in_sync
+
+    cfg = c.config()
+    state = wait_in_sync(cfg, timeout)
+    if as_json:
+        emit_json(asdict(state))
+    elif state.done:
+        console.print(f"in sync at revision {state.revision}: {escape(state.detail)}")
+    if not state.done:
+        fail(f"not in sync after {timeout:g} s: {state.detail}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
