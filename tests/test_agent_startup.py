@@ -267,3 +267,9 @@ def test_config_error_keeps_one_problem_per_field(tmp_path: Path) -> None:
         load_config(config, env={})
     assert len(e.value.problems) == 2
     assert str(e.value).count("\n") == 1
+
+
+def test_packaged_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "packaging" / "agent.example.toml"
+    cfg = load_config(example, env={})
+    assert cfg.control == "/run/addin-agent/agent.sock" and cfg.broker_port == 1883
