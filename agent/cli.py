@@ -145,16 +145,15 @@ def run(c: Ctx, config_path: str | None, verbose: int) -> None:
 
 def _startup_problem(e: BaseException, cfg: AgentConfig) -> str:
     """One line saying what stopped the start, naming the file or endpoint involved."""
-    if isinstance(e, CacheError):
+    from agent.control import ControlEndpointError
+
+    if isinstance(e, CacheError | ControlEndpointError):
         return str(e)
     if isinstance(e, sqlite3.Error):
         return f"cache {cfg.cache_path} is not usable: {e}"
     if isinstance(e, OSError):
         what = e.strerror or str(e)
-        where = e.filename or ""
-        if cfg.control and (where == cfg.control or not where):
-            return f"control endpoint {cfg.control} cannot be created: {what}"
-        return f"{where}: {what}" if where else what
+        return f"{e.filename}: {what}" if e.filename else what
     return f"{type(e).__name__}: {e}"
 
 
@@ -174,7 +173,10 @@ async def _run(cfg: AgentConfig) -> str | None:
         # Whatever was opened (cache, socket, broker task) is closed before saying why, so
         # the process ends instead of living on with a half-started daemon.
         log.debug("start failed", exc_info=True)
-        await agent.stop()
+        try:
+            await agent.stop()
+        except Exception:  # the first failure is the one to report
+            log.debug("stop after a failed start failed too", exc_info=True)
         return _startup_problem(e, cfg)
     log.info(
         "agent %s for %s/%s running; cache %s",

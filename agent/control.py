@@ -38,6 +38,10 @@ def parse_endpoint(spec: str) -> tuple[str, int] | str:
     return parse_control(spec)
 
 
+class ControlEndpointError(RuntimeError):
+    """The socket or port cannot be created (folder missing, address in use, no permission)."""
+
+
 class ControlServer:
     def __init__(self, agent: Agent, spec: str) -> None:
         self.agent = agent
@@ -46,13 +50,18 @@ class ControlServer:
 
     async def start(self) -> None:
         where = parse_endpoint(self.spec)
-        if isinstance(where, str):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(where)
-            self.server = await asyncio.start_unix_server(self._handle, path=where)
-            os.chmod(where, 0o600)
-        else:
-            self.server = await asyncio.start_server(self._handle, where[0], where[1])
+        try:
+            if isinstance(where, str):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(where)
+                self.server = await asyncio.start_unix_server(self._handle, path=where)
+                os.chmod(where, 0o600)
+            else:
+                self.server = await asyncio.start_server(self._handle, where[0], where[1])
+        except OSError as e:
+            raise ControlEndpointError(
+                f"control endpoint {self.spec} cannot be created: {e.strerror or e}"
+            ) from e
         log.info("control endpoint on %s", self.spec)
 
     async def stop(self) -> None:
