@@ -1,5 +1,5 @@
 # Shortcuts for the project's main commands (see README.md).
-.PHONY: test run bench fuzz
+.PHONY: test run bench fuzz walkthrough
 
 test:
 	scripts/test.sh
@@ -14,3 +14,6 @@ bench:
 fuzz:
 	scripts/bootstrap.sh
 	scripts/fuzz.sh
+
+walkthrough:
+	scripts/walkthrough.sh

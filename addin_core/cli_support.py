@@ -20,8 +20,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def error(message: str, code: int = 1) -> NoReturn:
-    """Print ``error: message`` on stderr (one line, whatever the terminal's width) and exit."""
-    click.echo(click.style("error:", fg="red") + " " + " ".join(message.split("\n")), err=True)
+    """Print ``error: line`` on stderr for each line of `message` (a bad config names each bad
+    field on its own line), unwrapped whatever the terminal's width, and exit."""
+    for line in message.splitlines() or [message]:
+        click.echo(click.style("error:", fg="red") + " " + line, err=True)
     sys.exit(code)
 
 

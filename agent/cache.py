@@ -310,7 +310,7 @@ class Cache:
             _init_sync(conn, memory=True)
             conn.execute(*retention.statement(time.time()))
             return cls(spath, conn, None, retention)
-        Path(spath).parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_check_openable, spath)
         lock = InstanceLock(spath)
         try:
             lock.acquire()
@@ -453,6 +453,21 @@ class VolatileCache:
 
     async def close(self) -> None:
         pass
+
+
+def _check_openable(path: str) -> None:
+    """Raise CacheError unless SQLite can open `path` (making its folder if need be).
+
+    Checked in plain sqlite3 first: when aiosqlite's own connect fails, its worker thread is
+    stopped without being waited for and can outlive the event loop, printing a traceback
+    after the error line at exit."""
+    if Path(path).is_dir():
+        raise CacheError(f"cache_path {path} is a directory, not a cache file")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        sqlite3.connect(path).close()
+    except (OSError, sqlite3.Error) as e:
+        raise CacheError(f"cache {path} cannot be opened: {e}") from e
 
 
 async def open_cache(path: str | Path, retention: Retention | None = None) -> Cache | VolatileCache:

@@ -174,17 +174,32 @@ def run(c: Ctx, verbose: int) -> None:
     )
     if verbose < 2:
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    from agent.control import ControlError
-
-    try:
-        asyncio.run(_run(cfg))
-    except (CacheError, ControlError) as e:
-        fail(str(e))
+    problem = asyncio.run(_run(cfg))
+    if problem is not None:
+        fail(problem)
 
 
-async def _run(cfg: AgentConfig) -> None:
+def _startup_problem(e: BaseException, cfg: AgentConfig) -> str:
+    """One line saying what stopped the start, naming the file or endpoint involved."""
+    from agent.control import ControlEndpointError
+
+    if isinstance(e, CacheError | ControlEndpointError):
+        return str(e)
+    if isinstance(e, sqlite3.Error):
+        return f"cache {cfg.cache_path} is not usable: {e}"
+    if isinstance(e, OSError):
+        what = e.strerror or str(e)
+        what = f"{e.filename}: {what}" if e.filename else what
+    else:
+        what = f"{type(e).__name__}: {e}"
+    return f"agent {cfg.client_id} not started: {what}"
+
+
+async def _run(cfg: AgentConfig) -> str | None:
+    """The daemon's life; returns why it could not start (None after a normal stop)."""
     from agent.daemon import Agent
 
+    log = logging.getLogger("addin_agent")
     agent = Agent(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,10 +207,16 @@ async def _run(cfg: AgentConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await agent.start()
-    except BaseException:
-        await agent.stop()  # closes the cache and releases its lock; nothing else runs
-        raise
-    logging.getLogger("addin_agent").info(
+    except Exception as e:
+        # Whatever was opened (cache, socket, broker task) is closed before saying why, so
+        # the process ends instead of living on with a half-started daemon.
+        log.debug("start failed", exc_info=True)
+        try:
+            await agent.stop()
+        except Exception:  # the first failure is the one to report
+            log.debug("stop after a failed start failed too", exc_info=True)
+        return _startup_problem(e, cfg)
+    log.info(
         "agent %s for %s/%s running; cache %s",
         cfg.client_id,
         cfg.tenant,
@@ -203,8 +224,9 @@ async def _run(cfg: AgentConfig) -> None:
         cfg.cache_path,
     )
     await stop.wait()
-    logging.getLogger("addin_agent").info("shutting down")
+    log.info("shutting down")
     await agent.stop()
+    return None
 
 
 # -- talking to the daemon (or the cache directly) ---------------------------------------------
@@ -625,6 +647,32 @@ def query(c: Ctx, sql: str, as_json: bool) -> None:
             )
         )
     console.print(t)
+
+
+@main.command("wait")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds before giving up.",
+)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def wait_cmd(c: Ctx, timeout: float, as_json: bool) -> None:
+    """Wait until the daemon is connected, holds the entitlements the server computes for
+    this user and has downloaded their manifests; exit 1 after TIMEOUT saying what is
+    missing. For provisioning scripts."""
+    from agent.wait import wait_in_sync
+
+    cfg = c.config()
+    state = wait_in_sync(cfg, timeout)
+    if as_json:
+        emit_json(asdict(state))
+    elif state.done:
+        console.print(f"in sync at revision {state.revision}: {escape(state.detail)}")
+    if not state.done:
+        fail(f"not in sync after {timeout:g} s: {state.detail}")
 
 
 @main.command()

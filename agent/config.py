@@ -5,14 +5,20 @@ Example ``agent.toml``::
     tenant = "contoso"
     user_id = "ann"
     client_id = "ann-laptop"
-    broker_url = "mqtt://127.0.0.1:1883"
-    server_url = "http://127.0.0.1:8080"
+    broker_url = "mqtt://broker.contoso.local:1883"
+    server_url = "https://addins.contoso.local"
     server_token = "agent-secret"
     cache_path = "/var/lib/addin-agent/cache.sqlite"
     hosts = ["Word", "Excel", "PowerPoint", "Outlook"]
     applier = "folder"
     applier_dir = "/var/lib/addin-agent/wef"
-    control = "127.0.0.1:8765"     # or a unix socket path, or "" to disable
+    control = "/run/addin-agent/agent.sock"   # or "127.0.0.1:8765", or "" to disable
+
+Relative paths in the file (``cache_path``, ``applier_dir``, a ``control`` socket) are taken
+from the file's folder, so the daemon and the helpdesk commands find the same files whatever
+directory they start in; relative paths from the environment are taken from the current one.
+Every value is checked here, at load: a bad one is refused before anything starts, with the
+field, where it came from and what to write instead.
 """
 
 from __future__ import annotations
@@ -22,17 +28,84 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from addin_core.protocol import Host, check_id
 
 ENV_PREFIX = "ADDIN_AGENT_"
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_SOCKET_PATH = 107
+"""Bytes of a unix socket path (``sun_path`` is 108 on Linux, including the NUL); a longer
+one cannot be bound, and the kernel's error does not say why."""
+
+PATH_FIELDS = ("cache_path", "applier_dir")
+"""Fields holding a file or folder; ``control`` too when it names a socket."""
+
 
 class ConfigError(ValueError):
-    """The configuration file or environment is unusable; the message says what to fix."""
+    """The configuration file or environment is unusable. `problems` holds one line per
+    bad field, each naming the field and what to write instead."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def parse_control(spec: str) -> tuple[str, int] | str:
+    """``"8765"`` or ``"127.0.0.1:8765"`` -> (host, port) on loopback; anything else is a unix
+    socket path (``"agent.sock"``, ``"/run/addin-agent/agent.sock"``). Raises ValueError with
+    what to write instead."""
+    if spec.isdigit():
+        return "127.0.0.1", _port(spec, "control")
+    if "/" not in spec and ":" in spec:
+        host, _, port = spec.rpartition(":")
+        host = host.strip("[]") or "127.0.0.1"
+        if host not in LOOPBACK:
+            raise ValueError(f"{spec!r} must be on loopback (127.0.0.1:PORT) or a unix socket path")
+        return host, _port(port, "control")
+    if len(os.fsencode(spec)) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"socket path {spec!r} is {len(os.fsencode(spec))} bytes; a unix socket path "
+            f"holds at most {MAX_SOCKET_PATH}: use a shorter path or 127.0.0.1:PORT"
+        )
+    return spec
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{what} port {text!r} is not a number from 1 to 65535")
+    return int(text)
+
+
+def _split_url(value: str, schemes: tuple[str, ...], example: str) -> SplitResult:
+    u = urlsplit(value)
+    if u.scheme not in schemes or not u.netloc:
+        missing = "" if "://" in value else " (the scheme is missing)"
+        raise ValueError(f"{value!r} must look like {example}{missing}")
+    if not u.hostname:
+        raise ValueError(f"{value!r} names no host: write {example}")
+    try:
+        port = u.port
+    except ValueError:
+        port_text = u.netloc.rpartition(":")[2]
+        raise ValueError(f"{value!r}: port {port_text!r} is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError(f"{value!r}: port 0 is not a number from 1 to 65535")
+    if u.query or u.fragment:
+        raise ValueError(f"{value!r} must not have a query or fragment: write {example}")
+    if u.username is not None or u.password is not None:
+        raise ValueError(f"{value!r}: put credentials in their own fields, not in the URL")
+    return u
 
 
 class AgentConfig(BaseModel):
@@ -73,15 +146,39 @@ class AgentConfig(BaseModel):
     @field_validator("broker_url")
     @classmethod
     def _broker(cls, v: str) -> str:
-        u = urlsplit(v)
-        if u.scheme not in ("mqtt", "tcp") or not u.hostname:
-            raise ValueError(f"broker_url {v!r} must look like mqtt://HOST:PORT")
+        u = _split_url(v, ("mqtt", "tcp"), "mqtt://HOST:PORT")
+        if u.path not in ("", "/"):
+            raise ValueError(f"{v!r} must not have a path: write mqtt://HOST:PORT")
+        return v
+
+    @field_validator("server_url")
+    @classmethod
+    def _server(cls, v: str) -> str:
+        _split_url(v, ("http", "https"), "http://HOST:PORT or https://HOST")
+        return v
+
+    @field_validator("cache_path")
+    @classmethod
+    def _cache_path(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty: give a file path (or :memory:)")
         return v
 
     @field_validator("control")
     @classmethod
     def _control(cls, v: str | None) -> str | None:
-        return v or None
+        if not v:
+            return None
+        parse_control(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentConfig:
+        if self.applier == "folder" and not self.applier_dir:
+            raise ValueError("applier = 'folder' needs applier_dir")
+        if self.broker_password is not None and not self.broker_username:
+            raise ValueError("broker_password is set but broker_username is not")
+        return self
 
     @property
     def broker_host(self) -> str:
@@ -90,10 +187,6 @@ class AgentConfig(BaseModel):
     @property
     def broker_port(self) -> int:
         return urlsplit(self.broker_url).port or 1883
-
-    def model_post_init(self, __context: Any) -> None:
-        if self.applier == "folder" and not self.applier_dir:
-            raise ValueError("applier = 'folder' needs applier_dir")
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -108,6 +201,44 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _relative_to(base: Path, data: dict[str, Any]) -> None:
+    """Make the file's relative paths relative to its folder (in place)."""
+    for name in (*PATH_FIELDS, "control"):
+        value = data.get(name)
+        if not isinstance(value, str) or not value or value in (":memory:", ":none:"):
+            continue
+        if name == "control":
+            try:
+                if not isinstance(parse_control(value), str):
+                    continue
+            except ValueError:
+                continue  # validation names the problem
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            data[name] = str(base / path)
+
+
+def _describe(err: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    field = loc[0] if loc else ""
+    where = field + "".join(f"[{p}]" for p in loc[1:])
+    if field in sources:
+        where += f" (from {sources[field]})"
+    kind = err["type"]
+    msg = str(err["msg"])
+    if kind == "missing":
+        msg = "missing; it is required"
+    elif kind == "extra_forbidden":
+        msg = "unknown field (packaging/agent.example.toml lists every field)"
+    elif kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    else:
+        got = err.get("input")
+        if isinstance(got, str | int | float | bool) and len(repr(got)) <= 60:
+            msg += f" (got {got!r})"
+    return f"{where}: {msg}" if where else msg
+
+
 def load_config(
     path: str | Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -115,25 +246,32 @@ def load_config(
 ) -> AgentConfig:
     """Read `path` (TOML, optional), then apply environment overrides, then `overrides`."""
     data: dict[str, Any] = {}
+    where = "agent configuration"
     if path is not None:
         p = Path(path)
+        where = f"agent configuration in {p}"
         try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {p} does not exist") from e
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(
+                f"config file {p} is a directory; give the agent.toml in it"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text: {e.reason}") from None
         except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
-        except IsADirectoryError as e:
-            raise ConfigError(f"config file {p} is a directory; give the agent.toml in it") from e
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config file {p}: {getattr(e, 'strerror', e)}") from e
-    data.update(_from_env(os.environ if env is None else env))
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+        _relative_to(p.absolute().parent, data)
+    from_env = _from_env(os.environ if env is None else env)
+    sources = {name: ENV_PREFIX + name.upper() for name in from_env}
+    data.update(from_env)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-            for err in e.errors(include_url=False)
-        )
-        raise ConfigError(f"invalid agent configuration: {problems}") from e
+        raise ConfigError(
+            [f"invalid {where}: {_describe(err, sources)}" for err in e.errors(include_url=False)]
+        ) from None

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from addin_core.protocol import Host
+from agent.config import parse_control
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -34,18 +35,17 @@ MAX_REQUEST = 16 * 1024
 
 
 def parse_endpoint(spec: str) -> tuple[str, int] | str:
-    """``"8765"`` or ``"127.0.0.1:8765"`` -> (host, port); anything with a slash -> socket path."""
-    if "/" in spec:
-        return spec
-    host, _, port = spec.rpartition(":")
-    host = host or "127.0.0.1"
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"control endpoint {spec!r} must be on loopback (127.0.0.1)")
-    return host, int(port)
+    """(host, port) on loopback, or a unix socket path (see `agent.config.parse_control`)."""
+    return parse_control(spec)
 
 
-class ControlError(RuntimeError):
-    """The control endpoint cannot be opened (in use by another process, no permission)."""
+class ControlEndpointError(RuntimeError):
+    """The socket or port cannot be created (folder missing, address in use, in use by another
+    process, no permission)."""
+
+
+# The name used by the single-instance checks; one error class for every way opening fails.
+ControlError = ControlEndpointError
 
 
 def _claim_socket_path(path: str) -> None:
@@ -87,7 +87,7 @@ class ControlServer:
                 self.server = await asyncio.start_server(self._handle, where[0], where[1])
         except OSError as e:
             raise ControlError(
-                f"cannot open control endpoint {self.spec}: {e.strerror or e}"
+                f"control endpoint {self.spec} cannot be created: {e.strerror or e}"
             ) from e
         log.info("control endpoint on %s", self.spec)
 

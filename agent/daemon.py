@@ -195,7 +195,8 @@ class Agent:
         if self.config.control:
             from agent.control import ControlServer
 
-            # Before the broker: a daemon refused here never connects under the client id
+            # Before the broker: an endpoint that cannot be created fails the start before
+            # anything connects, and a daemon refused here never connects under the client id
             # of the one that holds the endpoint.
             self.control = ControlServer(self, self.config.control)
             await self.control.start()

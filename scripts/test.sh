@@ -9,4 +9,4 @@ echo "==> ruff"
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
-exec .venv/bin/pytest -q "$@"
+exec .venv/bin/pytest -q -rs "$@"   # -rs: say why each skipped test skipped

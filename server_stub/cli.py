@@ -24,6 +24,7 @@ import yaml
 from addin_core.cli_support import Group, error, shared_option, shared_value
 from addin_core.instance_lock import AlreadyLocked, InstanceLock, held_by
 from server_stub import db
+from server_stub.broker_cli import broker
 from server_stub.broker_config import write_broker_config
 from server_stub.explain import describe_backlog, render_explain, render_status
 from server_stub.manifest_cli import manifest
@@ -244,6 +245,7 @@ def main() -> None:
 
 
 main.add_command(manifest)
+main.add_command(broker)
 
 
 # -- serve ----------------------------------------------------------------------------------
@@ -282,6 +284,13 @@ def serve(
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
+    from server_stub.publisher import parse_broker_url
+
+    try:
+        parse_broker_url(broker)
+    except ValueError as e:
+        # Refused here, before any database is made, not retried for ever by the publisher.
+        error(f"--broker {e}", 2)
     db_path = _db_path(writes=True)
     # One publisher per database: a second one would publish under the same MQTT client id
     # and the two would knock each other off the broker for as long as both run.

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import aiomqtt
 import aiosqlite
@@ -58,10 +58,18 @@ REPORT_BATCH = 1000
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
-    u = urlparse(url if "://" in url else f"mqtt://{url}")
-    if u.scheme not in ("mqtt", "tcp") or not u.hostname:
-        raise ValueError(f"broker URL {url!r}: expected mqtt://HOST:PORT")
-    return u.hostname, u.port or 1883
+    """``mqtt://HOST[:PORT]`` (or ``tcp://``) -> (host, port); ValueError saying what to write."""
+    u = urlsplit(url)
+    if u.scheme not in ("mqtt", "tcp") or not u.netloc:
+        missing = "" if "://" in url else " (the scheme is missing)"
+        raise ValueError(f"{url!r} must look like mqtt://HOST:PORT{missing}")
+    try:
+        port = u.port
+    except ValueError:
+        port = 0
+    if not u.hostname or port == 0 or u.path not in ("", "/") or u.query or u.fragment:
+        raise ValueError(f"{url!r} must look like mqtt://HOST:PORT (PORT from 1 to 65535)")
+    return u.hostname, port or 1883
 
 
 class Publisher:
