@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
+from addin_core.sqlite_tx import transaction
 from server_stub import db
 
 log = logging.getLogger("addin_server.publisher")
@@ -156,8 +157,8 @@ class Publisher:
 
     async def republish_all(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> int:
         """Publish every current retained payload; the outbox rows it covers are done."""
-        await conn.execute("BEGIN")
-        try:
+        # One read transaction: the rows marked done below are exactly the ones covered.
+        async with transaction(conn, immediate=False):
             row = await (await conn.execute("SELECT max(id) FROM outbox")).fetchone()
             max_id = int(row[0] or 0) if row else 0
             pending = await (
@@ -166,8 +167,6 @@ class Publisher:
             retained = list(
                 await (await conn.execute("SELECT topic, payload FROM retained")).fetchall()
             )
-        finally:
-            await conn.execute("COMMIT")
         if pending:
             self._crash_hook()
         log.info("broker has no session for us: republishing %d retained topics", len(retained))
