@@ -11,34 +11,15 @@ and the server's database open a transaction on such a connection.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 import aiosqlite
 
+from addin_core.tasks import to_completion
+
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-
-async def to_completion(aw: Awaitable[T]) -> T:
-    """Await `aw` to its end even if the caller is cancelled meanwhile, then re-raise that
-    cancellation: for statements whose outcome must be known before anyone else uses the
-    connection (the connection's thread runs them whether we wait or not)."""
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        error = None if task.cancelled() else task.exception()
-        raise asyncio.CancelledError() from error
-    return task.result()
 
 
 @asynccontextmanager

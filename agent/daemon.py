@@ -59,6 +59,9 @@ and Outlook together sends one report, and a fleet's server stores a third of th
 FETCH_RETRY_DELAY = (5.0, 60.0)
 """After a round of fetch attempts fails, wait this long (jittered, doubling) to retry."""
 
+STOP_TIMEOUT = 10.0
+"""Seconds `stop` waits for cancelled manifest downloads before it goes on without them."""
+
 
 @dataclass(frozen=True, slots=True)
 class AgentEvent:
@@ -214,7 +217,15 @@ class Agent:
         await self.transport.first_attempt.wait()
 
     async def stop(self) -> None:
+        """Stop every task of this agent; the cache is closed whatever happens on the way
+        (an open aiosqlite connection is a non-daemon thread: the process could not exit)."""
         self._stopping = True
+        try:
+            await self._stop_tasks()
+        finally:
+            await self._close_cache()
+
+    async def _stop_tasks(self) -> None:
         if self.anti_entropy is not None:  # anti-entropy hook (agent/antientropy.py)
             await self.anti_entropy.stop()
             self.anti_entropy = None
@@ -224,18 +235,23 @@ class Agent:
         if self._report_task is not None:
             self._report_task.cancel()
             self._report_task = None
-        for t in list(self._fetching.values()):
-            t.cancel()
-        for t in list(self._fetching.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        fetches = list(self._fetching.values())
         self._fetching.clear()
+        for t in fetches:
+            t.cancel()
+        if fetches:
+            done, _ = await asyncio.wait(fetches, timeout=STOP_TIMEOUT)
+            for t in done:
+                if not t.cancelled():
+                    t.exception()  # retrieved: a fetch that failed while stopping is no news
         if self.transport is not None:
-            await self.transport.stop()
-            self.transport = None
+            transport, self.transport = self.transport, None
+            await transport.stop()
         if self.fetcher is not None:
-            await self.fetcher.aclose()
-            self.fetcher = None
+            fetcher, self.fetcher = self.fetcher, None
+            await fetcher.aclose()
+
+    async def _close_cache(self) -> None:
         if self.cache is not None:
             with contextlib.suppress(Exception):
                 tx = Tx()

@@ -23,9 +23,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from addin_core.tasks import cancel_and_wait
 from agent.subscriptions import reconcile
 
 log = logging.getLogger("addin_agent.transport")
+
+STOP_TIMEOUT = 10.0
+"""Seconds `Transport.stop` waits for the connection task before giving up on it."""
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectHandler = Callable[[bool], Awaitable[None]]
@@ -65,16 +69,22 @@ class Transport:
         self.attempts = 0
         self._task: asyncio.Task[None] | None = None
         self._sub_lock = asyncio.Lock()
+        self._stopping = False
+        self._wake: asyncio.Event | None = None
+        """Set by `stop` so a delivery loop that lost its cancellation still sees it."""
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """End the connection task: within `timeout` seconds, or log it and move on."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = True
+            if self._wake is not None:
+                self._wake.set()
+            await cancel_and_wait(task, timeout, f"MQTT task of {self.client_id}")
         self.connected.clear()
 
     def _make_client(self) -> aiomqtt.Client:
@@ -95,7 +105,7 @@ class Transport:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
+        while not self._stopping:
             self.attempts += 1
             try:
                 client = self._make_client()
@@ -170,8 +180,9 @@ class Transport:
             inbox.append((str(m.topic), _payload_bytes(m.payload)))
         gone: asyncio.Future[None] = client._disconnected
         gone.add_done_callback(lambda _f: wake.set())
-        while True:
-            while inbox:
+        self._wake = wake
+        while not self._stopping:
+            while inbox and not self._stopping:
                 topic, payload = inbox.popleft()
                 await self.on_message(topic, payload)
             if gone.done():
@@ -179,8 +190,9 @@ class Transport:
                 # aiomqtt's own words, so the log reads the same with either path.
                 raise aiomqtt.MqttError("Disconnected during message iteration") from cause
             wake.clear()
-            if not inbox:
+            if not inbox and not self._stopping:
                 await wake.wait()
+        raise asyncio.CancelledError()  # stopping: a lost cancellation, raised again
 
     async def sync_subscriptions(self) -> None:
         """Make the broker's subscriptions equal `desired()` (no-op while offline)."""

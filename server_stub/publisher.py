@@ -32,6 +32,7 @@ from paho.mqtt.properties import Properties
 
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
 from addin_core.sqlite_tx import transaction
+from addin_core.tasks import cancel_and_wait, wait_event
 from server_stub import db
 
 log = logging.getLogger("addin_server.publisher")
@@ -41,6 +42,9 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 BATCH = 500
 
 ReportSink = Callable[[list[AgentReport]], Awaitable[None]]
+
+TASK_STOP_TIMEOUT = 10.0
+"""Seconds to wait for a session's receive and drain tasks to end before reconnecting."""
 
 REPORT_BATCH = 1000
 """Reports written in one transaction at most."""
@@ -142,8 +146,8 @@ class Publisher:
         self.connected.set()
         # Not a TaskGroup: its ExceptionGroup would hide the MqttError `run` reconnects on.
         tasks = [
-            asyncio.create_task(self._receive(client)),
-            asyncio.create_task(self._drain_forever(conn, client)),
+            asyncio.create_task(self._receive(client), name="receive"),
+            asyncio.create_task(self._drain_forever(conn, client), name="drain"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -152,8 +156,7 @@ class Publisher:
             raise aiomqtt.MqttError("message stream ended")
         finally:
             for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                await cancel_and_wait(t, TASK_STOP_TIMEOUT, f"publisher task {t.get_name()}")
 
     async def republish_all(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> int:
         """Publish every current retained payload; the outbox rows it covers are done."""
@@ -221,10 +224,7 @@ class Publisher:
                     "DELETE FROM outbox WHERE published_at < ?", (time.time() - 86400,)
                 )
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self.poll_interval)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         reports: asyncio.Queue[AgentReport] = asyncio.Queue()
