@@ -279,6 +279,8 @@ class Coordinator:
         self.resent = 0
         self.tearing_down = False
         self._step_tasks: list[asyncio.Task[None]] = []
+        self._failure: RunError | None = None
+        """Why the worker watchdog ended the run."""
         """Set when the run starts to stop its workers and environment (orderly or not)."""
         """Commands published again because a live worker had not seen them."""
 
@@ -328,33 +330,58 @@ class Coordinator:
         self._sent_at.pop(seq, None)
         await self.channel.clear(control.cmd_topic(self.run, seq))
 
-    async def _check_workers(self, seq: int, answered: set[str]) -> None:
-        """Fail now, not at the command's timeout, when a worker died, hangs, or does not get
-        the command; publish the command again to a live worker that has not seen it."""
+    def _check_liveness(self) -> None:
+        """Raise RunError if a worker process exited, the in-process worker ended, or a
+        worker's heartbeat stopped."""
         for log_name, p in self.local_procs.items():
             if p.poll() is not None:
                 raise RunError(
-                    f"worker process {p.pid} exited with status {p.returncode} during command "
-                    f"{seq} ({self.commands.get(seq, ('?',))[0]}); see {log_name}"
+                    f"worker process {p.pid} exited with status {p.returncode}; see {log_name}"
                 )
         t = self.in_process
         if t is not None and t.done():
             error = None if t.cancelled() else t.exception()
             raise RunError(f"the in-process worker stopped: {error!r}")
-        now = time.monotonic()
         connected = self.channel.connected_since
         if not connected:
             return  # the coordinator itself is reconnecting: silence proves nothing
+        now = time.monotonic()
+        for wid in self.workers:
+            silent = now - max(self.heard.get(wid, 0.0), connected)
+            if silent > HEARTBEAT_TIMEOUT:
+                raise RunError(
+                    f"worker {wid} has sent no heartbeat for {silent:.0f} s: it died, hangs, "
+                    "or cannot reach the broker"
+                )
+
+    async def _watch_workers(self, run: asyncio.Task[Any]) -> None:
+        """Ends the run as soon as a worker is gone, whatever the run is doing (a scenario's
+        `wait` too), not when the next command times out."""
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                self._check_liveness()
+            except RunError as e:
+                self._failure = e
+                break
+        # Cancelled again until its teardown begins: on Python 3.11 one cancellation can be
+        # lost inside asyncio.wait_for (aiomqtt awaits every acknowledgement with it).
+        while not run.done() and not self.tearing_down:
+            run.cancel()
+            await asyncio.sleep(1.0)
+
+    async def _check_workers(self, seq: int, answered: set[str]) -> None:
+        """Fail now, not at the command's timeout, when a worker died, hangs, or does not get
+        the command; publish the command again to a live worker that has not seen it."""
+        self._check_liveness()
+        now = time.monotonic()
+        connected = self.channel.connected_since
+        if not connected:
+            return
         cmd, message, published = self.commands.get(seq, ("?", {}, now))
         for wid in self.workers:
             if wid in answered:
                 continue
-            silent = now - max(self.heard.get(wid, 0.0), connected)
-            if silent > HEARTBEAT_TIMEOUT:
-                raise RunError(
-                    f"worker {wid} has sent no heartbeat for {silent:.0f} s while command "
-                    f"{seq} ({cmd}) was pending: it died, hangs, or cannot reach the broker"
-                )
             seen = self.seen.get(wid)
             if seen is None or _has_seen(seen, seq):
                 continue
@@ -441,6 +468,9 @@ class Coordinator:
         if env.server:
             self.monitors.append(ProcessMonitor("server", env.server.pid))
         sampler = asyncio.create_task(self._sample_forever())
+        me = asyncio.current_task()
+        assert me is not None
+        watchdog = asyncio.create_task(self._watch_workers(me), name="worker watchdog")
         finished = False
         try:
             await self._load_org()
@@ -556,9 +586,14 @@ class Coordinator:
                 workers=len(self.workers),
                 server_disagreements=self.disagreements,
             )
+        except asyncio.CancelledError:
+            if self._failure is not None:
+                raise self._failure from None
+            raise
         finally:
             self.tearing_down = True
             sampler.cancel()
+            watchdog.cancel()
             try:
                 await self._stop_workers(orderly=finished)
             finally:
