@@ -185,6 +185,7 @@ def serve(
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT)."""
     import uvicorn
 
+    from addin_core.tasks import cancel_and_wait
     from server_stub.api import create_app
     from server_stub.publisher import Publisher
 
@@ -216,8 +217,7 @@ def serve(
         try:
             await server.serve()
         finally:
-            pub.cancel()
-            await asyncio.gather(pub, return_exceptions=True)
+            await cancel_and_wait(pub, 10, "the publisher")
             await service.conn.close()
 
     # uvloop when installed (the `fast` extra): the manifest endpoint serves a whole fleet.
