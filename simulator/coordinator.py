@@ -268,8 +268,8 @@ class Coordinator:
         self.workers: list[str] = []
         self.heard: dict[str, float] = {}
         """`time.monotonic()` of each worker's latest heartbeat (or hello)."""
-        self.seen: dict[str, list[int]] = {}
-        """The commands each worker's latest heartbeat says it has received."""
+        self.seen: dict[str, tuple[list[int], float]] = {}
+        """The commands each worker's latest heartbeat says it has received, and when it came."""
         self.commands: dict[int, tuple[str, dict[str, Any], float]] = {}
         """Commands not yet answered by every worker: seq -> (cmd, message, published at)."""
         self.local_procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -295,7 +295,7 @@ class Coordinator:
         if kind == "hello":
             self.hellos[wid] = data
         elif kind == "alive":
-            self.seen[wid] = [int(s) for s in data.get("seen", [])]
+            self.seen[wid] = ([int(s) for s in data.get("seen", [])], time.monotonic())
             return  # once a second from every worker: not worth waking the waiters
         elif kind == "reply":
             self.replies[wid] = data.get("replies", {})
@@ -383,16 +383,17 @@ class Coordinator:
             if wid in answered:
                 continue
             seen = self.seen.get(wid)
-            if seen is None or _has_seen(seen, seq):
+            if seen is None or _has_seen(seen[0], seq):
                 continue
-            # Its heartbeat must have been sent after the command could have reached it.
-            waited = self.heard.get(wid, 0.0) - max(published, connected)
+            # Only a heartbeat sent after the command could have reached it counts.
+            seen_at = seen[1]
+            waited = seen_at - max(published, connected)
             if waited > UNSEEN_TIMEOUT:
                 raise RunError(
                     f"worker {wid} is alive but has not received command {seq} ({cmd}) "
                     f"{waited:.0f} s after it was published"
                 )
-            if self.heard.get(wid, 0.0) - self._sent_at.get(seq, published) > RESEND_AFTER:
+            if seen_at - self._sent_at.get(seq, published) > RESEND_AFTER:
                 self._sent_at[seq] = time.monotonic()
                 self.resent += 1
                 await self.channel.publish_state(control.cmd_topic(self.run, seq), message)

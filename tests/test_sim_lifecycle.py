@@ -42,6 +42,52 @@ async def test_control_commands_survive_broker_kills(clients: int, tmp_path: Pat
     assert result.steps[-1].online == clients
 
 
+SMALL = """
+name: small
+org: {groups: 3}
+addins:
+  notes: {hosts: [Word], permissions: ReadDocument}
+setup:
+  - upload: {addin: notes}
+steps:
+  - name: assign
+    do:
+      - assign: {addin: notes, target: everyone, mode: fixed}
+      - checkpoint: {}
+"""
+
+
+async def test_a_command_a_worker_missed_is_published_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's heartbeat lists the commands it received; one it has not is published
+    again, and obeyed once."""
+    from simulator.worker import Worker
+
+    real = Worker._on_message
+    dropped: list[str] = []
+    obeyed: list[str] = []
+
+    async def lossy(self: Worker, topic: str, data: dict[str, Any]) -> None:
+        if data.get("cmd") == "checkpoint" and not dropped:
+            dropped.append(topic)  # as if lost on the way
+            return
+        if data.get("cmd") == "checkpoint":
+            obeyed.append(topic)
+        await real(self, topic, data)
+
+    monkeypatch.setattr(Worker, "_on_message", lossy)
+    coordinator = Coordinator(
+        parse_scenario(SMALL),
+        RunOptions(clients=10, workers=0, workdir=tmp_path, baseline=False, checkpoint_settle=0),
+    )
+    # Bounded only so that a regression fails instead of waiting out the command's timeout.
+    result = await asyncio.wait_for(coordinator.execute(), 60)
+    assert result.mismatches == []
+    assert len(dropped) == 1 and coordinator.resent >= 1
+    assert obeyed[0] == dropped[0]
+
+
 LONG_WAIT = """
 name: long-wait
 org: {groups: 3}
