@@ -277,12 +277,12 @@ class Coordinator:
         self.in_process: asyncio.Task[None] | None = None
         self._sent_at: dict[int, float] = {}
         self.resent = 0
+        """Commands published again because a live worker had not seen them."""
         self.tearing_down = False
+        """Set when the run starts to stop its workers and environment (orderly or not)."""
         self._step_tasks: list[asyncio.Task[None]] = []
         self._failure: RunError | None = None
         """Why the worker watchdog ended the run."""
-        """Set when the run starts to stop its workers and environment (orderly or not)."""
-        """Commands published again because a live worker had not seen them."""
 
     # -- control channel ----------------------------------------------------------------------
     async def _on_worker(self, topic: str, data: dict[str, Any]) -> None:
