@@ -32,6 +32,7 @@ from addin_core.protocol import (
     TopicKind,
     decode,
 )
+from addin_core.tasks import cancel_and_wait
 from agent.applier import AppliedManifest, Applier, FolderApplier, MemoryApplier
 from agent.cache import Cache, Tx, VolatileCache, open_cache
 from agent.config import AgentConfig
@@ -235,15 +236,11 @@ class Agent:
         if self._report_task is not None:
             self._report_task.cancel()
             self._report_task = None
-        fetches = list(self._fetching.values())
+        fetches = list(self._fetching.items())
         self._fetching.clear()
-        for t in fetches:
-            t.cancel()
-        if fetches:
-            done, _ = await asyncio.wait(fetches, timeout=STOP_TIMEOUT)
-            for t in done:
-                if not t.cancelled():
-                    t.exception()  # retrieved: a fetch that failed while stopping is no news
+        await asyncio.gather(
+            *(cancel_and_wait(t, STOP_TIMEOUT, f"download of {sha[:12]}") for sha, t in fetches)
+        )
         if self.transport is not None:
             transport, self.transport = self.transport, None
             await transport.stop()
