@@ -1,3 +1,4 @@
 """Core shared by agent, server and simulator: wire protocol, manifest rules (pure, no I/O),
-the reconnect policy, and the two small OS-facing helpers both tools use: the one-daemon
-lock (`instance_lock`) and the command-line conventions (`cli_support`)."""
+the reconnect policy, and small OS-facing helpers both tools use: the one-daemon lock
+(`instance_lock`), the command-line conventions (`cli_support`), the cancellation-safe SQLite
+transaction (`sqlite_tx`) and stopping tasks without losing a cancellation (`tasks`)."""

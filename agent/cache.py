@@ -42,6 +42,7 @@ from typing import Any
 import aiosqlite
 
 from addin_core.instance_lock import AlreadyLocked, InstanceLock
+from addin_core.sqlite_tx import transaction
 
 SCHEMA_VERSION = 1
 
@@ -392,14 +393,9 @@ class Cache:
             db = self._async
             if db is None:
                 raise CacheError("cache is closed")
-            await db.execute("BEGIN IMMEDIATE")
-            try:
+            async with transaction(db):
                 for sql, params in statements:
                     await db.execute(sql, params)
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
 
     async def sync_value(self, key: str) -> str | None:
         rows = await self.fetchall("SELECT value FROM sync WHERE key = ?", (key,))

@@ -94,8 +94,9 @@ class ControlServer:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 2)
+            with contextlib.suppress(Exception):  # TimeoutError included
+                async with asyncio.timeout(2):
+                    await self.server.wait_closed()
             self.server = None
         where = parse_endpoint(self.spec)
         if isinstance(where, str) and self._socket_id is not None:

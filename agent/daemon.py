@@ -33,6 +33,7 @@ from addin_core.protocol import (
     TopicKind,
     decode,
 )
+from addin_core.tasks import cancel_and_wait
 from agent.applier import AppliedManifest, Applier, FolderApplier, MemoryApplier
 from agent.cache import Cache, Retention, Tx, VolatileCache, open_cache
 from agent.config import AgentConfig
@@ -61,6 +62,9 @@ and Outlook together sends one report, and a fleet's server stores a third of th
 
 FETCH_RETRY_DELAY = (5.0, 60.0)
 """After a round of fetch attempts fails, wait this long (jittered, doubling) to retry."""
+
+STOP_TIMEOUT = 10.0
+"""Seconds `stop` waits for cancelled manifest downloads before it goes on without them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +229,15 @@ class Agent:
         await self.transport.first_attempt.wait()
 
     async def stop(self) -> None:
+        """Stop every task of this agent; the cache is closed whatever happens on the way
+        (an open aiosqlite connection is a non-daemon thread: the process could not exit)."""
         self._stopping = True
+        try:
+            await self._stop_tasks()
+        finally:
+            await self._close_cache()
+
+    async def _stop_tasks(self) -> None:
         if self.anti_entropy is not None:  # anti-entropy hook (agent/antientropy.py)
             await self.anti_entropy.stop()
             self.anti_entropy = None
@@ -235,18 +247,19 @@ class Agent:
         if self._report_task is not None:
             self._report_task.cancel()
             self._report_task = None
-        for t in list(self._fetching.values()):
-            t.cancel()
-        for t in list(self._fetching.values()):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        fetches = list(self._fetching.items())
         self._fetching.clear()
+        await asyncio.gather(
+            *(cancel_and_wait(t, STOP_TIMEOUT, f"download of {sha[:12]}") for sha, t in fetches)
+        )
         if self.transport is not None:
-            await self.transport.stop()
-            self.transport = None
+            transport, self.transport = self.transport, None
+            await transport.stop()
         if self.fetcher is not None:
-            await self.fetcher.aclose()
-            self.fetcher = None
+            fetcher, self.fetcher = self.fetcher, None
+            await fetcher.aclose()
+
+    async def _close_cache(self) -> None:
         if self.cache is not None:
             with contextlib.suppress(Exception):
                 tx = Tx()

@@ -30,6 +30,7 @@ from addin_core.reconnect import (
     flapping_text,
     taken_over_text,
 )
+from addin_core.tasks import cancel_and_wait
 from agent.subscriptions import reconcile
 
 log = logging.getLogger("addin_agent.transport")
@@ -39,6 +40,8 @@ MIN_BACKOFF, MAX_BACKOFF = 0.5, 60.0
 STABLE_AFTER = 30.0
 """A connection must last this many seconds before the backoff starts again from the
 bottom; a shorter one (a broker that accepts and then drops us) keeps it growing."""
+STOP_TIMEOUT = 10.0
+"""Seconds `Transport.stop` waits for the connection task before giving up on it."""
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectHandler = Callable[[bool], Awaitable[None]]
@@ -91,16 +94,22 @@ class Transport:
         self.attempts = 0
         self._task: asyncio.Task[None] | None = None
         self._sub_lock = asyncio.Lock()
+        self._stopping = False
+        self._wake: asyncio.Event | None = None
+        """Set by `stop` so a delivery loop that lost its cancellation still sees it."""
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"mqtt-{self.client_id}")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """End the connection task: within `timeout` seconds, or log it and move on."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping = True
+            if self._wake is not None:
+                self._wake.set()
+            await cancel_and_wait(task, timeout, f"MQTT task of {self.client_id}")
         self.connected.clear()
 
     def _make_client(self) -> aiomqtt.Client:
@@ -120,7 +129,7 @@ class Transport:
         )
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self.attempts += 1
             client: aiomqtt.Client | None = None
             try:
@@ -207,8 +216,9 @@ class Transport:
             inbox.append((str(m.topic), _payload_bytes(m.payload)))
         gone: asyncio.Future[None] = client._disconnected
         gone.add_done_callback(lambda _f: wake.set())
-        while True:
-            while inbox:
+        self._wake = wake
+        while not self._stopping:
+            while inbox and not self._stopping:
                 topic, payload = inbox.popleft()
                 await self.on_message(topic, payload)
             if gone.done():
@@ -216,8 +226,9 @@ class Transport:
                 # aiomqtt's own words, so the log reads the same with either path.
                 raise aiomqtt.MqttError("Disconnected during message iteration") from cause
             wake.clear()
-            if not inbox:
+            if not inbox and not self._stopping:
                 await wake.wait()
+        raise asyncio.CancelledError()  # stopping: a lost cancellation, raised again
 
     async def sync_subscriptions(self) -> None:
         """Make the broker's subscriptions equal `desired()` (no-op while offline)."""

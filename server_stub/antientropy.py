@@ -27,6 +27,7 @@ import aiosqlite
 
 from addin_core.digest import EntitlementDigest, entitlement_digest
 from addin_core.protocol import Filters, InvalidTopic, Mode, Topic, check_id
+from addin_core.sqlite_tx import transaction
 from server_stub.entitlement import AssignmentRow, effective_mode, grants_for_user, group_paths
 from server_stub.operations import BadRequest, Service
 
@@ -44,13 +45,8 @@ async def _snapshot(service: Service) -> AsyncIterator[aiosqlite.Connection]:
 
     Taken under the service's write lock because the connection is shared with the API's
     writes, and a BEGIN must not interleave with theirs."""
-    async with service._lock:
-        conn = service.conn
-        await conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            await conn.execute("COMMIT")
+    async with service._lock, transaction(service.conn, immediate=False) as conn:
+        yield conn
 
 
 async def _rows(conn: aiosqlite.Connection, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:

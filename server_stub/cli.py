@@ -329,6 +329,7 @@ def _serve(
 ) -> None:
     import uvicorn
 
+    from addin_core.tasks import cancel_and_wait
     from server_stub.api import create_app
     from server_stub.publisher import Publisher
 
@@ -357,8 +358,7 @@ def _serve(
         try:
             await server.serve()
         finally:
-            pub.cancel()
-            await asyncio.gather(pub, return_exceptions=True)
+            await cancel_and_wait(pub, 10, "the publisher")
             await service.conn.close()
 
     # uvloop when installed (the `fast` extra): the manifest endpoint serves a whole fleet.

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import aiosqlite
 
+from addin_core.sqlite_tx import transaction
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -152,8 +154,7 @@ async def connect(path: str | Path) -> aiosqlite.Connection:
 
 
 async def _migrate(conn: aiosqlite.Connection) -> None:
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
+    async with transaction(conn):
         for statement in _split(_SCHEMA):
             await conn.execute(statement)
         row = await (await conn.execute("SELECT value FROM meta WHERE key='schema'")).fetchone()
@@ -166,10 +167,6 @@ async def _migrate(conn: aiosqlite.Connection) -> None:
             raise DatabaseError(
                 f"database schema {row[0]} is newer than this server ({SCHEMA_VERSION})"
             )
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
 
 
 def _split(script: str) -> list[str]:
@@ -179,8 +176,7 @@ def _split(script: str) -> list[str]:
 
 async def bind_tenant(conn: aiosqlite.Connection, tenant: str) -> None:
     """Record the tenant on first use; refuse a file that belongs to another tenant."""
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
+    async with transaction(conn):
         row = await (await conn.execute("SELECT value FROM meta WHERE key='tenant'")).fetchone()
         if row is None:
             await conn.execute("INSERT INTO meta(key, value) VALUES ('tenant', ?)", (tenant,))
@@ -188,10 +184,6 @@ async def bind_tenant(conn: aiosqlite.Connection, tenant: str) -> None:
             raise DatabaseError(
                 f"database belongs to tenant {row[0]!r}, not {tenant!r}; one tenant per server"
             )
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
 
 
 async def stored_tenant(conn: aiosqlite.Connection) -> str | None:

@@ -41,6 +41,7 @@ from addin_core.protocol import (
     Topic,
     check_id,
 )
+from addin_core.sqlite_tx import transaction
 from addin_core.version import compare_versions
 from server_stub.entitlement import (
     AssignmentRow,
@@ -203,38 +204,29 @@ class Service:
 
     @asynccontextmanager
     async def _write(self, operation: str, detail: Mapping[str, Any]) -> AsyncIterator[_Tx]:
-        async with self._lock:
-            conn = self.conn
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = await (
-                    await conn.execute("SELECT value FROM meta WHERE key='revision'")
-                ).fetchone()
-                assert row is not None
-                tx = _Tx(conn, self.tenant, int(row[0]) + 1, self.clock())
-                yield tx
-                await conn.execute(
-                    "UPDATE meta SET value=? WHERE key='revision'", (str(tx.revision),)
-                )
-                await conn.execute(
-                    "INSERT INTO audit(revision, at, actor, operation, detail) VALUES (?,?,?,?,?)",
-                    (tx.revision, tx.now, self.actor, operation, json.dumps(detail, default=str)),
-                )
-                msgs = [(tx.revision, t, p, tx.now) for t, p in tx.messages.items()]
-                await conn.executemany(
-                    "INSERT INTO outbox(revision, topic, payload, created_at) VALUES (?,?,?,?)",
-                    msgs,
-                )
-                await conn.executemany(
-                    "INSERT INTO retained(topic, revision, payload) VALUES (?,?,?) "
-                    "ON CONFLICT(topic) DO UPDATE SET revision=excluded.revision, "
-                    "payload=excluded.payload",
-                    [(t, r, p) for r, t, p, _ in msgs],
-                )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
+        async with self._lock, transaction(self.conn) as conn:
+            row = await (
+                await conn.execute("SELECT value FROM meta WHERE key='revision'")
+            ).fetchone()
+            assert row is not None
+            tx = _Tx(conn, self.tenant, int(row[0]) + 1, self.clock())
+            yield tx
+            await conn.execute("UPDATE meta SET value=? WHERE key='revision'", (str(tx.revision),))
+            await conn.execute(
+                "INSERT INTO audit(revision, at, actor, operation, detail) VALUES (?,?,?,?,?)",
+                (tx.revision, tx.now, self.actor, operation, json.dumps(detail, default=str)),
+            )
+            msgs = [(tx.revision, t, p, tx.now) for t, p in tx.messages.items()]
+            await conn.executemany(
+                "INSERT INTO outbox(revision, topic, payload, created_at) VALUES (?,?,?,?)",
+                msgs,
+            )
+            await conn.executemany(
+                "INSERT INTO retained(topic, revision, payload) VALUES (?,?,?) "
+                "ON CONFLICT(topic) DO UPDATE SET revision=excluded.revision, "
+                "payload=excluded.payload",
+                [(t, r, p) for r, t, p, _ in msgs],
+            )
         if self.on_commit is not None:
             self.on_commit(tx.revision)
 
@@ -982,22 +974,16 @@ class Service:
             )
             for r in reports
         ]
-        async with self._lock:
-            await self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                await self.conn.executemany(
-                    "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
-                    "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
-                    "user_id=excluded.user_id, revision=excluded.revision, "
-                    "reported_at=excluded.reported_at, received_at=excluded.received_at, "
-                    "applied=excluded.applied, errors=excluded.errors "
-                    "WHERE excluded.reported_at >= reports.reported_at",
-                    rows,
-                )
-            except BaseException:
-                await self.conn.execute("ROLLBACK")
-                raise
-            await self.conn.execute("COMMIT")
+        async with self._lock, transaction(self.conn) as conn:
+            await conn.executemany(
+                "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
+                "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
+                "user_id=excluded.user_id, revision=excluded.revision, "
+                "reported_at=excluded.reported_at, received_at=excluded.received_at, "
+                "applied=excluded.applied, errors=excluded.errors "
+                "WHERE excluded.reported_at >= reports.reported_at",
+                rows,
+            )
 
     # -- reads ------------------------------------------------------------------------------
 

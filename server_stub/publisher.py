@@ -38,6 +38,8 @@ from addin_core.reconnect import (
     flapping_text,
     taken_over_text,
 )
+from addin_core.sqlite_tx import transaction
+from addin_core.tasks import cancel_and_wait, wait_event
 from server_stub import db
 
 log = logging.getLogger("addin_server.publisher")
@@ -52,6 +54,8 @@ BACKOFF = (0.2, 5.0)
 """Reconnect delay: from ~0.2 s, doubling (jittered) up to 5 s."""
 STABLE_AFTER = 30.0
 """Seconds a broker session must last before the backoff starts again from the bottom."""
+TASK_STOP_TIMEOUT = 10.0
+"""Seconds to wait for a session's receive and drain tasks to end before reconnecting."""
 
 REPORT_BATCH = 1000
 """Reports written in one transaction at most."""
@@ -187,8 +191,8 @@ class Publisher:
         self.connected.set()
         # Not a TaskGroup: its ExceptionGroup would hide the MqttError `run` reconnects on.
         tasks = [
-            asyncio.create_task(self._receive(client)),
-            asyncio.create_task(self._drain_forever(conn, client)),
+            asyncio.create_task(self._receive(client), name="receive"),
+            asyncio.create_task(self._drain_forever(conn, client), name="drain"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -197,13 +201,12 @@ class Publisher:
             raise aiomqtt.MqttError("message stream ended")
         finally:
             for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                await cancel_and_wait(t, TASK_STOP_TIMEOUT, f"publisher task {t.get_name()}")
 
     async def republish_all(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> int:
         """Publish every current retained payload; the outbox rows it covers are done."""
-        await conn.execute("BEGIN")
-        try:
+        # One read transaction: the rows marked done below are exactly the ones covered.
+        async with transaction(conn, immediate=False):
             row = await (await conn.execute("SELECT max(id) FROM outbox")).fetchone()
             max_id = int(row[0] or 0) if row else 0
             pending = await (
@@ -212,8 +215,6 @@ class Publisher:
             retained = list(
                 await (await conn.execute("SELECT topic, payload FROM retained")).fetchall()
             )
-        finally:
-            await conn.execute("COMMIT")
         if pending:
             self._crash_hook()
         log.info("broker has no session for us: republishing %d retained topics", len(retained))
@@ -268,10 +269,7 @@ class Publisher:
                     "DELETE FROM outbox WHERE published_at < ?", (time.time() - 86400,)
                 )
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self.poll_interval)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         reports: asyncio.Queue[AgentReport] = asyncio.Queue()

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiomqtt
 
+from addin_core.tasks import wait_event
 from simulator.control import BrokerAddress
 from simulator.metrics import LatencyHistogram
 
@@ -77,8 +78,7 @@ class BaselineShard:
                 return
 
     async def wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._all_in.wait(), timeout)
+        await wait_event(self._all_in, timeout)
 
     async def close(self) -> None:
         for t in self._tasks:

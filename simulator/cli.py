@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -88,6 +89,48 @@ def _event_loop_run(coro: Any) -> Any:
     except ImportError:
         return asyncio.run(coro)
     return uvloop.run(coro)
+
+
+class _Signalled(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+async def _until_signalled(coordinator: Any) -> Any:
+    """Run the coordinator; SIGTERM or SIGHUP (`timeout`, a closed terminal, a CI job being
+    cancelled) ends it the way an error does: workers, server and broker are stopped, so no
+    child process outlives the run. (SIGINT already does so through KeyboardInterrupt.)"""
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def cancel_until_tearing_down() -> None:
+        # Cancelled again until the teardown has begun: on Python 3.11 a cancellation can be
+        # lost inside asyncio.wait_for (aiomqtt awaits every acknowledgement with it).
+        if not main_task.done() and not coordinator.tearing_down:
+            main_task.cancel()
+            loop.call_later(1.0, cancel_until_tearing_down)
+
+    def on_signal(signum: int) -> None:
+        first = not received
+        received.append(signum)
+        if first:
+            cancel_until_tearing_down()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        return await coordinator.execute()
+    except asyncio.CancelledError:
+        if received:
+            raise _Signalled(received[0]) from None
+        raise
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
 
 @main.command()
@@ -213,10 +256,15 @@ def run(
 
             options.on_environment = announce
         try:
-            result = _event_loop_run(Coordinator(sc, options).execute())
+            result = _event_loop_run(_until_signalled(Coordinator(sc, options)))
         except RunError as e:
             console.print(f"[bold red]run failed:[/] {e}")
             raise SystemExit(2) from None
+        except _Signalled as e:
+            console.print(
+                f"[bold red]run stopped[/] by {e.name}; broker, server and workers stopped"
+            )
+            raise SystemExit(128 + e.signum) from None
         for t in tasks.values():
             progress.update(t, completed=progress.tasks[t].total)
     report = write_reports(result, report_dir)

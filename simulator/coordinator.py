@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import secrets
@@ -30,6 +31,7 @@ import httpx
 import psutil
 
 from addin_core.protocol import Filters, Host, Mode
+from addin_core.tasks import cancel_and_wait, to_completion, wait_event
 from simulator import control
 from simulator.control import BrokerAddress, ControlChannel
 from simulator.fleetstats import FleetStats
@@ -37,9 +39,26 @@ from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet, conver
 from simulator.mosquitto import MosquittoBroker, free_port
 from simulator.oracle import AdminAction, GroundTruth
 from simulator.orggen import Org, addin_guid, generate_org, make_manifest
+from simulator.processes import die_with_parent
 from simulator.scenario import ADMIN_OPS, Scenario, Step
 
+log = logging.getLogger(__name__)
+
 TENANT = "contoso"
+
+HEARTBEAT_TIMEOUT = 30.0
+"""A worker silent this long (while the coordinator is connected) has died or hangs."""
+
+RESEND_AFTER = 3.0
+"""A live worker whose heartbeat does not list a command this long after it was published
+gets it published again."""
+
+IN_PROCESS_STOP_TIMEOUT = 60.0
+"""Seconds the in-process worker gets to stop its agents before it is cancelled."""
+
+UNSEEN_TIMEOUT = 30.0
+"""A live worker that still has not seen a command this long after its publication fails
+the run (publishing it again did not help)."""
 
 
 class RunError(RuntimeError):
@@ -174,7 +193,11 @@ class Environment:
         log = open(self.workdir / "server.log", "ab")  # handed to the child
         try:
             self.server = subprocess.Popen(
-                self.server_args, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+                self.server_args,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(),
             )
         finally:
             log.close()
@@ -208,6 +231,7 @@ class Environment:
                 self.server.wait(10)
             except subprocess.TimeoutExpired:
                 self.server.kill()
+                self.server.wait()
         if self.broker is not None:
             self.broker.kill()
 
@@ -247,6 +271,24 @@ class Coordinator:
         self.tap: dict[str, list[dict[str, Any]]] = {}
         self.process_monitors: list[ProcessMonitor] = []
         self.admin_retries = 0
+        self.workers: list[str] = []
+        self.heard: dict[str, float] = {}
+        """`time.monotonic()` of each worker's latest heartbeat (or hello)."""
+        self.seen: dict[str, tuple[list[int], float]] = {}
+        """The commands each worker's latest heartbeat says it has received, and when it came."""
+        self.commands: dict[int, tuple[str, dict[str, Any], float]] = {}
+        """Commands not yet answered by every worker: seq -> (cmd, message, published at)."""
+        self.local_procs: dict[str, subprocess.Popen[bytes]] = {}
+        """Worker subprocesses of this run by their log file."""
+        self.in_process: asyncio.Task[None] | None = None
+        self._sent_at: dict[int, float] = {}
+        self.resent = 0
+        """Commands published again because a live worker had not seen them."""
+        self.tearing_down = False
+        """Set when the run starts to stop its workers and environment (orderly or not)."""
+        self._step_tasks: list[asyncio.Task[None]] = []
+        self._failure: RunError | None = None
+        """Why the worker watchdog ended the run."""
 
     # -- control channel ----------------------------------------------------------------------
     async def _on_worker(self, topic: str, data: dict[str, Any]) -> None:
@@ -254,8 +296,13 @@ class Coordinator:
         if parsed is None:
             return
         wid, kind = parsed
+        if kind in ("hello", "alive"):
+            self.heard[wid] = time.monotonic()
         if kind == "hello":
             self.hellos[wid] = data
+        elif kind == "alive":
+            self.seen[wid] = ([int(s) for s in data.get("seen", [])], time.monotonic())
+            return  # once a second from every worker: not worth waking the waiters
         elif kind == "reply":
             self.replies[wid] = data.get("replies", {})
         elif kind == "progress":
@@ -270,12 +317,92 @@ class Coordinator:
         phase: str | None = None,
         progress_task: str | None = None,
     ) -> dict[str, dict[str, Any]]:
+        seq = await self._publish_command(cmd, args)
+        try:
+            return await self.wait_replies(seq, timeout, phase, progress_task)
+        finally:
+            await self._retire_command(seq)
+
+    async def _publish_command(self, cmd: str, args: dict[str, Any]) -> int:
         self.seq += 1
         seq = self.seq
-        await self.channel.publish_state(
-            control.cmd_topic(self.run), {"seq": seq, "cmd": cmd, "args": args}
-        )
-        return await self.wait_replies(seq, timeout, phase, progress_task)
+        message = {"seq": seq, "cmd": cmd, "args": args}
+        self.commands[seq] = (cmd, message, time.monotonic())
+        await self.channel.publish_state(control.cmd_topic(self.run, seq), message)
+        return seq
+
+    async def _retire_command(self, seq: int) -> None:
+        self.commands.pop(seq, None)
+        self._sent_at.pop(seq, None)
+        await self.channel.clear(control.cmd_topic(self.run, seq))
+
+    def _check_liveness(self) -> None:
+        """Raise RunError if a worker process exited, the in-process worker ended, or a
+        worker's heartbeat stopped."""
+        for log_name, p in self.local_procs.items():
+            if p.poll() is not None:
+                raise RunError(
+                    f"worker process {p.pid} exited with status {p.returncode}; see {log_name}"
+                )
+        t = self.in_process
+        if t is not None and t.done():
+            error = None if t.cancelled() else t.exception()
+            raise RunError(f"the in-process worker stopped: {error!r}")
+        connected = self.channel.connected_since
+        if not connected:
+            return  # the coordinator itself is reconnecting: silence proves nothing
+        now = time.monotonic()
+        for wid in self.workers:
+            silent = now - max(self.heard.get(wid, 0.0), connected)
+            if silent > HEARTBEAT_TIMEOUT:
+                raise RunError(
+                    f"worker {wid} has sent no heartbeat for {silent:.0f} s: it died, hangs, "
+                    "or cannot reach the broker"
+                )
+
+    async def _watch_workers(self, run: asyncio.Task[Any]) -> None:
+        """Ends the run as soon as a worker is gone, whatever the run is doing (a scenario's
+        `wait` too), not when the next command times out."""
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                self._check_liveness()
+            except RunError as e:
+                self._failure = e
+                break
+        # Cancelled again until its teardown begins: on Python 3.11 one cancellation can be
+        # lost inside asyncio.wait_for (aiomqtt awaits every acknowledgement with it).
+        while not run.done() and not self.tearing_down:
+            run.cancel()
+            await asyncio.sleep(1.0)
+
+    async def _check_workers(self, seq: int, answered: set[str]) -> None:
+        """Fail now, not at the command's timeout, when a worker died, hangs, or does not get
+        the command; publish the command again to a live worker that has not seen it."""
+        self._check_liveness()
+        now = time.monotonic()
+        connected = self.channel.connected_since
+        if not connected:
+            return
+        cmd, message, published = self.commands.get(seq, ("?", {}, now))
+        for wid in self.workers:
+            if wid in answered:
+                continue
+            seen = self.seen.get(wid)
+            if seen is None or _has_seen(seen[0], seq):
+                continue
+            # Only a heartbeat sent after the command could have reached it counts.
+            seen_at = seen[1]
+            waited = seen_at - max(published, connected)
+            if waited > UNSEEN_TIMEOUT:
+                raise RunError(
+                    f"worker {wid} is alive but has not received command {seq} ({cmd}) "
+                    f"{waited:.0f} s after it was published"
+                )
+            if seen_at - self._sent_at.get(seq, published) > RESEND_AFTER:
+                self._sent_at[seq] = time.monotonic()
+                self.resent += 1
+                await self.channel.publish_state(control.cmd_topic(self.run, seq), message)
 
     async def wait_replies(
         self, seq: int, timeout: float, phase: str | None = None, progress_task: str | None = None
@@ -300,9 +427,9 @@ class Coordinator:
             if time.monotonic() > deadline:
                 missing = sorted(set(self.workers) - set(got))
                 raise RunError(f"no answer to {seq} from workers {missing} within {timeout}s")
+            await self._check_workers(seq, set(got))
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), 0.5)
+            await wait_event(self._changed, 0.5)
 
     # -- the run ------------------------------------------------------------------------------
     async def execute(self) -> RunResult:
@@ -312,7 +439,9 @@ class Coordinator:
             )
             env = Environment(self.options, workdir)
             stack.callback(env.stop)
-            await asyncio.to_thread(env.start)
+            # Finished even if cancelled meanwhile: a process being started in that thread
+            # must be known to env.stop.
+            await to_completion(asyncio.to_thread(env.start))
             self.env = env
             if self.options.on_environment is not None:
                 self.options.on_environment(env.broker_url, env.server_url)
@@ -346,8 +475,10 @@ class Coordinator:
         if env.server:
             self.monitors.append(ProcessMonitor("server", env.server.pid))
         sampler = asyncio.create_task(self._sample_forever())
-        local_procs: list[subprocess.Popen[bytes]] = []
-        in_process: list[asyncio.Task[None]] = []
+        me = asyncio.current_task()
+        assert me is not None
+        watchdog = asyncio.create_task(self._watch_workers(me), name="worker watchdog")
+        finished = False
         try:
             await self._load_org()
             cold_revision = 0
@@ -362,10 +493,10 @@ class Coordinator:
                 w = Worker(
                     self.run, broker, env.server_url, cache_dir=cache_dir, role="coordinator+worker"
                 )
-                in_process.append(asyncio.create_task(w.serve()))
+                self.in_process = asyncio.create_task(w.serve(), name="in-process worker")
                 self.in_process_worker = w
             for _ in range(self.options.workers):
-                local_procs.append(self._spawn_worker(env, cache_dir))
+                self._spawn_worker(env, cache_dir)
             wanted = max(1, self.options.workers) + self.options.remote_workers
             # Someone has to start remote workers by hand: give them time.
             join_timeout = self.options.join_timeout or (
@@ -380,9 +511,9 @@ class Coordinator:
                         f"only {len(self.hellos)} of {wanted} workers joined "
                         f"within {join_timeout:.0f} s"
                     )
+                await self._check_workers(0, set())
                 self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), 0.5)
+                await wait_event(self._changed, 0.5)
             self.workers = sorted(self.hellos)[:wanted]
             shards = {
                 wid: [list(c) for c in self.clients[i :: len(self.workers)]]
@@ -450,6 +581,7 @@ class Coordinator:
                     processes.append(proc)
                 else:
                     processes[0]["role"] = "coordinator+worker"
+            finished = True
             return RunResult(
                 scenario=self.scenario,
                 options=self.options,
@@ -465,24 +597,51 @@ class Coordinator:
                 fleet=fleet,
                 admin_retries=self.admin_retries,
             )
+        except asyncio.CancelledError:
+            if self._failure is not None:
+                raise self._failure from None
+            raise
         finally:
+            self.tearing_down = True
             sampler.cancel()
-            for t in in_process:
-                with contextlib.suppress(asyncio.TimeoutError, Exception):
-                    await asyncio.wait_for(asyncio.shield(t), 5)
-                t.cancel()
-            for p in local_procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(10)
-                if p.poll() is None:
-                    p.kill()
-            await self.channel.clear(control.cmd_topic(self.run))
-            await self.channel.close()
-            await self.tapper.close()
-            await self.http.aclose()
+            watchdog.cancel()
+            try:
+                await self._stop_workers(orderly=finished)
+            finally:
+                for seq in list(self.commands):
+                    await self._retire_command(seq)
+                await self.channel.close()
+                await self.tapper.close()
+                await self.http.aclose()
+
+    async def _stop_workers(self, *, orderly: bool) -> None:
+        """After `shutdown` the workers end by themselves; after a failure or a stop they are
+        told to. Bounded either way, and the in-process worker's agents are stopped (their
+        cache threads would keep this process alive)."""
+        t = self.in_process
+        if t is not None:
+            if not orderly:
+                self.in_process_worker.stop()
+            done, _ = await asyncio.wait({t}, timeout=IN_PROCESS_STOP_TIMEOUT)
+            if not done:
+                await cancel_and_wait(t, 10, "the in-process worker")
+            elif not t.cancelled() and t.exception() is not None:
+                log.warning("the in-process worker failed: %r", t.exception())
+        procs = list(self.local_procs.values())
+        if orderly:
+            await _wait_exit(procs, 10)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()  # a worker stops its agents on SIGTERM
+        await _wait_exit(procs, 20)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        await _wait_exit(procs, 5)
 
     def _spawn_worker(self, env: Environment, cache_dir: Path) -> subprocess.Popen[bytes]:
-        log = open(env.workdir / f"worker-{len(self.process_monitors)}.log", "ab")
+        log_path = env.workdir / f"worker-{len(self.process_monitors)}.log"
+        log = open(log_path, "ab")
         try:
             p = subprocess.Popen(
                 [
@@ -500,10 +659,12 @@ class Coordinator:
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(),
             )
         finally:
             log.close()
         self.process_monitors.append(ProcessMonitor("worker", p.pid))
+        self.local_procs[str(log_path)] = p
         return p
 
     async def _sample_forever(self) -> None:
@@ -683,11 +844,35 @@ class Coordinator:
         res = StepResult(step.name, started_at=time.time())
         if self.options.progress:
             self.options.progress(f"step {step.name}", 0, 0)
+
+        def start_converge() -> asyncio.Task[None]:
+            return asyncio.create_task(self._converge(res, res.started_at, step.settle_timeout))
+
+        try:
+            return await self._run_items(step, res, mismatches, start_converge)
+        finally:
+            # Ended early (a failure, a stop): a convergence poll must not outlive the step.
+            for t in self._step_tasks:
+                if not t.done():
+                    t.cancel()
+                elif not t.cancelled():
+                    t.exception()  # retrieved: the error that ended the step is raised instead
+            self._step_tasks.clear()
+
+    async def _run_items(
+        self,
+        step: Step,
+        res: StepResult,
+        mismatches: list[dict[str, Any]],
+        new_converge: Callable[[], asyncio.Task[None]],
+    ) -> StepResult:
         converge_task: asyncio.Task[None] | None = None
         dirty = False
 
         def start_converge() -> asyncio.Task[None]:
-            return asyncio.create_task(self._converge(res, res.started_at, step.settle_timeout))
+            t = new_converge()
+            self._step_tasks.append(t)
+            return t
 
         for item in step.do:
             ((key, args),) = item.items()
@@ -741,12 +926,14 @@ class Coordinator:
             case "broker_restart" | "broker_kill":
                 if env.broker is None:
                     raise RunError(f"{key} needs the private broker (run without --broker)")
-                await asyncio.to_thread(env.broker.restart, hard=key == "broker_kill")
+                await to_completion(
+                    asyncio.to_thread(env.broker.restart, hard=key == "broker_kill")
+                )
                 if env.broker.process:
                     self.monitors.append(ProcessMonitor("broker", env.broker.process.pid))
                 res.notes.append(key.replace("_", " "))
             case "server_restart":
-                await asyncio.to_thread(env.restart_server)
+                await to_completion(asyncio.to_thread(env.restart_server))
                 if env.server:
                     self.monitors.append(ProcessMonitor("server", env.server.pid))
                 res.notes.append("server restarted")
@@ -781,27 +968,39 @@ class Coordinator:
             for i, wid in enumerate(self.workers)
         }
         topic = control.baseline_topic(self.run)
-        self.seq += 1
-        seq = self.seq
-        await self.channel.publish_state(
-            control.cmd_topic(self.run),
-            {
-                "seq": seq,
-                "cmd": "baseline",
-                "args": {"shares": shares, "topic": topic, "timeout": 30},
-            },
+        seq = await self._publish_command(
+            "baseline", {"shares": shares, "topic": topic, "timeout": 30}
         )
-        await self.wait_replies(seq, 600, phase="ready")
-        from simulator.baseline import publish_probe
+        try:
+            await self.wait_replies(seq, 600, phase="ready")
+            from simulator.baseline import publish_probe
 
-        await publish_probe(broker, topic)
-        replies = await self.wait_replies(seq, 120)
+            await publish_probe(broker, topic)
+            replies = await self.wait_replies(seq, 120)
+        finally:
+            await self._retire_command(seq)
         hist = LatencyHistogram()
         received = 0
         for r in replies.values():
             hist.merge(LatencyHistogram.decode(r["result"]["hist"]))
             received += r["result"]["received"]
         return {"clients": n, "received": received, **hist.summary(), "cdf": hist.cdf()}
+
+
+async def _wait_exit(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait until every process has exited, at most `timeout` seconds in all."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(p.wait, left)
+
+
+def _has_seen(seen: list[int], seq: int) -> bool:
+    """Whether a heartbeat's list (the latest 64 received, ascending) covers `seq`."""
+    return seq in seen or (len(seen) >= 64 and seq < seen[0])
 
 
 def curve_of(step: StepResult) -> list[tuple[float, float]]:

@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from simulator.processes import die_with_parent
+
 
 class BrokerError(RuntimeError):
     """The broker binary is missing or the process did not come up."""
@@ -118,6 +120,7 @@ class MosquittoBroker:
                 stderr=log,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),  # see simulator.processes
             )
         finally:
             log.close()

@@ -15,11 +15,11 @@ one, on this machine or another.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import random
+import signal
 import socket
 import time
 import uuid
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from addin_core.protocol import Host
+from addin_core.tasks import cancel_and_wait
 from agent.http_pool import HttpPool
 from simulator import control
 from simulator.baseline import baseline_in_loop
@@ -37,6 +38,12 @@ from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet
 from simulator.oracle import diff_entitlements, diff_installed
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 1.0
+"""Seconds between two heartbeats (`control.alive_topic`)."""
+
+MAX_REPLIES = 32
+"""Results kept in the retained reply when the coordinator does not delete commands."""
 
 CONNECT_CONCURRENCY = 50
 """Mosquitto drops connects beyond about 100 in flight (then clients retry after 1-3 s)."""
@@ -63,6 +70,8 @@ class VirtualClient:
         self.user_id = user_id
         self.agent: Any = None
         self.online = False
+        self.running = False
+        """Started (or starting) and not stopped since: its agent holds a cache and tasks."""
         self.started_at = 0.0
         self.changed_at = 0.0
         """When its agent last accepted a state message (its entitlements may have changed)."""
@@ -95,13 +104,18 @@ class Worker:
         self._seen: set[tuple[str, str, int]] = set()
         self.fleet = FleetStats()
         self.monitor = ProcessMonitor(role)
-        self._last_seq = -1
+        self._obeyed: set[int] = set()
+        """Sequence numbers of the commands received: each is obeyed once."""
         self._replies: dict[str, dict[str, Any]] = {}
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._launcher: asyncio.Task[None] | None = None
         self.channel = ControlChannel(
-            broker, f"w-{self.wid}", [control.cmd_topic(run)], self._on_message
+            broker,
+            f"w-{self.wid}",
+            [control.cmd_filter(run)],
+            self._on_message,
+            deliver_clears=True,
         )
         self.agent_settings: dict[str, Any] = {}
         self._launch_slots = asyncio.Semaphore(LAUNCH_CONCURRENCY)
@@ -110,35 +124,61 @@ class Worker:
 
     # -- control --------------------------------------------------------------------------
     async def serve(self) -> None:
-        """Join the run and obey commands until `shutdown`."""
+        """Join the run and obey commands until `shutdown` (or until cancelled: the agents
+        are stopped and their caches closed either way)."""
         await self.channel.start()
-        await self.channel.publish_state(
-            control.hello_topic(self.run, self.wid),
-            {"wid": self.wid, "pid": os.getpid(), "host": socket.gethostname()},
-        )
+        heartbeat = asyncio.create_task(self._heartbeat(), name=f"heartbeat-{self.wid}")
         try:
+            await self.channel.publish_state(
+                control.hello_topic(self.run, self.wid),
+                {"wid": self.wid, "pid": os.getpid(), "host": socket.gethostname()},
+            )
             await self._done.wait()
         finally:
-            await self._teardown()
-            await self.channel.clear(control.hello_topic(self.run, self.wid))
-            await self.channel.clear(control.reply_topic(self.run, self.wid))
-            await self.channel.close()
+            heartbeat.cancel()
+            try:
+                await self._teardown()
+            finally:
+                await self.channel.clear(control.hello_topic(self.run, self.wid))
+                await self.channel.clear(control.reply_topic(self.run, self.wid))
+                await self.channel.close()
+
+    def stop(self) -> None:
+        """Leave the run: `serve` stops every agent and returns."""
+        self._done.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.channel.publish_if_connected(
+                control.alive_topic(self.run, self.wid),
+                {"wid": self.wid, "seen": sorted(self._obeyed)[-64:]},
+            )
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _on_message(self, topic: str, data: dict[str, Any]) -> None:
-        seq = int(data.get("seq", -1))
-        if seq <= self._last_seq:
-            return  # a command we already obey (re-published after a reconnect)
-        self._last_seq = seq
+        try:
+            seq = int(topic.rsplit("/", 1)[1])
+        except ValueError:
+            return
+        if not data:
+            # The coordinator has every worker's answer and deleted the command.
+            self._replies.pop(str(seq), None)
+            return
+        if seq in self._obeyed:
+            return  # published again after a reconnect
+        self._obeyed.add(seq)
         gc.freeze()  # see _start_clients: what exists now lives on, a step's garbage does not
-        task = asyncio.create_task(self._obey(seq, data["cmd"], data.get("args", {})))
+        task = asyncio.create_task(
+            self._obey(seq, data["cmd"], data.get("args", {})), name=f"{seq} {data['cmd']}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _reply(self, seq: int, result: dict[str, Any]) -> None:
-        # Commands may overlap (convergence polling runs while launches happen), so the
-        # retained reply holds the latest result of each recent command, not just the last.
+        # Commands overlap (convergence polling runs while launches happen), so the retained
+        # reply holds the result of every command the coordinator has not deleted yet.
         self._replies[str(seq)] = result
-        for old in sorted(self._replies, key=int)[:-8]:
+        for old in sorted(self._replies, key=int)[:-MAX_REPLIES]:
             del self._replies[old]
         await self.channel.publish_state(
             control.reply_topic(self.run, self.wid), {"wid": self.wid, "replies": self._replies}
@@ -175,6 +215,7 @@ class Worker:
             async with sem:
                 c.agent = self._make_agent(c)
                 c.started_at = time.time()
+                c.running = True
                 await c.agent.start()
                 c.online = True
             done += 1
@@ -187,7 +228,7 @@ class Worker:
                 gc.freeze()
             if time.monotonic() - last_progress > 0.25 or done == len(clients):
                 last_progress = time.monotonic()
-                await self.channel.publish(
+                await self.channel.publish_if_connected(
                     f"{control.PREFIX}/{self.run}/worker/{self.wid}/progress",
                     {"seq": seq, "done": done, "total": len(clients)},
                 )
@@ -377,8 +418,9 @@ class Worker:
         for cid in chosen:
             c = self.clients[cid]
             if c.online:
-                await c.agent.stop()
                 c.online = False
+                c.running = False
+                await c.agent.stop()
         return {"offline": len(chosen)}
 
     async def cmd_online(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
@@ -435,23 +477,36 @@ class Worker:
 
     async def _teardown(self) -> None:
         self.monitor.sample()
-
-        async def stop(c: VirtualClient) -> None:
-            if c.online:
-                with contextlib.suppress(Exception):
-                    await c.agent.stop()
-                c.online = False
-
+        # Commands still running (only when the run ends early) would use stopped agents, and
+        # a launch reopens a stopped agent's cache.
+        me = asyncio.current_task()
+        await asyncio.gather(
+            *(cancel_and_wait(t, 10, f"command {t.get_name()}") for t in self._tasks if t is not me)
+        )
         sem = asyncio.Semaphore(200)
 
-        async def bounded(c: VirtualClient) -> None:
+        async def stop(c: VirtualClient) -> None:
             async with sem:
-                await stop(c)
+                if c.running:
+                    c.online = c.running = False
+                    try:
+                        await c.agent.stop()  # bounded; closes the cache whatever happens
+                    except Exception:
+                        log.exception("stopping %s failed", c.client_id)
 
-        await asyncio.gather(*(bounded(c) for c in self.clients.values()))
-        if self.http is not None:
-            await self.http.aclose()
-            self.http = None
+        try:
+            await asyncio.gather(*(stop(c) for c in self.clients.values()))
+        finally:
+            # Cancelled while some still waited for their turn: stop those all at once
+            # (each stop is bounded), or their cache threads would keep the process alive.
+            left = [c for c in self.clients.values() if c.running]
+            for c in left:
+                c.online = c.running = False
+            if left:
+                await asyncio.gather(*(c.agent.stop() for c in left), return_exceptions=True)
+            if self.http is not None:
+                http, self.http = self.http, None
+                await http.aclose()
 
 
 def hist_from(text: str) -> LatencyHistogram:
@@ -462,4 +517,8 @@ async def run_worker(
     run: str, broker_url: str, server_url: str, cache_dir: Path | None = None
 ) -> None:
     w = Worker(run, BrokerAddress.parse(broker_url), server_url, cache_dir=cache_dir)
+    # SIGTERM (the coordinator ending a failed run, or an operator) stops the agents first.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, w.stop)
     await w.serve()

@@ -36,11 +36,17 @@ async def _setup(
 ) -> tuple[Server, Admin, dict[str, Agent]]:
     server = Server(tmp, broker)
     server.start()
-    admin = Admin(server)
-    for a in org_actions():
-        await admin.apply(a)
-    agents = {u: Agent(agent_config(tmp, broker, server, u)) for u in users}
-    await asyncio.gather(*(a.start() for a in agents.values()))
+    agents: dict[str, Agent] = {}
+    try:
+        admin = Admin(server)
+        for a in org_actions():
+            await admin.apply(a)
+        agents = {u: Agent(agent_config(tmp, broker, server, u)) for u in users}
+        await asyncio.gather(*(a.start() for a in agents.values()))
+    except BaseException:  # the caller's cleanup only covers a setup that succeeded
+        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+        server.kill()
+        raise
     return server, admin, agents
 
 
