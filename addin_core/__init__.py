@@ -1,4 +1,3 @@
-"""Core shared by agent, server and simulator: wire protocol, manifest rules (pure, no I/O),
-the reconnect policy, and small OS-facing helpers both tools use: the one-daemon lock
-(`instance_lock`), the command-line conventions (`cli_support`), the cancellation-safe SQLite
-transaction (`sqlite_tx`) and stopping tasks without losing a cancellation (`tasks`)."""
+"""The pure core shared by agent, server and simulator: the wire protocol, manifest rules,
+versions, permissions and the entitlement digest. No I/O: no sockets, files, clock or tasks
+(those live in `addin_runtime`)."""

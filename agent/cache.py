@@ -41,8 +41,8 @@ from typing import Any
 
 import aiosqlite
 
-from addin_core.instance_lock import AlreadyLocked, InstanceLock
-from addin_core.sqlite_tx import transaction
+from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
+from addin_runtime.sqlite_tx import transaction
 
 SCHEMA_VERSION = 1
 

@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from addin_core.cli_support import Group, error, shared_option, shared_value
-from addin_core.instance_lock import SUPPORTED as lock_supported
-from addin_core.instance_lock import held_by
 from addin_core.protocol import Host
+from addin_runtime.cli_support import Group, error, shared_option, shared_value
+from addin_runtime.instance_lock import SUPPORTED as lock_supported
+from addin_runtime.instance_lock import held_by
 from agent.antientropy import describe_last
 from agent.cache import CacheError, CacheInUse, open_readonly
 from agent.config import AgentConfig, ConfigError, load_config

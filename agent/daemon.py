@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from addin_core.cli_support import did_you_mean
 from addin_core.protocol import (
     AgentReport,
     AnyPayload,
@@ -33,7 +32,8 @@ from addin_core.protocol import (
     TopicKind,
     decode,
 )
-from addin_core.tasks import cancel_and_wait
+from addin_runtime.cli_support import did_you_mean
+from addin_runtime.tasks import cancel_and_wait
 from agent.applier import AppliedManifest, Applier, FolderApplier, MemoryApplier
 from agent.cache import Cache, Retention, Tx, VolatileCache, open_cache
 from agent.config import AgentConfig

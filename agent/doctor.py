@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Literal
 
-from addin_core.instance_lock import SUPPORTED as lock_supported
-from addin_core.instance_lock import held_by
+from addin_runtime.instance_lock import SUPPORTED as lock_supported
+from addin_runtime.instance_lock import held_by
 from agent.config import AgentConfig
 from agent.subscriptions import desired_filters
 from agent.why import load_state

@@ -22,7 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from addin_core.reconnect import (
+from addin_runtime.reconnect import (
     Backoff,
     LossClassifier,
     LossKind,
@@ -30,7 +30,7 @@ from addin_core.reconnect import (
     flapping_text,
     taken_over_text,
 )
-from addin_core.tasks import cancel_and_wait
+from addin_runtime.tasks import cancel_and_wait
 from agent.subscriptions import reconcile
 
 log = logging.getLogger("addin_agent.transport")

@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from addin_core.cli_support import did_you_mean
 from addin_core.protocol import Host, Mode, ProtocolError, Topic, decode
+from addin_runtime.cli_support import did_you_mean
 from agent.pending import wanted
 from agent.resolver import Explanation, explain
 from agent.state import ReceivedState

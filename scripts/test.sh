@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
 echo "==> ruff"
-.venv/bin/ruff check addin_core agent server_stub simulator tests bench
+.venv/bin/ruff check addin_core addin_runtime agent server_stub simulator tests bench scripts
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"

@@ -27,7 +27,7 @@ import aiosqlite
 
 from addin_core.digest import EntitlementDigest, entitlement_digest
 from addin_core.protocol import Filters, InvalidTopic, Mode, Topic, check_id
-from addin_core.sqlite_tx import transaction
+from addin_runtime.sqlite_tx import transaction
 from server_stub.entitlement import AssignmentRow, effective_mode, grants_for_user, group_paths
 from server_stub.operations import BadRequest, Service
 

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 import click
 import yaml
 
-from addin_core.cli_support import Group, error, shared_option, shared_value
-from addin_core.instance_lock import AlreadyLocked, InstanceLock, held_by
+from addin_runtime.cli_support import Group, error, shared_option, shared_value
+from addin_runtime.instance_lock import AlreadyLocked, InstanceLock, held_by
 from server_stub import db
 from server_stub.broker_cli import broker
 from server_stub.broker_config import write_broker_config
@@ -329,7 +329,7 @@ def _serve(
 ) -> None:
     import uvicorn
 
-    from addin_core.tasks import cancel_and_wait
+    from addin_runtime.tasks import cancel_and_wait
     from server_stub.api import create_app
     from server_stub.publisher import Publisher
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from addin_core.sqlite_tx import transaction
+from addin_runtime.sqlite_tx import transaction
 
 SCHEMA_VERSION = 1
 

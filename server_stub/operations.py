@@ -25,7 +25,6 @@ from typing import Any
 import aiosqlite
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from addin_core.cli_support import did_you_mean
 from addin_core.manifest import hosts_or_permissions_changed, parse_manifest, read_manifest
 from addin_core.protocol import (
     Assignment,
@@ -41,8 +40,9 @@ from addin_core.protocol import (
     Topic,
     check_id,
 )
-from addin_core.sqlite_tx import transaction
 from addin_core.version import compare_versions
+from addin_runtime.cli_support import did_you_mean
+from addin_runtime.sqlite_tx import transaction
 from server_stub.entitlement import (
     AssignmentRow,
     effective_mode,

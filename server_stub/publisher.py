@@ -31,15 +31,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
-from addin_core.reconnect import (
+from addin_runtime.reconnect import (
     Backoff,
     LossClassifier,
     disconnect_code,
     flapping_text,
     taken_over_text,
 )
-from addin_core.sqlite_tx import transaction
-from addin_core.tasks import cancel_and_wait, wait_event
+from addin_runtime.sqlite_tx import transaction
+from addin_runtime.tasks import cancel_and_wait, wait_event
 from server_stub import db
 
 log = logging.getLogger("addin_server.publisher")

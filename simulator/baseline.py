@@ -19,7 +19,7 @@ from typing import Any
 
 import aiomqtt
 
-from addin_core.tasks import wait_event
+from addin_runtime.tasks import wait_event
 from simulator.control import BrokerAddress
 from simulator.metrics import LatencyHistogram
 

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 import aiomqtt
 
-from addin_core.tasks import cancel_and_wait
+from addin_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

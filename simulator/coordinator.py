@@ -31,7 +31,7 @@ import httpx
 import psutil
 
 from addin_core.protocol import Filters, Host, Mode
-from addin_core.tasks import cancel_and_wait, to_completion, wait_event
+from addin_runtime.tasks import cancel_and_wait, to_completion, wait_event
 from simulator import control
 from simulator.control import BrokerAddress, ControlChannel
 from simulator.fleetstats import FleetStats

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from addin_core.protocol import Host
-from addin_core.tasks import cancel_and_wait
+from addin_runtime.tasks import cancel_and_wait
 from agent.http_pool import HttpPool
 from simulator import control
 from simulator.baseline import baseline_in_loop

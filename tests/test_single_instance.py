@@ -18,7 +18,7 @@ import httpx
 import pytest
 from agent_helpers import until
 
-from addin_core.reconnect import Backoff
+from addin_runtime.reconnect import Backoff
 from agent import transport
 from agent.cache import Cache, Retention, Tx, open_readonly
 from agent.config import AgentConfig

@@ -19,8 +19,8 @@ import aiosqlite
 import pytest
 
 from addin_core.protocol import AgentReport
-from addin_core.sqlite_tx import transaction
-from addin_core.tasks import to_completion
+from addin_runtime.sqlite_tx import transaction
+from addin_runtime.tasks import to_completion
 from agent.cache import Cache, Tx
 from server_stub import db
 from server_stub.operations import Service

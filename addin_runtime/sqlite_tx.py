@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import aiosqlite
 
-from addin_core.tasks import to_completion
+from addin_runtime.tasks import to_completion
 
 log = logging.getLogger(__name__)
 
