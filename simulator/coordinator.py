@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 from addin_core.protocol import Filters, Host, Mode
 from addin_runtime.tasks import cancel_and_wait, to_completion, wait_event
@@ -1005,10 +1004,6 @@ def _has_seen(seen: list[int], seq: int) -> bool:
 
 def curve_of(step: StepResult) -> list[tuple[float, float]]:
     return convergence_curve(step.offsets, max(1, step.online))
-
-
-def pids_alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if psutil.pid_exists(p)]
 
 
 def default_workers() -> int:

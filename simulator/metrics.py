@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -114,13 +113,6 @@ class StageSet:
 
     def summary(self) -> dict[str, dict[str, float | int]]:
         return {s: self.stages[s].summary() for s in STAGES if s in self.stages}
-
-
-def merge_encoded(parts: Iterable[Mapping[str, str]]) -> StageSet:
-    total = StageSet()
-    for p in parts:
-        total.merge(StageSet.decode(p))
-    return total
 
 
 TICK_S = 0.1
@@ -280,11 +272,3 @@ class ProcessMonitor:
     def result(self) -> ProcessSample:
         self.sample()
         return ProcessSample(self.role, self.pid, self._cpu_s, self._rss_max_kb)
-
-
-class Stopwatch:
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0

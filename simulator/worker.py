@@ -34,7 +34,7 @@ from simulator import control
 from simulator.baseline import baseline_in_loop
 from simulator.control import BrokerAddress, ControlChannel
 from simulator.fleetstats import AGENT_EVENTS, FleetStats, MeteredHttpPool
-from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet
+from simulator.metrics import ProcessMonitor, StageSet
 from simulator.oracle import diff_entitlements, diff_installed
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,6 @@ class Worker:
         self._replies: dict[str, dict[str, Any]] = {}
         self._done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._launcher: asyncio.Task[None] | None = None
         self.channel = ControlChannel(
             broker,
             f"w-{self.wid}",
@@ -507,10 +506,6 @@ class Worker:
             if self.http is not None:
                 http, self.http = self.http, None
                 await http.aclose()
-
-
-def hist_from(text: str) -> LatencyHistogram:
-    return LatencyHistogram.decode(text)
 
 
 async def run_worker(

@@ -7,7 +7,7 @@ import random
 import yaml
 
 from addin_core.protocol import Host, Mode
-from simulator.metrics import LatencyHistogram, StageSet, convergence_curve, merge_encoded
+from simulator.metrics import LatencyHistogram, StageSet, convergence_curve
 from simulator.oracle import AdminAction, GroundTruth, diff_entitlements, diff_installed
 from simulator.orggen import PILOT_GROUP, addin_guid, generate_org, make_manifest
 
@@ -203,7 +203,9 @@ def test_merge_of_two_workers_histograms_equals_histogram_of_pooled_samples() ->
     for x in two:
         w2.record("notified", x)
         pooled.record("notified", x)
-    merged = merge_encoded([w1.encode(), w2.encode()])  # shipped as text, like from workers
+    merged = StageSet()
+    for shipped in (w1.encode(), w2.encode()):  # shipped as text, like from workers
+        merged.merge(StageSet.decode(shipped))
     m, p = merged.stages["notified"], pooled.stages["notified"]
     assert m.count == p.count == 8000
     for pct in (0, 10, 50, 90, 95, 99, 99.9, 100):
