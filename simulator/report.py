@@ -21,9 +21,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from simulator.coordinator import RunResult, curve_of
 from simulator.fleetstats import MANIFEST_FAILED_SERIES, MANIFEST_SERIES
 from simulator.metrics import STAGES, convergence_curve
+from simulator.results import RunResult, curve_of
 
 MAX_LISTED_MISMATCHES = 1000
 

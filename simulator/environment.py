@@ -1,0 +1,114 @@
+"""The run's environment: a private Mosquitto and server stub process, unless the run was given
+a broker and a server, torn down at the end."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from simulator.mosquitto import MosquittoBroker, free_port
+from simulator.processes import die_with_parent
+from simulator.results import RunError, RunOptions
+
+TENANT = "contoso"
+
+
+def console_script(name: str) -> str:
+    """The console script next to this interpreter (the venv's), else the one on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if not found:
+        raise RunError(f"{name} is not installed: run scripts/bootstrap.sh")
+    return found
+
+
+class Environment:
+    """The private broker and server stub (when not given), torn down at the end."""
+
+    def __init__(self, options: RunOptions, workdir: Path) -> None:
+        self.options = options
+        self.workdir = workdir
+        self.broker: MosquittoBroker | None = None
+        self.server: subprocess.Popen[bytes] | None = None
+        self.server_args: list[str] = []
+        self.broker_url = options.broker_url or ""
+        self.server_url = options.server_url or ""
+        self.admin_token = options.admin_token or secrets.token_urlsafe(16)
+        self.agent_token = options.agent_token or secrets.token_urlsafe(16)
+
+    def start(self) -> None:
+        if not self.broker_url:
+            self.broker = MosquittoBroker(self.workdir / "broker", max_queued_messages=10_000)
+            self.broker.start()
+            self.broker_url = self.broker.url
+        if not self.server_url:
+            port = free_port()
+            self.server_url = f"http://127.0.0.1:{port}"
+            self.server_args = [
+                console_script("addin-server"),
+                "serve",
+                "--db",
+                str(self.workdir / "server.sqlite"),
+                "--broker",
+                self.broker_url,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--tenant",
+                TENANT,
+                "--admin-token",
+                self.admin_token,
+                "--agent-token",
+                self.agent_token,
+            ]
+            self.start_server()
+
+    def start_server(self, timeout: float = 30.0) -> None:
+        log = open(self.workdir / "server.log", "ab")  # handed to the child
+        try:
+            self.server = subprocess.Popen(
+                self.server_args,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent(),
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                raise RunError(f"the server stub exited at start; see {self.workdir}/server.log")
+            try:
+                if httpx.get(f"{self.server_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RunError(f"the server stub did not answer /healthz within {timeout}s")
+
+    def restart_server(self) -> None:
+        if self.server is None:
+            raise RunError("server_restart needs the private server (run without --server)")
+        self._stop_server()
+        self.start_server()
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self._stop_server()
+        if self.broker is not None:
+            self.broker.kill()
+
+    def _stop_server(self) -> None:
+        assert self.server is not None
+        self.server.terminate()
+        try:
+            self.server.wait(10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()

@@ -1,0 +1,84 @@
+"""What a run is asked to do and what it found: the options, the per-step results and the run's
+result that the reports (`simulator.report`) are written from."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simulator.fleetstats import FleetStats
+from simulator.metrics import StageSet, convergence_curve
+from simulator.scenario import Scenario
+
+
+class RunError(RuntimeError):
+    """The run could not proceed (server refused an action, a worker failed, ...)."""
+
+
+@dataclass
+class RunOptions:
+    clients: int = 1000
+    workers: int = 0
+    """Worker subprocesses; 0 runs one worker inside the coordinator's own event loop."""
+    seed: int = 1
+    broker_url: str | None = None
+    server_url: str | None = None
+    admin_token: str | None = None
+    agent_token: str | None = None
+    remote_workers: int = 0
+    """Workers expected to join from elsewhere (`addin-sim worker --run ID ...`)."""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    workdir: Path | None = None
+    baseline: bool = True
+    cache: str | None = None
+    """Override the scenario's agent cache: "memory", "file" or "none"."""
+    progress: Callable[[str, int, int], None] | None = None
+    """progress(task, done, total): live progress for the terminal."""
+    on_environment: Callable[[str, str], None] | None = None
+    """on_environment(broker_url, server_url) once both are up: where workers join."""
+    join_timeout: float | None = None
+    """Seconds to wait for every worker to join (default 60, 600 with remote workers)."""
+    checkpoint_settle: float = 3.0
+    """Seconds to let the fleet settle after a checkpoint before the scenario goes on.
+    A checkpoint launches every host of every client at once — a burst no real fleet
+    produces — and the reports and work it leaves behind slowed the next step's fan-out
+    (10,000 clients: Everyone-step notified p99 3.1-3.3 s right after, 2.1-2.8 s after 3 s)."""
+
+
+@dataclass
+class StepResult:
+    name: str
+    revisions: list[int] = field(default_factory=list)
+    started_at: float = 0.0
+    duration_s: float = 0.0
+    offsets: list[float] = field(default_factory=list)
+    unconverged: int = 0
+    online: int = 0
+    stages: StageSet = field(default_factory=StageSet)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    scenario: Scenario
+    options: RunOptions
+    steps: list[StepResult]
+    mismatches: list[dict[str, Any]]
+    stages: StageSet
+    baseline: dict[str, Any]
+    processes: list[dict[str, Any]]
+    started_at: float
+    duration_s: float
+    workers: int
+    server_disagreements: list[str]
+    fleet: FleetStats = field(default_factory=FleetStats)
+    """The workers' counters merged: timeline, manifest requests, connection events."""
+    admin_retries: int = 0
+    """Admin API calls sent again because the server was unreachable (a restart)."""
+
+
+def curve_of(step: StepResult) -> list[tuple[float, float]]:
+    return convergence_curve(step.offsets, max(1, step.online))
