@@ -7,13 +7,18 @@ import contextlib
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
 from simulator.orggen import generate_org
+
+if TYPE_CHECKING:
+    from simulator.results import RunOptions, RunResult
+    from simulator.scenario import Scenario
 
 console = Console(stderr=True)
 
@@ -194,9 +199,7 @@ def run(
     cache: str | None,
 ) -> None:
     """Run a scenario with N virtual clients and check every one against the oracle."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from simulator.coordinator import Coordinator, RunError, RunOptions, default_workers
+    from simulator.coordinator import RunOptions, default_workers
     from simulator.report import print_summary, write_reports
     from simulator.scenario import ScenarioError, load_scenario
 
@@ -206,8 +209,51 @@ def run(
         raise click.UsageError(str(e)) from None
     if server_url and not admin_token:
         raise click.UsageError("--server needs --admin-token (or ADDIN_SIM_ADMIN_TOKEN)")
-    if workers is None:
-        workers = default_workers()
+    options = RunOptions(
+        clients=clients,
+        workers=default_workers() if workers is None else workers,
+        seed=seed,
+        broker_url=broker_url,
+        server_url=server_url,
+        admin_token=admin_token,
+        agent_token=agent_token,
+        remote_workers=remote_workers,
+        baseline=not no_baseline,
+        cache=cache,
+    )
+    if run_id:
+        options.run_id = run_id
+    if remote_workers:
+        options.on_environment = _announce_join(remote_workers, options.run_id)
+    result = _run_with_progress(sc, options)
+    report = write_reports(result, report_dir)
+    print_summary(report, Console())
+    console.print(f"report: {report_dir}/report.json, {report_dir}/report.html")
+    if report["mismatches"] or report["server_disagreements"]:
+        raise SystemExit(1)
+
+
+def _announce_join(remote_workers: int, run_id: str) -> Callable[[str, str], None]:
+    """Tells the operator, once broker and server are up, how to start each remote worker."""
+
+    def announce(broker: str, server: str) -> None:
+        # Plain echo, never wrapped: the line is meant to be copied as it is.
+        click.echo(
+            f"waiting for {remote_workers} more worker(s); on each, run:\n"
+            f"  addin-sim worker --run {run_id} --broker {broker} "
+            f"--server {server}",
+            err=True,
+        )
+
+    return announce
+
+
+def _run_with_progress(sc: Scenario, options: RunOptions) -> RunResult:
+    """Run the coordinator with live progress bars; a failed or stopped run exits here."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from simulator.coordinator import Coordinator, RunError
+
     tasks: dict[str, Any] = {}
     with Progress(
         TextColumn("{task.description}"),
@@ -221,42 +267,16 @@ def run(
         def on_progress(name: str, done: int, total: int) -> None:
             if name == "connect":
                 if name not in tasks:
-                    tasks[name] = progress.add_task("connecting clients", total=clients)
+                    tasks[name] = progress.add_task("connecting clients", total=options.clients)
                 progress.update(tasks[name], completed=done)
             else:
                 for t in tasks.values():
                     progress.update(t, completed=progress.tasks[t].total)
                 tasks[name] = progress.add_task(name, total=1)
 
-        options = RunOptions(
-            clients=clients,
-            workers=workers,
-            seed=seed,
-            broker_url=broker_url,
-            server_url=server_url,
-            admin_token=admin_token,
-            agent_token=agent_token,
-            remote_workers=remote_workers,
-            baseline=not no_baseline,
-            cache=cache,
-            progress=on_progress,
-        )
-        if run_id:
-            options.run_id = run_id
-        if remote_workers:
-
-            def announce(broker: str, server: str) -> None:
-                # Plain echo, never wrapped: the line is meant to be copied as it is.
-                click.echo(
-                    f"waiting for {remote_workers} more worker(s); on each, run:\n"
-                    f"  addin-sim worker --run {options.run_id} --broker {broker} "
-                    f"--server {server}",
-                    err=True,
-                )
-
-            options.on_environment = announce
+        options.progress = on_progress
         try:
-            result = _event_loop_run(_until_signalled(Coordinator(sc, options)))
+            result: RunResult = _event_loop_run(_until_signalled(Coordinator(sc, options)))
         except RunError as e:
             console.print(f"[bold red]run failed:[/] {e}")
             raise SystemExit(2) from None
@@ -267,11 +287,7 @@ def run(
             raise SystemExit(128 + e.signum) from None
         for t in tasks.values():
             progress.update(t, completed=progress.tasks[t].total)
-    report = write_reports(result, report_dir)
-    print_summary(report, Console())
-    console.print(f"report: {report_dir}/report.json, {report_dir}/report.html")
-    if report["mismatches"] or report["server_disagreements"]:
-        raise SystemExit(1)
+    return result
 
 
 @main.command()
