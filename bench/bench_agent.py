@@ -1,4 +1,4 @@
-"""Agent benchmarks (issue 4): the daemon as a real process against a real server and broker.
+"""Agent benchmarks: the daemon as a real process against a real server and broker.
 
 * idle daemon RSS and CPU with 50 add-ins entitled, installed in Word and Excel;
 * `launch` latency through the daemon's control socket (and the CLI process end to end);

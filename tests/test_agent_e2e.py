@@ -1,5 +1,6 @@
-"""End to end, one test per domain rule (DESIGN §2): the real server stub in a subprocess,
-a real Mosquitto, agents with real SQLite caches and folder appliers, HTTP on 127.0.0.1."""
+"""End to end, one test per domain rule (docs/design.md, "Domain rules"): the real server
+stub in a subprocess, a real Mosquitto, agents with real SQLite caches and folder appliers,
+HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Anti-entropy end to end (DESIGN §3.1, last bullet): the real server stub in a subprocess,
-a real Mosquitto, agents with real SQLite caches, HTTP on 127.0.0.1.
+"""Anti-entropy end to end (docs/design.md, "Reliability rules"): the real server stub in a
+subprocess, a real Mosquitto, agents with real SQLite caches, HTTP on 127.0.0.1.
 
 The agent compares a digest of its entitlements with the server's over HTTP and, on a
 lasting mismatch, feeds the server's retained state through its revision-ordered message

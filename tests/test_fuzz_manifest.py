@@ -1,4 +1,4 @@
-"""Fuzzing the manifest reader (issue 6 item 4): `read_manifest` never raises and never hits its
+"""Fuzzing the manifest reader: `read_manifest` never raises and never hits its
 internal-error safety net; `parse_manifest` raises only `ManifestError`; a manifest judged valid
 really follows the rules; nothing outside the bytes (files, network) ever gets in.
 

@@ -1,4 +1,4 @@
-"""Fuzzing the wire protocol (issue 6 item 4): `Topic.parse`, `decode`, `decode_message` and
+"""Fuzzing the wire protocol: `Topic.parse`, `decode`, `decode_message` and
 every payload model, with random and structure-aware input. Only `ProtocolError` subclasses
 escape `Topic.parse` / `decode` / `decode_message`; a model used directly raises only
 pydantic's `ValidationError`; whatever is accepted round-trips and cannot carry an unsafe id.

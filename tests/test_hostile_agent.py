@@ -1,4 +1,4 @@
-"""Hostile input against a running agent (issue 6 item 2): malformed JSON on every topic it
+"""Hostile input against a running agent: malformed JSON on every topic it
 reads, unsafe ids, forged catalog entries whose manifest does not match, escalation and
 downgrade attempts, forged publishes and snooping with an agent's own broker account, and SQL
 injection through `why` and `query`.

@@ -1,4 +1,4 @@
-"""Hostile input against the server (issue 6 item 2): every case checks the visible reaction
+"""Hostile input against the server: every case checks the visible reaction
 (the HTTP status and the error text, or the CLI's exit status and message) and that nothing
 changed (revision, catalog, retained state on the broker).
 
