@@ -4,26 +4,21 @@ manifests, and agents with real SQLite caches and folder appliers."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import harness
 import httpx
+from harness import ADMIN_TOKEN, AGENT_TOKEN
 
 from addin_core.protocol import Host
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from simulator.mosquitto import MosquittoBroker, free_port
+from simulator.mosquitto import MosquittoBroker
 from simulator.orggen import make_manifest
-
-ADMIN_TOKEN = "admin-secret"
-AGENT_TOKEN = "agent-secret"
 
 
 def manifest(
@@ -49,53 +44,16 @@ def addin_id(name: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"addin:{name}"))
 
 
-class ServerProcess:
-    """`addin-server serve` as a real process on a free loopback port."""
+class ServerProcess(harness.ServerProcess):
+    """`addin-server serve` as a real process on a free loopback port, started at once, with
+    the admin operations the agent tests use."""
 
     def __init__(self, workdir: Path, broker: MosquittoBroker, admin_user: str = "ann") -> None:
-        self.db = workdir / "server.db"
-        for attempt in range(5):
-            # Other test processes may grab the free port first: then try another.
-            self._spawn(workdir, broker, admin_user)
-            try:
-                self.wait_ready()
-                break
-            except AssertionError:
-                if attempt == 4 or "address already in use" not in self.log.read_text():
-                    raise
+        super().__init__(workdir / "server.db", broker.url, admin_user=admin_user)
+        self.start()
         self.http = httpx.AsyncClient(
             base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=20
         )
-
-    def _spawn(self, workdir: Path, broker: MosquittoBroker, admin_user: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"server.{self.port}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "server_stub", "serve",
-                    "--db", str(self.db), "--tenant", "contoso", "--broker", broker.url,
-                    "--listen", f"127.0.0.1:{self.port}",
-                    "--admin-token", ADMIN_TOKEN, "--agent-token", AGENT_TOKEN,
-                    "--admin-user", admin_user,
-                ],
-                stdout=log,
-                stderr=log,
-                env=dict(os.environ),
-            )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(self.log.read_text())
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise AssertionError(f"server not ready; log:\n{self.log.read_text()}")
 
     async def call(self, method: str, path: str, expect: int = 200, **kw: Any) -> dict[str, Any]:
         r = await self.http.request(method, path, **kw)
@@ -147,13 +105,7 @@ class ServerProcess:
 
     async def aclose(self) -> None:
         await self.http.aclose()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.stop()
 
 
 def agent_config(

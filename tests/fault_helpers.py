@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -33,20 +32,20 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script
     sys.path.insert(0, str(REPO))
 
+from harness import ADMIN_TOKEN, AGENT_TOKEN, CRASH_HOOK, TENANT, ServerProcess  # noqa: E402
+from server_helpers import eventually, retained_state  # noqa: E402
+
 from addin_core.protocol import Host, Mode  # noqa: E402
 from addin_core.version import compare_versions  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
-from simulator.mosquitto import MosquittoBroker, free_port  # noqa: E402
+from simulator.mosquitto import MosquittoBroker  # noqa: E402
 from simulator.oracle import AdminAction, GroundTruth, diff_entitlements, diff_installed  # noqa: E402
 from simulator.orggen import make_manifest  # noqa: E402
 
 SEED_OFFSET = int(os.environ.get("ADDIN_FAULT_SEED", "0"))
 """Shifts every rollout's seed: `bench/fault_soak.py` runs the suite with many of them."""
 
-ADMIN_TOKEN = "admin-secret"
-AGENT_TOKEN = "agent-secret"
-TENANT = "contoso"
 DOCUMENT_HOSTS = (Host.WORD, Host.EXCEL, Host.POWERPOINT)
 
 
@@ -63,84 +62,16 @@ def manifest_xml(n: int, version: str, hosts: tuple[Host, ...]) -> bytes:
 # -- the server --------------------------------------------------------------------------------
 
 
-class Server:
-    """`addin-server serve` as a real process; restartable on the same port and database."""
+class Server(ServerProcess):
+    """The server of a fault test: restartable on the same port and database, optionally with
+    the crash-after-commit hook or a short SQLite busy timeout, and readable in its database."""
 
     def __init__(self, workdir: Path, broker: MosquittoBroker, busy_timeout: float | None = None):
-        self.workdir = workdir
-        self.db = workdir / "server.db"
-        self.broker = broker
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.busy_timeout = busy_timeout
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "server.log"
+        env = {} if busy_timeout is None else {"ADDIN_SERVER_BUSY_TIMEOUT": str(busy_timeout)}
+        super().__init__(workdir / "server.db", broker.url, log=workdir / "server.log", env=env)
 
     def start(self, *, crash_after_commit: bool = False, wait: bool = True) -> None:
-        env = dict(os.environ)
-        env.pop("ADDIN_SERVER_CRASH_AFTER_COMMIT", None)
-        if crash_after_commit:
-            env["ADDIN_SERVER_CRASH_AFTER_COMMIT"] = "1"
-        if self.busy_timeout is not None:
-            env["ADDIN_SERVER_BUSY_TIMEOUT"] = str(self.busy_timeout)
-        self.starts += 1
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "server_stub", "serve",
-                    "--db", str(self.db), "--tenant", TENANT, "--broker", self.broker.url,
-                    "--listen", f"127.0.0.1:{self.port}",
-                    "--admin-token", ADMIN_TOKEN, "--agent-token", AGENT_TOKEN,
-                ],
-                stdout=log, stderr=log, env=env, cwd=REPO,
-            )  # fmt: skip
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.03)
-        raise AssertionError(f"server not ready:\n{self.log_tail()}")
-
-    def wait_exit(self, timeout: float = 15.0) -> int:
-        assert self.proc is not None
-        rc = self.proc.wait(timeout)
-        self.proc = None
-        return rc
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+        super().start(wait=wait, env={CRASH_HOOK: "1"} if crash_after_commit else None)
 
     def db_revision(self) -> int:
         with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as c:
@@ -359,6 +290,57 @@ async def converge(
         if not diffs or time.monotonic() > deadline:
             return diffs
         await asyncio.sleep(0.2)
+
+
+# -- the setup of every fault test -------------------------------------------------------------
+
+
+async def start_system(
+    tmp: Path,
+    broker: MosquittoBroker,
+    users: tuple[str, ...] = (),
+    *,
+    org: int | None = None,
+    busy_timeout: float | None = None,
+) -> tuple[Server, Admin, dict[str, Agent]]:
+    """The server started with the organisation loaded (the first `org` of `org_actions()`,
+    all by default) and in-process agents of `users` started. A setup that fails part-way
+    stops what it started: the caller's cleanup only covers a setup that succeeded."""
+    server = Server(tmp, broker, busy_timeout=busy_timeout)
+    server.start()
+    agents: dict[str, Agent] = {}
+    try:
+        admin = Admin(server)
+        for a in org_actions()[:org]:
+            await admin.apply(a)
+        agents = await start_agents(tmp, broker, server, users)
+    except BaseException:
+        server.kill()
+        raise
+    return server, admin, agents
+
+
+async def start_agents(
+    tmp: Path, broker: MosquittoBroker, server: Server, users: tuple[str, ...]
+) -> dict[str, Agent]:
+    """In-process agents of `users`, started; if one fails to start, all are stopped."""
+    agents = {u: Agent(agent_config(tmp, broker, server, u)) for u in users}
+    try:
+        await asyncio.gather(*(a.start() for a in agents.values()))
+    except BaseException:
+        await stop_agents(agents)
+        raise
+    return agents
+
+
+async def stop_agents(agents: dict[str, Agent]) -> None:
+    await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+
+
+async def nothing_lost(server: Server, broker: MosquittoBroker) -> None:
+    """The outbox drains and the broker's retained state equals the server's."""
+    await eventually(lambda: server.unpublished() == 0, 20, "the outbox to drain")
+    assert await retained_state(broker.port) == server.retained_rows()
 
 
 def integrity(path: str | Path) -> str:

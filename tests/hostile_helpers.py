@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -24,10 +23,11 @@ from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
+from harness import AgentProcess, ServerProcess, stop_process
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
-from simulator.mosquitto import MosquittoBroker, free_port
+from simulator.mosquitto import MosquittoBroker
 
 TENANT = "contoso"
 T = f"addins/v1/{TENANT}"
@@ -209,16 +209,6 @@ def agent_cli(
     )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class World:
     """Broker with ACL + server + one agent (user ann, client ann-pc), started in order."""
 
@@ -256,33 +246,22 @@ class World:
 
     def start_server(self) -> None:
         assert self.broker is not None
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        user, password = self.server_account
-        self.server_log = self.tmp / "server.log"
-        with open(self.server_log, "wb") as log:
-            self.server = subprocess.Popen(
-                [
-                    sys.executable, "-m", "server_stub", "serve", "--db", str(self.db),
-                    "--tenant", TENANT, "--broker", self.broker.url,
-                    "--broker-username", user, "--broker-password", password,
-                    "--listen", f"127.0.0.1:{self.port}",
-                    "--admin-token", ADMIN_TOKEN, "--agent-token", AGENT_TOKEN,
-                    "--admin-user", "ann",
-                ],
-                stdout=log, stderr=log,
-            )  # fmt: skip
+        serve = ServerProcess(
+            self.db,
+            self.broker.url,
+            admin_token=ADMIN_TOKEN,
+            agent_token=AGENT_TOKEN,
+            admin_user="ann",
+            broker_account=self.server_account,
+        )
+        self.server_log = serve.log
+        serve.start()
+        self.server = serve.proc
+        assert self.server is not None
         self.procs.append(self.server)
+        self.port = serve.port
+        self.url = serve.url
         self.http = httpx.Client(base_url=self.url, headers=ADMIN, timeout=20)
-
-        def ready() -> bool:
-            assert self.server.poll() is None, self.server_log.read_text()
-            try:
-                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 20, "server ready")
 
     def call(self, method: str, path: str, expect: int = 200, **kw: Any) -> Any:
         r = self.http.request(method, path, **kw)
@@ -327,14 +306,7 @@ class World:
             )
         )
         self.agent_log = self.tmp / "agent.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_AGENT_")}
-        with open(self.agent_log, "wb") as log:
-            self.agent = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.agent_config)],
-                stdout=log,
-                stderr=log,
-                env=env,
-            )
+        self.agent = AgentProcess(self.agent_config, self.agent_log).proc
         self.procs.append(self.agent)
         wait_for(lambda: self.cache.exists() and self.sync("connected") == 1, 20, "agent connects")
 
@@ -406,6 +378,6 @@ class World:
         if self.broker is not None:
             self.watcher.close()
         for p in reversed(self.procs):
-            _stop(p)
+            stop_process(p)
         if self.broker is not None:
             self.broker.kill()

@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from agent_helpers import AGENT_TOKEN, ServerProcess, addin_id, manifest, until
 from click.testing import CliRunner
+from harness import AgentProcess
 
 from agent.cli import main
 from simulator.mosquitto import MosquittoBroker
@@ -71,13 +70,10 @@ async def test_daemon_and_commands(
     await server.assign(notes, "everyone", mode="fixed")
     await server.assign(avail, "everyone", mode="available")
     cfg = write_config(tmp_path, broker, server)
-    log = open(tmp_path / "daemon.log", "wb")  # noqa: ASYNC230
-    proc = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
-        stdout=log,
-        stderr=log,
-        env={**os.environ, "ADDIN_AGENT_CONFIG": ""},
+    daemon = AgentProcess(
+        cfg, tmp_path / "daemon.log", env={**os.environ, "ADDIN_AGENT_CONFIG": ""}
     )
+    proc = daemon.proc
     try:
 
         def ready() -> bool:
@@ -150,10 +146,7 @@ async def test_daemon_and_commands(
             "via": "cache",
         }
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+        daemon.kill()
 
 
 def test_bad_config_and_missing_cache(tmp_path: Path) -> None:

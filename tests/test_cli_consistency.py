@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from agent_helpers import addin_id
+from harness import ServerProcess
 from server_helpers import TASKPANE_ID, TASKPANE_V1
 
 from addin_core.protocol import Assignment, CatalogEntry, Host, Mode, Source, Topic
@@ -282,37 +280,15 @@ def test_write_without_a_server_says_it_is_not_published(tmp_path: Path) -> None
     assert status["publisher"] == {"running": False, "pid": None}
 
 
-class Serve:
-    def __init__(self, db: Path, broker: MosquittoBroker) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "server_stub", "serve", "--db", str(db),
-                "--tenant", "contoso", "--broker", broker.url,
-                "--listen", f"127.0.0.1:{self.port}", "--admin-token", "adm",
-                "--agent-token", "agt",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while True:
-            assert self.proc.poll() is None, "serve exited"
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "serve not ready"
-            time.sleep(0.05)
+class Serve(ServerProcess):
+    """`addin-server serve` on `db`, started and answering."""
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def __init__(self, db: Path, broker: MosquittoBroker) -> None:
+        super().__init__(db, broker.url, admin_token="adm", agent_token="agt")
+        self.start()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        super().stop(timeout)
 
 
 @pytest.fixture

@@ -25,9 +25,11 @@ from fault_helpers import (
     agent_config,
     converge,
     integrity,
-    org_actions,
     regressions,
     spawn_agent,
+    start_agents,
+    start_system,
+    stop_agents,
 )
 from server_helpers import Collector, eventually
 
@@ -39,27 +41,11 @@ from simulator.mosquitto import MosquittoBroker
 async def system(
     tmp_path: Path, broker: MosquittoBroker
 ) -> AsyncIterator[tuple[MosquittoBroker, Server, Admin]]:
-    server = Server(tmp_path, broker)
-    server.start()
-    admin = Admin(server)
-    for a in org_actions():
-        await admin.apply(a)
+    server, admin, _ = await start_system(tmp_path, broker)
     try:
         yield broker, server, admin
     finally:
         server.kill()
-
-
-async def start_agents(
-    tmp: Path, broker: MosquittoBroker, server: Server, users: tuple[str, ...]
-) -> dict[str, Agent]:
-    agents = {u: Agent(agent_config(tmp, broker, server, u)) for u in users}
-    await asyncio.gather(*(a.start() for a in agents.values()))
-    return agents
-
-
-async def stop_all(agents: dict[str, Agent]) -> None:
-    await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
 
 
 def check_caches(tmp: Path, users: tuple[str, ...]) -> None:
@@ -110,7 +96,7 @@ async def test_agents_sigkilled_50_times_at_random_points(
     try:
         assert await converge(agents, admin.truth) == {}
     finally:
-        await stop_all(agents)
+        await stop_agents(agents)
     check_caches(tmp_path, users)
     # The kills landed in the middle of real work: every life started, and changes applied.
     counts = {u: _count_events(cfgs[u].cache_path) for u in users}
@@ -142,7 +128,7 @@ async def test_twenty_percent_offline_across_five_changes(
     try:
         assert await converge(agents, admin.truth) == {}
         offline = USERS[3:5]  # 2 of 10
-        await stop_all({u: agents[u] for u in offline})
+        await stop_agents({u: agents[u] for u in offline})
         online = {u: a for u, a in agents.items() if u not in offline}
         for _ in range(5):
             await admin.apply(rollout.step())
@@ -152,7 +138,7 @@ async def test_twenty_percent_offline_across_five_changes(
             await agents[u].start()
         assert await converge(agents, admin.truth) == {}
     finally:
-        await stop_all(agents)
+        await stop_agents(agents)
     check_caches(tmp_path, USERS)
 
 
@@ -186,7 +172,7 @@ async def test_duplicated_and_reordered_messages(
             stale = sum(a.stats["stale"] for a in agents.values())
             assert stale > 0  # the replays did reach the agents and were ignored
         finally:
-            await stop_all(agents)
+            await stop_agents(agents)
     check_caches(tmp_path, users)
 
 

@@ -16,44 +16,16 @@ from pathlib import Path
 import pytest
 from fault_helpers import (
     USERS,
-    Admin,
     Rollout,
-    Server,
-    agent_config,
     converge,
     integrity,
-    org_actions,
+    nothing_lost,
     regressions,
+    start_system,
+    stop_agents,
 )
-from server_helpers import eventually, retained_state
 
-from agent.daemon import Agent
 from simulator.mosquitto import MosquittoBroker
-
-
-async def _setup(
-    tmp: Path, broker: MosquittoBroker, users: tuple[str, ...]
-) -> tuple[Server, Admin, dict[str, Agent]]:
-    server = Server(tmp, broker)
-    server.start()
-    agents: dict[str, Agent] = {}
-    try:
-        admin = Admin(server)
-        for a in org_actions():
-            await admin.apply(a)
-        agents = {u: Agent(agent_config(tmp, broker, server, u)) for u in users}
-        await asyncio.gather(*(a.start() for a in agents.values()))
-    except BaseException:  # the caller's cleanup only covers a setup that succeeded
-        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
-        server.kill()
-        raise
-    return server, admin, agents
-
-
-async def _nothing_lost(server: Server, broker: MosquittoBroker) -> None:
-    await eventually(lambda: server.unpublished() == 0, 20, "the outbox to drain")
-    on_broker = await retained_state(broker.port)
-    assert on_broker == server.retained_rows()
 
 
 def _caches_ok(tmp: Path, users: tuple[str, ...]) -> None:
@@ -67,7 +39,7 @@ async def test_broker_sigkilled_10_times_during_rollout(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
     users = USERS[:6]
-    server, admin, agents = await _setup(tmp_path, broker, users)
+    server, admin, agents = await start_system(tmp_path, broker, users)
     rollout = Rollout(seed=610)
     rng = random.Random(611)
     try:
@@ -83,9 +55,9 @@ async def test_broker_sigkilled_10_times_during_rollout(
                 await admin.apply(rollout.step())  # committed while the broker is down
             broker.restart()
         assert await converge(agents, admin.truth, timeout=60) == {}
-        await _nothing_lost(server, broker)
+        await nothing_lost(server, broker)
     finally:
-        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+        await stop_agents(agents)
         server.kill()
     _caches_ok(tmp_path, users)
 
@@ -96,7 +68,7 @@ async def test_broker_restarted_with_and_without_persistence(
 ) -> None:
     broker = broker_factory(persistence=persistence)
     users = USERS[:5]
-    server, admin, agents = await _setup(tmp_path, broker, users)
+    server, admin, agents = await start_system(tmp_path, broker, users)
     rollout = Rollout(seed=620)
     try:
         for _ in range(4):
@@ -108,9 +80,9 @@ async def test_broker_restarted_with_and_without_persistence(
                 await admin.apply(rollout.step())  # committed while the broker is down
             broker.restart()
             assert await converge(agents, admin.truth, timeout=60) == {}
-            await _nothing_lost(server, broker)
+            await nothing_lost(server, broker)
     finally:
-        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+        await stop_agents(agents)
         server.kill()
     log = server.log.read_text()
     republished = log.count("republishing")

@@ -24,37 +24,28 @@ from fault_helpers import (
     REPO,
     TENANT,
     USERS,
-    Admin,
     Rollout,
-    Server,
-    agent_config,
     converge,
     integrity,
+    nothing_lost,
     org_actions,
     regressions,
+    start_agents,
+    start_system,
+    stop_agents,
 )
-from server_helpers import Collector, eventually, retained_state
+from server_helpers import Collector, eventually
 
-from agent.daemon import Agent
 from server_stub.publisher import Publisher
 from simulator.mosquitto import MosquittoBroker
 
 CRASHES = 20
 
 
-async def _nothing_lost(server: Server, broker: MosquittoBroker) -> None:
-    await eventually(lambda: server.unpublished() == 0, 20, "the outbox to drain")
-    assert await retained_state(broker.port) == server.retained_rows()
-
-
 async def test_server_killed_between_commit_and_publish_20_times(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
-    server = Server(tmp_path, broker)
-    server.start()
-    admin = Admin(server)
-    for a in org_actions():
-        await admin.apply(a)
+    server, admin, _ = await start_system(tmp_path, broker)
     rollout = Rollout(seed=630)
     await admin.apply(rollout.step())
     await eventually(lambda: server.unpublished() == 0, 20, "the initial outbox to drain")
@@ -84,13 +75,12 @@ async def test_server_killed_between_commit_and_publish_20_times(
                 assert len(topics) == len(set(topics)), (i, topics)
             server.start()
             users = USERS[:6]
-            agents = {u: Agent(agent_config(tmp_path, broker, server, u)) for u in users}
-            await asyncio.gather(*(a.start() for a in agents.values()))
+            agents = await start_agents(tmp_path, broker, server, users)
             try:
                 assert await converge(agents, admin.truth, timeout=60) == {}
             finally:
-                await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
-            await _nothing_lost(server, broker)
+                await stop_agents(agents)
+            await nothing_lost(server, broker)
         finally:
             server.kill()
     for u in users:
@@ -127,12 +117,8 @@ def _largest_file(db: Path) -> int:
 async def test_database_locked_clear_error_then_recovers(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
-    server = Server(tmp_path, broker, busy_timeout=1)
-    server.start()
-    admin = Admin(server)
+    server, admin, _ = await start_system(tmp_path, broker, org=4, busy_timeout=1)
     try:
-        for a in org_actions()[:4]:
-            await admin.apply(a)
         before = server.db_revision()
         locker = sqlite3.connect(server.db, timeout=5, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
@@ -155,7 +141,7 @@ async def test_database_locked_clear_error_then_recovers(
         await admin.apply(org_actions()[4])
         assert _cli(server.db, "user", "add", "zoe").returncode == 0
         assert server.proc is not None and server.proc.poll() is None
-        await _nothing_lost(server, broker)
+        await nothing_lost(server, broker)
         assert integrity(server.db) == "ok"
     finally:
         server.kill()
@@ -164,12 +150,8 @@ async def test_database_locked_clear_error_then_recovers(
 async def test_disk_full_clear_error_nothing_half_written_then_recovers(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
-    server = Server(tmp_path, broker)
-    server.start()
-    admin = Admin(server)
+    server, _, _ = await start_system(tmp_path, broker)
     try:
-        for a in org_actions():
-            await admin.apply(a)
         await eventually(lambda: server.unpublished() == 0, 20, "the outbox to drain")
         org = {
             "users": [{"id": f"bulk{i:05d}", "name": f"Bulk user {i}"} for i in range(3000)],
@@ -192,7 +174,7 @@ async def test_disk_full_clear_error_nothing_half_written_then_recovers(
         ok = _cli(server.db, "load", str(org_file))
         assert ok.returncode == 0, ok.stderr
         assert server.db_revision() == before + 1
-        await _nothing_lost(server, broker)
+        await nothing_lost(server, broker)
         assert integrity(server.db) == "ok"
     finally:
         server.kill()

@@ -4,19 +4,17 @@ a server killed between commit and publish."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from harness import ServerProcess
 from server_helpers import TASKPANE_ID, TASKPANE_V1, Collector, retained_state
 
-from simulator.mosquitto import MosquittoBroker, free_port
+from simulator.mosquitto import MosquittoBroker
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 AGENT = {"Authorization": "Bearer agent-secret"}
@@ -32,44 +30,14 @@ def cli(db: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
     )
 
 
-class Server:
+class Server(ServerProcess):
+    """A server process on `db`, started at once (each on its own port and log); the test
+    waits for it."""
+
     def __init__(self, db: Path, broker: MosquittoBroker, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(db, broker.url, admin_user="ann", env=env)
         self.log = db.with_suffix(f".{self.port}.log")
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "server_stub", "serve",
-                    "--db", str(db), "--tenant", "contoso", "--broker", broker.url,
-                    "--listen", f"127.0.0.1:{self.port}",
-                    "--admin-token", "admin-secret", "--agent-token", "agent-secret",
-                    "--admin-user", "ann",
-                ],
-                stdout=log,
-                stderr=log,
-                env={**os.environ, **(env or {})},
-            )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise AssertionError(f"server not ready; log:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.start(wait=False)
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from agent_helpers import until
+from harness import AgentProcess, ServerProcess, server_command
 
 from addin_runtime.reconnect import Backoff
 from agent import transport
@@ -45,18 +44,11 @@ hosts = ["Word"]
     return path
 
 
-class Daemon:
+class Daemon(AgentProcess):
     """`addin-agent run` as a real process."""
 
     def __init__(self, cfg: Path, log: Path) -> None:
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
-                stdout=out,
-                stderr=out,
-                env={**os.environ, "ADDIN_AGENT_CONFIG": ""},
-            )
+        super().__init__(cfg, log, env={**os.environ, "ADDIN_AGENT_CONFIG": ""})
 
     def wait_exit(self, timeout: float = 30.0) -> int:
         try:
@@ -67,14 +59,8 @@ class Daemon:
                 f"the second daemon kept running; log:\n{self.log.read_text()}"
             ) from None
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+    def stop(self, timeout: float = 20.0) -> int:
+        return super().stop(timeout)
 
 
 @pytest.fixture
@@ -175,39 +161,18 @@ def test_stopping_an_agent_never_removes_a_socket_it_does_not_own(
 
 def test_second_server_on_one_database_is_refused(tmp_path: Path, broker: MosquittoBroker) -> None:
     db = tmp_path / "server.db"
-
-    def serve(port: int) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [
-                sys.executable, "-m", "server_stub", "serve", "--db", str(db),
-                "--tenant", "contoso", "--broker", broker.url, "--listen", f"127.0.0.1:{port}",
-                "--admin-token", "adm", "--agent-token", "agt",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-
-    port = free_port()
-    first = serve(port)
+    first = ServerProcess(db, broker.url, admin_token="adm", agent_token="agt")
+    first.start()
+    port = first.port
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert first.poll() is None, first.communicate()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server not ready"
-            time.sleep(0.05)
-        second = serve(free_port())
+        second_cmd = server_command(
+            db, broker.url, free_port(), admin_token="adm", agent_token="agt"
+        )
         try:
-            _, err = second.communicate(timeout=30)
+            second = subprocess.run(second_cmd, capture_output=True, text=True, timeout=30)
         except subprocess.TimeoutExpired:
-            second.kill()
-            second.communicate()
             raise AssertionError("the second server kept running") from None
+        err = second.stderr
         assert second.returncode == 1
         assert err.strip() == (
             f"error: another addin-server serve (pid {first.pid}) is running on {db}: "
@@ -215,12 +180,7 @@ def test_second_server_on_one_database_is_refused(tmp_path: Path, broker: Mosqui
         )
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
     finally:
-        first.send_signal(signal.SIGTERM)
-        try:
-            first.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            first.kill()
-            first.communicate()
+        first.stop(20)
 
 
 def test_backoff_grows_across_flapping_connections() -> None:
