@@ -39,6 +39,8 @@ from addin_core.protocol import Host
 from addin_core.version import InvalidVersion, parse_version
 
 MAX_MANIFEST_BYTES = 512 * 1024
+"""The largest manifest anyone accepts: the server on upload, the agent on download, the
+`manifest check` command on reading a file."""
 
 NS_APPFOROFFICE_10 = "http://schemas.microsoft.com/office/appforoffice/1.0"
 NS_APPFOROFFICE_11 = "http://schemas.microsoft.com/office/appforoffice/1.1"

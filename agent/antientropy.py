@@ -44,6 +44,7 @@ import httpx
 
 from addin_core.digest import EntitlementDigest, entitlement_digest
 from addin_core.protocol import Host, InvalidTopic, Topic, TopicKind
+from addin_core.user_topics import belongs_to_user
 from agent.cache import Tx
 from agent.resolver import resolve
 from agent.state import ReceivedState
@@ -292,19 +293,9 @@ class AntiEntropy:
         return await self._record(result, event=("resync", detail))
 
     def _mine(self, topic: Topic, groups: set[str]) -> bool:
-        """Is `topic` one this agent subscribes to (DESIGN §3.1)?"""
-        user = self.agent.config.user_id
-        k = TopicKind
-        if topic.tenant != self.agent.config.tenant:
-            return False
-        match topic.kind:
-            case k.CATALOG | k.ASSIGN_EVERYONE | k.POLICY:
-                return True
-            case k.MEMBER | k.ASSIGN_USER:
-                return topic.user_id == user
-            case k.GROUP_PARENTS | k.ASSIGN_GROUP:
-                return topic.group_id in groups
-        return False
+        """Is `topic` one this agent subscribes to?"""
+        cfg = self.agent.config
+        return belongs_to_user(str(topic), cfg.tenant, cfg.user_id, groups)
 
     async def _feed(self, messages: list[Any]) -> tuple[int, int, int]:
         """Feed /state messages through the agent's message path, membership first so the
