@@ -38,21 +38,18 @@ import random
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
 from addin_core.digest import EntitlementDigest, entitlement_digest
 from addin_core.protocol import Host, InvalidTopic, Topic, TopicKind
 from addin_core.user_topics import belongs_to_user
-from agent.cache import Tx
+from agent.cache import Cache, Tx, VolatileCache
+from agent.config import AgentConfig
 from agent.resolver import resolve
 from agent.state import ReceivedState
 from agent.subscriptions import ancestry
-
-if TYPE_CHECKING:
-    from agent.config import AgentConfig
-    from agent.daemon import Agent
 
 log = logging.getLogger("addin_agent.antientropy")
 
@@ -113,10 +110,28 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+class Checked(Protocol):
+    """What the check asks of the agent (agent/daemon.py's `Agent`): its state, a way to
+    feed messages through its normal path, and its cache for the outcome."""
+
+    config: AgentConfig
+    stats: dict[str, int]
+
+    @property
+    def cache(self) -> Cache | VolatileCache | None: ...
+    @property
+    def fetcher(self) -> Any: ...
+    @property
+    def state(self) -> ReceivedState: ...
+    @property
+    def revision(self) -> int: ...
+    async def handle_message(self, topic_str: str, payload_bytes: bytes) -> None: ...
+
+
 class AntiEntropy:
     """The periodic check of one agent. `check()` runs one round (tests call it directly)."""
 
-    def __init__(self, agent: Agent, interval: float, http: _Http | None = None) -> None:
+    def __init__(self, agent: Checked, interval: float, http: _Http | None = None) -> None:
         self.agent = agent
         self.interval = interval
         self._http = http
@@ -133,7 +148,7 @@ class AntiEntropy:
         self.resyncs = 0
 
     @classmethod
-    def start_for(cls, agent: Agent) -> AntiEntropy | None:
+    def start_for(cls, agent: Checked) -> AntiEntropy | None:
         """Start the periodic check if ``anti_entropy_interval`` > 0 (the daemon's hook)."""
         interval = float(getattr(agent.config, "anti_entropy_interval", 0) or 0)
         if interval <= 0:
