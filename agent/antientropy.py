@@ -35,7 +35,6 @@ import contextlib
 import json
 import logging
 import random
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
@@ -372,19 +371,7 @@ class AntiEntropy:
         return r
 
 
-# -- read-only helpers for `status` and `doctor` ---------------------------------------------------
-def last_check(conn: sqlite3.Connection) -> dict[str, Any] | None:
-    """The ``anti_entropy`` sync value written by the last check, or None."""
-    row = conn.execute("SELECT value FROM sync WHERE key=?", (SYNC_KEY,)).fetchone()
-    if row is None:
-        return None
-    try:
-        value = json.loads(row[0])
-    except (json.JSONDecodeError, TypeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
+# -- for `status`, `doctor` and `wait` ---------------------------------------------------
 def compare_now(cfg: AgentConfig, state: ReceivedState) -> tuple[Literal["ok", "warn"], str]:
     """(status, detail) of a live digest comparison from the cache, for `doctor`."""
     local = local_digest(state, cfg.user_id)

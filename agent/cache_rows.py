@@ -249,16 +249,17 @@ def pending_record(r: Row) -> PendingChange:
     )
 
 
-def received_state(rows: Iterable[Row], tenant: str) -> ReceivedState:
+def received_state(rows: Iterable[Row], tenant: str, *, quiet: bool = False) -> ReceivedState:
     """The state held, rebuilt from the ``received`` rows; an unreadable row (only a hand
-    edit makes one) is logged and skipped."""
+    edit makes one) is skipped, and logged unless `quiet` (the read-only commands)."""
     state = ReceivedState(tenant)
     for r in rows:
         try:
             topic = Topic.parse(r["topic"])
             payload = decode(topic, r["payload"])
         except ProtocolError as e:
-            log.error("ignoring unreadable cached message %s: %s", r["topic"], e)
+            if not quiet:
+                log.error("ignoring unreadable cached message %s: %s", r["topic"], e)
             continue
         state.apply(topic, payload)
     return state
