@@ -13,8 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 from addin_core.protocol import (
     AgentReport,
@@ -31,6 +29,7 @@ from agent.cache import Cache, Retention, Tx, VolatileCache, open_cache
 from agent.config import AgentConfig
 from agent.control import ControlServer
 from agent.downloads import Downloads
+from agent.events import AgentEvent, EventKind
 from agent.fetcher import Fetcher, FetchResult, HttpClient
 from agent.model import AgentModel, AgentRefusal, UserChoice, decode_remembered
 from agent.pending import ManifestRecord, PendingChange, PendingKey
@@ -41,28 +40,12 @@ from agent.transport import Transport
 
 log = logging.getLogger("addin_agent")
 
-EventKind = Literal[
-    "notified", "manifest_cached", "applied", "connected", "disconnected", "fetch_failed"
-]
-
 REPORT_DELAY = 1.0
 """Reports after launches are coalesced over this many seconds: a user who starts Word, Excel
 and Outlook together sends one report, and a fleet's server stores a third of the rows."""
 
 STOP_TIMEOUT = 10.0
 """Seconds `stop` waits for cancelled manifest downloads before it goes on without them."""
-
-
-@dataclass(frozen=True, slots=True)
-class AgentEvent:
-    """Reported synchronously to the `observer` (the simulator measures latency with it)."""
-
-    kind: EventKind
-    revision: int
-    committed_at: float | None
-    addin_id: str | None
-    host: Host | None
-    at: float
 
 
 class Agent:
@@ -399,10 +382,6 @@ class Agent:
             self._emit("manifest_cached", rev, committed_at, entry.addin_id)
 
     # -- launch and user choices ---------------------------------------------------------------
-    async def _manifest_xml(self, sha: str) -> bytes | None:
-        assert self.cache is not None
-        return await self.cache.manifest_xml(sha)
-
     async def launch(self, host: Host | str) -> dict[str, str]:
         """The host app starts: apply its ready pending changes atomically, then return the
         installed set ``{addin_id: version}``. Waiting changes stay pending."""
@@ -421,7 +400,7 @@ class Agent:
             for a, inst in new.items():
                 xml = None
                 if self.applier.needs_xml and held.get(a) != inst.sha256:
-                    xml = await self._manifest_xml(inst.sha256)
+                    xml = await self.cache.manifest_xml(inst.sha256)
                 files[a] = AppliedManifest(a, inst.version, inst.sha256, xml)
             try:
                 self.applier.apply(host, files)

@@ -51,14 +51,6 @@ def _clock(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", lt)
 
 
-def load_state(conn: sqlite3.Connection, tenant: str) -> ReceivedState:
-    return ReadModel(conn).received_state(tenant)
-
-
-def client_info(conn: sqlite3.Connection) -> dict[str, Any]:
-    return ReadModel(conn).client()
-
-
 def find_addin(rm: ReadModel, state: ReceivedState, query: str) -> str | None:
     if query in state.catalog:
         return query
