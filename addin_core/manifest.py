@@ -154,7 +154,7 @@ def parse_manifest(data: bytes) -> Manifest:
 
 def hosts_or_permissions_changed(old: Manifest, new: Manifest) -> bool:
     """True when an update changes what the add-in may do or where it runs: the agent must not
-    apply such an update without the admin's re-consent (DESIGN.md §2). A change of type counts:
+    apply such an update without the admin's re-consent. A change of type counts:
     permission levels of different types are not comparable."""
     return (
         old.type != new.type

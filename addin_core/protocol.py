@@ -1,7 +1,7 @@
 """The wire protocol: topics and payloads, the single source of truth.
 
 Agent, server and simulator import this module and nothing else to speak MQTT
-with each other (DESIGN §3.1). Values here cannot be built invalid: a `Topic`
+with each other. Values here cannot be built invalid: a `Topic`
 validates its ids when constructed, and payload models reject unknown fields,
 unsafe ids and oversized JSON. Pure: no I/O, no clock.
 

@@ -1,5 +1,5 @@
 """Anti-entropy: the agent checks its resolved entitlements against the server's view
-(DESIGN §3.1, last bullet) and resyncs on a real mismatch.
+and resyncs on a real mismatch.
 
 Every ``anti_entropy_interval`` seconds (jittered ±20 %, so a fleet started together does
 not ask together) the agent fetches ``GET /v1/agents/{user}/digest`` and compares it with

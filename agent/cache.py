@@ -1,4 +1,4 @@
-"""The agent's SQLite cache: the durable copy of everything the daemon knows (DESIGN §3.3).
+"""The agent's SQLite cache: the durable copy of everything the daemon knows.
 
 The daemon keeps its working model in memory and writes every state transition through
 `Cache.commit` as ONE transaction, so `kill -9` at any instant leaves either the state

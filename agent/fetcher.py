@@ -1,4 +1,4 @@
-"""Manifests by sha256 over HTTP, then verification (issue 4 item 4).
+"""Manifests by sha256 over HTTP, then verification.
 
 Downloads go through `agent.http_pool.HttpPool` (aiohttp with a body-size cap), one per
 agent by default; one pool can be shared by many agents (the simulator runs thousands in one

@@ -5,7 +5,7 @@
 with every fact `addin-agent why` needs (nested-only assignments, turned-off add-ins,
 hosts the add-in does not support...).
 
-Rules (DESIGN §2): targets everyone / user / group; nested groups count only when the
+Rules: targets everyone / user / group; nested groups count only when the
 tenant policy `nested_groups` is on; the strongest mode wins (fixed > optional > available);
 turned-off add-ins are excluded; an add-in shows only in the hosts its manifest lists and
 that are installed on this computer. Group nesting is walked breadth-first with a visited

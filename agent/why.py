@@ -1,7 +1,7 @@
 """`addin-agent why ADDIN [--host H]`: why an add-in is (not) in a host app, from the cache
 alone (works offline, daemon running or not, read-only).
 
-The chain follows DESIGN §3.3: catalog state → assignments reaching the user and via which
+The chain: catalog state → assignments reaching the user and via which
 groups → mode → host match → manifest cached and verified → pending until the next launch
 → installed version; it ends in ONE plain-language verdict and a machine-readable cause.
 """
