@@ -1,4 +1,4 @@
-"""The entitlement digest that agent and server compare for anti-entropy (DESIGN §3.1). Pure.
+"""The entitlement digest that agent and server compare for anti-entropy. Pure.
 
 Both sides resolve a user's entitlements with their own resolver (the server from its
 database, the agent from the retained messages it holds) and reduce the result to one

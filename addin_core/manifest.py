@@ -39,6 +39,8 @@ from addin_core.protocol import Host
 from addin_core.version import InvalidVersion, parse_version
 
 MAX_MANIFEST_BYTES = 512 * 1024
+"""The largest manifest anyone accepts: the server on upload, the agent on download, the
+`manifest check` command on reading a file."""
 
 NS_APPFOROFFICE_10 = "http://schemas.microsoft.com/office/appforoffice/1.0"
 NS_APPFOROFFICE_11 = "http://schemas.microsoft.com/office/appforoffice/1.1"
@@ -152,7 +154,7 @@ def parse_manifest(data: bytes) -> Manifest:
 
 def hosts_or_permissions_changed(old: Manifest, new: Manifest) -> bool:
     """True when an update changes what the add-in may do or where it runs: the agent must not
-    apply such an update without the admin's re-consent (DESIGN.md §2). A change of type counts:
+    apply such an update without the admin's re-consent. A change of type counts:
     permission levels of different types are not comparable."""
     return (
         old.type != new.type

@@ -1,7 +1,7 @@
 """Add-in permission levels and their order, per manifest type. Pure: no I/O.
 
 An update whose permission is higher than the deployed one is an escalation: the agent keeps the
-old version until the admin re-consents (DESIGN.md §2).
+old version until the admin re-consents.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The wire protocol: topics and payloads, the single source of truth.
 
 Agent, server and simulator import this module and nothing else to speak MQTT
-with each other (DESIGN §3.1). Values here cannot be built invalid: a `Topic`
+with each other. Values here cannot be built invalid: a `Topic`
 validates its ids when constructed, and payload models reject unknown fields,
 unsafe ids and oversized JSON. Pure: no I/O, no clock.
 
@@ -29,6 +29,8 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from addin_core.validation import validation_problems
 
 PROTOCOL_PREFIX = "addins/v1"
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -405,14 +407,6 @@ MODEL_BY_KIND: dict[TopicKind, type[BaseModel]] = {
 }
 
 
-def _describe(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors(include_url=False):
-        where = ".".join(str(p) for p in e["loc"]) or "payload"
-        parts.append(f"{where}: {e['msg']}")
-    return "; ".join(parts)
-
-
 def decode(topic: Topic, payload: bytes | bytearray | str) -> AnyPayload:
     """Validate a received payload for `topic` and return its model.
 
@@ -471,7 +465,8 @@ def _validate_diagnosed(topic: Topic, raw: bytes) -> BaseModel:
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        raise InvalidPayload(f"{topic}: invalid {model.__name__}: {_describe(e)}") from e
+        problems = validation_problems(e.errors(include_url=False), "payload")
+        raise InvalidPayload(f"{topic}: invalid {model.__name__}: {problems}") from e
 
 
 def decode_message(topic: str, payload: bytes | bytearray | str) -> tuple[Topic, AnyPayload]:

@@ -5,5 +5,6 @@
 - `instance_lock`: one daemon per state file (agent cache, server database);
 - `tasks`: stopping a task and waiting for it without losing a cancellation;
 - `reconnect`: the broker reconnect backoff and why a connection was lost;
+- `mqtt`: the only reads of aiomqtt's and paho's private attributes, guarded;
 - `cli_support`: the command-line conventions of both tools (error lines, option positions).
 """

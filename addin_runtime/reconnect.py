@@ -12,11 +12,12 @@ chain the MQTT client raised (duck-typed: any ``rc`` attribute, as aiomqtt's
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable
 from typing import Literal
+
+from addin_runtime.mqtt import disconnected_future
 
 SESSION_TAKEN_OVER = 0x8E
 """MQTT 5 DISCONNECT reason: another client connected with the same client id."""
@@ -109,8 +110,8 @@ def disconnect_code(exc: BaseException | None, client: object | None = None) -> 
     """The reason code of a lost connection: what aiomqtt recorded on `client` when the
     broker disconnected it (its message iterator, or a publish cut short, raises a fresh
     error that does not carry it), else whatever `exc` carries."""
-    gone = getattr(client, "_disconnected", None)
-    if isinstance(gone, asyncio.Future) and gone.done() and not gone.cancelled():
+    gone = disconnected_future(client)
+    if gone is not None and gone.done() and not gone.cancelled():
         code = reason_code(gone.exception())
         if code is not None:
             return code

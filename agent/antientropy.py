@@ -1,5 +1,5 @@
 """Anti-entropy: the agent checks its resolved entitlements against the server's view
-(DESIGN §3.1, last bullet) and resyncs on a real mismatch.
+and resyncs on a real mismatch.
 
 Every ``anti_entropy_interval`` seconds (jittered ±20 %, so a fleet started together does
 not ask together) the agent fetches ``GET /v1/agents/{user}/digest`` and compares it with
@@ -35,23 +35,20 @@ import contextlib
 import json
 import logging
 import random
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 
 from addin_core.digest import EntitlementDigest, entitlement_digest
 from addin_core.protocol import Host, InvalidTopic, Topic, TopicKind
-from agent.cache import Tx
+from addin_core.user_topics import belongs_to_user
+from agent.cache import Cache, Tx, VolatileCache
+from agent.config import AgentConfig
 from agent.resolver import resolve
 from agent.state import ReceivedState
 from agent.subscriptions import ancestry
-
-if TYPE_CHECKING:
-    from agent.config import AgentConfig
-    from agent.daemon import Agent
 
 log = logging.getLogger("addin_agent.antientropy")
 
@@ -112,10 +109,28 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+class Checked(Protocol):
+    """What the check asks of the agent (agent/daemon.py's `Agent`): its state, a way to
+    feed messages through its normal path, and its cache for the outcome."""
+
+    config: AgentConfig
+    stats: dict[str, int]
+
+    @property
+    def cache(self) -> Cache | VolatileCache | None: ...
+    @property
+    def fetcher(self) -> Any: ...
+    @property
+    def state(self) -> ReceivedState: ...
+    @property
+    def revision(self) -> int: ...
+    async def handle_message(self, topic_str: str, payload_bytes: bytes) -> None: ...
+
+
 class AntiEntropy:
     """The periodic check of one agent. `check()` runs one round (tests call it directly)."""
 
-    def __init__(self, agent: Agent, interval: float, http: _Http | None = None) -> None:
+    def __init__(self, agent: Checked, interval: float, http: _Http | None = None) -> None:
         self.agent = agent
         self.interval = interval
         self._http = http
@@ -132,7 +147,7 @@ class AntiEntropy:
         self.resyncs = 0
 
     @classmethod
-    def start_for(cls, agent: Agent) -> AntiEntropy | None:
+    def start_for(cls, agent: Checked) -> AntiEntropy | None:
         """Start the periodic check if ``anti_entropy_interval`` > 0 (the daemon's hook)."""
         interval = float(getattr(agent.config, "anti_entropy_interval", 0) or 0)
         if interval <= 0:
@@ -292,19 +307,9 @@ class AntiEntropy:
         return await self._record(result, event=("resync", detail))
 
     def _mine(self, topic: Topic, groups: set[str]) -> bool:
-        """Is `topic` one this agent subscribes to (DESIGN §3.1)?"""
-        user = self.agent.config.user_id
-        k = TopicKind
-        if topic.tenant != self.agent.config.tenant:
-            return False
-        match topic.kind:
-            case k.CATALOG | k.ASSIGN_EVERYONE | k.POLICY:
-                return True
-            case k.MEMBER | k.ASSIGN_USER:
-                return topic.user_id == user
-            case k.GROUP_PARENTS | k.ASSIGN_GROUP:
-                return topic.group_id in groups
-        return False
+        """Is `topic` one this agent subscribes to?"""
+        cfg = self.agent.config
+        return belongs_to_user(str(topic), cfg.tenant, cfg.user_id, groups)
 
     async def _feed(self, messages: list[Any]) -> tuple[int, int, int]:
         """Feed /state messages through the agent's message path, membership first so the
@@ -366,19 +371,7 @@ class AntiEntropy:
         return r
 
 
-# -- read-only helpers for `status` and `doctor` ---------------------------------------------------
-def last_check(conn: sqlite3.Connection) -> dict[str, Any] | None:
-    """The ``anti_entropy`` sync value written by the last check, or None."""
-    row = conn.execute("SELECT value FROM sync WHERE key=?", (SYNC_KEY,)).fetchone()
-    if row is None:
-        return None
-    try:
-        value = json.loads(row[0])
-    except (json.JSONDecodeError, TypeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
+# -- for `status`, `doctor` and `wait` ---------------------------------------------------
 def compare_now(cfg: AgentConfig, state: ReceivedState) -> tuple[Literal["ok", "warn"], str]:
     """(status, detail) of a live digest comparison from the cache, for `doctor`."""
     local = local_digest(state, cfg.user_id)

@@ -1,4 +1,4 @@
-"""Appliers: make a host app's add-in set real (DESIGN §3.4).
+"""Appliers: make a host app's add-in set real.
 
 `apply(host, addins)` is given the COMPLETE set the host must have after a launch and
 makes it so; it is idempotent, so re-running it after a crash converges.

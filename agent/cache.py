@@ -1,4 +1,4 @@
-"""The agent's SQLite cache: the durable copy of everything the daemon knows (DESIGN §3.3).
+"""The agent's SQLite cache: the durable copy of everything the daemon knows.
 
 The daemon keeps its working model in memory and writes every state transition through
 `Cache.commit` as ONE transaction, so `kill -9` at any instant leaves either the state
@@ -43,103 +43,7 @@ import aiosqlite
 
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
 from addin_runtime.sqlite_tx import transaction
-
-SCHEMA_VERSION = 1
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS received (
-    topic        TEXT PRIMARY KEY,
-    kind         TEXT NOT NULL,
-    addin_id     TEXT,
-    group_id     TEXT,
-    revision     INTEGER NOT NULL,
-    committed_at REAL,
-    received_at  REAL NOT NULL,
-    deleted      INTEGER NOT NULL DEFAULT 0,
-    payload      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS entitlements (
-    addin_id    TEXT PRIMARY KEY,
-    name        TEXT NOT NULL,
-    mode        TEXT NOT NULL,
-    version     TEXT NOT NULL,
-    sha256      TEXT NOT NULL,
-    hosts       TEXT NOT NULL,
-    permissions TEXT NOT NULL,
-    via         TEXT NOT NULL,
-    provenance  TEXT NOT NULL,
-    resolved_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS manifests (
-    sha256      TEXT PRIMARY KEY,
-    addin_id    TEXT NOT NULL,
-    version     TEXT NOT NULL,
-    status      TEXT NOT NULL CHECK (status IN ('verified', 'refused')),
-    reason      TEXT,
-    permissions TEXT,
-    hosts       TEXT,
-    size        INTEGER,
-    fetched_at  REAL NOT NULL,
-    xml         BLOB
-);
-CREATE TABLE IF NOT EXISTS installed (
-    host         TEXT NOT NULL,
-    addin_id     TEXT NOT NULL,
-    name         TEXT NOT NULL,
-    version      TEXT NOT NULL,
-    sha256       TEXT NOT NULL,
-    permissions  TEXT NOT NULL,
-    hosts        TEXT NOT NULL,
-    installed_at REAL NOT NULL,
-    revision     INTEGER NOT NULL,
-    PRIMARY KEY (host, addin_id)
-);
-CREATE TABLE IF NOT EXISTS pending (
-    host         TEXT NOT NULL,
-    addin_id     TEXT NOT NULL,
-    name         TEXT NOT NULL,
-    action       TEXT NOT NULL CHECK (action IN ('install', 'update', 'remove')),
-    from_version TEXT,
-    to_version   TEXT,
-    sha256       TEXT,
-    state        TEXT NOT NULL CHECK (state IN ('ready', 'waiting', 'needs_consent')),
-    reason       TEXT NOT NULL,
-    since        REAL NOT NULL,
-    revision     INTEGER NOT NULL,
-    committed_at REAL,
-    PRIMARY KEY (host, addin_id)
-);
-CREATE TABLE IF NOT EXISTS choices (
-    addin_id TEXT PRIMARY KEY,
-    choice   TEXT NOT NULL CHECK (choice IN ('install', 'remove')),
-    at       REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
-    at       REAL NOT NULL,
-    kind     TEXT NOT NULL,
-    addin_id TEXT,
-    host     TEXT,
-    revision INTEGER,
-    detail   TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS events_at ON events (at);
-CREATE TABLE IF NOT EXISTS sync (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-
-TABLES = (
-    "received",
-    "entitlements",
-    "manifests",
-    "installed",
-    "pending",
-    "choices",
-    "events",
-    "sync",
-)
+from agent.cache_rows import SCHEMA, SCHEMA_VERSION, TABLES, Row
 
 Statement = tuple[str, Sequence[Any]]
 
@@ -211,6 +115,18 @@ def _upsert_sql(table: str, cols: tuple[str, ...]) -> str:
 @functools.cache
 def _delete_sql(table: str, cols: tuple[str, ...]) -> str:
     return f"DELETE FROM {table} WHERE {' AND '.join(f'{k} = ?' for k in cols)}"
+
+
+@dataclass(frozen=True, slots=True)
+class CachedRows:
+    """Everything the daemon loads back when it opens the cache (`Cache.cached_rows`)."""
+
+    received: Iterable[Row] = ()
+    manifests: Iterable[Row] = ()
+    installed: Iterable[Row] = ()
+    pending: Iterable[Row] = ()
+    choices: Iterable[Row] = ()
+    entitled_ids: Iterable[str] = ()
 
 
 class CacheError(RuntimeError):
@@ -401,6 +317,17 @@ class Cache:
         rows = await self.fetchall("SELECT value FROM sync WHERE key = ?", (key,))
         return str(rows[0]["value"]) if rows else None
 
+    async def cached_rows(self) -> CachedRows:
+        entitled = await self.fetchall("SELECT addin_id FROM entitlements")
+        return CachedRows(
+            received=await self.fetchall("SELECT topic, payload FROM received"),
+            manifests=await self.fetchall("SELECT * FROM manifests"),
+            installed=await self.fetchall("SELECT * FROM installed"),
+            pending=await self.fetchall("SELECT * FROM pending"),
+            choices=await self.fetchall("SELECT addin_id, choice FROM choices"),
+            entitled_ids=[r["addin_id"] for r in entitled],
+        )
+
     async def manifest_xml(self, sha256: str) -> bytes | None:
         rows = await self.fetchall("SELECT xml FROM manifests WHERE sha256 = ?", (sha256,))
         return bytes(rows[0]["xml"]) if rows and rows[0]["xml"] is not None else None
@@ -440,6 +367,9 @@ class VolatileCache:
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return []
+
+    async def cached_rows(self) -> CachedRows:
+        return CachedRows()
 
     async def sync_value(self, key: str) -> str | None:
         return self._sync.get(key)
@@ -493,7 +423,3 @@ def open_readonly(path: str | Path) -> sqlite3.Connection:
         conn.close()
         raise CacheError(f"{p} is not an agent cache (missing tables: {', '.join(missing)})")
     return conn
-
-
-def rows_to_dicts(rows: Iterable[sqlite3.Row]) -> list[dict[str, Any]]:
-    return [dict(r) for r in rows]

@@ -20,14 +20,14 @@ import json
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from addin_core.protocol import Host
 from agent.config import parse_control
-
-if TYPE_CHECKING:
-    from agent.daemon import Agent
+from agent.model import AgentRefusal
+from agent.pending import PendingChange, PendingKey
 
 log = logging.getLogger("addin_agent.control")
 
@@ -66,8 +66,24 @@ def _claim_socket_path(path: str) -> None:
     )
 
 
+class Controlled(Protocol):
+    """What the endpoint asks of the agent (agent/daemon.py's `Agent`)."""
+
+    @property
+    def pending(self) -> Mapping[PendingKey, PendingChange]: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def revision(self) -> int: ...
+    def installed(self) -> Mapping[Host, Mapping[str, str]]: ...
+    def entitlements(self) -> Mapping[str, Any]: ...
+    async def launch(self, host: Host) -> dict[str, str]: ...
+    async def install(self, name_or_id: str) -> str: ...
+    async def remove(self, name_or_id: str) -> str: ...
+
+
 class ControlServer:
-    def __init__(self, agent: Agent, spec: str) -> None:
+    def __init__(self, agent: Controlled, spec: str) -> None:
         self.agent = agent
         self.spec = spec
         self.server: asyncio.AbstractServer | None = None
@@ -139,8 +155,6 @@ class ControlServer:
             await writer.wait_closed()
 
     async def route(self, method: str, target: str) -> tuple[int, dict[str, Any]]:
-        from agent.daemon import AgentRefusal
-
         url = urlsplit(target)
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
         a = self.agent

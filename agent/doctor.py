@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import socket
-import sqlite3
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -14,8 +12,8 @@ from typing import Literal
 from addin_runtime.instance_lock import SUPPORTED as lock_supported
 from addin_runtime.instance_lock import held_by
 from agent.config import AgentConfig
+from agent.readmodel import ReadModel
 from agent.subscriptions import desired_filters
-from agent.why import load_state
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -132,18 +130,11 @@ TAKEOVER_WINDOW = 3600.0
 """`doctor` fails when another client took the agent's client id within this many seconds."""
 
 
-def check_client_id(cfg: AgentConfig, conn: sqlite3.Connection, now: float | None = None) -> Check:
+def check_client_id(cfg: AgentConfig, rm: ReadModel, now: float | None = None) -> Check:
     """Two agents with one client id (a copied agent.toml, a second agent on another cache)
     knock each other off the broker for as long as both run; each looks healthy alone."""
     now = time.time() if now is None else now
-    counts = {
-        r["kind"]: (int(r["n"]), float(r["last"]))
-        for r in conn.execute(
-            "SELECT kind, count(*) n, max(at) last FROM events WHERE at >= ? "
-            "AND kind IN ('session_taken_over', 'connection_flapping') GROUP BY kind",
-            (now - 86400,),
-        )
-    }
+    counts = rm.event_counts(("session_taken_over", "connection_flapping"), now - 86400)
     if not counts:
         return Check(
             "client id", "ok", f"no other client took client id {cfg.client_id!r} in the last 24 h"
@@ -166,21 +157,19 @@ def check_client_id(cfg: AgentConfig, conn: sqlite3.Connection, now: float | Non
     return Check("client id", "fail" if now - last <= TAKEOVER_WINDOW else "warn", detail)
 
 
-def check_integrity(conn: sqlite3.Connection) -> Check:
-    rows = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+def check_integrity(rm: ReadModel) -> Check:
+    rows = rm.integrity_problems()
     if rows == ["ok"]:
         return Check("cache integrity", "ok", "PRAGMA integrity_check: ok")
     return Check("cache integrity", "fail", "; ".join(str(r) for r in rows[:5]))
 
 
-def check_manifests(conn: sqlite3.Connection) -> Check:
+def check_manifests(rm: ReadModel) -> Check:
     bad, n = [], 0
-    for r in conn.execute("SELECT sha256, addin_id, xml FROM manifests WHERE status='verified'"):
-        if r["xml"] is None:
-            continue
+    for sha256, addin_id, xml in rm.verified_manifest_bytes():
         n += 1
-        if hashlib.sha256(bytes(r["xml"])).hexdigest() != r["sha256"]:
-            bad.append(r["addin_id"])
+        if hashlib.sha256(xml).hexdigest() != sha256:
+            bad.append(addin_id)
     if bad:
         return Check(
             "manifest hashes", "fail", f"stored manifest differs from its hash: {', '.join(bad)}"
@@ -188,12 +177,11 @@ def check_manifests(conn: sqlite3.Connection) -> Check:
     return Check("manifest hashes", "ok", f"{n} cached manifest(s) match their sha256")
 
 
-def check_subscriptions(cfg: AgentConfig, conn: sqlite3.Connection) -> Check:
-    state = load_state(conn, cfg.tenant)
-    want = desired_filters(state, cfg.user_id)
-    row = conn.execute("SELECT value FROM sync WHERE key='subscriptions'").fetchone()
-    have = set(json.loads(row["value"])) if row else set()
-    if not row:
+def check_subscriptions(cfg: AgentConfig, rm: ReadModel) -> Check:
+    want = desired_filters(rm.received_state(cfg.tenant), cfg.user_id)
+    recorded = rm.sync_value("subscriptions")
+    have = set(recorded) if isinstance(recorded, list) else set()
+    if recorded is None:
         return Check("subscriptions", "warn", "no subscriptions recorded yet (never connected)")
     missing, extra = want - have, have - want
     if not missing and not extra:
@@ -206,21 +194,16 @@ def check_subscriptions(cfg: AgentConfig, conn: sqlite3.Connection) -> Check:
     return Check("subscriptions", "fail", "; ".join(parts))
 
 
-def check_applied(cfg: AgentConfig, conn: sqlite3.Connection) -> Check | None:
+def check_applied(cfg: AgentConfig, rm: ReadModel) -> Check | None:
     if cfg.applier != "folder" or not cfg.applier_dir:
         return None
-    from addin_core.protocol import Host
     from agent.applier import FolderApplier
 
     fa = FolderApplier(cfg.applier_dir)
+    installed = rm.installed()
     diffs = []
     for h in cfg.hosts:
-        want = {
-            r["addin_id"]: r["sha256"]
-            for r in conn.execute(
-                "SELECT addin_id, sha256 FROM installed WHERE host=?", (Host(h).value,)
-            )
-        }
+        want = {i.addin_id: i.sha256 for i in installed if i.host == h}
         have = fa.current(h)
         if want != have:
             diffs.append(h.value)
@@ -234,13 +217,14 @@ def check_applied(cfg: AgentConfig, conn: sqlite3.Connection) -> Check | None:
     return Check("add-in folders", "ok", f"{cfg.applier_dir} matches the installed set")
 
 
-def check_anti_entropy(cfg: AgentConfig, conn: sqlite3.Connection) -> Check:
+def check_anti_entropy(cfg: AgentConfig, rm: ReadModel) -> Check:
     """Compare this cache's entitlement digest with the server's now; add the daemon's last
     anti-entropy result."""
-    from agent.antientropy import compare_now, describe_last, last_check
+    from agent.antientropy import SYNC_KEY, compare_now, describe_last
 
-    status, detail = compare_now(cfg, load_state(conn, cfg.tenant))
-    last = last_check(conn)
+    status, detail = compare_now(cfg, rm.received_state(cfg.tenant))
+    last = rm.sync_value(SYNC_KEY)
+    last = last if isinstance(last, dict) else None
     if cfg.anti_entropy_interval <= 0:
         detail += "; periodic check disabled (anti_entropy_interval = 0)"
     else:
@@ -248,21 +232,20 @@ def check_anti_entropy(cfg: AgentConfig, conn: sqlite3.Connection) -> Check:
     return Check("anti-entropy", status, detail)
 
 
-def run_checks(cfg: AgentConfig, conn: sqlite3.Connection) -> list[Check]:
-    rev_row = conn.execute("SELECT max(revision) FROM received").fetchone()
-    rev = int(rev_row[0] or 0)
+def run_checks(cfg: AgentConfig, rm: ReadModel) -> list[Check]:
+    rev = rm.highest_revision()
     daemon = check_daemon(cfg)
     checks = [
         *([daemon] if daemon else []),
         check_broker(cfg),
-        check_client_id(cfg, conn),
+        check_client_id(cfg, rm),
         *check_server(cfg, rev),
-        check_integrity(conn),
-        check_manifests(conn),
-        check_subscriptions(cfg, conn),
+        check_integrity(rm),
+        check_manifests(rm),
+        check_subscriptions(cfg, rm),
     ]
-    checks.append(check_anti_entropy(cfg, conn))
-    applied = check_applied(cfg, conn)
+    checks.append(check_anti_entropy(cfg, rm))
+    applied = check_applied(cfg, rm)
     if applied:
         checks.append(applied)
     return checks

@@ -1,4 +1,4 @@
-"""Manifests by sha256 over HTTP, then verification (issue 4 item 4).
+"""Manifests by sha256 over HTTP, then verification.
 
 Downloads go through `agent.http_pool.HttpPool` (aiohttp with a body-size cap), one per
 agent by default; one pool can be shared by many agents (the simulator runs thousands in one
@@ -23,13 +23,11 @@ from typing import Literal
 
 import httpx
 
-from addin_core.manifest import Manifest, ManifestError, parse_manifest
+from addin_core.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from addin_core.protocol import CatalogEntry, Host
 from agent.http_pool import HttpPool
 
 log = logging.getLogger("addin_agent.fetcher")
-
-MAX_MANIFEST_BYTES = 512 * 1024
 
 SHARED_CLIENT_CONCURRENCY = 32
 """Requests in flight at once through one shared `httpx.AsyncClient`, whatever the number of

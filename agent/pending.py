@@ -2,7 +2,7 @@
 anything waits. Pure: computed from entitlements, the installed set, the manifests held
 and the user's own choices.
 
-Rules (DESIGN §2, issue 4 item 6):
+Rules:
 * an add-in is wanted in a host when it is entitled there and its mode says so: fixed
   always, optional unless the user removed it, available only if the user installed it;
 * an update needs a strictly greater version (a lower catalog version is never applied);

@@ -5,11 +5,18 @@
 with every fact `addin-agent why` needs (nested-only assignments, turned-off add-ins,
 hosts the add-in does not support...).
 
-Rules (DESIGN §2): targets everyone / user / group; nested groups count only when the
+Rules: targets everyone / user / group; nested groups count only when the
 tenant policy `nested_groups` is on; the strongest mode wins (fixed > optional > available);
 turned-off add-ins are excluded; an add-in shows only in the hosts its manifest lists and
 that are installed on this computer. Group nesting is walked breadth-first with a visited
 set (cycles cannot loop) and a depth bound.
+
+Written independently, on purpose, of the server's entitlement evaluator
+(server_stub/entitlement.py, which computes the anti-entropy digest from the database) and
+of the simulator's oracle (simulator/oracle.py): the three agree only if each reads the
+rules right, so a mistake in one shows up as a digest mismatch or a failed convergence
+check instead of being copied everywhere. Hence no shared code and distinct names: here a
+`Grant` is one assignment that reaches the user.
 """
 
 from __future__ import annotations

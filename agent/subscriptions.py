@@ -1,32 +1,17 @@
-"""Which topics this agent subscribes to, as a function of its state (DESIGN §3.1). Pure.
+"""Which topics this agent subscribes to, as a function of its state. Pure.
 
-Own ``member/`` and ``assign/user/`` topics, ``assign/everyone/+``, ``policy``,
-``catalog/+``, and for every group in the user's ancestry ``group/{g}/parents`` and
-``assign/group/{g}/+`` — whatever the nesting policy, so `why` can explain a nested-only
-assignment and a policy flip needs no resubscription.
+The rule itself (which topics belong to a user) is `addin_core.user_topics`, shared with
+the server's /state answer; this module feeds it the ancestry the agent holds and computes
+the subscribe/unsubscribe difference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from addin_core.protocol import Filters, Topic
+from addin_core.user_topics import user_filters
 from agent.resolver import group_paths
 from agent.state import ReceivedState
-
-
-def base_filters(tenant: str, user_id: str) -> set[str]:
-    return {
-        str(Topic.member(tenant, user_id)),
-        Filters.assign_user(tenant, user_id),
-        Filters.assign_everyone(tenant),
-        str(Topic.policy(tenant)),
-        Filters.catalog(tenant),
-    }
-
-
-def group_filters(tenant: str, group_id: str) -> set[str]:
-    return {str(Topic.group_parents(tenant, group_id)), Filters.assign_group(tenant, group_id)}
 
 
 def ancestry(state: ReceivedState, user_id: str) -> set[str]:
@@ -35,10 +20,7 @@ def ancestry(state: ReceivedState, user_id: str) -> set[str]:
 
 
 def desired_filters(state: ReceivedState, user_id: str) -> set[str]:
-    out = base_filters(state.tenant, user_id)
-    for g in ancestry(state, user_id):
-        out |= group_filters(state.tenant, g)
-    return out
+    return user_filters(state.tenant, user_id, ancestry(state, user_id))
 
 
 @dataclass(frozen=True, slots=True)

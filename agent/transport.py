@@ -15,13 +15,13 @@ import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from addin_runtime.mqtt import deliver_directly, payload_bytes
 from addin_runtime.reconnect import (
     Backoff,
     LossClassifier,
@@ -145,12 +145,11 @@ class Transport:
                     self.first_attempt.set()
                     log.info("connected to %s:%d as %s", self.host, self.port, self.client_id)
                     await self.on_connect(True)
-                    if has_direct_delivery(client):
-                        await self._deliver_directly(client)
-                    else:  # an aiomqtt without the internals below: its public iterator
+                    if not await self._deliver_directly(client):
+                        # an aiomqtt without the internals: its public iterator
                         async for message in client.messages:
                             await self.on_message(
-                                str(message.topic), _payload_bytes(message.payload)
+                                str(message.topic), payload_bytes(message.payload)
                             )
                 # The message iterator only ends when the connection does.
                 raise aiomqtt.MqttError("connection closed")
@@ -190,31 +189,26 @@ class Transport:
         log.error("broker %s:%d: %s; %s", self.host, self.port, what, retry)
         return what, kind
 
-    async def _deliver_directly(self, client: aiomqtt.Client) -> None:
-        """Hand each message to `on_message`, in order, straight from paho's callback.
+    async def _deliver_directly(self, client: aiomqtt.Client) -> bool:
+        """Hand each message to `on_message`, in order, straight from paho's callback;
+        False when this aiomqtt lacks the internals (`addin_runtime.mqtt`).
 
         aiomqtt's `messages` iterator builds a `Message` and, for every message, a Task for
         its queue and an `asyncio.wait` on it and the disconnect future. With thousands of
         agents in one process (the simulator) that was most of a fan-out's cost: 10,000
         clients, Everyone-step notified p99 1.9 s this way vs 1.05 s directly, against a bare
-        aiomqtt fan-out of ~1.0 s. This reads three aiomqtt internals (`_client`, `_queue`,
-        `_disconnected`); `has_direct_delivery` checks them and a test pins them, and
-        without them the public iterator is used. PUBACK timing is unchanged: paho
-        acknowledges when its callback returns, as it did with aiomqtt's.
+        aiomqtt fan-out of ~1.0 s.
         """
         inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         wake = asyncio.Event()
 
-        def on_message(_client: object, _userdata: object, message: Any) -> None:
-            inbox.append((message.topic, _payload_bytes(message.payload)))
+        def arrived(topic: str, payload: bytes) -> None:
+            inbox.append((topic, payload))
             wake.set()
 
-        client._client.on_message = on_message
-        queued = client._queue  # what arrived before the switch, in order
-        while not queued.empty():
-            m = queued.get_nowait()
-            inbox.append((str(m.topic), _payload_bytes(m.payload)))
-        gone: asyncio.Future[None] = client._disconnected
+        gone = deliver_directly(client, arrived)
+        if gone is None:
+            return False
         gone.add_done_callback(lambda _f: wake.set())
         self._wake = wake
         while not self._stopping:
@@ -257,22 +251,3 @@ class Transport:
         except aiomqtt.MqttError as e:
             log.info("publish to %s failed: %s", topic, e)
             return False
-
-
-def has_direct_delivery(client: aiomqtt.Client) -> bool:
-    """Whether this aiomqtt has the internals `Transport._deliver_directly` reads."""
-    return (
-        hasattr(getattr(client, "_client", None), "on_message")
-        and isinstance(getattr(client, "_queue", None), asyncio.Queue)
-        and isinstance(getattr(client, "_disconnected", None), asyncio.Future)
-    )
-
-
-def _payload_bytes(payload: object) -> bytes:
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    if isinstance(payload, str):
-        return payload.encode()
-    if payload is None:
-        return b""
-    return str(payload).encode()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from agent.antientropy import compare_now
 from agent.cache import CacheError, open_readonly
 from agent.config import AgentConfig
-from agent.why import load_state
+from agent.readmodel import ReadModel
 
 POLL = 0.2
 """Seconds between two looks at the cache and the server."""
@@ -38,9 +38,9 @@ def _pid_alive(pid: str | None) -> bool:
     return True
 
 
-def look(cfg: AgentConfig, conn: sqlite3.Connection) -> SyncState:
+def look(cfg: AgentConfig, rm: ReadModel) -> SyncState:
     """One look: done, or the first thing still missing."""
-    sync = {r["key"]: r["value"] for r in conn.execute("SELECT key, value FROM sync")}
+    sync = rm.sync_text()
     if not _pid_alive(sync.get("pid")):
         return SyncState(False, "the daemon is not running (start `addin-agent run`)")
     if sync.get("connected") != "1":
@@ -48,17 +48,13 @@ def look(cfg: AgentConfig, conn: sqlite3.Connection) -> SyncState:
         return SyncState(
             False, "the daemon is not connected to the broker" + (f" ({last})" if last else "")
         )
-    status, detail = compare_now(cfg, load_state(conn, cfg.tenant))
+    status, detail = compare_now(cfg, rm.received_state(cfg.tenant))
     if status != "ok":
         return SyncState(False, detail)
-    missing = conn.execute(
-        "SELECT count(DISTINCT sha256), min(reason) FROM pending "
-        "WHERE state = 'waiting' AND reason LIKE 'manifest not downloaded%'"
-    ).fetchone()
-    if missing[0]:
-        return SyncState(False, f"{missing[0]} manifest(s) to download: {missing[1]}")
-    revision = int(conn.execute("SELECT coalesce(max(revision), 0) FROM received").fetchone()[0])
-    return SyncState(True, detail, revision)
+    missing, reason = rm.downloads_waited_for()
+    if missing:
+        return SyncState(False, f"{missing} manifest(s) to download: {reason}")
+    return SyncState(True, detail, rm.highest_revision())
 
 
 def wait_in_sync(cfg: AgentConfig, timeout: float) -> SyncState:
@@ -71,7 +67,7 @@ def wait_in_sync(cfg: AgentConfig, timeout: float) -> SyncState:
             state = SyncState(False, str(e))
         else:
             try:
-                state = look(cfg, conn)
+                state = look(cfg, ReadModel(conn))
             except sqlite3.Error as e:  # the daemon is creating its tables right now
                 state = SyncState(False, f"cache not readable yet: {e}")
             finally:

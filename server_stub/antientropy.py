@@ -26,7 +26,8 @@ from typing import Any
 import aiosqlite
 
 from addin_core.digest import EntitlementDigest, entitlement_digest
-from addin_core.protocol import Filters, InvalidTopic, Mode, Topic, check_id
+from addin_core.protocol import InvalidTopic, Mode, check_id
+from addin_core.user_topics import matches, split_filters, user_filters
 from addin_runtime.sqlite_tx import transaction
 from server_stub.entitlement import AssignmentRow, effective_mode, grants_for_user, group_paths
 from server_stub.operations import BadRequest, Service
@@ -120,27 +121,13 @@ async def user_digest(service: Service, user_id: str) -> dict[str, Any]:
     return {**d.to_json(user_id), "known_user": known}
 
 
-def _state_filters(tenant: str, user_id: str, groups: list[str]) -> tuple[list[str], list[str]]:
-    """(exact topics, topic prefixes) an agent of `user_id` subscribes to."""
-    exact = [str(Topic.policy(tenant)), str(Topic.member(tenant, user_id))]
-    prefixes = [
-        Filters.catalog(tenant).removesuffix("+"),
-        Filters.assign_everyone(tenant).removesuffix("+"),
-        Filters.assign_user(tenant, user_id).removesuffix("+"),
-    ]
-    for g in groups:
-        exact.append(str(Topic.group_parents(tenant, g)))
-        prefixes.append(Filters.assign_group(tenant, g).removesuffix("+"))
-    return exact, prefixes
-
-
 async def user_state(service: Service, user_id: str) -> dict[str, Any]:
     """The retained messages (tombstones included) an agent of `user_id` should hold."""
     user_id = _user(user_id)
     async with _snapshot(service) as conn:
         revision = await _revision(conn)
         _, _, paths = await _ancestry(conn, user_id)
-        exact, prefixes = _state_filters(service.tenant, user_id, sorted(paths))
+        exact, prefixes = split_filters(user_filters(service.tenant, user_id, paths))
         # Ids are [A-Za-z0-9._@-] (check_id), so no GLOB metacharacter can occur in a
         # prefix; GLOB with a literal prefix uses the primary-key index.
         where = " OR ".join(
@@ -156,10 +143,6 @@ async def user_state(service: Service, user_id: str) -> dict[str, Any]:
         {"topic": r[0], "revision": r[1], "payload": bytes(r[2]).decode("utf-8")}
         for r in rows
         # A `+` filter matches one level only: a deeper topic under a prefix is not the agent's.
-        if r[0] in wanted or any(_one_level(r[0], p) for p in prefixes)
+        if r[0] in wanted or any(matches(p + "+", r[0]) for p in prefixes)
     ]
     return {"user_id": user_id, "revision": revision, "messages": messages}
-
-
-def _one_level(topic: str, prefix: str) -> bool:
-    return topic.startswith(prefix) and "/" not in topic[len(prefix) :]

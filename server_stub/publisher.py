@@ -22,7 +22,6 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -31,6 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
+from addin_runtime.mqtt import watch_session_present
 from addin_runtime.reconnect import (
     Backoff,
     LossClassifier,
@@ -128,15 +128,13 @@ class Publisher:
             timeout=30,
         )
         client.pending_calls_threshold = 1_000_000
-        # aiomqtt does not expose CONNACK's session-present flag; wrap its paho callback to
-        # see it, because it decides whether the broker must be given all state again.
-        inner: Any = client._client.on_connect
 
-        def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
-            self._session_present = bool(getattr(flags, "session_present", False))
-            inner(c, userdata, flags, rc, props)
+        # aiomqtt does not expose CONNACK's session-present flag (addin_runtime.mqtt reads
+        # it); it decides whether the broker must be given all state again.
+        def seen(present: bool) -> None:
+            self._session_present = present
 
-        client._client.on_connect = on_connect
+        watch_session_present(client, seen)
         return client
 
     async def run(self) -> None:

@@ -250,6 +250,6 @@ async def test_the_installed_aiomqtt_allows_direct_delivery() -> None:
     not quietly fall back to the slow path."""
     import aiomqtt
 
-    from agent.transport import has_direct_delivery
+    from addin_runtime.mqtt import has_direct_delivery
 
     assert has_direct_delivery(aiomqtt.Client("127.0.0.1", 1))

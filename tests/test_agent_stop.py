@@ -16,6 +16,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from addin_runtime.mqtt import paho_client
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.transport import Transport
@@ -30,7 +31,8 @@ class StopOnSuback(Transport):
 
     def _make_client(self) -> aiomqtt.Client:
         client = super()._make_client()
-        paho = client._client
+        paho = paho_client(client)
+        assert paho is not None
         inner = paho.on_subscribe
 
         def on_subscribe(*args: Any) -> None:

@@ -100,10 +100,10 @@ steps:
 async def test_a_broken_resolver_is_caught_by_the_oracle(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import agent.daemon
+    import agent.model
     from addin_core.protocol import Mode
 
-    real = agent.daemon.resolve
+    real = agent.model.resolve
 
     def weakest_mode_wins(*args: Any, **kwargs: Any) -> Any:
         # The bug: every fixed entitlement is downgraded to optional.
@@ -113,7 +113,7 @@ async def test_a_broken_resolver_is_caught_by_the_oracle(
             for a, e in out.items()
         }
 
-    monkeypatch.setattr(agent.daemon, "resolve", weakest_mode_wins)
+    monkeypatch.setattr(agent.model, "resolve", weakest_mode_wins)
     result = await _run(parse_scenario(BROKEN), tmp_path, baseline=False)
     bad = {m["user"] for m in result.mismatches}
     assert bad == {"u00001"}  # exactly the user with the fixed assignment

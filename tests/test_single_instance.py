@@ -23,6 +23,7 @@ from agent.cache import Cache, Retention, Tx, open_readonly
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.doctor import check_client_id
+from agent.readmodel import ReadModel
 from server_stub import publisher
 from server_stub.publisher import Publisher
 from simulator.mosquitto import MosquittoBroker, free_port
@@ -252,7 +253,7 @@ async def test_two_agents_with_one_client_id_back_off_and_say_why(
                 "('session_taken_over', 'connection_flapping')"
             )
         }
-        check = check_client_id(config("a"), conn)
+        check = check_client_id(config("a"), ReadModel(conn))
     finally:
         conn.close()
     assert kinds

@@ -1,0 +1,121 @@
+"""The one module that reads aiomqtt's and paho's private attributes.
+
+aiomqtt wraps a paho client and exposes neither of the three things the agent and the
+server need, so both reach into it here and nowhere else:
+
+- the CONNACK session-present flag (the server's publisher must give a broker that lost
+  its session all retained state again): paho's ``on_connect`` callback, held by aiomqtt
+  as ``Client._client``, is wrapped;
+- delivery straight from paho's message callback (`deliver_directly`): aiomqtt's
+  ``messages`` iterator costs a Task and an ``asyncio.wait`` per message, most of a
+  fan-out's CPU with thousands of agents in one process; this reads ``Client._client``,
+  ``Client._queue`` (what arrived before the switch) and ``Client._disconnected``;
+- the reason code of a lost connection (`disconnected_future`): recorded only in
+  ``Client._disconnected``, not in the fresh error the message iterator raises.
+
+Each access is guarded: it checks the attribute exists and has the expected type, and
+otherwise says so (`watch_session_present` and `deliver_directly` return False/None and
+the caller uses its slower public path; `disconnected_future` returns None). The guard
+keeps an upgrade from crashing the programs; tests/test_mqtt_adapter.py keeps it from
+passing unnoticed: it pins the versions below and fails until someone has re-read
+aiomqtt's client.py and updated `CHECKED_AGAINST`. Every read is marked ``# private:``
+with the attribute it reads, as aiomqtt marks its own reads of paho's internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+
+log = logging.getLogger("addin_runtime.mqtt")
+
+CHECKED_AGAINST = {"aiomqtt": "2.5.1", "paho-mqtt": "2.2.0"}
+"""The versions whose internals this module was written against (see the module doc)."""
+
+
+def paho_client(client: object) -> paho.Client | None:
+    """The paho client inside an aiomqtt client, or None if this aiomqtt holds none."""
+    inner = getattr(client, "_client", None)  # private: aiomqtt.Client._client
+    return inner if isinstance(inner, paho.Client) else None
+
+
+def disconnected_future(client: object | None) -> asyncio.Future[None] | None:
+    """aiomqtt's future that completes (with the broker's reason) when the link is lost."""
+    gone = getattr(client, "_disconnected", None)  # private: aiomqtt.Client._disconnected
+    return gone if isinstance(gone, asyncio.Future) else None
+
+
+def _queued(client: object) -> asyncio.Queue[Any] | None:
+    queue = getattr(client, "_queue", None)  # private: aiomqtt.Client._queue
+    return queue if isinstance(queue, asyncio.Queue) else None
+
+
+def watch_session_present(client: object, seen: Callable[[bool], None]) -> bool:
+    """Call ``seen(session_present)`` at every CONNACK, then aiomqtt's own handler.
+
+    False (and a warning) when this aiomqtt has no paho ``on_connect`` to wrap: the caller
+    must then assume no session is present, which is always safe (it republishes)."""
+    inner_client = paho_client(client)
+    inner = getattr(inner_client, "on_connect", None)
+    if inner_client is None or not callable(inner):
+        log.warning(
+            "this aiomqtt hides paho's on_connect (checked against %s): the broker's "
+            "session-present flag is unknown and taken as absent",
+            CHECKED_AGAINST,
+        )
+        return False
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        seen(bool(getattr(flags, "session_present", False)))
+        inner(c, userdata, flags, rc, props)
+
+    inner_client.on_connect = on_connect
+    return True
+
+
+def has_direct_delivery(client: object) -> bool:
+    """Whether this aiomqtt has the internals `deliver_directly` uses."""
+    return (
+        hasattr(paho_client(client), "on_message")
+        and _queued(client) is not None
+        and disconnected_future(client) is not None
+    )
+
+
+def deliver_directly(
+    client: object, on_message: Callable[[str, bytes], None]
+) -> asyncio.Future[None] | None:
+    """Route paho's message callback to ``on_message(topic, payload)``, in order, after
+    handing over what aiomqtt had queued; return the future that completes when the
+    connection is lost. None, with nothing changed, when this aiomqtt lacks the internals:
+    the caller then iterates ``client.messages``.
+
+    PUBACK timing is unchanged: paho acknowledges when its callback returns, as it does
+    with aiomqtt's."""
+    inner, queue, gone = paho_client(client), _queued(client), disconnected_future(client)
+    if inner is None or queue is None or gone is None:
+        return None
+
+    def on_paho_message(_client: object, _userdata: object, message: Any) -> None:
+        on_message(message.topic, payload_bytes(message.payload))
+
+    inner.on_message = on_paho_message
+    while not queue.empty():
+        m = queue.get_nowait()
+        on_message(str(m.topic), payload_bytes(m.payload))
+    return gone
+
+
+def payload_bytes(payload: object) -> bytes:
+    """A message payload as bytes, whichever type the client handed over."""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode()
+    if payload is None:
+        return b""
+    return str(payload).encode()

@@ -1,0 +1,138 @@
+"""What every `addin-agent` command shares: the config and cache options (accepted before
+or after the subcommand), the context that loads them, and the output conventions (rich
+tables of plain text, ``--json``, one error line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich import table as rich_table
+from rich.console import Console
+from rich.text import Text
+
+from addin_core.protocol import Host
+from addin_runtime.cli_support import error, shared_option, shared_value
+from agent.cache import CacheError, open_readonly
+from agent.config import AgentConfig, ConfigError, load_config
+from agent.readmodel import ReadModel
+
+console = Console()
+
+
+class Table(rich_table.Table):
+    """A rich Table whose string cells are plain text, never console markup: names, reasons
+    and query results come from manifests and the network ("[/bold]" in a DisplayName used
+    to crash `list`, and "[link=...]" could dress up a link in a helpdesk terminal)."""
+
+    def add_row(self, *renderables: Any, **kw: Any) -> None:
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kw)
+
+
+HOST_CHOICE = click.Choice([h.value for h in Host], case_sensitive=False)
+
+
+def parse_host(value: str | None) -> Host | None:
+    if value is None:
+        return None
+    for h in Host:
+        if h.value.lower() == value.lower():
+            return h
+    raise click.BadParameter(f"unknown host {value!r}")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    error(message, code)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def when(t: float | None) -> str:
+    if not t:
+        return "—"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))
+
+
+CONFIG_ENV = "ADDIN_AGENT_CONFIG"
+
+
+def default_config_paths() -> list[Path]:
+    """Where the agent looks for its config when neither --config nor ADDIN_AGENT_CONFIG
+    names one, in order: the machine's, then the user's (``~/.config/addin-agent`` on Linux,
+    ``~/Library/Application Support/addin-agent`` on macOS, ``%APPDATA%\\addin-agent`` on
+    Windows)."""
+    return [
+        Path("/etc/addin-agent/agent.toml"),
+        Path(click.get_app_dir("addin-agent")) / "agent.toml",
+    ]
+
+
+class Ctx:
+    def __init__(self) -> None:
+        self._config: AgentConfig | None = None
+
+    @property
+    def config_path(self) -> str | None:
+        given = shared_value("config") or os.environ.get(CONFIG_ENV)
+        if given:
+            return str(given)
+        for p in default_config_paths():
+            if p.is_file():
+                return str(p)
+        return None
+
+    @property
+    def cache_override(self) -> str | None:
+        value = shared_value("cache")
+        return str(value) if value else None
+
+    def config(self) -> AgentConfig:
+        if self._config is None:
+            path = self.config_path
+            if path is None and not os.environ.get("ADDIN_AGENT_TENANT"):
+                fail(
+                    "no agent config: pass --config FILE or set ADDIN_AGENT_CONFIG; "
+                    "looked for " + " and ".join(str(p) for p in default_config_paths())
+                )
+            try:
+                self._config = load_config(path)
+            except ConfigError as e:
+                fail(str(e))
+        return self._config
+
+    def cache_path(self) -> str:
+        if self.cache_override:
+            return self.cache_override
+        return self.config().cache_path
+
+    def read(self) -> ReadModel:
+        """The cache, read-only; a missing or foreign file ends the command with one line."""
+        try:
+            return ReadModel(open_readonly(self.cache_path()))
+        except CacheError as e:
+            fail(str(e))
+
+
+def config_options(f: Any) -> Any:
+    """--config and --cache: accepted before the subcommand (``addin-agent --config X status``)
+    and after it (``addin-agent status --config X``); the one after wins."""
+    f = shared_option(
+        "--config",
+        key="config",
+        type=click.Path(),
+        help=f"Agent TOML config [env {CONFIG_ENV}; default /etc/addin-agent/agent.toml, "
+        "then the user's config folder].",
+    )(f)
+    return shared_option(
+        "--cache", key="cache", help="Cache file to read (overrides the config's cache_path)."
+    )(f)
+
+
+def pass_ctx(f: Any) -> Any:
+    return config_options(click.make_pass_decorator(Ctx, ensure=True)(f))

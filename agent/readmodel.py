@@ -1,0 +1,287 @@
+"""What the read-only commands (`status`, `list`, `why`, `events`, `query`, `doctor`, `wait`)
+see of the cache: typed records read from a read-only connection (`agent.cache.open_readonly`).
+
+The only SQL those commands run is here; records come from the rows through
+agent/cache_rows.py, the mapping the daemon writes with.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from addin_core.protocol import Host
+from agent.cache_rows import (
+    hosts_parse,
+    installed_record,
+    manifest_record,
+    pending_record,
+    received_state,
+)
+from agent.pending import InstalledAddin, ManifestRecord, PendingChange
+from agent.state import ReceivedState
+
+COUNTED = ("received", "entitlements", "manifests", "installed", "pending", "events")
+"""The tables `status` counts."""
+
+
+@dataclass(frozen=True, slots=True)
+class EntitlementRecord:
+    """An entitlement as the daemon last resolved it (without its provenance JSON)."""
+
+    addin_id: str
+    name: str
+    mode: str
+    version: str
+    sha256: str
+    hosts: tuple[Host, ...]
+    permissions: str
+    via: str
+    resolved_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int
+    at: float
+    kind: str
+    addin_id: str | None
+    host: str | None
+    revision: int | None
+    detail: str
+
+
+class QueryRefused(Exception):
+    """`query` SQL that failed or tried more than reading; the message says why."""
+
+
+class ReadModel:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        conn.row_factory = sqlite3.Row
+
+    # -- sync state ------------------------------------------------------------------------------
+    def sync(self) -> dict[str, Any]:
+        """Every sync key, its value decoded from JSON where it is JSON."""
+        out: dict[str, Any] = {}
+        for r in self.conn.execute("SELECT key, value FROM sync"):
+            try:
+                out[r["key"]] = json.loads(r["value"])
+            except (json.JSONDecodeError, TypeError):
+                out[r["key"]] = r["value"]
+        return out
+
+    def sync_text(self) -> dict[str, str]:
+        """Every sync key with its stored text, undecoded."""
+        return {r["key"]: r["value"] for r in self.conn.execute("SELECT key, value FROM sync")}
+
+    def sync_value(self, key: str) -> Any:
+        """One sync value decoded from JSON; None when absent or not JSON."""
+        row = self.conn.execute("SELECT value FROM sync WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return json.loads(row["value"])
+        except (json.JSONDecodeError, TypeError):
+            return None
+
+    def client(self) -> dict[str, Any]:
+        """Tenant, user, client id and hosts of the agent that wrote this cache ({} if none)."""
+        info = self.sync_value("client")
+        return info if isinstance(info, dict) else {}
+
+    # -- state held ------------------------------------------------------------------------------
+    def received_state(self, tenant: str) -> ReceivedState:
+        rows = self.conn.execute("SELECT topic, payload FROM received")
+        return received_state(rows, tenant, quiet=True)
+
+    def highest_revision(self) -> int:
+        row = self.conn.execute("SELECT coalesce(max(revision), 0) FROM received").fetchone()
+        return int(row[0])
+
+    def addin_id_named(self, low: str) -> str | None:
+        """An add-in id whose id or name is `low` (lower case) in what this computer has,
+        waits for or is entitled to, or whose catalog entry it received (even deleted)."""
+        for table in ("installed", "pending", "entitlements"):
+            r = self.conn.execute(
+                f"SELECT addin_id FROM {table} WHERE lower(addin_id) = ? OR lower(name) = ? "
+                "LIMIT 1",
+                (low, low),
+            ).fetchone()
+            if r:
+                return str(r["addin_id"])
+        r = self.conn.execute(
+            "SELECT addin_id FROM received WHERE kind = 'catalog' AND lower(addin_id) = ?", (low,)
+        ).fetchone()
+        return str(r["addin_id"]) if r else None
+
+    def entitlements(self) -> list[EntitlementRecord]:
+        return [
+            EntitlementRecord(
+                r["addin_id"],
+                r["name"],
+                r["mode"],
+                r["version"],
+                r["sha256"],
+                hosts_parse(r["hosts"]),
+                r["permissions"],
+                r["via"],
+                r["resolved_at"],
+            )
+            for r in self.conn.execute("SELECT * FROM entitlements")
+        ]
+
+    def choice(self, addin_id: str) -> str | None:
+        r = self.conn.execute(
+            "SELECT choice FROM choices WHERE addin_id = ?", (addin_id,)
+        ).fetchone()
+        return str(r["choice"]) if r else None
+
+    # -- manifests, installed, pending ---------------------------------------------------------------
+    def manifest(self, sha256: str) -> ManifestRecord | None:
+        r = self.conn.execute("SELECT * FROM manifests WHERE sha256 = ?", (sha256,)).fetchone()
+        return manifest_record(r) if r else None
+
+    def verified_manifest_bytes(self) -> Iterator[tuple[str, str, bytes]]:
+        """(sha256, add-in id, stored bytes) of each verified manifest whose bytes are kept."""
+        for r in self.conn.execute(
+            "SELECT sha256, addin_id, xml FROM manifests WHERE status='verified'"
+        ):
+            if r["xml"] is not None:
+                yield r["sha256"], r["addin_id"], bytes(r["xml"])
+
+    def installed(self) -> list[InstalledAddin]:
+        return [installed_record(r) for r in self.conn.execute("SELECT * FROM installed")]
+
+    def installed_in(self, host: Host, addin_id: str) -> InstalledAddin | None:
+        r = self.conn.execute(
+            "SELECT * FROM installed WHERE host = ? AND addin_id = ?", (host.value, addin_id)
+        ).fetchone()
+        return installed_record(r) if r else None
+
+    def hosts_with(self, addin_id: str) -> list[str]:
+        """The host apps `addin_id` is installed in, sorted."""
+        return [
+            r["host"]
+            for r in self.conn.execute(
+                "SELECT host FROM installed WHERE addin_id = ? ORDER BY host", (addin_id,)
+            )
+        ]
+
+    def pending(self) -> list[PendingChange]:
+        return [pending_record(r) for r in self.conn.execute("SELECT * FROM pending")]
+
+    def pending_in(self, host: Host, addin_id: str) -> PendingChange | None:
+        r = self.conn.execute(
+            "SELECT * FROM pending WHERE host = ? AND addin_id = ?", (host.value, addin_id)
+        ).fetchone()
+        return pending_record(r) if r else None
+
+    def downloads_waited_for(self) -> tuple[int, str | None]:
+        """(manifests some change waits to download, one such reason)."""
+        row = self.conn.execute(
+            "SELECT count(DISTINCT sha256), min(reason) FROM pending "
+            "WHERE state = 'waiting' AND reason LIKE 'manifest not downloaded%'"
+        ).fetchone()
+        return int(row[0]), row[1]
+
+    # -- counts for `status` -----------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        return {
+            t: int(self.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in COUNTED
+        }
+
+    def pending_per_host(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for r in self.conn.execute(
+            "SELECT host, state, count(*) n FROM pending GROUP BY host, state"
+        ):
+            out.setdefault(r["host"], {})[r["state"]] = r["n"]
+        return out
+
+    def installed_per_host(self) -> dict[str, int]:
+        return {
+            r["host"]: r["n"]
+            for r in self.conn.execute("SELECT host, count(*) n FROM installed GROUP BY host")
+        }
+
+    def manifests_refused(self) -> int:
+        q = "SELECT count(*) FROM manifests WHERE status='refused'"
+        return int(self.conn.execute(q).fetchone()[0])
+
+    # -- events ------------------------------------------------------------------------------------
+    def events(self, since: float, limit: int) -> list[EventRecord]:
+        """The most recent `limit` events at or after `since`, oldest first."""
+        return [
+            EventRecord(**dict(r))
+            for r in self.conn.execute(
+                "SELECT * FROM (SELECT * FROM events WHERE at >= ? ORDER BY id DESC LIMIT ?) "
+                "ORDER BY id",
+                (since, limit),
+            )
+        ]
+
+    def event_counts(self, kinds: tuple[str, ...], since: float) -> dict[str, tuple[int, float]]:
+        """{kind: (how many, time of the last)} for events of `kinds` at or after `since`."""
+        marks = ",".join("?" * len(kinds))
+        return {
+            r["kind"]: (int(r["n"]), float(r["last"]))
+            for r in self.conn.execute(
+                f"SELECT kind, count(*) n, max(at) last FROM events WHERE at >= ? "
+                f"AND kind IN ({marks}) GROUP BY kind",
+                (since, *kinds),
+            )
+        }
+
+    # -- the file itself ---------------------------------------------------------------------------
+    def integrity_problems(self) -> list[str]:
+        """``PRAGMA integrity_check``'s lines (``["ok"]`` for a sound file)."""
+        return [str(r[0]) for r in self.conn.execute("PRAGMA integrity_check")]
+
+    def query(self, sql: str) -> tuple[list[str], list[list[Any]]]:
+        """(column names, rows) of a helpdesk's own SQL, allowed to read only."""
+        # mode=ro stops writes to the cache, not ATTACH / VACUUM INTO / temp tables, which
+        # write other files: allow reading only.
+        self.conn.set_authorizer(_read_only)
+        try:
+            cur = self.conn.execute(sql)
+            cols = [d[0] for d in cur.description or []]
+            return cols, [list(r) for r in cur.fetchall()]
+        except sqlite3.DatabaseError as e:
+            if str(e) in ("not authorized", "authorization denied"):
+                raise QueryRefused(
+                    f"query failed: {e}: the cache is opened readonly, and query runs only "
+                    "SELECT and read-only PRAGMA statements"
+                ) from None
+            raise QueryRefused(f"query failed: {e}") from None
+        except sqlite3.Error as e:
+            raise QueryRefused(f"query failed: {e}") from None
+        finally:
+            self.conn.set_authorizer(None)
+
+
+_READ_ACTIONS = frozenset(
+    {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+)
+_READ_PRAGMAS = frozenset(
+    {
+        "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+        "foreign_key_list", "integrity_check", "quick_check", "journal_mode", "user_version",
+        "schema_version", "page_count", "page_size", "freelist_count", "database_list",
+        "compile_options", "data_version", "encoding", "application_id",
+    }
+)  # fmt: skip
+_SETTER_PRAGMAS = frozenset({"journal_mode", "user_version", "schema_version", "application_id"})
+
+
+def _read_only(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
+    """SQLite authorizer for `query`: SELECTs and read-only PRAGMAs, nothing else."""
+    if action in _READ_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_PRAGMAS:
+        if arg2 is None or (arg1 or "").lower() not in _SETTER_PRAGMAS:
+            return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
