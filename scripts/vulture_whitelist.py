@@ -32,7 +32,10 @@ _.obj  # click context object
 
 # -- To be removed by the structure work (dead code in agent/, server_stub/, addin_core/ that
 # -- other branches delete; drop these lines when they are gone) -------------------------------
-_.rows_to_dicts  # agent/cache.py
 _.record_report  # server_stub/operations.py
 _.asset_ids  # server_stub/store.py
 _.is_escalation  # addin_core/permissions.py: only the tests call it
+
+# Read through tests or by readers of the cache, not by the program itself.
+_.has_direct_delivery  # addin_runtime/mqtt.py: the adapter's probe, pinned by its tests
+_.resolved_at  # agent/readmodel.py: a column of the entitlements record
