@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from addin_runtime.reconnect import (
     taken_over_text,
 )
 from addin_runtime.tasks import cancel_and_wait, wait_event
-from server_stub.db import Database
+from server_stub.db import TRANSIENT_ERRORS, Database
 from server_stub.reports import ReportIntake, ReportSink
 
 log = logging.getLogger("addin_server.publisher")
@@ -52,6 +51,8 @@ BACKOFF = (0.2, 5.0)
 """Reconnect delay: from ~0.2 s, doubling (jittered) up to 5 s."""
 STABLE_AFTER = 30.0
 """Seconds a broker session must last before the backoff starts again from the bottom."""
+_RETRIED: tuple[type[Exception], ...] = (aiomqtt.MqttError, *TRANSIENT_ERRORS)
+"""A lost broker, or a locked or full database: reconnect after a delay."""
 TASK_STOP_TIMEOUT = 10.0
 """Seconds to wait for a session's receive and drain tasks to end before reconnecting."""
 
@@ -153,7 +154,7 @@ class Publisher:
                     async with client:
                         backoff.connected()
                         await self._session(database, client)
-                except (aiomqtt.MqttError, sqlite3.OperationalError) as e:
+                except _RETRIED as e:
                     # A locked or full database must not end publication for good: rows
                     # not marked done are published again (at least once) after the retry.
                     self.connected.clear()
