@@ -1,4 +1,4 @@
-"""The server's side of anti-entropy (DESIGN §3.1): one user's digest and retained state.
+"""The server's side of anti-entropy: one user's digest and retained state.
 
 An agent periodically asks ``GET /v1/agents/{user}/digest`` and compares the answer with
 the digest of what it resolved itself; on a mismatch it asks ``GET /v1/agents/{user}/state``

@@ -78,7 +78,8 @@ class Service:
         self._org = OrgLoader(self._uow, self._catalog, admin_user)
         self._reads = Reads(database)
         self._troubleshooting = Troubleshooting(database, self._reads)
-        # The directory's, catalog's and assignments' operations, under their own names.
+        # Each operation and read under the name the API and the CLI call, bound to the
+        # object of the module that owns it (directory, catalog, assignments, org_load...).
         d, c, a = self._directory, self._catalog, self._assignments
         self.create_user, self.delete_user = d.create_user, d.delete_user
         self.create_group, self.delete_group = d.create_group, d.delete_group
