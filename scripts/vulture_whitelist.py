@@ -32,8 +32,6 @@ _.obj  # click context object
 
 # -- To be removed by the structure work (dead code in agent/, server_stub/, addin_core/ that
 # -- other branches delete; drop these lines when they are gone) -------------------------------
-_.record_report  # server_stub/operations.py
-_.asset_ids  # server_stub/store.py
 _.is_escalation  # addin_core/permissions.py: only the tests call it
 
 # Read through tests or by readers of the cache, not by the program itself.

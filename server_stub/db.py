@@ -8,18 +8,32 @@ still to publish, the latest retained payload per topic, and the agents' reports
 WAL mode lets the HTTP server, the publisher and CLI commands run by other processes read
 while one of them writes; writers take the lock up front (``BEGIN IMMEDIATE``) so two
 writers never deadlock on a lock upgrade.
+
+`Database` is the one owner of a connection: the API, the CLI, anti-entropy and the
+publisher call its methods (or the service's), never the connection. The SQL of the
+domain operations lives in `server_stub/service/`; this module and that package are the
+whole of the server's SQL, so another database backend replaces them and nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
 from addin_runtime.sqlite_tx import transaction
 
 SCHEMA_VERSION = 1
+
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+"""The backend's errors that mean "not now": locked by another writer past the busy
+timeout, disk full, I/O error. The transaction was rolled back; a retry may work."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -189,3 +203,133 @@ async def bind_tenant(conn: aiosqlite.Connection, tenant: str) -> None:
 async def stored_tenant(conn: aiosqlite.Connection) -> str | None:
     row = await (await conn.execute("SELECT value FROM meta WHERE key='tenant'")).fetchone()
     return None if row is None else str(row[0])
+
+
+async def read_revision(conn: aiosqlite.Connection) -> int:
+    """The tenant revision: the number of the last committed change."""
+    row = await (await conn.execute("SELECT value FROM meta WHERE key='revision'")).fetchone()
+    return int(row[0]) if row else 0
+
+
+Row = aiosqlite.Row
+
+
+class Database:
+    """One connection to the server's database, and the lock that orders its transactions.
+
+    One aiosqlite connection runs one transaction at a time; concurrent API requests
+    queue on the lock instead of failing with "cannot start a transaction within a
+    transaction"."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+        """For the service layer and tests of this backend only."""
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Database:
+        return cls(await connect(path))
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def bind_tenant(self, tenant: str) -> None:
+        await bind_tenant(self.conn, tenant)
+
+    async def stored_tenant(self) -> str | None:
+        return await stored_tenant(self.conn)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``): committed on exit, rolled back on error."""
+        async with self._lock, transaction(self.conn) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A read transaction: every SELECT inside sees one commit. Under the lock because
+        the connection is shared with the writes, and a BEGIN must not interleave with theirs."""
+        async with self._lock, transaction(self.conn, immediate=False) as conn:
+            yield conn
+
+    async def rows(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
+        return list(await (await self.conn.execute(sql, tuple(args))).fetchall())
+
+    async def revision(self) -> int:
+        return await read_revision(self.conn)
+
+    async def manifest(self, sha256: str) -> bytes | None:
+        """Manifest bytes by content hash."""
+        rows = await self.rows("SELECT content FROM manifests WHERE sha256=?", (sha256,))
+        return bytes(rows[0][0]) if rows else None
+
+    async def user_ids(self) -> list[str]:
+        return [str(r[0]) for r in await self.rows("SELECT id FROM users ORDER BY id")]
+
+    # -- outbox: written by the service's units of work, drained by the publisher ----------
+
+    async def outbox_waiting(self, revision: int | None = None) -> int:
+        """Messages committed and not yet acknowledged by the broker (of one revision)."""
+        sql = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        rows = await self.rows(sql + (" AND revision=?" if revision is not None else ""),
+                               () if revision is None else (revision,))  # fmt: skip
+        return int(rows[0][0])
+
+    async def outbox_backlog(self) -> dict[str, Any]:
+        """What waits to be published: how many messages, since when."""
+        rows = await self.rows(
+            "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL"
+        )
+        n, oldest = rows[0]
+        return {"waiting": int(n), "oldest_created_at": oldest}
+
+    async def outbox_batch(self, limit: int) -> list[tuple[int, str, bytes]]:
+        """The oldest `limit` messages not yet published, in commit order."""
+        rows = await self.rows(
+            "SELECT id, topic, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?",
+            (limit,),
+        )
+        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+
+    async def mark_published(self, first_id: int, last_id: int, at: float) -> None:
+        await self.conn.execute(
+            "UPDATE outbox SET published_at=? WHERE id<=? AND id>=? AND published_at IS NULL",
+            (at, last_id, first_id),
+        )
+
+    async def retained_state(self) -> tuple[int, bool, list[tuple[str, bytes]]]:
+        """(last outbox id, whether any message waits, every retained topic and payload),
+        read in one transaction: the outbox rows up to that id are exactly the ones the
+        retained payloads cover."""
+        async with self.snapshot():
+            max_id = await self.rows("SELECT max(id) FROM outbox")
+            pending = await self.rows("SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT 1")
+            retained = await self.rows("SELECT topic, payload FROM retained")
+        last = int(max_id[0][0] or 0) if max_id else 0
+        return last, bool(pending), [(str(r[0]), bytes(r[1])) for r in retained]
+
+    async def mark_published_up_to(self, last_id: int, at: float) -> None:
+        await self.conn.execute(
+            "UPDATE outbox SET published_at=? WHERE id<=? AND published_at IS NULL",
+            (at, last_id),
+        )
+
+    async def forget_published(self, before: float) -> None:
+        """Drop outbox rows published before `before` (they are history)."""
+        await self.conn.execute("DELETE FROM outbox WHERE published_at < ?", (before,))
+
+    # -- agents' reports -------------------------------------------------------------------
+
+    async def record_reports(self, rows: list[tuple[Any, ...]]) -> None:
+        """(client_id, user_id, revision, reported_at, received_at, applied JSON, errors
+        JSON) rows, in one transaction. An older report never replaces a newer one."""
+        async with self.write() as conn:
+            await conn.executemany(
+                "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
+                "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
+                "user_id=excluded.user_id, revision=excluded.revision, "
+                "reported_at=excluded.reported_at, received_at=excluded.received_at, "
+                "applied=excluded.applied, errors=excluded.errors "
+                "WHERE excluded.reported_at >= reports.reported_at",
+                rows,
+            )

@@ -1,9 +1,14 @@
-"""Who is entitled to an add-in, and why: the server's view, for `explain` and `status`.
+"""Who is entitled to an add-in, and why: the server's view, for `explain`, `status` and
+the anti-entropy digest.
 
-Pure functions over plain data (no database, no clock), so the rules are easy to test
-and match DESIGN §2: an assignment reaches a user directly, through Everyone, or through
-a group the user is in; through a nested group only when the tenant policy honours
-nesting. Nesting cycles are walked at most once per group, so they never hang.
+Pure functions over plain data (no database, no clock): an assignment reaches a user
+directly, through Everyone, or through a group the user is in; through a nested group only
+when the tenant policy honours nesting. Nesting cycles are walked at most once per group,
+so they never hang.
+
+This evaluator is deliberately independent of the agent's resolver (`agent/resolver.py`):
+the anti-entropy digest compares the two, so they share no code and no names (an
+`AssignmentPath` here, a grant there). Keep them apart.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ class AssignmentRow:
 
 
 @dataclass(frozen=True)
-class Grant:
-    """One assignment that reaches (or would reach) a user."""
+class AssignmentPath:
+    """One assignment that reaches (or would reach) a user, and the group path it takes."""
 
     assignment: AssignmentRow
     group_path: tuple[str, ...] = ()
@@ -73,29 +78,29 @@ def group_paths(
     return paths
 
 
-def grants_for_user(
+def paths_for_user(
     user_id: str,
     direct_groups: Iterable[str],
     parents: Mapping[str, Sequence[str]],
     assignments: Iterable[AssignmentRow],
     nested_groups: bool,
-) -> list[Grant]:
+) -> list[AssignmentPath]:
     """Every assignment of one add-in that reaches `user_id`, strongest first."""
     paths = group_paths(direct_groups, parents)
-    grants: list[Grant] = []
+    found: list[AssignmentPath] = []
     for a in assignments:
         if a.target == "everyone" or (a.target == "user" and a.target_id == user_id):
-            grants.append(Grant(a))
+            found.append(AssignmentPath(a))
         elif a.target == "group" and a.target_id in paths:
             path = paths[a.target_id]
-            grants.append(Grant(a, path, counts=nested_groups or len(path) == 1))
-    grants.sort(key=lambda g: (not g.counts, -g.assignment.mode.strength))
-    return grants
+            found.append(AssignmentPath(a, path, counts=nested_groups or len(path) == 1))
+    found.sort(key=lambda g: (not g.counts, -g.assignment.mode.strength))
+    return found
 
 
-def effective_mode(grants: Iterable[Grant]) -> Mode | None:
-    """The strongest mode among the grants that count, or None when none does."""
-    modes = [g.assignment.mode for g in grants if g.counts]
+def effective_mode(paths: Iterable[AssignmentPath]) -> Mode | None:
+    """The strongest mode among the assignment paths that count, or None when none does."""
+    modes = [g.assignment.mode for g in paths if g.counts]
     return max(modes, key=lambda m: m.strength) if modes else None
 
 

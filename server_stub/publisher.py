@@ -6,7 +6,9 @@ had) our state, so everything in the `retained` table is published again before 
 outbox is drained. Rows written by other processes (CLI commands on the same database)
 are found by polling; in-process writes call `wake()`.
 
-It also subscribes to the agents' ``report/+`` topics and hands each valid report to a sink.
+The same MQTT session subscribes to the agents' ``report/+`` topics and hands each valid
+report to the report intake (`server_stub/reports.py`), which stores them; the outbox and
+retained reads and writes are `server_stub.db.Database` methods.
 
 Test hook: with ``ADDIN_SERVER_CRASH_AFTER_COMMIT=1`` in the environment the process exits
 with status 70 (``os._exit``, no cleanup) the moment it has committed rows to publish and
@@ -18,14 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
-import aiosqlite
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -38,9 +37,9 @@ from addin_runtime.reconnect import (
     flapping_text,
     taken_over_text,
 )
-from addin_runtime.sqlite_tx import transaction
 from addin_runtime.tasks import cancel_and_wait, wait_event
-from server_stub import db
+from server_stub.db import TRANSIENT_ERRORS, Database
+from server_stub.reports import ReportIntake, ReportSink
 
 log = logging.getLogger("addin_server.publisher")
 
@@ -48,17 +47,14 @@ CRASH_ENV = "ADDIN_SERVER_CRASH_AFTER_COMMIT"
 SESSION_EXPIRY_S = 7 * 24 * 3600
 BATCH = 500
 
-ReportSink = Callable[[list[AgentReport]], Awaitable[None]]
-
 BACKOFF = (0.2, 5.0)
 """Reconnect delay: from ~0.2 s, doubling (jittered) up to 5 s."""
 STABLE_AFTER = 30.0
 """Seconds a broker session must last before the backoff starts again from the bottom."""
+_RETRIED: tuple[type[Exception], ...] = (aiomqtt.MqttError, *TRANSIENT_ERRORS)
+"""A lost broker, or a locked or full database: reconnect after a delay."""
 TASK_STOP_TIMEOUT = 10.0
 """Seconds to wait for a session's receive and drain tasks to end before reconnecting."""
-
-REPORT_BATCH = 1000
-"""Reports written in one transaction at most."""
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
@@ -77,6 +73,9 @@ def parse_broker_url(url: str) -> tuple[str, int]:
 
 
 class Publisher:
+    """Publishes the outbox to the broker, in commit order, until cancelled; and receives
+    the agents' reports on the same session for the report intake."""
+
     def __init__(
         self,
         db_path: str | Path,
@@ -139,7 +138,7 @@ class Publisher:
 
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; runs until cancelled."""
-        conn = await db.connect(self.db_path)
+        database = await Database.open(self.db_path)
         # Only a session that lasted counts as recovery: a broker that accepts us and then
         # drops us (another publisher with our client id) must not be retried 5 times a second.
         backoff = Backoff(*BACKOFF, stable_after=STABLE_AFTER)
@@ -152,8 +151,8 @@ class Publisher:
                     client = self._client()
                     async with client:
                         backoff.connected()
-                        await self._session(conn, client)
-                except (aiomqtt.MqttError, sqlite3.OperationalError) as e:
+                        await self._session(database, client)
+                except _RETRIED as e:
                     # A locked or full database must not end publication for good: rows
                     # not marked done are published again (at least once) after the retry.
                     self.connected.clear()
@@ -179,18 +178,18 @@ class Publisher:
                         )
                     await asyncio.sleep(delay)
         finally:
-            await conn.close()
+            await database.close()
 
-    async def _session(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> None:
+    async def _session(self, database: Database, client: aiomqtt.Client) -> None:
         self.connections += 1
         await client.subscribe(Filters.reports(self.tenant), qos=1)
         if not self._session_present:
-            await self.republish_all(conn, client)
+            await self.republish_all(database, client)
         self.connected.set()
         # Not a TaskGroup: its ExceptionGroup would hide the MqttError `run` reconnects on.
         tasks = [
             asyncio.create_task(self._receive(client), name="receive"),
-            asyncio.create_task(self._drain_forever(conn, client), name="drain"),
+            asyncio.create_task(self._drain_forever(database, client), name="drain"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -201,26 +200,14 @@ class Publisher:
             for t in tasks:
                 await cancel_and_wait(t, TASK_STOP_TIMEOUT, f"publisher task {t.get_name()}")
 
-    async def republish_all(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> int:
+    async def republish_all(self, database: Database, client: aiomqtt.Client) -> int:
         """Publish every current retained payload; the outbox rows it covers are done."""
-        # One read transaction: the rows marked done below are exactly the ones covered.
-        async with transaction(conn, immediate=False):
-            row = await (await conn.execute("SELECT max(id) FROM outbox")).fetchone()
-            max_id = int(row[0] or 0) if row else 0
-            pending = await (
-                await conn.execute("SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT 1")
-            ).fetchone()
-            retained = list(
-                await (await conn.execute("SELECT topic, payload FROM retained")).fetchall()
-            )
+        last_id, pending, retained = await database.retained_state()
         if pending:
             self._crash_hook()
         log.info("broker has no session for us: republishing %d retained topics", len(retained))
-        await self._publish_many(client, [(r[0], bytes(r[1])) for r in retained])
-        await conn.execute(
-            "UPDATE outbox SET published_at=? WHERE id<=? AND published_at IS NULL",
-            (time.time(), max_id),
-        )
+        await self._publish_many(client, retained)
+        await database.mark_published_up_to(last_id, time.time())
         self.republished_all += 1
         return len(retained)
 
@@ -234,44 +221,31 @@ class Publisher:
             )
             self.published += len(chunk)
 
-    async def drain_once(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> int:
-        rows = list(
-            await (
-                await conn.execute(
-                    "SELECT id, topic, payload FROM outbox WHERE published_at IS NULL "
-                    "ORDER BY id LIMIT ?",
-                    (BATCH * 4,),
-                )
-            ).fetchall()
-        )
+    async def drain_once(self, database: Database, client: aiomqtt.Client) -> int:
+        rows = await database.outbox_batch(BATCH * 4)
         if not rows:
             return 0
         self._crash_hook()
-        await self._publish_many(client, [(r[1], bytes(r[2])) for r in rows])
+        await self._publish_many(client, [(topic, payload) for _, topic, payload in rows])
         # Every publish above got its PUBACK (publish() with qos=1 waits for it).
-        await conn.execute(
-            "UPDATE outbox SET published_at=? WHERE id<=? AND id>=? AND published_at IS NULL",
-            (time.time(), rows[-1][0], rows[0][0]),
-        )
+        await database.mark_published(rows[0][0], rows[-1][0], time.time())
         return len(rows)
 
-    async def _drain_forever(self, conn: aiosqlite.Connection, client: aiomqtt.Client) -> None:
+    async def _drain_forever(self, database: Database, client: aiomqtt.Client) -> None:
         cycles = 0
         while True:
-            while await self.drain_once(conn, client):
+            while await self.drain_once(database, client):
                 pass
             cycles += 1
             if cycles % 2000 == 0:
                 # Published rows are history; keep a day of it for debugging.
-                await conn.execute(
-                    "DELETE FROM outbox WHERE published_at < ?", (time.time() - 86400,)
-                )
+                await database.forget_published(time.time() - 86400)
             self._wake.clear()
             await wait_event(self._wake, self.poll_interval)
 
     async def _receive(self, client: aiomqtt.Client) -> None:
-        reports: asyncio.Queue[AgentReport] = asyncio.Queue()
-        store = asyncio.create_task(self._store_reports(reports))
+        intake = ReportIntake(self.report_sink) if self.report_sink is not None else None
+        store = asyncio.create_task(intake.run()) if intake is not None else None
         try:
             async for message in client.messages:
                 try:
@@ -279,19 +253,8 @@ class Publisher:
                 except ProtocolError as e:
                     log.warning("ignoring invalid message: %s", e)
                     continue
-                if isinstance(payload, AgentReport) and self.report_sink is not None:
-                    reports.put_nowait(payload)
+                if isinstance(payload, AgentReport) and intake is not None:
+                    intake.offer(payload)
         finally:
-            store.cancel()
-
-    async def _store_reports(self, reports: asyncio.Queue[AgentReport]) -> None:
-        # Whatever arrived while the previous batch was being written goes in one transaction.
-        assert self.report_sink is not None
-        while True:
-            batch = [await reports.get()]
-            while not reports.empty() and len(batch) < REPORT_BATCH:
-                batch.append(reports.get_nowait())
-            try:
-                await self.report_sink(batch)
-            except Exception:
-                log.exception("could not store %d report(s)", len(batch))
+            if store is not None:
+                store.cancel()

@@ -70,6 +70,3 @@ class StoreCatalog:
             raise StoreError(f"store asset {asset_id} is not in the store catalog ({self.root})")
         meta = json.loads(meta_path.read_text())
         return StoreAddin(asset_id, str(meta["name"]), str(meta["published"]), folder)
-
-    def asset_ids(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / "store.json").is_file())

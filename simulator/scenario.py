@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from addin_core.protocol import Host
+from addin_core.validation import validation_problems
 
 ADMIN_OPS = {
     "upload",
@@ -164,8 +165,4 @@ def parse_scenario(text: str, origin: str = "scenario") -> Scenario:
     try:
         return Scenario.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'scenario'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise ScenarioError(f"{origin}: {problems}") from None
+        raise ScenarioError(f"{origin}: {validation_problems(e.errors(), 'scenario')}") from None

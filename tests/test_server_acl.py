@@ -18,8 +18,8 @@ from server_helpers import TASKPANE_ID, TASKPANE_V1, Collector, eventually
 from addin_core.protocol import Filters, Topic
 from server_stub import db
 from server_stub.broker_config import hash_password
-from server_stub.operations import Service
 from server_stub.publisher import Publisher
+from server_stub.service import Service
 from simulator.mosquitto import MosquittoBroker
 
 T = "addins/v1/contoso"
@@ -52,9 +52,9 @@ async def test_agent_accounts_read_only_their_topics_and_cannot_write_state(
     tmp_path: Path, broker_factory: Callable[..., MosquittoBroker]
 ) -> None:
     dbfile = tmp_path / "server.db"
-    conn = await db.connect(dbfile)
-    await db.bind_tenant(conn, "contoso")
-    service = Service(conn, "contoso")
+    database = await db.Database.open(dbfile)
+    await database.bind_tenant("contoso")
+    service = Service(database, "contoso")
     for u in ("ann", "bob"):
         await service.create_user(u)
     await service.create_group("sales")
@@ -63,7 +63,7 @@ async def test_agent_accounts_read_only_their_topics_and_cannot_write_state(
     await service.assign(TASKPANE_ID, "user", "ann", "fixed")
     await service.assign(TASKPANE_ID, "user", "bob", "optional")
     await service.assign(TASKPANE_ID, "group", "sales", "available")
-    await conn.close()
+    await database.close()
 
     cfg = tmp_path / "brokercfg"
     out = await asyncio.to_thread(

@@ -21,18 +21,18 @@ from server_helpers import (
 
 from addin_core.protocol import Topic, decode
 from server_stub import db
-from server_stub.operations import Conflict, NotFound, Service
 from server_stub.publisher import Publisher
+from server_stub.service import Conflict, NotFound, Service
 from simulator.mosquitto import MosquittoBroker
 
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    conn = await db.connect(tmp_path / "server.db")
-    await db.bind_tenant(conn, "contoso")
-    s = Service(conn, "contoso")
+    database = await db.Database.open(tmp_path / "server.db")
+    await database.bind_tenant("contoso")
+    s = Service(database, "contoso")
     yield s
-    await conn.close()
+    await database.close()
 
 
 async def _start_publisher(
@@ -332,16 +332,12 @@ async def test_a_burst_of_reports_is_stored_in_batches_newest_wins(
         await c.publish(str(Topic.report("contoso", "ws7")), report("ws7", 15.0, 3), qos=1)
     rows: list[Any] = []
     for _ in range(200):
-        rows = list(
-            await (await service.conn.execute("SELECT client_id, revision FROM reports")).fetchall()
-        )
+        rows = list(await service.database.rows("SELECT client_id, revision FROM reports"))
         if len(rows) == 400:
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.2)  # let the late, older ws7 report be written (or refused)
-    rows = list(
-        await (await service.conn.execute("SELECT client_id, revision FROM reports")).fetchall()
-    )
+    rows = list(await service.database.rows("SELECT client_id, revision FROM reports"))
     by_client = {r[0]: r[1] for r in rows}
     assert len(by_client) == 400
     assert by_client["ws7"] == 5 and by_client["ws0"] == 1

@@ -23,7 +23,7 @@ from addin_runtime.sqlite_tx import transaction
 from addin_runtime.tasks import to_completion
 from agent.cache import Cache, Tx
 from server_stub import db
-from server_stub.operations import Service
+from server_stub.service import Service
 
 
 class CancelAtStatement:
@@ -79,9 +79,9 @@ def _report(i: int) -> AgentReport:
 
 
 async def _service(tmp_path: Path) -> Service:
-    conn = await db.connect(tmp_path / "server.sqlite")
-    await db.bind_tenant(conn, "contoso")
-    return Service(conn, "contoso")
+    database = await db.Database.open(tmp_path / "server.sqlite")
+    await database.bind_tenant("contoso")
+    return Service(database, "contoso")
 
 
 async def test_cancelled_report_storage_leaves_the_service_writable(tmp_path: Path) -> None:
@@ -89,15 +89,15 @@ async def test_cancelled_report_storage_leaves_the_service_writable(tmp_path: Pa
     users = (f"u{i}" for i in itertools.count())
     try:
         statements = await _cancel_everywhere(
-            service.conn,
+            service.database.conn,
             lambda: service.record_reports([_report(1), _report(2)]),
             lambda: service.create_user(next(users)),
         )
         assert statements >= 2  # BEGIN, the insert and COMMIT at least
-        rows = await service._rows("SELECT count(*) FROM reports")
+        rows = await service.database.rows("SELECT count(*) FROM reports")
         assert rows[0][0] == 2
     finally:
-        await service.conn.close()
+        await service.database.conn.close()
 
 
 async def test_cancelled_admin_write_leaves_the_service_writable(tmp_path: Path) -> None:
@@ -106,17 +106,17 @@ async def test_cancelled_admin_write_leaves_the_service_writable(tmp_path: Path)
     groups = (f"g{i}" for i in itertools.count())
     try:
         statements = await _cancel_everywhere(
-            service.conn,
+            service.database.conn,
             lambda: service.create_group(next(groups)),
             lambda: service.record_reports([next(reports)]),
         )
         assert statements >= 5
         # A cancelled write either committed whole (revision, audit, outbox) or not at all.
         revision = await service.revision()
-        audit = await service._rows("SELECT count(*) FROM audit")
+        audit = await service.database.rows("SELECT count(*) FROM audit")
         assert audit[0][0] == revision
     finally:
-        await service.conn.close()
+        await service.database.conn.close()
 
 
 async def test_cancelled_cache_commit_leaves_the_cache_writable(tmp_path: Path) -> None:

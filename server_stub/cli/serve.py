@@ -1,0 +1,141 @@
+"""`addin-server serve`: the HTTP API and the publisher, one per database."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from addin_runtime.cli_support import error
+from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
+from server_stub import db
+from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
+
+
+@dataclass(frozen=True)
+class _Settings:
+    tenant: str
+    broker: str
+    broker_username: str | None
+    broker_password: str | None
+    host: str
+    port: int
+    admin_token: str
+    agent_token: str
+    admin_user: str | None
+    store_catalog: Path
+    max_addins: int
+
+
+@click.command()
+@db_option
+@click.option("--tenant", envvar="ADDIN_SERVER_TENANT", required=True, help="Tenant id.")
+@click.option("--broker", envvar="ADDIN_SERVER_BROKER", required=True, help="mqtt://HOST:PORT")
+@click.option("--broker-username", envvar="ADDIN_SERVER_BROKER_USERNAME", default=None)
+@click.option("--broker-password", envvar="ADDIN_SERVER_BROKER_PASSWORD", default=None)
+@click.option("--listen", envvar="ADDIN_SERVER_LISTEN", default="127.0.0.1:8080", show_default=True)
+@click.option("--admin-token", envvar="ADDIN_SERVER_ADMIN_TOKEN", required=True)
+@click.option("--agent-token", envvar="ADDIN_SERVER_AGENT_TOKEN", required=True)
+@click.option(
+    "--admin-user",
+    envvar="ADDIN_SERVER_ADMIN_USER",
+    default=None,
+    help="The admin's own user id, for assignments to 'me'.",
+)
+@store_option
+@max_addins_option
+def serve(
+    tenant: str,
+    broker: str,
+    broker_username: str | None,
+    broker_password: str | None,
+    listen: str,
+    admin_token: str,
+    agent_token: str,
+    admin_user: str | None,
+    store_catalog: Path,
+    max_addins: int,
+) -> None:
+    """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT)."""
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
+    from server_stub.publisher import parse_broker_url
+
+    try:
+        parse_broker_url(broker)
+    except ValueError as e:
+        # Refused here, before any database is made, not retried for ever by the publisher.
+        error(f"--broker {e}", 2)
+    settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
+                         admin_token, agent_token, admin_user, store_catalog, max_addins)  # fmt: skip
+    _serve_alone(db_path(writes=True), settings)
+
+
+def _serve_alone(path: Path, settings: _Settings) -> None:
+    """Serve while holding the database's instance lock."""
+    # One publisher per database: a second one would publish under the same MQTT client id
+    # and the two would knock each other off the broker for as long as both run.
+    lock = InstanceLock(path)
+    try:
+        lock.acquire()
+    except AlreadyLocked as e:
+        error(
+            f"another addin-server serve ({e.holder.describe()}) is running on {path}: "
+            "one server per database; stop it first"
+        )
+    except OSError as e:
+        error(f"cannot lock {lock.path}: {e.strerror or e}")
+    try:
+        _serve(path, settings)
+    except db.DatabaseError as e:
+        error(str(e))
+    finally:
+        lock.release()
+
+
+def _serve(path: Path, s: _Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # uvloop when installed (the `fast` extra): the manifest endpoint serves a whole fleet.
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_run_server(path, s))
+    else:
+        uvloop.run(_run_server(path, s))
+
+
+async def _run_server(path: Path, s: _Settings) -> None:
+    import uvicorn
+
+    from addin_runtime.tasks import cancel_and_wait
+    from server_stub.api import create_app
+    from server_stub.publisher import Publisher
+
+    service = await open_service(path, s.tenant, s.store_catalog, s.max_addins, s.admin_user)
+    service.actor = "api"
+    publisher = Publisher(
+        path,
+        s.tenant,
+        s.broker,
+        username=s.broker_username,
+        password=s.broker_password,
+        report_sink=service.record_reports,
+    )
+    service.on_commit = publisher.wake
+    app = create_app(service, admin_token=s.admin_token, agent_token=s.agent_token)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=s.host, port=s.port, log_level="warning", lifespan="off")
+    )
+    pub = asyncio.create_task(publisher.run())
+    click.echo(
+        f"addin-server: tenant {s.tenant}, http://{s.host}:{s.port}, broker {s.broker}", err=True
+    )
+    try:
+        await server.serve()
+    finally:
+        await cancel_and_wait(pub, 10, "the publisher")
+        await service.close()

@@ -1,0 +1,68 @@
+"""`addin-server explain`, `status` and `broker-config`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from addin_runtime.instance_lock import held_by
+from server_stub.broker_config import write_broker_config
+from server_stub.cli.runner import common, db_path, run
+from server_stub.explain import render_explain, render_status
+from server_stub.service import Service
+
+
+@click.command()
+@click.option("--user", "user_id", required=True)
+@click.option("--addin", "addin_id", required=True, help="Add-in id or display name.")
+@common
+def explain(user_id: str, addin_id: str, **kw: Any) -> None:
+    """Is USER entitled to ADDIN, through which assignment and group path, and what did
+    the user's agents report?"""
+    run(kw, lambda s: s.explain(user_id, addin_id), render_explain, writes=False)
+
+
+@click.command()
+@click.argument("addin", required=False)
+@common
+def status(addin: str | None, **kw: Any) -> None:
+    """Per add-in (ADDIN: id or name): entitled users and how many agents reported the
+    current version applied; whether a publisher runs, and the outbox backlog."""
+    path = db_path(writes=False)
+
+    async def op(s: Service) -> dict[str, Any]:
+        result = await s.status(addin)
+        holder = held_by(path)
+        result["publisher"] = {"running": holder is not None, "pid": holder and holder.pid}
+        return result
+
+    run(kw, op, render_status, writes=False)
+
+
+@click.command("broker-config")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@common
+def broker_config(directory: Path, **kw: Any) -> None:
+    """Write Mosquitto `passwd` and `acl` files and `credentials.json` (0600) into DIRECTORY."""
+
+    async def op(s: Service) -> dict[str, Any]:
+        users = await s.user_ids()
+        creds = write_broker_config(directory, s.tenant, users)
+        return {
+            "directory": str(directory),
+            "server_username": creds["server"]["username"],  # type: ignore[index]
+            "agents": len(users),
+            "files": ["passwd", "acl", "credentials.json"],
+        }
+
+    run(kw, op, _wrote, writes=False)
+
+
+def _wrote(r: dict[str, Any]) -> str:
+    return (
+        f"wrote {r['directory']}/passwd ({r['agents']} agent accounts + server account "
+        f"{r['server_username']}), {r['directory']}/acl, "
+        f"{r['directory']}/credentials.json (mode 0600)"
+    )

@@ -1,0 +1,62 @@
+"""Payload builders: the full-state MQTT message of a user, group, add-in or assignment,
+read from the state inside the unit of work that changed it."""
+
+from __future__ import annotations
+
+import json
+
+from addin_core.protocol import CatalogEntry, GroupParents, Host, Membership, Source, Topic
+from server_stub.service.unit_of_work import Tx
+
+
+async def emit_membership(tx: Tx, user_id: str) -> None:
+    rows = await tx.rows(
+        "SELECT group_id FROM memberships WHERE user_id=? ORDER BY group_id", (user_id,)
+    )
+    tx.emit(
+        Topic.member(tx.tenant, user_id),
+        Membership(groups=[r[0] for r in rows], revision=tx.revision, committed_at=tx.now),
+    )
+
+
+async def emit_parents(tx: Tx, group_id: str) -> None:
+    rows = await tx.rows("SELECT parent FROM nesting WHERE child=? ORDER BY parent", (group_id,))
+    tx.emit(
+        Topic.group_parents(tx.tenant, group_id),
+        GroupParents(parents=[r[0] for r in rows], revision=tx.revision, committed_at=tx.now),
+    )
+
+
+async def emit_catalog(tx: Tx, addin_id: str) -> None:
+    r = await tx.row(
+        "SELECT a.id, a.source, a.store_asset_id, a.enabled, v.version, v.sha256, "
+        "v.display_name, v.hosts, v.permissions FROM addins a JOIN addin_versions v "
+        "ON v.addin_id=a.id AND v.version=a.current_version WHERE a.id=?",
+        (addin_id,),
+    )
+    assert r is not None
+    tx.emit(
+        Topic.catalog(tx.tenant, addin_id),
+        CatalogEntry(
+            addin_id=r["id"],
+            name=r["display_name"],
+            source=Source(r["source"]),
+            version=r["version"],
+            manifest_sha256=r["sha256"],
+            manifest_url=f"/v1/manifests/{r['sha256']}",
+            hosts=[Host(h) for h in json.loads(r["hosts"])],
+            permissions=r["permissions"],
+            enabled=bool(r["enabled"]),
+            store_asset_id=r["store_asset_id"],
+            revision=tx.revision,
+            committed_at=tx.now,
+        ),
+    )
+
+
+def assign_topic(tenant: str, addin_id: str, target: str, target_id: str) -> Topic:
+    if target == "everyone":
+        return Topic.assign_everyone(tenant, addin_id)
+    if target == "group":
+        return Topic.assign_group(tenant, target_id, addin_id)
+    return Topic.assign_user(tenant, target_id, addin_id)

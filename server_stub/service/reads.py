@@ -1,0 +1,126 @@
+"""Reads of the admin's view: add-ins with their versions and assignments, users, groups,
+the nesting policy. Each read is a few SELECTs on the service's connection."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from addin_core.protocol import Mode
+from server_stub.db import Database, Row
+from server_stub.entitlement import AssignmentRow
+from server_stub.service.lookup import find_addin, unknown
+
+
+class Reads:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def _addin_view(self, r: Row) -> dict[str, Any]:
+        rows = self.database.rows
+        versions = await rows(
+            "SELECT version, sha256, display_name, hosts, permissions, added_revision "
+            "FROM addin_versions WHERE addin_id=?",
+            (r["id"],),
+        )
+        cur = {v["version"]: v for v in versions}[r["current_version"]]
+        assigns = await rows(
+            "SELECT target, target_id, mode FROM assignments WHERE addin_id=? "
+            "ORDER BY target, target_id",
+            (r["id"],),
+        )
+        return {
+            "addin_id": r["id"],
+            "name": cur["display_name"],
+            "source": r["source"],
+            "store_asset_id": r["store_asset_id"],
+            "version": r["current_version"],
+            "state": "needs_consent" if r["pending_version"] else "current",
+            "pending_version": r["pending_version"],
+            "enabled": bool(r["enabled"]),
+            "hosts": json.loads(cur["hosts"]),
+            "permissions": cur["permissions"],
+            "manifest_sha256": cur["sha256"],
+            "manifest_url": f"/v1/manifests/{cur['sha256']}",
+            "assignments": [
+                {"target": a["target"], "target_id": a["target_id"] or None, "mode": a["mode"]}
+                for a in assigns
+            ],
+        }
+
+    async def list_addins(self) -> list[dict[str, Any]]:
+        rows = await self.database.rows("SELECT * FROM addins ORDER BY id")
+        return [await self._addin_view(r) for r in rows]
+
+    async def get_addin(self, addin_id: str) -> dict[str, Any]:
+        """One add-in, by id or display name."""
+        addin_id = await find_addin(self.database, addin_id)
+        rows = await self.database.rows("SELECT * FROM addins WHERE id=?", (addin_id,))
+        return await self._addin_view(rows[0])
+
+    async def get_user(self, user_id: str) -> dict[str, Any]:
+        rows = self.database.rows
+        found = await rows("SELECT id, name FROM users WHERE id=?", (user_id,))
+        if not found:
+            raise await unknown(self.database, "users", user_id, "user")
+        groups = await rows(
+            "SELECT group_id FROM memberships WHERE user_id=? ORDER BY group_id", (user_id,)
+        )
+        assigns = await rows(
+            "SELECT addin_id, mode FROM assignments WHERE target='user' AND target_id=?",
+            (user_id,),
+        )
+        return {
+            "id": found[0]["id"],
+            "name": found[0]["name"],
+            "groups": [g[0] for g in groups],
+            "assignments": [{"addin_id": a[0], "mode": a[1]} for a in assigns],
+        }
+
+    async def get_group(self, group_id: str) -> dict[str, Any]:
+        rows = self.database.rows
+        found = await rows("SELECT id, name FROM groups WHERE id=?", (group_id,))
+        if not found:
+            raise await unknown(self.database, "groups", group_id, "group")
+        members = await rows(
+            "SELECT user_id FROM memberships WHERE group_id=? ORDER BY user_id", (group_id,)
+        )
+        parents = await rows(
+            "SELECT parent FROM nesting WHERE child=? ORDER BY parent", (group_id,)
+        )
+        children = await rows(
+            "SELECT child FROM nesting WHERE parent=? ORDER BY child", (group_id,)
+        )
+        assigns = await rows(
+            "SELECT addin_id, mode FROM assignments WHERE target='group' AND target_id=?",
+            (group_id,),
+        )
+        return {
+            "id": found[0]["id"],
+            "name": found[0]["name"],
+            "members": [m[0] for m in members],
+            "parents": [p[0] for p in parents],
+            "children": [c[0] for c in children],
+            "assignments": [{"addin_id": a[0], "mode": a[1]} for a in assigns],
+        }
+
+    async def nested_groups(self) -> bool:
+        rows = await self.database.rows("SELECT value FROM meta WHERE key='nested_groups'")
+        return bool(rows and rows[0][0] == "1")
+
+    async def parents_map(self) -> dict[str, list[str]]:
+        parents: dict[str, list[str]] = defaultdict(list)
+        for r in await self.database.rows(
+            "SELECT child, parent FROM nesting ORDER BY child, parent"
+        ):
+            parents[r[0]].append(r[1])
+        return parents
+
+    async def assignment_rows(self, addin_id: str) -> list[AssignmentRow]:
+        return [
+            AssignmentRow(r[0], r[1], Mode(r[2]))
+            for r in await self.database.rows(
+                "SELECT target, target_id, mode FROM assignments WHERE addin_id=?", (addin_id,)
+            )
+        ]

@@ -1,0 +1,131 @@
+"""`explain` and `status` as data: why a user is (not) entitled to an add-in and what its
+agents reported; per add-in, how far a rollout got. The text forms are in
+`server_stub/explain.py`."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from addin_core.protocol import Mode
+from server_stub.db import Database
+from server_stub.entitlement import (
+    AssignmentPath,
+    AssignmentRow,
+    effective_mode,
+    entitled_users,
+    paths_for_user,
+)
+from server_stub.service.reads import Reads
+
+
+def _path_view(p: AssignmentPath, user_id: str) -> dict[str, Any]:
+    return {
+        "target": p.assignment.target,
+        "target_id": p.assignment.target_id or None,
+        "mode": p.assignment.mode.value,
+        "group_path": list(p.group_path),
+        "counts": p.counts,
+        "why": p.describe(user_id),
+    }
+
+
+class Troubleshooting:
+    def __init__(self, database: Database, reads: Reads) -> None:
+        self.database = database
+        self.reads = reads
+
+    async def _reports_of(self, user_id: str, addin_id: str) -> list[dict[str, Any]]:
+        reports = await self.database.rows(
+            "SELECT * FROM reports WHERE user_id=? ORDER BY client_id", (user_id,)
+        )
+        return [
+            {
+                "client_id": r["client_id"],
+                "revision": r["revision"],
+                "reported_at": r["reported_at"],
+                "applied": [a for a in json.loads(r["applied"]) if a["addin_id"] == addin_id],
+                "errors": json.loads(r["errors"]),
+            }
+            for r in reports
+        ]
+
+    async def explain(self, user_id: str, addin_id: str) -> dict[str, Any]:
+        """Is `user_id` entitled to `addin_id`, through what, and what did its agents report."""
+        user = await self.reads.get_user(user_id)
+        addin = await self.reads.get_addin(addin_id)
+        addin_id = addin["addin_id"]  # an admin may have typed its name
+        nested = await self.reads.nested_groups()
+        paths = paths_for_user(
+            user_id,
+            user["groups"],
+            await self.reads.parents_map(),
+            await self.reads.assignment_rows(addin_id),
+            nested,
+        )
+        mode = effective_mode(paths)
+        return {
+            "user": user_id,
+            "addin_id": addin_id,
+            "addin_name": addin["name"],
+            "version": addin["version"],
+            "enabled": addin["enabled"],
+            "state": addin["state"],
+            "nested_groups": nested,
+            "entitled": mode is not None,
+            "mode": mode.value if mode else None,
+            "grants": [_path_view(p, user_id) for p in paths],
+            "reports": await self._reports_of(user_id, addin_id),
+            "revision": await self.database.revision(),
+        }
+
+    async def status(self, addin_id: str | None = None) -> dict[str, Any]:
+        """Per add-in: entitled users and how many of them have an agent reporting the
+        current version applied."""
+        reads = self.reads
+        addins = [await reads.get_addin(addin_id)] if addin_id else await reads.list_addins()
+        nested = await reads.nested_groups()
+        rows = self.database.rows
+        all_users = [r[0] for r in await rows("SELECT id FROM users")]
+        members: dict[str, list[str]] = defaultdict(list)
+        for r in await rows("SELECT group_id, user_id FROM memberships"):
+            members[r[0]].append(r[1])
+        children: dict[str, list[str]] = defaultdict(list)
+        for r in await rows("SELECT child, parent FROM nesting"):
+            children[r[1]].append(r[0])
+        applied: dict[tuple[str, str], set[str]] = defaultdict(set)
+        reporting: set[str] = set()
+        for r in await rows("SELECT user_id, applied FROM reports"):
+            reporting.add(r[0])
+            for a in json.loads(r[1]):
+                applied[(a["addin_id"], a["version"])].add(r[0])
+        out = []
+        for a in addins:
+            assigned = [
+                AssignmentRow(x["target"], x["target_id"] or "", Mode(x["mode"]))
+                for x in a["assignments"]
+            ]
+            ent = entitled_users(assigned, all_users, members, children, nested)
+            installing = {u for u, m in ent.items() if m is not Mode.AVAILABLE}
+            done = installing & applied.get((a["addin_id"], a["version"]), set())
+            out.append(
+                {
+                    "addin_id": a["addin_id"],
+                    "name": a["name"],
+                    "version": a["version"],
+                    "enabled": a["enabled"],
+                    "state": a["state"],
+                    "entitled_users": len(ent),
+                    "to_install": len(installing),
+                    "available_only": len(ent) - len(installing),
+                    "reported_current": len(done),
+                    "reporting": len(installing & reporting),
+                }
+            )
+        return {
+            "nested_groups": nested,
+            "addins": out,
+            "revision": await self.database.revision(),
+            "outbox": await self.database.outbox_backlog(),
+        }

@@ -1,0 +1,104 @@
+"""The unit of work: one admin change as ONE database transaction.
+
+Inside it an operation changes the state and emits the MQTT messages that describe the
+result. On exit the tenant revision is bumped, the audit log gets a line, the messages go
+to the outbox (and the latest payload per topic to `retained`), all in the same commit.
+Publishing happens later, in `server_stub/publisher.py`, so a crash at any point loses
+nothing and publishes nothing uncommitted. An exception rolls everything back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosqlite
+from pydantic import BaseModel
+
+from addin_core.protocol import Tombstone, Topic
+from server_stub.db import Database, read_revision
+
+
+@dataclass
+class Tx:
+    """The transaction in progress: its revision, commit time and collected messages."""
+
+    conn: aiosqlite.Connection
+    tenant: str
+    revision: int
+    now: float
+    messages: dict[str, bytes] = field(default_factory=dict)
+
+    def emit(self, topic: Topic, payload: BaseModel) -> None:
+        # One message per topic per commit: a later change in the same transaction wins.
+        data = payload.model_dump_json(exclude_none=True).encode()
+        self.messages[str(topic)] = data
+
+    def tombstone(self, topic: Topic) -> None:
+        self.emit(topic, Tombstone(deleted=True, revision=self.revision, committed_at=self.now))
+
+    async def execute(self, sql: str, args: Iterable[Any] = ()) -> aiosqlite.Cursor:
+        return await self.conn.execute(sql, tuple(args))
+
+    async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
+        await self.conn.executemany(sql, rows)
+
+    async def rows(self, sql: str, args: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        return list(await (await self.conn.execute(sql, tuple(args))).fetchall())
+
+    async def row(self, sql: str, args: Iterable[Any] = ()) -> aiosqlite.Row | None:
+        return await (await self.conn.execute(sql, tuple(args))).fetchone()
+
+
+class UnitOfWork:
+    """Opens the write transactions of one tenant; `actor` and `on_commit` may be changed
+    after construction (the server sets them once the publisher exists)."""
+
+    def __init__(
+        self,
+        database: Database,
+        tenant: str,
+        *,
+        actor: str = "admin",
+        on_commit: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.database = database
+        self.tenant = tenant
+        self.actor = actor
+        self.on_commit = on_commit
+        self.clock = clock
+
+    @asynccontextmanager
+    async def write(self, operation: str, detail: Mapping[str, Any]) -> AsyncIterator[Tx]:
+        async with self.database.write() as conn:
+            tx = Tx(conn, self.tenant, await read_revision(conn) + 1, self.clock())
+            yield tx
+            await _commit_bookkeeping(tx, self.actor, operation, detail)
+        if self.on_commit is not None:
+            self.on_commit(tx.revision)
+
+
+async def _commit_bookkeeping(
+    tx: Tx, actor: str, operation: str, detail: Mapping[str, Any]
+) -> None:
+    """Revision, audit line, outbox and retained rows: the same commit as the change."""
+    await tx.execute("UPDATE meta SET value=? WHERE key='revision'", (str(tx.revision),))
+    await tx.execute(
+        "INSERT INTO audit(revision, at, actor, operation, detail) VALUES (?,?,?,?,?)",
+        (tx.revision, tx.now, actor, operation, json.dumps(detail, default=str)),
+    )
+    msgs = [(tx.revision, t, p, tx.now) for t, p in tx.messages.items()]
+    await tx.executemany(
+        "INSERT INTO outbox(revision, topic, payload, created_at) VALUES (?,?,?,?)", msgs
+    )
+    await tx.executemany(
+        "INSERT INTO retained(topic, revision, payload) VALUES (?,?,?) "
+        "ON CONFLICT(topic) DO UPDATE SET revision=excluded.revision, "
+        "payload=excluded.payload",
+        [(t, r, p) for r, t, p, _ in msgs],
+    )
