@@ -320,16 +320,44 @@ class Database:
 
     # -- agents' reports -------------------------------------------------------------------
 
-    async def record_reports(self, rows: list[tuple[Any, ...]]) -> None:
+    async def record_reports(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, str, str]]:
         """(client_id, user_id, revision, reported_at, received_at, applied JSON, errors
-        JSON) rows, in one transaction. An older report never replaces a newer one."""
+        JSON) rows, in one transaction; the (client_id, claimed user, bound user) of every
+        report refused because its client is bound to another user.
+
+        A client id is bound to the user of its first report. Reports are ordered by what
+        the server can trust: a lower revision never replaces a higher one, and at equal
+        revision the later received wins; `reported_at` is the agent's clock, kept only to
+        show."""
         async with self.write() as conn:
+            ids = sorted({str(r[0]) for r in rows})
+            bound: dict[str, str] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                cur = await conn.execute(
+                    "SELECT client_id, user_id FROM reports WHERE client_id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                bound.update({str(c): str(u) for c, u in await cur.fetchall()})
+            accepted: list[tuple[Any, ...]] = []
+            refused: list[tuple[str, str, str]] = []
+            for row in rows:
+                client_id, user_id = str(row[0]), str(row[1])
+                owner = bound.setdefault(client_id, user_id)
+                if owner == user_id:
+                    accepted.append(row)
+                else:
+                    refused.append((client_id, user_id, owner))
             await conn.executemany(
                 "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
                 "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
-                "user_id=excluded.user_id, revision=excluded.revision, "
+                "revision=excluded.revision, "
                 "reported_at=excluded.reported_at, received_at=excluded.received_at, "
                 "applied=excluded.applied, errors=excluded.errors "
-                "WHERE excluded.reported_at >= reports.reported_at",
-                rows,
+                "WHERE excluded.user_id = reports.user_id "
+                "AND (excluded.revision > reports.revision OR (excluded.revision = "
+                "reports.revision AND excluded.received_at >= reports.received_at))",
+                accepted,
             )
+        return refused

@@ -17,6 +17,7 @@ changes nothing.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -40,6 +41,8 @@ from server_stub.service.reads import Reads
 from server_stub.service.troubleshooting import Troubleshooting
 from server_stub.service.unit_of_work import UnitOfWork
 from server_stub.store import StoreCatalog
+
+log = logging.getLogger("addin_server.reports")
 
 __all__ = [
     "DEFAULT_MAX_ADDINS",
@@ -129,11 +132,13 @@ class Service:
     async def record_reports(self, reports: Sequence[AgentReport]) -> None:
         """Store a batch of reports in one transaction. After a rollout thousands of agents
         report within a second; one commit each kept the server busy while the next change
-        was fanning out. An older report never replaces a newer one."""
+        was fanning out. A report with a lower revision never replaces a higher one (at
+        equal revision the later received wins); a report claiming another user than the
+        one its client id is bound to is refused and logged."""
         if not reports:
             return
         now = self.clock()
-        await self.database.record_reports(
+        refused = await self.database.record_reports(
             [
                 (
                     r.client_id,
@@ -147,3 +152,10 @@ class Service:
                 for r in reports
             ]
         )
+        for client_id, claimed, owner in refused:
+            log.warning(
+                "refused a report from client %r claiming user %r: that client reports for %r",
+                client_id,
+                claimed,
+                owner,
+            )

@@ -1,0 +1,141 @@
+"""Agents' reports, published over a real Mosquitto to a running `addin-server serve`:
+ordered by what the server can trust (revision, then its own receive time), and bound to
+the user of the client id's first report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import httpx
+import pytest
+from harness import ADMIN_TOKEN, ServerProcess
+from server_helpers import TASKPANE_ID, TASKPANE_V1
+
+from addin_core.protocol import AgentReport, AppliedAddin, Host, Topic
+from simulator.mosquitto import MosquittoBroker
+
+YEAR = 365 * 86400.0
+
+
+@pytest.fixture
+def server(tmp_path: Path, broker: MosquittoBroker) -> Iterator[ServerProcess]:
+    srv = ServerProcess(tmp_path / "server.db", broker.url, admin_user="ann")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+async def _setup(http: httpx.AsyncClient) -> int:
+    """ann and bob, both entitled to the task pane (fixed); the revision it took."""
+    for user in ("ann", "bob", "carl"):
+        assert (await http.post("/v1/users", json={"id": user})).status_code == 200
+    r = await http.post(
+        "/v1/addins", content=TASKPANE_V1.read_bytes(), headers={"Content-Type": "application/xml"}
+    )
+    assert r.status_code == 200, r.text
+    r = await http.post(
+        f"/v1/addins/{TASKPANE_ID}/assign", json={"target": "everyone", "mode": "fixed"}
+    )
+    assert r.status_code == 200, r.text
+    return int(r.json()["revision"])
+
+
+def _report(
+    client_id: str, user_id: str, revision: int, *, applied: bool, at: float | None = None
+) -> AgentReport:
+    return AgentReport(
+        client_id=client_id,
+        user_id=user_id,
+        revision=revision,
+        reported_at=time.time() if at is None else at,
+        applied=[AppliedAddin(addin_id=TASKPANE_ID, version="1.0.0.0", host=Host.WORD)]
+        if applied
+        else [],
+    )
+
+
+async def _publish(broker: MosquittoBroker, *reports: AgentReport) -> None:
+    """Publish in order over one connection, so the server receives them in this order."""
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="test-reporter") as c:
+        for r in reports:
+            await c.publish(str(Topic.report("contoso", r.client_id)), r.to_bytes(), qos=1)
+
+
+async def _reports(http: httpx.AsyncClient, user: str) -> dict[str, dict[str, Any]]:
+    ex = (await http.get("/v1/explain", params={"user": user, "addin": TASKPANE_ID})).json()
+    return {r["client_id"]: r for r in ex["reports"]}
+
+
+async def _until(http: httpx.AsyncClient, user: str, client_id: str, revision: int) -> None:
+    """Wait (bounded) until `client_id`'s stored report for `user` has `revision`: the
+    server has processed everything published before it on the same connection."""
+    for _ in range(200):
+        got = (await _reports(http, user)).get(client_id)
+        if got is not None and got["revision"] == revision:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the server never stored {client_id}'s report at revision {revision}")
+
+
+async def _reported_current(http: httpx.AsyncClient) -> int:
+    st = (await http.get("/v1/status", params={"addin": TASKPANE_ID})).json()
+    return int(st["addins"][0]["reported_current"])
+
+
+async def test_a_report_from_a_clock_a_year_ahead_does_not_freeze_later_ones(
+    server: ServerProcess, broker: MosquittoBroker
+) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=10) as http:
+        rev = await _setup(http)
+        ahead = time.time() + YEAR
+        # The clock is a year ahead, then fixed: the later reports must win anyway.
+        await _publish(broker, _report("ann-laptop", "ann", rev, applied=False, at=ahead))
+        await _until(http, "ann", "ann-laptop", rev)
+        await _publish(broker, _report("ann-laptop", "ann", rev, applied=True))
+        for _ in range(200):
+            if (await _reports(http, "ann"))["ann-laptop"]["applied"]:
+                break
+            await asyncio.sleep(0.05)
+        stored = (await _reports(http, "ann"))["ann-laptop"]
+        assert stored["applied"], "a report with a correct clock was ignored"
+        assert stored["reported_at"] < ahead
+        assert await _reported_current(http) == 1
+
+        # A higher revision wins whatever its clock; a lower one, received later, never does.
+        await _publish(
+            broker,
+            _report("ann-laptop", "ann", rev + 1, applied=True, at=time.time() - YEAR),
+            _report("ann-laptop", "ann", rev, applied=False, at=time.time() + YEAR),
+            _report("carl-desk", "carl", 7, applied=False),  # marker: all of the above seen
+        )
+        await _until(http, "carl", "carl-desk", 7)
+        stored = (await _reports(http, "ann"))["ann-laptop"]
+        assert stored["revision"] == rev + 1 and stored["applied"]
+
+
+async def test_a_forged_report_for_another_user_does_not_change_status(
+    server: ServerProcess, broker: MosquittoBroker
+) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=10) as http:
+        rev = await _setup(http)
+        # bob's workstation reports for bob (binding bob-laptop to bob), then claims ann.
+        await _publish(
+            broker,
+            _report("bob-laptop", "bob", rev, applied=False),
+            _report("bob-laptop", "ann", rev + 1, applied=True),
+            _report("carl-desk", "carl", 7, applied=False),  # marker: all of the above seen
+        )
+        await _until(http, "carl", "carl-desk", 7)
+        assert await _reported_current(http) == 0
+        assert await _reports(http, "ann") == {}
+        bob = (await _reports(http, "bob"))["bob-laptop"]
+        assert bob["revision"] == rev and bob["applied"] == []
+    server.stop()
+    assert "refused a report from client 'bob-laptop' claiming user 'ann'" in server.log_tail(50)
