@@ -3,7 +3,8 @@
 Thin: every route validates its input shape and calls one `Service` method. One router per
 resource (`directory`, `catalog`, `agents`, `troubleshooting`, `manifests`); `auth` holds
 the bearer-token checks and the error answers. Tokens are compared in constant time; the
-admin token may also fetch manifests. Errors are ``{"detail": "..."}`` with 400
+admin token may also fetch manifests. `guard` checks the token and caps the body before
+anything reads it. Errors are ``{"detail": "..."}`` with 400
 (malformed), 401, 404, 409, 413, 422 or 503.
 """
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 
 from server_stub.api import agents, catalog, directory, manifests, troubleshooting
 from server_stub.api.auth import Tokens, install_error_handlers
+from server_stub.api.guard import RequestGuard
 from server_stub.api.manifests import MANIFEST_MEMORY, ManifestFastPath
 from server_stub.service import Service
 
@@ -36,6 +38,9 @@ def create_app(service: Service, *, admin_token: str, agent_token: str) -> FastA
     async def healthz() -> dict[str, Any]:
         return {"ok": True, "revision": await service.revision()}
 
+    # Inside the manifest fast path (added later, so outermost): a cached manifest download
+    # is authenticated there and costs no more; every other request passes the guard.
+    app.add_middleware(RequestGuard, admin=admin_token, agent=agent_token)
     manifest_bytes: dict[str, bytes] = {}
     app.add_middleware(
         ManifestFastPath,

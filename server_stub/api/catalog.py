@@ -9,7 +9,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from server_stub.api.auth import Tokens
-from server_stub.service import MAX_MANIFEST_BYTES, Service
+from server_stub.api.guard import read_body
+from server_stub.service import Service
 
 
 class _In(BaseModel):
@@ -48,12 +49,7 @@ def router(service: Service, tokens: Tokens) -> APIRouter:
 
     @r.post("/v1/addins", openapi_extra=_XML_BODY)
     async def add_lob(request: Request) -> Any:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_MANIFEST_BYTES:
-            return JSONResponse(
-                {"detail": f"manifest is larger than {MAX_MANIFEST_BYTES} bytes (512 KB)"}, 413
-            )
-        content = await request.body()
+        content = bytes(await read_body(request))  # at most 512 KB: RequestGuard
         if not content:
             return JSONResponse({"detail": "empty body: send the manifest XML"}, 400)
         return await service.add_lob(content)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import json
+from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from server_stub.api.auth import Tokens
+from server_stub.api.guard import read_body
 from server_stub.service import Service
 
 
@@ -27,6 +30,14 @@ class GroupIn(_In):
 
 class PolicyIn(_In):
     nested_groups: bool
+
+
+_ORG_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+}
 
 
 def router(service: Service, tokens: Tokens) -> APIRouter:
@@ -76,8 +87,17 @@ def router(service: Service, tokens: Tokens) -> APIRouter:
     async def set_policy(body: PolicyIn) -> dict[str, Any]:
         return await service.set_policy(body.nested_groups)
 
-    @r.post("/v1/org")
-    async def load_org(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
-        return await service.load_org(body)
+    @r.post("/v1/org", openapi_extra=_ORG_BODY)
+    async def load_org(request: Request) -> Any:
+        # Read as it streams into one buffer and parsed from it: FastAPI's own body
+        # parameter would hold the chunks, their joined copy and the parsed document at
+        # once, for a document of up to 64 MB.
+        try:
+            document = json.loads(await read_body(request))
+        except ValueError as e:
+            return JSONResponse({"detail": f"malformed request: body is not JSON ({e})"}, 400)
+        if not isinstance(document, dict):
+            return JSONResponse({"detail": "malformed request: body: must be an object"}, 400)
+        return await service.load_org(document)
 
     return r
