@@ -15,7 +15,6 @@ import sqlite3
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from addin_core.protocol import Host
 from addin_runtime.cli_support import Group
@@ -31,6 +30,7 @@ from agent.cli_common import (
     fail,
     parse_host,
     pass_ctx,
+    shown,
 )
 from agent.config import AgentConfig
 
@@ -214,7 +214,7 @@ def launch(c: Ctx, host: str, as_json: bool) -> None:
 def install(c: Ctx, addin: str, as_json: bool) -> None:
     """Install an available add-in (by name or id); applies at the next launch."""
     body = _act(c, "install", addin, f"/v1/install/{addin}")
-    emit_json(body) if as_json else console.print(escape(body["message"]))
+    emit_json(body) if as_json else console.print(shown(body["message"]))
 
 
 @main.command()
@@ -224,7 +224,7 @@ def install(c: Ctx, addin: str, as_json: bool) -> None:
 def remove(c: Ctx, addin: str, as_json: bool) -> None:
     """Remove an optional add-in (a fixed one is refused); applies at the next launch."""
     body = _act(c, "remove", addin, f"/v1/remove/{addin}")
-    emit_json(body) if as_json else console.print(escape(body["message"]))
+    emit_json(body) if as_json else console.print(shown(body["message"]))
 
 
 for command in cli_read.COMMANDS:
