@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sqlite3
 from typing import Any
@@ -122,16 +123,20 @@ def _control_call(cfg: AgentConfig, method: str, path: str) -> tuple[int, dict[s
         return None
     import httpx
 
-    from agent.control import parse_endpoint
+    from agent.control import parse_endpoint, trusted_uid
 
     where = parse_endpoint(cfg.control)
     try:
-        if isinstance(where, str):
-            transport = httpx.HTTPTransport(uds=where)
-            with httpx.Client(transport=transport, timeout=30) as h:
-                r = h.request(method, f"http://agent{path}")
-        else:
-            r = httpx.request(method, f"http://{where[0]}:{where[1]}{path}", timeout=30)
+        owner = os.stat(where).st_uid
+    except OSError:
+        return None
+    if not trusted_uid(owner):
+        # Not the daemon of this user: never hand it a launch, nor believe its answer.
+        fail(f"control socket {where} belongs to uid {owner}, not to this user; not using it")
+    try:
+        transport = httpx.HTTPTransport(uds=where)
+        with httpx.Client(transport=transport, timeout=30) as h:
+            r = h.request(method, f"http://agent{path}")
     except httpx.TransportError:
         return None
     return r.status_code, r.json()
