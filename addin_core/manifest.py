@@ -70,6 +70,35 @@ _GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 # The element of findings about the file as a whole (size, encoding, XML syntax).
 FILE = "(file)"
 _LOCALHOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+# Children of <OfficeApp> that the appforoffice schemas (1.0 and 1.1, all three types) allow at
+# most once. A second copy is refused: otherwise the first one silently wins, and a reviewer
+# reading the last <Permissions> sees a different add-in from the one deployed.
+SINGLE_VALUED = frozenset(
+    {
+        "Id",
+        "AlternateId",
+        "Version",
+        "ProviderName",
+        "DefaultLocale",
+        "DisplayName",
+        "Description",
+        "IconUrl",
+        "HighResolutionIconUrl",
+        "SupportUrl",
+        "AppDomains",
+        "Hosts",
+        "Capabilities",
+        "Requirements",
+        "DefaultSettings",
+        "FormSettings",
+        "DesktopSettings",
+        "Permissions",
+        "AllowSnapshot",
+        "Dictionary",
+        "Rule",
+        "DisableEntityHighlighting",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -367,6 +396,8 @@ class _Reader:
             self.error("unknown-type", "<OfficeApp>", root.sourceline, reason)
             return None
 
+        self.check_duplicates(root, ns)
+
         def base(name: str) -> Any | None:
             return root.find(f"{{{ns}}}{name}")
 
@@ -394,6 +425,23 @@ class _Reader:
             source_locations=sources,
             requirement_sets=requirement_sets,
         )
+
+    def check_duplicates(self, root: Any, ns: str) -> None:
+        first_line: dict[str, int | None] = {}
+        for child in root:
+            name = _local(child)
+            if name not in SINGLE_VALUED or _ns(child) != ns:
+                continue
+            if name not in first_line:
+                first_line[name] = child.sourceline
+                continue
+            self.error(
+                "duplicate-element",
+                f"<{name}>",
+                child.sourceline,
+                f"<{name}> appears again (first on line {first_line[name]}); "
+                "the schema allows it once in <OfficeApp>",
+            )
 
     def missing(self, root: Any, name: str, where: str = "<OfficeApp>") -> None:
         self.error(

@@ -16,6 +16,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 from click.core import ParameterSource
 
+from addin_core.display import printable
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -23,7 +25,8 @@ def error(message: str, code: int = 1) -> NoReturn:
     """Print ``error: line`` on stderr for each line of `message` (a bad config names each bad
     field on its own line), unwrapped whatever the terminal's width, and exit."""
     for line in message.splitlines() or [message]:
-        click.echo(click.style("error:", fg="red") + " " + line, err=True)
+        # The message may quote a name from a manifest: no raw control or bidi characters.
+        click.echo(click.style("error:", fg="red") + " " + printable(line), err=True)
     sys.exit(code)
 
 

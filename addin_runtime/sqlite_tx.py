@@ -6,7 +6,8 @@ opens a transaction, a cancelled ``COMMIT`` still commits. Code that awaits ``BE
 its ``try``, or whose ``ROLLBACK`` is itself cancelled, can therefore leave a connection that
 several tasks share inside a transaction, and every later ``BEGIN`` on it fails with "cannot
 start a transaction within a transaction". `transaction` is the one way the agent's cache
-and the server's database open a transaction on such a connection.
+and the server's database open a transaction on such a connection. `readonly_uri` is the one
+way to name a file for a read-only connection.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -51,3 +54,12 @@ async def transaction(
         except Exception:  # the error that got us here matters more (e.g. a closed connection)
             log.exception("rollback failed")
         raise
+
+
+def readonly_uri(path: str | Path) -> str:
+    """The ``file:`` URI that opens `path` read-only (``mode=ro``; pass ``uri=True``).
+
+    The path is percent-encoded: SQLite reads ``?`` as the start of the query and ``#`` as a
+    fragment, and decodes ``%XX``, so a cache named ``x?mode=rwc`` would otherwise open (and
+    create) the file ``x`` read-write."""
+    return f"file:{quote(str(Path(path).resolve()))}?mode=ro"

@@ -42,7 +42,7 @@ from typing import Any
 import aiosqlite
 
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
-from addin_runtime.sqlite_tx import transaction
+from addin_runtime.sqlite_tx import readonly_uri, transaction
 from agent.cache_rows import SCHEMA, SCHEMA_VERSION, TABLES, Row
 
 Statement = tuple[str, Sequence[Any]]
@@ -410,8 +410,7 @@ def open_readonly(path: str | Path) -> sqlite3.Connection:
     p = Path(path)
     if not p.exists():
         raise CacheError(f"no agent cache at {p} (has the agent run on this computer?)")
-    uri = f"file:{p.resolve()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=5)
+    conn = sqlite3.connect(readonly_uri(p), uri=True, timeout=5)
     conn.row_factory = sqlite3.Row
     try:
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}

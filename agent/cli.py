@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sqlite3
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from addin_core.protocol import Host
 from addin_runtime.cli_support import Group
@@ -31,6 +31,7 @@ from agent.cli_common import (
     fail,
     parse_host,
     pass_ctx,
+    shown,
 )
 from agent.config import AgentConfig
 
@@ -122,16 +123,20 @@ def _control_call(cfg: AgentConfig, method: str, path: str) -> tuple[int, dict[s
         return None
     import httpx
 
-    from agent.control import parse_endpoint
+    from agent.control import parse_endpoint, trusted_uid
 
     where = parse_endpoint(cfg.control)
     try:
-        if isinstance(where, str):
-            transport = httpx.HTTPTransport(uds=where)
-            with httpx.Client(transport=transport, timeout=30) as h:
-                r = h.request(method, f"http://agent{path}")
-        else:
-            r = httpx.request(method, f"http://{where[0]}:{where[1]}{path}", timeout=30)
+        owner = os.stat(where).st_uid
+    except OSError:
+        return None
+    if not trusted_uid(owner):
+        # Not the daemon of this user: never hand it a launch, nor believe its answer.
+        fail(f"control socket {where} belongs to uid {owner}, not to this user; not using it")
+    try:
+        transport = httpx.HTTPTransport(uds=where)
+        with httpx.Client(transport=transport, timeout=30) as h:
+            r = h.request(method, f"http://agent{path}")
     except httpx.TransportError:
         return None
     return r.status_code, r.json()
@@ -214,7 +219,7 @@ def launch(c: Ctx, host: str, as_json: bool) -> None:
 def install(c: Ctx, addin: str, as_json: bool) -> None:
     """Install an available add-in (by name or id); applies at the next launch."""
     body = _act(c, "install", addin, f"/v1/install/{addin}")
-    emit_json(body) if as_json else console.print(escape(body["message"]))
+    emit_json(body) if as_json else console.print(shown(body["message"]))
 
 
 @main.command()
@@ -224,7 +229,7 @@ def install(c: Ctx, addin: str, as_json: bool) -> None:
 def remove(c: Ctx, addin: str, as_json: bool) -> None:
     """Remove an optional add-in (a fixed one is refused); applies at the next launch."""
     body = _act(c, "remove", addin, f"/v1/remove/{addin}")
-    emit_json(body) if as_json else console.print(escape(body["message"]))
+    emit_json(body) if as_json else console.print(shown(body["message"]))
 
 
 for command in cli_read.COMMANDS:

@@ -13,8 +13,10 @@ from typing import Any, NoReturn
 import click
 from rich import table as rich_table
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
+from addin_core.display import printable
 from addin_core.protocol import Host
 from addin_runtime.cli_support import error, shared_option, shared_value
 from agent.cache import CacheError, open_readonly
@@ -24,13 +26,22 @@ from agent.readmodel import ReadModel
 console = Console()
 
 
+def shown(text: object) -> str:
+    """`text` (a name, reason or message from a manifest or the network) ready for a console
+    markup string: control and bidi characters made visible, markup characters escaped."""
+    return escape(printable(str(text)))
+
+
 class Table(rich_table.Table):
     """A rich Table whose string cells are plain text, never console markup: names, reasons
     and query results come from manifests and the network ("[/bold]" in a DisplayName used
-    to crash `list`, and "[link=...]" could dress up a link in a helpdesk terminal)."""
+    to crash `list`, and "[link=...]" could dress up a link in a helpdesk terminal). Control
+    and bidi characters are shown as escapes, never sent raw to the terminal."""
 
     def add_row(self, *renderables: Any, **kw: Any) -> None:
-        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kw)
+        super().add_row(
+            *(Text(printable(r)) if isinstance(r, str) else r for r in renderables), **kw
+        )
 
 
 HOST_CHOICE = click.Choice([h.value for h in Host], case_sensitive=False)
@@ -50,6 +61,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def emit_json(data: Any) -> None:
+    # ensure_ascii (the default) writes every control and bidi character as a \\u escape.
     click.echo(json.dumps(data, indent=2, default=str))
 
 

@@ -12,7 +12,6 @@ from dataclasses import asdict
 from typing import Any
 
 import click
-from rich.markup import escape
 
 from addin_core.protocol import Host
 from addin_runtime.instance_lock import SUPPORTED as lock_supported
@@ -27,6 +26,7 @@ from agent.cli_common import (
     fail,
     parse_host,
     pass_ctx,
+    shown,
     when,
 )
 from agent.readmodel import QueryRefused, ReadModel
@@ -87,16 +87,16 @@ def status(c: Ctx, as_json: bool) -> None:
         "[green]connected[/green] since " + when(d["connected_at"])
         if d["connected"]
         else f"[yellow]not connected[/yellow] (daemon {'running' if d['daemon_running'] else 'stopped'}"
-        + (f"; last error: {escape(str(d['last_error']))}" if d["last_error"] else "")
+        + (f"; last error: {shown(str(d['last_error']))}" if d["last_error"] else "")
         + ")"
     )
     console.print(
-        f"Agent   {cl.get('client_id', '?')}  user {cl.get('user_id', '?')}  "
-        f"tenant {cl.get('tenant', '?')}"
+        f"Agent   {shown(cl.get('client_id', '?'))}  user {shown(cl.get('user_id', '?'))}  "
+        f"tenant {shown(cl.get('tenant', '?'))}"
     )
     console.print(f"Broker  {conn_text}")
     console.print(f"State   revision {d['revision']}, last message {when(d['last_message_at'])}")
-    console.print(f"Sync    anti-entropy {escape(describe_last(d['anti_entropy']))}")
+    console.print(f"Sync    anti-entropy {shown(describe_last(d['anti_entropy']))}")
     n = d["counts"]
     console.print(
         f"Cache   {n['received']} topics held, {n['entitlements']} entitlements, "
@@ -187,12 +187,12 @@ def why(c: Ctx, addin: str, host: str | None, as_json: bool) -> None:
         return
     title = rep.name or addin
     console.print(
-        f"[bold]{escape(title)}[/bold]" + (f"  ({escape(rep.addin_id)})" if rep.addin_id else "")
+        f"[bold]{shown(title)}[/bold]" + (f"  ({shown(rep.addin_id)})" if rep.addin_id else "")
     )
     for s in rep.steps:
         mark = {True: "[green]✓[/green]", False: "[red]✗[/red]", None: "•"}[s.ok]
-        console.print(f"  {mark} {escape(s.label)}: {escape(s.detail)}", highlight=False)
-    console.print(f"[bold]→ {escape(rep.verdict)}[/bold]", highlight=False)
+        console.print(f"  {mark} {shown(s.label)}: {shown(s.detail)}", highlight=False)
+    console.print(f"[bold]→ {shown(rep.verdict)}[/bold]", highlight=False)
 
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -292,7 +292,7 @@ def wait_cmd(c: Ctx, timeout: float, as_json: bool) -> None:
     if as_json:
         emit_json(asdict(state))
     elif state.done:
-        console.print(f"in sync at revision {state.revision}: {escape(state.detail)}")
+        console.print(f"in sync at revision {state.revision}: {shown(state.detail)}")
     if not state.done:
         fail(f"not in sync after {timeout:g} s: {state.detail}")
 
@@ -316,7 +316,7 @@ def doctor(c: Ctx, as_json: bool) -> None:
                 "warn": "[yellow]warn[/yellow]",
                 "fail": "[red]FAIL[/red]",
             }[ch.status]
-            console.print(f"{mark} {escape(ch.name)}: {escape(ch.detail)}", highlight=False)
+            console.print(f"{mark} {shown(ch.name)}: {shown(ch.detail)}", highlight=False)
     if any(ch.status == "fail" for ch in checks):
         sys.exit(1)
 

@@ -12,7 +12,7 @@ Example ``agent.toml``::
     hosts = ["Word", "Excel", "PowerPoint", "Outlook"]
     applier = "folder"
     applier_dir = "/var/lib/addin-agent/wef"
-    control = "/run/addin-agent/agent.sock"   # or "127.0.0.1:8765", or "" to disable
+    control = "/run/addin-agent/agent.sock"   # a unix socket path, or "" to disable
 
 Relative paths in the file (``cache_path``, ``applier_dir``, a ``control`` socket) are taken
 from the file's folder, so the daemon and the helpdesk commands find the same files whatever
@@ -43,7 +43,6 @@ from addin_core.protocol import Host, check_id
 
 ENV_PREFIX = "ADDIN_AGENT_"
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_SOCKET_PATH = 107
 """Bytes of a unix socket path (``sun_path`` is 108 on Linux, including the NUL); a longer
 one cannot be bound, and the kernel's error does not say why."""
@@ -61,30 +60,23 @@ class ConfigError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
-def parse_control(spec: str) -> tuple[str, int] | str:
-    """``"8765"`` or ``"127.0.0.1:8765"`` -> (host, port) on loopback; anything else is a unix
-    socket path (``"agent.sock"``, ``"/run/addin-agent/agent.sock"``). Raises ValueError with
-    what to write instead."""
-    if spec.isdigit():
-        return "127.0.0.1", _port(spec, "control")
-    if "/" not in spec and ":" in spec:
-        host, _, port = spec.rpartition(":")
-        host = host.strip("[]") or "127.0.0.1"
-        if host not in LOOPBACK:
-            raise ValueError(f"{spec!r} must be on loopback (127.0.0.1:PORT) or a unix socket path")
-        return host, _port(port, "control")
+def parse_control(spec: str) -> str:
+    """The unix socket path of the control endpoint (``"agent.sock"``,
+    ``"/run/addin-agent/agent.sock"``). A TCP endpoint (``"8765"``, ``"127.0.0.1:8765"``) is
+    refused: any local user, or a process that took the port first, could talk to it as the
+    daemon; a socket is owned by the user and checks its peer. Raises ValueError with what to
+    write instead."""
+    if spec.isdigit() or ("/" not in spec and ":" in spec):
+        raise ValueError(
+            f"{spec!r} is a TCP endpoint; the control endpoint is a unix socket only: "
+            'give a socket path, e.g. control = "/run/addin-agent/agent.sock"'
+        )
     if len(os.fsencode(spec)) > MAX_SOCKET_PATH:
         raise ValueError(
             f"socket path {spec!r} is {len(os.fsencode(spec))} bytes; a unix socket path "
-            f"holds at most {MAX_SOCKET_PATH}: use a shorter path or 127.0.0.1:PORT"
+            f"holds at most {MAX_SOCKET_PATH}: use a shorter path"
         )
     return spec
-
-
-def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"{what} port {text!r} is not a number from 1 to 65535")
-    return int(text)
 
 
 def _split_url(value: str, schemes: tuple[str, ...], example: str) -> SplitResult:
@@ -124,8 +116,8 @@ class AgentConfig(BaseModel):
     applier: Literal["memory", "folder"] = "memory"
     applier_dir: str | None = None
     control: str | None = None
-    """Local control endpoint: ``HOST:PORT`` (loopback only), a bare port, or a unix socket
-    path. None or empty disables it (the simulator runs thousands of agents)."""
+    """Local control endpoint: a unix socket path (a TCP endpoint is refused). None or empty
+    disables it (the simulator runs thousands of agents)."""
     fetch_concurrency: int = Field(default=4, ge=1, le=64)
     session_expiry: int = Field(default=8 * 86400, ge=7 * 86400)
     """MQTT 5 session expiry in seconds; at least 7 days so a week offline loses nothing."""
@@ -209,8 +201,7 @@ def _relative_to(base: Path, data: dict[str, Any]) -> None:
             continue
         if name == "control":
             try:
-                if not isinstance(parse_control(value), str):
-                    continue
+                parse_control(value)
             except ValueError:
                 continue  # validation names the problem
         path = Path(value).expanduser()

@@ -1,4 +1,9 @@
-"""The daemon's local control endpoint: a tiny HTTP/1.1 server on loopback or a unix socket.
+"""The daemon's local control endpoint: a tiny HTTP/1.1 server on a unix socket.
+
+Only the agent's own user (and root) may use it: the socket is created mode 0600, in a folder
+no other user can write (so nobody can replace it or squat its path), and every connection's
+peer credentials (SO_PEERCRED) are checked before the request is read. There is no TCP
+listener: on a port, any local user, or a process that took the port first, could talk to it.
 
 The host app's launch hook (or `addin-agent launch HOST`) calls it. Endpoints::
 
@@ -20,6 +25,8 @@ import json
 import logging
 import os
 import socket
+import stat
+import struct
 from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -34,13 +41,13 @@ log = logging.getLogger("addin_agent.control")
 MAX_REQUEST = 16 * 1024
 
 
-def parse_endpoint(spec: str) -> tuple[str, int] | str:
-    """(host, port) on loopback, or a unix socket path (see `agent.config.parse_control`)."""
+def parse_endpoint(spec: str) -> str:
+    """The unix socket path (see `agent.config.parse_control`)."""
     return parse_control(spec)
 
 
 class ControlEndpointError(RuntimeError):
-    """The socket or port cannot be created (folder missing, address in use, in use by another
+    """The socket cannot be created (folder missing or writable by others, in use by another
     process, no permission)."""
 
 
@@ -64,6 +71,54 @@ def _claim_socket_path(path: str) -> None:
         f"control socket {path} is in use by another process (another addin-agent?); "
         "give this agent its own `control` path"
     )
+
+
+def trusted_uid(uid: int) -> bool:
+    """The agent's own user, or root."""
+    return uid in (os.getuid(), 0)
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def check_socket_folder(path: str) -> None:
+    """Refuse a folder another user could write: they could remove our socket and put their
+    own in its place, and the launch hook would talk to them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    st = os.stat(folder)
+    if not trusted_uid(st.st_uid) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ControlError(
+            f"control socket {path}: its folder {folder} (mode {stat.S_IMODE(st.st_mode):04o}, "
+            f"owner uid {st.st_uid}) can be written by other users; put the socket in a folder "
+            "only this user can write (e.g. /run/addin-agent, or $XDG_RUNTIME_DIR)"
+        )
+
+
+def _bind_private(path: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600 from its creation: the umask is tightened
+    for the bind, so there is no moment when another user could connect."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Refused(Exception):
+    """The peer is not allowed: answer 403 without acting on its request."""
 
 
 class Controlled(Protocol):
@@ -93,14 +148,11 @@ class ControlServer:
     async def start(self) -> None:
         where = parse_endpoint(self.spec)
         try:
-            if isinstance(where, str):
-                _claim_socket_path(where)
-                self.server = await asyncio.start_unix_server(self._handle, path=where)
-                os.chmod(where, 0o600)
-                st = os.stat(where)
-                self._socket_id = (st.st_dev, st.st_ino)
-            else:
-                self.server = await asyncio.start_server(self._handle, where[0], where[1])
+            check_socket_folder(where)
+            _claim_socket_path(where)
+            self.server = await asyncio.start_unix_server(self._handle, sock=_bind_private(where))
+            st = os.stat(where)
+            self._socket_id = (st.st_dev, st.st_ino)
         except OSError as e:
             raise ControlError(
                 f"control endpoint {self.spec} cannot be created: {e.strerror or e}"
@@ -115,7 +167,7 @@ class ControlServer:
                     await self.server.wait_closed()
             self.server = None
         where = parse_endpoint(self.spec)
-        if isinstance(where, str) and self._socket_id is not None:
+        if self._socket_id is not None:
             # Remove the socket only if it is still the one we bound: another daemon may
             # have replaced a path we no longer own.
             with contextlib.suppress(FileNotFoundError):
@@ -127,23 +179,36 @@ class ControlServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         status, body = 500, {"detail": "internal error"}
         try:
+            uid = peer_uid(writer.get_extra_info("socket"))
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             if len(head) > MAX_REQUEST:
                 raise ValueError("request too large")
+            if not trusted_uid(uid):
+                # The head is read (bounded, as for anyone) only so that closing does not
+                # reset the connection before the refusal arrives; it is never acted on.
+                log.warning("control request from uid %d refused (not this agent's user)", uid)
+                status, body = 403, {"detail": f"uid {uid} may not use this agent's endpoint"}
+                raise _Refused
             line = head.split(b"\r\n", 1)[0].decode("latin-1")
             method, target, _ = line.split(" ", 2)
             status, body = await self.route(method, target)
         except (ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             status, body = 400, {"detail": f"bad request: {e}"}
+        except _Refused:
+            pass
         except TimeoutError:
             status, body = 408, {"detail": "request timeout"}
         except Exception as e:  # report, never crash the daemon
             log.exception("control request failed")
             status, body = 500, {"detail": str(e)}
         data = json.dumps(body).encode()
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 409: "Conflict"}.get(
-            status, "Error"
-        )
+        reason = {
+            200: "OK",
+            400: "Bad Request",
+            403: "Forbidden",
+            404: "Not Found",
+            409: "Conflict",
+        }.get(status, "Error")
         writer.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()

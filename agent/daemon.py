@@ -94,6 +94,8 @@ class Agent:
         self.model = AgentModel(config.tenant, config.user_id, config.hosts)
         self._lock = asyncio.Lock()
         self._keeps_rows = True
+        self._derived_unsaved = False
+        """A rollback to the cache's state could not write the entitlements it computed."""
         self._store_xml = True
         self.transport: Transport | None = None
         self.control: ControlServer | None = None
@@ -262,6 +264,39 @@ class Agent:
         )
         await c.commit(tx)
 
+    async def _commit(self, tx: Tx) -> None:
+        """Commit a transition already made in memory. When the cache refuses it (disk full,
+        I/O error), memory goes back to what the cache holds before the error is raised: a
+        message redelivered later is then new again, and a manifest whose bytes never reached
+        the cache is fetched again, instead of memory believing in rows the cache lacks."""
+        assert self.cache is not None
+        try:
+            await self.cache.commit(tx)
+        except Exception:
+            log.warning("cache refused a transition; memory goes back to the cache's state")
+            await self._reload_model()
+            raise
+        if self._derived_unsaved:
+            await self._reload_model()  # the disk has room again: write what was left out
+
+    async def _reload_model(self) -> None:
+        assert self.cache is not None
+        model = AgentModel(self.config.tenant, self.config.user_id, self.config.hosts)
+        model.fetch_errors = self.model.fetch_errors
+        model.load(await self.cache.cached_rows())
+        self.model = model
+        # Entitlements are derived: computed again from the state read back. Writing the
+        # differences may fail too while the disk is full; then the next transition that
+        # commits reloads again and writes them.
+        tx = Tx()
+        self.model.recompute(tx, self.state.revision, None)
+        try:
+            await self.cache.commit(tx)
+            self._derived_unsaved = False
+        except Exception:
+            self._derived_unsaved = True
+        self._schedule_fetches()
+
     # -- transitions -------------------------------------------------------------------------
     def _emit(
         self,
@@ -303,7 +338,7 @@ class Agent:
                 self.stats["stale"] += 1
                 return False
             self.stats["accepted"] += 1
-            await self.cache.commit(tx)
+            await self._commit(tx)
         rev = int(getattr(payload, "revision", 0))
         committed_at = getattr(payload, "committed_at", None)
         self._emit("notified", rev, committed_at, topic.addin_id)
@@ -350,7 +385,7 @@ class Agent:
             tx = Tx()
             tx.event("fetch_failed", reason[:500], addin_id=entry.addin_id, revision=entry.revision)
             self.model.recompute(tx, entry.revision, entry.committed_at)
-            await self.cache.commit(tx)
+            await self._commit(tx)
         self._emit("fetch_failed", entry.revision, entry.committed_at, entry.addin_id)
 
     async def _record_manifest(
@@ -376,7 +411,7 @@ class Agent:
             if r.status != "verified":
                 log.warning("manifest of %s %s refused: %s", r.addin_id, r.version, r.reason)
             self.model.recompute(tx, entry.revision, entry.committed_at)
-            await self.cache.commit(tx)
+            await self._commit(tx)
         if r.status == "verified":
             rev, committed_at = cause or (entry.revision, entry.committed_at)
             self._emit("manifest_cached", rev, committed_at, entry.addin_id)
@@ -411,7 +446,7 @@ class Agent:
                 await self.cache.commit(etx)
                 raise
             self.model.finish_launch(tx, host, new, applied)
-            await self.cache.commit(tx)
+            await self._commit(tx)
         for p in applied:
             self._emit("applied", p.revision, p.committed_at, p.addin_id, host)
         if applied:
@@ -424,7 +459,7 @@ class Agent:
             async with self._lock:
                 tx = Tx()
                 self.model.set_choice(tx, c.addin_id, c.choice, c.detail)
-                await self.cache.commit(tx)
+                await self._commit(tx)
         return c.answer
 
     async def install(self, name_or_id: str) -> str:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from agent_helpers import AGENT_TOKEN, ServerProcess, addin_id, manifest  # noqa: E402
 
+from addin_runtime.sqlite_tx import readonly_uri  # noqa: E402
 from agent.why import why  # noqa: E402
 from simulator.mosquitto import MosquittoBroker  # noqa: E402
 
@@ -96,7 +97,7 @@ async def run(addins: int, launches: int, writes: int) -> dict[str, Any]:
         while True:
             if cache.exists():
                 try:
-                    with sqlite3.connect(f"file:{cache}?mode=ro", uri=True) as c:
+                    with sqlite3.connect(readonly_uri(cache), uri=True) as c:
                         n = c.execute(
                             "SELECT count(*) FROM manifests WHERE status='verified'"
                         ).fetchone()[0]
@@ -139,7 +140,7 @@ async def run(addins: int, launches: int, writes: int) -> dict[str, Any]:
         for _ in range(10):
             cli_launch.append(_timed_cli(env, "launch", "Word", "--json"))
 
-        ro = sqlite3.connect(f"file:{cache}?mode=ro", uri=True)
+        ro = sqlite3.connect(readonly_uri(cache), uri=True)
         ro.row_factory = sqlite3.Row
         why_lat = []
         for i in range(300):

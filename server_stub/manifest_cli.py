@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from addin_core.display import printable
 from addin_core.manifest import FILE, MAX_MANIFEST_BYTES, Finding, ManifestReport, read_manifest
 
 
@@ -44,23 +45,27 @@ def report_as_dict(file: str, report: ManifestReport) -> dict[str, Any]:
     }
 
 
+def _shown(text: str) -> str:
+    return escape(printable(text))
+
+
 def _print_report(console: Console, file: str, report: ManifestReport) -> None:
     m = report.manifest
     verdict = "[bold green]valid[/]" if report.valid else "[bold red]INVALID[/]"
-    console.print(f"{verdict}  {escape(file)}")
+    console.print(f"{verdict}  {_shown(file)}")
     if m is not None:
         hosts = ",".join(h.value for h in m.hosts) or "-"
         others = f" other-hosts={','.join(m.other_hosts)}" if m.other_hosts else ""
         console.print(
-            f"  {m.type.value} id={escape(m.id or '-')} version={escape(m.version or '-')} "
-            f"hosts={escape(hosts)}{escape(others)} permissions={escape(m.permissions or '-')}",
+            f"  {m.type.value} id={_shown(m.id or '-')} version={_shown(m.version or '-')} "
+            f"hosts={_shown(hosts)}{_shown(others)} permissions={_shown(m.permissions or '-')}",
             highlight=False,
         )
     for f in report.errors:
-        console.print(f"  [red]error[/] {escape(f'[{f.code}]')} {escape(str(f))}", highlight=False)
+        console.print(f"  [red]error[/] {_shown(f'[{f.code}]')} {_shown(str(f))}", highlight=False)
     for f in report.warnings:
         console.print(
-            f"  [yellow]warning[/] {escape(f'[{f.code}]')} {escape(str(f))}", highlight=False
+            f"  [yellow]warning[/] {_shown(f'[{f.code}]')} {_shown(str(f))}", highlight=False
         )
 
 

@@ -27,6 +27,7 @@ from harness import AgentProcess, ServerProcess, stop_process
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 
+from addin_runtime.sqlite_tx import readonly_uri
 from simulator.mosquitto import MosquittoBroker
 
 TENANT = "contoso"
@@ -312,7 +313,7 @@ class World:
 
     # -- the agent's cache, read-only like the helpdesk reads it --------------------------
     def ro(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{self.cache}?mode=ro", uri=True, timeout=5)
+        conn = sqlite3.connect(readonly_uri(self.cache), uri=True, timeout=5)
         conn.row_factory = sqlite3.Row
         return conn
 

@@ -16,6 +16,7 @@ from agent_helpers import AGENT_TOKEN, ServerProcess, addin_id, manifest, until
 from click.testing import CliRunner
 from harness import AgentProcess
 
+from agent.cache import Cache, Tx
 from agent.cli import main
 from simulator.mosquitto import MosquittoBroker
 
@@ -161,3 +162,35 @@ def test_bad_config_and_missing_cache(tmp_path: Path) -> None:
     code, out = cli(ok, "why", "x")
     assert code == 1 and "no agent cache" in out
     assert not (tmp_path / "none.sqlite").exists()  # read-only commands never create it
+
+
+@pytest.mark.parametrize(
+    "name", ["c?mode=rwc", "c#frag.sqlite", "c%41.sqlite", "c?mode=memory&cache=shared"]
+)
+def test_read_only_commands_open_a_cache_whose_name_looks_like_uri_syntax(
+    tmp_path: Path, name: str
+) -> None:
+    # SQLite reads "?" as the start of URI parameters, "#" as a fragment and decodes "%41":
+    # unescaped, "c?mode=rwc" opened (and created) "c" read-write instead of the cache.
+    folder = tmp_path / "caches"
+    folder.mkdir()
+    cache = folder / name
+
+    async def fill() -> None:
+        c = await Cache.open(cache)
+        tx = Tx()
+        tx.event("disconnected", "written to the oddly named cache")
+        await c.commit(tx)
+        await c.close()
+
+    asyncio.run(fill())
+    before = sorted(p.name for p in folder.iterdir())
+    r = CliRunner().invoke(main, ["--cache", str(cache), "events", "--json"])
+    assert r.exit_code == 0, r.output
+    assert any(e["detail"] == "written to the oddly named cache" for e in json.loads(r.output))
+    for args in (["status"], ["list"], ["why", "x"], ["query", "SELECT count(*) FROM events"]):
+        r = CliRunner().invoke(main, ["--cache", str(cache), *args])
+        assert r.exit_code in (0, 2), (args, r.output)
+    # A WAL reader may bring back the cache's own -wal/-shm sidecars; nothing else appears.
+    created = {p.name for p in folder.iterdir()} - set(before)
+    assert created <= {f"{name}-wal", f"{name}-shm"}, created

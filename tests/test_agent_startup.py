@@ -78,9 +78,9 @@ def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"control": '"127.0.0.1:notaport"'}, ["control", "'notaport'", "1 to 65535"]),
-        ({"control": '"10.0.0.1:8765"'}, ["control", "loopback"]),
-        ({"control": '"99999"'}, ["control", "'99999'"]),
+        ({"control": '"127.0.0.1:8765"'}, ["control", "TCP endpoint", "unix socket only"]),
+        ({"control": '"10.0.0.1:8765"'}, ["control", "TCP endpoint", "socket path"]),
+        ({"control": '"8765"'}, ["control", "'8765'", "unix socket only"]),
         ({"broker_url": '"mqtt://127.0.0.1:notaport"'}, ["broker_url", "'notaport'"]),
         ({"broker_url": '"127.0.0.1:1883"'}, ["broker_url", "scheme is missing"]),
         ({"broker_url": '"http://127.0.0.1:1883"'}, ["broker_url", "mqtt://HOST:PORT"]),
@@ -165,17 +165,26 @@ def test_unusable_file_or_endpoint_is_one_line_and_the_process_ends(
         assert text in line
 
 
-def test_control_port_in_use_is_one_line_and_the_cache_is_left_closed(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+def test_control_socket_in_use_is_one_line_and_the_cache_is_left_closed(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as taken:
+        taken.bind(str(tmp_path / "agent.sock"))
         taken.listen()
-        port = taken.getsockname()[1]
-        config = write_toml(tmp_path / "agent.toml", control=f'"127.0.0.1:{port}"')
-        line = one_error_line(run_agent(config, tmp_path))
-    assert f"control endpoint 127.0.0.1:{port} cannot be created" in line
+        line = one_error_line(run_agent(write_toml(tmp_path / "agent.toml"), tmp_path))
+    assert f"control socket {tmp_path / 'agent.sock'} is in use by another process" in line
     # The cache was opened before the endpoint failed: it was closed cleanly (no WAL left).
     assert (tmp_path / "cache.sqlite").exists()
     assert not (tmp_path / "cache.sqlite-wal").exists()
+
+
+def test_control_socket_in_a_folder_others_can_write_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: another user could replace the socket
+    config = write_toml(tmp_path / "agent.toml", control=f'"{shared / "agent.sock"}"')
+    line = one_error_line(run_agent(config, tmp_path))
+    assert f"control socket {shared / 'agent.sock'}" in line
+    assert "can be written by other users" in line and "1777" in line
+    assert not (shared / "agent.sock").exists()
 
 
 def test_relative_paths_are_taken_from_the_config_folder(
@@ -229,35 +238,27 @@ def test_relative_paths_are_taken_from_the_config_folder(
 
 
 def test_load_config_resolves_file_paths_not_environment_paths(tmp_path: Path) -> None:
-    config = write_toml(tmp_path / "agent.toml", control='"127.0.0.1:8765"')
+    config = write_toml(tmp_path / "agent.toml")
     cfg = load_config(config, env={"ADDIN_AGENT_APPLIER_DIR": "here/wef"})
     assert cfg.cache_path == str(tmp_path / "cache.sqlite")
     assert cfg.applier_dir == "here/wef"  # from the environment: the current directory's
-    assert cfg.control == "127.0.0.1:8765"  # a TCP endpoint is not a path
+    assert cfg.control == str(tmp_path / "agent.sock")
     memory = load_config(config, env={}, cache_path=":memory:")
     assert memory.cache_path == ":memory:"
     absolute = write_toml(tmp_path / "abs.toml", cache_path='"/var/lib/addin-agent/c.sqlite"')
     assert load_config(absolute, env={}).cache_path == "/var/lib/addin-agent/c.sqlite"
 
 
+@pytest.mark.parametrize("spec", ["agent.sock", "/run/addin-agent/agent.sock", "./a:b/agent.sock"])
+def test_parse_control(spec: str) -> None:
+    assert parse_control(spec) == spec
+
+
 @pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        ("8765", ("127.0.0.1", 8765)),
-        ("127.0.0.1:8765", ("127.0.0.1", 8765)),
-        ("localhost:8765", ("localhost", 8765)),
-        ("[::1]:8765", ("::1", 8765)),
-        ("agent.sock", "agent.sock"),
-        ("/run/addin-agent/agent.sock", "/run/addin-agent/agent.sock"),
-    ],
+    "spec", ["8765", "127.0.0.1:8765", "localhost:8765", "[::1]:8765", "0", "example.com:80"]
 )
-def test_parse_control(spec: str, expected: tuple[str, int] | str) -> None:
-    assert parse_control(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["127.0.0.1:notaport", "0", "65536", "example.com:80"])
-def test_parse_control_refuses(spec: str) -> None:
-    with pytest.raises(ValueError):
+def test_parse_control_refuses_tcp(spec: str) -> None:
+    with pytest.raises(ValueError, match="unix socket only"):
         parse_control(spec)
 
 

@@ -32,6 +32,7 @@ from click.testing import CliRunner
 from server_helpers import retained_state
 
 from addin_core.protocol import Host
+from addin_runtime.sqlite_tx import readonly_uri
 from agent.antientropy import AntiEntropy, local_digest
 from agent.cli import main as cli_main
 from agent.daemon import Agent
@@ -49,7 +50,7 @@ async def server(tmp_path: Path, broker: MosquittoBroker) -> AsyncIterator[Serve
 
 def events(agent: Agent, kind: str) -> list[dict[str, Any]]:
     path = agent.config.cache_path
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(readonly_uri(path), uri=True)
     conn.row_factory = sqlite3.Row
     try:
         return [dict(r) for r in conn.execute("SELECT * FROM events WHERE kind=?", (kind,))]

@@ -559,3 +559,49 @@ def test_agent_still_follows_real_changes(world: World) -> None:
     assert r.returncode in (0, 1), r.stderr
     integrity = world.rows("PRAGMA integrity_check")
     assert integrity == [{"integrity_check": "ok"}]
+
+
+# Each of these moves the cursor, recolours, or reorders what follows when printed raw:
+# C1 CSI (U+009B), RLO (U+202E), LRI/RLI/FSI/PDI (U+2066-U+2069), LRM/RLM, zero-width joiner.
+TERMINAL_TRICKS = "\u009b\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u200d"
+
+
+def test_control_and_bidi_characters_in_names_never_reach_the_terminal(
+    world: World, tmp_path: Path
+) -> None:
+    display = "Bidi" + "".join(f"&#x{ord(c):x};" for c in TERMINAL_TRICKS) + "exe.txt"
+    xml = manifest("bidi", display=display)
+    out = world.upload(xml)
+    world.call("POST", f"/v1/addins/{out['addin_id']}/assign", json={"target": "user", "target_id": "ann", "mode": "optional"})  # fmt: skip
+    wait_for(
+        lambda: world.rows("SELECT 1 FROM entitlements WHERE addin_id = ?", (out["addin_id"],)),
+        10,
+        "entitled",
+    )
+    runs = {
+        f"agent {' '.join(args)}": agent_cli(world.cache, *args)
+        for args in (("list",), ("why", out["addin_id"]), ("status",), ("events",))
+    }
+    runs |= {
+        f"server {' '.join(args)}": server_cli(world.db, *args)
+        for args in (
+            ("addin", "list"),
+            ("addin", "show", out["addin_id"]),
+            ("explain", "--user", "ann", "--addin", out["addin_id"]),
+            ("status", out["addin_id"]),
+        )
+    }
+    # A bad <Id> holding the same characters: the finding quotes it.
+    bad = tmp_path / "bidi.xml"
+    bad.write_bytes(
+        manifest("bidi", id="Bidi" + "".join(f"&#x{ord(c):x};" for c in TERMINAL_TRICKS))
+    )
+    runs["server manifest validate"] = server_cli(None, "manifest", "validate", str(bad))
+    for what, r in runs.items():
+        assert r.returncode in (0, 1), (what, r.stderr[-2000:])
+        for ch in TERMINAL_TRICKS:
+            assert ch not in r.stdout and ch not in r.stderr, (what, hex(ord(ch)), r.stdout)
+    for what in ("agent list", "agent why", "server addin show", "server addin list"):
+        shown = next(r.stdout for k, r in runs.items() if k.startswith(what))
+        assert "Bidi\\u009b\\u202e\\u2066" in shown, (what, shown)
+    assert "\\u202e" in runs["server manifest validate"].stdout

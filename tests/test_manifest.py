@@ -309,6 +309,37 @@ def test_missing_required_element(element: str, text: str) -> None:
     assert "required element missing" in error.reason
 
 
+@pytest.mark.parametrize(
+    ("element", "copy"),
+    [
+        ("Permissions", "  <Permissions>ReadWriteDocument</Permissions>\n"),
+        ("Version", "  <Version>9.0.0.0</Version>\n"),
+        ("Id", "  <Id>11111111-2222-3333-4444-555555555555</Id>\n"),
+        ("DisplayName", '  <DisplayName DefaultValue="Other"/>\n'),
+        ("DefaultSettings", "  <DefaultSettings/>\n"),
+    ],
+)
+def test_duplicate_single_valued_element_is_refused(element: str, copy: str) -> None:
+    # The copy goes last (line 12), after the original: the first one must not silently win.
+    data = make().decode().replace("</OfficeApp>", copy + "</OfficeApp>").encode()
+    report = read_manifest(data)
+    assert not report.valid
+    error = only_error(report)
+    assert (error.code, error.element, error.line) == ("duplicate-element", f"<{element}>", 12)
+    assert "first on line" in error.reason and "allows it once" in error.reason
+
+
+def test_repeated_multi_valued_elements_are_fine() -> None:
+    # <VersionOverrides> in another namespace and nested elements may repeat.
+    data = make().replace(
+        b"</OfficeApp>",
+        b'  <VersionOverrides xmlns="http://schemas.microsoft.com/office/taskpaneappversionoverrides"/>\n'
+        b'  <VersionOverrides xmlns="http://schemas.microsoft.com/office/taskpaneappversionoverrides"/>\n'
+        b"</OfficeApp>",
+    )
+    assert read_manifest(data).valid
+
+
 def test_display_name_without_default_value() -> None:
     error = only_error(read_manifest(make().replace(b' DefaultValue="Name"', b"")))
     assert (error.code, error.element, error.line) == ("missing-element", "<DisplayName>", 6)

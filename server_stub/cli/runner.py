@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
+from addin_core.display import printable
 from addin_runtime.cli_support import error, shared_option, shared_value
 from addin_runtime.instance_lock import held_by
 from server_stub import db
@@ -199,9 +200,11 @@ def _print(result: T, as_json: bool, render: Callable[[T], str] | None) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
     elif render is not None:
-        click.echo(render(result))
+        # Names and reasons in the rendered text come from manifests: no raw control or bidi
+        # characters reach the admin's terminal (JSON escapes them itself).
+        click.echo(printable(render(result), keep_newlines=True))
     else:
-        click.echo(_summary(result))
+        click.echo(printable(_summary(result), keep_newlines=True))
 
 
 async def _unpublished_note(service: Service, path: Path, revision: int) -> str | None:
