@@ -68,6 +68,29 @@ def check_id(value: str, what: str = "id") -> str:
     return value
 
 
+SERVER_ID_PREFIX = "addin-server-"
+"""Start of the deployment server's own identities: its broker account and MQTT client id
+(``addin-server-<tenant>``). No user or client id may take one: a user named like that
+would get the server's broker account, a client id like that takes the server's session."""
+
+
+def server_identity(tenant: str) -> str:
+    """The server's broker username and MQTT client id for `tenant`."""
+    return SERVER_ID_PREFIX + check_id(tenant, "tenant id")
+
+
+def check_unreserved(value: str, what: str = "id") -> str:
+    """`value` if it is a safe id that is not one of the server's identities, else
+    `InvalidTopic` saying why."""
+    check_id(value, what)
+    if value.lower().startswith(SERVER_ID_PREFIX):
+        raise InvalidTopic(
+            f"{what} {value!r} is reserved: ids starting with {SERVER_ID_PREFIX!r} name the "
+            "deployment server's own broker account and MQTT client"
+        )
+    return value
+
+
 SafeId = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
 Sha256Hex = Annotated[str, StringConstraints(pattern=_SHA256_PATTERN)]
 VersionString = Annotated[str, StringConstraints(pattern=_VERSION_PATTERN)]

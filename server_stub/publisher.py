@@ -28,7 +28,13 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
+from addin_core.protocol import (
+    AgentReport,
+    Filters,
+    ProtocolError,
+    decode_message,
+    server_identity,
+)
 from addin_runtime.mqtt import watch_session_present
 from addin_runtime.reconnect import (
     Backoff,
@@ -119,7 +125,7 @@ class Publisher:
             self.port,
             username=self.username,
             password=self.password,
-            identifier=f"addin-server-{self.tenant}",
+            identifier=server_identity(self.tenant),
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,
             properties=props,
@@ -143,7 +149,7 @@ class Publisher:
         # drops us (another publisher with our client id) must not be retried 5 times a second.
         backoff = Backoff(*BACKOFF, stable_after=STABLE_AFTER)
         losses = LossClassifier(STABLE_AFTER)
-        client_id = f"addin-server-{self.tenant}"
+        client_id = server_identity(self.tenant)
         try:
             while True:
                 client: aiomqtt.Client | None = None
