@@ -327,6 +327,14 @@ class Filters:
         return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/#"
 
 
+def server_topic(tenant: str, name: str) -> str:
+    """A topic of the server's own bookkeeping on the broker, ``server/{name}`` under the
+    tenant: the published-revision marker the publisher reads back after a reconnect.
+    Not part of the agents' protocol: the ACL gives agents no pattern that reads it, no
+    agent subscribes to it, and `Topic.parse` refuses it."""
+    return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/server/{check_id(name, 'name')}"
+
+
 # -- payloads --------------------------------------------------------------------------------
 
 
