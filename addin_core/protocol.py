@@ -16,7 +16,9 @@ Topics, all under ``addins/v1/{tenant}/``::
     policy                                  Policy            retained
     report/{client_id}                      AgentReport       not retained
 
-Any retained state topic except ``policy`` may carry a `Tombstone` instead.
+Any retained state topic except ``policy`` may carry a `Tombstone` instead. The server also
+keeps topics of its own under ``server/`` (see `server_topic`); they are not part of this
+protocol and `Topic.parse` refuses them.
 """
 
 from __future__ import annotations
