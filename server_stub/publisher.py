@@ -118,7 +118,6 @@ class Publisher:
         self._marker: int | None = None
         self._probe_nonce = b""
         self._probe_seen = asyncio.Event()
-        self.republished_newer = 0
         self.connected = asyncio.Event()
         self.published = 0
         self.republished_all = 0
@@ -273,7 +272,6 @@ class Publisher:
     ) -> int:
         """The broker kept our session but lost messages it had acknowledged: publish the
         retained payloads newer than its marker (all of them without a marker)."""
-        self.republished_newer += 1
         why = f"broker lost state (its marker: revision {marker}; acknowledged: {published})"
         return await self._republish(database, client, marker or 0, why)
 
