@@ -206,12 +206,21 @@ class Publisher:
         self.connections += 1
         await client.subscribe(Filters.reports(self.tenant), qos=1)
         # Not a TaskGroup: its ExceptionGroup would hide the MqttError `run` reconnects on.
-        tasks = [asyncio.create_task(self._receive(client), name="receive")]
+        receive = asyncio.create_task(self._receive(client), name="receive")
+        restore = asyncio.create_task(self._restore_broker_state(database, client), name="restore")
+        tasks = [receive, restore]
         try:
-            await self._restore_broker_state(database, client)
+            # A connection lost while restoring ends the receive task at once; the restore's
+            # own calls would only notice at their 30 s timeouts.
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if receive.done():
+                receive.result()
+                raise aiomqtt.MqttError("message stream ended")
+            restore.result()
             self.connected.set()
-            tasks.append(asyncio.create_task(self._drain_forever(database, client), name="drain"))
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            drain = asyncio.create_task(self._drain_forever(database, client), name="drain")
+            tasks.append(drain)
+            done, _ = await asyncio.wait([receive, drain], return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
                 t.result()
             raise aiomqtt.MqttError("message stream ended")
