@@ -16,7 +16,9 @@ Topics, all under ``addins/v1/{tenant}/``::
     policy                                  Policy            retained
     report/{client_id}                      AgentReport       not retained
 
-Any retained state topic except ``policy`` may carry a `Tombstone` instead.
+Any retained state topic except ``policy`` may carry a `Tombstone` instead. The server also
+keeps topics of its own under ``server/`` (see `server_topic`); they are not part of this
+protocol and `Topic.parse` refuses them.
 """
 
 from __future__ import annotations
@@ -64,6 +66,29 @@ def check_id(value: str, what: str = "id") -> str:
         raise InvalidTopic(
             f"invalid {what} {value!r}: use 1-128 characters of A-Z a-z 0-9 . _ @ -, "
             "starting with a letter or digit"
+        )
+    return value
+
+
+SERVER_ID_PREFIX = "addin-server-"
+"""Start of the deployment server's own identities: its broker account and MQTT client id
+(``addin-server-<tenant>``). No user or client id may take one: a user named like that
+would get the server's broker account, a client id like that takes the server's session."""
+
+
+def server_identity(tenant: str) -> str:
+    """The server's broker username and MQTT client id for `tenant`."""
+    return SERVER_ID_PREFIX + check_id(tenant, "tenant id")
+
+
+def check_unreserved(value: str, what: str = "id") -> str:
+    """`value` if it is a safe id that is not one of the server's identities, else
+    `InvalidTopic` saying why."""
+    check_id(value, what)
+    if value.lower().startswith(SERVER_ID_PREFIX):
+        raise InvalidTopic(
+            f"{what} {value!r} is reserved: ids starting with {SERVER_ID_PREFIX!r} name the "
+            "deployment server's own broker account and MQTT client"
         )
     return value
 
@@ -302,6 +327,14 @@ class Filters:
     @staticmethod
     def everything(tenant: str) -> str:
         return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/#"
+
+
+def server_topic(tenant: str, name: str) -> str:
+    """A topic of the server's own bookkeeping on the broker, ``server/{name}`` under the
+    tenant: the published-revision marker the publisher reads back after a reconnect.
+    Not part of the agents' protocol: the ACL gives agents no pattern that reads it, no
+    agent subscribes to it, and `Topic.parse` refuses it."""
+    return f"{PROTOCOL_PREFIX}/{check_id(tenant, 'tenant id')}/server/{check_id(name, 'name')}"
 
 
 # -- payloads --------------------------------------------------------------------------------

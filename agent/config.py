@@ -39,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 
-from addin_core.protocol import Host, check_id
+from addin_core.protocol import Host, check_id, check_unreserved
 
 ENV_PREFIX = "ADDIN_AGENT_"
 
@@ -130,10 +130,17 @@ class AgentConfig(BaseModel):
     """Seconds between anti-entropy checks against the server (jittered ±20 %); 0 disables
     them. See agent/antientropy.py."""
 
-    @field_validator("tenant", "user_id", "client_id")
+    @field_validator("tenant")
     @classmethod
     def _safe_id(cls, v: str) -> str:
         return check_id(v)
+
+    @field_validator("user_id", "client_id")
+    @classmethod
+    def _unreserved_id(cls, v: str) -> str:
+        # A client id of the server's takes over its broker session: it would stop
+        # publication for the whole tenant.
+        return check_unreserved(v)
 
     @field_validator("broker_url")
     @classmethod

@@ -17,13 +17,23 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
-from addin_core.protocol import PROTOCOL_PREFIX, check_id
+from addin_core.protocol import (
+    PROTOCOL_PREFIX,
+    InvalidTopic,
+    check_id,
+    check_unreserved,
+    server_identity,
+)
 
 PBKDF2_ITERATIONS = 101  # Mosquitto 2.0's own default for `$7$` hashes
 
 
+class BrokerConfigError(RuntimeError):
+    """The existing ``credentials.json`` cannot be read; nothing was written."""
+
+
 def server_username(tenant: str) -> str:
-    return f"addin-server-{tenant}"
+    return server_identity(tenant)
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -61,13 +71,20 @@ def write_broker_config(directory: Path, tenant: str, user_ids: Iterable[str]) -
     """Write ``passwd``, ``acl`` and ``credentials.json`` (0600) into `directory`.
 
     Existing passwords in ``credentials.json`` are kept, so re-running after adding users
-    does not lock out agents that are already configured.
+    does not lock out agents that are already configured. A user id that cannot be a
+    broker account (one of the server's reserved identities, or unsafe: a database written
+    by an older server or by hand) gets no account and is listed under ``skipped``; the
+    rest of the tenant is configured all the same.
     """
     directory.mkdir(parents=True, exist_ok=True)
     cred_path = directory / "credentials.json"
     old: dict[str, object] = {}
     if cred_path.is_file():
-        old = json.loads(cred_path.read_text())
+        try:
+            loaded = json.loads(cred_path.read_text())
+        except (OSError, ValueError) as e:
+            raise BrokerConfigError(f"{cred_path} cannot be read ({e}); fix or remove it") from None
+        old = loaded if isinstance(loaded, dict) else {}
     old_agents = old.get("agents") if isinstance(old.get("agents"), dict) else {}
     assert isinstance(old_agents, dict)
     old_server = old.get("server") if isinstance(old.get("server"), dict) else {}
@@ -75,10 +92,14 @@ def write_broker_config(directory: Path, tenant: str, user_ids: Iterable[str]) -
     server_user = server_username(tenant)
     server_pw = str(old_server.get("password") or secrets.token_urlsafe(24))
     agents: dict[str, str] = {}
+    skipped: list[str] = []
     for uid in sorted(set(user_ids)):
-        if uid == server_user:
-            raise ValueError(f"user id {uid!r} collides with the server account name")
-        agents[check_id(uid, "user id")] = str(old_agents.get(uid) or secrets.token_urlsafe(18))
+        try:
+            check_unreserved(uid, "user id")
+        except InvalidTopic:
+            skipped.append(uid)
+            continue
+        agents[uid] = str(old_agents.get(uid) or secrets.token_urlsafe(18))
 
     lines = [f"{server_user}:{hash_password(server_pw)}"]
     lines += [f"{uid}:{hash_password(pw)}" for uid, pw in agents.items()]
@@ -90,7 +111,7 @@ def write_broker_config(directory: Path, tenant: str, user_ids: Iterable[str]) -
         "agents": agents,
     }
     _write_private(cred_path, json.dumps(creds, indent=2) + "\n")
-    return creds
+    return {**creds, "skipped": skipped}
 
 
 def _write_private(path: Path, text: str) -> None:

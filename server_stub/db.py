@@ -140,6 +140,19 @@ CREATE INDEX IF NOT EXISTS reports_by_user ON reports(user_id);
 """
 
 
+async def _note_published(conn: aiosqlite.Connection, last_id: int) -> None:
+    """Raise the published revision to that of outbox row `last_id` (rows are in commit
+    order, so it is the highest one up to there); what the broker's marker is checked
+    against after a reconnect."""
+    await conn.execute(
+        "INSERT INTO meta(key, value) SELECT 'published_revision', r FROM "
+        "(SELECT revision AS r FROM outbox WHERE id<=? ORDER BY id DESC LIMIT 1) WHERE true "
+        "ON CONFLICT(key) DO UPDATE SET "
+        "value=max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+        (last_id,),
+    )
+
+
 class DatabaseError(RuntimeError):
     """The database file belongs to another tenant or has an unknown schema."""
 
@@ -283,36 +296,51 @@ class Database:
         n, oldest = rows[0]
         return {"waiting": int(n), "oldest_created_at": oldest}
 
-    async def outbox_batch(self, limit: int) -> list[tuple[int, str, bytes]]:
-        """The oldest `limit` messages not yet published, in commit order."""
+    async def outbox_batch(self, limit: int) -> list[tuple[int, int, str, bytes]]:
+        """The oldest `limit` messages not yet published, in commit order: (id, revision,
+        topic, payload)."""
         rows = await self.rows(
-            "SELECT id, topic, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT ?",
+            "SELECT id, revision, topic, payload FROM outbox WHERE published_at IS NULL "
+            "ORDER BY id LIMIT ?",
             (limit,),
         )
-        return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
+        return [(int(r[0]), int(r[1]), str(r[2]), bytes(r[3])) for r in rows]
 
     async def mark_published(self, first_id: int, last_id: int, at: float) -> None:
-        await self.conn.execute(
-            "UPDATE outbox SET published_at=? WHERE id<=? AND id>=? AND published_at IS NULL",
-            (at, last_id, first_id),
-        )
+        async with self.write() as conn:
+            await conn.execute(
+                "UPDATE outbox SET published_at=? WHERE id<=? AND id>=? AND published_at IS NULL",
+                (at, last_id, first_id),
+            )
+            await _note_published(conn, last_id)
 
-    async def retained_state(self) -> tuple[int, bool, list[tuple[str, bytes]]]:
-        """(last outbox id, whether any message waits, every retained topic and payload),
-        read in one transaction: the outbox rows up to that id are exactly the ones the
-        retained payloads cover."""
+    async def published_revision(self) -> int:
+        """The revision of the last message the broker acknowledged (0: none yet)."""
+        rows = await self.rows("SELECT value FROM meta WHERE key='published_revision'")
+        return int(rows[0][0]) if rows else 0
+
+    async def retained_state(
+        self, newer_than: int = 0
+    ) -> tuple[int, bool, list[tuple[str, bytes]]]:
+        """(last outbox id, whether any message waits, every retained topic and payload of a
+        revision above `newer_than`), read in one transaction: the outbox rows up to that
+        id are exactly the ones the retained payloads cover."""
         async with self.snapshot():
             max_id = await self.rows("SELECT max(id) FROM outbox")
             pending = await self.rows("SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT 1")
-            retained = await self.rows("SELECT topic, payload FROM retained")
+            retained = await self.rows(
+                "SELECT topic, payload FROM retained WHERE revision > ?", (newer_than,)
+            )
         last = int(max_id[0][0] or 0) if max_id else 0
         return last, bool(pending), [(str(r[0]), bytes(r[1])) for r in retained]
 
     async def mark_published_up_to(self, last_id: int, at: float) -> None:
-        await self.conn.execute(
-            "UPDATE outbox SET published_at=? WHERE id<=? AND published_at IS NULL",
-            (at, last_id),
-        )
+        async with self.write() as conn:
+            await conn.execute(
+                "UPDATE outbox SET published_at=? WHERE id<=? AND published_at IS NULL",
+                (at, last_id),
+            )
+            await _note_published(conn, last_id)
 
     async def forget_published(self, before: float) -> None:
         """Drop outbox rows published before `before` (they are history)."""

@@ -3,7 +3,13 @@
 The publisher keeps a persistent MQTT 5 session (client id ``addin-server-<tenant>``).
 When the broker answers CONNACK with *session present = false*, it has lost (or never
 had) our state, so everything in the `retained` table is published again before the
-outbox is drained. Rows written by other processes (CLI commands on the same database)
+outbox is drained. A broker with persistence that is killed comes back with the state of
+its last autosave: our session is "present", but what it acknowledged after that save is
+gone. So after every drained batch the publisher also publishes, retained, the revision
+it has just had acknowledged (the *marker*, ``server/published``), and after every
+reconnect it reads the marker back: a marker older than the server's published revision,
+or none, means the broker lost state, and the retained payloads newer than the marker
+(all of them without one) are published again. Rows written by other processes (CLI commands on the same database)
 are found by polling; in-process writes call `wake()`.
 
 The same MQTT session subscribes to the agents' ``report/+`` topics and hands each valid
@@ -18,8 +24,10 @@ before publishing any of them: the "killed between commit and publish" case.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,7 +36,14 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message
+from addin_core.protocol import (
+    AgentReport,
+    Filters,
+    ProtocolError,
+    decode_message,
+    server_identity,
+    server_topic,
+)
 from addin_runtime.mqtt import watch_session_present
 from addin_runtime.reconnect import (
     Backoff,
@@ -53,6 +68,8 @@ STABLE_AFTER = 30.0
 """Seconds a broker session must last before the backoff starts again from the bottom."""
 _RETRIED: tuple[type[Exception], ...] = (aiomqtt.MqttError, *TRANSIENT_ERRORS)
 """A lost broker, or a locked or full database: reconnect after a delay."""
+MARKER_READ_TIMEOUT = 30.0
+"""Seconds the broker has to hand back the marker after a reconnect before we reconnect."""
 TASK_STOP_TIMEOUT = 10.0
 """Seconds to wait for a session's receive and drain tasks to end before reconnecting."""
 
@@ -96,6 +113,11 @@ class Publisher:
         self.report_sink = report_sink
         self._wake = asyncio.Event()
         self._session_present = False
+        self._marker_topic = server_topic(tenant, "published")
+        self._probe_topic = server_topic(tenant, "probe")
+        self._marker: int | None = None
+        self._probe_nonce = b""
+        self._probe_seen = asyncio.Event()
         self.connected = asyncio.Event()
         self.published = 0
         self.republished_all = 0
@@ -119,7 +141,7 @@ class Publisher:
             self.port,
             username=self.username,
             password=self.password,
-            identifier=f"addin-server-{self.tenant}",
+            identifier=server_identity(self.tenant),
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,
             properties=props,
@@ -143,7 +165,7 @@ class Publisher:
         # drops us (another publisher with our client id) must not be retried 5 times a second.
         backoff = Backoff(*BACKOFF, stable_after=STABLE_AFTER)
         losses = LossClassifier(STABLE_AFTER)
-        client_id = f"addin-server-{self.tenant}"
+        client_id = server_identity(self.tenant)
         try:
             while True:
                 client: aiomqtt.Client | None = None
@@ -183,16 +205,22 @@ class Publisher:
     async def _session(self, database: Database, client: aiomqtt.Client) -> None:
         self.connections += 1
         await client.subscribe(Filters.reports(self.tenant), qos=1)
-        if not self._session_present:
-            await self.republish_all(database, client)
-        self.connected.set()
         # Not a TaskGroup: its ExceptionGroup would hide the MqttError `run` reconnects on.
-        tasks = [
-            asyncio.create_task(self._receive(client), name="receive"),
-            asyncio.create_task(self._drain_forever(database, client), name="drain"),
-        ]
+        receive = asyncio.create_task(self._receive(client), name="receive")
+        restore = asyncio.create_task(self._restore_broker_state(database, client), name="restore")
+        tasks = [receive, restore]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            # A connection lost while restoring ends the receive task at once; the restore's
+            # own calls would only notice at their 30 s timeouts.
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if receive.done():
+                receive.result()
+                raise aiomqtt.MqttError("message stream ended")
+            restore.result()
+            self.connected.set()
+            drain = asyncio.create_task(self._drain_forever(database, client), name="drain")
+            tasks.append(drain)
+            done, _ = await asyncio.wait([receive, drain], return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
                 t.result()
             raise aiomqtt.MqttError("message stream ended")
@@ -200,15 +228,78 @@ class Publisher:
             for t in tasks:
                 await cancel_and_wait(t, TASK_STOP_TIMEOUT, f"publisher task {t.get_name()}")
 
+    async def _restore_broker_state(self, database: Database, client: aiomqtt.Client) -> None:
+        """Give the broker what it lost: all of it without a session, what is newer than
+        its marker with one; then set the marker."""
+        if not self._session_present:
+            await self.republish_all(database, client)
+        else:
+            marker = await self._read_marker(client)
+            published = await database.published_revision()
+            if marker is None or marker < published:
+                await self.republish_newer(database, client, marker, published)
+        await self._publish_marker(client, await database.published_revision())
+
+    async def _read_marker(self, client: aiomqtt.Client) -> int | None:
+        """The broker's retained marker, or None when it has none. The probe we publish
+        after subscribing comes back after any retained marker (one connection, one order),
+        so its echo says the marker has arrived or never will."""
+        self._marker = None
+        self._probe_seen.clear()
+        self._probe_nonce = secrets.token_hex(8).encode()
+        await client.subscribe([(self._marker_topic, 1), (self._probe_topic, 1)])
+        await client.publish(self._probe_topic, self._probe_nonce, qos=1, timeout=30)
+        try:
+            async with asyncio.timeout(MARKER_READ_TIMEOUT):
+                await self._probe_seen.wait()
+        except TimeoutError:
+            raise aiomqtt.MqttError("the broker did not return the published marker") from None
+        await client.unsubscribe([self._marker_topic, self._probe_topic])
+        return self._marker
+
+    async def _publish_marker(self, client: aiomqtt.Client, revision: int) -> None:
+        marker = json.dumps({"revision": revision, "published_at": time.time()}).encode()
+        await client.publish(self._marker_topic, marker, qos=1, retain=True, timeout=30)
+
+    def _on_server_topic(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self._probe_topic:
+            if payload == self._probe_nonce:
+                self._probe_seen.set()
+        elif retained:
+            try:
+                revision = json.loads(payload)["revision"]
+            except (ValueError, TypeError, KeyError):
+                revision = None
+            self._marker = revision if isinstance(revision, int) else None
+
     async def republish_all(self, database: Database, client: aiomqtt.Client) -> int:
         """Publish every current retained payload; the outbox rows it covers are done."""
-        last_id, pending, retained = await database.retained_state()
+        return await self._republish(database, client, 0, "broker has no session for us")
+
+    async def republish_newer(
+        self, database: Database, client: aiomqtt.Client, marker: int | None, published: int
+    ) -> int:
+        """The broker kept our session but lost messages it had acknowledged: publish the
+        retained payloads newer than its marker (all of them without a marker)."""
+        why = f"broker lost state (its marker: revision {marker}; acknowledged: {published})"
+        return await self._republish(database, client, marker or 0, why)
+
+    async def _republish(
+        self, database: Database, client: aiomqtt.Client, newer_than: int, why: str
+    ) -> int:
+        last_id, pending, retained = await database.retained_state(newer_than)
         if pending:
             self._crash_hook()
-        log.info("broker has no session for us: republishing %d retained topics", len(retained))
+        log.log(
+            logging.WARNING if newer_than else logging.INFO,
+            "%s: republishing %d retained topics",
+            why,
+            len(retained),
+        )
         await self._publish_many(client, retained)
         await database.mark_published_up_to(last_id, time.time())
-        self.republished_all += 1
+        if newer_than == 0:
+            self.republished_all += 1
         return len(retained)
 
     async def _publish_many(self, client: aiomqtt.Client, msgs: list[tuple[str, bytes]]) -> None:
@@ -226,9 +317,10 @@ class Publisher:
         if not rows:
             return 0
         self._crash_hook()
-        await self._publish_many(client, [(topic, payload) for _, topic, payload in rows])
+        await self._publish_many(client, [(topic, payload) for _, _, topic, payload in rows])
         # Every publish above got its PUBACK (publish() with qos=1 waits for it).
         await database.mark_published(rows[0][0], rows[-1][0], time.time())
+        await self._publish_marker(client, rows[-1][1])
         return len(rows)
 
     async def _drain_forever(self, database: Database, client: aiomqtt.Client) -> None:
@@ -248,8 +340,12 @@ class Publisher:
         store = asyncio.create_task(intake.run()) if intake is not None else None
         try:
             async for message in client.messages:
+                topic = str(message.topic)
+                if topic in (self._marker_topic, self._probe_topic):
+                    self._on_server_topic(topic, bytes(message.payload), bool(message.retain))
+                    continue
                 try:
-                    _, payload = decode_message(str(message.topic), bytes(message.payload))
+                    _, payload = decode_message(topic, bytes(message.payload))
                 except ProtocolError as e:
                     log.warning("ignoring invalid message: %s", e)
                     continue

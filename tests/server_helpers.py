@@ -51,6 +51,8 @@ class Collector:
             await c.subscribe(Filters.everything(self.tenant), qos=1)
             self._ready.set()
             async for m in c.messages:
+                if self.short(str(m.topic)).startswith("server/"):
+                    continue  # the publisher's own marker, not protocol state
                 payload = json.loads(bytes(m.payload))  # type: ignore[arg-type]
                 self.messages.append((str(m.topic), payload, bool(m.retain)))
 
@@ -96,8 +98,9 @@ async def retained_state(port: int, tenant: str = "contoso", quiet: float = 0.5)
                             m = await anext(c.messages)
                     except TimeoutError:
                         break
-                    if m.retain:
-                        got[str(m.topic).removeprefix(f"addins/v1/{tenant}/")] = json.loads(
+                    short = str(m.topic).removeprefix(f"addins/v1/{tenant}/")
+                    if m.retain and not short.startswith("server/"):
+                        got[short] = json.loads(
                             bytes(m.payload)  # type: ignore[arg-type]
                         )
         except TimeoutError:

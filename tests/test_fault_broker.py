@@ -18,12 +18,14 @@ from fault_helpers import (
     USERS,
     Rollout,
     converge,
+    eventually,
     integrity,
     nothing_lost,
     regressions,
     start_system,
     stop_agents,
 )
+from server_helpers import retained_state
 
 from simulator.mosquitto import MosquittoBroker
 
@@ -93,3 +95,39 @@ async def test_broker_restarted_with_and_without_persistence(
     else:
         assert republished == 3, log
     _caches_ok(tmp_path, users)
+
+
+@pytest.mark.parametrize("persistence", [True, False], ids=["persistence", "no-persistence"])
+async def test_broker_sigkilled_after_acknowledging_changes_it_had_not_saved(
+    tmp_path: Path, broker_factory: Callable[..., MosquittoBroker], persistence: bool
+) -> None:
+    # A long autosave: what the broker acknowledges after its last save is only in memory.
+    broker = broker_factory(
+        persistence=persistence, extra_config="autosave_interval 3600" if persistence else ""
+    )
+    server, admin, _ = await start_system(tmp_path, broker)
+    rollout = Rollout(seed=630)
+    try:
+        await eventually(lambda: server.unpublished() == 0, 20, "the organisation to publish")
+        # A graceful restart saves the broker's state, the server's session in it ...
+        broker.stop()
+        broker.restart()
+        for _ in range(5):
+            await admin.apply(rollout.step())
+        # ... then it acknowledges changes it never saves, and dies.
+        await eventually(lambda: server.unpublished() == 0, 20, "the changes to publish")
+        broker.kill()
+        broker.restart()
+        # A fresh subscriber gets the server's state within seconds, not at anti-entropy.
+        want = server.retained_rows()
+        got: dict[str, object] = {}
+        for _ in range(20):
+            got = await retained_state(broker.port, quiet=0.3)
+            if got == want:
+                break
+            await asyncio.sleep(0.2)
+        assert got == want, sorted(t for t in want.keys() | got.keys() if want.get(t) != got.get(t))
+    finally:
+        server.kill()
+    if persistence:
+        assert "broker lost state" in server.log.read_text()

@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
+from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import held_by
-from server_stub.broker_config import write_broker_config
+from server_stub.broker_config import BrokerConfigError, write_broker_config
 from server_stub.cli.runner import common, db_path, run
 from server_stub.explain import render_explain, render_status
 from server_stub.service import Service
@@ -49,11 +50,17 @@ def broker_config(directory: Path, **kw: Any) -> None:
 
     async def op(s: Service) -> dict[str, Any]:
         users = await s.user_ids()
-        creds = write_broker_config(directory, s.tenant, users)
+        try:
+            creds = write_broker_config(directory, s.tenant, users)
+        except (BrokerConfigError, OSError) as e:
+            error(str(e))
+        skipped = creds["skipped"]
+        assert isinstance(skipped, list)
         return {
             "directory": str(directory),
             "server_username": creds["server"]["username"],  # type: ignore[index]
-            "agents": len(users),
+            "agents": len(users) - len(skipped),
+            "skipped": skipped,
             "files": ["passwd", "acl", "credentials.json"],
         }
 
@@ -61,8 +68,17 @@ def broker_config(directory: Path, **kw: Any) -> None:
 
 
 def _wrote(r: dict[str, Any]) -> str:
-    return (
+    text = (
         f"wrote {r['directory']}/passwd ({r['agents']} agent accounts + server account "
         f"{r['server_username']}), {r['directory']}/acl, "
         f"{r['directory']}/credentials.json (mode 0600)"
     )
+    if r["skipped"]:
+        # A database from before user ids were checked can hold one that cannot be an
+        # account; the rest of the tenant must still get its accounts.
+        text += (
+            f"\nwarning: no broker account for user ids {', '.join(map(repr, r['skipped']))}: "
+            "reserved or unsafe as a broker account name; remove them with "
+            "`addin-server user remove ID`"
+        )
+    return text

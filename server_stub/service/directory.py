@@ -11,7 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from addin_core.protocol import Policy, Topic
-from server_stub.service.errors import BadRequest, Conflict, NotFound, checked_id
+from server_stub.service.errors import BadRequest, Conflict, NotFound, checked_id, checked_user_id
 from server_stub.service.lookup import need
 from server_stub.service.messages import emit_membership, emit_parents
 from server_stub.service.unit_of_work import Tx, UnitOfWork
@@ -76,7 +76,7 @@ class Directory:
         await need(self.database, tx, table, key, what)
 
     async def create_user(self, user_id: str, name: str | None = None) -> dict[str, Any]:
-        user_id = checked_id(user_id, "user id")
+        user_id = checked_user_id(user_id)
         async with self.uow.write("create_user", {"id": user_id, "name": name}) as tx:
             if await tx.row("SELECT 1 FROM users WHERE id=?", (user_id,)):
                 raise Conflict(f"user {user_id!r} already exists")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from addin_core.protocol import InvalidTopic, Mode, check_id
+from addin_core.protocol import InvalidTopic, Mode, check_id, check_unreserved
 
 
 class OperationError(Exception):
@@ -43,6 +43,14 @@ def checked_id(value: Any, what: str) -> str:
     """`value` as a topic-safe id, or BadRequest saying why not."""
     try:
         return check_id(value, what)
+    except InvalidTopic as e:
+        raise BadRequest(str(e)) from None
+
+
+def checked_user_id(value: Any) -> str:
+    """`value` as a user id: topic-safe and not one of the server's own identities."""
+    try:
+        return check_unreserved(value, "user id")
     except InvalidTopic as e:
         raise BadRequest(str(e)) from None
 

@@ -29,6 +29,7 @@ from server_stub.service.errors import (
     InvalidManifest,
     NotFound,
     checked_id,
+    checked_user_id,
     parse_mode,
 )
 from server_stub.service.messages import assign_topic
@@ -213,7 +214,7 @@ class OrgLoader:
 
 
 async def _load_directory(tx: Tx, doc: OrgDocument) -> _Directory:
-    users = [(checked_id(u.id, "user id"), u.name or u.id) for u in doc.users]
+    users = [(checked_user_id(u.id), u.name or u.id) for u in doc.users]
     await tx.executemany("INSERT OR IGNORE INTO users(id, name) VALUES (?,?)", users)
     groups, members, nestings = [], [], []
     for g in doc.groups:
