@@ -605,3 +605,15 @@ def test_control_and_bidi_characters_in_names_never_reach_the_terminal(
         shown = next(r.stdout for k, r in runs.items() if k.startswith(what))
         assert "Bidi\\u009b\\u202e\\u2066" in shown, (what, shown)
     assert "\\u202e" in runs["server manifest validate"].stdout
+
+
+def test_a_newline_in_a_name_cannot_forge_a_line_of_server_output(world: World) -> None:
+    # XML keeps a character reference's newline in an attribute value: the name holds "\n".
+    out = world.upload(manifest("newline", display="Tables&#10;FORGED current 9.9.9.9"))
+    for args in (("addin", "list"), ("addin", "show", out["addin_id"]), ("status",)):
+        r = server_cli(world.db, *args)
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+        assert not any(line.startswith("FORGED") for line in r.stdout.splitlines()), r.stdout
+        # Tables show the escape; `addin show` prints JSON, which escapes it as \n.
+        escaped = "Tables\\nFORGED" if args[1:2] == ("show",) else "Tables\\u000aFORGED"
+        assert escaped in r.stdout, (args, r.stdout)

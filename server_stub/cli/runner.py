@@ -201,10 +201,27 @@ def _print(result: T, as_json: bool, render: Callable[[T], str] | None) -> None:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
     elif render is not None:
         # Names and reasons in the rendered text come from manifests: no raw control or bidi
-        # characters reach the admin's terminal (JSON escapes them itself).
-        click.echo(printable(render(result), keep_newlines=True))
+        # characters reach the admin's terminal (JSON escapes them itself). Each value is
+        # escaped before rendering too, so a newline inside a name cannot start a line that
+        # reads like one of ours; the rendering's own newlines stay.
+        # (JSON renderings escape every string themselves.)
+        shown = result if render is show_json else _escaped(result)
+        click.echo(printable(render(shown), keep_newlines=True))
     else:
-        click.echo(printable(_summary(result), keep_newlines=True))
+        click.echo(printable(_summary(_escaped(result)), keep_newlines=True))
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every string in it (keys too) passed through `printable`."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+        return type(value)(*(_escaped(v) for v in value))
+    if isinstance(value, list | tuple):
+        return type(value)(_escaped(v) for v in value)
+    return value
 
 
 async def _unpublished_note(service: Service, path: Path, revision: int) -> str | None:
