@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 
 
+def _broker_url(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a malformed --broker at once, not after starting a server that cannot use it."""
+    if value is not None:
+        from server_stub.publisher import parse_broker_url
+
+        try:
+            parse_broker_url(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Run thousands of virtual agents against a real broker and server."""
@@ -53,7 +65,13 @@ def org(
 @main.command()
 @click.option("--clients", type=click.IntRange(1, 100_000), default=1000, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Default: one per core.")
-@click.option("--broker", "broker_url", default=None, help="mqtt://HOST:PORT (default: private).")
+@click.option(
+    "--broker",
+    "broker_url",
+    default=None,
+    callback=_broker_url,
+    help="mqtt://HOST:PORT (default: private).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def baseline(clients: int, workers: int | None, broker_url: str | None, as_json: bool) -> None:
     """Bare MQTT fan-out: one QoS 1 publish to N bare aiomqtt subscribers."""
@@ -163,7 +181,11 @@ async def _until_signalled(coordinator: Any) -> Any:
     show_default=True,
 )
 @click.option(
-    "--broker", "broker_url", default=None, help="mqtt://HOST:PORT (default: a private Mosquitto)."
+    "--broker",
+    "broker_url",
+    default=None,
+    callback=_broker_url,
+    help="mqtt://HOST:PORT (default: a private Mosquitto).",
 )
 @click.option(
     "--server",
@@ -292,7 +314,9 @@ def _run_with_progress(sc: Scenario, options: RunOptions) -> RunResult:
 
 @main.command()
 @click.option("--run", "run_id", required=True, help="The run id the coordinator printed.")
-@click.option("--broker", "broker_url", required=True, help="mqtt://HOST:PORT")
+@click.option(
+    "--broker", "broker_url", required=True, callback=_broker_url, help="mqtt://HOST:PORT"
+)
 @click.option("--server", "server_url", required=True, help="http://HOST:PORT of the server stub.")
 @click.option(
     "--cache-dir",

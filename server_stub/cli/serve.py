@@ -70,6 +70,7 @@ def serve(
     except ValueError as e:
         # Refused here, before any database is made, not retried for ever by the publisher.
         error(f"--broker {e}", 2)
+    _check_listen(host, int(port))
     settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
                          admin_token, agent_token, admin_user, store_catalog, max_addins)  # fmt: skip
     _serve_alone(db_path(writes=True), settings)
@@ -139,3 +140,17 @@ async def _run_server(path: Path, s: _Settings) -> None:
     finally:
         await cancel_and_wait(pub, 10, "the publisher")
         await service.close()
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse an address we cannot listen on before any database is made: uvicorn would
+    otherwise log its own error and exit 3 after the database was opened."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        error(f"cannot listen on {host}:{port}: {e.strerror or e}")
