@@ -1,6 +1,6 @@
 """The one module that reads aiomqtt's and paho's private attributes.
 
-aiomqtt wraps a paho client and exposes neither of the three things the agent and the
+aiomqtt wraps a paho client and exposes none of the four things the agent and the
 server need, so both reach into it here and nowhere else:
 
 - the CONNACK session-present flag (the server's publisher must give a broker that lost
@@ -11,7 +11,11 @@ server need, so both reach into it here and nowhere else:
   fan-out's CPU with thousands of agents in one process; this reads ``Client._client``,
   ``Client._queue`` (what arrived before the switch) and ``Client._disconnected``;
 - the reason code of a lost connection (`disconnected_future`): recorded only in
-  ``Client._disconnected``, not in the fresh error the message iterator raises.
+  ``Client._disconnected``, not in the fresh error the message iterator raises;
+- why a connection was lost before the broker's CONNACK (`fail_fast_before_connack`): a
+  broker refusing the client's certificate sends its TLS alert only then (TLS 1.3), paho
+  only logs it, and aiomqtt ignores that loss and waits for its timeout; this wraps paho's
+  ``on_disconnect`` and ``on_log`` and ends ``Client._connected`` with paho's words.
 
 Each access is guarded: it checks the attribute exists and has the expected type, and
 otherwise says so (`watch_session_present` and `deliver_directly` return False/None and
@@ -29,6 +33,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import aiomqtt
 import paho.mqtt.client as paho
 
 log = logging.getLogger("addin_runtime.mqtt")
@@ -108,6 +113,44 @@ def deliver_directly(
         m = queue.get_nowait()
         on_message(str(m.topic), payload_bytes(m.payload))
     return gone
+
+
+def fail_fast_before_connack(client: object) -> bool:
+    """When paho loses the connection before the broker's CONNACK, make aiomqtt's connect
+    fail at once with ``MqttError(paho's error text)`` (e.g. ``failed to receive on socket:
+    [SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] ...``) instead of "Operation timed out" at its
+    timeout. False, with nothing changed, when this aiomqtt lacks the internals: the connect
+    then times out as before."""
+    inner = paho_client(client)
+    aiomqtt_on_disconnect = getattr(inner, "on_disconnect", None)
+    if (
+        inner is None
+        or not callable(aiomqtt_on_disconnect)
+        or not isinstance(getattr(client, "_connected", None), asyncio.Future)
+    ):
+        return False
+    last_error: list[str] = []
+
+    def on_log(_c: object, _userdata: object, level: int, text: str) -> None:
+        if level == paho.MQTT_LOG_ERR:
+            last_error[:] = [text]
+
+    def on_disconnect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        waiting = getattr(client, "_connected", None)  # private: aiomqtt.Client._connected
+        if isinstance(waiting, asyncio.Future) and not waiting.done():
+            why = last_error[0] if last_error else f"connection lost before the CONNACK ({rc})"
+
+            def fail() -> None:
+                if not waiting.done():
+                    waiting.set_exception(aiomqtt.MqttError(why))
+
+            # paho calls back on the event loop's thread under aiomqtt, but not promised.
+            waiting.get_loop().call_soon_threadsafe(fail)
+        aiomqtt_on_disconnect(c, userdata, flags, rc, props)
+
+    inner.on_log = on_log
+    inner.on_disconnect = on_disconnect
+    return True
 
 
 def payload_bytes(payload: object) -> bytes:

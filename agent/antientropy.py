@@ -49,6 +49,7 @@ from agent.config import AgentConfig
 from agent.resolver import resolve
 from agent.state import ReceivedState
 from agent.subscriptions import ancestry
+from agent.tls import explain, httpx_verify
 
 log = logging.getLogger("addin_agent.antientropy")
 
@@ -103,6 +104,12 @@ def local_digest(state: ReceivedState, user_id: str) -> EntitlementDigest:
 
 def _jittered(interval: float) -> float:
     return interval * random.uniform(1 - JITTER, 1 + JITTER)
+
+
+def _failure_text(e: Exception) -> str:
+    """Why a request to the server failed: a TLS refusal in words (agent/tls.py), else the
+    error's type and text."""
+    return explain(e, "server") or (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -186,7 +193,9 @@ class AntiEntropy:
         if shared is not None:  # the fetcher's pool (one per process in the simulator)
             return shared
         if self._own_http is None:
-            self._own_http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=5.0))
+            self._own_http = httpx.AsyncClient(
+                timeout=httpx.Timeout(10.0, connect=5.0), verify=httpx_verify(self.agent.config)
+            )
         return self._own_http
 
     async def _get_json(self, path: str) -> dict[str, Any]:
@@ -214,7 +223,7 @@ class AntiEntropy:
             count = int(server.get("count", 0))
         except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
             # Never act on missing data: an unreachable server changes nothing here.
-            text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            text = _failure_text(e)
             return await self._record(
                 CheckResult(time.time(), "error", agent.revision, detail=text[:300])
             )
@@ -266,7 +275,7 @@ class AntiEntropy:
             if not isinstance(messages, list):
                 raise TypeError("messages is not a list")
         except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
-            text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            text = _failure_text(e)
             return await self._record(
                 CheckResult(
                     time.time(),
@@ -377,9 +386,9 @@ def compare_now(cfg: AgentConfig, state: ReceivedState) -> tuple[Literal["ok", "
     local = local_digest(state, cfg.user_id)
     url = f"{cfg.server_url.rstrip('/')}/v1/agents/{cfg.user_id}/digest"
     try:
-        r = httpx.get(url, headers=_headers(cfg.server_token), timeout=5)
+        r = httpx.get(url, headers=_headers(cfg.server_token), timeout=5, verify=httpx_verify(cfg))
     except httpx.HTTPError as e:
-        return "warn", f"{url} unreachable: {e}"
+        return "warn", f"{url} unreachable: {explain(e, 'server') or e}"
     if r.status_code != 200:
         hint = " (check server_token)" if r.status_code in (401, 403) else ""
         return "warn", f"{url} answered HTTP {r.status_code}{hint}"

@@ -85,6 +85,13 @@ async def _run(cfg: AgentConfig) -> str | None:
     from agent.daemon import Agent
 
     log = logging.getLogger("addin_agent")
+    if cfg.insecure:
+        gaps = cfg.lab_gaps()
+        log.warning(
+            "insecure = true (lab mode)%s; outside a lab use the agent.toml from "
+            "`addin-server enroll`",
+            ": " + "; ".join(gaps) if gaps else "",
+        )
     agent = Agent(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -73,6 +73,23 @@ def status_data(rm: ReadModel, cache_path: str | None = None) -> dict[str, Any]:
     }
 
 
+def security_text(sec: object) -> str | None:
+    """The daemon's security settings as it recorded them at start (None from an older
+    cache): lab mode in yellow, saying what it leaves open."""
+    if not isinstance(sec, dict):
+        return None
+    if not sec.get("insecure"):
+        return "yes: TLS to broker and server, signed state required"
+    plain = [
+        *(["plain MQTT"] if not sec.get("broker_tls") else []),
+        *(["plain HTTP"] if not sec.get("server_tls") else []),
+        *(["unsigned state accepted"] if not sec.get("signed_state") else []),
+    ]
+    return "[yellow]no[/yellow], insecure = true (lab mode)" + (
+        ": " + ", ".join(plain) if plain else ""
+    )
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
@@ -95,6 +112,9 @@ def status(c: Ctx, as_json: bool) -> None:
         f"tenant {shown(cl.get('tenant', '?'))}"
     )
     console.print(f"Broker  {conn_text}")
+    security = security_text(cl.get("security"))
+    if security:
+        console.print(f"Secure  {security}")
     console.print(f"State   revision {d['revision']}, last message {when(d['last_message_at'])}")
     console.print(f"Sync    anti-entropy {shown(describe_last(d['anti_entropy']))}")
     n = d["counts"]

@@ -1,21 +1,29 @@
 """Agent configuration: a TOML file, each field overridable by `ADDIN_AGENT_<FIELD>`.
 
-Example ``agent.toml``::
+Example ``agent.toml`` (what `addin-server enroll` writes, plus local choices)::
 
     tenant = "contoso"
     user_id = "ann"
     client_id = "ann-laptop"
-    broker_url = "mqtt://broker.contoso.local:1883"
+    broker_url = "mqtts://broker.contoso.local"        # TLS; port 8883 by default
     server_url = "https://addins.contoso.local"
-    server_token = "agent-secret"
+    server_token = "device-token"
+    signing_key = "base64 Ed25519 public key"         # state messages must carry its signature
+    tls_ca = "ca.crt"                                 # a path, or the PEM text inline
+    tls_cert = "device.crt"
+    tls_key = "device.key"
     cache_path = "/var/lib/addin-agent/cache.sqlite"
     hosts = ["Word", "Excel", "PowerPoint", "Outlook"]
     applier = "folder"
     applier_dir = "/var/lib/addin-agent/wef"
     control = "/run/addin-agent/agent.sock"   # a unix socket path, or "" to disable
 
-Relative paths in the file (``cache_path``, ``applier_dir``, a ``control`` socket) are taken
-from the file's folder, so the daemon and the helpdesk commands find the same files whatever
+Without ``insecure = true`` the broker must be ``mqtts://``, the server ``https://``, and
+``signing_key`` and the three ``tls_*`` fields are required; ``insecure = true`` (a lab) allows
+plain MQTT and HTTP and unsigned state.
+
+Relative paths in the file (``cache_path``, ``applier_dir``, a ``control`` socket, the
+``tls_*`` files) are taken from the file's folder, so the daemon and the helpdesk commands find the same files whatever
 directory they start in; relative paths from the environment are taken from the current one.
 Every value is checked here, at load: a bad one is refused before anything starts, with the
 field, where it came from and what to write instead.
@@ -35,11 +43,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from addin_core.protocol import Host, check_id, check_unreserved
+from agent import pem
 
 ENV_PREFIX = "ADDIN_AGENT_"
 
@@ -48,7 +58,15 @@ MAX_SOCKET_PATH = 107
 one cannot be bound, and the kernel's error does not say why."""
 
 PATH_FIELDS = ("cache_path", "applier_dir")
-"""Fields holding a file or folder; ``control`` too when it names a socket."""
+"""Fields holding a file or folder; ``control`` too when it names a socket, and the
+`TLS_FIELDS` when they are not inline PEM."""
+
+TLS_FIELDS = ("tls_ca", "tls_cert", "tls_key")
+
+MQTT_PORT, MQTTS_PORT = 1883, 8883
+
+SECURE_HOW = "use the agent.toml from `addin-server enroll`, or set insecure = true for a lab"
+"""The end of every refusal of an insecure setting: the two ways out."""
 
 
 class ConfigError(ValueError):
@@ -106,11 +124,23 @@ class AgentConfig(BaseModel):
     tenant: str
     user_id: str
     client_id: str
-    broker_url: str = "mqtt://127.0.0.1:1883"
+    insecure: bool = False
+    """Lab switch: allows mqtt:// and http:// and (without signing_key) unsigned state. The
+    fields below are checked against it, so it comes before them."""
+    broker_url: str = Field(default="mqtt://127.0.0.1:1883", validate_default=True)
     broker_username: str | None = None
     broker_password: str | None = Field(default=None, repr=False)
-    server_url: str = "http://127.0.0.1:8080"
+    server_url: str = Field(default="http://127.0.0.1:8080", validate_default=True)
     server_token: str | None = Field(default=None, repr=False)
+    signing_key: str | None = Field(default=None, validate_default=True)
+    """base64 of the server's raw Ed25519 public key: every state message must carry its
+    signature. Required unless insecure."""
+    tls_ca: str | None = Field(default=None, validate_default=True)
+    """The CA that verifies the broker and the server: PEM text or a file path."""
+    tls_cert: str | None = Field(default=None, validate_default=True)
+    """This device's client certificate for the broker (CN = client_id)."""
+    tls_key: str | None = Field(default=None, repr=False, validate_default=True)
+    """Its private key (unencrypted PEM)."""
     cache_path: str = "addin-agent.sqlite"
     hosts: tuple[Host, ...] = tuple(Host)
     applier: Literal["memory", "folder"] = "memory"
@@ -144,16 +174,66 @@ class AgentConfig(BaseModel):
 
     @field_validator("broker_url")
     @classmethod
-    def _broker(cls, v: str) -> str:
-        u = _split_url(v, ("mqtt", "tcp"), "mqtt://HOST:PORT")
+    def _broker(cls, v: str, info: ValidationInfo) -> str:
+        u = _split_url(v, ("mqtts", "mqtt", "tcp"), "mqtts://HOST[:PORT] or mqtt://HOST:PORT")
         if u.path not in ("", "/"):
-            raise ValueError(f"{v!r} must not have a path: write mqtt://HOST:PORT")
+            raise ValueError(f"{v!r} must not have a path: write mqtts://HOST[:PORT]")
+        if u.scheme != "mqtts" and _secure(info):
+            raise ValueError(
+                f"{v!r} is plain MQTT; without insecure = true the broker must be "
+                f"mqtts://HOST[:PORT] (TLS, port {MQTTS_PORT} by default): {SECURE_HOW}"
+            )
         return v
 
     @field_validator("server_url")
     @classmethod
-    def _server(cls, v: str) -> str:
-        _split_url(v, ("http", "https"), "http://HOST:PORT or https://HOST")
+    def _server(cls, v: str, info: ValidationInfo) -> str:
+        u = _split_url(v, ("http", "https"), "https://HOST[:PORT] or http://HOST:PORT")
+        if u.scheme != "https" and _secure(info):
+            raise ValueError(
+                f"{v!r} is plain HTTP; without insecure = true the server must be "
+                f"https://HOST[:PORT]: {SECURE_HOW}"
+            )
+        return v
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None or not v.strip():
+            if _secure(info):
+                raise ValueError(
+                    "missing; without insecure = true every state message must be signed, "
+                    f"and this is the server's public key that checks it: {SECURE_HOW}"
+                )
+            return None
+        pem.signing_key_bytes(v)
+        return v.strip()
+
+    @field_validator("tls_ca")
+    @classmethod
+    def _tls_ca(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if _tls_missing(v, info, "the CA certificate that verifies the broker and the server"):
+            return None
+        assert v is not None
+        pem.certificates(v)
+        return v
+
+    @field_validator("tls_cert")
+    @classmethod
+    def _tls_cert(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if _tls_missing(v, info, "this device's certificate for the broker"):
+            return None
+        assert v is not None
+        pem.certificates(v)
+        return v
+
+    @field_validator("tls_key")
+    @classmethod
+    def _tls_key(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if _tls_missing(v, info, "the private key of this device's certificate"):
+            return None
+        assert v is not None
+        pem.private_key(v)
         return v
 
     @field_validator("cache_path")
@@ -177,7 +257,46 @@ class AgentConfig(BaseModel):
             raise ValueError("applier = 'folder' needs applier_dir")
         if self.broker_password is not None and not self.broker_username:
             raise ValueError("broker_password is set but broker_username is not")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, other = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise ValueError(f"{given} is set but {other} is not: a certificate needs its key")
+        if self.tls_cert is not None and self.tls_key is not None:
+            cert = pem.certificates(self.tls_cert)[0]
+            if not pem.same_key(cert, pem.private_key(self.tls_key)):
+                raise ValueError(
+                    "tls_key is not the key of tls_cert: give the key that was issued with "
+                    "this certificate"
+                )
+            cn = pem.common_name(cert)
+            if cn != self.client_id:
+                raise ValueError(
+                    f"tls_cert is for device {cn!r} (its CN) but client_id is "
+                    f"{self.client_id!r}: the broker takes the certificate's name as the "
+                    "client id; set client_id to it, or use this device's own certificate"
+                )
         return self
+
+    def lab_gaps(self) -> list[str]:
+        """What `insecure` leaves unprotected here, in words (for the start warning and
+        `doctor`)."""
+        return [
+            *([f"broker {self.broker_url} without TLS"] if not self.broker_tls else []),
+            *([f"server {self.server_url} without TLS"] if not self.server_tls else []),
+            *(
+                ["state messages accepted unsigned (no signing_key)"]
+                if not self.signing_key
+                else []
+            ),
+        ]
+
+    @property
+    def broker_tls(self) -> bool:
+        """Whether the broker is reached over TLS (``mqtts://``)."""
+        return urlsplit(self.broker_url).scheme == "mqtts"
+
+    @property
+    def server_tls(self) -> bool:
+        return urlsplit(self.server_url).scheme == "https"
 
     @property
     def broker_host(self) -> str:
@@ -185,7 +304,22 @@ class AgentConfig(BaseModel):
 
     @property
     def broker_port(self) -> int:
-        return urlsplit(self.broker_url).port or 1883
+        return urlsplit(self.broker_url).port or (MQTTS_PORT if self.broker_tls else MQTT_PORT)
+
+
+def _secure(info: ValidationInfo) -> bool:
+    """Whether the fields are checked for secure mode: `insecure` was read and is false.
+    When `insecure` itself is invalid its own error is the one to read, so not."""
+    return "insecure" in info.data and not info.data["insecure"]
+
+
+def _tls_missing(v: str | None, info: ValidationInfo, what: str) -> bool:
+    """True when the tls_* value is absent (allowed in insecure mode); raise in secure mode."""
+    if v is not None and v.strip():
+        return False
+    if _secure(info):
+        raise ValueError(f"missing; without insecure = true {what} is required: {SECURE_HOW}")
+    return True
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
@@ -202,9 +336,11 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _relative_to(base: Path, data: dict[str, Any]) -> None:
     """Make the file's relative paths relative to its folder (in place)."""
-    for name in (*PATH_FIELDS, "control"):
+    for name in (*PATH_FIELDS, "control", *TLS_FIELDS):
         value = data.get(name)
         if not isinstance(value, str) or not value or value in (":memory:", ":none:"):
+            continue
+        if name in TLS_FIELDS and pem.is_inline(value):
             continue
         if name == "control":
             try:

@@ -36,6 +36,7 @@ from agent.pending import ManifestRecord, PendingChange, PendingKey
 from agent.resolver import Entitlement
 from agent.state import ReceivedState
 from agent.subscriptions import desired_filters
+from agent.tls import https_context, mqtt_context
 from agent.transport import Transport
 
 log = logging.getLogger("addin_agent")
@@ -172,6 +173,7 @@ class Agent:
             self.config.server_token,
             http=self._http,
             concurrency=self.config.fetch_concurrency,
+            ssl_context=https_context(self.config),
         )
         self.downloads = Downloads(
             fetcher, self._record_manifest, self._record_fetch_error, self._still_needed
@@ -197,6 +199,7 @@ class Agent:
             on_disconnect=self._on_disconnect,
             desired=lambda: desired_filters(self.state, self.config.user_id),
             clean_start_first=first,
+            tls_context=mqtt_context(self.config),
         )
         self.transport.start()
         self._schedule_fetches()
@@ -260,6 +263,8 @@ class Agent:
                 "user_id": self.config.user_id,
                 "client_id": self.config.client_id,
                 "hosts": [h.value for h in self.config.hosts],
+                # For `status`, which reads the cache only.
+                "security": security(self.config),
             },
         )
         await c.commit(tx)
@@ -520,6 +525,16 @@ class Agent:
             return False
         topic = Topic.report(self.config.tenant, self.config.client_id)
         return bool(await self.transport.publish(str(topic), self.report().to_bytes()))
+
+
+def security(cfg: AgentConfig) -> dict[str, bool]:
+    """How this agent talks to the broker and the server, as `status` shows it."""
+    return {
+        "insecure": cfg.insecure,
+        "broker_tls": cfg.broker_tls,
+        "server_tls": cfg.server_tls,
+        "signed_state": cfg.signing_key is not None,
+    }
 
 
 __all__ = ["Agent", "AgentEvent", "AgentRefusal"]

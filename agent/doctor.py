@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import socket
 import time
@@ -11,15 +12,20 @@ from typing import Literal
 
 from addin_runtime.instance_lock import SUPPORTED as lock_supported
 from addin_runtime.instance_lock import held_by
+from agent import pem
 from agent.config import AgentConfig
 from agent.readmodel import ReadModel
 from agent.subscriptions import desired_filters
+from agent.tls import explain, httpx_verify, mqtt_context
 
 Status = Literal["ok", "warn", "fail"]
 
 MAX_SKEW = 60.0
 """Seconds of clock difference with the server before doctor warns (event times and
 `committed_at` latencies become misleading)."""
+
+CERT_WARN_DAYS = 30
+"""`doctor` warns when the device certificate expires within this many days."""
 
 
 @dataclass(slots=True)
@@ -41,6 +47,7 @@ def check_broker(cfg: AgentConfig, timeout: float = 5.0) -> Check:
     import paho.mqtt.client as mqtt
 
     result: dict[str, object] = {}
+    errors: list[str] = []
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=f"{cfg.client_id}-doctor"[:128],
@@ -48,25 +55,101 @@ def check_broker(cfg: AgentConfig, timeout: float = 5.0) -> Check:
     )
     if cfg.broker_username:
         client.username_pw_set(cfg.broker_username, cfg.broker_password)
+    ctx = mqtt_context(cfg)
+    if ctx is not None:
+        client.tls_set_context(ctx)
 
     def on_connect(c: object, u: object, f: object, rc: object, p: object = None) -> None:
         result.setdefault("rc", rc)
 
+    def on_log(c: object, u: object, level: int, text: str) -> None:
+        # A broker refusing the device certificate says so after the handshake; paho only
+        # logs it.
+        if level == mqtt.MQTT_LOG_ERR:
+            errors.append(text)
+
     client.on_connect = on_connect
+    client.on_log = on_log
     try:
         client.connect(host, port, keepalive=10)
         deadline = time.monotonic() + timeout
-        while "rc" not in result and time.monotonic() < deadline:
+        while "rc" not in result and time.monotonic() < deadline and not errors:
             client.loop(0.1)
         client.disconnect()
     except OSError as e:
-        return Check("broker", "fail", f"{host}:{port} refused the MQTT connection: {e}")
+        words = explain(e, "broker") if ctx is not None else None
+        return Check(
+            "broker", "fail", f"{host}:{port}: {words or f'refused the MQTT connection: {e}'}"
+        )
     rc = result.get("rc")
     if rc is None:
-        return Check("broker", "fail", f"{host}:{port} accepts TCP but did not answer MQTT CONNECT")
+        words = explain(errors[0], "broker") if errors and ctx is not None else None
+        return Check(
+            "broker",
+            "fail",
+            f"{host}:{port}: {words}"
+            if words
+            else f"{host}:{port} accepts TCP but did not answer MQTT CONNECT"
+            + (f" ({errors[0]})" if errors else ""),
+        )
     if getattr(rc, "is_failure", False):
         return Check("broker", "fail", f"{host}:{port} refused the login: {rc}")
-    return Check("broker", "ok", f"{host}:{port} reachable, MQTT 5 login accepted")
+    how = " over TLS, its certificate verified against tls_ca," if ctx is not None else ""
+    return Check("broker", "ok", f"{host}:{port} reachable{how} MQTT 5 login accepted")
+
+
+def check_security(cfg: AgentConfig) -> Check:
+    """Lab mode or not, and what it leaves unprotected."""
+    if not cfg.insecure:
+        return Check(
+            "security",
+            "ok",
+            "TLS to the broker (device certificate) and the server; state messages must be "
+            "signed by the server's key",
+        )
+    plain = cfg.lab_gaps()
+    return Check(
+        "security",
+        "warn",
+        "insecure = true (lab mode)"
+        + (": " + "; ".join(plain) if plain else "")
+        + "; use the agent.toml from `addin-server enroll` outside a lab",
+    )
+
+
+def check_certificate(cfg: AgentConfig, now: dt.datetime | None = None) -> Check | None:
+    """The device certificate: whose it is and until when (a certificate that expired
+    locks the device out of the broker until it is enrolled again)."""
+    if cfg.tls_cert is None:
+        return None
+    now = now or dt.datetime.now(dt.UTC)
+    try:
+        cert = pem.certificates(cfg.tls_cert)[0]
+    except ValueError as e:  # changed on disk since the config was read
+        return Check("certificate", "fail", f"tls_cert: {e}")
+    until, since = cert.not_valid_after_utc, cert.not_valid_before_utc
+    days = (until - now).total_seconds() / 86400
+    detail = (
+        f"device certificate CN={pem.common_name(cert)}, issued by "
+        f"{cert.issuer.rfc4514_string()}, expires {until:%Y-%m-%d} ({days:.0f} days)"
+    )
+    if now < since:
+        return Check(
+            "certificate",
+            "fail",
+            f"{detail}: not valid before {since:%Y-%m-%d %H:%M} UTC (check the clock)",
+        )
+    if days <= 0:
+        return Check(
+            "certificate",
+            "fail",
+            f"{detail}: expired; the broker refuses it: enroll this device again",
+        )
+    if days < CERT_WARN_DAYS:
+        return Check(
+            "certificate", "warn", f"{detail}: renew it (enroll this device again) before then"
+        )
+    return Check("certificate", "ok", detail)
 
 
 def check_server(cfg: AgentConfig, cache_revision: int) -> list[Check]:
@@ -75,10 +158,10 @@ def check_server(cfg: AgentConfig, cache_revision: int) -> list[Check]:
     url = cfg.server_url.rstrip("/") + "/healthz"
     try:
         t0 = time.time()
-        r = httpx.get(url, timeout=5)
+        r = httpx.get(url, timeout=5, verify=httpx_verify(cfg))
         t1 = time.time()
     except httpx.HTTPError as e:
-        return [Check("server", "fail", f"{url} unreachable: {e}")]
+        return [Check("server", "fail", f"{url} unreachable: {explain(e, 'server') or e}")]
     if r.status_code != 200:
         return [Check("server", "fail", f"{url} answered HTTP {r.status_code}")]
     out = []
@@ -235,9 +318,12 @@ def check_anti_entropy(cfg: AgentConfig, rm: ReadModel) -> Check:
 def run_checks(cfg: AgentConfig, rm: ReadModel) -> list[Check]:
     rev = rm.highest_revision()
     daemon = check_daemon(cfg)
+    cert = check_certificate(cfg)
     checks = [
         *([daemon] if daemon else []),
+        check_security(cfg),
         check_broker(cfg),
+        *([cert] if cert else []),
         check_client_id(cfg, rm),
         *check_server(cfg, rev),
         check_integrity(rm),

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import ssl
 import time
 import weakref
 from collections import OrderedDict
@@ -139,12 +140,18 @@ class Fetcher:
         attempts: int = 5,
         base_delay: float = 0.2,
         max_delay: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context` (agent/tls.py) verifies an https server; a shared `http` client
+        brings its own."""
         self.server_url = server_url.rstrip("/")
         self.token = token
         self._own = http is None
         self.http: HttpClient = http or HttpPool(
-            max_connections=concurrency, timeout=10.0, connect_timeout=5.0
+            max_connections=concurrency,
+            timeout=10.0,
+            connect_timeout=5.0,
+            ssl_context=ssl_context,
         )
         self._sem = asyncio.Semaphore(concurrency)
         # An HttpPool bounds its own connections (O(1) wait); httpx's pool does not scale.

@@ -8,17 +8,22 @@ pool, and an agent must not spend more CPU fetching a 5 KB file than the server 
 What this module adds to aiohttp: a hard cap on the body size (a hostile server cannot make
 the agent buffer more than `max_body` bytes), one timeout per request, no redirects, no
 decompression, and failures raised as httpx's transport exceptions so the fetcher handles
-both clients alike. One instance is shared by every agent of a process.
+both clients alike. One instance is shared by every agent of a process. With an
+`ssl_context` (agent/tls.py) an https server is verified against the tenant's CA; a server
+whose certificate is refused fails with words saying so (agent/tls.py `explain`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
+
+from agent.tls import explain
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +44,10 @@ class HttpPool:
         connect_timeout: float = 5.0,
         max_body: int = 1024 * 1024,
         user_agent: str = "addin-agent",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.max_connections = max_connections
+        self.ssl_context = ssl_context
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.max_body = max_body
         self.user_agent = user_agent
@@ -56,7 +63,11 @@ class HttpPool:
         # Created on first use: an aiohttp session belongs to the running event loop.
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_connections),
+                connector=aiohttp.TCPConnector(
+                    limit=self.max_connections,
+                    # aiohttp's default (True) verifies with the system's CAs.
+                    ssl=self.ssl_context if self.ssl_context is not None else True,
+                ),
                 timeout=aiohttp.ClientTimeout(
                     total=self.timeout, sock_connect=self.connect_timeout
                 ),
@@ -105,7 +116,9 @@ class HttpPool:
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise httpx.ReadTimeout(f"no complete answer for {url} in {self.timeout}s") from None
         except aiohttp.ClientConnectorError as e:
-            raise httpx.ConnectError(f"cannot connect for {url}: {e}") from None
+            # Certificate errors are ClientConnectorErrors too: say what they mean.
+            words = explain(e, "server")
+            raise httpx.ConnectError(f"cannot connect for {url}: {words or e}") from None
         except (
             aiohttp.ClientPayloadError,
             aiohttp.ServerDisconnectedError,

@@ -6,6 +6,11 @@ least 7 days; clean start only on the very first connect of this agent (the call
 remembers that in the cache), so messages published while it is offline are queued.
 On every reconnect it re-subscribes (retain handling 0: send retained state), so the
 agent converges even when the broker lost its sessions.
+
+With a `tls_context` (an ``mqtts://`` broker, agent/tls.py) the link is TLS with the device
+certificate; a TLS failure (the broker's certificate not trusted, the device's refused:
+revoked, expired, another CA) is logged as an error saying so and reported as kind
+``tls_failed``, and the agent keeps retrying with its last state, as for any loss.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ import asyncio
 import collections
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from addin_runtime.mqtt import deliver_directly, payload_bytes
+from addin_runtime.mqtt import deliver_directly, fail_fast_before_connack, payload_bytes
 from addin_runtime.reconnect import (
     Backoff,
     LossClassifier,
@@ -31,6 +38,7 @@ from addin_runtime.reconnect import (
     taken_over_text,
 )
 from addin_runtime.tasks import cancel_and_wait
+from agent import tls
 from agent.subscriptions import reconcile
 
 log = logging.getLogger("addin_agent.transport")
@@ -46,11 +54,13 @@ STOP_TIMEOUT = 10.0
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectHandler = Callable[[bool], Awaitable[None]]
 """Called after each (re)connect and subscribe; the argument is the session-present flag."""
-DisconnectHandler = Callable[[str, LossKind], Awaitable[None]]
+Loss = LossKind | Literal["tls_failed"]
+DisconnectHandler = Callable[[str, Loss], Awaitable[None]]
 """Called after each failed attempt or lost connection: what happened, in words, and its
 kind: ``session_taken_over`` when the broker said another client connected with our id
 (MQTT 5 reason 0x8E), ``connection_flapping`` when it keeps closing our connection right
-after accepting it without saying why (probably the same), else ``disconnected``."""
+after accepting it without saying why (probably the same), ``tls_failed`` when TLS refused
+the link (either side's certificate), else ``disconnected``."""
 
 
 class Transport:
@@ -71,8 +81,10 @@ class Transport:
         clean_start_first: bool,
         min_backoff: float | None = None,
         max_backoff: float | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
+        self.tls_context = tls_context
         self.username, self.password = username, password
         self.session_expiry, self.keepalive = session_expiry, keepalive
         self.on_message, self.on_connect, self.on_disconnect = on_message, on_connect, on_disconnect
@@ -115,7 +127,7 @@ class Transport:
     def _make_client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.host,
             self.port,
             identifier=self.client_id,
@@ -126,7 +138,12 @@ class Transport:
             properties=props,
             keepalive=self.keepalive,
             timeout=10,
+            tls_context=self.tls_context,
         )
+        # A broker refusing our certificate says so only after the handshake: without this
+        # the attempt would end 10 s later as "Operation timed out".
+        fail_fast_before_connack(client)
+        return client
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -168,7 +185,7 @@ class Transport:
 
     def _explain_loss(
         self, e: Exception, client: aiomqtt.Client | None, was: bool, delay: float
-    ) -> tuple[str, LossKind]:
+    ) -> tuple[str, Loss]:
         """Log why the link failed, in words a helpdesk can act on; return them and the
         kind of loss (the event recorded)."""
         up = self.backoff.last_uptime
@@ -177,6 +194,10 @@ class Transport:
             f"reconnect attempt {self.attempts + 1} in {delay:.1f}s "
             f"({self.backoff.failures} failures in a row)"
         )
+        tls_words = tls.explain(e, "broker") if self.tls_context is not None else None
+        if tls_words is not None:
+            log.error("broker %s:%d: %s; %s", self.host, self.port, tls_words, retry)
+            return tls_words, "tls_failed"
         if kind == "session_taken_over":
             self.taken_over += 1
             what = taken_over_text(self.client_id)
