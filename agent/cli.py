@@ -85,13 +85,6 @@ async def _run(cfg: AgentConfig) -> str | None:
     from agent.daemon import Agent
 
     log = logging.getLogger("addin_agent")
-    if cfg.insecure:
-        gaps = cfg.lab_gaps()
-        log.warning(
-            "insecure = true (lab mode)%s; outside a lab use the agent.toml from "
-            "`addin-server enroll`",
-            ": " + "; ".join(gaps) if gaps else "",
-        )
     agent = Agent(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,6 +101,13 @@ async def _run(cfg: AgentConfig) -> str | None:
         except Exception:  # the first failure is the one to report
             log.debug("stop after a failed start failed too", exc_info=True)
         return _startup_problem(e, cfg)
+    if cfg.insecure:  # after the start: a refused start stays one error line
+        gaps = cfg.lab_gaps()
+        log.warning(
+            "insecure = true (lab mode)%s; outside a lab use the agent.toml from "
+            "`addin-server enroll`",
+            ": " + "; ".join(gaps) if gaps else "",
+        )
     log.info(
         "agent %s for %s/%s running; cache %s",
         cfg.client_id,

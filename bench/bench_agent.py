@@ -84,7 +84,7 @@ async def run(addins: int, launches: int, writes: int) -> dict[str, Any]:
         sock = work / "agent.sock"
         cfg = work / "agent.toml"
         cfg.write_text(
-            f'tenant = "contoso"\nuser_id = "ann"\nclient_id = "bench-pc"\n'
+            f'tenant = "contoso"\nuser_id = "ann"\nclient_id = "bench-pc"\ninsecure = true\n'
             f'broker_url = "{broker.url}"\nserver_url = "{server.url}"\n'
             f'server_token = "{AGENT_TOKEN}"\ncache_path = "{cache}"\n'
             f'applier = "folder"\napplier_dir = "{work / "wef"}"\ncontrol = "{sock}"\n'

@@ -68,7 +68,8 @@ async def measure(agents: int, cache: str) -> dict[str, float]:
     fleet: list[Agent] = []
     for i in range(agents):
         config = AgentConfig(
-            tenant=TENANT, user_id=f"u{i}", client_id=f"c{i}", broker_url="mqtt://127.0.0.1:1",
+            tenant=TENANT, user_id=f"u{i}", client_id=f"c{i}", insecure=True,
+            broker_url="mqtt://127.0.0.1:1",
             server_url="http://127.0.0.1:1", cache_path=cache, applier="memory", control=None,
         )  # fmt: skip
         agent = Agent(config, applier=MemoryApplier())

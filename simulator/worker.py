@@ -253,6 +253,7 @@ class Worker:
             tenant=s["tenant"],
             user_id=c.user_id,
             client_id=c.client_id,
+            insecure=True,  # the simulated fleet runs on a private loopback broker
             broker_url=self.broker.url,
             broker_username=self.broker.username,
             broker_password=self.broker.password,

@@ -116,6 +116,7 @@ def agent_config(
         tenant="contoso",
         user_id=user,
         client_id=client,
+        insecure=True,  # lab mode: plain MQTT/HTTP on loopback
         broker_url=broker.url,
         server_url=server.url,
         server_token=AGENT_TOKEN,

@@ -227,6 +227,7 @@ def agent_config(workdir: Path, broker: MosquittoBroker, server: Server, user: s
         tenant=TENANT,
         user_id=user,
         client_id=f"{user}-pc",
+        insecure=True,
         broker_url=broker.url,
         server_url=server.url,
         server_token=AGENT_TOKEN,

@@ -292,6 +292,7 @@ class World:
                     f'tenant = "{TENANT}"',
                     'user_id = "ann"',
                     'client_id = "ann-pc"',
+                    "insecure = true",
                     f'broker_url = "{self.broker.url}"',
                     'broker_username = "ann"',
                     f'broker_password = "{self.creds["agents"]["ann"]}"',

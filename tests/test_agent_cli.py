@@ -36,6 +36,7 @@ def write_config(tmp: Path, broker: MosquittoBroker, server: ServerProcess) -> P
 tenant = "contoso"
 user_id = "ann"
 client_id = "ann-laptop"
+insecure = true
 broker_url = "{broker.url}"
 server_url = "{server.url}"
 server_token = "{AGENT_TOKEN}"

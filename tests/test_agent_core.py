@@ -426,7 +426,7 @@ async def test_repeated_messages_decode_once_and_bad_ones_are_refused_every_time
     agents = []
     for n in range(2):
         config = AgentConfig(
-            tenant="contoso", user_id=f"u{n}", client_id=f"c{n}",
+            tenant="contoso", user_id=f"u{n}", client_id=f"c{n}", insecure=True,
             broker_url="mqtt://127.0.0.1:1", server_url="http://127.0.0.1:1",
             cache_path=":memory:", applier="memory", control=None,
         )  # fmt: skip

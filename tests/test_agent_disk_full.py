@@ -42,7 +42,7 @@ class DiskFull:
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[Agent]:
     config = AgentConfig(
-        tenant=T, user_id="ann", client_id="ann-pc",
+        tenant=T, user_id="ann", client_id="ann-pc", insecure=True,
         broker_url="mqtt://127.0.0.1:1", server_url="http://127.0.0.1:1",
         cache_path=str(tmp_path / "cache.sqlite"), applier="folder",
         applier_dir=str(tmp_path / "wef"), control=None,

@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_helpers import ServerProcess, addin_id, agent_config, manifest, settled, until
@@ -156,7 +157,9 @@ def _snapshot(path: str) -> tuple[str, int, int]:
 
 def test_sigkill_during_apply_leaves_before_or_after(tmp_path: Path) -> None:
     pristine = tmp_path / "pristine.sqlite"
-    base = dict(tenant="contoso", user_id="ann", client_id="ann-pc", applier="folder")
+    base: dict[str, Any] = dict(
+        tenant="contoso", user_id="ann", client_id="ann-pc", insecure=True, applier="folder"
+    )
     asyncio.run(
         _prepare(
             AgentConfig(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tls_helpers import TestCA
 
 from agent.config import MAX_SOCKET_PATH, ConfigError, load_config, parse_control
 from simulator.mosquitto import MosquittoBroker
@@ -26,6 +27,7 @@ GOOD = {
     "tenant": '"contoso"',
     "user_id": '"ann"',
     "client_id": '"ann-laptop"',
+    "insecure": "true",
     "broker_url": '"mqtt://127.0.0.1:1"',
     "server_url": '"http://127.0.0.1:1"',
     "cache_path": '"cache.sqlite"',
@@ -270,7 +272,14 @@ def test_config_error_keeps_one_problem_per_field(tmp_path: Path) -> None:
     assert str(e.value).count("\n") == 1
 
 
-def test_packaged_example_config_is_valid() -> None:
+def test_packaged_example_config_is_valid(tmp_path: Path) -> None:
+    """The example is a secure configuration; only its certificate files are elsewhere here
+    (it names /etc/addin-agent/...), so they come from the environment."""
     example = Path(__file__).resolve().parents[1] / "packaging" / "agent.example.toml"
-    cfg = load_config(example, env={})
-    assert cfg.control == "/run/addin-agent/agent.sock" and cfg.broker_port == 1883
+    ca = TestCA()
+    (tmp_path / "ca.crt").write_text(ca.cert_pem)
+    crt, key = ca.device("ann-laptop").write(tmp_path, "device")
+    env = {"ADDIN_AGENT_TLS_CA": str(tmp_path / "ca.crt"), "ADDIN_AGENT_TLS_CERT": str(crt)}
+    cfg = load_config(example, env={**env, "ADDIN_AGENT_TLS_KEY": str(key)})
+    assert cfg.control == "/run/addin-agent/agent.sock" and cfg.broker_port == 8883
+    assert not cfg.insecure and cfg.broker_tls and cfg.server_tls and cfg.signing_key

@@ -90,6 +90,7 @@ async def test_agent_stop_closes_the_cache_even_when_a_step_fails(tmp_path: Path
             tenant="contoso",
             user_id="ann",
             client_id="ann-pc",
+            insecure=True,
             broker_url="mqtt://127.0.0.1:1",
             server_url="http://127.0.0.1:1",
             cache_path=str(tmp_path / "ann-pc.sqlite"),

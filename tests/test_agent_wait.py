@@ -16,7 +16,7 @@ from agent.daemon import Agent
 def write_config(tmp: Path) -> Path:
     cfg = tmp / "agent.toml"
     cfg.write_text(
-        'tenant = "contoso"\nuser_id = "ann"\nclient_id = "ann-laptop"\n'
+        'tenant = "contoso"\nuser_id = "ann"\nclient_id = "ann-laptop"\ninsecure = true\n'
         'cache_path = "cache.sqlite"\nserver_url = "http://127.0.0.1:1"\n'
     )
     return cfg

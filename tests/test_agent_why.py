@@ -90,6 +90,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         tenant=T,
         user_id="ann",
         client_id="ann-pc",
+        insecure=True,
         cache_path=str(tmp_path / "cache.sqlite"),
         hosts=(Host.WORD, Host.EXCEL, Host.OUTLOOK),
         applier="folder",
@@ -204,7 +205,9 @@ async def test_why_names_the_cause(world: World) -> None:
 
 @pytest.mark.parametrize("cache_path", [":memory:", ":none:"])
 async def test_in_memory_caches_run_the_same_transitions(cache_path: str) -> None:
-    cfg = AgentConfig(tenant=T, user_id="ann", client_id="sim-1", cache_path=cache_path)
+    cfg = AgentConfig(
+        tenant=T, user_id="ann", client_id="sim-1", insecure=True, cache_path=cache_path
+    )
     agent = Agent(cfg)
     await agent.open()
     w = World(agent)

@@ -57,13 +57,13 @@ def agent_config(tmp_path: Path) -> Path:
     cache = tmp_path / "cache.sqlite"
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
-        'tenant = "contoso"\nuser_id = "ann"\nclient_id = "ann-pc"\n'
+        'tenant = "contoso"\nuser_id = "ann"\nclient_id = "ann-pc"\ninsecure = true\n'
         f'cache_path = "{cache}"\nhosts = ["Word"]\n'
     )
 
     async def fill() -> None:
         agent = Agent(AgentConfig(tenant="contoso", user_id="ann", client_id="ann-pc",
-                                  cache_path=str(cache), hosts=(Host.WORD,)))  # fmt: skip
+                                  insecure=True, cache_path=str(cache), hosts=(Host.WORD,)))  # fmt: skip
         await agent.open()
         aid = addin_id("tables")
         await agent.accept(

@@ -383,7 +383,12 @@ class Client:
 
 async def make_client(user: str, hosts: tuple[Host, ...], link: Link) -> Client:
     cfg = AgentConfig(
-        tenant=TENANT, user_id=user, client_id=f"{user}-pc", cache_path=":memory:", hosts=hosts
+        tenant=TENANT,
+        user_id=user,
+        client_id=f"{user}-pc",
+        insecure=True,
+        cache_path=":memory:",
+        hosts=hosts,
     )
     agent = Agent(cfg)
     await agent.open()

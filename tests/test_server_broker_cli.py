@@ -93,6 +93,7 @@ def login(port: int, username: str | None, password: str | None) -> tuple[str, s
         tenant="contoso",
         user_id="ann",
         client_id="broker-cli-test",
+        insecure=True,
         broker_url=f"mqtt://127.0.0.1:{port}",
         broker_username=username,
         broker_password=password,

@@ -35,6 +35,7 @@ def write_config(path: Path, broker: MosquittoBroker, cache: Path, control: Path
 tenant = "contoso"
 user_id = "ann"
 client_id = "ann-laptop"
+insecure = true
 broker_url = "{broker.url}"
 server_url = "http://127.0.0.1:{free_port()}"
 cache_path = "{cache}"
@@ -215,6 +216,7 @@ async def test_two_agents_with_one_client_id_back_off_and_say_why(
             tenant="contoso",
             user_id="ann",
             client_id="ann-laptop",  # the same for both: a copied agent.toml
+            insecure=True,
             broker_url=broker.url,
             server_url=f"http://127.0.0.1:{free_port()}",
             cache_path=str(tmp_path / f"{name}.sqlite"),
