@@ -38,6 +38,13 @@ BROKER_REFUSED = {
 """TLS alerts the broker sends when it refuses the client (OpenSSL's reason names), and what
 each most likely means for the agent."""
 
+AFTER_HANDSHAKE = "failed to receive on socket"
+"""paho's words for a read that failed after the handshake (which it does in connect()):
+with TLS 1.3 the broker judges the client certificate only then."""
+CLOSED_WITHOUT_ALERT = ("EOF occurred in violation of protocol", "Connection reset by peer")
+"""The refusal's alert can be lost: the client's CONNECT crossing the broker's close makes
+the kernel reset the connection, discarding the alert still unread."""
+
 
 def _context(kind: str, ca: bytes | None, cert: bytes | None, key: bytes | None) -> ssl.SSLContext:
     with _lock:
@@ -142,6 +149,13 @@ def explain(failure: BaseException | str, peer: str) -> str | None:
                 f"{meaning}; if this device was revoked it needs a new enrollment "
                 "(`addin-server enroll`), else check tls_cert/tls_key and tls_ca"
             )
+    if AFTER_HANDSHAKE in text and any(sign in text for sign in CLOSED_WITHOUT_ALERT):
+        return (
+            f"TLS: the {peer} closed the connection right after the handshake without "
+            "answering: most likely it refused this device's certificate (revoked, expired, "
+            "or not from its CA); if this device was revoked it needs a new enrollment "
+            "(`addin-server enroll`), else check tls_cert/tls_key and tls_ca"
+        )
     if errors or "[SSL" in text:
         return (
             f"TLS handshake with the {peer} failed ({_short(text)}): is that port a TLS "

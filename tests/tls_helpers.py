@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import http.server
 import ipaddress
+import socket
+import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -162,3 +167,64 @@ def mosquitto_tls_config(ca: TestCA, folder: Path) -> str:
             "use_identity_as_username true",
         ]
     )
+
+
+def client_context(ca: TestCA, me: Issued, folder: Path) -> ssl.SSLContext:
+    """A client context trusting `ca` and presenting `me` (e.g. the test's publisher)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = ssl.create_default_context(cadata=ca.cert_pem)
+    crt, key = me.write(folder, "client")
+    ctx.load_cert_chain(crt, key)
+    return ctx
+
+
+class HttpsServer:
+    """A minimal HTTPS server on a free loopback port, in a thread: GET answers from
+    `routes` (path -> (status, body)), every request path and Authorization header is
+    recorded, and refused handshakes are counted instead of printed."""
+
+    def __init__(self, cert: Issued, folder: Path, routes: dict[str, tuple[int, bytes]]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        crt, key = cert.write(folder, "server")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(crt, key)
+        self.routes = routes
+        self.requests: list[tuple[str, str | None]] = []
+        self.refused = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests.append((self.path, self.headers.get("Authorization")))
+                status, body = outer.routes.get(self.path, (404, b'{"detail": "not found"}'))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self) -> tuple[socket.socket, Any]:
+                # The handshake runs in accept(): a client refusing our certificate ends here.
+                try:
+                    return super().get_request()
+                except OSError:
+                    outer.refused += 1
+                    raise
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = int(self.httpd.server_address[1])
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
