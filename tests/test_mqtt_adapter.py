@@ -10,6 +10,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from paho.mqtt.client import MQTT_LOG_ERR
 
 from addin_runtime import mqtt
 from addin_runtime.reconnect import SESSION_TAKEN_OVER, disconnect_code
@@ -18,7 +19,7 @@ from addin_runtime.reconnect import SESSION_TAKEN_OVER, disconnect_code
 @pytest.mark.parametrize("dist", sorted(mqtt.CHECKED_AGAINST))
 def test_installed_versions_are_the_ones_the_adapter_was_checked_against(dist: str) -> None:
     """Fails on purpose after an upgrade: re-read aiomqtt's client.py for ``_client``,
-    ``_queue`` and ``_disconnected`` (and paho's ``on_connect``/``on_message`` signatures),
+    ``_queue``, ``_disconnected`` and ``_connected`` (and paho's ``on_connect``/``on_message`` signatures),
     then update `CHECKED_AGAINST`."""
     assert version(dist) == mqtt.CHECKED_AGAINST[dist], (
         f"{dist} {version(dist)} is installed, addin_runtime/mqtt.py was checked against "
@@ -32,6 +33,20 @@ async def test_the_installed_aiomqtt_has_every_internal_the_adapter_reads() -> N
     assert mqtt.disconnected_future(client) is not None
     assert mqtt.has_direct_delivery(client)
     assert mqtt.watch_session_present(client, lambda _present: None)
+    assert mqtt.fail_fast_before_connack(client)
+
+
+async def test_a_loss_before_the_connack_fails_the_connect_with_pahos_words() -> None:
+    client = aiomqtt.Client("127.0.0.1", 1)
+    assert mqtt.fail_fast_before_connack(client)
+    paho = mqtt.paho_client(client)
+    assert paho is not None and paho.on_log is not None and paho.on_disconnect is not None
+    alert = "failed to receive on socket: [SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] revoked"
+    paho.on_log(paho, None, MQTT_LOG_ERR, alert)
+    paho.on_disconnect(paho, None, None, 7, None)
+    waiting = client._connected
+    with pytest.raises(aiomqtt.MqttError, match="CERTIFICATE_REVOKED"):
+        await asyncio.wait_for(waiting, 5)
 
 
 async def test_session_present_is_seen_before_aiomqtt_handles_the_connack() -> None:
@@ -64,6 +79,7 @@ def test_guards_fall_back_when_the_internals_are_gone(caplog: pytest.LogCaptureF
     assert not mqtt.has_direct_delivery(bare)
     assert mqtt.deliver_directly(bare, lambda t, p: None) is None
     assert not mqtt.watch_session_present(bare, lambda _present: None)
+    assert not mqtt.fail_fast_before_connack(bare)
     assert "session-present flag is unknown" in caplog.text
     # Without the future the reason comes from the exception alone, never a crash.
     err = SimpleNamespace(rc=SESSION_TAKEN_OVER)
