@@ -19,8 +19,9 @@ from addin_runtime.reconnect import SESSION_TAKEN_OVER, disconnect_code
 @pytest.mark.parametrize("dist", sorted(mqtt.CHECKED_AGAINST))
 def test_installed_versions_are_the_ones_the_adapter_was_checked_against(dist: str) -> None:
     """Fails on purpose after an upgrade: re-read aiomqtt's client.py for ``_client``,
-    ``_queue``, ``_disconnected`` and ``_connected`` (and paho's ``on_connect``/``on_message`` signatures),
-    then update `CHECKED_AGAINST`."""
+    ``_queue``, ``_disconnected`` and ``_connected`` (and paho's ``on_connect``,
+    ``on_message``, ``on_disconnect`` and ``on_log`` signatures), then update
+    `CHECKED_AGAINST`."""
     assert version(dist) == mqtt.CHECKED_AGAINST[dist], (
         f"{dist} {version(dist)} is installed, addin_runtime/mqtt.py was checked against "
         f"{mqtt.CHECKED_AGAINST[dist]}: check the private attributes it reads, then update it"
