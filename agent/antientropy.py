@@ -49,7 +49,7 @@ from agent.config import AgentConfig
 from agent.resolver import resolve
 from agent.state import ReceivedState
 from agent.subscriptions import ancestry
-from agent.tls import explain, httpx_verify
+from agent.tls import TlsSetupError, explain, httpx_verify
 
 log = logging.getLogger("addin_agent.antientropy")
 
@@ -387,6 +387,8 @@ def compare_now(cfg: AgentConfig, state: ReceivedState) -> tuple[Literal["ok", "
     url = f"{cfg.server_url.rstrip('/')}/v1/agents/{cfg.user_id}/digest"
     try:
         r = httpx.get(url, headers=_headers(cfg.server_token), timeout=5, verify=httpx_verify(cfg))
+    except TlsSetupError as e:
+        return "warn", str(e)
     except httpx.HTTPError as e:
         return "warn", f"{url} unreachable: {explain(e, 'server') or e}"
     if r.status_code != 200:

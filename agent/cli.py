@@ -67,9 +67,12 @@ def run(c: Ctx, verbose: int) -> None:
 def _startup_problem(e: BaseException, cfg: AgentConfig) -> str:
     """One line saying what stopped the start, naming the file or endpoint involved."""
     from agent.control import ControlEndpointError
+    from agent.tls import TlsSetupError
 
     if isinstance(e, CacheError | ControlEndpointError):
         return str(e)
+    if isinstance(e, TlsSetupError):
+        return f"agent {cfg.client_id} not started: {e}"
     if isinstance(e, sqlite3.Error):
         return f"cache {cfg.cache_path} is not usable: {e}"
     if isinstance(e, OSError):

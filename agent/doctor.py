@@ -16,7 +16,7 @@ from agent import pem
 from agent.config import AgentConfig
 from agent.readmodel import ReadModel
 from agent.subscriptions import desired_filters
-from agent.tls import explain, httpx_verify, mqtt_context
+from agent.tls import TlsSetupError, explain, httpx_verify, mqtt_context
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -55,7 +55,10 @@ def check_broker(cfg: AgentConfig, timeout: float = 5.0) -> Check:
     )
     if cfg.broker_username:
         client.username_pw_set(cfg.broker_username, cfg.broker_password)
-    ctx = mqtt_context(cfg)
+    try:
+        ctx = mqtt_context(cfg)
+    except TlsSetupError as e:
+        return Check("broker", "fail", str(e))
     if ctx is not None:
         client.tls_set_context(ctx)
 
@@ -157,8 +160,12 @@ def check_server(cfg: AgentConfig, cache_revision: int) -> list[Check]:
 
     url = cfg.server_url.rstrip("/") + "/healthz"
     try:
+        verify = httpx_verify(cfg)
+    except TlsSetupError as e:
+        return [Check("server", "fail", str(e))]
+    try:
         t0 = time.time()
-        r = httpx.get(url, timeout=5, verify=httpx_verify(cfg))
+        r = httpx.get(url, timeout=5, verify=verify)
         t1 = time.time()
     except httpx.HTTPError as e:
         return [Check("server", "fail", f"{url} unreachable: {explain(e, 'server') or e}")]

@@ -21,6 +21,12 @@ from agent import pem
 if TYPE_CHECKING:
     from agent.config import AgentConfig
 
+
+class TlsSetupError(ValueError):
+    """The TLS material changed since the config was read and is no longer usable (a file
+    removed or replaced): the start is refused with this one line."""
+
+
 _contexts: dict[tuple[str, bytes | None, bytes | None, bytes | None], ssl.SSLContext] = {}
 _lock = threading.Lock()
 
@@ -50,7 +56,11 @@ def _context(kind: str, ca: bytes | None, cert: bytes | None, key: bytes | None)
     with _lock:
         ctx = _contexts.get((kind, ca, cert, key))
         if ctx is None:
-            ctx = _contexts[(kind, ca, cert, key)] = _build(ca, cert, key)
+            try:
+                ctx = _build(ca, cert, key)
+            except ssl.SSLError as e:
+                raise TlsSetupError(f"the TLS material is not usable: {e}") from None
+            _contexts[(kind, ca, cert, key)] = ctx
         return ctx
 
 
@@ -88,15 +98,23 @@ def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _material(value: str | None) -> bytes | None:
-    return None if value is None else pem.pem_bytes(value)
+def _material(value: str | None, name: str) -> bytes | None:
+    try:
+        return None if value is None else pem.pem_bytes(value)
+    except ValueError as e:
+        raise TlsSetupError(f"{name}: {e}") from None
 
 
 def mqtt_context(cfg: AgentConfig) -> ssl.SSLContext | None:
     """The context for the broker link; None for a plain ``mqtt://`` broker (insecure)."""
     if not cfg.broker_tls:
         return None
-    return _context("mqtt", _material(cfg.tls_ca), _material(cfg.tls_cert), _material(cfg.tls_key))
+    return _context(
+        "mqtt",
+        _material(cfg.tls_ca, "tls_ca"),
+        _material(cfg.tls_cert, "tls_cert"),
+        _material(cfg.tls_key, "tls_key"),
+    )
 
 
 def https_context(cfg: AgentConfig) -> ssl.SSLContext | None:
@@ -105,7 +123,7 @@ def https_context(cfg: AgentConfig) -> ssl.SSLContext | None:
     client certificate is offered here."""
     if not cfg.server_tls:
         return None
-    return _context("https", _material(cfg.tls_ca), None, None)
+    return _context("https", _material(cfg.tls_ca, "tls_ca"), None, None)
 
 
 def httpx_verify(cfg: AgentConfig) -> ssl.SSLContext | bool:

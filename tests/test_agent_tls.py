@@ -33,6 +33,7 @@ from tls_helpers import (
 
 from addin_core.protocol import Assignment, CatalogEntry, Host, Mode, Source, Topic
 from agent.antientropy import AntiEntropy, compare_now, local_digest
+from agent.cli import _run as run_daemon
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.doctor import check_broker, check_certificate, check_server
@@ -431,3 +432,17 @@ def test_an_insecure_daemon_warns_once_at_start_and_status_says_so(
     )
     security = next(c for c in json.loads(doctor.stdout) if c["name"] == "security")
     assert security["status"] == "warn" and "insecure = true (lab mode)" in security["detail"]
+
+
+async def test_a_key_file_gone_since_the_config_was_read_stops_the_start_in_one_line(
+    tmp_path: Path, tls_broker: MosquittoBroker, pki: Pki
+) -> None:
+    crt, key = pki.device.write(tmp_path, "device")
+    cfg = secure_config(tmp_path, tls_broker, pki, tls_cert=str(crt), tls_key=str(key))
+    key.unlink()
+    problem = await run_daemon(cfg)
+    assert problem == f"agent {DEVICE} not started: tls_key: file {key} does not exist: " + (
+        "give the path of a PEM file or the PEM text itself (-----BEGIN ...)"
+    )
+    broker_check = check_broker(cfg)  # doctor says the same instead of a traceback
+    assert broker_check.status == "fail" and broker_check.detail.startswith("tls_key: file ")
