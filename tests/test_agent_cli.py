@@ -158,7 +158,7 @@ def test_bad_config_and_missing_cache(tmp_path: Path) -> None:
     assert code == 1 and "user_id" in out and "client_id" in out
     ok = tmp_path / "ok.toml"
     ok.write_text(
-        f'tenant = "contoso"\nuser_id = "ann"\nclient_id = "pc"\ncache_path = "{tmp_path / "none.sqlite"}"\n'
+        f'tenant = "contoso"\nuser_id = "ann"\nclient_id = "pc"\ninsecure = true\ncache_path = "{tmp_path / "none.sqlite"}"\n'
     )
     code, out = cli(ok, "why", "x")
     assert code == 1 and "no agent cache" in out
