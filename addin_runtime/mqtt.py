@@ -123,13 +123,21 @@ def fail_fast_before_connack(client: object) -> bool:
     then times out as before."""
     inner = paho_client(client)
     aiomqtt_on_disconnect = getattr(inner, "on_disconnect", None)
+    aiomqtt_on_connect = getattr(inner, "on_connect", None)
     if (
         inner is None
         or not callable(aiomqtt_on_disconnect)
+        or not callable(aiomqtt_on_connect)
         or not isinstance(getattr(client, "_connected", None), asyncio.Future)
     ):
         return False
     last_error: list[str] = []
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        # With an on_log paho formats every log line, one per packet: CPU per message for
+        # thousands of agents in one process. Only the errors before the CONNACK matter.
+        inner.on_log = None
+        aiomqtt_on_connect(c, userdata, flags, rc, props)
 
     def on_log(_c: object, _userdata: object, level: int, text: str) -> None:
         if level == paho.MQTT_LOG_ERR:
@@ -150,6 +158,7 @@ def fail_fast_before_connack(client: object) -> bool:
 
     inner.on_log = on_log
     inner.on_disconnect = on_disconnect
+    inner.on_connect = on_connect
     return True
 
 

@@ -50,6 +50,17 @@ async def test_a_loss_before_the_connack_fails_the_connect_with_pahos_words() ->
         await asyncio.wait_for(waiting, 5)
 
 
+async def test_after_the_connack_paho_formats_no_log_line_for_us() -> None:
+    """An on_log makes paho format every log line (one per packet): it goes at the CONNACK."""
+    client = aiomqtt.Client("127.0.0.1", 1)
+    assert mqtt.fail_fast_before_connack(client)
+    paho = mqtt.paho_client(client)
+    assert paho is not None and paho.on_log is not None and paho.on_connect is not None
+    paho.on_connect(paho, None, SimpleNamespace(session_present=False), 0, None)
+    assert paho.on_log is None
+    assert client._connected.done() and client._connected.exception() is None
+
+
 async def test_session_present_is_seen_before_aiomqtt_handles_the_connack() -> None:
     client = aiomqtt.Client("127.0.0.1", 1)
     paho = mqtt.paho_client(client)
