@@ -39,7 +39,7 @@ from agent.daemon import Agent
 from agent.doctor import check_broker, check_certificate, check_server
 from agent.fetcher import Fetcher
 from agent.state import ReceivedState
-from agent.tls import https_context, mqtt_context
+from agent.tls import explain, https_context, mqtt_context
 from agent.transport import Loss, Transport
 from simulator.mosquitto import MosquittoBroker, free_port
 
@@ -446,3 +446,31 @@ async def test_a_key_file_gone_since_the_config_was_read_stops_the_start_in_one_
     )
     broker_check = check_broker(cfg)  # doctor says the same instead of a traceback
     assert broker_check.status == "fail" and broker_check.detail.startswith("tls_key: file ")
+
+
+@pytest.mark.parametrize(
+    ("paho_text", "words"),
+    [
+        (
+            "failed to receive on socket: [SSL: SSLV3_ALERT_CERTIFICATE_REVOKED] sslv3 alert "
+            "certificate revoked (_ssl.c:2580)",
+            "refused the connection (SSLV3_ALERT_CERTIFICATE_REVOKED): this device's "
+            "certificate is revoked; if this device was revoked it needs a new enrollment",
+        ),
+        (
+            "failed to receive on socket: [SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert "
+            "certificate expired (_ssl.c:2580)",
+            "this device's certificate has expired",
+        ),
+        (
+            "failed to receive on socket: [Errno 104] Connection reset by peer",
+            "closed the connection right after the handshake without answering",
+        ),
+        ("[Errno 111] Connection refused", None),
+    ],
+)
+def test_broker_refusals_in_words(paho_text: str, words: str | None) -> None:
+    """What the broker's refusals (revocation is `addin-server revoke`'s) read like; a plain
+    network failure is no TLS failure."""
+    said = explain(paho_text, "broker")
+    assert (said is None) if words is None else (said is not None and words in said)
