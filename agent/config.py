@@ -23,8 +23,9 @@ Without ``insecure = true`` the broker must be ``mqtts://``, the server ``https:
 plain MQTT and HTTP and unsigned state.
 
 Relative paths in the file (``cache_path``, ``applier_dir``, a ``control`` socket, the
-``tls_*`` files) are taken from the file's folder, so the daemon and the helpdesk commands find the same files whatever
-directory they start in; relative paths from the environment are taken from the current one.
+``tls_*`` files) are taken from the file's folder, so the daemon and the helpdesk commands
+find the same files whatever directory they start in; relative paths from the environment are
+taken from the current one.
 Every value is checked here, at load: a bad one is refused before anything starts, with the
 field, where it came from and what to write instead.
 """
