@@ -326,7 +326,7 @@ def doctor(c: Ctx, as_json: bool) -> None:
     from agent.doctor import run_checks
 
     cfg = c.config()
-    checks = run_checks(cfg, c.read())
+    checks = run_checks(cfg, c.read(), c.config_path)
     if as_json:
         emit_json([asdict(ch) for ch in checks])
     else:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -322,15 +324,40 @@ def check_anti_entropy(cfg: AgentConfig, rm: ReadModel) -> Check:
     return Check("anti-entropy", status, detail)
 
 
-def run_checks(cfg: AgentConfig, rm: ReadModel) -> list[Check]:
+def check_key_file(cfg: AgentConfig, config_path: str | None) -> Check | None:
+    """The device's private key must be readable by its owner only: in the tls_key file,
+    or in the config file itself when it holds the key inline (as `enroll` writes it)."""
+    if cfg.tls_key is None:
+        return None
+    inline = pem.is_inline(cfg.tls_key)
+    path = config_path if inline else cfg.tls_key
+    if path is None:  # inline from the environment
+        return None
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None  # the config's or the certificate check says what is wrong
+    what = f"config file {path} (it holds tls_key inline)" if inline else f"tls_key file {path}"
+    if mode & 0o077:
+        return Check(
+            "private key",
+            "warn",
+            f"{what} is readable by other users (mode {mode:04o}): chmod 600 {path}",
+        )
+    return Check("private key", "ok", f"{what} is readable by its owner only (mode {mode:04o})")
+
+
+def run_checks(cfg: AgentConfig, rm: ReadModel, config_path: str | None = None) -> list[Check]:
     rev = rm.highest_revision()
     daemon = check_daemon(cfg)
     cert = check_certificate(cfg)
+    key = check_key_file(cfg, config_path)
     checks = [
         *([daemon] if daemon else []),
         check_security(cfg),
         check_broker(cfg),
         *([cert] if cert else []),
+        *([key] if key else []),
         check_client_id(cfg, rm),
         *check_server(cfg, rev),
         check_integrity(rm),

@@ -36,7 +36,7 @@ from agent.antientropy import AntiEntropy, compare_now, local_digest
 from agent.cli import _run as run_daemon
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from agent.doctor import check_broker, check_certificate, check_server
+from agent.doctor import check_broker, check_certificate, check_key_file, check_server
 from agent.fetcher import Fetcher
 from agent.state import ReceivedState
 from agent.tls import explain, https_context, mqtt_context
@@ -405,6 +405,11 @@ def test_the_daemon_runs_from_an_enrollment_style_config(
     assert checks["broker"]["status"] == "ok" and "over TLS" in checks["broker"]["detail"]
     assert checks["certificate"]["status"] == "ok"
     assert f"CN={DEVICE}" in checks["certificate"]["detail"]
+    assert checks["private key"]["status"] == "ok"
+    assert (
+        "(it holds tls_key inline) is readable by its owner only (mode 0600)"
+        in (checks["private key"]["detail"])
+    )
 
 
 def test_an_insecure_daemon_warns_once_at_start_and_status_says_so(
@@ -474,3 +479,18 @@ def test_broker_refusals_in_words(paho_text: str, words: str | None) -> None:
     network failure is no TLS failure."""
     said = explain(paho_text, "broker")
     assert (said is None) if words is None else (said is not None and words in said)
+
+
+def test_doctor_warns_about_a_private_key_others_can_read(
+    tmp_path: Path, broker: MosquittoBroker, pki: Pki
+) -> None:
+    crt, key = pki.device.write(tmp_path, "device")  # 0600
+    cfg = secure_config(tmp_path, broker, pki, tls_cert=str(crt), tls_key=str(key))
+    ok = check_key_file(cfg, None)
+    assert ok is not None and ok.status == "ok"
+    key.chmod(0o644)
+    loose = check_key_file(cfg, None)
+    assert loose is not None and loose.status == "warn"
+    assert loose.detail == (
+        f"tls_key file {key} is readable by other users (mode 0644): chmod 600 {key}"
+    )
