@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import os
 import socket
+import ssl
 import stat
 import time
 from dataclasses import dataclass
@@ -18,13 +19,24 @@ from agent import pem
 from agent.config import AgentConfig
 from agent.readmodel import ReadModel
 from agent.subscriptions import desired_filters
-from agent.tls import TlsSetupError, explain, httpx_verify, mqtt_context
+from agent.tls import (
+    AFTER_HANDSHAKE,
+    TlsSetupError,
+    closed_after_handshake,
+    explain,
+    httpx_verify,
+    mqtt_context,
+)
 
 Status = Literal["ok", "warn", "fail"]
 
 MAX_SKEW = 60.0
 """Seconds of clock difference with the server before doctor warns (event times and
 `committed_at` latencies become misleading)."""
+
+ACCEPT_WAIT = 1.0
+"""Seconds doctor waits after the TLS handshake for the broker to refuse the device
+certificate (TLS 1.3 sends that alert after the handshake) before taking it as accepted."""
 
 CERT_WARN_DAYS = 30
 """`doctor` warns when the device certificate expires within this many days."""
@@ -40,16 +52,55 @@ class Check:
 def check_broker(cfg: AgentConfig, timeout: float = 5.0) -> Check:
     host, port = cfg.broker_host, cfg.broker_port
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        ctx = mqtt_context(cfg)
+    except TlsSetupError as e:
+        return Check("broker", "fail", str(e))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            if ctx is not None:
+                return _check_tls_broker(ctx, raw, host, port)
     except OSError as e:
         return Check("broker", "fail", f"{host}:{port} unreachable: {e}")
+    return _check_mqtt_login(cfg, host, port, timeout)
+
+
+def _check_tls_broker(ctx: ssl.SSLContext, raw: socket.socket, host: str, port: int) -> Check:
+    """The TLS handshake with the device certificate, and no MQTT login: a TLS broker
+    binds the client id to the certificate (``use_username_as_clientid``), so a CONNECT
+    under any id would take over the running daemon's session (and its clean start would
+    drop what the broker queued for it)."""
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname=host)
+    except OSError as e:  # the broker's certificate refused, or TLS 1.2 refusing ours
+        return Check("broker", "fail", f"{host}:{port}: {explain(e, 'broker') or e}")
+    with tls:
+        # With TLS 1.3 the broker judges our certificate after the handshake: a refusal is
+        # an alert on the first read; a broker that accepted it waits for our CONNECT.
+        tls.settimeout(ACCEPT_WAIT)
+        try:
+            closed = tls.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        except OSError as e:
+            words = explain(f"{AFTER_HANDSHAKE}: {e}", "broker") or str(e)
+            return Check("broker", "fail", f"{host}:{port}: {words}")
+    if closed:
+        return Check("broker", "fail", f"{host}:{port}: {closed_after_handshake('broker')}")
+    return Check(
+        "broker",
+        "ok",
+        f"{host}:{port} reachable over TLS, its certificate verified against tls_ca; it "
+        "accepted this device's certificate (no MQTT login: the broker ties the client id "
+        "to the certificate, a login would take over the daemon's session)",
+    )
+
+
+def _check_mqtt_login(cfg: AgentConfig, host: str, port: int, timeout: float) -> Check:
     # An MQTT CONNECT under a separate client id: using the agent's own id would
     # disconnect the running daemon (the broker allows one session per id).
     import paho.mqtt.client as mqtt
 
     result: dict[str, object] = {}
-    errors: list[str] = []
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=f"{cfg.client_id}-doctor"[:128],
@@ -57,50 +108,25 @@ def check_broker(cfg: AgentConfig, timeout: float = 5.0) -> Check:
     )
     if cfg.broker_username:
         client.username_pw_set(cfg.broker_username, cfg.broker_password)
-    try:
-        ctx = mqtt_context(cfg)
-    except TlsSetupError as e:
-        return Check("broker", "fail", str(e))
-    if ctx is not None:
-        client.tls_set_context(ctx)
 
     def on_connect(c: object, u: object, f: object, rc: object, p: object = None) -> None:
         result.setdefault("rc", rc)
 
-    def on_log(c: object, u: object, level: int, text: str) -> None:
-        # A broker refusing the device certificate says so after the handshake; paho only
-        # logs it.
-        if level == mqtt.MQTT_LOG_ERR:
-            errors.append(text)
-
     client.on_connect = on_connect
-    client.on_log = on_log
     try:
         client.connect(host, port, keepalive=10)
         deadline = time.monotonic() + timeout
-        while "rc" not in result and time.monotonic() < deadline and not errors:
+        while "rc" not in result and time.monotonic() < deadline:
             client.loop(0.1)
         client.disconnect()
     except OSError as e:
-        words = explain(e, "broker") if ctx is not None else None
-        return Check(
-            "broker", "fail", f"{host}:{port}: {words or f'refused the MQTT connection: {e}'}"
-        )
+        return Check("broker", "fail", f"{host}:{port} refused the MQTT connection: {e}")
     rc = result.get("rc")
     if rc is None:
-        words = explain(errors[0], "broker") if errors and ctx is not None else None
-        return Check(
-            "broker",
-            "fail",
-            f"{host}:{port}: {words}"
-            if words
-            else f"{host}:{port} accepts TCP but did not answer MQTT CONNECT"
-            + (f" ({errors[0]})" if errors else ""),
-        )
+        return Check("broker", "fail", f"{host}:{port} accepts TCP but did not answer MQTT CONNECT")
     if getattr(rc, "is_failure", False):
         return Check("broker", "fail", f"{host}:{port} refused the login: {rc}")
-    how = " over TLS, its certificate verified against tls_ca," if ctx is not None else ""
-    return Check("broker", "ok", f"{host}:{port} reachable{how} MQTT 5 login accepted")
+    return Check("broker", "ok", f"{host}:{port} reachable, MQTT 5 login accepted")
 
 
 def check_security(cfg: AgentConfig) -> Check:

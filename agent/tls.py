@@ -168,18 +168,23 @@ def explain(failure: BaseException | str, peer: str) -> str | None:
                 "(`addin-server enroll`), else check tls_cert/tls_key and tls_ca"
             )
     if AFTER_HANDSHAKE in text and any(sign in text for sign in CLOSED_WITHOUT_ALERT):
-        return (
-            f"TLS: the {peer} closed the connection right after the handshake without "
-            "answering: most likely it refused this device's certificate (revoked, expired, "
-            "or not from its CA); if this device was revoked it needs a new enrollment "
-            "(`addin-server enroll`), else check tls_cert/tls_key and tls_ca"
-        )
+        return closed_after_handshake(peer)
     if errors or "[SSL" in text:
         return (
             f"TLS handshake with the {peer} failed ({_short(text)}): is that port a TLS "
             "listener, and tls_ca the tenant's CA?"
         )
     return None
+
+
+def closed_after_handshake(peer: str) -> str:
+    """The words for a connection the peer closed after the handshake, before any answer."""
+    return (
+        f"TLS: the {peer} closed the connection right after the handshake without "
+        "answering: most likely it refused this device's certificate (revoked, expired, "
+        "or not from its CA); if this device was revoked it needs a new enrollment "
+        "(`addin-server enroll`), else check tls_cert/tls_key and tls_ca"
+    )
 
 
 def _alert_name(text: str, alert: str) -> str:

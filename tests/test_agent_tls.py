@@ -399,6 +399,10 @@ def test_the_daemon_runs_from_an_enrollment_style_config(
     finally:
         assert daemon.stop() == 0, daemon.log_tail()
     assert "WARNING" not in log
+    # doctor made no MQTT login: the broker binds the client id to the certificate, so one
+    # would have taken over the daemon's session (the broker logs each login at once).
+    logins = re.findall(r"New client connected .* as (\S+)", tls_broker.log_path.read_text())
+    assert logins == [DEVICE]
     assert "Secure  yes: TLS to broker and server, signed state required" in status.stdout
     checks = {c["name"]: c for c in json.loads(doctor.stdout)}
     assert checks["security"]["status"] == "ok"

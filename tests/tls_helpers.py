@@ -165,6 +165,8 @@ def mosquitto_tls_config(ca: TestCA, folder: Path) -> str:
             f"keyfile {key}",
             "require_certificate true",
             "use_identity_as_username true",
+            "use_username_as_clientid true",  # the client id is bound to the certificate
+            "connection_messages true",
         ]
     )
 
