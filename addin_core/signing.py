@@ -163,8 +163,7 @@ def load_public_key(text: str) -> Ed25519PublicKey:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(
-            "is not base64: give the one-line public key of the server's signing key "
-            "(signing.pub)"
+            "is not base64: give the one-line public key of the server's signing key (signing.pub)"
         ) from None
     if len(raw) != 32:
         raise ValueError(

@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from addin_core.protocol import Host, check_id, check_unreserved
+from addin_core.signing import load_public_key
 
 ENV_PREFIX = "ADDIN_AGENT_"
 
@@ -129,6 +130,11 @@ class AgentConfig(BaseModel):
     anti_entropy_interval: float = Field(default=600.0, ge=0)
     """Seconds between anti-entropy checks against the server (jittered ±20 %); 0 disables
     them. See agent/antientropy.py."""
+    insecure: bool = False
+    """Lab switch (see the security design): without `signing_key`, unsigned state is accepted."""
+    signing_key: str | None = None
+    """The server's state signing public key (base64 of 32 raw bytes, ``signing.pub``): when
+    set, every state message must carry a valid signature by it, or it is refused."""
 
     @field_validator("tenant")
     @classmethod
@@ -155,6 +161,14 @@ class AgentConfig(BaseModel):
     def _server(cls, v: str) -> str:
         _split_url(v, ("http", "https"), "http://HOST:PORT or https://HOST")
         return v
+
+    @field_validator("signing_key")
+    @classmethod
+    def _signing_key(cls, v: str | None) -> str | None:
+        if not v or not v.strip():
+            return None
+        load_public_key(v)  # ValueError says what is wrong
+        return v.strip()
 
     @field_validator("cache_path")
     @classmethod

@@ -205,6 +205,7 @@ class Coordinator:
             "agent": {
                 "tenant": TENANT,
                 "agent_token": env.agent_token,
+                "signing_key": env.signing_key,
                 "cache": self.options.cache or self.scenario.cache,
             },
         }
