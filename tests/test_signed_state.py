@@ -289,12 +289,13 @@ def test_serve_refuses_a_bad_signing_key_in_one_line(
         path.write_bytes(b"not a key\n")
         path.chmod(0o600)
     db = tmp_path / "server.db"
+    cmd = [
+        sys.executable, "-m", "server_stub", "serve", "--db", str(db), "--tenant", "contoso",
+        "--broker", "mqtt://127.0.0.1:1", "--listen", f"127.0.0.1:{free_port()}",
+        "--admin-token", "a", "--agent-token", "b", "--signing-key", str(path),
+    ]  # fmt: skip
     r = subprocess.run(
-        [
-            sys.executable, "-m", "server_stub", "serve", "--db", str(db), "--tenant", "contoso",
-            "--broker", "mqtt://127.0.0.1:1", "--listen", f"127.0.0.1:{free_port()}",
-            "--admin-token", "a", "--agent-token", "b", "--signing-key", str(path),
-        ],  # fmt: skip
+        cmd,
         capture_output=True,
         text=True,
         timeout=60,
