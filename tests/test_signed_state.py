@@ -10,6 +10,7 @@ them on MQTT and on anti-entropy alike, and one with the wrong key takes nothing
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import free_port
 
-from addin_core.protocol import Filters, Host, Topic, decode
+from addin_core.protocol import Filters, Host, Topic, decode, server_topic
 from addin_core.signing import load_public_key, public_key_text, verify_state
 from addin_runtime.sqlite_tx import readonly_uri
 from agent.config import ConfigError, load_config
@@ -87,7 +88,7 @@ async def raw_retained(port: int, quiet: float = 0.5) -> dict[str, bytes]:
                     except TimeoutError:
                         break
                     if m.retain:
-                        got[str(m.topic)] = bytes(m.payload)  # type: ignore[arg-type]
+                        got[str(m.topic)] = bytes(m.payload)
         except TimeoutError:
             pass
     return got
@@ -100,6 +101,22 @@ async def published(port: int, topic: str) -> bytes:
         if topic in got:
             return got[topic]
     raise AssertionError(f"{topic} was never published")
+
+
+async def marker_reaches(port: int, revision: int) -> None:
+    """Wait (bounded) until the publisher's retained marker names `revision` or a later one."""
+    for _ in range(100):
+        async with aiomqtt.Client("127.0.0.1", port) as c:
+            await c.subscribe(server_topic("contoso", "published"), qos=1)
+            try:
+                async with asyncio.timeout(0.3):
+                    m = await anext(c.messages)
+                    if json.loads(bytes(m.payload))["revision"] >= revision:
+                        return
+            except TimeoutError:
+                pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the publisher never marked revision {revision} published")
 
 
 def events(agent: Agent, kind: str) -> list[dict[str, Any]]:
@@ -180,10 +197,14 @@ async def test_anti_entropy_resync_verifies_and_a_wrong_key_takes_nothing(
     # While the agent is off, a change's retained message is lost from the broker: only
     # anti-entropy (``/state``, signed) can bring it.
     broker.restart(hard=True)
-    await server.assign(b, "user", "ann")
-    await published(broker.port, f"{T}/assign/user/ann/{b}")  # then drop that one message
+    rev = await server.assign(b, "user", "ann")
+    await published(broker.port, f"{T}/assign/user/ann/{b}")
+    # Once the publisher's marker says it has published that revision nothing republishes
+    # it (a republish after the restart could otherwise land after the drop); then drop it.
+    await marker_reaches(broker.port, rev)
     async with aiomqtt.Client("127.0.0.1", broker.port) as c:
         await c.publish(f"{T}/assign/user/ann/{b}", b"", qos=1, retain=True)
+    assert f"{T}/assign/user/ann/{b}" not in await raw_retained(broker.port, quiet=0.3)
 
     agent = Agent(cfg)
     await agent.start()
