@@ -148,6 +148,7 @@ class Coordinator:
                 server_disagreements=self.admin.disagreements,
                 fleet=fleet,
                 admin_retries=self.admin.retries,
+                state_signed=env.signing_key is not None,
             )
         except asyncio.CancelledError:
             if self.fleet.failure is not None:

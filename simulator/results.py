@@ -80,6 +80,8 @@ class RunResult:
     fleet: FleetStats = field(default_factory=FleetStats)
     """The workers' counters merged: timeline, manifest requests, connection events."""
     admin_retries: int = 0
+    state_signed: bool = False
+    """The server signed every state payload and every agent verified it."""
     """Admin API calls sent again because the server was unreachable (a restart)."""
 
 
