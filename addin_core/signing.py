@@ -176,8 +176,13 @@ def load_private_key(pem: bytes) -> Ed25519PrivateKey:
     """An Ed25519 private key from its PKCS8 PEM text; ValueError saying what is wrong."""
     try:
         key = load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"is not an unencrypted PKCS8 PEM private key ({e})") from None
+    except TypeError:
+        raise ValueError("is encrypted: give the key unencrypted (mode 0600 protects it)") from None
+    except ValueError:
+        raise ValueError(
+            "is not a PKCS8 PEM private key (-----BEGIN PRIVATE KEY-----, e.g. from "
+            "`openssl genpkey -algorithm ed25519`)"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"holds a {type(key).__name__}, not an Ed25519 private key")
+        raise ValueError(f"holds another kind of key ({type(key).__name__}), not an Ed25519 one")
     return key

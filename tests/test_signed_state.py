@@ -297,7 +297,7 @@ def test_signing_key_config_is_checked(tmp_path: Path) -> None:
     [
         ("missing", "does not exist"),
         ("open", "readable by other users"),
-        ("garbage", "not an unencrypted PKCS8 PEM private key"),
+        ("garbage", "not a PKCS8 PEM private key"),
     ],
 )
 def test_serve_refuses_a_bad_signing_key_in_one_line(

@@ -179,5 +179,5 @@ def test_private_key_from_pkcs8_pem_and_wrong_kinds_refused() -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    with pytest.raises(ValueError, match="not an Ed25519"):
+    with pytest.raises(ValueError, match="not an Ed25519 one"):
         load_private_key(ec_pem)
