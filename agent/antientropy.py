@@ -18,9 +18,9 @@ To resync it fetches ``GET /v1/agents/{user}/state`` (the retained messages it s
 hold) and feeds each one through `Agent.handle_message`, the path MQTT messages take:
 its signature is checked (with a ``signing_key``), `decode()` validates it and
 `ReceivedState.apply` takes it only if its revision is newer than the one held for that
-topic. So a stale or hostile answer can neither downgrade nor
-remove anything, and nothing is removed except by an explicit, newer tombstone. Topics
-that are not this agent's (another user's, a group outside its ancestry) are dropped.
+topic. So a stale or hostile answer can neither downgrade nor remove anything, and nothing
+is removed except by an explicit, newer tombstone. Topics that are not this agent's
+(another user's, a group outside its ancestry) are dropped.
 
 Recorded in the cache: the ``sync`` key ``anti_entropy`` (last check: time, result,
 digests, revisions) for `status` and `doctor`; an event ``resync`` with the before/after

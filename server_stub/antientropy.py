@@ -8,8 +8,9 @@ revision-ordered message path.
 The digest is computed from the DATABASE with the server's own resolver
 (`server_stub.entitlement`), not from the `retained` table, so it checks the agent's
 resolver against an independent one. `/state` returns the `retained` rows (the exact bytes
-published: signed here as the publisher signs them, `server_stub/signer.py`), filtered like the agent's subscriptions: tenant-wide topics, the user's own
-``member/`` and ``assign/user/`` topics, and for every group in the user's ancestry
+published: signed here as the publisher signs them, `server_stub/signer.py`), filtered like
+the agent's subscriptions: tenant-wide topics, the user's own ``member/`` and
+``assign/user/`` topics, and for every group in the user's ancestry
 (nesting followed whatever the policy, like the agent) its ``parents`` and ``assign/group``
 topics. Both reads run in one read transaction, so the revision returned is the one the
 answer was computed at, even while other processes (the CLI) write.
