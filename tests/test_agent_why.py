@@ -237,6 +237,7 @@ async def test_why_reports_a_change_refused_for_its_signature_until_superseded(
         cache_path=str(tmp_path / "cache.sqlite"),
         hosts=(Host.WORD,),
         signing_key=public_key_text(key),
+        insecure=True,
     )
     agent = Agent(cfg)
     await agent.open()

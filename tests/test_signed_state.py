@@ -43,6 +43,8 @@ from agent.daemon import Agent
 from simulator.mosquitto import MosquittoBroker
 
 T = "addins/v1/contoso"
+# The agents here use plain mqtt:// and http:// (`insecure`, the lab transport); a signing_key
+# makes them enforce signatures all the same.
 
 
 def write_key(path: Path, key: Ed25519PrivateKey, mode: int = 0o600) -> Path:
@@ -144,7 +146,9 @@ async def test_signed_change_installs_and_every_path_serves_the_same_signed_byte
     a, b = addin_id("a"), addin_id("b")
     await server.upload(manifest("a"))
     await server.assign(a, "everyone")
-    agent = Agent(agent_config(tmp_path, broker, server, signing_key=public_key_text(key)))
+    agent = Agent(
+        agent_config(tmp_path, broker, server, signing_key=public_key_text(key), insecure=True)
+    )
     await agent.start()
     try:
         await settled(agent, server)
@@ -188,7 +192,12 @@ async def test_anti_entropy_resync_verifies_and_a_wrong_key_takes_nothing(
     await server.upload(manifest("b"))
     await server.assign(a, "everyone")
     cfg = agent_config(
-        tmp_path, broker, server, signing_key=public_key_text(key), anti_entropy_interval=0.5
+        tmp_path,
+        broker,
+        server,
+        signing_key=public_key_text(key),
+        insecure=True,
+        anti_entropy_interval=0.5,
     )
     agent = Agent(cfg)
     await agent.start()
@@ -225,6 +234,7 @@ async def test_anti_entropy_resync_verifies_and_a_wrong_key_takes_nothing(
         server,
         user="bob",
         signing_key=public_key_text(other),
+        insecure=True,
         anti_entropy_interval=0.5,
     )
     agent = Agent(wrong)
@@ -265,7 +275,9 @@ async def test_unsigned_server_is_refused_and_a_lab_agent_reads_signed_state(
     async with aiomqtt.Client("127.0.0.1", broker.port) as c:
         await c.publish(f"{T}/catalog/{x}", unsigned, qos=1, retain=True)
     agent = Agent(
-        agent_config(tmp_path, broker, server, user="bob", signing_key=public_key_text(key))
+        agent_config(
+            tmp_path, broker, server, user="bob", signing_key=public_key_text(key), insecure=True
+        )
     )
     await agent.start()
     try:
