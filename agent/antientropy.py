@@ -16,10 +16,11 @@ moves every few minutes.)
 
 To resync it fetches ``GET /v1/agents/{user}/state`` (the retained messages it should
 hold) and feeds each one through `Agent.handle_message`, the path MQTT messages take:
-`decode()` validates it and `ReceivedState.apply` takes it only if its revision is newer
-than the one held for that topic. So a stale or hostile answer can neither downgrade nor
-remove anything, and nothing is removed except by an explicit, newer tombstone. Topics
-that are not this agent's (another user's, a group outside its ancestry) are dropped.
+its signature is checked (with a ``signing_key``), `decode()` validates it and
+`ReceivedState.apply` takes it only if its revision is newer than the one held for that
+topic. So a stale or hostile answer can neither downgrade nor remove anything, and nothing
+is removed except by an explicit, newer tombstone. Topics that are not this agent's
+(another user's, a group outside its ancestry) are dropped.
 
 Recorded in the cache: the ``sync`` key ``anti_entropy`` (last check: time, result,
 digests, revisions) for `status` and `doctor`; an event ``resync`` with the before/after
@@ -288,7 +289,9 @@ class AntiEntropy:
                     detail=f"digests differ but the state could not be fetched: {text}"[:300],
                 )
             )
+        refused_before = agent.stats.get("signature_refused", 0)
         accepted, stale, foreign = await self._feed(messages)
+        refused = agent.stats.get("signature_refused", 0) - refused_before
         after = local_digest(agent.state, cfg.user_id)
         self.resyncs += 1
         fixed = after.digest == server_digest
@@ -299,6 +302,7 @@ class AntiEntropy:
             f"(revision {server_rev}, agent held {before.revision}): {len(messages)} message(s), "
             f"{accepted} newer than held, {stale} not taken (not newer or invalid)"
             + (f", {foreign} not this agent's" if foreign else "")
+            + (f", {refused} REFUSED for their signature" if refused else "")
             + ("" if fixed else "; digests still differ")
         )
         log.warning("anti-entropy resync: %s", detail)

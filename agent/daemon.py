@@ -23,6 +23,7 @@ from addin_core.protocol import (
     Topic,
     TopicKind,
 )
+from addin_core.signing import SignatureRefused, load_public_key, split_state, verify_state
 from agent.antientropy import AntiEntropy
 from agent.applier import AppliedManifest, Applier, FolderApplier, MemoryApplier
 from agent.cache import Cache, Retention, Tx, VolatileCache, open_cache
@@ -100,7 +101,9 @@ class Agent:
         self._store_xml = True
         self.transport: Transport | None = None
         self.control: ControlServer | None = None
-        self.stats = {"accepted": 0, "stale": 0, "invalid": 0}
+        self.stats = {"accepted": 0, "stale": 0, "invalid": 0, "signature_refused": 0}
+        self._signing_key = load_public_key(config.signing_key) if config.signing_key else None
+        """The server's public key: with it every state message must be signed by it."""
         self._stopping = False
         self._report_task: asyncio.Task[None] | None = None
         self.anti_entropy: AntiEntropy | None = None  # started by start()
@@ -318,10 +321,19 @@ class Agent:
                 log.exception("observer failed")
 
     async def handle_message(self, topic_str: str, payload_bytes: bytes) -> None:
-        """One message from the broker. Invalid or stale ones change nothing."""
+        """One message from the broker (or from anti-entropy's ``/state``). Invalid, stale
+        or, with a `signing_key`, unsigned or badly signed ones change nothing."""
         try:
             topic = Topic.parse(topic_str)
-            payload = decode_remembered(topic, payload_bytes)
+            if self._signing_key is not None:
+                unsigned = verify_state(self._signing_key, topic_str, payload_bytes)
+            else:
+                # No key (a lab): a signed payload is read without its signature.
+                unsigned = split_state(bytes(payload_bytes))[0]
+            payload = decode_remembered(topic, unsigned)
+        except SignatureRefused as e:
+            await self._refused_signature(topic, e)
+            return
         except ProtocolError as e:
             self.stats["invalid"] += 1
             log.warning("refused message: %s", e)
@@ -331,6 +343,16 @@ class Agent:
                 await self.cache.commit(tx)
             return
         await self.accept(topic, payload)
+
+    async def _refused_signature(self, topic: Topic, e: SignatureRefused) -> None:
+        """Nothing changes (the last signed state is kept); the refusal is an event naming
+        the topic and the reason, which `why` and `doctor` report."""
+        self.stats["signature_refused"] += 1
+        log.warning("refused message: %s", e)
+        if self.cache is not None:
+            tx = Tx()
+            tx.event("signature_refused", str(e)[:500], addin_id=topic.addin_id)
+            await self.cache.commit(tx)
 
     async def accept(self, topic: Topic, payload: AnyPayload) -> bool:
         if not self.state.is_newer(topic, payload):

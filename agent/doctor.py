@@ -275,6 +275,37 @@ def check_client_id(cfg: AgentConfig, rm: ReadModel, now: float | None = None) -
     return Check("client id", "fail" if now - last <= TAKEOVER_WINDOW else "warn", detail)
 
 
+REFUSAL_WINDOW = 86400.0
+"""`doctor` fails when a state message was refused for its signature within this many seconds."""
+
+
+def check_signing(cfg: AgentConfig, rm: ReadModel, now: float | None = None) -> Check:
+    """Whether state signatures are enforced, and whether any message was refused for one."""
+    now = time.time() if now is None else now
+    if not cfg.signing_key:
+        lab = "insecure = true" if cfg.insecure else "no signing_key"
+        return Check(
+            "signatures",
+            "warn",
+            f"NOT enforced ({lab}): unsigned state is accepted, so whoever can publish to the "
+            "broker decides what is installed here; use the signing_key of the enrollment "
+            "bundle outside a lab",
+        )
+    detail = f"enforced: every state message must be signed by the server's key {cfg.signing_key}"
+    counts = rm.event_counts(("signature_refused",), now - REFUSAL_WINDOW)
+    last = rm.last_signature_refusal()
+    if not counts or last is None:
+        return Check("signatures", "ok", detail + "; none refused in the last 24 h")
+    n, at = counts["signature_refused"]
+    return Check(
+        "signatures",
+        "fail",
+        f"{detail}; {n} message(s) REFUSED in the last 24 h (last {(now - at) / 60:.0f} min "
+        f"ago: {last.topic}: {last.reason}): the cache keeps the last signed state; tell "
+        "your admin: the broker, or an account that may publish to it, may be compromised",
+    )
+
+
 def check_integrity(rm: ReadModel) -> Check:
     rows = rm.integrity_problems()
     if rows == ["ok"]:
@@ -385,6 +416,7 @@ def run_checks(cfg: AgentConfig, rm: ReadModel, config_path: str | None = None) 
         *([cert] if cert else []),
         *([key] if key else []),
         check_client_id(cfg, rm),
+        check_signing(cfg, rm),
         *check_server(cfg, rev),
         check_integrity(rm),
         check_manifests(rm),

@@ -54,6 +54,24 @@ class EventRecord:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class SignatureRefusal:
+    """A state message the daemon refused for its signature (an event ``signature_refused``)."""
+
+    at: float
+    topic: str
+    reason: str
+    """``unsigned`` or ``bad signature``."""
+    detail: str
+
+
+def _refusal(at: float, detail: str) -> SignatureRefusal:
+    # The event's detail is `SignatureRefused`'s text: "<topic>: <reason>: <why>".
+    topic, _, rest = detail.partition(": ")
+    reason, _, why = rest.partition(": ")
+    return SignatureRefusal(at, topic, reason, why)
+
+
 class QueryRefused(Exception):
     """`query` SQL that failed or tried more than reading; the message says why."""
 
@@ -235,6 +253,33 @@ class ReadModel:
                 (since, *kinds),
             )
         }
+
+    def signature_refusals(self, addin_id: str, limit: int = 200) -> list[SignatureRefusal]:
+        """The latest refusal per topic of messages about `addin_id` refused for their
+        signature that no message accepted later on the same topic has superseded; latest
+        first."""
+        out: dict[str, SignatureRefusal] = {}
+        for r in self.conn.execute(
+            "SELECT at, detail FROM events WHERE kind = 'signature_refused' AND addin_id = ? "
+            "ORDER BY id DESC LIMIT ?",
+            (addin_id, limit),
+        ):
+            ref = _refusal(float(r["at"]), str(r["detail"]))
+            if ref.topic in out:
+                continue
+            got = self.conn.execute(
+                "SELECT received_at FROM received WHERE topic = ?", (ref.topic,)
+            ).fetchone()
+            if got is None or float(got["received_at"]) < ref.at:
+                out[ref.topic] = ref
+        return sorted(out.values(), key=lambda x: -x.at)
+
+    def last_signature_refusal(self) -> SignatureRefusal | None:
+        r = self.conn.execute(
+            "SELECT at, detail FROM events WHERE kind = 'signature_refused' ORDER BY id DESC "
+            "LIMIT 1"
+        ).fetchone()
+        return _refusal(float(r["at"]), str(r["detail"])) if r else None
 
     # -- the file itself ---------------------------------------------------------------------------
     def integrity_problems(self) -> list[str]:

@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from addin_core.protocol import Host, Mode, Topic
+from addin_core.protocol import Host, Mode, ProtocolError, Topic, TopicKind
 from addin_runtime.cli_support import did_you_mean
 from agent.pending import ManifestRecord, PendingChange, wanted
-from agent.readmodel import ReadModel
+from agent.readmodel import ReadModel, SignatureRefusal
 from agent.resolver import Explanation, explain
 from agent.state import ReceivedState
 
@@ -86,16 +86,62 @@ class _Chain:
 
 
 def why(conn: sqlite3.Connection, query: str, host: Host | None = None) -> WhyReport:
-    start = _start(ReadModel(conn), query, host)
+    rm = ReadModel(conn)
+    start = _start(rm, query, host)
     if isinstance(start, WhyReport):
-        return start
+        # Nothing to follow; yet a message about an add-in of that id may have been refused.
+        return _refused(start, rm.signature_refusals(query), query)
     c = start
+    _follow(c)
+    return _refused(c.rep, rm.signature_refusals(c.x.addin_id), c.name)
+
+
+def _follow(c: _Chain) -> None:
     for link in (_catalog, _assignments, _mode, _host_match, _wanted):
         if link(c):
-            return c.rep
+            return
     manifest = _manifest(c)
     _per_host(c, manifest)
-    return c.rep
+
+
+_REFUSED_TEXT = {
+    "unsigned": "was not signed",
+    "bad signature": "had a signature that did not verify",
+}
+
+
+def _what(topic: str) -> str:
+    try:
+        kind = Topic.parse(topic).kind
+    except ProtocolError:
+        return "a message"
+    return "its catalog entry" if kind == TopicKind.CATALOG else "an assignment of it"
+
+
+def _refused(rep: WhyReport, refusals: list[SignatureRefusal], name: str) -> WhyReport:
+    """A change refused for its signature, not superseded since, comes first: the verdict
+    says so, and that what follows is the last signed state the cache kept."""
+    if not refusals:
+        return rep
+    for r in refusals:
+        rep.steps.insert(
+            0,
+            Step(
+                "signature",
+                False,
+                f"{_clock(r.at)}: {_what(r.topic)} ({r.topic}) REFUSED: {r.reason}",
+            ),
+        )
+    last = refusals[0]
+    held = f" It shows: {rep.verdict}" if rep.verdict else ""
+    rep.cause = "signature_refused"
+    rep.verdict = (
+        f"A change to {name} was refused {_clock(last.at)}: {_what(last.topic)} "
+        f"{_REFUSED_TEXT.get(last.reason, last.reason)}. The cache keeps the last signed "
+        f"state.{held} Tell your admin: the broker, or an account that may publish to it, "
+        "may be compromised."
+    )
+    return rep
 
 
 def _start(rm: ReadModel, query: str, host: Host | None) -> WhyReport | _Chain:

@@ -8,8 +8,9 @@ revision-ordered message path.
 The digest is computed from the DATABASE with the server's own resolver
 (`server_stub.entitlement`), not from the `retained` table, so it checks the agent's
 resolver against an independent one. `/state` returns the `retained` rows (the exact bytes
-published), filtered like the agent's subscriptions: tenant-wide topics, the user's own
-``member/`` and ``assign/user/`` topics, and for every group in the user's ancestry
+published: signed here as the publisher signs them, `server_stub/signer.py`), filtered like
+the agent's subscriptions: tenant-wide topics, the user's own ``member/`` and
+``assign/user/`` topics, and for every group in the user's ancestry
 (nesting followed whatever the policy, like the agent) its ``parents`` and ``assign/group``
 topics. Both reads run in one read transaction, so the revision returned is the one the
 answer was computed at, even while other processes (the CLI) write.
@@ -65,8 +66,9 @@ async def user_state(service: Service, user_id: str) -> dict[str, Any]:
         exact, prefixes = split_filters(user_filters(service.tenant, user_id, paths))
         rows = await snap.retained(exact, prefixes)
     wanted = set(exact)
+    sign = service.signer.sign if service.signer is not None else (lambda _t, p: p)
     messages = [
-        {"topic": topic, "revision": rev, "payload": payload.decode("utf-8")}
+        {"topic": topic, "revision": rev, "payload": sign(topic, payload).decode("utf-8")}
         for topic, rev, payload in rows
         # A `+` filter matches one level only: a deeper topic under a prefix is not the agent's.
         if topic in wanted or any(matches(p + "+", topic) for p in prefixes)

@@ -16,6 +16,10 @@ The same MQTT session subscribes to the agents' ``report/+`` topics and hands ea
 report to the report intake (`server_stub/reports.py`), which stores them; the outbox and
 retained reads and writes are `server_stub.db.Database` methods.
 
+With a signer (``serve --signing-key``) every state payload is signed as it is published, the
+outbox's and the republished ones alike (`server_stub/signer.py` says why there); the
+marker and probe on the server's own topics are not state and stay unsigned.
+
 Test hook: with ``ADDIN_SERVER_CRASH_AFTER_COMMIT=1`` in the environment the process exits
 with status 70 (``os._exit``, no cleanup) the moment it has committed rows to publish and
 before publishing any of them: the "killed between commit and publish" case.
@@ -55,6 +59,7 @@ from addin_runtime.reconnect import (
 from addin_runtime.tasks import cancel_and_wait, wait_event
 from server_stub.db import TRANSIENT_ERRORS, Database
 from server_stub.reports import ReportIntake, ReportSink
+from server_stub.signer import StateSigner, sign_all
 
 log = logging.getLogger("addin_server.publisher")
 
@@ -103,8 +108,10 @@ class Publisher:
         password: str | None = None,
         poll_interval: float = 0.15,
         report_sink: ReportSink | None = None,
+        signer: StateSigner | None = None,
     ) -> None:
         self.db_path = db_path
+        self.signer = signer
         self.tenant = tenant
         self.host, self.port = parse_broker_url(broker_url)
         self.username = username
@@ -303,6 +310,7 @@ class Publisher:
         return len(retained)
 
     async def _publish_many(self, client: aiomqtt.Client, msgs: list[tuple[str, bytes]]) -> None:
+        msgs = sign_all(self.signer, msgs)
         # Concurrent publishes still leave in order on the one TCP connection, so a later
         # payload for a topic always lands after an earlier one.
         for i in range(0, len(msgs), BATCH):

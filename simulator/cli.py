@@ -35,6 +35,17 @@ def _broker_url(_ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+def _public_key(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        from addin_core.signing import load_public_key
+
+        try:
+            load_public_key(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Run thousands of virtual agents against a real broker and server."""
@@ -195,6 +206,14 @@ async def _until_signalled(coordinator: Any) -> Any:
 )
 @click.option("--admin-token", envvar="ADDIN_SIM_ADMIN_TOKEN", default=None, help="With --server.")
 @click.option("--agent-token", envvar="ADDIN_SIM_AGENT_TOKEN", default=None, help="With --server.")
+@click.option(
+    "--signing-key",
+    envvar="ADDIN_SIM_SIGNING_KEY",
+    default=None,
+    callback=_public_key,
+    help="With --server: its signing public key (signing.pub); without it the agents accept "
+    "unsigned state. A private server signs with a fresh key per run.",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--run-id", default=None, help="Run id remote workers join (default: random).")
 @click.option("--no-baseline", is_flag=True, help="Skip the bare MQTT fan-out measurement.")
@@ -215,6 +234,7 @@ def run(
     server_url: str | None,
     admin_token: str | None,
     agent_token: str | None,
+    signing_key: str | None,
     seed: int,
     run_id: str | None,
     no_baseline: bool,
@@ -231,6 +251,8 @@ def run(
         raise click.UsageError(str(e)) from None
     if server_url and not admin_token:
         raise click.UsageError("--server needs --admin-token (or ADDIN_SIM_ADMIN_TOKEN)")
+    if signing_key and not server_url:
+        raise click.UsageError("--signing-key is for --server: a private server gets its own key")
     options = RunOptions(
         clients=clients,
         workers=default_workers() if workers is None else workers,
@@ -239,6 +261,7 @@ def run(
         server_url=server_url,
         admin_token=admin_token,
         agent_token=agent_token,
+        signing_key=signing_key,
         remote_workers=remote_workers,
         baseline=not no_baseline,
         cache=cache,

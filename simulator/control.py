@@ -96,7 +96,8 @@ def parse_worker_topic(run: str, topic: str) -> tuple[str, str] | None:
     return None
 
 
-Handler = Callable[[str, dict[str, Any]], Awaitable[None]]
+Handler = Callable[[str, Any], Awaitable[None]]
+"""handler(topic, data): the payload parsed from JSON, or its bytes with ``raw=True``."""
 
 CLOSE_TIMEOUT = 10.0
 
@@ -115,12 +116,16 @@ class ControlChannel:
         handler: Handler,
         *,
         deliver_clears: bool = False,
+        raw: bool = False,
     ):
         self.broker = broker
         self.identifier = f"addin-sim-{name}-{uuid.uuid4().hex[:6]}"
         self.subscriptions = subscriptions
         self.handler = handler
         self.deliver_clears = deliver_clears
+        self.raw = raw
+        """Hand the handler the payload's bytes, unparsed (a signed state payload must be
+        sent again byte for byte)."""
         self._sticky: dict[str, bytes] = {}
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -162,7 +167,11 @@ class ControlChannel:
                     self._connected.set()
                     delay = 0.2
                     async for message in client.messages:
-                        data: dict[str, Any]
+                        data: Any
+                        if self.raw:
+                            if message.payload:
+                                await self.handler(str(message.topic), bytes(message.payload))
+                            continue
                         if not message.payload:
                             if not self.deliver_clears:
                                 continue
@@ -196,9 +205,10 @@ class ControlChannel:
         self._sticky[topic] = payload
         await self._publish_once(topic, payload, retain=True)
 
-    async def publish(self, topic: str, data: dict[str, Any]) -> None:
-        """A plain message, retried for up to 60 s while the broker is away."""
-        payload = json.dumps(data).encode()
+    async def publish(self, topic: str, data: dict[str, Any] | bytes) -> None:
+        """A plain message (bytes as they are), retried for up to 60 s while the broker is
+        away."""
+        payload = data if isinstance(data, bytes) else json.dumps(data).encode()
         for _ in range(600):
             if await self._publish_once(topic, payload, retain=False):
                 return

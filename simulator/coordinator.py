@@ -148,6 +148,7 @@ class Coordinator:
                 server_disagreements=self.admin.disagreements,
                 fleet=fleet,
                 admin_retries=self.admin.retries,
+                state_signed=env.signing_key is not None,
             )
         except asyncio.CancelledError:
             if self.fleet.failure is not None:
@@ -205,6 +206,7 @@ class Coordinator:
             "agent": {
                 "tenant": TENANT,
                 "agent_token": env.agent_token,
+                "signing_key": env.signing_key,
                 "cache": self.options.cache or self.scenario.cache,
             },
         }

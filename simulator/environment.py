@@ -3,6 +3,7 @@ a broker and a server, torn down at the end."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -41,6 +42,8 @@ class Environment:
         self.server_url = options.server_url or ""
         self.admin_token = options.admin_token or secrets.token_urlsafe(16)
         self.agent_token = options.agent_token or secrets.token_urlsafe(16)
+        self.signing_key: str | None = options.signing_key
+        """Public key the agents verify state with (None: they accept it unsigned)."""
 
     def start(self) -> None:
         if not self.broker_url:
@@ -65,8 +68,31 @@ class Environment:
                 self.admin_token,
                 "--agent-token",
                 self.agent_token,
+                "--signing-key",
+                str(self._new_signing_key()),
             ]
             self.start_server()
+
+    def _new_signing_key(self) -> Path:
+        """A fresh Ed25519 key for this run's server: every run signs, so a fleet run
+        measures what verifying every state message costs the agents."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from addin_core.signing import public_key_text
+
+        key = Ed25519PrivateKey.generate()
+        path = self.workdir / "signing.key"
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        self.signing_key = public_key_text(key)
+        return path
 
     def start_server(self, timeout: float = 30.0) -> None:
         log = open(self.workdir / "server.log", "ab")  # handed to the child

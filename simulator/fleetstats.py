@@ -27,7 +27,7 @@ MANIFEST_FAILED_SERIES = "manifest_get_failed"
 AGENT_EVENTS = ("connected", "disconnected", "fetch_failed")
 """Agent events counted (not timed): see `agent.daemon.AgentEvent`."""
 
-MESSAGE_STATS = ("accepted", "stale", "invalid")
+MESSAGE_STATS = ("accepted", "stale", "invalid", "signature_refused")
 """The agents' own message counters (`Agent.stats`)."""
 
 
@@ -58,7 +58,8 @@ class FleetStats:
     def add_messages(self, stats: Mapping[str, int]) -> None:
         """Fold in one agent's message counters (when it is replaced, and at the end)."""
         for k in MESSAGE_STATS:
-            self.messages[k] += int(stats.get(k, 0))
+            if stats.get(k):
+                self.messages[k] += int(stats[k])
 
     def merge(self, other: FleetStats) -> None:
         self.timeline.merge(other.timeline)

@@ -28,6 +28,9 @@ class RunOptions:
     server_url: str | None = None
     admin_token: str | None = None
     agent_token: str | None = None
+    signing_key: str | None = None
+    """With `server_url`: the server's state signing public key (base64), so every agent
+    enforces signatures. A private server always gets a fresh key per run."""
     remote_workers: int = 0
     """Workers expected to join from elsewhere (`addin-sim worker --run ID ...`)."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
@@ -77,6 +80,8 @@ class RunResult:
     fleet: FleetStats = field(default_factory=FleetStats)
     """The workers' counters merged: timeline, manifest requests, connection events."""
     admin_retries: int = 0
+    state_signed: bool = False
+    """The server signed every state payload and every agent verified it."""
     """Admin API calls sent again because the server was unreachable (a restart)."""
 
 

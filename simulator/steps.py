@@ -39,7 +39,7 @@ class StateTap:
 
     def __init__(self, run: str) -> None:
         self.run = run
-        self.held: dict[str, list[dict[str, Any]]] = {}
+        self.held: dict[str, list[bytes]] = {}
         self._channel: ControlChannel | None = None
 
     async def open(self, broker: BrokerAddress) -> None:
@@ -50,6 +50,7 @@ class StateTap:
             f"tap-{self.run}",
             Filters.retained_state(TENANT),
             self._on_message,
+            raw=True,  # re-sent byte for byte: a re-serialised signed payload would not verify
         )
         await self._channel.start()
 
@@ -57,7 +58,7 @@ class StateTap:
         if self._channel is not None:
             await self._channel.close()
 
-    async def _on_message(self, topic: str, data: dict[str, Any]) -> None:
+    async def _on_message(self, topic: str, data: bytes) -> None:
         held = self.held.setdefault(topic, [])
         if not held or held[-1] != data:
             held.append(data)

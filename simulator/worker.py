@@ -259,6 +259,9 @@ class Worker:
             broker_password=self.broker.password,
             server_url=self.server_url,
             server_token=s.get("agent_token"),
+            # Every state message verified, as on a real workstation; unsigned only when
+            # the run was given a server without its key.
+            signing_key=s.get("signing_key"),
             cache_path=cache_path,
             applier="memory",
             control=None,

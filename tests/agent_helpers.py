@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,14 @@ class ServerProcess(harness.ServerProcess):
     """`addin-server serve` as a real process on a free loopback port, started at once, with
     the admin operations the agent tests use."""
 
-    def __init__(self, workdir: Path, broker: MosquittoBroker, admin_user: str = "ann") -> None:
-        super().__init__(workdir / "server.db", broker.url, admin_user=admin_user)
+    def __init__(
+        self,
+        workdir: Path,
+        broker: MosquittoBroker,
+        admin_user: str = "ann",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(workdir / "server.db", broker.url, admin_user=admin_user, env=env)
         self.start()
         self.http = httpx.AsyncClient(
             base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=20

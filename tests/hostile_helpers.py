@@ -213,8 +213,14 @@ def agent_cli(
 class World:
     """Broker with ACL + server + one agent (user ann, client ann-pc), started in order."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(
+        self, tmp: Path, server_env: dict[str, str] | None = None, agent_lines: tuple[str, ...] = ()
+    ) -> None:
         self.tmp = tmp
+        self.server_env = server_env or {}
+        """Environment of `serve` (e.g. ADDIN_SERVER_SIGNING_KEY)."""
+        self.agent_lines = agent_lines
+        """Extra lines of the agent's agent.toml (e.g. its signing_key)."""
         self.db = tmp / "server.db"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.broker: MosquittoBroker | None = None
@@ -254,6 +260,7 @@ class World:
             agent_token=AGENT_TOKEN,
             admin_user="ann",
             broker_account=self.server_account,
+            env=self.server_env,
         )
         self.server_log = serve.log
         serve.start()
@@ -303,6 +310,7 @@ class World:
                     'applier = "folder"',
                     f'applier_dir = "{self.wef}"',
                     f'control = "{self.sock}"',
+                    *self.agent_lines,
                     "",
                 ]
             )

@@ -223,3 +223,63 @@ async def test_in_memory_caches_run_the_same_transitions(cache_path: str) -> Non
     await agent.open()
     assert agent.installed() == {} and agent.choices == {x: "remove"}
     await agent.stop()
+
+
+async def test_why_reports_a_change_refused_for_its_signature_until_superseded(
+    tmp_path: Path,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from addin_core.signing import public_key_text, sign_state
+
+    key = Ed25519PrivateKey.generate()
+    cfg = AgentConfig(
+        tenant=T,
+        user_id="ann",
+        client_id="ann-pc",
+        cache_path=str(tmp_path / "cache.sqlite"),
+        hosts=(Host.WORD,),
+        signing_key=public_key_text(key),
+        insecure=True,
+    )
+    agent = Agent(cfg)
+    await agent.open()
+    try:
+        conn = open_readonly(cfg.cache_path)
+        aid, ghost = addin_id("signed"), addin_id("ghost")
+        assign = Topic.assign_user(T, "ann", aid)
+
+        async def send(topic: Topic, payload: bytes, signer: object = key) -> None:
+            raw = sign_state(signer, str(topic), payload) if signer else payload  # type: ignore[arg-type]
+            await agent.handle_message(str(topic), raw)
+
+        # Nothing held yet, and the first message is unsigned: the verdict says why.
+        await send(assign, Assignment(revision=2, mode=Mode.FIXED).to_bytes(), None)
+        rep = why(conn, aid)
+        assert rep.cause == "signature_refused" and "was not signed" in rep.verdict
+        assert agent.state.held == {} and agent.stats["signature_refused"] == 1
+
+        entry = CatalogEntry(
+            revision=1, addin_id=aid, name="Signed", source=Source.LOB, version="1.0.0.0",
+            manifest_sha256="ab" * 32, manifest_url=f"/v1/manifests/{'ab' * 32}",
+            hosts=[Host.WORD], permissions="ReadDocument", enabled=True,
+        )  # fmt: skip
+        await send(Topic.catalog(T, aid), entry.to_bytes())
+        assert why(conn, "Signed").cause == "signature_refused"  # the assignment still
+        # A genuine, newer message on that topic supersedes the refusal.
+        await send(assign, Assignment(revision=3, mode=Mode.FIXED).to_bytes())
+        rep = why(conn, "Signed")
+        assert rep.cause != "signature_refused" and not any(
+            s.label == "signature" for s in rep.steps
+        )
+        # An add-in this computer never received, whose entry was refused: said for its id.
+        other = Ed25519PrivateKey.generate()
+        ghost_entry = entry.model_copy(update={"addin_id": ghost, "revision": 9})
+        await send(Topic.catalog(T, ghost), ghost_entry.to_bytes(), other)
+        rep = why(conn, ghost)
+        assert rep.cause == "signature_refused"
+        assert "its catalog entry had a signature that did not verify" in rep.verdict
+        assert "No add-in called" in rep.verdict
+        conn.close()
+    finally:
+        await agent.stop()

@@ -561,6 +561,7 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
         "reconnects": 4,
         "messages_stale": 0,
         "messages_invalid": 0,
+        "messages_signature_refused": 0,
         "admin_retries": 2,
         "unconverged": 1,
     }

@@ -13,6 +13,7 @@ from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
 from server_stub import db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
+from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class _Settings:
     admin_user: str | None
     store_catalog: Path
     max_addins: int
+    signer: StateSigner | None
 
 
 @click.command()
@@ -45,6 +47,14 @@ class _Settings:
     default=None,
     help="The admin's own user id, for assignments to 'me'.",
 )
+@click.option(
+    "--signing-key",
+    envvar="ADDIN_SERVER_SIGNING_KEY",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Ed25519 private key (PKCS8 PEM, mode 0600) that signs every state payload; "
+    "agents configured with its public key refuse anything else.",
+)
 @store_option
 @max_addins_option
 def serve(
@@ -58,6 +68,7 @@ def serve(
     admin_user: str | None,
     store_catalog: Path,
     max_addins: int,
+    signing_key: Path | None,
 ) -> None:
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT)."""
     host, _, port = listen.rpartition(":")
@@ -71,8 +82,16 @@ def serve(
         # Refused here, before any database is made, not retried for ever by the publisher.
         error(f"--broker {e}", 2)
     _check_listen(host, int(port))
+    # The seam for `--pki DIR`: pass the PKI directory as the second argument and its
+    # signing.key is used unless --signing-key names another.
+    key_path = signing_key_path(signing_key)
+    try:
+        signer = load_signer(key_path) if key_path is not None else None
+    except SigningKeyError as e:
+        error(str(e), 2)
     settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
-                         admin_token, agent_token, admin_user, store_catalog, max_addins)  # fmt: skip
+                         admin_token, agent_token, admin_user, store_catalog, max_addins,
+                         signer)  # fmt: skip
     _serve_alone(db_path(writes=True), settings)
 
 
@@ -125,15 +144,23 @@ async def _run_server(path: Path, s: _Settings) -> None:
         username=s.broker_username,
         password=s.broker_password,
         report_sink=service.record_reports,
+        signer=s.signer,
     )
     service.on_commit = publisher.wake
+    service.signer = s.signer
     app = create_app(service, admin_token=s.admin_token, agent_token=s.agent_token)
     server = uvicorn.Server(
         uvicorn.Config(app, host=s.host, port=s.port, log_level="warning", lifespan="off")
     )
     pub = asyncio.create_task(publisher.run())
+    signing = (
+        f"state signed (public key {s.signer.public_text})"
+        if s.signer is not None
+        else "state UNSIGNED (no --signing-key)"
+    )
     click.echo(
-        f"addin-server: tenant {s.tenant}, http://{s.host}:{s.port}, broker {s.broker}", err=True
+        f"addin-server: tenant {s.tenant}, http://{s.host}:{s.port}, broker {s.broker}, {signing}",
+        err=True,
     )
     try:
         await server.serve()

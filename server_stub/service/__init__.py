@@ -40,6 +40,7 @@ from server_stub.service.org_load import OrgLoader
 from server_stub.service.reads import Reads
 from server_stub.service.troubleshooting import Troubleshooting
 from server_stub.service.unit_of_work import UnitOfWork
+from server_stub.signer import StateSigner
 from server_stub.store import StoreCatalog
 
 log = logging.getLogger("addin_server.reports")
@@ -74,6 +75,9 @@ class Service:
         self.database = database
         self.tenant = check_id(tenant, "tenant id")
         self.clock = clock
+        self.signer: StateSigner | None = None
+        """Signs state payloads on their way out (anti-entropy's ``/state``), with the key
+        the publisher signs with; set by ``serve``. None: they go out unsigned."""
         self._uow = UnitOfWork(database, self.tenant, actor=actor, on_commit=on_commit, clock=clock)
         self._directory = Directory(self._uow)
         self._catalog = Catalog(self._uow, store or StoreCatalog(), max_addins)

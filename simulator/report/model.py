@@ -45,6 +45,7 @@ def build_report(r: RunResult) -> dict[str, Any]:
         "seed": r.options.seed,
         "workers": r.workers,
         "agent_cache": r.options.cache or r.scenario.cache,
+        "state_signed": r.state_signed,
         "mismatches": len(r.mismatches),
         "mismatch_list": r.mismatches[:MAX_LISTED_MISMATCHES],
         "server_disagreements": r.server_disagreements,
@@ -154,6 +155,7 @@ def _errors(r: RunResult) -> dict[str, Any]:
         "reconnects": fleet.reconnects,
         "messages_stale": fleet.messages.get("stale", 0),
         "messages_invalid": fleet.messages.get("invalid", 0),
+        "messages_signature_refused": fleet.messages.get("signature_refused", 0),
         "admin_retries": r.admin_retries,
         "unconverged": sum(s.unconverged for s in r.steps),
     }

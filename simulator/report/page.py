@@ -58,6 +58,10 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
         ["clients / workers", f"{report['clients']:,} / {report['workers']}"],
         ["seed", str(report["seed"])],
         ["agent cache", str(report.get("agent_cache", "memory"))],
+        [
+            "state payloads",
+            "signed, verified by every agent" if report.get("state_signed") else "unsigned",
+        ],
         ["started", started],
         ["duration", f"{report['duration_s']:.1f} s"],
         [
@@ -94,6 +98,8 @@ def _errors_rows(report: dict[str, Any]) -> list[list[str]]:
         ["stale or duplicate messages ignored", e.get("messages_stale", 0),
          "older or equal revision than held (re-sent, reordered, or re-delivered)"],
         ["invalid messages refused", e.get("messages_invalid", 0), "failed to parse or validate"],
+        ["messages refused for their signature", e.get("messages_signature_refused", 0),
+         "unsigned, or not signed by the server's key for that topic"],
         ["admin API calls retried", e.get("admin_retries", 0),
          "server unreachable (e.g. while it restarts)"],
         ["clients not in sync at a step's end", e.get("unconverged", 0),

@@ -38,7 +38,8 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
             f"errors and retries: {e['manifest_requests_failed']} failed manifest requests, "
             f"{e['fetch_rounds_failed']} failed fetch rounds, {e['connection_failures']} MQTT "
             f"connection failures, {e['reconnects']} reconnects, {e['messages_stale']} stale "
-            f"or duplicate and {e['messages_invalid']} invalid messages ignored, "
+            f"or duplicate, {e['messages_invalid']} invalid and "
+            f"{e.get('messages_signature_refused', 0)} unsigned or badly signed messages ignored, "
             f"{e['admin_retries']} admin calls retried"
         )
     tp = report["throughput"]
@@ -47,7 +48,9 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
         f"run: {report['duration_s']:.1f} s, {tp['deliveries']} deliveries "
         f"({tp['deliveries_per_s']:.0f}/s, busiest second "
         f"{tp.get('peak_deliveries_per_s', 0):.0f}); seed {report['seed']}, agent cache "
-        f"{report.get('agent_cache', 'memory')}; Python {machine.get('python', '?')} on "
+        f"{report.get('agent_cache', 'memory')}, state "
+        f"{'signed and verified' if report.get('state_signed') else 'unsigned'}; "
+        f"Python {machine.get('python', '?')} on "
         f"{machine.get('cpus', '?')} CPUs"
     )
     _print_processes_and_verdict(report, console)
