@@ -65,6 +65,8 @@ class Environment:
                 self.admin_token,
                 "--agent-token",
                 self.agent_token,
+                # The simulator's private broker has no TLS and agents share one token.
+                "--insecure",
             ]
             self.start_server()
 

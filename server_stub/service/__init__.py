@@ -27,6 +27,7 @@ from server_stub.db import Database
 from server_stub.service.agent_state import AgentStateReader, agent_snapshot
 from server_stub.service.assignments import Assignments
 from server_stub.service.catalog import DEFAULT_MAX_ADDINS, MAX_MANIFEST_BYTES, Catalog
+from server_stub.service.devices import Devices
 from server_stub.service.directory import Directory
 from server_stub.service.errors import (
     BadRequest,
@@ -72,6 +73,8 @@ class Service:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.database = database
+        self.enrolled_reports_only = False
+        """Set by `serve --pki`: reports only from enrolled, unrevoked devices of their user."""
         self.tenant = check_id(tenant, "tenant id")
         self.clock = clock
         self._uow = UnitOfWork(database, self.tenant, actor=actor, on_commit=on_commit, clock=clock)
@@ -80,6 +83,7 @@ class Service:
         self._assignments = Assignments(self._uow, admin_user)
         self._org = OrgLoader(self._uow, self._catalog, admin_user)
         self._reads = Reads(database)
+        self.devices = Devices(database)
         self._troubleshooting = Troubleshooting(database, self._reads)
         # Each operation and read under the name the API and the CLI call, bound to the
         # object of the module that owns it (directory, catalog, assignments, org_load...).
@@ -150,12 +154,8 @@ class Service:
                     json.dumps(list(r.errors)),
                 )
                 for r in reports
-            ]
+            ],
+            enrolled_only=self.enrolled_reports_only,
         )
-        for client_id, claimed, owner in refused:
-            log.warning(
-                "refused a report from client %r claiming user %r: that client reports for %r",
-                client_id,
-                claimed,
-                owner,
-            )
+        for client_id, claimed, why in refused:
+            log.warning("refused a report from client %r claiming user %r: %s", client_id, claimed, why)
