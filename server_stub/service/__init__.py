@@ -6,6 +6,7 @@ anti-entropy and the publisher's report intake call. Behind it, one module per c
 - `unit_of_work`: one change = one transaction (revision, audit, outbox, retained);
 - `messages`: the full-state MQTT payloads a change emits;
 - `directory`, `catalog`, `assignments`, `org_load`: the writes;
+- `devices`: enrolled devices, their token hashes and revocation (credentials, not state);
 - `reads`, `troubleshooting` (explain, status), `agent_state` (anti-entropy's reads);
 - `lookup`: finding things by what an admin typed; `errors`: refusals.
 
