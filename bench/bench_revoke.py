@@ -142,28 +142,38 @@ async def one_round(d: Path, n: int, bport: int, https: str) -> dict[str, object
     }
 
 
-async def main(rounds: int) -> None:
+def start(d: Path, bport: int, hport: int) -> list[subprocess.Popen[bytes]]:
+    """The tenant's PKI, one user, the TLS broker and `serve --pki`."""
+    cli("pki", "init", "pki", "--tenant", "contoso", cwd=d)
+    cli("user", "add", "ann", "--tenant", "contoso", cwd=d)
+    cli("broker-config", "broker", "--pki", "pki", cwd=d)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
+    env["ADDIN_SERVER_DB"] = "server.db"
+    quiet = {"cwd": d, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([sys.executable, "-m", "server_stub", "broker", "run", "broker",
+                               "--listen", f"127.0.0.1:{bport}"], **quiet)]  # type: ignore[call-overload]  # fmt: skip
+    wait_port(bport)
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "server_stub", "serve", "--tenant", "contoso", "--pki", "pki",
+         "--broker", f"mqtts://127.0.0.1:{bport}", "--listen", f"127.0.0.1:{hport}",
+         "--admin-token", "adm"], **quiet))  # type: ignore[call-overload]  # fmt: skip
+    wait_port(hport)
+    return procs
+
+
+async def rounds(d: Path, n: int, bport: int, hport: int) -> None:
+    for i in range(n):
+        print(await one_round(d, i, bport, f"https://127.0.0.1:{hport}"))
+
+
+def main(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        cli("pki", "init", "pki", "--tenant", "contoso", cwd=d)
-        cli("user", "add", "ann", "--tenant", "contoso", cwd=d)
-        cli("broker-config", "broker", "--pki", "pki", cwd=d)
         bport, hport = free_port(), free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
-        env["ADDIN_SERVER_DB"] = "server.db"
-        procs = [subprocess.Popen([sys.executable, "-m", "server_stub", "broker", "run", "broker",
-                                   "--listen", f"127.0.0.1:{bport}"], cwd=d, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+        procs: list[subprocess.Popen[bytes]] = []
         try:
-            wait_port(bport)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "server_stub", "serve", "--tenant", "contoso", "--pki", "pki",
-                 "--broker", f"mqtts://127.0.0.1:{bport}", "--listen", f"127.0.0.1:{hport}",
-                 "--admin-token", "adm"], cwd=d, env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
-            wait_port(hport)
-            for n in range(rounds):
-                print(await one_round(d, n, bport, f"https://127.0.0.1:{hport}"))
+            procs = start(d, bport, hport)
+            asyncio.run(rounds(d, n, bport, hport))
         finally:
             for p in procs:
                 p.terminate()
@@ -173,4 +183,4 @@ async def main(rounds: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    asyncio.run(main(ap.parse_args().rounds))
+    main(ap.parse_args().rounds)
