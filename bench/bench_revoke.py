@@ -7,6 +7,7 @@ device of the same user, then runs `revoke --broker-dir` and measures:
 * revoke command: the whole CLI run (DB, CRL, ACL, SIGHUP);
 * HTTP 401: from the end of the command to its token's first 401 (one request);
 * new TLS connection refused: an attempt made as soon as the command returns, and later;
+* whether a connection accepted in the instant before the broker reloaded gets anything;
 * what the still-open connection gets: the next change for its user (the other device
   receives it), and whether the broker closed the connection.
 
@@ -69,13 +70,26 @@ def tls(d: Path, device: str) -> ssl.SSLContext:
 
 
 async def refused(port: int, ctx: ssl.SSLContext) -> bool:
+    return (await attempt(port, ctx))[0]
+
+
+async def attempt(port: int, ctx: ssl.SSLContext) -> tuple[bool, int]:
+    """(refused, messages received within 1 s of subscribing to the user's retained
+    membership) for a new connection with `ctx`'s certificate."""
+    got = 0
     try:
         async with aiomqtt.Client("127.0.0.1", port, identifier="x", tls_context=ctx,
                                   protocol=aiomqtt.ProtocolVersion.V5, timeout=5) as c:  # fmt: skip
-            await c.subscribe(f"{BASE}/policy", timeout=5)
+            await c.subscribe(f"{BASE}/member/ann", timeout=5)
+            try:
+                async with asyncio.timeout(1.0):
+                    async for _ in c.messages:
+                        got += 1
+            except TimeoutError:
+                pass
     except aiomqtt.MqttError:
-        return True
-    return False
+        return True, got
+    return False, got
 
 
 async def one_round(d: Path, n: int, bport: int, https: str) -> dict[str, object]:
@@ -110,7 +124,7 @@ async def one_round(d: Path, n: int, bport: int, https: str) -> dict[str, object
                                      headers={"Authorization": f"Bearer {token}"})).status_code  # fmt: skip
         t_http = time.perf_counter() - t1
         # A new connection attempted at once, while the old one is still open.
-        at_once = await refused(bport, tls(d, victim))
+        at_once, late_got = await attempt(bport, tls(d, victim))
         before = dict(got)
         async with httpx.AsyncClient(verify=verify, headers={"Authorization": "Bearer adm"}) as http:
             await http.post(f"{https}/v1/groups", json={"id": f"g{n}"})
@@ -138,6 +152,7 @@ async def one_round(d: Path, n: int, bport: int, https: str) -> dict[str, object
         "first refusal after s (incl. the 1 s wait above)": round(t_refused, 3),
         "refusal attempt s": round(time.perf_counter() - t2, 3),
         "new connection right after the command refused": at_once,
+        "messages that connection got (if accepted)": late_got,
         "sighup": "sent SIGHUP" in out,
     }
 
