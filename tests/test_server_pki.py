@@ -184,11 +184,20 @@ def test_enroll_refuses_in_one_line_and_replace_revokes_the_old_certificate(
     line = one_error_line(addin_server(*enroll, "--user", "ann", "--device", "ann-laptop",
                                        "-o", "x.toml", cwd=t), 1)  # fmt: skip
     assert "already revoked" in line
+    out = ok(addin_server(*enroll, "--user", "ann", "--device", "ann-laptop", "--replace",
+                          "-o", "x.toml", cwd=t))  # fmt: skip
+    assert "warning: ann-laptop was revoked: a broker connection its old certificate" in out
+    again = cert_of(t / "x.toml")
+    crl = x509.load_pem_x509_crl((t / "pki" / "crl.pem").read_bytes())
+    assert again.serial_number not in [r.serial_number for r in crl] and len(crl) == 2
     line = one_error_line(addin_server("revoke", "nope", "--pki", "pki", cwd=t), 2)
     assert "no enrolled device 'nope'" in line
     table = ok(addin_server("device", "list", cwd=t)).splitlines()
     assert table[0].split() == ["DEVICE", "USER", "ENROLLED", "(UTC)", "REVOKED", "(UTC)"]
-    assert table[1].split()[:2] == ["ann-laptop", "ann"] and table[1].split()[-1] != "-"
+    assert table[1].split()[:2] == ["ann-laptop", "ann"] and table[1].split()[-1] == "-"
+    ok(addin_server("revoke", "ann-laptop", "--pki", "pki", cwd=t))
+    row = ok(addin_server("device", "list", cwd=t)).splitlines()[1].split()
+    assert row[0] == "ann-laptop" and row[-1] != "-"
 
 
 def cert_of(bundle: Path) -> x509.Certificate:

@@ -243,6 +243,14 @@ def _enrolled(r: dict[str, Any]) -> str:
     lines = [f"enrolled device {r['device']} for user {r['user']}: certificate serial {r['serial']}"]
     if r["replaced_serial"]:
         lines.append(f"revoked its previous certificate (serial {r['replaced_serial']}) and token")
+    if r["was_revoked"]:
+        # Mosquitto's ACL is per username (= device id) and it never closed the revoked
+        # certificate's open connection: measured, that connection reads again.
+        lines.append(
+            f"warning: {r['device']} was revoked: a broker connection its old certificate may "
+            "still hold reads again until the device connects with the new one or the broker "
+            "restarts; for a stolen device use a new device id"
+        )
     lines.append(
         f"wrote {r['bundle']} (mode 0600): the agent's configuration with its key, "
         "certificate and token; `addin-agent run --config` it on the device"

@@ -84,6 +84,7 @@ class Devices:
             "user": user_id,
             "serial": cert_serial,
             "replaced_serial": None if old is None else str(old[1]),
+            "was_revoked": old is not None and old[2] is not None,
         }
 
     async def refuse_enrolled(self, device_id: str) -> None:
