@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from addin_core.protocol import InvalidTopic, check_unreserved
+from addin_core.protocol import InvalidTopic
 from addin_runtime.cli_support import error
 from server_stub.broker_config import is_tls_dir, write_tls_acl
 from server_stub.broker_reload import reload_broker
@@ -68,7 +68,6 @@ def pki_init(directory: Path, tenant: str, hosts: tuple[str, ...]) -> None:
     certificates, the server's MQTT client certificate, the Ed25519 key that signs state,
     and an empty CRL. Refuses a DIRECTORY that already holds a CA."""
     try:
-        check_unreserved(tenant, "tenant id")
         written = init_pki(directory, tenant, hosts)
     except (PkiError, ValueError, InvalidTopic) as e:
         error(str(e), 2 if isinstance(e, ValueError) else 1)
