@@ -78,6 +78,7 @@ async def run(writes: int, concurrency: int, users: int) -> dict[str, float]:
             "bench",
             "--agent-token",
             "agent",
+            "--insecure",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -19,6 +19,9 @@ from typing import NoReturn
 
 import click
 
+from server_stub.broker_config import TLS_FILES, is_tls_dir
+from server_stub.broker_reload import PID_FILE
+
 DEFAULT_LISTEN = "127.0.0.1:18883"
 """Outside Linux's ephemeral range (32768-60999), so no test's free port collides with it."""
 
@@ -43,15 +46,31 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def mosquitto_conf(directory: Path, host: str, port: int) -> str:
-    """The broker's whole configuration; paths absolute, so it runs from any directory."""
+def mosquitto_conf(directory: Path, host: str, port: int, *, tls: bool = False) -> str:
+    """The broker's whole configuration; paths absolute, so it runs from any directory.
+    With `tls`, clients authenticate with a certificate of the tenant's CA, and their
+    username and client id are its CN; otherwise with the passwords of `passwd`."""
     d = directory.absolute()
     lines = [
         f"# Written by `addin-server broker run {directory}` at every start; edits are lost.",
         f"listener {port} {host}",
         "allow_anonymous false",
-        f"password_file {d / 'passwd'}",
+    ]
+    if tls:
+        lines += [
+            f"cafile {d / 'ca.crt'}",
+            f"certfile {d / 'broker.crt'}",
+            f"keyfile {d / 'broker.key'}",
+            f"crlfile {d / 'crl.pem'}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "use_username_as_clientid true",
+        ]
+    else:
+        lines.append(f"password_file {d / 'passwd'}")
+    lines += [
         f"acl_file {d / 'acl'}",
+        f"pid_file {d / PID_FILE}",
         "persistence true",
         f"persistence_location {d / 'data'}",
         "log_dest stderr",
@@ -90,21 +109,26 @@ def broker() -> None:
     "--listen",
     default=DEFAULT_LISTEN,
     show_default=True,
-    help="HOST:PORT of the broker's listener (no TLS: keep it on loopback or a trusted network).",
+    help="HOST:PORT of the broker's listener (password mode has no TLS: keep it on "
+    "loopback or a trusted network).",
 )
 def run(directory: Path, listen: str) -> None:
-    """Run Mosquitto in the foreground until SIGTERM or Ctrl-C, with DIRECTORY's `passwd` and
-    `acl` (written by `addin-server broker-config DIRECTORY`). Writes DIRECTORY/mosquitto.conf
-    and keeps retained messages and sessions in DIRECTORY/data."""
+    """Run Mosquitto in the foreground until SIGTERM or Ctrl-C, with the files
+    `addin-server broker-config DIRECTORY` wrote: TLS with client certificates when it was
+    given --pki, else the lab's password accounts. Writes DIRECTORY/mosquitto.conf, its pid
+    in DIRECTORY/mosquitto.pid (`enroll` and `revoke` reload it), and keeps retained
+    messages and sessions in DIRECTORY/data."""
     try:
         host, port = parse_listen(listen)
     except ValueError as e:
         _fail(str(e), 2)
-    missing = [name for name in ("passwd", "acl") if not (directory / name).is_file()]
+    tls = is_tls_dir(directory)
+    needed = ("acl", *TLS_FILES) if tls else ("passwd", "acl")
+    missing = [name for name in needed if not (directory / name).is_file()]
     if missing:
         _fail(
             f"{directory} has no {' or '.join(missing)}: "
-            f"run `addin-server broker-config {directory}` first"
+            f"run `addin-server broker-config {directory}{' --pki PKI' if tls else ''}` first"
         )
     binary = find_mosquitto()
     if binary is None:
@@ -117,9 +141,14 @@ def run(directory: Path, listen: str) -> None:
         _fail(f"cannot listen on {host}:{port}: {busy} (another broker? choose --listen)")
     (directory / "data").mkdir(exist_ok=True)
     conf = directory / "mosquitto.conf"
-    conf.write_text(mosquitto_conf(directory, host, port))
+    conf.write_text(mosquitto_conf(directory, host, port, tls=tls))
+    accounts = (
+        f"client certificates of {directory / 'ca.crt'}"
+        if tls
+        else f"the accounts of {directory / 'passwd'}"
+    )
     click.echo(
-        f"addin-server: broker mqtt://{listen} with the accounts of {directory / 'passwd'} "
+        f"addin-server: broker mqtt{'s' if tls else ''}://{listen} with {accounts} "
         f"and {directory / 'acl'} (config {conf}); Ctrl-C stops it",
         err=True,
     )

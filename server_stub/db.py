@@ -137,6 +137,24 @@ CREATE TABLE IF NOT EXISTS reports (
     errors      TEXT NOT NULL        -- JSON list of strings
 );
 CREATE INDEX IF NOT EXISTS reports_by_user ON reports(user_id);
+-- Enrolled devices (`addin-server enroll`): one client certificate and one HTTP token each,
+-- only the token's sha256 kept. A revoked device keeps its row (revoked_at set).
+CREATE TABLE IF NOT EXISTS devices (
+    device_id    TEXT PRIMARY KEY,
+    user_id      TEXT NOT NULL,
+    cert_serial  TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL,
+    enrolled_at  REAL NOT NULL,
+    revoked_at   REAL
+);
+CREATE INDEX IF NOT EXISTS devices_by_token ON devices(token_sha256);
+-- Every certificate serial ever revoked (a revoked device's, and the one a re-enrollment
+-- with --replace superseded): what crl.pem lists.
+CREATE TABLE IF NOT EXISTS revoked_certs (
+    cert_serial TEXT PRIMARY KEY,
+    device_id   TEXT NOT NULL,
+    revoked_at  REAL NOT NULL
+);
 """
 
 
@@ -348,12 +366,17 @@ class Database:
 
     # -- agents' reports -------------------------------------------------------------------
 
-    async def record_reports(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, str, str]]:
+    async def record_reports(
+        self, rows: list[tuple[Any, ...]], *, enrolled_only: bool = False
+    ) -> list[tuple[str, str, str]]:
         """(client_id, user_id, revision, reported_at, received_at, applied JSON, errors
-        JSON) rows, in one transaction; the (client_id, claimed user, bound user) of every
-        report refused because its client is bound to another user.
+        JSON) rows, in one transaction; the (client_id, claimed user, why) of every report
+        refused.
 
-        A client id is bound to the user of its first report. Reports are ordered by what
+        With `enrolled_only` (the server runs with a PKI) a report is stored only when its
+        client id is a device enrolled to the user it claims and not revoked: the broker
+        took that client id from the device's certificate. A client id is also bound to the
+        user of its first report. Reports are ordered by what
         the server can trust: a lower revision never replaces a higher one, and at equal
         revision the later received wins; `reported_at` is the agent's clock, kept only to
         show."""
@@ -368,15 +391,21 @@ class Database:
                     chunk,
                 )
                 bound.update({str(c): str(u) for c, u in await cur.fetchall()})
+            devices = await _devices(conn, ids) if enrolled_only else {}
             accepted: list[tuple[Any, ...]] = []
             refused: list[tuple[str, str, str]] = []
             for row in rows:
                 client_id, user_id = str(row[0]), str(row[1])
+                if enrolled_only:
+                    why = _not_enrolled(devices.get(client_id), user_id)
+                    if why is not None:
+                        refused.append((client_id, user_id, why))
+                        continue
                 owner = bound.setdefault(client_id, user_id)
                 if owner == user_id:
                     accepted.append(row)
                 else:
-                    refused.append((client_id, user_id, owner))
+                    refused.append((client_id, user_id, f"that client reports for {owner!r}"))
             await conn.executemany(
                 "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
                 "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
@@ -389,3 +418,31 @@ class Database:
                 accepted,
             )
         return refused
+
+
+async def _devices(
+    conn: aiosqlite.Connection, ids: list[str]
+) -> dict[str, tuple[str, float | None]]:
+    """device id -> (user id, revoked at) of the enrolled devices among `ids`."""
+    found: dict[str, tuple[str, float | None]] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        cur = await conn.execute(
+            "SELECT device_id, user_id, revoked_at FROM devices WHERE device_id IN "
+            f"({','.join('?' * len(chunk))})",
+            chunk,
+        )
+        found.update({str(d): (str(u), r) for d, u, r in await cur.fetchall()})
+    return found
+
+
+def _not_enrolled(device: tuple[str, float | None] | None, user_id: str) -> str | None:
+    """Why a report claiming `user_id` from this device is refused; None: it is not."""
+    if device is None:
+        return "no device is enrolled with that id"
+    owner, revoked_at = device
+    if revoked_at is not None:
+        return "that device is revoked"
+    if owner != user_id:
+        return f"that device is enrolled to {owner!r}"
+    return None

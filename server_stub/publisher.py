@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -79,19 +80,21 @@ TASK_STOP_TIMEOUT = 10.0
 """Seconds to wait for a session's receive and drain tasks to end before reconnecting."""
 
 
-def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://HOST[:PORT]`` (or ``tcp://``) -> (host, port); ValueError saying what to write."""
+def parse_broker_url(url: str, *, tls: bool = False) -> tuple[str, int]:
+    """``mqtt://HOST[:PORT]`` (or ``tcp://``), or with `tls` ``mqtts://HOST[:PORT]``
+    -> (host, port); ValueError saying what to write."""
+    scheme = "mqtts" if tls else "mqtt"
     u = urlsplit(url)
-    if u.scheme not in ("mqtt", "tcp") or not u.netloc:
+    if u.scheme not in (("mqtts",) if tls else ("mqtt", "tcp")) or not u.netloc:
         missing = "" if "://" in url else " (the scheme is missing)"
-        raise ValueError(f"{url!r} must look like mqtt://HOST:PORT{missing}")
+        raise ValueError(f"{url!r} must look like {scheme}://HOST:PORT{missing}")
     try:
         port = u.port
     except ValueError:
         port = 0
     if not u.hostname or port == 0 or u.path not in ("", "/") or u.query or u.fragment:
-        raise ValueError(f"{url!r} must look like mqtt://HOST:PORT (PORT from 1 to 65535)")
-    return u.hostname, port or 1883
+        raise ValueError(f"{url!r} must look like {scheme}://HOST:PORT (PORT from 1 to 65535)")
+    return u.hostname, port or (8883 if tls else 1883)
 
 
 class Publisher:
@@ -109,11 +112,14 @@ class Publisher:
         poll_interval: float = 0.15,
         report_sink: ReportSink | None = None,
         signer: StateSigner | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.db_path = db_path
         self.signer = signer
         self.tenant = tenant
-        self.host, self.port = parse_broker_url(broker_url)
+        # mqtts:// with the server's client certificate (serve --pki), else mqtt://.
+        self.tls_context = tls_context
+        self.host, self.port = parse_broker_url(broker_url, tls=tls_context is not None)
         self.username = username
         self.password = password
         self.poll_interval = poll_interval
@@ -149,6 +155,7 @@ class Publisher:
             username=self.username,
             password=self.password,
             identifier=server_identity(self.tenant),
+            tls_context=self.tls_context,
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,
             properties=props,

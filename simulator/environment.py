@@ -68,6 +68,8 @@ class Environment:
                 self.admin_token,
                 "--agent-token",
                 self.agent_token,
+                # The simulator's private broker has no TLS and agents share one token.
+                "--insecure",
                 "--signing-key",
                 str(self._new_signing_key()),
             ]

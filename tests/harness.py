@@ -67,7 +67,7 @@ def server_command(
     cmd = [
         sys.executable, "-m", "server_stub", "serve",
         "--db", str(db), "--tenant", tenant, "--broker", broker_url,
-        "--listen", f"127.0.0.1:{port}",
+        "--listen", f"127.0.0.1:{port}", "--insecure",
         "--admin-token", admin_token, "--agent-token", agent_token,
     ]  # fmt: skip
     if broker_account is not None:

@@ -220,7 +220,7 @@ def test_serve_on_another_tenants_database_is_one_line(tmp_path: Path) -> None:
     r = run(
         "server", "serve", "--db", str(db), "--tenant", "fabrikam",
         "--broker", f"mqtt://127.0.0.1:{free_port()}", "--listen", f"127.0.0.1:{free_port()}",
-        "--admin-token", "adm", "--agent-token", "agt",
+        "--admin-token", "adm", "--agent-token", "agt", "--insecure",
     )  # fmt: skip
     line = one_error_line(r, 1)
     assert (

@@ -178,6 +178,7 @@ def test_serve_refuses_a_broker_url_without_mqtt_scheme(
         "a",
         "--agent-token",
         "b",
+        "--insecure",
         cwd=tmp_path,
     )
     line = one_error_line(r)

@@ -16,7 +16,7 @@ def test_serve_on_a_busy_port_says_so_in_one_line_and_makes_no_database(tmp_path
         r = subprocess.run(
             [sys.executable, "-m", "server_stub", "--db", str(tmp_path / "s.db"), "serve",
              "--tenant", "contoso", "--broker", "mqtt://127.0.0.1:1",
-             "--listen", f"127.0.0.1:{port}", "--admin-token", "a", "--agent-token", "b"],
+             "--listen", f"127.0.0.1:{port}", "--insecure", "--admin-token", "a", "--agent-token", "b"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert r.returncode == 1, r.stderr

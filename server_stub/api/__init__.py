@@ -2,10 +2,11 @@
 
 Thin: every route validates its input shape and calls one `Service` method. One router per
 resource (`directory`, `catalog`, `agents`, `troubleshooting`, `manifests`); `auth` holds
-the bearer-token checks and the error answers. Tokens are compared in constant time; the
+the bearer-token checks (admin, device tokens, the --insecure shared agent token) and the
+error answers. Tokens are compared in constant time; the
 admin token may also fetch manifests. `guard` checks the token and caps the body before
 anything reads it. Errors are ``{"detail": "..."}`` with 400
-(malformed), 401, 404, 409, 413, 422 or 503.
+(malformed), 401, 403 (a device token on another user's route), 404, 409, 413, 422 or 503.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from server_stub.service import Service
 __all__ = ["MANIFEST_MEMORY", "ManifestFastPath", "create_app"]
 
 
-def create_app(service: Service, *, admin_token: str, agent_token: str) -> FastAPI:
-    if not admin_token or not agent_token:
-        raise ValueError("both an admin token and an agent token are required")
+def create_app(service: Service, *, admin_token: str, agent_token: str | None) -> FastAPI:
+    """The API. Agents authenticate with their device's token (looked up in the database on
+    every request) or, when `agent_token` is given (--insecure servers), the shared token."""
+    if not admin_token or agent_token == "":
+        raise ValueError("an admin token is required, and an agent token must not be empty")
     tokens = Tokens(admin=admin_token, agent=agent_token)
+    devices = service.devices.user_of_token
     app = FastAPI(
         title="addin-server",
         version="1",
@@ -40,12 +44,14 @@ def create_app(service: Service, *, admin_token: str, agent_token: str) -> FastA
 
     # Inside the manifest fast path (added later, so outermost): a cached manifest download
     # is authenticated there and costs no more; every other request passes the guard.
-    app.add_middleware(RequestGuard, admin=admin_token, agent=agent_token)
+    app.add_middleware(RequestGuard, admin=admin_token, agent=agent_token, devices=devices)
     manifest_bytes: dict[str, bytes] = {}
+    static = (admin_token,) if agent_token is None else (agent_token, admin_token)
     app.add_middleware(
         ManifestFastPath,
         cache=manifest_bytes,
-        tokens=(agent_token.encode(), admin_token.encode()),
+        tokens=tuple(t.encode() for t in static),
+        devices=devices,
     )
     app.include_router(manifests.router(service, tokens, manifest_bytes))
     app.include_router(directory.router(service, tokens))

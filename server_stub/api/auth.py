@@ -1,8 +1,15 @@
-"""Bearer tokens (admin, agent) and the API's error answers."""
+"""Bearer tokens (admin, shared agent token, device tokens) and the API's error answers.
+
+A device token (issued by `addin-server enroll`, only its sha256 stored) is looked up in the
+database on every request, so `addin-server revoke` refuses it from the next request on,
+whichever process revoked it. It serves the manifests and `/v1/agents/{user}/...` of the
+device's own user only (403 for another user). The shared agent token exists only on a
+server started with --insecure."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -32,10 +39,29 @@ def _match(creds: HTTPAuthorizationCredentials | None, *tokens: str) -> bool:
     return any(hmac.compare_digest(given, t.encode()) for t in tokens)
 
 
+class _Forbidden(Exception):
+    pass
+
+
+DeviceLookup = Callable[[bytes], Awaitable[str | None]]
+"""A device token -> the user of its enrolled, unrevoked device (None: no such device)."""
+
+DEVICE_USER = "device_user"
+"""Where `RequestGuard` leaves the user of the device token it accepted (request scope state)."""
+
+
+def forbidden_detail(device_user: str) -> str:
+    return (
+        f"this device acts for user {device_user!r}: it may read /v1/agents/{device_user}/... "
+        "only"
+    )
+
+
 @dataclass(frozen=True)
 class Tokens:
     admin: str
-    agent: str
+    agent: str | None
+    """The shared agent token (servers started with --insecure only)."""
 
     @property
     def admin_only(self) -> DependsParam:
@@ -52,12 +78,19 @@ class Tokens:
 
     @property
     def agent_or_admin(self) -> DependsParam:
-        """Route dependency: the agent token or the admin token."""
-        agent, admin = self.agent, self.admin
+        """Route dependency: the admin token, the shared agent token, or a device token
+        (which `RequestGuard` has looked up) of the user the route's `user_id` names."""
+        static = (self.admin,) if self.agent is None else (self.admin, self.agent)
 
-        async def check(creds: Creds) -> None:
-            if not _match(creds, agent, admin):
+        async def check(request: Request, creds: Creds) -> None:
+            if _match(creds, *static):
+                return
+            device_user = request.scope.get("state", {}).get(DEVICE_USER)
+            if device_user is None:
                 raise _Unauthorized()
+            user_id = request.path_params.get("user_id")
+            if user_id is not None and user_id != device_user:
+                raise _Forbidden(device_user)
 
         return Depends(check)
 
@@ -68,6 +101,10 @@ async def _unauthorized(_: Request, __: Exception) -> JSONResponse:
         status_code=401,
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+async def _forbidden(_: Request, e: Exception) -> JSONResponse:
+    return JSONResponse({"detail": forbidden_detail(str(e.args[0]))}, status_code=403)
 
 
 async def _refused(_: Request, e: Exception) -> JSONResponse:
@@ -97,6 +134,7 @@ async def _malformed(_: Request, e: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(_Unauthorized, _unauthorized)
+    app.add_exception_handler(_Forbidden, _forbidden)
     app.add_exception_handler(OperationError, _refused)
     for error in TRANSIENT_ERRORS:
         app.add_exception_handler(error, _storage)

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server_stub.api.auth import DEVICE_USER, DeviceLookup, forbidden_detail
 from server_stub.service import MAX_MANIFEST_BYTES
 
 MAX_ORG_BYTES = 64 * 1024 * 1024
@@ -63,24 +64,45 @@ async def _answer(send: Send, status: int, detail: str, headers: list[tuple[byte
 
 
 class RequestGuard:
-    """Pure ASGI middleware: authenticates (admin token, or agent-or-admin on the agent
-    routes) and caps the body before the app sees the request. The routes keep their own
+    """Pure ASGI middleware: authenticates (admin token; on the agent routes also the
+    shared agent token or a device token, looked up in the database) and caps the body
+    before the app sees the request. The routes keep their own
     token dependency too; this gate only makes sure nothing is read before it."""
 
-    def __init__(self, app: ASGIApp, *, admin: str, agent: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        admin: str,
+        agent: str | None,
+        devices: DeviceLookup | None = None,
+    ) -> None:
         self.app = app
         self.admin = admin.encode()
-        self.agent = agent.encode()
+        self.agent = agent.encode() if agent is not None else None
+        self.devices = devices
 
-    def _authorized(self, path: str, authorization: bytes) -> bool:
+    async def _authorize(self, scope: Scope, path: str, authorization: bytes) -> tuple[int, str]:
+        """(0, "") when the request may go on, else the status and detail to answer."""
         if path in _OPEN:
-            return True
+            return 0, ""
         scheme, _, given = authorization.partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
-        allowed = (self.admin, self.agent) if path.startswith(_AGENT_PREFIXES) else (self.admin,)
+            return 401, UNAUTHORIZED_DETAIL
+        agent_route = path.startswith(_AGENT_PREFIXES)
+        allowed = (self.admin,) if not agent_route or self.agent is None else (self.admin, self.agent)
         # Every token compared, in constant time, so timing says nothing about which matched.
-        return sum(hmac.compare_digest(given, t) for t in allowed) > 0
+        if sum(hmac.compare_digest(given, t) for t in allowed) > 0:
+            return 0, ""
+        if not agent_route or self.devices is None or not given:
+            return 401, UNAUTHORIZED_DETAIL
+        device_user = await self.devices(given)
+        if device_user is None:
+            return 401, UNAUTHORIZED_DETAIL
+        if path.startswith("/v1/agents/") and path.split("/")[3] != device_user:
+            return 403, forbidden_detail(device_user)
+        scope.setdefault("state", {})[DEVICE_USER] = device_user
+        return 0, ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,8 +115,11 @@ class RequestGuard:
                 authorization = v
             elif k == b"content-length":
                 declared = v
-        if not self._authorized(path, authorization):
-            return await _answer(send, 401, UNAUTHORIZED_DETAIL, [(b"www-authenticate", b"Bearer")])
+        status, detail = await self._authorize(scope, path, authorization)
+        if status == 401:
+            return await _answer(send, 401, detail, [(b"www-authenticate", b"Bearer")])
+        if status:
+            return await _answer(send, status, detail, [])
         limit, too_large = body_limit(scope["method"], path)
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             if not declared.isdigit():

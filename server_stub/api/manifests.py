@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server_stub.api.auth import Tokens
+from server_stub.api.auth import DeviceLookup, Tokens
 from server_stub.service import Service
 
 MANIFEST_MEMORY = 32 * 1024 * 1024
@@ -27,10 +27,18 @@ class ManifestFastPath:
     a new manifest at once that per-request overhead was most of the server's CPU.
     Everything else (misses, bad tokens, malformed ids, other methods) goes to the app."""
 
-    def __init__(self, app: ASGIApp, *, cache: dict[str, bytes], tokens: tuple[bytes, ...]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        cache: dict[str, bytes],
+        tokens: tuple[bytes, ...],
+        devices: DeviceLookup | None = None,
+    ) -> None:
         self.app = app
         self.cache = cache
         self.tokens = tokens
+        self.devices = devices
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "") if scope["type"] == "http" else ""
@@ -49,8 +57,9 @@ class ManifestFastPath:
             elif k == b"if-none-match":
                 inm = v
         scheme, _, given = auth.partition(b" ")
-        if scheme.lower() != b"bearer" or not any(
-            hmac.compare_digest(given, t) for t in self.tokens
+        if scheme.lower() != b"bearer" or not (
+            any(hmac.compare_digest(given, t) for t in self.tokens)
+            or (self.devices is not None and given and await self.devices(given) is not None)
         ):
             return await self.app(scope, receive, send)  # the app's 401, word for word
         etag = b'"' + path[len(_MANIFEST_PREFIX) :].encode() + b'"'

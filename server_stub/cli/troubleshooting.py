@@ -7,12 +7,19 @@ from typing import Any
 
 import click
 
+from addin_core.protocol import server_identity
 from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import held_by
-from server_stub.broker_config import BrokerConfigError, write_broker_config
+from server_stub.broker_config import (
+    BrokerConfigError,
+    is_tls_dir,
+    write_broker_config,
+    write_tls_broker_config,
+)
 from server_stub.cli.runner import common, db_path, run
 from server_stub.explain import render_explain, render_status
-from server_stub.service import Service
+from server_stub.pki import PkiError, open_pki
+from server_stub.service import BadRequest, Service
 
 
 @click.command()
@@ -44,9 +51,26 @@ def status(addin: str | None, **kw: Any) -> None:
 
 @click.command("broker-config")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--pki",
+    "pki_dir",
+    envvar="ADDIN_SERVER_PKI",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="TLS mode: the tenant's PKI folder; without it, password accounts (lab) "
+    "[env ADDIN_SERVER_PKI].",
+)
 @common
-def broker_config(directory: Path, **kw: Any) -> None:
-    """Write Mosquitto `passwd` and `acl` files and `credentials.json` (0600) into DIRECTORY."""
+def broker_config(directory: Path, pki_dir: Path | None, **kw: Any) -> None:
+    """Write the broker's files into DIRECTORY. With --pki: the CA, the broker's certificate
+    and key, the CRL, and an ACL with one block per enrolled device (clients authenticate
+    with their certificates). Without: Mosquitto `passwd` and `acl` files and
+    `credentials.json` (0600), one account per user (lab)."""
+    if pki_dir is not None:
+        run(kw, lambda s: _tls_config(s, directory, pki_dir), _wrote_tls, writes=False)
+        return
+    if is_tls_dir(directory):
+        error(f"{directory} holds a TLS broker configuration: give --pki, or use another folder")
 
     async def op(s: Service) -> dict[str, Any]:
         users = await s.user_ids()
@@ -82,3 +106,31 @@ def _wrote(r: dict[str, Any]) -> str:
             "`addin-server user remove ID`"
         )
     return text
+
+
+async def _tls_config(s: Service, directory: Path, pki_dir: Path) -> dict[str, Any]:
+    try:
+        p = open_pki(pki_dir)
+    except PkiError as e:
+        raise BadRequest(str(e)) from None
+    if p.tenant != s.tenant:
+        raise BadRequest(f"{pki_dir} is the PKI of tenant {p.tenant!r}, not {s.tenant!r}")
+    devices = await s.devices.active()
+    try:
+        files = write_tls_broker_config(directory, pki_dir, s.tenant, devices)
+    except OSError as e:
+        raise BadRequest(f"cannot write {directory}: {e}") from None
+    return {
+        "directory": str(directory),
+        "files": [str(f) for f in files],
+        "devices": len(devices),
+        "server_identity": server_identity(s.tenant),
+    }
+
+
+def _wrote_tls(r: dict[str, Any]) -> str:
+    return (
+        f"wrote {', '.join(r['files'])}: TLS with client certificates; the acl lets "
+        f"{r['devices']} enrolled devices and the server ({r['server_identity']}) in\n"
+        f"start it with `addin-server broker run {r['directory']} --listen HOST:PORT`"
+    )

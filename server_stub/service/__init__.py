@@ -6,6 +6,7 @@ anti-entropy and the publisher's report intake call. Behind it, one module per c
 - `unit_of_work`: one change = one transaction (revision, audit, outbox, retained);
 - `messages`: the full-state MQTT payloads a change emits;
 - `directory`, `catalog`, `assignments`, `org_load`: the writes;
+- `devices`: enrolled devices, their token hashes and revocation (credentials, not state);
 - `reads`, `troubleshooting` (explain, status), `agent_state` (anti-entropy's reads);
 - `lookup`: finding things by what an admin typed; `errors`: refusals.
 
@@ -27,6 +28,7 @@ from server_stub.db import Database
 from server_stub.service.agent_state import AgentStateReader, agent_snapshot
 from server_stub.service.assignments import Assignments
 from server_stub.service.catalog import DEFAULT_MAX_ADDINS, MAX_MANIFEST_BYTES, Catalog
+from server_stub.service.devices import Devices
 from server_stub.service.directory import Directory
 from server_stub.service.errors import (
     BadRequest,
@@ -73,6 +75,8 @@ class Service:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.database = database
+        self.enrolled_reports_only = False
+        """Set by `serve --pki`: reports only from enrolled, unrevoked devices of their user."""
         self.tenant = check_id(tenant, "tenant id")
         self.clock = clock
         self.signer: StateSigner | None = None
@@ -84,6 +88,7 @@ class Service:
         self._assignments = Assignments(self._uow, admin_user)
         self._org = OrgLoader(self._uow, self._catalog, admin_user)
         self._reads = Reads(database)
+        self.devices = Devices(database)
         self._troubleshooting = Troubleshooting(database, self._reads)
         # Each operation and read under the name the API and the CLI call, bound to the
         # object of the module that owns it (directory, catalog, assignments, org_load...).
@@ -154,12 +159,8 @@ class Service:
                     json.dumps(list(r.errors)),
                 )
                 for r in reports
-            ]
+            ],
+            enrolled_only=self.enrolled_reports_only,
         )
-        for client_id, claimed, owner in refused:
-            log.warning(
-                "refused a report from client %r claiming user %r: that client reports for %r",
-                client_id,
-                claimed,
-                owner,
-            )
+        for client_id, claimed, why in refused:
+            log.warning("refused a report from client %r claiming user %r: %s", client_id, claimed, why)
