@@ -232,7 +232,16 @@ def enroll(
         os.chmod(tmp, 0o600)
         os.replace(tmp, out)
         result["bundle"] = str(out)
-        result["broker"] = await refresh_broker(s, p, broker_dir)
+        if broker_dir is None and not replace:
+            # Nothing was revoked, so the CRL stands; the broker just does not know the
+            # device yet. A note, not a warning: on a first setup the broker comes after.
+            result["broker"] = [
+                f"next: the broker lets {device_id} in once its acl lists it: run "
+                f"`addin-server broker-config BROKER_DIR --pki {p.directory}` and reload the "
+                "broker, or enroll with --broker-dir BROKER_DIR to do both"
+            ]
+        else:
+            result["broker"] = await refresh_broker(s, p, broker_dir)
         return result
 
     run(kw, op, _enrolled)

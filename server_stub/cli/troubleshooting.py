@@ -131,6 +131,6 @@ async def _tls_config(s: Service, directory: Path, pki_dir: Path) -> dict[str, A
 def _wrote_tls(r: dict[str, Any]) -> str:
     return (
         f"wrote {', '.join(r['files'])}: TLS with client certificates; the acl lets "
-        f"{r['devices']} enrolled devices and the server ({r['server_identity']}) in\n"
+        f"{r['devices']} enrolled device{'' if r['devices'] == 1 else 's'} and the server ({r['server_identity']}) in\n"
         f"start it with `addin-server broker run {r['directory']} --listen HOST:PORT`"
     )
