@@ -24,6 +24,8 @@ from server_stub.broker_reload import PID_FILE
 
 DEFAULT_LISTEN = "127.0.0.1:18883"
 """Outside Linux's ephemeral range (32768-60999), so no test's free port collides with it."""
+DEFAULT_TLS_LISTEN = "127.0.0.1:8883"
+"""MQTT over TLS's registered port; the system broker of a Debian install listens on 1883 only."""
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -107,22 +109,24 @@ def broker() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--listen",
-    default=DEFAULT_LISTEN,
-    show_default=True,
-    help="HOST:PORT of the broker's listener (password mode has no TLS: keep it on "
-    "loopback or a trusted network).",
+    default=None,
+    help=f"HOST:PORT of the broker's listener [default: {DEFAULT_TLS_LISTEN} with TLS, the "
+    f"port `enroll` writes into bundles; {DEFAULT_LISTEN} in password mode, which has no "
+    "TLS: keep it on loopback or a trusted network].",
 )
-def run(directory: Path, listen: str) -> None:
+def run(directory: Path, listen: str | None) -> None:
     """Run Mosquitto in the foreground until SIGTERM or Ctrl-C, with the files
     `addin-server broker-config DIRECTORY` wrote: TLS with client certificates when it was
     given --pki, else the lab's password accounts. Writes DIRECTORY/mosquitto.conf, its pid
     in DIRECTORY/mosquitto.pid (`enroll` and `revoke` reload it), and keeps retained
     messages and sessions in DIRECTORY/data."""
+    tls = is_tls_dir(directory)
+    if listen is None:
+        listen = DEFAULT_TLS_LISTEN if tls else DEFAULT_LISTEN
     try:
         host, port = parse_listen(listen)
     except ValueError as e:
         _fail(str(e), 2)
-    tls = is_tls_dir(directory)
     needed = ("acl", *TLS_FILES) if tls else ("passwd", "acl")
     missing = [name for name in needed if not (directory / name).is_file()]
     if missing:

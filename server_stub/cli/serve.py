@@ -80,7 +80,13 @@ INSECURE_WARNING = (
 )
 @click.option("--broker-username", envvar="ADDIN_SERVER_BROKER_USERNAME", default=None)
 @click.option("--broker-password", envvar="ADDIN_SERVER_BROKER_PASSWORD", default=None)
-@click.option("--listen", envvar="ADDIN_SERVER_LISTEN", default="127.0.0.1:8080", show_default=True)
+@click.option(
+    "--listen",
+    envvar="ADDIN_SERVER_LISTEN",
+    default=None,
+    help="HOST:PORT [default: 127.0.0.1:8443 with --pki, the port `enroll` writes into "
+    "bundles; 127.0.0.1:8080 with --insecure]",
+)
 @click.option("--admin-token", envvar="ADDIN_SERVER_ADMIN_TOKEN", required=True)
 @click.option(
     "--agent-token",
@@ -112,7 +118,7 @@ def serve(
     insecure: bool,
     broker_username: str | None,
     broker_password: str | None,
-    listen: str,
+    listen: str | None,
     admin_token: str,
     agent_token: str | None,
     admin_user: str | None,
@@ -122,6 +128,8 @@ def serve(
 ) -> None:
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT): with --pki over
     HTTPS and MQTT/TLS; with --insecure (a lab) in plain text."""
+    if listen is None:
+        listen = "127.0.0.1:8443" if pki_dir is not None else "127.0.0.1:8080"
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
