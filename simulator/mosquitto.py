@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from simulator.processes import die_with_parent
 
 
@@ -61,6 +63,9 @@ class MosquittoBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
+        self._port_chosen_here = port is None
+        """Another process may take a port `free_port` gave before Mosquitto binds it; then
+        the first start tries another one (later starts keep the port: clients know it)."""
         self.password_file = password_file
         self.acl_file = acl_file
         self.persistence = persistence
@@ -111,6 +116,20 @@ class MosquittoBroker:
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
             return
+        for attempt in range(5):
+            logged = self.log_path.stat().st_size if self.log_path.exists() else 0
+            try:
+                self._start_once(timeout)
+                return
+            except BrokerError:
+                with open(self.log_path, "rb") as f:
+                    f.seek(logged)
+                    conflict = b"address already in use" in f.read().lower()
+                if not (conflict and self._port_chosen_here) or attempt == 4:
+                    raise
+                self.port = free_port(self.host)
+
+    def _start_once(self, timeout: float) -> None:
         self.write_config()
         log = open(self.log_path, "ab")  # handed to the child process
         try:
@@ -125,8 +144,12 @@ class MosquittoBroker:
         finally:
             log.close()
         self._wait_until_accepting(timeout)
+        self._port_chosen_here = False
 
     def _wait_until_accepting(self, timeout: float) -> None:
+        """Until this Mosquitto accepts connections. A connection alone is not proof: another
+        process holding the port would accept it while ours fails to bind and exits, so the
+        listening socket must also be ours."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
@@ -135,11 +158,22 @@ class MosquittoBroker:
                 )
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
+                    pass
+                if self._listens():
                     return
             except OSError:
-                time.sleep(0.02)
+                pass
+            time.sleep(0.02)
         self.kill()
         raise BrokerError(f"mosquitto did not accept connections within {timeout}s")
+
+    def _listens(self) -> bool:
+        assert self.process is not None
+        try:
+            sockets = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in sockets)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM): with persistence, Mosquitto saves its database first."""

@@ -129,7 +129,7 @@ class ServerProcess:
                 self.wait_ready()
                 return
             except AssertionError:
-                conflict = "address already in use" in self._log_since(logged)
+                conflict = "address already in use" in self._log_since(logged).lower()
                 if self.starts > 1 or attempt == 4 or not conflict:
                     raise
                 self.starts -= 1

@@ -43,7 +43,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         tmp,
         server_env={"ADDIN_SERVER_SIGNING_KEY": str(key_file)},
         # Plain MQTT and HTTP (the lab transport), signatures enforced all the same.
-        agent_lines=(f'signing_key = "{public_key_text(KEY)}"', "insecure = true"),
+        agent_lines=(f'signing_key = "{public_key_text(KEY)}"',),
     )
     try:
         # The users are added by CLI commands before `serve` runs: their messages sit in

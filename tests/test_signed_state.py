@@ -293,11 +293,11 @@ async def test_unsigned_server_is_refused_and_a_lab_agent_reads_signed_state(
 
 def test_signing_key_config_is_checked(tmp_path: Path) -> None:
     good = public_key_text(Ed25519PrivateKey.generate())
-    base = {"tenant": "contoso", "user_id": "ann", "client_id": "ann-pc"}
+    base = {"tenant": "contoso", "user_id": "ann", "client_id": "ann-pc", "insecure": True}
     assert load_config(env={}, **base, signing_key=good).signing_key == good
     assert load_config(env={}, **base, signing_key="").signing_key is None
     assert load_public_key(good)
-    for bad, words in (("not-a-key!", "not base64"), ("QUJD", "32")):
+    for bad, words in (("not-a-key!", "not a base64"), ("QUJD", "32")):
         with pytest.raises(ConfigError) as e:
             load_config(env={}, **base, signing_key=bad)
         assert e.value.problems[0].startswith("invalid agent configuration: signing_key: ")
@@ -325,7 +325,7 @@ def test_serve_refuses_a_bad_signing_key_in_one_line(
     cmd = [
         sys.executable, "-m", "server_stub", "serve", "--db", str(db), "--tenant", "contoso",
         "--broker", "mqtt://127.0.0.1:1", "--listen", f"127.0.0.1:{free_port()}",
-        "--admin-token", "a", "--agent-token", "b", "--signing-key", str(path),
+        "--insecure", "--admin-token", "a", "--agent-token", "b", "--signing-key", str(path),
     ]  # fmt: skip
     r = subprocess.run(
         cmd,
