@@ -31,6 +31,8 @@ from pathlib import Path
 import aiomqtt
 import httpx
 
+from simulator.mosquitto import free_port
+
 BASE = "addins/v1/contoso"
 
 
@@ -42,12 +44,6 @@ def cli(*args: str, cwd: Path) -> str:
     if r.returncode:
         raise SystemExit(f"{args}: {r.stderr}")
     return r.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int) -> None:

@@ -9,6 +9,7 @@ The machine's own broker on port 1883 is never touched.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,8 +40,25 @@ def find_mosquitto() -> str:
     return found
 
 
+LISTEN_PORTS = range(20_000, 32_000)
+"""Where `free_port` picks: below Linux's ephemeral range (32768-60999), which the kernel
+hands to outgoing connections — thousands at once in a fleet run — so a port picked there
+could be taken by some client's socket before the broker or server binds it."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port nothing listens on now, for a broker or server about to start. Callers that
+    start a process on it still retry another port if it was taken meanwhile."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(LISTEN_PORTS)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # all taken: any port
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
