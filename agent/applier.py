@@ -124,13 +124,21 @@ def write_atomic(folder: Path, name: str, data: bytes, tmp_prefix: str) -> None:
         raise
 
 
-def describe_manifest(path: Path) -> str:
+def describe_manifest(path: Path, mine: bool = True) -> str:
     """A manifest file as doctor lists it: name, add-in id and version when readable."""
+    whose = "" if mine else ", not the agent's"
     try:
         m = parse_manifest(path.read_bytes())
     except (OSError, ManifestError):
-        return f"{path.name} (not a readable manifest)"
-    return f"{path.name} ({m.display_name} {m.version}, id {m.id})"
+        return f"{path.name} (not a readable manifest{whose})"
+    return f"{path.name} ({m.display_name} {m.version}, id {m.id}{whose})"
+
+
+def manifest_id(path: Path) -> str | None:
+    try:
+        return parse_manifest(path.read_bytes()).id
+    except (OSError, ManifestError):
+        return None
 
 
 class ManagedFolder:
@@ -205,15 +213,24 @@ class ManagedFolder:
         s.problems = writable_problems(d)
         if not d.is_dir():
             return s
-        for f in sorted(d.iterdir(), key=lambda p: p.name):
+        files = sorted(d.iterdir(), key=lambda p: p.name)
+        ours = {
+            (self.owned_id(f.name) or "").lower(): f.name
+            for f in files
+            if self.owned_id(f.name) is not None
+        }
+        for f in files:
             if f.name.startswith(self.tmp_prefix):
                 s.problems.append(f"{f.name}: left by an interrupted write (removed next launch)")
             elif self.owned_id(f.name) is not None:
                 s.loads.append(describe_manifest(f))
             elif not f.name.startswith("."):
-                s.foreign.append(describe_manifest(f) if f.suffix == ".xml" else f.name)
+                s.foreign.append(f.name)
                 if f.suffix == ".xml":
-                    s.loads.append(describe_manifest(f) + ", not the agent's")
+                    s.loads.append(describe_manifest(f, mine=False))
+                    twin = ours.get((manifest_id(f) or "").lower())
+                    if twin is not None:
+                        s.foreign[-1] += f" (the same add-in as the agent's {twin})"
         return s
 
 

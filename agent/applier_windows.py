@@ -232,5 +232,5 @@ class WindowsApplier:
                     s.problems.append(f"{name} names {data}, which is missing or unreadable")
                 continue
             if host in hosts:
-                s.loads.append(describe_manifest(path) + ("" if mine else ", not the agent's"))
+                s.loads.append(describe_manifest(path, mine))
         return s

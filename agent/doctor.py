@@ -373,7 +373,7 @@ def check_applier(cfg: AgentConfig, rm: ReadModel) -> list[Check]:
         status: Status = "ok"
         if s.foreign:
             status = "warn"
-            notes.append("not the agent's, left alone: " + "; ".join(s.foreign))
+            notes.append("left alone, not the agent's: " + "; ".join(s.foreign))
         if applier.current(h) != want:
             status = "warn"
             notes.append("differs from the installed set; the next launch repairs it")

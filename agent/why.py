@@ -370,7 +370,8 @@ def _per_host(c: _Chain, m: ManifestRecord | None) -> None:
                 f"{pend.state}, {pend.reason} (since {_clock(pend.since)})",
             )
         c.step(
-            f"installed in {h}",
+            # Outlook's add-ins come from the mailbox: the agent only keeps its record.
+            f"tracked for {h}" if h in c.unplaced else f"installed in {h}",
             inst is not None,
             f"version {cur} since {_clock(inst.installed_at)}" if inst else "not installed",
         )
