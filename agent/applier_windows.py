@@ -147,7 +147,7 @@ class WinregRegistry:
 
             # Creates the key when missing; a REG_SZ value is written whole or not at all.
             with winreg.CreateKeyEx(
-                winreg.HKEY_CURRENT_USER, DEVELOPER_KEY, 0, winreg.KEY_SET_VALUE
+                winreg.HKEY_CURRENT_USER, DEVELOPER_KEY, 0, winreg.KEY_WRITE
             ) as key:
                 winreg.SetValueEx(key, name, 0, winreg.REG_SZ, data)
 
