@@ -14,7 +14,7 @@ Example ``agent.toml`` (what `addin-server enroll` writes, plus local choices)::
     tls_key = "device.key"
     cache_path = "/var/lib/addin-agent/cache.sqlite"
     hosts = ["Word", "Excel", "PowerPoint", "Outlook"]
-    applier = "folder"
+    applier = "folder"                        # or "mac", "windows", "memory"
     applier_dir = "/var/lib/addin-agent/wef"
     control = "/run/addin-agent/agent.sock"   # a unix socket path, or "" to disable
 
@@ -22,8 +22,9 @@ Without ``insecure = true`` the broker must be ``mqtts://``, the server ``https:
 ``signing_key`` and the three ``tls_*`` fields are required; ``insecure = true`` (a lab) allows
 plain MQTT and HTTP and unsigned state.
 
-Relative paths in the file (``cache_path``, ``applier_dir``, a ``control`` socket, the
-``tls_*`` files) are taken from the file's folder, so the daemon and the helpdesk commands
+Relative paths in the file (``cache_path``, ``applier_dir``, ``applier_root``, a ``control``
+socket, the ``tls_*`` files) are taken from the file's folder; a leading ``~`` in any of them is
+the user's home, wherever the value comes from, so the daemon and the helpdesk commands
 find the same files whatever directory they start in; relative paths from the environment are
 taken from the current one.
 Every value is checked here, at load: a bad one is refused before anything starts, with the
@@ -33,6 +34,7 @@ field, where it came from and what to write instead.
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,7 +60,7 @@ MAX_SOCKET_PATH = 107
 """Bytes of a unix socket path (``sun_path`` is 108 on Linux, including the NUL); a longer
 one cannot be bound, and the kernel's error does not say why."""
 
-PATH_FIELDS = ("cache_path", "applier_dir")
+PATH_FIELDS = ("cache_path", "applier_dir", "applier_root")
 """Fields holding a file or folder; ``control`` too when it names a socket, and the
 `TLS_FIELDS` when they are not inline PEM."""
 
@@ -144,8 +146,14 @@ class AgentConfig(BaseModel):
     """Its private key (unencrypted PEM)."""
     cache_path: str = "addin-agent.sqlite"
     hosts: tuple[Host, ...] = tuple(Host)
-    applier: Literal["memory", "folder"] = "memory"
+    applier: Literal["memory", "folder", "mac", "windows"] = "memory"
+    """Where launches put add-ins (agent/appliers.py): ``folder`` ``<applier_dir>/<Host>/``;
+    ``mac`` each host's ``wef`` folder under ``applier_root``; ``windows`` the per-user
+    developer registry values, naming manifests kept in ``applier_dir`` (default: an
+    ``addin-manifests`` folder next to the cache); ``memory`` nowhere (simulator)."""
     applier_dir: str | None = None
+    applier_root: str | None = None
+    """For ``mac``: the home folder holding ``Library/Containers`` (default ``~``)."""
     control: str | None = None
     """Local control endpoint: a unix socket path (a TCP endpoint is refused). None or empty
     disables it (the simulator runs thousands of agents)."""
@@ -244,6 +252,13 @@ class AgentConfig(BaseModel):
             raise ValueError("is empty: give a file path (or :memory:)")
         return v
 
+    @field_validator("applier_dir", "applier_root")
+    @classmethod
+    def _home(cls, v: str | None) -> str | None:
+        # A config written as "~/..." (or an ADDIN_AGENT_* variable) means the user's home,
+        # not a folder named "~" in the current one.
+        return os.path.expanduser(v) if v else v
+
     @field_validator("control")
     @classmethod
     def _control(cls, v: str | None) -> str | None:
@@ -256,6 +271,16 @@ class AgentConfig(BaseModel):
     def _consistent(self) -> AgentConfig:
         if self.applier == "folder" and not self.applier_dir:
             raise ValueError("applier = 'folder' needs applier_dir")
+        if self.applier == "windows" and sys.platform != "win32":
+            raise ValueError(
+                "applier = 'windows' writes the Windows registry and works on Windows only: "
+                "use 'mac' on a Mac, 'folder' elsewhere"
+            )
+        if self.applier == "windows" and not self.applier_dir and self.cache_path == ":memory:":
+            raise ValueError(
+                "applier = 'windows' with an in-memory cache needs applier_dir (where the "
+                "manifests the registry names are kept)"
+            )
         if self.broker_password is not None and not self.broker_username:
             raise ValueError("broker_password is set but broker_username is not")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -349,8 +374,9 @@ def _relative_to(base: Path, data: dict[str, Any]) -> None:
             except ValueError:
                 continue  # validation names the problem
         path = Path(value).expanduser()
-        if not path.is_absolute():
-            data[name] = str(base / path)
+        # A "~/..." path is kept expanded: before, it was left as written ("absolute" once
+        # expanded) and the daemon made a folder literally named "~".
+        data[name] = str(path if path.is_absolute() else base / path)
 
 
 def _describe(err: Mapping[str, Any], sources: Mapping[str, str]) -> str:

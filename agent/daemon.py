@@ -25,7 +25,8 @@ from addin_core.protocol import (
 )
 from addin_core.signing import SignatureRefused, load_public_key, split_state, verify_state
 from agent.antientropy import AntiEntropy
-from agent.applier import AppliedManifest, Applier, FolderApplier, MemoryApplier
+from agent.applier import AppliedManifest, Applier
+from agent.appliers import make_applier
 from agent.cache import Cache, Retention, Tx, VolatileCache, open_cache
 from agent.config import AgentConfig
 from agent.control import ControlServer
@@ -83,13 +84,7 @@ class Agent:
     ) -> None:
         self.config = config
         self.observer = observer
-        if applier is None:
-            if config.applier == "folder":
-                assert config.applier_dir is not None
-                applier = FolderApplier(config.applier_dir)
-            else:
-                applier = MemoryApplier()
-        self.applier: Applier = applier
+        self.applier: Applier = applier if applier is not None else make_applier(config)
         self._http = http
         self.downloads: Downloads | None = None
         self.cache: Cache | VolatileCache | None = None
@@ -266,6 +261,9 @@ class Agent:
                 "user_id": self.config.user_id,
                 "client_id": self.config.client_id,
                 "hosts": [h.value for h in self.config.hosts],
+                # For `why`: hosts whose add-ins this applier does not place (Outlook's come
+                # from the mailbox), so it does not claim they are installed.
+                "unplaced_hosts": sorted(h.value for h in self.applier.unplaced),
                 # For `status`, which reads the cache only.
                 "security": security(self.config),
             },

@@ -343,27 +343,42 @@ def check_subscriptions(cfg: AgentConfig, rm: ReadModel) -> Check:
     return Check("subscriptions", "fail", "; ".join(parts))
 
 
-def check_applied(cfg: AgentConfig, rm: ReadModel) -> Check | None:
-    if cfg.applier != "folder" or not cfg.applier_dir:
-        return None
-    from agent.applier import FolderApplier
+def check_applier(cfg: AgentConfig, rm: ReadModel) -> list[Check]:
+    """Per host: where the applier puts its add-ins, whether it can write there, what there
+    is not the agent's (left alone), and what the host will load at its next launch."""
+    if cfg.applier == "memory":
+        return []
+    from agent.applier import ApplierUnavailable
+    from agent.appliers import make_applier
 
-    fa = FolderApplier(cfg.applier_dir)
+    try:
+        applier = make_applier(cfg)
+    except ApplierUnavailable as e:
+        return [Check("add-ins", "fail", str(e))]
     installed = rm.installed()
-    diffs = []
+    out = []
     for h in cfg.hosts:
+        s = applier.survey(h)
+        name = f"add-ins for {h.value}"
+        if s.note is not None:
+            out.append(Check(name, "ok", f"{s.note}; nothing is written for {h.value} here"))
+            continue
         want = {i.addin_id: i.sha256 for i in installed if i.host == h}
-        have = fa.current(h)
-        if want != have:
-            diffs.append(h.value)
-    if diffs:
-        return Check(
-            "add-in folders",
-            "warn",
-            f"folder differs from the installed set for {', '.join(diffs)}; "
-            "the next launch of those apps repairs it",
-        )
-    return Check("add-in folders", "ok", f"{cfg.applier_dir} matches the installed set")
+        loads = "; ".join(s.loads) or "no add-in"
+        detail = f"{s.location}: at its next launch {h.value} loads {loads}"
+        if s.problems:
+            out.append(Check(name, "fail", f"{detail}; " + "; ".join(s.problems)))
+            continue
+        notes = []
+        status: Status = "ok"
+        if s.foreign:
+            status = "warn"
+            notes.append("left alone, not the agent's: " + "; ".join(s.foreign))
+        if applier.current(h) != want:
+            status = "warn"
+            notes.append("differs from the installed set; the next launch repairs it")
+        out.append(Check(name, status, "; ".join([detail, *notes])))
+    return out
 
 
 def check_anti_entropy(cfg: AgentConfig, rm: ReadModel) -> Check:
@@ -423,7 +438,5 @@ def run_checks(cfg: AgentConfig, rm: ReadModel, config_path: str | None = None) 
         check_subscriptions(cfg, rm),
     ]
     checks.append(check_anti_entropy(cfg, rm))
-    applied = check_applied(cfg, rm)
-    if applied:
-        checks.append(applied)
+    checks.extend(check_applier(cfg, rm))
     return checks

@@ -15,6 +15,7 @@ from typing import Any
 
 from addin_core.protocol import Host, Mode, ProtocolError, Topic, TopicKind
 from addin_runtime.cli_support import did_you_mean
+from agent.applier import MAILBOX
 from agent.pending import ManifestRecord, PendingChange, wanted
 from agent.readmodel import ReadModel, SignatureRefusal
 from agent.resolver import Explanation, explain
@@ -76,6 +77,9 @@ class _Chain:
     mode: Mode = Mode.AVAILABLE
     choice: str | None = None
     targets: list[Host] = field(default_factory=list)
+    unplaced: frozenset[Host] = frozenset()
+    """Hosts the agent's applier places nothing in (Outlook: its add-ins come from the
+    mailbox), as the daemon recorded it."""
 
     def step(self, label: str, ok: bool | None, detail: str) -> None:
         self.rep.steps.append(Step(label, ok, detail))
@@ -187,7 +191,8 @@ def _start(rm: ReadModel, query: str, host: Host | None) -> WhyReport | _Chain:
     x = explain(state, user, addin_id, hosts_here)
     name = x.entry.name if x.entry else addin_id
     rep = WhyReport(query, addin_id, name, host.value if host else None, "", "", [])
-    return _Chain(rm, state, user, hosts_here, host, x, name, rep)
+    unplaced = frozenset(Host(h) for h in info.get("unplaced_hosts", []) if h in set(Host))
+    return _Chain(rm, state, user, hosts_here, host, x, name, rep, unplaced=unplaced)
 
 
 def _catalog(c: _Chain) -> bool:
@@ -365,14 +370,28 @@ def _per_host(c: _Chain, m: ManifestRecord | None) -> None:
                 f"{pend.state}, {pend.reason} (since {_clock(pend.since)})",
             )
         c.step(
-            f"installed in {h}",
+            # Outlook's add-ins come from the mailbox: the agent only keeps its record.
+            f"tracked for {h}" if h in c.unplaced else f"installed in {h}",
             inst is not None,
             f"version {cur} since {_clock(inst.installed_at)}" if inst else "not installed",
         )
+        if h in c.unplaced:
+            verdicts.append(_mailbox_verdict(c, h, e.version))
+            continue
         verdicts.append(_host_verdict(h, c.name, e.version, cur, pend, m))
     causes = {cause for cause, _ in verdicts}
     c.rep.cause = verdicts[0][0] if len(causes) == 1 else "mixed"
     c.rep.verdict = " ".join(v for _, v in verdicts)
+
+
+def _mailbox_verdict(c: _Chain, h: Host, version: str) -> tuple[str, str]:
+    """A host whose add-ins the agent cannot place: say so rather than "installed"."""
+    c.step(f"placed in {h}", None, MAILBOX)
+    return "mailbox", (
+        f"{c.name} {version} is assigned to you for {h}. {MAILBOX}: if it is missing in {h}, "
+        f"ask your admin to deploy it to your mailbox (Microsoft 365 admin center, "
+        "Integrated apps)."
+    )
 
 
 def _host_verdict(

@@ -53,7 +53,8 @@ def test_readme_walkthrough_runs_as_written() -> None:
     # Things the README says happen, checked on what the commands printed.
     assert "in sync at revision 1" in r.stdout
     assert "in sync at revision 2" in r.stdout
-    assert "Not in Outlook yet: Contoso Mail Helper 1.0.0.3" in r.stdout
+    # Outlook add-ins come from the mailbox: the agent says so rather than "installed".
+    assert "Contoso Mail Helper 1.0.0.3 is assigned to you for Outlook" in r.stdout
     assert "0e3b2c1a-5d4f-4a6b-8c7d-9e0f1a2b3c4d.xml" in r.stdout
     # The broker, the server and the agent are gone with it.
     assert [p for p in WALK_PORTS if listening(p)] == []
