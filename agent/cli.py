@@ -19,7 +19,7 @@ import click
 
 from addin_core.protocol import Host
 from addin_runtime.cli_support import Group
-from agent import cli_read
+from agent import cli_read, cli_service
 from agent.cache import CacheError, CacheInUse
 from agent.cli_common import (
     HOST_CHOICE,
@@ -37,6 +37,7 @@ from agent.config import AgentConfig
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="addin-deploy", prog_name="addin-agent")
 @config_options
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -244,6 +245,7 @@ def remove(c: Ctx, addin: str, as_json: bool) -> None:
 
 for command in cli_read.COMMANDS:
     main.add_command(command)
+main.add_command(cli_service.service)
 
 
 if __name__ == "__main__":  # pragma: no cover
