@@ -260,7 +260,11 @@ def status(system: bool, as_json: bool) -> None:
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
             out = (r.stdout or r.stderr).strip().splitlines()
-            running = out[0] if lay.platform == "linux" and out else ("yes" if r.returncode == 0 else "no")
+            running = (
+                out[0]
+                if lay.platform == "linux" and out
+                else ("yes" if r.returncode == 0 else "no")
+            )
             if r.returncode != 0 and lay.platform == "linux" and "bus" in (r.stderr or ""):
                 running = "unknown (" + r.stderr.strip().splitlines()[-1] + ")"
         except (FileNotFoundError, subprocess.TimeoutExpired) as e:
@@ -273,7 +277,7 @@ def status(system: bool, as_json: bool) -> None:
         "config": str(lay.config),
         "config_exists": lay.config.is_file(),
         "runs": argv,
-        "executable_exists": bool(argv) and Path(argv[0]).is_file(),
+        "executable_exists": argv is not None and len(argv) > 0 and Path(argv[0]).is_file(),
         "state": running,
         "log": str(lay.log_file) if lay.log_file else None,
     }
