@@ -129,15 +129,16 @@ def install(c: Ctx, system: bool, files_only: bool) -> None:
         fail(f"{bundle} is not a usable agent configuration: {e.problems[0]}")
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         fail(f"{bundle} cannot be read: {e}")
-    if "control" not in data and any(isinstance(v, dict) for v in data.values()):
-        fail(f'{bundle} has TOML tables; add control = "{svc.CONTROL_SOCKET}" to it yourself')
+    missing = [f'{k} = "{v}"' for k, v in svc.LOCAL_DEFAULTS.items() if k not in data]
+    if missing and any(isinstance(v, dict) for v in data.values()):
+        fail(f"{bundle} has TOML tables; add {' and '.join(missing)} at its top yourself")
     lines: list[str] = []
     if system:
         lines.append(_ensure_system_user(lay.state_dir))
     lay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(lay.state_dir, 0o700)  # one user's agent folder is nobody else's to read
     dest = lay.config
-    installed = svc.with_local_settings(text, "control" in data)
+    installed = svc.with_local_settings(text, set(data))
     previous = dest.read_bytes() if dest.exists() else None
     _write_private(dest, installed.encode(), 0o600)
     try:
@@ -175,11 +176,11 @@ def install(c: Ctx, system: bool, files_only: bool) -> None:
         writable = []
         if cfg.applier_dir and not Path(cfg.applier_dir).is_relative_to(lay.state_dir):
             writable.append(cfg.applier_dir)
-        body = svc.systemd_unit(argv, system, cfg.client_id, writable).encode()
+        body = svc.systemd_unit(argv, system, cfg.client_id, writable, lay.state_dir).encode()
     else:
         assert lay.log_file is not None
         lay.log_file.parent.mkdir(parents=True, exist_ok=True)
-        body = svc.launchd_plist(argv, lay.log_file)
+        body = svc.launchd_plist(argv, lay.log_file, lay.state_dir)
     _write_private(lay.service_file, body, 0o644)
     lines.append(f"wrote {lay.service_file} to run: {svc.shell_line(argv)}")
     lines += _enable(lay, files_only)

@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import click
-
 Platform = Literal["linux", "macos", "windows"]
 
 APP = "addin-agent"
@@ -61,10 +59,14 @@ def user_state_dir(platform: Platform | None = None) -> Path:
     ``%LOCALAPPDATA%\\addin-agent`` on Windows (local, not roaming: the cache belongs to this
     machine and must not follow a roaming profile to another). The default config path of
     every `addin-agent` command (agent/cli_common.py) is ``agent.toml`` in it."""
-    if (platform or current_platform()) == "linux":
+    plat = platform or current_platform()
+    if plat == "linux":
         base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
         return Path(base) / APP
-    return Path(click.get_app_dir(APP, roaming=False))
+    if plat == "macos":
+        return Path.home() / "Library" / "Application Support" / APP
+    local = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+    return Path(local) / APP
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +133,11 @@ def _systemd_quote(arg: str) -> str:
 
 
 def systemd_unit(
-    argv: list[str], system: bool, client_id: str, writable: list[str] | None = None
+    argv: list[str],
+    system: bool,
+    client_id: str,
+    writable: list[str] | None = None,
+    workdir: Path | None = None,
 ) -> str:
     """The unit text. A user unit runs in the user's manager (no User=: it is the user); a
     system unit runs as `SYSTEM_USER` with its state in /var/lib/addin-agent and the file
@@ -148,6 +154,7 @@ def systemd_unit(
         "[Service]",
         "Type=simple",
         "ExecStart=" + " ".join(_systemd_quote(a) for a in argv),
+        *([f"WorkingDirectory={_systemd_quote(str(workdir))}"] if workdir else []),
         # The agent reconnects to the broker by itself (backoff, forever): a restart is only
         # for a crash. SIGTERM is a clean stop (the cache closes after the transaction).
         "Restart=on-failure",
@@ -175,13 +182,14 @@ def systemd_unit(
     return "\n".join(lines)
 
 
-def launchd_plist(argv: list[str], log_file: Path) -> bytes:
+def launchd_plist(argv: list[str], log_file: Path, workdir: Path) -> bytes:
     """The LaunchAgent: started at login in the user's session, restarted after a crash only
     (KeepAlive on an unsuccessful exit), logging to the user's ~/Library/Logs."""
     return plistlib.dumps(
         {
             "Label": LAUNCHD_LABEL,
             "ProgramArguments": argv,
+            "WorkingDirectory": str(workdir),
             "RunAtLoad": True,
             "KeepAlive": {"SuccessfulExit": False},
             "ThrottleInterval": 5,
@@ -242,15 +250,22 @@ def shell_line(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def with_local_settings(bundle_text: str, has_control: bool) -> str:
-    """The bundle as installed: unchanged, plus a ``control`` socket in the state folder when
-    it names none (`addin-agent launch` and the helpdesk commands talk to the daemon through
-    it). Appended as a top-level key, so only to a bundle without tables (enroll writes none);
-    the caller checks that with tomllib."""
-    if has_control:
+LOCAL_DEFAULTS = {"cache_path": "addin-agent.sqlite", "control": CONTROL_SOCKET}
+"""What `install` adds to a bundle that does not set it: the cache and the control socket in
+the state folder. Written out because only paths written in the file are taken from its
+folder: a default cache_path would land in whatever folder the service manager starts in."""
+
+
+def with_local_settings(bundle_text: str, present: set[str]) -> str:
+    """The bundle as installed: unchanged, plus the `LOCAL_DEFAULTS` it does not set (`launch`
+    and the helpdesk commands talk to the daemon through the control socket). Appended as
+    top-level keys, so only to a bundle without tables (enroll writes none); the caller
+    checks that with tomllib."""
+    missing = {k: v for k, v in LOCAL_DEFAULTS.items() if k not in present}
+    if not missing:
         return bundle_text
     sep = "" if bundle_text.endswith("\n") or not bundle_text else "\n"
+    added = "".join(f'{k} = "{v}"\n' for k, v in missing.items())
     return (
-        f"{bundle_text}{sep}# added by `addin-agent service install`: the daemon's control "
-        f'socket, in this folder\ncontrol = "{CONTROL_SOCKET}"\n'
+        f"{bundle_text}{sep}# added by `addin-agent service install`: kept in this folder\n{added}"
     )
