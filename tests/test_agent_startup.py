@@ -281,5 +281,6 @@ def test_packaged_example_config_is_valid(tmp_path: Path) -> None:
     crt, key = ca.device("ann-laptop").write(tmp_path, "device")
     env = {"ADDIN_AGENT_TLS_CA": str(tmp_path / "ca.crt"), "ADDIN_AGENT_TLS_CERT": str(crt)}
     cfg = load_config(example, env={**env, "ADDIN_AGENT_TLS_KEY": str(key)})
-    assert cfg.control == "/run/addin-agent/agent.sock" and cfg.broker_port == 8883
+    assert cfg.control == str(example.parent / "agent.sock") and cfg.broker_port == 8883
+    assert cfg.cache_path == str(example.parent / "addin-agent.sqlite")
     assert not cfg.insecure and cfg.broker_tls and cfg.server_tls and cfg.signing_key
