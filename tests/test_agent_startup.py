@@ -251,7 +251,15 @@ def test_load_config_resolves_file_paths_not_environment_paths(tmp_path: Path) -
     assert load_config(absolute, env={}).cache_path == "/var/lib/addin-agent/c.sqlite"
 
 
-@pytest.mark.parametrize("spec", ["agent.sock", "/run/addin-agent/agent.sock", "./a:b/agent.sock"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "agent.sock",
+        "/run/addin-agent/agent.sock",
+        "./a:b/agent.sock",
+        r"C:\Users\ann\AppData\Local\addin-agent\agent.sock",  # Windows: the port+token file
+    ],
+)
 def test_parse_control(spec: str) -> None:
     assert parse_control(spec) == spec
 
