@@ -192,6 +192,9 @@ def _enable(lay: svc.Layout, files_only: bool) -> list[str]:
     how = [f"  {svc.shell_line(a)}" for a in commands]
     if files_only:
         return ["not started (--files-only); to start it now and at every login, run:", *how]
+    if lay.platform == "macos":
+        # A LaunchAgent already loaded (a re-install) must be booted out before bootstrap.
+        _run(svc.disable_commands(lay))
     problem = _run(commands)
     if problem is None:
         return [f"enabled and started: {svc.shell_line(commands[-1])}"]

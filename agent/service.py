@@ -219,9 +219,12 @@ def enable_commands(lay: Layout) -> list[list[str]]:
     """The commands that start the service now and at every login/boot."""
     if lay.platform == "linux":
         scope = [] if lay.system else ["--user"]
+        # restart, not start: after a re-install (a re-enrolled device) a running daemon
+        # would keep the old certificate and token.
         return [
             ["systemctl", *scope, "daemon-reload"],
-            ["systemctl", *scope, "enable", "--now", UNIT_NAME],
+            ["systemctl", *scope, "enable", UNIT_NAME],
+            ["systemctl", *scope, "restart", UNIT_NAME],
         ]
     if lay.platform == "macos":
         assert lay.service_file is not None

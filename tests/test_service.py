@@ -109,10 +109,11 @@ def test_install_puts_the_bundle_in_a_private_folder_and_writes_a_unit_systemd_a
     assert "Restart=on-failure" in text and "WantedBy=default.target" in text
     assert "User=" not in text and "/usr/bin" not in text
     verify(unit, user=True)
-    assert out.splitlines()[-3:] == [
+    assert out.splitlines()[-4:] == [
         "not started (--files-only); to start it now and at every login, run:",
         "  systemctl --user daemon-reload",
-        "  systemctl --user enable --now addin-agent.service",
+        "  systemctl --user enable addin-agent.service",
+        "  systemctl --user restart addin-agent.service",
     ]
 
     status = json.loads(ok(agent(home, "service", "status", "--json")))
@@ -143,11 +144,12 @@ def test_without_a_user_manager_install_says_how_to_start_it(bundle: Path, home:
     env.update(HOME=str(home), PATH=f"{fake}:{env['PATH']}")
     r = run("-m", "agent.cli", "service", "install", "--config", str(bundle), cwd=home, env=env)
     lines = ok(r).splitlines()
-    assert lines[-4:] == [
+    assert lines[-5:] == [
         "not started: `systemctl --user daemon-reload` failed: Failed to connect to bus: No medium found",
         "to start it, run in the user's login session:",
         "  systemctl --user daemon-reload",
-        "  systemctl --user enable --now addin-agent.service",
+        "  systemctl --user enable addin-agent.service",
+        "  systemctl --user restart addin-agent.service",
     ]
     assert (home / ".config" / "systemd" / "user" / "addin-agent.service").is_file()
 
