@@ -408,8 +408,12 @@ def open_readonly(path: str | Path) -> sqlite3.Connection:
     """Open a cache for reading only (``mode=ro``): never takes a write lock, never creates
     the file, and in WAL mode never blocks or waits for the daemon."""
     p = Path(path)
-    if not p.exists():
-        raise CacheError(f"no agent cache at {p} (has the agent run on this computer?)")
+    try:
+        p.stat()
+    except FileNotFoundError:
+        raise CacheError(f"no agent cache at {p} (has the agent run on this computer?)") from None
+    except OSError as e:  # another user's agent folder (0700): not ours to read
+        raise CacheError(f"cache {p} cannot be read: {e.strerror or e}") from None
     conn = sqlite3.connect(readonly_uri(p), uri=True, timeout=5)
     conn.row_factory = sqlite3.Row
     try:

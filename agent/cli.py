@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import click
 
 from addin_core.protocol import Host
 from addin_runtime.cli_support import Group
-from agent import cli_read
+from addin_runtime.stop_signals import on_stop_signals
+from agent import cli_read, cli_service
 from agent.cache import CacheError, CacheInUse
 from agent.cli_common import (
     HOST_CHOICE,
@@ -37,6 +38,7 @@ from agent.config import AgentConfig
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="addin-deploy", prog_name="addin-agent")
 @config_options
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -90,9 +92,7 @@ async def _run(cfg: AgentConfig) -> str | None:
     log = logging.getLogger("addin_agent")
     agent = Agent(cfg)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(asyncio.get_running_loop(), stop.set)
     try:
         await agent.start()
     except Exception as e:
@@ -133,20 +133,29 @@ def _control_call(cfg: AgentConfig, method: str, path: str) -> tuple[int, dict[s
         return None
     import httpx
 
+    from agent import control_windows
     from agent.control import parse_endpoint, trusted_uid
 
     where = parse_endpoint(cfg.control)
+    if control_windows.ENABLED:  # a loopback port and this user's token (no unix sockets)
+        endpoint = control_windows.read_endpoint(Path(where))
+        if endpoint is None:
+            return None
+        transport = httpx.HTTPTransport()
+        base = f"http://127.0.0.1:{endpoint.port}"
+        headers = {"Authorization": f"Bearer {endpoint.token}"}
+    else:
+        try:
+            owner = os.stat(where).st_uid
+        except OSError:
+            return None
+        if not trusted_uid(owner):
+            # Not the daemon of this user: never hand it a launch, nor believe its answer.
+            fail(f"control socket {where} belongs to uid {owner}, not to this user; not using it")
+        transport, base, headers = httpx.HTTPTransport(uds=where), "http://agent", {}
     try:
-        owner = os.stat(where).st_uid
-    except OSError:
-        return None
-    if not trusted_uid(owner):
-        # Not the daemon of this user: never hand it a launch, nor believe its answer.
-        fail(f"control socket {where} belongs to uid {owner}, not to this user; not using it")
-    try:
-        transport = httpx.HTTPTransport(uds=where)
-        with httpx.Client(transport=transport, timeout=30) as h:
-            r = h.request(method, f"http://agent{path}")
+        with httpx.Client(transport=transport, timeout=30, headers=headers) as h:
+            r = h.request(method, f"{base}{path}")
     except httpx.TransportError:
         return None
     return r.status_code, r.json()
@@ -244,6 +253,7 @@ def remove(c: Ctx, addin: str, as_json: bool) -> None:
 
 for command in cli_read.COMMANDS:
     main.add_command(command)
+main.add_command(cli_service.service)
 
 
 if __name__ == "__main__":  # pragma: no cover

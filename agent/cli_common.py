@@ -76,12 +76,17 @@ CONFIG_ENV = "ADDIN_AGENT_CONFIG"
 
 def default_config_paths() -> list[Path]:
     """Where the agent looks for its config when neither --config nor ADDIN_AGENT_CONFIG
-    names one, in order: the machine's, then the user's (``~/.config/addin-agent`` on Linux,
-    ``~/Library/Application Support/addin-agent`` on macOS, ``%APPDATA%\\addin-agent`` on
-    Windows)."""
+    names one, in order: the user's own (``~/.config/addin-agent`` on Linux, ``~/Library/
+    Application Support/addin-agent`` on macOS, ``%LOCALAPPDATA%\\addin-agent`` on Windows:
+    where `addin-agent service install` puts it), then the machine's (a system unit's
+    /var/lib/addin-agent, then /etc/addin-agent). The user's comes first: on a shared machine
+    each user's commands read their own agent, never a machine-wide one by accident."""
+    from agent.service import SYSTEM_STATE, user_state_dir
+
     return [
+        user_state_dir() / "agent.toml",
+        SYSTEM_STATE / "agent.toml",
         Path("/etc/addin-agent/agent.toml"),
-        Path(click.get_app_dir("addin-agent")) / "agent.toml",
     ]
 
 
@@ -110,7 +115,7 @@ class Ctx:
             if path is None and not os.environ.get("ADDIN_AGENT_TENANT"):
                 fail(
                     "no agent config: pass --config FILE or set ADDIN_AGENT_CONFIG; "
-                    "looked for " + " and ".join(str(p) for p in default_config_paths())
+                    "looked for " + ", ".join(str(p) for p in default_config_paths())
                 )
             try:
                 self._config = load_config(path)
@@ -138,8 +143,8 @@ def config_options(f: Any) -> Any:
         "--config",
         key="config",
         type=click.Path(),
-        help=f"Agent TOML config [env {CONFIG_ENV}; default /etc/addin-agent/agent.toml, "
-        "then the user's config folder].",
+        help=f"Agent TOML config [env {CONFIG_ENV}; default agent.toml in the user's agent "
+        "folder, then /var/lib/addin-agent, then /etc/addin-agent].",
     )(f)
     return shared_option(
         "--cache", key="cache", help="Cache file to read (overrides the config's cache_path)."

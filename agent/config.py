@@ -87,7 +87,9 @@ def parse_control(spec: str) -> str:
     refused: any local user, or a process that took the port first, could talk to it as the
     daemon; a socket is owned by the user and checks its peer. Raises ValueError with what to
     write instead."""
-    if spec.isdigit() or ("/" not in spec and ":" in spec):
+    # A Windows path (C:\...\agent.sock, where the control file holds a port and a token:
+    # agent/control_windows.py) has a colon too, but never without a separator.
+    if spec.isdigit() or ("/" not in spec and "\\" not in spec and ":" in spec):
         raise ValueError(
             f"{spec!r} is a TCP endpoint; the control endpoint is a unix socket only: "
             'give a socket path, e.g. control = "/run/addin-agent/agent.sock"'

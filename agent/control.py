@@ -13,6 +13,10 @@ The host app's launch hook (or `addin-agent launch HOST`) calls it. Endpoints::
     POST /v1/remove/{addin}        -> {"message": ...}
     GET  /v1/status                -> {"connected": bool, "revision": R, ...}
 
+On Windows, where there is no unix socket with peer credentials, the same endpoint listens on
+127.0.0.1 with a per-user token instead (agent/control_windows.py says why that is enough);
+that fallback is never used on Linux or macOS.
+
 Deliberately minimal (one request per connection, small JSON bodies): it only ever talks
 to local processes, and must not pull a web framework into every agent.
 """
@@ -28,10 +32,12 @@ import socket
 import stat
 import struct
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from addin_core.protocol import Host
+from agent import control_windows
 from agent.config import parse_control
 from agent.model import AgentRefusal
 from agent.pending import PendingChange, PendingKey
@@ -144,9 +150,24 @@ class ControlServer:
         self.server: asyncio.AbstractServer | None = None
         self._socket_id: tuple[int, int] | None = None
         """(st_dev, st_ino) of the unix socket this server bound: the only one it removes."""
+        self._token_endpoint: control_windows.Endpoint | None = None
+        """Windows: the port and token published at `spec` (None with a unix socket)."""
 
     async def start(self) -> None:
         where = parse_endpoint(self.spec)
+        if control_windows.ENABLED:
+            try:
+                self.server, self._token_endpoint = await control_windows.start(
+                    self._handle, Path(where)
+                )
+            except OSError as e:
+                raise ControlError(
+                    f"control endpoint {self.spec} cannot be created: {e.strerror or e}"
+                ) from e
+            log.info(
+                "control endpoint on 127.0.0.1:%d (token in %s)", self._token_endpoint.port, where
+            )
+            return
         try:
             check_socket_folder(where)
             _claim_socket_path(where)
@@ -167,6 +188,9 @@ class ControlServer:
                     await self.server.wait_closed()
             self.server = None
         where = parse_endpoint(self.spec)
+        if self._token_endpoint is not None:
+            control_windows.remove_endpoint(Path(where), self._token_endpoint)
+            self._token_endpoint = None
         if self._socket_id is not None:
             # Remove the socket only if it is still the one we bound: another daemon may
             # have replaced a path we no longer own.
@@ -179,11 +203,17 @@ class ControlServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         status, body = 500, {"detail": "internal error"}
         try:
-            uid = peer_uid(writer.get_extra_info("socket"))
+            token = self._token_endpoint
+            uid = -1 if token else peer_uid(writer.get_extra_info("socket"))
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             if len(head) > MAX_REQUEST:
                 raise ValueError("request too large")
-            if not trusted_uid(uid):
+            if token is not None:
+                if not control_windows.authorized(head, token.token):
+                    log.warning("control request without this agent's token refused")
+                    status, body = 403, {"detail": "missing or wrong control token"}
+                    raise _Refused
+            elif not trusted_uid(uid):
                 # The head is read (bounded, as for anyone) only so that closing does not
                 # reset the connection before the refusal arrives; it is never acted on.
                 log.warning("control request from uid %d refused (not this agent's user)", uid)

@@ -31,6 +31,12 @@ if ! find_mosquitto=$(command -v mosquitto || ls /usr/sbin/mosquitto 2>/dev/null
     # Debian starts a system broker on 1883; the project never uses it.
 fi
 
+# systemd-analyze checks the units `addin-agent service install` writes (tests/test_service.py;
+# skipped without it). Optional: installed only when this script can (root, apt).
+if ! command -v systemd-analyze >/dev/null 2>&1 && as_root && command -v apt-get >/dev/null 2>&1; then
+    apt_install systemd
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv .venv 2>/dev/null; then
         rm -rf .venv
@@ -43,7 +49,7 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
     echo "==> installing the project and its test tools into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test,fast]'
+    .venv/bin/python -m pip install -q -e '.[server,sim,test,fast]'
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

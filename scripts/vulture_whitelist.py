@@ -25,6 +25,10 @@ _.republished_all
 _.connections
 _.everything  # Filters.everything: the whole tenant, used by tests that watch every topic
 
+# Console scripts (pyproject.toml [project.scripts]).
+_.sim  # addin_runtime/entry_points.py: `addin-sim`
+_.server  # addin_runtime/entry_points.py: `addin-server`
+
 # -- Set for a library -------------------------------------------------------------------------
 _.SessionExpiryInterval  # paho MQTT v5 connect property
 _.pending_calls_threshold  # paho's queue warning threshold

@@ -251,7 +251,15 @@ def test_load_config_resolves_file_paths_not_environment_paths(tmp_path: Path) -
     assert load_config(absolute, env={}).cache_path == "/var/lib/addin-agent/c.sqlite"
 
 
-@pytest.mark.parametrize("spec", ["agent.sock", "/run/addin-agent/agent.sock", "./a:b/agent.sock"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "agent.sock",
+        "/run/addin-agent/agent.sock",
+        "./a:b/agent.sock",
+        r"C:\Users\ann\AppData\Local\addin-agent\agent.sock",  # Windows: the port+token file
+    ],
+)
 def test_parse_control(spec: str) -> None:
     assert parse_control(spec) == spec
 
@@ -281,5 +289,6 @@ def test_packaged_example_config_is_valid(tmp_path: Path) -> None:
     crt, key = ca.device("ann-laptop").write(tmp_path, "device")
     env = {"ADDIN_AGENT_TLS_CA": str(tmp_path / "ca.crt"), "ADDIN_AGENT_TLS_CERT": str(crt)}
     cfg = load_config(example, env={**env, "ADDIN_AGENT_TLS_KEY": str(key)})
-    assert cfg.control == "/run/addin-agent/agent.sock" and cfg.broker_port == 8883
+    assert cfg.control == str(example.parent / "agent.sock") and cfg.broker_port == 8883
+    assert cfg.cache_path == str(example.parent / "addin-agent.sqlite")
     assert not cfg.insecure and cfg.broker_tls and cfg.server_tls and cfg.signing_key
