@@ -18,13 +18,15 @@ LIFETIME = "300"
 class HostApp:
     """One running "host app". `exit` is a normal end, `crash` a SIGKILL; both reap it."""
 
-    def __init__(self, bindir: Path, name: str) -> None:
+    def __init__(self, bindir: Path, name: str, user: int | None = None) -> None:
         bindir.mkdir(parents=True, exist_ok=True)
         exe = bindir / name
         if not exe.exists():
             shutil.copy(SLEEP, exe)
+            if user is not None:
+                bindir.chmod(0o755)  # another user must reach and run the copy
         # Popen returns once the exec succeeded: the process has its name from here on.
-        self.proc = subprocess.Popen([str(exe), LIFETIME])
+        self.proc = subprocess.Popen([str(exe), LIFETIME], user=user)
 
     @property
     def pid(self) -> int:

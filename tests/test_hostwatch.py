@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import pwd
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -41,7 +42,12 @@ from simulator.mosquitto import MosquittoBroker
 POLL = 0.1
 """The watcher's interval in these tests (seconds)."""
 
-NAMES = {Host.WORD: ("WINWORD.EXE",), Host.EXCEL: ("EXCEL.EXE",)}
+_TAG = secrets.token_hex(2)[:3].upper()
+WORD, EXCEL = f"WINWORD{_TAG}.EXE", f"EXCEL{_TAG}.EXE"
+"""Host names of these tests, unique to this run: on a shared machine another test's (or a
+benchmark's) "Word" must not start or stop ours. Under 15 characters, the length Linux keeps
+of a process name. The daemon test at the end uses the real default names."""
+NAMES = {Host.WORD: (WORD,), Host.EXCEL: (EXCEL,)}
 
 
 async def _ignore(_: HostEvent) -> None:
@@ -62,7 +68,7 @@ async def test_start_and_exit_are_reported_with_the_pid(tmp_path: Path) -> None:
     await w.start()
     try:
         assert not w.running(Host.WORD)
-        word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+        word = HostApp(tmp_path / "bin", WORD)
         try:
             events = w.poll()
             assert kinds(events) == [(Host.WORD, "started")]
@@ -81,7 +87,7 @@ async def test_start_and_exit_are_reported_with_the_pid(tmp_path: Path) -> None:
 async def test_a_host_running_before_the_watcher_is_running_without_a_start(
     tmp_path: Path,
 ) -> None:
-    word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+    word = HostApp(tmp_path / "bin", WORD)
     try:
         w = watcher()
         await w.start()
@@ -97,8 +103,8 @@ async def test_a_host_running_before_the_watcher_is_running_without_a_start(
 async def test_two_hosts_and_a_crash(tmp_path: Path) -> None:
     w = watcher()
     await w.start()
-    word = HostApp(tmp_path / "bin", "WINWORD.EXE")
-    excel = HostApp(tmp_path / "bin", "EXCEL.EXE")
+    word = HostApp(tmp_path / "bin", WORD)
+    excel = HostApp(tmp_path / "bin", EXCEL)
     try:
         assert set(kinds(w.poll())) == {(Host.WORD, "started"), (Host.EXCEL, "started")}
         word.crash()  # SIGKILL: no orderly shutdown, just gone
@@ -115,7 +121,7 @@ async def test_a_killed_host_not_yet_reaped_has_exited(tmp_path: Path) -> None:
     """A zombie (dead, its parent has not collected it) is not a running Word."""
     w = watcher()
     await w.start()
-    word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+    word = HostApp(tmp_path / "bin", WORD)
     try:
         assert kinds(w.poll()) == [(Host.WORD, "started")]
         word.proc.kill()
@@ -134,10 +140,10 @@ async def test_a_killed_host_not_yet_reaped_has_exited(tmp_path: Path) -> None:
 async def test_a_second_process_of_a_host_is_not_a_new_start(tmp_path: Path) -> None:
     w = watcher()
     await w.start()
-    one = HostApp(tmp_path / "bin", "WINWORD.EXE")
+    one = HostApp(tmp_path / "bin", WORD)
     try:
         assert kinds(w.poll()) == [(Host.WORD, "started")]
-        two = HostApp(tmp_path / "bin", "WINWORD.EXE")
+        two = HostApp(tmp_path / "bin", WORD)
         try:
             assert w.poll() == [] and w.pids(Host.WORD) == sorted([one.pid, two.pid])
             one.exit()
@@ -153,8 +159,8 @@ async def test_a_second_process_of_a_host_is_not_a_new_start(tmp_path: Path) -> 
 async def test_names_are_matched_whole_and_without_case(tmp_path: Path) -> None:
     w = watcher()
     await w.start()
-    other = HostApp(tmp_path / "bin", "WINWORD")
-    lower = HostApp(tmp_path / "bin2", "winword.exe")
+    other = HostApp(tmp_path / "bin", WORD.removesuffix(".EXE"))
+    lower = HostApp(tmp_path / "bin2", WORD.lower())
     try:
         assert kinds(w.poll()) == [(Host.WORD, "started")]
         assert w.pids(Host.WORD) == [lower.pid]
@@ -169,23 +175,19 @@ async def test_another_users_office_does_not_count(tmp_path: Path) -> None:
     """On a shared machine only the agent's own user's Word is Word."""
     nobody = pwd.getpwnam("nobody").pw_uid
     with tempfile.TemporaryDirectory() as shared:  # the test's tmp_path is private to root
-        bindir = Path(shared)
-        bindir.chmod(0o755)
-        HostApp(bindir, "WINWORD.EXE").exit()  # the copy, executable by everyone
         w = watcher()
         await w.start()
-        proc = subprocess.Popen([str(bindir / "WINWORD.EXE"), "300"], user=nobody)
+        theirs = HostApp(Path(shared), WORD, user=nobody)
         try:
             assert w.poll() == [] and not w.running(Host.WORD)
-            mine = HostApp(bindir, "WINWORD.EXE")
+            mine = HostApp(Path(shared), WORD)
             try:
                 assert kinds(w.poll()) == [(Host.WORD, "started")]
                 assert w.pids(Host.WORD) == [mine.pid]
             finally:
                 mine.exit()
         finally:
-            proc.kill()
-            proc.wait(10)
+            theirs.crash()
             await w.stop()
 
 
@@ -198,7 +200,7 @@ async def test_the_loop_delivers_events_to_the_callback(tmp_path: Path) -> None:
     w = HostWatcher(NAMES, POLL, record)
     await w.start()
     try:
-        word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+        word = HostApp(tmp_path / "bin", WORD)
         try:
             await until(lambda: kinds(got) == [(Host.WORD, "started")], 10, "the start")
         finally:
@@ -278,9 +280,7 @@ async def assign_notes(server: ServerProcess, agent: Agent) -> str:
     notes = addin_id("notes")
     await server.upload(manifest("notes", hosts=("Word", "Excel")))
     await server.assign(notes, "everyone", mode="fixed")
-    await until(
-        lambda: sum(p.ready for p in agent.pending.values()) == 2, what="two ready changes"
-    )
+    await until(lambda: sum(p.ready for p in agent.pending.values()) == 2, what="two ready changes")
     await settled(agent, server)
     return notes
 
@@ -293,7 +293,7 @@ async def test_ready_changes_are_written_while_the_host_is_not_running_and_appli
     # Written for the next start, not yet applied: Word has not started since.
     assert in_folder(agent, Host.WORD) == {notes} and in_folder(agent, Host.EXCEL) == {notes}
     assert agent.installed() == {}
-    word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+    word = HostApp(tmp_path / "bin", WORD)
     try:
         await until(lambda: installed(agent, Host.WORD) == {notes}, 10, "Word's launch")
         assert (Host.EXCEL, notes) in agent.pending  # Excel has not started
@@ -306,7 +306,7 @@ async def test_ready_changes_are_written_while_the_host_is_not_running_and_appli
 async def test_restart_while_a_change_is_pending(
     tmp_path: Path, server: ServerProcess, agent: Agent
 ) -> None:
-    word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+    word = HostApp(tmp_path / "bin", WORD)
     try:
         await agent.start()  # Word already runs: nothing is written under it
         assert agent.watcher is not None and agent.watcher.running(Host.WORD)
@@ -316,7 +316,7 @@ async def test_restart_while_a_change_is_pending(
         word.exit()
         await until(lambda: in_folder(agent, Host.WORD) == {notes}, 10, "written at Word's exit")
         assert Host.WORD not in agent.installed()  # written, but Word has not loaded it
-        word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+        word = HostApp(tmp_path / "bin", WORD)
         await until(lambda: installed(agent, Host.WORD) == {notes}, 10, "applied at the restart")
         assert Host.EXCEL not in agent.installed()
     finally:
@@ -326,8 +326,8 @@ async def test_restart_while_a_change_is_pending(
 async def test_two_hosts_at_once_and_a_crash(
     tmp_path: Path, server: ServerProcess, agent: Agent
 ) -> None:
-    word = HostApp(tmp_path / "bin", "WINWORD.EXE")
-    excel = HostApp(tmp_path / "bin", "EXCEL.EXE")
+    word = HostApp(tmp_path / "bin", WORD)
+    excel = HostApp(tmp_path / "bin", EXCEL)
     try:
         await agent.start()
         notes = await assign_notes(server, agent)
@@ -338,8 +338,8 @@ async def test_two_hosts_at_once_and_a_crash(
         word.crash()  # SIGKILL: a crash is an exit
         await until(lambda: in_folder(agent, Host.WORD) == {notes}, 10, "Word's crash")
         assert agent.installed() == {}
-        word = HostApp(tmp_path / "bin", "WINWORD.EXE")
-        excel = HostApp(tmp_path / "bin", "EXCEL.EXE")
+        word = HostApp(tmp_path / "bin", WORD)
+        excel = HostApp(tmp_path / "bin", EXCEL)
         await until(
             lambda: installed(agent, Host.WORD) == {notes} == installed(agent, Host.EXCEL),
             10,
@@ -356,7 +356,7 @@ async def test_a_removal_waits_for_the_host_to_exit(
 ) -> None:
     await agent.start()
     notes = await assign_notes(server, agent)
-    word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+    word = HostApp(tmp_path / "bin", WORD)
     try:
         await until(lambda: installed(agent, Host.WORD) == {notes}, 10, "Word's launch")
         await server.unassign(notes, "everyone")
@@ -368,7 +368,7 @@ async def test_a_removal_waits_for_the_host_to_exit(
         word.exit()
     await until(lambda: in_folder(agent, Host.WORD) == set(), 10, "removed at Word's exit")
     assert installed(agent, Host.WORD) == {notes}  # until Word starts without it
-    word = HostApp(tmp_path / "bin", "WINWORD.EXE")
+    word = HostApp(tmp_path / "bin", WORD)
     try:
         await until(lambda: installed(agent, Host.WORD) == set(), 10, "the launch without it")
     finally:
