@@ -556,6 +556,8 @@ class Agent:
                 for a in ids
             },
         )
+        if not ready:
+            return  # the location now matches what the host has: nothing for the log
         assert self.cache is not None
         tx = Tx()
         tx.event(
