@@ -375,6 +375,24 @@ async def test_a_removal_waits_for_the_host_to_exit(
         word.exit()
 
 
+async def test_a_start_that_may_have_read_the_folder_before_the_write_does_not_count(
+    server: ServerProcess, agent: Agent
+) -> None:
+    """The daemon's side of the rule, given the watcher's events directly: a start noticed
+    with `since` before the write may have loaded the old set, so the change stays pending
+    (its file is in place); the next start, after the write, counts it."""
+    await agent.start()
+    notes = await assign_notes(server, agent)
+    assert in_folder(agent, Host.WORD) == {notes}
+    written = agent._staged[Host.WORD].at[notes]
+    early = HostEvent(Host.WORD, "started", 1, written + 0.5, since=written - 0.5)
+    await agent._host_event(early)
+    assert Host.WORD not in agent.installed() and agent.pending[(Host.WORD, notes)].ready
+    later = HostEvent(Host.WORD, "started", 2, written + 2, since=written + 1)
+    await agent._host_event(later)
+    assert installed(agent, Host.WORD) == {notes}
+
+
 # -- "Done when": the real daemon, no `launch` anywhere --------------------------------------------
 def agent_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
