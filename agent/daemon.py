@@ -85,6 +85,11 @@ class Agent:
     ``"disconnected"`` (a connection attempt failed or the link was lost; not at stop) and
     ``"fetch_failed"`` (a round of download attempts failed; retried later). With
     ``config.control`` unset no local endpoint is opened.
+
+    With ``config.watch_hosts`` a `HostWatcher` reports the host apps' starts and exits: the
+    ready changes of a host that is not running are written to the applier after every
+    transition, and a noticed start applies them as `launch` does (see docs/agent.md, "The
+    host lifecycle watcher").
     """
 
     def __init__(
