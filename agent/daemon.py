@@ -292,6 +292,7 @@ class Agent:
         tx.event("started", f"agent started (pid {os.getpid()})", revision=self.state.revision)
         tx.sync("pid", os.getpid())
         tx.sync("started_at", tx.now)
+        tx.sync("hosts_running", None)  # written by the host watcher, when it runs
         tx.sync(
             "client",
             {

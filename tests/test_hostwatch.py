@@ -442,6 +442,9 @@ host_poll_interval = 0.2
                 return bool(db.execute("SELECT 1 FROM installed WHERE host = 'Word'").fetchall())
 
         await until(launched, 20, "the daemon noticing Word's start")
+        st = json.loads(agent_cli(cfg, "status", "--json").stdout)
+        assert st["hosts_running"] == {"Word": [word.pid]}
+        assert f"Apps    running: Word (pid {word.pid})" in agent_cli(cfg, "status").stdout
         word.exit()  # ... and quits it
         word = None
         assert target.read_bytes() == manifest("notes", hosts=("Word",))
