@@ -70,6 +70,8 @@ def status_data(rm: ReadModel, cache_path: str | None = None) -> dict[str, Any]:
         "pending_per_host": pending,
         "subscriptions": s.get("subscriptions", []),
         "anti_entropy": s.get("anti_entropy"),
+        # {Host: [pid, ...]} the host watcher last saw; None without it (or no daemon).
+        "hosts_running": s.get("hosts_running") if running else None,
     }
 
 
@@ -117,6 +119,10 @@ def status(c: Ctx, as_json: bool) -> None:
         console.print(f"Secure  {security}")
     console.print(f"State   revision {d['revision']}, last message {when(d['last_message_at'])}")
     console.print(f"Sync    anti-entropy {shown(describe_last(d['anti_entropy']))}")
+    apps = d["hosts_running"]
+    if isinstance(apps, dict):
+        running = ", ".join(f"{shown(h)} (pid {', '.join(map(str, p))})" for h, p in apps.items())
+        console.print(f"Apps    running: {running or 'none'} (watched by the agent)")
     n = d["counts"]
     console.print(
         f"Cache   {n['received']} topics held, {n['entitlements']} entitlements, "

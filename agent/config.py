@@ -33,6 +33,7 @@ field, where it came from and what to write instead.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tomllib
@@ -53,6 +54,7 @@ from pydantic import (
 
 from addin_core.protocol import Host, check_id, check_unreserved
 from agent import pem
+from agent.hostwatch import default_processes
 
 ENV_PREFIX = "ADDIN_AGENT_"
 
@@ -170,6 +172,15 @@ class AgentConfig(BaseModel):
     anti_entropy_interval: float = Field(default=600.0, ge=0)
     """Seconds between anti-entropy checks against the server (jittered ±20 %); 0 disables
     them. See agent/antientropy.py."""
+    watch_hosts: bool = False
+    """Watch the host apps' processes (agent/hostwatch.py): ready changes are written to the
+    add-in location while a host is not running and count as applied at its next start.
+    Off here for agents built in code (the simulator runs thousands); agent.toml turns it on."""
+    host_processes: dict[Host, tuple[str, ...]] = Field(default_factory=dict)
+    """Process names per host app, e.g. {Word = ["WINWORD.EXE"]}; a host not given keeps the
+    platform's default names (`agent.hostwatch.default_processes`)."""
+    host_poll_interval: float = Field(default=1.0, ge=0.05, le=60)
+    """Seconds between two looks at the process table."""
 
     @field_validator("tenant")
     @classmethod
@@ -261,6 +272,17 @@ class AgentConfig(BaseModel):
         # not a folder named "~" in the current one.
         return os.path.expanduser(v) if v else v
 
+    @field_validator("host_processes")
+    @classmethod
+    def _host_processes(cls, v: dict[Host, tuple[str, ...]]) -> dict[Host, tuple[str, ...]]:
+        for host, names in v.items():
+            if not names or any(not n.strip() for n in names):
+                raise ValueError(
+                    f"{host}: give at least one non-empty process name, "
+                    f'e.g. {host} = ["{default_processes()[host][0]}"]'
+                )
+        return v
+
     @field_validator("control")
     @classmethod
     def _control(cls, v: str | None) -> str | None:
@@ -317,6 +339,11 @@ class AgentConfig(BaseModel):
             ),
         ]
 
+    def processes(self) -> dict[Host, tuple[str, ...]]:
+        """The process names to watch, per configured host."""
+        names = {**default_processes(), **self.host_processes}
+        return {h: names[h] for h in self.hosts}
+
     @property
     def broker_tls(self) -> bool:
         """Whether the broker is reached over TLS (``mqtts://``)."""
@@ -358,8 +385,18 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             value: Any = env[key]
             if name == "hosts":
                 value = [h.strip() for h in value.split(",") if h.strip()]
+            elif name == "host_processes":
+                value = _json_or_text(value)  # {"Word": ["WINWORD.EXE"]}
             out[name] = value
     return out
+
+
+def _json_or_text(value: str) -> Any:
+    """JSON when it parses (validation then says what is wrong with it), else the text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _relative_to(base: Path, data: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from addin_core.protocol import (
     AgentReport,
@@ -33,6 +34,7 @@ from agent.control import ControlServer
 from agent.downloads import Downloads
 from agent.events import AgentEvent, EventKind
 from agent.fetcher import Fetcher, FetchResult, HttpClient
+from agent.hostwatch import HostEvent, HostWatcher
 from agent.model import AgentModel, AgentRefusal, UserChoice, decode_remembered
 from agent.pending import ManifestRecord, PendingChange, PendingKey
 from agent.resolver import Entitlement
@@ -49,6 +51,17 @@ and Outlook together sends one report, and a fleet's server stores a third of th
 
 STOP_TIMEOUT = 10.0
 """Seconds `stop` waits for cancelled manifest downloads before it goes on without them."""
+
+
+@dataclass(slots=True)
+class Staged:
+    """What the agent last wrote to a host's add-in location for its next start."""
+
+    files: dict[str, str]
+    """{addin_id: sha256} of the complete set written."""
+    at: dict[str, float]
+    """{addin_id: when its file, or its absence, was last written}: a change counts as
+    applied at a detected start only if it was written before the host could have started."""
 
 
 class Agent:
@@ -73,6 +86,11 @@ class Agent:
     ``"disconnected"`` (a connection attempt failed or the link was lost; not at stop) and
     ``"fetch_failed"`` (a round of download attempts failed; retried later). With
     ``config.control`` unset no local endpoint is opened.
+
+    With ``config.watch_hosts`` a `HostWatcher` reports the host apps' starts and exits: the
+    ready changes of a host that is not running are written to the applier after every
+    transition, and a noticed start applies them as `launch` does (see docs/agent.md, "The
+    host lifecycle watcher").
     """
 
     def __init__(
@@ -102,6 +120,8 @@ class Agent:
         self._stopping = False
         self._report_task: asyncio.Task[None] | None = None
         self.anti_entropy: AntiEntropy | None = None  # started by start()
+        self.watcher: HostWatcher | None = None  # started by start() with watch_hosts
+        self._staged: dict[Host, Staged] = {}
 
     # -- public interface --------------------------------------------------------------------
     def entitlements(self) -> dict[str, Entitlement]:
@@ -183,6 +203,16 @@ class Agent:
             # of the one that holds the endpoint.
             self.control = ControlServer(self, self.config.control)
             await self.control.start()
+        if self.config.watch_hosts and self.watcher is None:
+            # Before anything can change: a host already running is running (nothing is
+            # written under it); the others get their ready changes now.
+            self.watcher = HostWatcher(
+                self.config.processes(), self.config.host_poll_interval, self._host_event
+            )
+            await self.watcher.start()
+            async with self._lock:
+                await self._note_running()
+                await self._stage_idle()
         first = await self.cache.sync_value("session_started") is None
         self.transport = Transport(
             host=self.config.broker_host,
@@ -216,6 +246,9 @@ class Agent:
             await self._close_cache()
 
     async def _stop_tasks(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+            self.watcher = None
         if self.anti_entropy is not None:
             await self.anti_entropy.stop()
             self.anti_entropy = None
@@ -254,6 +287,7 @@ class Agent:
         tx.event("started", f"agent started (pid {os.getpid()})", revision=self.state.revision)
         tx.sync("pid", os.getpid())
         tx.sync("started_at", tx.now)
+        tx.sync("hosts_running", None)  # written by the host watcher, when it runs
         tx.sync(
             "client",
             {
@@ -284,6 +318,7 @@ class Agent:
             raise
         if self._derived_unsaved:
             await self._reload_model()  # the disk has room again: write what was left out
+        await self._stage_idle()
 
     async def _reload_model(self) -> None:
         assert self.cache is not None
@@ -454,22 +489,11 @@ class Agent:
             new, applied = self.model.stage_launch(tx, host)
             # The applier goes first: if it fails nothing is recorded and the changes stay
             # pending; if we die after it, the next launch re-applies (appliers are idempotent).
-            files: dict[str, AppliedManifest] = {}
-            # Read manifest bytes only for what the applier does not already hold intact.
-            held = self.applier.current(host) if self.applier.needs_xml else {}
-            for a, inst in new.items():
-                xml = None
-                if self.applier.needs_xml and held.get(a) != inst.sha256:
-                    xml = await self.cache.manifest_xml(inst.sha256)
-                files[a] = AppliedManifest(a, inst.version, inst.sha256, xml)
-            try:
-                self.applier.apply(host, files)
-            except Exception as e:
-                log.error("applying %s failed: %s", host, e)
-                etx = Tx()
-                etx.event("apply_failed", str(e)[:500], host=host.value)
-                await self.cache.commit(etx)
-                raise
+            await self._write(host, {a: (i.version, i.sha256) for a, i in new.items()})
+            if self.watcher is not None:
+                self._staged[host] = Staged(
+                    {a: i.sha256 for a, i in new.items()}, dict.fromkeys(new, time.time())
+                )
             self.model.finish_launch(tx, host, new, applied)
             await self._commit(tx)
         for p in applied:
@@ -477,6 +501,119 @@ class Agent:
         if applied:
             self._schedule_report()
         return {a: i.version for a, i in new.items()}
+
+    async def _write(self, host: Host, want: dict[str, tuple[str, str]]) -> None:
+        """Make the applier hold exactly `want` ({addin_id: (version, sha256)}) for `host`;
+        a failure is recorded as an `apply_failed` event and raised."""
+        assert self.cache is not None
+        files: dict[str, AppliedManifest] = {}
+        # Read manifest bytes only for what the applier does not already hold intact.
+        held = self.applier.current(host) if self.applier.needs_xml else {}
+        for a, (version, sha) in want.items():
+            xml = None
+            if self.applier.needs_xml and held.get(a) != sha:
+                xml = await self.cache.manifest_xml(sha)
+            files[a] = AppliedManifest(a, version, sha, xml)
+        try:
+            self.applier.apply(host, files)
+        except Exception as e:
+            log.error("applying %s failed: %s", host, e)
+            etx = Tx()
+            etx.event("apply_failed", str(e)[:500], host=host.value)
+            await self.cache.commit(etx)
+            raise
+
+    # -- host lifecycle (agent/hostwatch.py; with watch_hosts) --------------------------------
+    async def _stage_idle(self) -> None:
+        """Write the ready changes of every host that is not running to where it loads
+        add-ins, so they take effect at its next start. Called under the lock after every
+        transition; a host whose set did not change costs a dict comparison."""
+        if self.watcher is None or self.cache is None:
+            return
+        for host in self.config.hosts:
+            if not self.watcher.running(host):
+                try:
+                    await self._stage(host)
+                except Exception:  # recorded by _write; tried again at the next transition
+                    self._staged.pop(host, None)
+
+    async def _stage(self, host: Host) -> None:
+        want = self.model.next_set(host)
+        files = {a: sha for a, (_, sha) in want.items()}
+        prev = self._staged.get(host)
+        if prev is not None and prev.files == files:
+            return
+        await self._write(host, want)
+        now = time.time()
+        if self.watcher is not None:
+            # Look again now: a start noticed from here on happened after this write, so it
+            # counts what was written (a start this look notices is not counted: it may have
+            # read the location before the write).
+            self.watcher.poll()
+        prev = prev or Staged({}, {})
+        ready = {a for (h, a), p in self.pending.items() if h == host and p.ready}
+        ids = files.keys() | prev.files.keys() | ready
+        self._staged[host] = Staged(
+            files,
+            {
+                a: prev.at[a] if a in prev.at and prev.files.get(a) == files.get(a) else now
+                for a in ids
+            },
+        )
+        if not ready:
+            return  # the location now matches what the host has: nothing for the log
+        assert self.cache is not None
+        tx = Tx()
+        tx.event(
+            "staged",
+            f"{len(ready)} change(s) written for {host}'s next start ({len(files)} add-in(s))",
+            host=host.value,
+        )
+        await self.cache.commit(tx)
+
+    async def _note_running(self) -> None:
+        """`why` and `status` read which hosts run from the cache."""
+        assert self.cache is not None and self.watcher is not None
+        tx = Tx()
+        tx.sync(
+            "hosts_running",
+            {h.value: self.watcher.pids(h) for h in self.config.hosts if self.watcher.running(h)},
+        )
+        await self.cache.commit(tx)
+
+    async def _host_event(self, e: HostEvent) -> None:
+        if self.cache is None or self._stopping:
+            return
+        if e.kind == "exited":
+            async with self._lock:
+                tx = Tx()
+                tx.event("host_exited", f"{e.host} exited (pid {e.pid})", host=e.host.value)
+                await self.cache.commit(tx)
+                await self._note_running()
+                await self._stage_idle()
+            return
+        async with self._lock:
+            # Only what was written before the host could have started counts as applied;
+            # a change written during the last poll interval stays pending (its file is in
+            # place: the next start counts it).
+            st = self._staged.get(e.host, Staged({}, {}))
+            only = {
+                a
+                for (h, a), p in self.pending.items()
+                if h == e.host
+                and p.ready
+                and st.files.get(a) == (None if p.action == "remove" else p.sha256)
+                and st.at.get(a, e.at) < e.since
+            }
+            tx = Tx()
+            new, applied = self.model.stage_launch(tx, e.host, only)
+            self.model.finish_launch(tx, e.host, new, applied, f" (detected, pid {e.pid})")
+            await self._commit(tx)
+            await self._note_running()
+        for p in applied:
+            self._emit("applied", p.revision, p.committed_at, p.addin_id, e.host)
+        if applied:
+            self._schedule_report()
 
     async def _record_choice(self, c: UserChoice) -> str:
         if c.record:

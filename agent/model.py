@@ -195,14 +195,30 @@ class AgentModel:
         else:
             tx.event("manifest_refused", m.reason or "", addin_id=m.addin_id, revision=revision)
 
+    def next_set(self, host: Host) -> dict[str, tuple[str, str]]:
+        """What `host` loads at its next start once its ready changes are written:
+        {addin_id: (version, sha256)}."""
+        out = {a: (i.version, i.sha256) for a, i in self.installed.get(host, {}).items()}
+        for (h, a), p in self.pending.items():
+            if h != host or not p.ready:
+                continue
+            if p.action == "remove":
+                out.pop(a, None)
+            elif p.to_version is not None and p.sha256 is not None:
+                out[a] = (p.to_version, p.sha256)
+        return out
+
     def stage_launch(
-        self, tx: Tx, host: Host
+        self, tx: Tx, host: Host, only: set[str] | None = None
     ) -> tuple[dict[str, InstalledAddin], list[PendingChange]]:
-        """Write `host`'s ready changes into `tx`; return the installed set they make and
-        the changes. The model changes only in `finish_launch`, once the applier succeeded."""
+        """Write `host`'s ready changes (those of add-ins in `only`, when given) into `tx`;
+        return the installed set they make and the changes. The model changes only in
+        `finish_launch`, once the applier succeeded."""
         new = dict(self.installed.get(host, {}))
         applied: list[PendingChange] = []
         for p in [p for (h, _), p in self.pending.items() if h == host and p.ready]:
+            if only is not None and p.addin_id not in only:
+                continue
             if p.action == "remove":
                 new.pop(p.addin_id, None)
                 tx.delete("installed", host=host.value, addin_id=p.addin_id)
@@ -242,10 +258,11 @@ class AgentModel:
         host: Host,
         new: dict[str, InstalledAddin],
         applied: list[PendingChange],
+        how: str = "",
     ) -> None:
         tx.event(
             "launch",
-            f"{host} started: {len(applied)} change(s) applied",
+            f"{host} started{how}: {len(applied)} change(s) applied",
             host=host.value,
             revision=self.state.revision,
         )

@@ -189,6 +189,20 @@ class ReadModel:
             )
         ]
 
+    def detected_launch(self, host: Host, at: float) -> bool:
+        """Whether the launch of `host` at `at` (an add-in's `installed_at`) was noticed by
+        the host watcher rather than run by `addin-agent launch`."""
+        r = self.conn.execute(
+            "SELECT detail FROM events WHERE kind = 'launch' AND host = ? AND at = ? LIMIT 1",
+            (host.value, at),
+        ).fetchone()
+        return r is not None and "(detected" in str(r["detail"])
+
+    def hosts_running(self) -> list[str]:
+        """The host apps the watcher last saw running (none without watch_hosts)."""
+        running = self.sync_value("hosts_running")
+        return sorted(running) if isinstance(running, dict) else []
+
     def pending(self) -> list[PendingChange]:
         return [pending_record(r) for r in self.conn.execute("SELECT * FROM pending")]
 

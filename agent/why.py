@@ -358,6 +358,7 @@ def _per_host(c: _Chain, m: ManifestRecord | None) -> None:
     e = c.x.entry
     assert e is not None
     verdicts: list[tuple[str, str]] = []
+    running = c.rm.hosts_running()
     for h in c.targets:
         inst = c.rm.installed_in(h, c.x.addin_id)
         pend = c.rm.pending_in(h, c.x.addin_id)
@@ -369,16 +370,25 @@ def _per_host(c: _Chain, m: ManifestRecord | None) -> None:
                 f"{pend.action} {pend.from_version or '—'} → {pend.to_version or '—'}: "
                 f"{pend.state}, {pend.reason} (since {_clock(pend.since)})",
             )
+        detected = inst is not None and c.rm.detected_launch(h, inst.installed_at)
         c.step(
             # Outlook's add-ins come from the mailbox: the agent only keeps its record.
             f"tracked for {h}" if h in c.unplaced else f"installed in {h}",
             inst is not None,
-            f"version {cur} since {_clock(inst.installed_at)}" if inst else "not installed",
+            (
+                f"version {cur} since {_clock(inst.installed_at)}"
+                + (f" ({h}'s launch, noticed by the agent)" if detected else "")
+            )
+            if inst
+            else "not installed",
         )
         if h in c.unplaced:
             verdicts.append(_mailbox_verdict(c, h, e.version))
             continue
-        verdicts.append(_host_verdict(h, c.name, e.version, cur, pend, m))
+        v = _host_verdict(h, c.name, e.version, cur, pend, m, h in running)
+        if detected and inst is not None and v[0] == "installed":
+            v = (v[0], f"{v[1][:-1]}, installed at {h}'s launch at {_clock(inst.installed_at)}.")
+        verdicts.append(v)
     causes = {cause for cause, _ in verdicts}
     c.rep.cause = verdicts[0][0] if len(causes) == 1 else "mixed"
     c.rep.verdict = " ".join(v for _, v in verdicts)
@@ -401,6 +411,7 @@ def _host_verdict(
     cur: str | None,
     pend: PendingChange | None,
     m: ManifestRecord | None,
+    running: bool = False,
 ) -> tuple[str, str]:
     if pend is not None:
         frm, to = pend.from_version, pend.to_version
@@ -425,8 +436,14 @@ def _host_verdict(
             return "pending_remove", (
                 f"Still in {h}: {name} will be removed when {h} next starts ({pend.reason})."
             )
+        when = (
+            f"{h} is running: it is written to {h}'s add-in location when {h} exits and "
+            "applies at its next start"
+            if running
+            else f"applies when {h} next starts"
+        )
         return ("pending_update" if pend.action == "update" else "pending_install"), (
-            f"Not in {h} yet: {change} received {_clock(pend.since)}, applies when {h} next starts."
+            f"Not in {h} yet: {change} received {_clock(pend.since)}, {when}."
         )
     if cur is None:
         return "not_installed", f"Not in {h}: no change is pending; launch {h} to apply."
