@@ -172,10 +172,10 @@ class AgentConfig(BaseModel):
     anti_entropy_interval: float = Field(default=600.0, ge=0)
     """Seconds between anti-entropy checks against the server (jittered ±20 %); 0 disables
     them. See agent/antientropy.py."""
-    watch_hosts: bool = False
+    watch_hosts: bool = True
     """Watch the host apps' processes (agent/hostwatch.py): ready changes are written to the
     add-in location while a host is not running and count as applied at its next start.
-    Off here for agents built in code (the simulator runs thousands); agent.toml turns it on."""
+    On by default; the simulator turns it off (thousands of agents in one process, no Office)."""
     host_processes: dict[Host, tuple[str, ...]] = Field(default_factory=dict)
     """Process names per host app, e.g. {Word = ["WINWORD.EXE"]}; a host not given keeps the
     platform's default names (`agent.hostwatch.default_processes`)."""

@@ -71,6 +71,7 @@ async def measure(agents: int, cache: str) -> dict[str, float]:
             tenant=TENANT, user_id=f"u{i}", client_id=f"c{i}", insecure=True,
             broker_url="mqtt://127.0.0.1:1",
             server_url="http://127.0.0.1:1", cache_path=cache, applier="memory", control=None,
+            watch_hosts=False,
         )  # fmt: skip
         agent = Agent(config, applier=MemoryApplier())
         await agent.open()

@@ -265,6 +265,7 @@ class Worker:
             cache_path=cache_path,
             applier="memory",
             control=None,
+            watch_hosts=False,  # no Office here, and thousands of agents in one process
         )
         return Agent(config, http=self.http, applier=MemoryApplier(), observer=self._observer(c))
 

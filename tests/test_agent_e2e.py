@@ -56,7 +56,9 @@ async def test_everyone_and_nothing_changes_before_launch(
 ) -> None:
     notes = addin_id("notes")
     await server.upload(manifest("notes", hosts=("Word", "Excel")))
-    agent = await make_agent()
+    # Without the host watcher, nothing is written before `launch` (with it, changes are
+    # written while the host is not running: tests/test_hostwatch.py).
+    agent = await make_agent(watch_hosts=False)
     await server.assign(notes, "everyone", mode="fixed")
     await until(lambda: notes in agent.entitlements(), what="entitlement")
     await settled(agent, server)
