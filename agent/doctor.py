@@ -17,6 +17,7 @@ from addin_runtime.instance_lock import SUPPORTED as lock_supported
 from addin_runtime.instance_lock import held_by
 from agent import pem
 from agent.config import AgentConfig
+from agent.pending import PendingChange
 from agent.readmodel import ReadModel
 from agent.subscriptions import desired_filters
 from agent.tls import (
@@ -356,6 +357,7 @@ def check_applier(cfg: AgentConfig, rm: ReadModel) -> list[Check]:
     except ApplierUnavailable as e:
         return [Check("add-ins", "fail", str(e))]
     installed = rm.installed()
+    pending = rm.pending()
     out = []
     for h in cfg.hosts:
         s = applier.survey(h)
@@ -374,10 +376,29 @@ def check_applier(cfg: AgentConfig, rm: ReadModel) -> list[Check]:
         if s.foreign:
             status = "warn"
             notes.append("left alone, not the agent's: " + "; ".join(s.foreign))
-        if applier.current(h) != want:
+        current = applier.current(h)
+        staged = _with_ready_changes(want, [p for p in pending if p.host == h])
+        if current != want and current == staged and cfg.watch_hosts:
+            # The watcher writes ready changes while the host is not running: they are
+            # there for its next start, not a drift.
+            notes.append("holds the ready changes, written for its next start")
+        elif current != want:
             status = "warn"
             notes.append("differs from the installed set; the next launch repairs it")
         out.append(Check(name, status, "; ".join([detail, *notes])))
+    return out
+
+
+def _with_ready_changes(installed: dict[str, str], pending: list[PendingChange]) -> dict[str, str]:
+    """{addin_id: sha256} of a host once its ready changes are written (as the watcher does)."""
+    out = dict(installed)
+    for p in pending:
+        if not p.ready:
+            continue
+        if p.action == "remove":
+            out.pop(p.addin_id, None)
+        elif p.sha256 is not None:
+            out[p.addin_id] = p.sha256
     return out
 
 
