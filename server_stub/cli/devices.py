@@ -261,7 +261,7 @@ def _enrolled(r: dict[str, Any]) -> str:
         )
     lines.append(
         f"wrote {r['bundle']} (mode 0600): the agent's configuration with its key, "
-        "certificate and token; `addin-agent run --config` it on the device"
+        "certificate and token; on the device: `addin-agent service install --config FILE`"
     )
     return "\n".join(lines + r["broker"])
 
