@@ -118,6 +118,9 @@ class MosquittoBroker:
         if self.tls_listener is not None:
             # Each listener then has its own allow_anonymous and acl_file, given after it.
             lines = ["per_listener_settings true", *lines[2:], lines[0], lines[1]]
+            # Each connect logged with its username, which on the TLS listener is the CN
+            # of the client's certificate: the record of who connected as whom.
+            lines[lines.index("connection_messages false")] = "connection_messages true"
             lines += [f"listener {self.tls_port} {self.host}", "allow_anonymous false"]
             lines += self.tls_listener
         self.config_path.write_text("\n".join(lines) + "\n")
