@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from simulator.cli import main
@@ -95,3 +96,42 @@ def test_tls_with_an_outside_broker_server_or_remote_workers_is_refused(tmp_path
         assert words in out.output
         assert "Traceback" not in out.output
     assert not (tmp_path / "report.json").exists()
+
+
+async def test_the_fleet_is_enrolled_whole_or_not_at_all(tmp_path: Path) -> None:
+    """`Devices.enroll_many`: one transaction; an unknown user or a device already enrolled
+    refuses the whole batch, saying which."""
+    from server_stub.cli.runner import open_service
+    from server_stub.service import Conflict, NotFound
+    from simulator.fleet_pki import FleetPki
+
+    db = tmp_path / "server.sqlite"
+    service = await open_service(db, "contoso")
+    try:
+        await service.create_user("u1")
+    finally:
+        await service.close()
+    fleet = FleetPki(tmp_path, "contoso")
+    fleet.make([("ws-u1", "u1"), ("ws-u2", "u2")])
+    assert sorted(p.name for p in fleet.devices_dir.iterdir()) == [
+        "ws-u1.crt", "ws-u1.key", "ws-u2.crt", "ws-u2.key"
+    ]  # fmt: skip
+    assert fleet.key_file("ws-u1").stat().st_mode & 0o777 == 0o600
+
+    def devices() -> list[tuple[str, str]]:
+        return sqlite3.connect(db).execute("SELECT device_id, user_id FROM devices").fetchall()
+
+    with pytest.raises(NotFound, match="unknown user 'u2'"):
+        await fleet.enroll(db)
+    assert devices() == []
+
+    service = await open_service(db, "contoso")
+    try:
+        await service.create_user("u2")
+    finally:
+        await service.close()
+    assert await fleet.enroll(db) == 2
+    assert sorted(devices()) == [("ws-u1", "u1"), ("ws-u2", "u2")]
+    with pytest.raises(Conflict, match="'ws-u1' is already enrolled"):
+        await fleet.enroll(db)
+    assert len(devices()) == 2
