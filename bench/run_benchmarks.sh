@@ -13,6 +13,11 @@ for clients in ${SIM_BENCH_CLIENTS:-1000 5000 10000}; do
             --report "bench-results/$scenario-$clients" || echo "   (exit status $?)"
     done
 done
+# The same 10,000 clients in secure mode: every client an enrolled device with its own
+# certificate, MQTT over TLS, HTTPS (docs/benchmarks.md "TLS").
+echo "==> addin-sim run --clients 10000 --scenario phased-rollout --cache none --tls"
+.venv/bin/addin-sim run --clients 10000 --scenario phased-rollout --cache none --tls \
+    --report "bench-results/phased-rollout-10000-tls" || echo "   (exit status $?)"
 echo "==> addin-sim run --clients 10000 --scenario phased-rollout (cache: in-memory SQLite)"
 .venv/bin/addin-sim run --clients 10000 --scenario phased-rollout \
     --report "bench-results/phased-rollout-10000-memory" || echo "   (exit status $?)"

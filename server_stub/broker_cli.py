@@ -59,15 +59,7 @@ def mosquitto_conf(directory: Path, host: str, port: int, *, tls: bool = False) 
         "allow_anonymous false",
     ]
     if tls:
-        lines += [
-            f"cafile {d / 'ca.crt'}",
-            f"certfile {d / 'broker.crt'}",
-            f"keyfile {d / 'broker.key'}",
-            f"crlfile {d / 'crl.pem'}",
-            "require_certificate true",
-            "use_identity_as_username true",
-            "use_username_as_clientid true",
-        ]
+        lines += tls_listener_lines(d)
     else:
         lines.append(f"password_file {d / 'passwd'}")
     lines += [
@@ -87,6 +79,22 @@ def mosquitto_conf(directory: Path, host: str, port: int, *, tls: bool = False) 
         # files, who can read the 0600 password file.
         lines.append(f"user {pwd.getpwuid(d.stat().st_uid).pw_name}")
     return "\n".join(lines) + "\n"
+
+
+def tls_listener_lines(directory: Path) -> list[str]:
+    """The TLS options of a listener, with the files `broker-config --pki` copied into
+    `directory`: a client certificate of the tenant's CA is required, and its CN is both
+    the username the ACL matches and the client id (also used by `addin-sim run --tls`)."""
+    d = directory.absolute()
+    return [
+        f"cafile {d / 'ca.crt'}",
+        f"certfile {d / 'broker.crt'}",
+        f"keyfile {d / 'broker.key'}",
+        f"crlfile {d / 'crl.pem'}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+    ]
 
 
 def _port_in_use(host: str, port: int) -> str | None:

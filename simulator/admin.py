@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -56,9 +57,10 @@ class AdminActions:
             "policy": self._policy,
         }
 
-    def open(self, server_url: str, admin_token: str) -> None:
+    def open(self, server_url: str, admin_token: str, verify: ssl.SSLContext | bool = True) -> None:
         self._http = httpx.AsyncClient(
             base_url=server_url,
+            verify=verify,
             headers={"Authorization": f"Bearer {admin_token}"},
             timeout=60,
         )

@@ -214,6 +214,12 @@ async def _until_signalled(coordinator: Any) -> Any:
     help="With --server: its signing public key (signing.pub); without it the agents accept "
     "unsigned state. A private server signs with a fresh key per run.",
 )
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Secure mode: a PKI for the run, the broker and server over TLS, and every client "
+    "enrolled as a device with its own certificate and token.",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--run-id", default=None, help="Run id remote workers join (default: random).")
 @click.option("--no-baseline", is_flag=True, help="Skip the bare MQTT fan-out measurement.")
@@ -235,6 +241,7 @@ def run(
     admin_token: str | None,
     agent_token: str | None,
     signing_key: str | None,
+    tls: bool,
     seed: int,
     run_id: str | None,
     no_baseline: bool,
@@ -253,6 +260,15 @@ def run(
         raise click.UsageError("--server needs --admin-token (or ADDIN_SIM_ADMIN_TOKEN)")
     if signing_key and not server_url:
         raise click.UsageError("--signing-key is for --server: a private server gets its own key")
+    if tls and (broker_url or server_url):
+        raise click.UsageError(
+            "--tls makes the run's own PKI, broker and server: it cannot use --broker or --server"
+        )
+    if tls and remote_workers:
+        raise click.UsageError(
+            "--tls with --remote-workers is not supported: the device certificates are written "
+            "on this machine only; run --tls with local workers"
+        )
     options = RunOptions(
         clients=clients,
         workers=default_workers() if workers is None else workers,
@@ -262,6 +278,7 @@ def run(
         admin_token=admin_token,
         agent_token=agent_token,
         signing_key=signing_key,
+        tls=tls,
         remote_workers=remote_workers,
         baseline=not no_baseline,
         cache=cache,

@@ -91,7 +91,7 @@ class Coordinator:
             workdir = self.options.workdir or Path(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="addin-sim-"))
             )
-            env = Environment(self.options, workdir)
+            env = Environment(self.options, workdir, self.clients)
             stack.callback(env.stop)
             # Finished even if cancelled meanwhile: a process being started in that thread
             # must be known to env.stop.
@@ -113,6 +113,7 @@ class Coordinator:
         finished = False
         try:
             cold_revision = await self._prepare_server()
+            await self._enroll(env)
             await self._start_workers(env, broker)
             # The bare fan-out goes first, before any agent connects: the broker then holds
             # only the bare subscribers (10,000 agents plus 10,000 subscribers would exceed a
@@ -161,7 +162,7 @@ class Coordinator:
     async def _connect(self, env: Environment, broker: BrokerAddress) -> None:
         """Open the admin API client, the control channel and the state tap; start sampling
         this process, the broker and the server."""
-        self.admin.open(env.server_url, env.admin_token)
+        self.admin.open(env.server_url, env.admin_token, env.verify)
         await self.fleet.open(broker)
         await self.tap.open(broker)
         self.monitors[:] = [ProcessMonitor("coordinator")]
@@ -178,6 +179,12 @@ class Coordinator:
         for item in self.scenario.setup:
             cold_revision = max([cold_revision, *await self.admin.apply(item, None)])
         return cold_revision
+
+    async def _enroll(self, env: Environment) -> None:
+        """With --tls, every client becomes an enrolled device of the users just loaded."""
+        if self.options.progress and env.pki is not None:
+            self.options.progress("enrolling devices", 0, 0)
+        await env.enroll_devices()
 
     async def _start_workers(self, env: Environment, broker: BrokerAddress) -> None:
         """Start the local workers and wait until every worker (remote ones too) joined."""
@@ -197,19 +204,27 @@ class Coordinator:
     def _start_args(self, env: Environment, cold_revision: int) -> dict[str, Any]:
         """The `start` command: each worker's share of the clients and the agents' settings."""
         workers = self.fleet.workers
+        tokens = env.pki.tokens if env.pki is not None else {}
         shards = {
-            wid: [list(c) for c in self.clients[i :: len(workers)]] for i, wid in enumerate(workers)
+            # With --tls each client has its own device token.
+            wid: [
+                [*c, tokens[c[0]]] if tokens else list(c) for c in self.clients[i :: len(workers)]
+            ]
+            for i, wid in enumerate(workers)
         }
-        return {
-            "shards": shards,
-            "cold_revision": cold_revision,
-            "agent": {
-                "tenant": TENANT,
-                "agent_token": env.agent_token,
-                "signing_key": env.signing_key,
-                "cache": self.options.cache or self.scenario.cache,
-            },
+        agent: dict[str, Any] = {
+            "tenant": TENANT,
+            "agent_token": env.agent_token,
+            "signing_key": env.signing_key,
+            "cache": self.options.cache or self.scenario.cache,
         }
+        if env.pki is not None:
+            agent["tls"] = {
+                "broker_url": env.agent_broker_url,
+                "ca": str(env.pki.ca_file),
+                "devices": str(env.pki.devices_dir),
+            }
+        return {"shards": shards, "cold_revision": cold_revision, "agent": agent}
 
     async def _baseline(self, broker: BrokerAddress) -> dict[str, Any]:
         """The bare MQTT fan-out to as many plain subscribers as there are clients."""
@@ -263,6 +278,8 @@ class Coordinator:
             for s in steps:
                 s.stages.merge(StageSet.decode(r["result"]["steps"].get(s.name, {})))
         for s in steps:
+            s.storm = connect_storm(s, [r["result"].get("storms", {}) for r in stats.values()])
+        for s in steps:
             if s.name in ("connect", "cold-start") or self._starts_clients(s.name):
                 s.stages.merge(cold)
         total = StageSet()
@@ -309,6 +326,22 @@ class Coordinator:
             for m in self.monitors:
                 m.sample()
             await asyncio.sleep(0.5)
+
+
+def connect_storm(step: StepResult, storms: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How the clients a step started connected, from every worker's account of it (None
+    if the step started none): how many, and when the last one had connected, in seconds
+    from the step's start (the coordinator's clock; workers of this machine share it)."""
+    mine = [w[step.name] for w in storms if step.name in w]
+    if not mine:
+        return None
+    connected = sum(int(m["connected"]) for m in mine)
+    last = max((float(m["last"]) for m in mine if m["connected"]), default=None)
+    return {
+        "clients": sum(int(m["clients"]) for m in mine),
+        "connected": connected,
+        "seconds": None if last is None else round(max(0.0, last - step.started_at), 3),
+    }
 
 
 def default_workers() -> int:

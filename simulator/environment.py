@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
+from server_stub.broker_cli import tls_listener_lines
+from simulator.fleet_pki import FleetPki
 from simulator.mosquitto import MosquittoBroker, free_port
 from simulator.processes import die_with_parent
 from simulator.results import RunError, RunOptions
@@ -32,8 +36,18 @@ def console_script(name: str) -> str:
 class Environment:
     """The private broker and server stub (when not given), torn down at the end."""
 
-    def __init__(self, options: RunOptions, workdir: Path) -> None:
+    def __init__(
+        self, options: RunOptions, workdir: Path, clients: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self.options = options
+        self.clients = clients
+        """(client id, user id) of every virtual client: with --tls, each is an enrolled
+        device."""
+        self.pki: FleetPki | None = None
+        """With --tls: the run's CA and device certificates."""
+        self.agent_broker_url = ""
+        """Where the agents connect: the broker's TLS listener with --tls, else broker_url
+        (which the simulator's own control channel uses in either case)."""
         self.workdir = workdir
         self.broker: MosquittoBroker | None = None
         self.server: subprocess.Popen[bytes] | None = None
@@ -45,27 +59,31 @@ class Environment:
         self.signing_key: str | None = options.signing_key
         """Public key the agents verify state with (None: they accept it unsigned)."""
 
+    @property
+    def db_path(self) -> Path:
+        return self.workdir / "server.sqlite"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How this process verifies the server (admin API, health check): the run's CA."""
+        if self.pki is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.pki.ca_file))
+
     def start(self) -> None:
+        if self.options.tls:
+            self._start_tls()
+            return
         if not self.broker_url:
             self.broker = MosquittoBroker(self.workdir / "broker", max_queued_messages=10_000)
             self.broker.start()
             self.broker_url = self.broker.url
+        self.agent_broker_url = self.broker_url
         if not self.server_url:
             port = free_port()
             self.server_url = f"http://127.0.0.1:{port}"
             self.server_args = [
-                console_script("addin-server"),
-                "serve",
-                "--db",
-                str(self.workdir / "server.sqlite"),
-                "--broker",
-                self.broker_url,
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--tenant",
-                TENANT,
-                "--admin-token",
-                self.admin_token,
+                *self._serve_args(self.broker_url, port),
                 "--agent-token",
                 self.agent_token,
                 # The simulator's private broker has no TLS and agents share one token.
@@ -74,6 +92,55 @@ class Environment:
                 str(self._new_signing_key()),
             ]
             self.start_server()
+
+    def _serve_args(self, broker_url: str, port: int) -> list[str]:
+        return [
+            console_script("addin-server"),
+            "serve",
+            "--db",
+            str(self.db_path),
+            "--broker",
+            broker_url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tenant",
+            TENANT,
+            "--admin-token",
+            self.admin_token,
+        ]
+
+    def _start_tls(self) -> None:
+        """--tls: a fresh PKI with every client enrolled as a device, the broker with a TLS
+        listener for the agents and the server (certificate required, identity = CN, the
+        per-device ACL), and `serve --pki` (HTTPS, mqtts, state signed with its key)."""
+        self.pki = FleetPki(self.workdir, TENANT)
+        self.pki.make(self.clients)
+        self.signing_key = self.pki.signing_public
+        broker_dir = self.workdir / "broker"
+        self.pki.write_broker(broker_dir)
+        self.broker = MosquittoBroker(
+            broker_dir,
+            max_queued_messages=10_000,
+            tls_listener=[*tls_listener_lines(broker_dir), f"acl_file {broker_dir / 'acl'}"],
+        )
+        self.broker.start()
+        self.broker_url = self.broker.url
+        assert self.broker.tls_url is not None
+        self.agent_broker_url = self.broker.tls_url
+        port = free_port()
+        self.server_url = f"https://127.0.0.1:{port}"
+        self.server_args = [
+            *self._serve_args(self.agent_broker_url, port),
+            "--pki",
+            str(self.pki.directory),
+        ]
+        self.start_server()
+
+    async def enroll_devices(self) -> int:
+        """With --tls, once the organisation is loaded: record every device (0 without)."""
+        if self.pki is None:
+            return 0
+        return await self.pki.enroll(self.db_path)
 
     def _new_signing_key(self) -> Path:
         """A fresh Ed25519 key for this run's server: every run signs, so a fleet run
@@ -113,7 +180,8 @@ class Environment:
             if self.server.poll() is not None:
                 raise RunError(f"the server stub exited at start; see {self.workdir}/server.log")
             try:
-                if httpx.get(f"{self.server_url}/healthz", timeout=1).status_code == 200:
+                answer = httpx.get(f"{self.server_url}/healthz", timeout=1, verify=self.verify)
+                if answer.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass

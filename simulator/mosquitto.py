@@ -76,6 +76,7 @@ class MosquittoBroker:
         persistence: bool = False,
         max_queued_messages: int = 1000,
         extra_config: str = "",
+        tls_listener: list[str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,11 @@ class MosquittoBroker:
         self.persistence = persistence
         self.max_queued_messages = max_queued_messages
         self.extra_config = extra_config
+        self.tls_listener = tls_listener
+        """The options of a second, TLS listener (`server_stub.broker_cli.tls_listener_lines`)
+        with `acl_file` its ACL; the first listener stays plain, anonymous and without ACL:
+        the simulator's control channel and the bare fan-out use it."""
+        self.tls_port = free_port(self.host) if tls_listener is not None else None
         self.process: subprocess.Popen[bytes] | None = None
         self.config_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
@@ -97,6 +103,10 @@ class MosquittoBroker:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def tls_url(self) -> str | None:
+        return None if self.tls_port is None else f"mqtts://{self.host}:{self.tls_port}"
 
     @property
     def running(self) -> bool:
@@ -128,6 +138,14 @@ class MosquittoBroker:
             lines.append("persistence false")
         if self.extra_config:
             lines.append(self.extra_config)
+        if self.tls_listener is not None:
+            # Each listener then has its own allow_anonymous and acl_file, given after it.
+            lines = ["per_listener_settings true", *lines[2:], lines[0], lines[1]]
+            # Each connect logged with its username, which on the TLS listener is the CN
+            # of the client's certificate: the record of who connected as whom.
+            lines[lines.index("connection_messages false")] = "connection_messages true"
+            lines += [f"listener {self.tls_port} {self.host}", "allow_anonymous false"]
+            lines += self.tls_listener
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
 

@@ -31,6 +31,9 @@ class RunOptions:
     signing_key: str | None = None
     """With `server_url`: the server's state signing public key (base64), so every agent
     enforces signatures. A private server always gets a fresh key per run."""
+    tls: bool = False
+    """The private broker and server in TLS mode, every client an enrolled device with its
+    own certificate and token (`addin-sim run --tls`)."""
     remote_workers: int = 0
     """Workers expected to join from elsewhere (`addin-sim worker --run ID ...`)."""
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
@@ -62,6 +65,9 @@ class StepResult:
     online: int = 0
     stages: StageSet = field(default_factory=StageSet)
     notes: list[str] = field(default_factory=list)
+    storm: dict[str, Any] | None = None
+    """When the step started clients: {"clients", "connected", "seconds"}: how many were
+    started, how many connected, and how long after the step's start the last one did."""
 
 
 @dataclass
@@ -80,9 +86,9 @@ class RunResult:
     fleet: FleetStats = field(default_factory=FleetStats)
     """The workers' counters merged: timeline, manifest requests, connection events."""
     admin_retries: int = 0
+    """Admin API calls sent again because the server was unreachable (a restart)."""
     state_signed: bool = False
     """The server signed every state payload and every agent verified it."""
-    """Admin API calls sent again because the server was unreachable (a restart)."""
 
 
 def curve_of(step: StepResult) -> list[tuple[float, float]]:

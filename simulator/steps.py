@@ -149,7 +149,12 @@ class StepExecutor:
     async def connect(self) -> StepResult:
         """Start every client's agent and wait until the fleet converged."""
         connect = StepResult("connect", started_at=time.time())
-        await self.fleet.command("start", self.start_args, timeout=600, progress_task="connect")
+        await self.fleet.command(
+            "start",
+            {**self.start_args, "storm": connect.name},
+            timeout=600,
+            progress_task="connect",
+        )
         await self.converge(connect, connect.started_at, 120)
         connect.duration_s = time.time() - connect.started_at
         return connect
@@ -255,7 +260,9 @@ class StepExecutor:
         self.start_args["cold_revision"] = max(
             [int(self.start_args["cold_revision"]), *res.revisions]
         )
-        await self.fleet.command("start", self.start_args, timeout=600, progress_task="connect")
+        await self.fleet.command(
+            "start", {**self.start_args, "storm": res.name}, timeout=600, progress_task="connect"
+        )
 
     async def _broker_fault(self, key: str, a: Args, res: StepResult) -> None:
         broker = self.env.broker
@@ -282,7 +289,9 @@ class StepExecutor:
         res.notes.append(f"{len(chosen)} clients offline")
 
     async def _online(self, a: Args, res: StepResult) -> None:
-        await self.fleet.command("online", {}, timeout=600, progress_task="connect")
+        await self.fleet.command(
+            "online", {"storm": res.name}, timeout=600, progress_task="connect"
+        )
         res.notes.append(f"{len(self.offline_clients)} clients back online")
         self.offline_clients.clear()
 

@@ -30,6 +30,7 @@ from typing import Any
 from addin_core.protocol import Host
 from addin_runtime.tasks import cancel_and_wait
 from agent.http_pool import HttpPool
+from agent.tls import https_context
 from simulator import control
 from simulator.baseline import baseline_in_loop
 from simulator.control import BrokerAddress, ControlChannel
@@ -65,9 +66,11 @@ def expand(compact: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class VirtualClient:
-    def __init__(self, client_id: str, user_id: str) -> None:
+    def __init__(self, client_id: str, user_id: str, token: str | None = None) -> None:
         self.client_id = client_id
         self.user_id = user_id
+        self.token = token
+        """With --tls: its device's HTTP token (else the run's shared agent token)."""
         self.agent: Any = None
         self.online = False
         self.running = False
@@ -120,6 +123,11 @@ class Worker:
         self._launch_slots = asyncio.Semaphore(LAUNCH_CONCURRENCY)
         self._converging: list[set[str]] = []
         """One set per running `converge` command: clients notified since its last pass."""
+        self.storms: dict[str, dict[str, Any]] = {}
+        """Per step that started clients (the connect storm): {"clients", "connected",
+        "last"} (when the last of them connected, epoch seconds)."""
+        self._storm_of: dict[str, dict[str, Any]] = {}
+        """Client id -> the storm it is part of, until it has connected."""
 
     # -- control --------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -198,13 +206,24 @@ class Worker:
         self.agent_settings = dict(args["agent"])
         self.cold_revision = int(args.get("cold_revision", 0))
         mine = args["shards"].get(self.wid, [])
-        self.http = MeteredHttpPool(self.fleet, max_connections=64, timeout=30)
-        for client_id, user_id in mine:
-            self.clients[client_id] = VirtualClient(client_id, user_id)
-        await self._start_clients(list(self.clients.values()), seq)
+        for client_id, user_id, *token in mine:
+            self.clients[client_id] = VirtualClient(client_id, user_id, *token)
+        if self.http is None:
+            # One pool for every agent; with --tls it verifies the server with the run's CA.
+            first = next(iter(self.clients.values()), None)
+            https = None if first is None else https_context(self._config(first))
+            self.http = MeteredHttpPool(
+                self.fleet, max_connections=64, timeout=30, ssl_context=https
+            )
+        await self._start_clients(list(self.clients.values()), seq, args.get("storm"))
         return {"clients": len(self.clients)}
 
-    async def _start_clients(self, clients: list[VirtualClient], seq: int) -> None:
+    async def _start_clients(
+        self, clients: list[VirtualClient], seq: int, storm: str | None = None
+    ) -> None:
+        if storm is not None:
+            record = self.storms[storm] = {"clients": len(clients), "connected": 0, "last": 0.0}
+            self._storm_of.update((c.client_id, record) for c in clients)
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
         done = 0
         last_progress = time.monotonic()
@@ -236,12 +255,18 @@ class Worker:
 
     def _make_agent(self, c: VirtualClient) -> Any:
         from agent.applier import MemoryApplier
-        from agent.config import AgentConfig
         from agent.daemon import Agent
 
         if c.agent is not None:  # restarted: keep what the previous agent counted
             self.fleet.add_messages(c.agent.stats)
         c.connected_once = False
+        return Agent(
+            self._config(c), http=self.http, applier=MemoryApplier(), observer=self._observer(c)
+        )
+
+    def _config(self, c: VirtualClient) -> Any:
+        from agent.config import AgentConfig
+
         s = self.agent_settings
         if s.get("cache") == "file" and self.cache_dir is not None:
             cache_path = str(self.cache_dir / f"{c.client_id}.sqlite")
@@ -249,7 +274,27 @@ class Worker:
             cache_path = ":none:"
         else:
             cache_path = ":memory:"
-        config = AgentConfig(
+        tls = s.get("tls")
+        if tls is not None:
+            # --tls: the device's own certificate (its CN is the client id) and token, as
+            # in the agent.toml `addin-server enroll` writes; nothing insecure.
+            devices = Path(tls["devices"])
+            return AgentConfig(
+                tenant=s["tenant"],
+                user_id=c.user_id,
+                client_id=c.client_id,
+                broker_url=tls["broker_url"],
+                server_url=self.server_url,
+                server_token=c.token,
+                signing_key=s["signing_key"],
+                tls_ca=tls["ca"],
+                tls_cert=str(devices / f"{c.client_id}.crt"),
+                tls_key=str(devices / f"{c.client_id}.key"),
+                cache_path=cache_path,
+                applier="memory",
+                control=None,
+            )
+        return AgentConfig(
             tenant=s["tenant"],
             user_id=c.user_id,
             client_id=c.client_id,
@@ -267,7 +312,6 @@ class Worker:
             control=None,
             watch_hosts=False,  # no Office here, and thousands of agents in one process
         )
-        return Agent(config, http=self.http, applier=MemoryApplier(), observer=self._observer(c))
 
     def _observer(self, c: VirtualClient) -> Any:
         def observe(event: Any) -> None:
@@ -277,6 +321,10 @@ class Worker:
                     if c.connected_once:
                         self.fleet.reconnects += 1
                     c.connected_once = True
+                    storm = self._storm_of.pop(c.client_id, None)
+                    if storm is not None:
+                        storm["connected"] += 1
+                        storm["last"] = max(storm["last"], event.at)
                 return
             if event.kind == "notified":
                 c.changed_at = event.at
@@ -429,7 +477,7 @@ class Worker:
 
     async def cmd_online(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
         back = [c for c in self.clients.values() if not c.online]
-        await self._start_clients(back, seq)
+        await self._start_clients(back, seq, args.get("storm"))
         return {"online": len(back)}
 
     async def cmd_stats(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
@@ -450,6 +498,7 @@ class Worker:
             "fleet": fleet.encode(),
             "process": self.monitor.result().as_dict(),
             "clients": len(self.clients),
+            "storms": self.storms,
         }
 
     async def cmd_baseline(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ on the next request.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from addin_core.protocol import InvalidTopic, check_unreserved
@@ -87,6 +88,43 @@ class Devices:
             "was_revoked": old is not None and old[2] is not None,
         }
 
+    async def enroll_many(self, devices: Sequence[tuple[str, str, str, str]], at: float) -> int:
+        """Record many new devices in one transaction: (user id, device id, certificate
+        serial, token sha256) each, as `enroll` does one by one without `replace`. Refuses
+        (and records none) if a user is unknown or a device is already enrolled; the
+        simulator enrolls its whole fleet so (`addin-sim run --tls`)."""
+        for _, device_id, _, _ in devices:
+            checked_device_id(device_id)
+        users = sorted({d[0] for d in devices})
+        ids = [d[1] for d in devices]
+        async with self.database.write() as conn:
+            for start in range(0, len(users), 500):
+                chunk = users[start : start + 500]
+                cur = await conn.execute(
+                    f"SELECT id FROM users WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                )
+                missing = set(chunk) - {str(r[0]) for r in await cur.fetchall()}
+                if missing:
+                    raise NotFound(
+                        f"unknown user {min(missing)!r}: add it first (`addin-server user add`)"
+                    )
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                cur = await conn.execute(
+                    "SELECT device_id, user_id, revoked_at FROM devices WHERE device_id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                old = await cur.fetchone()
+                if old is not None:
+                    _refuse(str(old[0]), str(old[1]), old[2])
+            await conn.executemany(
+                "INSERT INTO devices(device_id, user_id, cert_serial, token_sha256, enrolled_at, "
+                "revoked_at) VALUES (?,?,?,?,?,NULL)",
+                [(device, user, serial, token, at) for user, device, serial, token in devices],
+            )
+        return len(devices)
+
     async def refuse_enrolled(self, device_id: str) -> None:
         """Conflict if `device_id` has been enrolled (revoked or not)."""
         rows = await self.database.rows(
@@ -106,9 +144,7 @@ class Devices:
             )
             row = await cur.fetchone()
             if row is None:
-                raise NotFound(
-                    f"no enrolled device {device_id!r} (see `addin-server device list`)"
-                )
+                raise NotFound(f"no enrolled device {device_id!r} (see `addin-server device list`)")
             if row[2] is None:
                 await conn.execute(
                     "UPDATE devices SET revoked_at=? WHERE device_id=?", (at, device_id)

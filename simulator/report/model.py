@@ -46,6 +46,8 @@ def build_report(r: RunResult) -> dict[str, Any]:
         "workers": r.workers,
         "agent_cache": r.options.cache or r.scenario.cache,
         "state_signed": r.state_signed,
+        "tls": r.options.tls,
+        "connect_storms": [{"step": s.name, **s.storm} for s in r.steps if s.storm],
         "mismatches": len(r.mismatches),
         "mismatch_list": r.mismatches[:MAX_LISTED_MISMATCHES],
         "server_disagreements": r.server_disagreements,
@@ -90,6 +92,7 @@ def _step(s: StepResult, run_started_at: float) -> dict[str, Any]:
         if s.offsets
         else None,
         "notes": s.notes,
+        "storm": s.storm,
         "stages": s.stages.summary(),
         "convergence": [[t, round(f, 4)] for t, f in curve_of(s)],
         "reached_convergence": [

@@ -10,7 +10,14 @@ from typing import Any
 
 from simulator.metrics import STAGES
 from simulator.report.charts import cdf_svg, convergence_panels, latency_over_time_svg, rate_svg
-from simulator.report.wording import machine, ms, n_explained, run_size
+from simulator.report.wording import (
+    connect_storms,
+    machine,
+    ms,
+    n_explained,
+    run_size,
+    transport,
+)
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
@@ -62,6 +69,8 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
             "state payloads",
             "signed, verified by every agent" if report.get("state_signed") else "unsigned",
         ],
+        ["transport", transport(report)],
+        *([f"connect storm ({step})", text] for step, text in connect_storms(report)),
         ["started", started],
         ["duration", f"{report['duration_s']:.1f} s"],
         [

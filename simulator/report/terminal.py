@@ -8,12 +8,20 @@ from rich.console import Console
 from rich.table import Table
 
 from simulator.metrics import STAGES
-from simulator.report.wording import ms, n_explained, run_size
+from simulator.report.wording import (
+    connect_storms,
+    ms,
+    n_explained,
+    run_size,
+    transport,
+)
 
 
 def print_summary(report: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     console.print(steps_table(report))
+    for step, text in connect_storms(report):
+        console.print(f"connect storm ({step}): {text}, over {transport(report)}")
     # Faults and the like, below the table: a column of them would squeeze the figures.
     for s in report["steps"]:
         if s["notes"]:

@@ -68,3 +68,21 @@ def ms(value: Any) -> str:
 
 
 # -- axes and plots --------------------------------------------------------------------------
+
+
+def transport(report: dict[str, Any]) -> str:
+    if report.get("tls"):
+        return "MQTT over TLS and HTTPS, a device certificate and token per client"
+    return "plain MQTT and HTTP (lab mode)"
+
+
+def connect_storms(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(step, how long its started clients took to connect): from the step's start (the
+    start command) until the last of them had its first CONNACK."""
+    out = []
+    for st in report.get("connect_storms", []):
+        took = "-" if st["seconds"] is None else f"{st['seconds']:.1f} s"
+        out.append(
+            (st["step"], f"{st['connected']:,} of {st['clients']:,} clients connected in {took}")
+        )
+    return out
