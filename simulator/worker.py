@@ -293,6 +293,7 @@ class Worker:
                 cache_path=cache_path,
                 applier="memory",
                 control=None,
+                watch_hosts=False,
             )
         return AgentConfig(
             tenant=s["tenant"],
