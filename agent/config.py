@@ -125,6 +125,15 @@ def _split_url(value: str, schemes: tuple[str, ...], example: str) -> SplitResul
     return u
 
 
+def default_applier(platform: str) -> Literal["memory", "mac", "windows"]:
+    """The applier of an agent.toml that names none, on `platform` (`sys.platform`)."""
+    if platform == "darwin":
+        return "mac"
+    if platform == "win32":
+        return "windows"
+    return "memory"
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -150,7 +159,12 @@ class AgentConfig(BaseModel):
     """Its private key (unencrypted PEM)."""
     cache_path: str = "addin-agent.sqlite"
     hosts: tuple[Host, ...] = tuple(Host)
-    applier: Literal["memory", "folder", "mac", "windows"] = "memory"
+    applier: Literal["memory", "folder", "mac", "windows"] = Field(
+        default_factory=lambda: default_applier(sys.platform)
+    )
+    """Where add-ins are placed; by default where this platform's Office loads them (a
+    bundle from `enroll` names none): `mac` on macOS, `windows` on Windows, and `memory`
+    elsewhere (no Office on Linux: the `folder` applier is the lab's choice)."""
     """Where launches put add-ins (agent/appliers.py): ``folder`` ``<applier_dir>/<Host>/``;
     ``mac`` each host's ``wef`` folder under ``applier_root``; ``windows`` the per-user
     developer registry values, naming manifests kept in ``applier_dir`` (default: an

@@ -422,3 +422,11 @@ def test_windows_applier_is_refused_off_windows(tmp_path: Path) -> None:
             applier="windows",
         )
     assert "works on Windows only" in str(e.value)
+
+
+def test_an_agent_toml_without_an_applier_places_add_ins_where_its_platforms_office_loads_them() -> None:
+    from agent.config import default_applier
+
+    assert default_applier("darwin") == "mac"
+    assert default_applier("win32") == "windows"
+    assert default_applier("linux") == "memory"  # no Office on Linux: `folder` is opt-in
