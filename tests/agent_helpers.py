@@ -171,3 +171,28 @@ async def settled(agent: Agent, server: ServerProcess, timeout: float = 15.0) ->
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"agent did not settle (holds {agent.revision}, server {target})")
+
+
+def lab_agent_toml(
+    tmp: Path, broker: MosquittoBroker, server: ServerProcess, extra: str = ""
+) -> Path:
+    """An agent.toml for a daemon process in lab mode (plain MQTT/HTTP), folder applier,
+    control socket; `extra` lines appended."""
+    cfg = tmp / "agent.toml"
+    cfg.write_text(
+        f"""
+tenant = "contoso"
+user_id = "ann"
+client_id = "ann-laptop"
+insecure = true
+broker_url = "{broker.url}"
+server_url = "{server.url}"
+server_token = "{AGENT_TOKEN}"
+cache_path = "{tmp / "cache.sqlite"}"
+hosts = ["Word", "Excel"]
+applier = "folder"
+applier_dir = "{tmp / "wef"}"
+control = "{tmp / "agent.sock"}"
+{extra}"""
+    )
+    return cfg

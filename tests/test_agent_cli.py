@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from agent_helpers import AGENT_TOKEN, ServerProcess, addin_id, manifest, until
+from agent_helpers import ServerProcess, addin_id, lab_agent_toml, manifest, until
 from click.testing import CliRunner
 from harness import AgentProcess
 
@@ -27,27 +27,6 @@ async def server(tmp_path: Path, broker: MosquittoBroker) -> AsyncIterator[Serve
     await srv.user("ann")
     yield srv
     await srv.aclose()
-
-
-def write_config(tmp: Path, broker: MosquittoBroker, server: ServerProcess) -> Path:
-    cfg = tmp / "agent.toml"
-    cfg.write_text(
-        f"""
-tenant = "contoso"
-user_id = "ann"
-client_id = "ann-laptop"
-insecure = true
-broker_url = "{broker.url}"
-server_url = "{server.url}"
-server_token = "{AGENT_TOKEN}"
-cache_path = "{tmp / "cache.sqlite"}"
-hosts = ["Word", "Excel"]
-applier = "folder"
-applier_dir = "{tmp / "wef"}"
-control = "{tmp / "agent.sock"}"
-"""
-    )
-    return cfg
 
 
 def cli(cfg: Path, *args: str) -> tuple[int, str]:
@@ -71,7 +50,7 @@ async def test_daemon_and_commands(
     await server.upload(manifest("avail"))
     await server.assign(notes, "everyone", mode="fixed")
     await server.assign(avail, "everyone", mode="available")
-    cfg = write_config(tmp_path, broker, server)
+    cfg = lab_agent_toml(tmp_path, broker, server)
     daemon = AgentProcess(
         cfg, tmp_path / "daemon.log", env={**os.environ, "ADDIN_AGENT_CONFIG": ""}
     )

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 from agent_helpers import (
-    AGENT_TOKEN,
     ServerProcess,
     addin_id,
     agent_config,
+    lab_agent_toml,
     manifest,
     settled,
     until,
@@ -407,24 +407,8 @@ def agent_cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_daemon_installs_at_words_launch_without_a_launch_command(
     tmp_path: Path, broker: MosquittoBroker, server: ServerProcess
 ) -> None:
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text(
-        f"""
-tenant = "contoso"
-user_id = "ann"
-client_id = "ann-laptop"
-insecure = true
-broker_url = "{broker.url}"
-server_url = "{server.url}"
-server_token = "{AGENT_TOKEN}"
-cache_path = "{tmp_path / "cache.sqlite"}"
-hosts = ["Word", "Excel"]
-applier = "folder"
-applier_dir = "{tmp_path / "wef"}"
-control = "{tmp_path / "agent.sock"}"
-watch_hosts = true
-host_poll_interval = 0.2
-"""
+    cfg = lab_agent_toml(
+        tmp_path, broker, server, "watch_hosts = true\nhost_poll_interval = 0.2\n"
     )
     daemon = AgentProcess(cfg, tmp_path / "daemon.log")
     notes = addin_id("notes")
