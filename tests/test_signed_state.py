@@ -218,7 +218,12 @@ async def test_anti_entropy_resync_verifies_and_a_wrong_key_takes_nothing(
     agent = Agent(cfg)
     await agent.start()
     try:
-        await until(lambda: b in agent.entitlements(), 20, "anti-entropy brings the change")
+        # The entitlement is taken before the resync's event row is written: wait for both.
+        await until(
+            lambda: b in agent.entitlements() and bool(events(agent, "resync")),
+            20,
+            "anti-entropy brings the change",
+        )
         resync = events(agent, "resync")
         assert resync and "REFUSED" not in resync[-1]["detail"]
         assert agent.stats["signature_refused"] == 0
