@@ -225,7 +225,11 @@ def good_catalog_json(**over: object) -> bytes:
             good_catalog_json(withheld={**_WH, "permissions": "Read Write"}),
             "withheld.permissions",
         ),
-        (Topic.catalog("c", ADDIN), good_catalog_json(withheld={**_WH, "hosts": ["Vi"]}), "hosts.0"),
+        (
+            Topic.catalog("c", ADDIN),
+            good_catalog_json(withheld={**_WH, "hosts": ["Vi"]}),
+            "hosts.0",
+        ),
         (
             # A withheld version is never offered: a hash or URL for it is refused.
             Topic.catalog("c", ADDIN),

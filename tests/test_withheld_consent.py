@@ -157,9 +157,7 @@ async def test_withheld_update_is_shown_never_installed_and_flows_after_consent(
     assert rep.verdict == (
         f"Version 3.0.0.0 of {NAME} waits for admin consent ({changes}); you keep 1.0.0.0."
     )
-    assert f"Consent: version 3.0.0.0 waits for admin consent ({changes})" in server_explain(
-        server
-    )
+    assert f"Consent: version 3.0.0.0 waits for admin consent ({changes})" in server_explain(server)
 
     # The admin consents: 3.0 flows like any update and nothing mentions consent any more.
     await server.call("POST", f"/v1/addins/{X}/consent")
