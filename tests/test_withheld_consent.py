@@ -27,10 +27,20 @@ from agent_helpers import (
 )
 from click.testing import CliRunner
 
-from addin_core.protocol import Host
+from addin_core.protocol import (
+    Assignment,
+    CatalogEntry,
+    Host,
+    Mode,
+    Source,
+    Topic,
+    WithheldVersion,
+)
 from agent.cache import open_readonly
 from agent.cli import main as agent_main
+from agent.config import AgentConfig
 from agent.daemon import Agent
+from agent.fetcher import verify
 from agent.readmodel import ReadModel
 from agent.why import why
 from simulator.mosquitto import MosquittoBroker
@@ -188,3 +198,68 @@ async def test_an_update_that_needs_no_consent_supersedes_the_withheld_one(
     rep = why(open_readonly(agent.config.cache_path), NAME, Host.WORD)
     assert rep.cause == "pending_update" and "consent" not in rep.verdict, rep
     assert await agent.launch(Host.WORD) == {X: "2.1.0.0"}
+
+
+async def test_why_adds_the_withheld_version_to_a_change_still_on_its_way(tmp_path: Path) -> None:
+    """Not installed yet: the verdict stays the pending install and adds the waiting version;
+    a withheld version that keeps permissions and hosts (its manifest type changed) says so."""
+    agent = Agent(
+        AgentConfig(
+            tenant="contoso",
+            user_id="ann",
+            client_id="ann-pc",
+            insecure=True,
+            cache_path=str(tmp_path / "cache.sqlite"),
+            hosts=(Host.WORD,),
+            applier="folder",
+            applier_dir=str(tmp_path / "wef"),
+        )
+    )
+    await agent.open()
+    try:
+        xml = version_xml("1.0.0.0", "ReadDocument")
+        sha = hashlib.sha256(xml).hexdigest()
+
+        def entry(revision: int, withheld: WithheldVersion) -> CatalogEntry:
+            return CatalogEntry(
+                revision=revision,
+                addin_id=X,
+                name=NAME,
+                source=Source.LOB,
+                version="1.0.0.0",
+                manifest_sha256=sha,
+                manifest_url=f"/v1/manifests/{sha}",
+                hosts=[Host.WORD],
+                permissions="ReadDocument",
+                enabled=True,
+                withheld=withheld,
+            )
+
+        first = entry(
+            1, WithheldVersion(version="2.0", permissions="ReadWriteDocument", hosts=[Host.WORD])
+        )
+        await agent.accept(Topic.catalog("contoso", X), first)
+        await agent.accept(
+            Topic.assign_everyone("contoso", X), Assignment(revision=2, mode=Mode.FIXED)
+        )
+        await agent._record_manifest(first, verify(first, xml))
+        rep = why(open_readonly(agent.config.cache_path), NAME)
+        assert rep.cause == "pending_install", rep
+        assert rep.verdict.endswith(
+            f" Also, version 2.0 of {NAME} waits for admin consent "
+            "(permissions ReadDocument → ReadWriteDocument); until then you get 1.0.0.0."
+        ), rep.verdict
+        same = entry(
+            3, WithheldVersion(version="2.0", permissions="ReadDocument", hosts=[Host.WORD])
+        )
+        await agent.accept(Topic.catalog("contoso", X), same)
+        assert await agent.launch(Host.WORD) == {X: "1.0.0.0"}
+        rep = why(open_readonly(agent.config.cache_path), NAME)
+        assert (rep.cause, rep.verdict) == (
+            "withheld_for_consent",
+            f"Version 2.0 of {NAME} waits for admin consent (its manifest type changed); "
+            "you keep 1.0.0.0.",
+        )
+        assert ("withheld", False) in [(s.label, s.ok) for s in rep.steps]
+    finally:
+        await agent.stop()
