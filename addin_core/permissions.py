@@ -6,6 +6,8 @@ old version until the admin re-consents.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 # Lowest first: the index in the tuple is the rank.
 TASKPANE_LEVELS: tuple[str, ...] = (
     "Restricted",
@@ -54,3 +56,21 @@ def permission_rank(manifest_type: str, level: str) -> int:
 def is_escalation(manifest_type: str, old: str, new: str) -> bool:
     """True when `new` asks for more than `old` (strictly higher rank)."""
     return permission_rank(manifest_type, new) > permission_rank(manifest_type, old)
+
+
+def consent_changes(
+    old_permissions: str,
+    old_hosts: Iterable[str],
+    new_permissions: str,
+    new_hosts: Iterable[str],
+) -> str:
+    """What an update asks the admin to consent to, in the words `why` and `explain` share:
+    ``"permissions ReadDocument → ReadWriteDocument"``, ``"hosts Word → Word, Excel"``, or
+    both joined by ``"; "`` ("" when neither changed)."""
+    old_h, new_h = [str(h) for h in old_hosts], [str(h) for h in new_hosts]
+    parts = []
+    if old_permissions != new_permissions:
+        parts.append(f"permissions {old_permissions} → {new_permissions}")
+    if set(old_h) != set(new_h):
+        parts.append(f"hosts {', '.join(old_h) or 'none'} → {', '.join(new_h) or 'none'}")
+    return "; ".join(parts)

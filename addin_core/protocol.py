@@ -30,9 +30,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from addin_core.validation import validation_problems
+from addin_core.version import compare_versions
 
 PROTOCOL_PREFIX = "addins/v1"
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -352,6 +361,22 @@ class _Payload(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
+_PermissionName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{1,32}$")]
+_Hosts = Annotated[list[Host], Field(max_length=8)]
+
+
+class WithheldVersion(BaseModel):
+    """A newer version the server holds back until the admin consents, because its
+    permissions or hosts differ from the consented version's. Shown, never installed: it
+    carries no manifest hash or URL, so no agent can fetch it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    version: VersionString
+    permissions: _PermissionName
+    hosts: _Hosts
+
+
 class CatalogEntry(_Payload):
     """The current, consented version of one add-in in the tenant catalog."""
 
@@ -361,10 +386,29 @@ class CatalogEntry(_Payload):
     version: VersionString
     manifest_sha256: Sha256Hex
     manifest_url: Annotated[str, StringConstraints(pattern=r"^/v1/manifests/[0-9a-f]{64}$")]
-    hosts: Annotated[list[Host], Field(max_length=8)]
-    permissions: Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{1,32}$")]
+    hosts: _Hosts
+    permissions: _PermissionName
     enabled: bool
     store_asset_id: SafeId | None = None
+    withheld: WithheldVersion | None = None
+    """The newer version waiting for admin consent, if any (its permissions or hosts changed).
+    Left out of the JSON when None, so an entry without one reads as before the field existed."""
+
+    @field_validator("withheld")
+    @classmethod
+    def _withheld_is_a_consent_change(
+        cls, w: WithheldVersion | None, info: ValidationInfo
+    ) -> WithheldVersion | None:
+        # Only a strictly newer version is ever withheld; anything else on the wire is a
+        # server bug or a forgery, and is refused. Its permissions and hosts may equal the
+        # entry's: a change of manifest type also needs consent. (Fields are validated in
+        # order: `info.data` holds the version if it was valid.)
+        version = info.data.get("version")
+        if w is None or version is None:
+            return w
+        if compare_versions(w.version, version) <= 0:
+            raise ValueError(f"version {w.version} is not newer than the entry's {version}")
+        return w
 
 
 class Assignment(_Payload):

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from addin_core.permissions import consent_changes
 from addin_core.protocol import Host, Mode, ProtocolError, Topic, TopicKind
 from addin_runtime.cli_support import did_you_mean
 from agent.applier import MAILBOX
@@ -106,6 +107,7 @@ def _follow(c: _Chain) -> None:
             return
     manifest = _manifest(c)
     _per_host(c, manifest)
+    _withheld(c)
 
 
 _REFUSED_TEXT = {
@@ -392,6 +394,26 @@ def _per_host(c: _Chain, m: ManifestRecord | None) -> None:
     causes = {cause for cause, _ in verdicts}
     c.rep.cause = verdicts[0][0] if len(causes) == 1 else "mixed"
     c.rep.verdict = " ".join(v for _, v in verdicts)
+
+
+def _withheld(c: _Chain) -> None:
+    """A newer version the server withholds until the admin consents (its permissions or
+    hosts changed): the user keeps the consented one, and the verdict says why it is not
+    newer. The catalog entry only names it; no agent fetches or stages it."""
+    e = c.x.entry
+    w = e.withheld if e is not None else None
+    if e is None or w is None:
+        return
+    what = (
+        consent_changes(e.permissions, e.hosts, w.permissions, w.hosts)
+        or "its manifest type changed"
+    )
+    c.step("withheld", False, f"{w.version} waits for admin consent ({what}); not deployed")
+    said = f"version {w.version} of {c.name} waits for admin consent ({what})"
+    if c.rep.cause == "installed":
+        c.done("withheld_for_consent", f"{said[0].upper()}{said[1:]}; you keep {e.version}.")
+    else:
+        c.rep.verdict += f" Also, {said}; until then you get {e.version}."
 
 
 def _mailbox_verdict(c: _Chain, h: Host, version: str) -> tuple[str, str]:

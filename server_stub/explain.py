@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from addin_core.permissions import consent_changes
+
 
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
@@ -17,6 +19,8 @@ def render_explain(e: dict[str, Any]) -> str:
         + (" [newer version waits for consent]" if e["state"] == "needs_consent" else ""),
         f"Policy: nested groups {'honoured' if e['nested_groups'] else 'not honoured (Microsoft default)'}",
     ]
+    if e.get("withheld"):
+        lines.append(_withheld_line(e))
     if e["entitled"]:
         verdict = f"ENTITLED, mode {e['mode']}"
         if not e["enabled"]:
@@ -40,6 +44,20 @@ def render_explain(e: dict[str, Any]) -> str:
         for err in r["errors"]:
             lines.append(f"    error: {err}")
     return "\n".join(lines)
+
+
+def _withheld_line(e: dict[str, Any]) -> str:
+    """The same sentence `addin-agent why` says from the catalog entry's `withheld`."""
+    w = e["withheld"]
+    what = (
+        consent_changes(e["permissions"], e["hosts"], w["permissions"], w["hosts"])
+        or "its manifest type changed"
+    )
+    who = e["user"] if e["entitled"] else "every user"
+    return (
+        f"Consent: version {w['version']} waits for admin consent ({what}); {who} keeps "
+        f"{e['version']} until `addin-server addin consent {e['addin_id']}`"
+    )
 
 
 def _age(seconds: float) -> str:

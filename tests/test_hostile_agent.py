@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
@@ -36,6 +37,7 @@ from hostile_helpers import (
 )
 
 from addin_core.protocol import CatalogEntry, Host, Source
+from addin_core.signing import split_state
 
 BASE = addin_id("base")
 # One add-in per attack on the manifest chain, so that one forged revision cannot mask another.
@@ -322,9 +324,16 @@ def test_permission_escalation_is_not_published_and_a_forged_one_waits_for_conse
     seen = len(world.watcher.messages)
     v2 = manifest("esc", "2.0.0.0", permissions="ReadWriteDocument")
     assert world.upload(v2)["state"] == "needs_consent"
-    # The server holds it back: no catalog message for esc leaves it.
+    # The server holds it back: the catalog entry it publishes keeps 1.0.0.0 and only names
+    # 2.0.0.0 as withheld, with nothing an agent could fetch it by.
     assert world.revision() > 0
-    assert not [t for t, _, _ in world.watcher.messages[seen:] if t.endswith(esc)]
+    deadline = time.monotonic() + 10
+    while not (sent := [p for t, p, _ in world.watcher.messages[seen:] if t.endswith(esc)]):
+        assert time.monotonic() < deadline, "no catalog message for esc"
+        time.sleep(0.05)
+    entry = json.loads(split_state(sent[0])[0])
+    assert (entry["version"], entry["withheld"]["version"]) == ("1.0.0.0", "2.0.0.0")
+    assert sha256(v2) not in sent[0].decode()
     # A catalog entry claiming the consented level for the escalated manifest: the agent reads
     # the manifest itself and holds the change as needs_consent; the installed version stays.
     mark = world.last_event_id()

@@ -242,12 +242,16 @@ def test_permission_escalation_is_held_as_needs_consent(world: World) -> None:
     assert out["state"] == "needs_consent" and out["version"] == "2.0.0.0"
     shown = world.call("GET", f"/v1/addins/{esc}")
     assert shown["state"] == "needs_consent"
-    # Nothing reaches agents until consent. The upload was committed (its revision), and the
-    # server publishes in revision order, so a later change proves the publisher has passed it.
+    # Agents are told 2.0.0.0 waits (`withheld`), never given it: the entry keeps 1.0.0.0 and
+    # carries no hash of 2.0.0.0. The server publishes in revision order, so the disable after
+    # it proves nothing else left for it.
     world.call("POST", f"/v1/addins/{esc}/disable")
-    wait_for(lambda: len(published()) == 2, 10, "the disable is published")
-    assert [json.loads(p)["version"] for p in published()] == ["1.0.0.0", "1.0.0.0"]
-    assert json.loads(published()[1])["enabled"] is False
+    wait_for(lambda: len(published()) == 3, 10, "the disable is published")
+    entries = [json.loads(p) for p in published()]
+    assert [e["version"] for e in entries] == ["1.0.0.0", "1.0.0.0", "1.0.0.0"]
+    assert [e.get("withheld", {}).get("version") for e in entries] == [None, "2.0.0.0", "2.0.0.0"]
+    assert entries[1]["withheld"]["permissions"] == "ReadWriteDocument"
+    assert entries[2]["enabled"] is False
     world.call("DELETE", f"/v1/addins/{esc}")
 
 

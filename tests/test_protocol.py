@@ -29,6 +29,7 @@ from addin_core.protocol import (
     Tombstone,
     Topic,
     TopicKind,
+    WithheldVersion,
     decode,
     decode_message,
 )
@@ -133,8 +134,11 @@ def catalog_entry(**over: object) -> CatalogEntry:
     return CatalogEntry(**fields)  # type: ignore[arg-type]
 
 
+WITHHELD = WithheldVersion(version="2.0", permissions="ReadWriteDocument", hosts=[Host.WORD])
+
 PAYLOADS = [
     (Topic.catalog("c", ADDIN), catalog_entry()),
+    (Topic.catalog("c", ADDIN), catalog_entry(permissions="ReadDocument", withheld=WITHHELD)),
     (Topic.assign_everyone("c", ADDIN), Assignment(mode=Mode.OPTIONAL, revision=2)),
     (Topic.assign_group("c", "g", ADDIN), Assignment(mode=Mode.FIXED, revision=3)),
     (Topic.assign_user("c", "u", ADDIN), Assignment(mode=Mode.AVAILABLE, revision=4)),
@@ -162,6 +166,9 @@ def test_payload_round_trip(topic: Topic, payload: object) -> None:
     assert decode(topic, wire) == payload
     t2, p2 = decode_message(str(topic), wire)
     assert (t2, p2) == (topic, payload)
+
+
+_WH: dict[str, object] = {"version": "2.0", "permissions": "ReadDocument", "hosts": ["Word"]}
 
 
 def good_catalog_json(**over: object) -> bytes:
@@ -202,6 +209,38 @@ def good_catalog_json(**over: object) -> bytes:
         ),
         (Topic.catalog("c", ADDIN), good_catalog_json(hosts=["Notepad"]), "hosts.0"),
         (Topic.catalog("c", ADDIN), good_catalog_json(source="sideload"), "source"),
+        (Topic.catalog("c", ADDIN), good_catalog_json(withheld="2.0"), "withheld: Input should"),
+        (
+            Topic.catalog("c", ADDIN),
+            good_catalog_json(withheld={**_WH, "version": "1.2"}),
+            "withheld: Value error, version 1.2 is not newer than the entry's 1.2.0.0",
+        ),
+        (
+            Topic.catalog("c", ADDIN),
+            good_catalog_json(withheld={**_WH, "version": "1.2.0.0.1"}),
+            "withheld.version",
+        ),
+        (
+            Topic.catalog("c", ADDIN),
+            good_catalog_json(withheld={**_WH, "permissions": "Read Write"}),
+            "withheld.permissions",
+        ),
+        (
+            Topic.catalog("c", ADDIN),
+            good_catalog_json(withheld={**_WH, "hosts": ["Vi"]}),
+            "hosts.0",
+        ),
+        (
+            # A withheld version is never offered: a hash or URL for it is refused.
+            Topic.catalog("c", ADDIN),
+            good_catalog_json(withheld={**_WH, "manifest_sha256": SHA}),
+            "withheld.manifest_sha256: Extra inputs",
+        ),
+        (
+            Topic.catalog("c", ADDIN),
+            good_catalog_json(withheld={"version": "2.0", "hosts": ["Word"]}),
+            "withheld.permissions: Field required",
+        ),
         (
             Topic.report("c", "ws1"),
             b'{"client_id": "ws2", "user_id": "u", "revision": 1,'
@@ -218,6 +257,26 @@ def test_malformed_payloads_are_refused_with_a_reason(
         decode(topic, raw)
     assert reason in str(err.value)
     assert str(topic) in str(err.value)
+
+
+def test_an_entry_without_a_withheld_version_has_no_withheld_field_on_the_wire() -> None:
+    """Agents that predate `withheld` refuse unknown fields: the server leaves it out unless a
+    version waits for consent (docs/design.md, "Versions withheld for consent")."""
+    assert b"withheld" not in catalog_entry().to_bytes()
+    wire = catalog_entry(permissions="ReadDocument", withheld=WITHHELD).to_bytes()
+    assert json.loads(wire)["withheld"] == {
+        "version": "2.0",
+        "permissions": "ReadWriteDocument",
+        "hosts": ["Word"],
+    }
+
+
+def test_a_withheld_version_may_keep_permissions_and_hosts() -> None:
+    """A change of manifest type alone also needs consent: the entry then shows the same
+    permissions and hosts, and is still valid."""
+    same = WithheldVersion(version="1.3", permissions="ReadWriteDocument", hosts=[Host.EXCEL])
+    entry = catalog_entry(withheld=same)
+    assert decode(Topic.catalog("c", ADDIN), entry.to_bytes()) == entry
 
 
 def test_mode_strength_orders_fixed_over_optional_over_available() -> None:
@@ -266,7 +325,7 @@ def _json_values() -> st.SearchStrategy[object]:
 @given(
     st.sampled_from(PAYLOADS),
     st.dictionaries(st.sampled_from(["revision", "mode", "deleted", "groups", "name",
-                                     "hosts", "committed_at", "zzz", "addin_id"]),
+                                     "hosts", "committed_at", "zzz", "addin_id", "withheld"]),
                     _json_values(), max_size=3),
     st.lists(st.sampled_from(["revision", "mode", "groups", "name", "hosts", "deleted"]),
              max_size=2),

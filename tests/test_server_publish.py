@@ -103,11 +103,23 @@ async def test_every_operation_publishes_exactly_its_messages(
                 lambda: service.set_enabled(TASKPANE_ID, True),
                 {f"catalog/{TASKPANE_ID}": lambda p: p["enabled"] is True},
             ),
-            # Permissions changed: stored as needs_consent, nothing published.
-            (lambda: service.add_lob(TASKPANE_V2_PERMS.read_bytes()), {}),
+            # Permissions changed: stored as needs_consent; the entry keeps the consented
+            # version and names the withheld one.
+            (
+                lambda: service.add_lob(TASKPANE_V2_PERMS.read_bytes()),
+                {
+                    f"catalog/{TASKPANE_ID}": lambda p: (
+                        p["version"] == "1.0.0.0" and p["withheld"]["version"] == "2.0.0.0"
+                    )
+                },
+            ),
             (
                 lambda: service.consent(TASKPANE_ID),
-                {f"catalog/{TASKPANE_ID}": lambda p: p["version"] == "2.0.0.0"},
+                {
+                    f"catalog/{TASKPANE_ID}": lambda p: (
+                        p["version"] == "2.0.0.0" and "withheld" not in p
+                    )
+                },
             ),
             (
                 lambda: service.add_store("WA104379501"),

@@ -2,7 +2,8 @@
 
 Manifest bytes are stored by content hash and never deleted. An update whose hosts or
 permissions differ from the consented version waits (``pending_version``) until an admin
-gives `consent`; until then agents keep getting the consented one.
+gives `consent`; until then agents keep getting the consented one, and the catalog entry names
+the waiting one as ``withheld`` (shown by `why`, never installed).
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ class Catalog:
             await tx.execute(
                 "UPDATE addins SET pending_version=? WHERE id=?", (manifest.version, addin_id)
             )
+            # The entry keeps the consented version and names the withheld one.
+            await emit_catalog(tx, addin_id)
             return {"addin_id": addin_id, "version": manifest.version, "state": "needs_consent"}
         await tx.execute(
             "UPDATE addins SET current_version=?, pending_version=NULL WHERE id=?",

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import json
 
-from addin_core.protocol import CatalogEntry, GroupParents, Host, Membership, Source, Topic
+from addin_core.protocol import (
+    CatalogEntry,
+    GroupParents,
+    Host,
+    Membership,
+    Source,
+    Topic,
+    WithheldVersion,
+)
 from server_stub.service.unit_of_work import Tx
 
 
@@ -30,8 +38,11 @@ async def emit_parents(tx: Tx, group_id: str) -> None:
 async def emit_catalog(tx: Tx, addin_id: str) -> None:
     r = await tx.row(
         "SELECT a.id, a.source, a.store_asset_id, a.enabled, v.version, v.sha256, "
-        "v.display_name, v.hosts, v.permissions FROM addins a JOIN addin_versions v "
-        "ON v.addin_id=a.id AND v.version=a.current_version WHERE a.id=?",
+        "v.display_name, v.hosts, v.permissions, w.version AS w_version, w.hosts AS w_hosts, "
+        "w.permissions AS w_permissions FROM addins a JOIN addin_versions v "
+        "ON v.addin_id=a.id AND v.version=a.current_version "
+        "LEFT JOIN addin_versions w ON w.addin_id=a.id AND w.version=a.pending_version "
+        "WHERE a.id=?",
         (addin_id,),
     )
     assert r is not None
@@ -48,6 +59,15 @@ async def emit_catalog(tx: Tx, addin_id: str) -> None:
             permissions=r["permissions"],
             enabled=bool(r["enabled"]),
             store_asset_id=r["store_asset_id"],
+            # A version waiting for consent is shown (so `why` can say why the user keeps
+            # the old one), never offered: it carries no manifest hash or URL.
+            withheld=WithheldVersion(
+                version=r["w_version"],
+                permissions=r["w_permissions"],
+                hosts=[Host(h) for h in json.loads(r["w_hosts"])],
+            )
+            if r["w_version"]
+            else None,
             revision=tx.revision,
             committed_at=tx.now,
         ),

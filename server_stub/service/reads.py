@@ -24,7 +24,9 @@ class Reads:
             "FROM addin_versions WHERE addin_id=?",
             (r["id"],),
         )
-        cur = {v["version"]: v for v in versions}[r["current_version"]]
+        by_version = {v["version"]: v for v in versions}
+        cur = by_version[r["current_version"]]
+        waiting = by_version.get(r["pending_version"]) if r["pending_version"] else None
         assigns = await rows(
             "SELECT target, target_id, mode FROM assignments WHERE addin_id=? "
             "ORDER BY target, target_id",
@@ -38,6 +40,14 @@ class Reads:
             "version": r["current_version"],
             "state": "needs_consent" if r["pending_version"] else "current",
             "pending_version": r["pending_version"],
+            # What agents see of it (the catalog entry's `withheld`): it is never deployed.
+            "withheld": {
+                "version": waiting["version"],
+                "permissions": waiting["permissions"],
+                "hosts": json.loads(waiting["hosts"]),
+            }
+            if waiting
+            else None,
             "enabled": bool(r["enabled"]),
             "hosts": json.loads(cur["hosts"]),
             "permissions": cur["permissions"],
