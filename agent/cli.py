@@ -20,7 +20,7 @@ import click
 from addin_core.protocol import Host
 from addin_runtime.cli_support import Group
 from addin_runtime.stop_signals import on_stop_signals
-from agent import cli_read, cli_service
+from agent import cli_bundle, cli_read, cli_service
 from agent.cache import CacheError, CacheInUse
 from agent.cli_common import (
     HOST_CHOICE,
@@ -253,6 +253,7 @@ def remove(c: Ctx, addin: str, as_json: bool) -> None:
 
 for command in cli_read.COMMANDS:
     main.add_command(command)
+main.add_command(cli_bundle.report_bundle)
 main.add_command(cli_service.service)
 
 
