@@ -11,9 +11,9 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from addin_core.protocol import Host
+from addin_core.topics import Host
 from agent.cache_rows import (
     hosts_parse,
     installed_record,
@@ -22,7 +22,9 @@ from agent.cache_rows import (
     received_state,
 )
 from agent.pending import InstalledAddin, ManifestRecord, PendingChange
-from agent.state import ReceivedState
+
+if TYPE_CHECKING:  # `status` and `list` never decode payloads: no pydantic for them
+    from agent.state import ReceivedState
 
 COUNTED = ("received", "entitlements", "manifests", "installed", "pending", "events")
 """The tables `status` counts."""
