@@ -13,10 +13,9 @@ from typing import Any
 
 import click
 
-from addin_core.protocol import Host
+from addin_core.topics import Host
 from addin_runtime.instance_lock import SUPPORTED as lock_supported
 from addin_runtime.instance_lock import held_by
-from agent.antientropy import describe_last
 from agent.cli_common import (
     HOST_CHOICE,
     Ctx,
@@ -29,7 +28,7 @@ from agent.cli_common import (
     shown,
     when,
 )
-from agent.readmodel import QueryRefused, ReadModel
+from agent.readmodel import QueryRefused, ReadModel, describe_last
 
 
 def _pid_alive(pid: Any) -> bool:
