@@ -129,7 +129,7 @@ async def build_cache(work: Path, addins: int, events: int) -> dict[str, int]:
         await agent.stop()
     with sqlite3.connect(work / "cache.sqlite") as c:
         counts = {
-            t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: S608
+            t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             for t in ("received", "entitlements", "installed", "events")
         }
     return counts
@@ -173,7 +173,7 @@ def main() -> None:
     results["why --json"] = timed(env, ["why", name, "--json"], a.runs)
     results["status"] = timed(env, ["status"], a.runs)
     results["list"] = timed(env, ["list"], a.runs)
-    log = open(work / "daemon.log", "wb")  # noqa: SIM115
+    log = open(work / "daemon.log", "wb")
     daemon = subprocess.Popen([*CLI, "run"], env=env, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 30

@@ -98,7 +98,8 @@ def show_bundle(b: dict[str, Any], console: Console) -> None:
         )
     )
     rows = []
-    hosts = cl.get("hosts") if isinstance(cl.get("hosts"), list) else []
+    hosts_given = cl.get("hosts")
+    hosts = hosts_given if isinstance(hosts_given, list) else []
     for host in sorted(
         {str(h) for h in hosts}
         | set(b["installed"])
@@ -107,9 +108,14 @@ def show_bundle(b: dict[str, Any], console: Console) -> None:
     ):
         p = _dict(_dict(st.get("pending_per_host")).get(host))
         rows.append(
-            (host, len(b["installed"].get(host, [])), p.get("ready", 0), p.get("waiting", 0),
-             p.get("needs_consent", 0))
-        )  # fmt: skip
+            (
+                host,
+                len(b["installed"].get(host, [])),
+                p.get("ready", 0),
+                p.get("waiting", 0),
+                p.get("needs_consent", 0),
+            )
+        )
     console.print(
         _table("Per host app", ("host", "installed", "ready", "waiting", "needs consent"), rows)
     )
@@ -140,7 +146,7 @@ def show_bundle(b: dict[str, Any], console: Console) -> None:
                 for h, rs in sorted(b["pending"].items())
                 for r in rs
             ],
-        )  # fmt: skip
+        )
     )
     why = sorted(b["why"], key=lambda w: str(w.get("name") or w.get("query") or "").lower())
     console.print(
@@ -172,9 +178,12 @@ def show_bundle(b: dict[str, Any], console: Console) -> None:
         console.print(_s("Config: not in the bundle (written from a cache file alone)"))
     else:
         console.print(
-            _table("Config (secrets removed)", ("field", "value"),
-                   [(k, json.dumps(v, default=str)) for k, v in sorted(cfg.items())])
-        )  # fmt: skip
+            _table(
+                "Config (secrets removed)",
+                ("field", "value"),
+                [(k, json.dumps(v, default=str)) for k, v in sorted(cfg.items())],
+            )
+        )
 
 
 @click.group()
