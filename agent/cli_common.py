@@ -19,12 +19,11 @@ from rich.text import Text
 from addin_core.display import printable
 from addin_core.topics import Host
 from addin_runtime.cli_support import error, shared_option, shared_value
-from agent.cache_read import CacheError, open_readonly
 from agent.config_file import ConfigError, parse_control, read_fields
-from agent.readmodel import ReadModel
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
+    from agent.readmodel import ReadModel
 
 console = Console()
 
@@ -161,6 +160,10 @@ class Ctx:
 
     def read(self) -> ReadModel:
         """The cache, read-only; a missing or foreign file ends the command with one line."""
+        # Here, not at the top: `launch` through the daemon never reads the cache.
+        from agent.cache_read import CacheError, open_readonly
+        from agent.readmodel import ReadModel
+
         try:
             return ReadModel(open_readonly(self.cache_path()))
         except CacheError as e:
