@@ -142,14 +142,16 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
-def timed(env: dict[str, str], args: list[str], runs: int) -> dict[str, float]:
+def timed(
+    env: dict[str, str], args: list[str], runs: int, argv: list[str] = CLI
+) -> dict[str, float]:
     """`runs` runs of one command (after one untimed warm-up), in ms."""
-    subprocess.run([*CLI, *args], env=env, check=True, capture_output=True)
+    subprocess.run([*argv, *args], env=env, check=True, capture_output=True)
     ms, cpu = [], []
     for _ in range(runs):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        subprocess.run([*CLI, *args], env=env, check=True, capture_output=True)
+        subprocess.run([*argv, *args], env=env, check=True, capture_output=True)
         ms.append((time.perf_counter() - t0) * 1000)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU time of the command's process: what it costs, less sensitive than the wall
@@ -178,6 +180,13 @@ def main() -> None:
     env = {**os.environ, "ADDIN_AGENT_CONFIG": str(cfg), "COLUMNS": "120"}
     name = "Bench add-in 007"
     results: dict[str, Any] = {}
+    # The floor on this machine at this moment: an interpreter that imports nothing, then one
+    # that imports what every command prints with (click, rich).
+    py = [sys.executable, "-c"]
+    results["python -c pass"] = timed(env, ["pass"], a.runs, py)
+    results["python: import click, rich"] = timed(
+        env, ["import click, rich.console, rich.table"], a.runs, py
+    )
     results["why"] = timed(env, ["why", name], a.runs)
     results["why --json"] = timed(env, ["why", name, "--json"], a.runs)
     results["status"] = timed(env, ["status"], a.runs)
