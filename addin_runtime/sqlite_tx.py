@@ -16,11 +16,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import aiosqlite
-
-from addin_runtime.tasks import to_completion
+if TYPE_CHECKING:  # `readonly_uri` users (the agent's read-only commands) need no aiosqlite
+    import aiosqlite
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ async def transaction(
     exits, by any path, the connection is outside any transaction. `immediate` takes the
     write lock up front, so two writers never deadlock upgrading a read lock.
     """
+    from addin_runtime.tasks import to_completion  # asyncio: not for `readonly_uri` users
+
     if conn.in_transaction:
         # Not left by this helper; some statement run outside it opened a transaction and
         # never finished it. Its work is incomplete by definition: undo it, say so.

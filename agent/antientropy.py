@@ -47,6 +47,7 @@ from addin_core.protocol import Host, InvalidTopic, Topic, TopicKind
 from addin_core.user_topics import belongs_to_user
 from agent.cache import Cache, Tx, VolatileCache
 from agent.config import AgentConfig
+from agent.readmodel import describe_last as describe_last  # re-exported
 from agent.resolver import resolve
 from agent.state import ReceivedState
 from agent.subscriptions import ancestry
@@ -414,13 +415,3 @@ def compare_now(cfg: AgentConfig, state: ReceivedState) -> tuple[Literal["ok", "
         f"{sdig[:12]} on the server at revision {srev}, cache holds {local.revision}{lag}; "
         "the daemon's anti-entropy resyncs a lasting mismatch"
     )
-
-
-def describe_last(last: dict[str, Any] | None) -> str:
-    if last is None:
-        return "never checked"
-    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("at", 0))))
-    text = f"last check {at}: {last.get('result')}"
-    if last.get("server_revision") is not None:
-        text += f" (server revision {last['server_revision']})"
-    return text

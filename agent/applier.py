@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from addin_core.manifest import ManifestError, parse_manifest
-from addin_core.protocol import Host
+from addin_core.topics import Host
 
 MAILBOX = (
     "Outlook add-ins are installed from your mailbox by Exchange/Microsoft 365; this agent "
@@ -126,6 +125,8 @@ def write_atomic(folder: Path, name: str, data: bytes, tmp_prefix: str) -> None:
 
 def describe_manifest(path: Path, mine: bool = True) -> str:
     """A manifest file as doctor lists it: name, add-in id and version when readable."""
+    from addin_core.manifest import ManifestError, parse_manifest  # lxml: doctor's only
+
     whose = "" if mine else ", not the agent's"
     try:
         m = parse_manifest(path.read_bytes())
@@ -135,6 +136,8 @@ def describe_manifest(path: Path, mine: bool = True) -> str:
 
 
 def manifest_id(path: Path) -> str | None:
+    from addin_core.manifest import ManifestError, parse_manifest  # lxml: not for `why`
+
     try:
         return parse_manifest(path.read_bytes()).id
     except (OSError, ManifestError):

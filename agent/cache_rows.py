@@ -12,12 +12,14 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from addin_core.protocol import Host, ProtocolError, Tombstone, Topic, decode
+from addin_core.topics import Host, ProtocolError, Topic
 from agent.pending import InstalledAddin, ManifestRecord, PendingChange
 from agent.resolver import Entitlement
-from agent.state import Held, ReceivedState
+
+if TYPE_CHECKING:
+    from agent.state import Held, ReceivedState
 
 log = logging.getLogger("addin_agent.cache")
 
@@ -139,7 +141,7 @@ def received_row(topic: Topic, held: Held, now: float) -> dict[str, Any]:
         "revision": held.revision,
         "committed_at": held.committed_at,
         "received_at": now,
-        "deleted": int(isinstance(held.payload, Tombstone)),
+        "deleted": int(getattr(held.payload, "deleted", False) is True),
         "payload": held.payload.model_dump_json(exclude_none=True),
     }
 
@@ -252,6 +254,11 @@ def pending_record(r: Row) -> PendingChange:
 def received_state(rows: Iterable[Row], tenant: str, *, quiet: bool = False) -> ReceivedState:
     """The state held, rebuilt from the ``received`` rows; an unreadable row (only a hand
     edit makes one) is skipped, and logged unless `quiet` (the read-only commands)."""
+    # Here, not at the top: decoding needs the payload models (pydantic), which the
+    # read-only commands that never decode (`status`, `list`) do not import.
+    from addin_core.protocol import decode
+    from agent.state import ReceivedState
+
     state = ReceivedState(tenant)
     for r in rows:
         try:

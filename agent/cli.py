@@ -8,20 +8,13 @@ it. Every command takes `--json`.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-import sqlite3
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from addin_core.protocol import Host
+from addin_core.topics import Host
 from addin_runtime.cli_support import Group
-from addin_runtime.stop_signals import on_stop_signals
-from agent import cli_read, cli_service
-from agent.cache import CacheError, CacheInUse
+from agent import cli_bundle, cli_read, cli_service
 from agent.cli_common import (
     HOST_CHOICE,
     Ctx,
@@ -34,7 +27,13 @@ from agent.cli_common import (
     pass_ctx,
     shown,
 )
-from agent.config import AgentConfig
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+
+# Imports the daemon alone needs (asyncio's loop, the cache writer, pydantic's config, the
+# MQTT client) are made inside the commands: `why`, `status`, `list` and `launch` answer in
+# a fraction of what importing them costs (docs/benchmarks.md "Helpdesk commands").
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,6 +53,9 @@ def main(ctx: click.Context) -> None:
 @pass_ctx
 def run(c: Ctx, verbose: int) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
+    import asyncio
+    import logging
+
     cfg = c.config()
     logging.basicConfig(
         level=logging.DEBUG if verbose > 1 else logging.INFO,
@@ -68,6 +70,9 @@ def run(c: Ctx, verbose: int) -> None:
 
 def _startup_problem(e: BaseException, cfg: AgentConfig) -> str:
     """One line saying what stopped the start, naming the file or endpoint involved."""
+    import sqlite3
+
+    from agent.cache import CacheError
     from agent.control import ControlEndpointError
     from agent.tls import TlsSetupError
 
@@ -87,6 +92,10 @@ def _startup_problem(e: BaseException, cfg: AgentConfig) -> str:
 
 async def _run(cfg: AgentConfig) -> str | None:
     """The daemon's life; returns why it could not start (None after a normal stop)."""
+    import asyncio
+    import logging
+
+    from addin_runtime.stop_signals import on_stop_signals
     from agent.daemon import Agent
 
     log = logging.getLogger("addin_agent")
@@ -127,38 +136,18 @@ async def _run(cfg: AgentConfig) -> str | None:
 # -- talking to the daemon (or the cache directly) ---------------------------------------------
 
 
-def _control_call(cfg: AgentConfig, method: str, path: str) -> tuple[int, dict[str, Any]] | None:
+def _control_call(control: str | None, method: str, path: str) -> tuple[int, Any] | None:
     """Call the running daemon; None when it does not answer (then act on the cache)."""
-    if not cfg.control:
+    if not control:
         return None
-    import httpx
+    from agent.control_client import UntrustedSocket, call
 
-    from agent import control_windows
-    from agent.control import parse_endpoint, trusted_uid
-
-    where = parse_endpoint(cfg.control)
-    if control_windows.ENABLED:  # a loopback port and this user's token (no unix sockets)
-        endpoint = control_windows.read_endpoint(Path(where))
-        if endpoint is None:
-            return None
-        transport = httpx.HTTPTransport()
-        base = f"http://127.0.0.1:{endpoint.port}"
-        headers = {"Authorization": f"Bearer {endpoint.token}"}
-    else:
-        try:
-            owner = os.stat(where).st_uid
-        except OSError:
-            return None
-        if not trusted_uid(owner):
-            # Not the daemon of this user: never hand it a launch, nor believe its answer.
-            fail(f"control socket {where} belongs to uid {owner}, not to this user; not using it")
-        transport, base, headers = httpx.HTTPTransport(uds=where), "http://agent", {}
     try:
-        with httpx.Client(transport=transport, timeout=30, headers=headers) as h:
-            r = h.request(method, f"{base}{path}")
-    except httpx.TransportError:
+        return call(control, method, path)
+    except UntrustedSocket as e:
+        fail(str(e))
+    except ValueError:  # not a socket path: the config's own check says so, below
         return None
-    return r.status_code, r.json()
 
 
 async def _direct(cfg: AgentConfig, what: str, arg: str) -> Any:
@@ -179,16 +168,27 @@ async def _direct(cfg: AgentConfig, what: str, arg: str) -> Any:
 
 
 def _act(c: Ctx, what: str, arg: str, path: str) -> dict[str, Any]:
-    from agent.daemon import AgentRefusal
-
-    cfg = c.config()
-    answer = _control_call(cfg, "POST", path)
+    # The daemon first, found from the one field it needs (no config validation, no daemon
+    # import: a launch hook pays only for the call); on the cache only when it does not answer.
+    control = c.control_endpoint()
+    answer = _control_call(control, "POST", path)
+    cfg = None
+    if answer is None:
+        cfg = c.config()
+        if cfg.control != control:
+            answer = _control_call(cfg.control, "POST", path)
     if answer is not None:
         status, body = answer
         if status != 200:
             fail(body.get("detail", f"daemon answered {status}"))
         body["via"] = "daemon"
         return body
+    import asyncio
+
+    from agent.cache import CacheError, CacheInUse
+    from agent.daemon import AgentRefusal
+
+    assert cfg is not None
     try:
         body = asyncio.run(_direct(cfg, what, arg))
     except AgentRefusal as e:
@@ -253,6 +253,7 @@ def remove(c: Ctx, addin: str, as_json: bool) -> None:
 
 for command in cli_read.COMMANDS:
     main.add_command(command)
+main.add_command(cli_bundle.report_bundle)
 main.add_command(cli_service.service)
 
 

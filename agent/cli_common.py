@@ -8,7 +8,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from rich import table as rich_table
@@ -17,11 +17,13 @@ from rich.markup import escape
 from rich.text import Text
 
 from addin_core.display import printable
-from addin_core.protocol import Host
+from addin_core.topics import Host
 from addin_runtime.cli_support import error, shared_option, shared_value
-from agent.cache import CacheError, open_readonly
-from agent.config import AgentConfig, ConfigError, load_config
-from agent.readmodel import ReadModel
+from agent.config_file import ConfigError, parse_control, read_fields
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.readmodel import ReadModel
 
 console = Console()
 
@@ -117,19 +119,51 @@ class Ctx:
                     "no agent config: pass --config FILE or set ADDIN_AGENT_CONFIG; "
                     "looked for " + ", ".join(str(p) for p in default_config_paths())
                 )
+            from agent.config import load_config  # pydantic and cryptography: ~100 ms
+
             try:
                 self._config = load_config(path)
             except ConfigError as e:
                 fail(str(e))
         return self._config
 
+    def _field(self, name: str) -> str | None:
+        """One field of the config as `load_config` would read it, without validating the
+        rest (see agent/config_file.py); None when it is not a usable string here, and the
+        caller then loads the whole config (whose error, if any, ends the command)."""
+        if self._config is not None:
+            return None
+        path = self.config_path
+        if path is None and not os.environ.get("ADDIN_AGENT_TENANT"):
+            return None
+        try:
+            value = read_fields(path, (name,)).get(name)
+        except ConfigError:
+            return None
+        return value if isinstance(value, str) and value.strip() else None
+
     def cache_path(self) -> str:
         if self.cache_override:
             return self.cache_override
-        return self.config().cache_path
+        return self._field("cache_path") or self.config().cache_path
+
+    def control_endpoint(self) -> str | None:
+        """The daemon's control endpoint, read without validating the whole config (a launch
+        hook's one call); None when the config names none or names it badly."""
+        control = self._field("control")
+        if control is None:
+            return self._config.control if self._config is not None else None
+        try:
+            return parse_control(control)
+        except ValueError:
+            return None
 
     def read(self) -> ReadModel:
         """The cache, read-only; a missing or foreign file ends the command with one line."""
+        # Here, not at the top: `launch` through the daemon never reads the cache.
+        from agent.cache_read import CacheError, open_readonly
+        from agent.readmodel import ReadModel
+
         try:
             return ReadModel(open_readonly(self.cache_path()))
         except CacheError as e:

@@ -9,14 +9,11 @@ import re
 import sys
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from addin_core.protocol import Host
-from addin_runtime.instance_lock import SUPPORTED as lock_supported
-from addin_runtime.instance_lock import held_by
-from agent.antientropy import describe_last
+from addin_core.topics import Host
 from agent.cli_common import (
     HOST_CHOICE,
     Ctx,
@@ -29,7 +26,9 @@ from agent.cli_common import (
     shown,
     when,
 )
-from agent.readmodel import QueryRefused, ReadModel
+
+if TYPE_CHECKING:
+    from agent.readmodel import ReadModel
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -41,6 +40,9 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def status_data(rm: ReadModel, cache_path: str | None = None) -> dict[str, Any]:
+    from addin_runtime.instance_lock import SUPPORTED as lock_supported
+    from addin_runtime.instance_lock import held_by
+
     s = rm.sync()
     holder = held_by(cache_path) if cache_path and lock_supported else None
     if cache_path and lock_supported:
@@ -118,6 +120,8 @@ def status(c: Ctx, as_json: bool) -> None:
     if security:
         console.print(f"Secure  {security}")
     console.print(f"State   revision {d['revision']}, last message {when(d['last_message_at'])}")
+    from agent.readmodel import describe_last
+
     console.print(f"Sync    anti-entropy {shown(describe_last(d['anti_entropy']))}")
     apps = d["hosts_running"]
     if isinstance(apps, dict):
@@ -277,6 +281,8 @@ def events(c: Ctx, since: str | None, limit: int, as_json: bool) -> None:
 @pass_ctx
 def query(c: Ctx, sql: str, as_json: bool) -> None:
     """Run read-only SQL against the cache (the connection cannot write)."""
+    from agent.readmodel import QueryRefused
+
     try:
         cols, rows = c.read().query(sql)
     except QueryRefused as e:

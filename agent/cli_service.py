@@ -16,7 +16,7 @@ import click
 
 from agent import service as svc
 from agent.cli_common import CONFIG_ENV, Ctx, emit_json, fail, pass_ctx
-from agent.config import ConfigError, load_config
+from agent.config_file import ConfigError
 
 FILES_ONLY_HELP = (
     "Write (or remove) the files only and print the systemctl/launchctl commands instead of "
@@ -117,6 +117,8 @@ def _bundle_path(c: Ctx) -> Path:
 @pass_ctx
 def install(c: Ctx, system: bool, files_only: bool) -> None:
     """Install the enrollment bundle (--config FILE) and start the agent at every login."""
+    from agent.config import load_config  # pydantic: not for the other commands' start
+
     lay = _layout(system)
     bundle = _bundle_path(c)
     if system and os.geteuid() != 0:

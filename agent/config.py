@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -54,54 +53,19 @@ from pydantic import (
 
 from addin_core.protocol import Host, check_id, check_unreserved
 from agent import pem
+from agent.config_file import ENV_PREFIX as ENV_PREFIX  # re-exported: agent/config_file.py
+from agent.config_file import MAX_SOCKET_PATH as MAX_SOCKET_PATH
+from agent.config_file import PATH_FIELDS as PATH_FIELDS
+from agent.config_file import TLS_FIELDS as TLS_FIELDS
+from agent.config_file import ConfigError as ConfigError
+from agent.config_file import parse_control as parse_control
+from agent.config_file import read_file
 from agent.hostwatch import default_processes
-
-ENV_PREFIX = "ADDIN_AGENT_"
-
-MAX_SOCKET_PATH = 107
-"""Bytes of a unix socket path (``sun_path`` is 108 on Linux, including the NUL); a longer
-one cannot be bound, and the kernel's error does not say why."""
-
-PATH_FIELDS = ("cache_path", "applier_dir", "applier_root")
-"""Fields holding a file or folder; ``control`` too when it names a socket, and the
-`TLS_FIELDS` when they are not inline PEM."""
-
-TLS_FIELDS = ("tls_ca", "tls_cert", "tls_key")
 
 MQTT_PORT, MQTTS_PORT = 1883, 8883
 
 SECURE_HOW = "use the agent.toml from `addin-server enroll`, or set insecure = true for a lab"
 """The end of every refusal of an insecure setting: the two ways out."""
-
-
-class ConfigError(ValueError):
-    """The configuration file or environment is unusable. `problems` holds one line per
-    bad field, each naming the field and what to write instead."""
-
-    def __init__(self, problems: str | list[str]) -> None:
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-def parse_control(spec: str) -> str:
-    """The unix socket path of the control endpoint (``"agent.sock"``,
-    ``"/run/addin-agent/agent.sock"``). A TCP endpoint (``"8765"``, ``"127.0.0.1:8765"``) is
-    refused: any local user, or a process that took the port first, could talk to it as the
-    daemon; a socket is owned by the user and checks its peer. Raises ValueError with what to
-    write instead."""
-    # A Windows path (C:\...\agent.sock, where the control file holds a port and a token:
-    # agent/control_windows.py) has a colon too, but never without a separator.
-    if spec.isdigit() or ("/" not in spec and "\\" not in spec and ":" in spec):
-        raise ValueError(
-            f"{spec!r} is a TCP endpoint; the control endpoint is a unix socket only: "
-            'give a socket path, e.g. control = "/run/addin-agent/agent.sock"'
-        )
-    if len(os.fsencode(spec)) > MAX_SOCKET_PATH:
-        raise ValueError(
-            f"socket path {spec!r} is {len(os.fsencode(spec))} bytes; a unix socket path "
-            f"holds at most {MAX_SOCKET_PATH}: use a shorter path"
-        )
-    return spec
 
 
 def _split_url(value: str, schemes: tuple[str, ...], example: str) -> SplitResult:
@@ -413,25 +377,6 @@ def _json_or_text(value: str) -> Any:
         return value
 
 
-def _relative_to(base: Path, data: dict[str, Any]) -> None:
-    """Make the file's relative paths relative to its folder (in place)."""
-    for name in (*PATH_FIELDS, "control", *TLS_FIELDS):
-        value = data.get(name)
-        if not isinstance(value, str) or not value or value in (":memory:", ":none:"):
-            continue
-        if name in TLS_FIELDS and pem.is_inline(value):
-            continue
-        if name == "control":
-            try:
-                parse_control(value)
-            except ValueError:
-                continue  # validation names the problem
-        path = Path(value).expanduser()
-        # A "~/..." path is kept expanded: before, it was left as written ("absolute" once
-        # expanded) and the daemon made a folder literally named "~".
-        data[name] = str(path if path.is_absolute() else base / path)
-
-
 def _describe(err: Mapping[str, Any], sources: Mapping[str, str]) -> str:
     loc = [str(p) for p in err["loc"]]
     field = loc[0] if loc else ""
@@ -462,23 +407,8 @@ def load_config(
     data: dict[str, Any] = {}
     where = "agent configuration"
     if path is not None:
-        p = Path(path)
-        where = f"agent configuration in {p}"
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(
-                f"config file {p} is a directory; give the agent.toml in it"
-            ) from None
-        except OSError as e:
-            raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {p} is not UTF-8 text: {e.reason}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
-        _relative_to(p.absolute().parent, data)
+        data = read_file(path)
+        where = f"agent configuration in {Path(path)}"
     from_env = _from_env(os.environ if env is None else env)
     sources = {name: ENV_PREFIX + name.upper() for name in from_env}
     data.update(from_env)

@@ -39,6 +39,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from addin_core.protocol import Host
 from agent import control_windows
 from agent.config import parse_control
+from agent.control_client import trusted_uid as trusted_uid  # re-exported
 from agent.model import AgentRefusal
 from agent.pending import PendingChange, PendingKey
 
@@ -77,11 +78,6 @@ def _claim_socket_path(path: str) -> None:
         f"control socket {path} is in use by another process (another addin-agent?); "
         "give this agent its own `control` path"
     )
-
-
-def trusted_uid(uid: int) -> bool:
-    """The agent's own user, or root."""
-    return uid in (os.getuid(), 0)
 
 
 def peer_uid(sock: socket.socket) -> int:

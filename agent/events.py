@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from addin_core.protocol import Host
+from addin_core.topics import Host
 
 EventKind = Literal[
     "notified", "manifest_cached", "applied", "connected", "disconnected", "fetch_failed"

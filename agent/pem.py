@@ -19,15 +19,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 
-PEM_BEGIN = "-----BEGIN"
+from agent.config_file import PEM_BEGIN as PEM_BEGIN  # re-exported
+from agent.config_file import is_inline as is_inline
+
 MAX_PEM_BYTES = 256 * 1024
 """A CA bundle with a few hundred certificates fits; anything bigger is not TLS material."""
 ED25519_KEY_BYTES = 32
-
-
-def is_inline(value: str) -> bool:
-    """Whether a tls_* value is PEM text rather than a file path."""
-    return value.lstrip().startswith(PEM_BEGIN)
 
 
 def pem_bytes(value: str) -> bytes:

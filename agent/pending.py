@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from addin_core.protocol import Host, Mode
+from addin_core.topics import Host, Mode
 from addin_core.version import is_newer
 from agent.resolver import Entitlement
 

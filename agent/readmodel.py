@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from addin_core.protocol import Host
+from addin_core.topics import Host
 from agent.cache_rows import (
     hosts_parse,
     installed_record,
@@ -22,7 +23,9 @@ from agent.cache_rows import (
     received_state,
 )
 from agent.pending import InstalledAddin, ManifestRecord, PendingChange
-from agent.state import ReceivedState
+
+if TYPE_CHECKING:  # `status` and `list` never decode payloads: no pydantic for them
+    from agent.state import ReceivedState
 
 COUNTED = ("received", "entitlements", "manifests", "installed", "pending", "events")
 """The tables `status` counts."""
@@ -344,3 +347,14 @@ def _read_only(action: int, arg1: str | None, arg2: str | None, *_: Any) -> int:
         if arg2 is None or (arg1 or "").lower() not in _SETTER_PRAGMAS:
             return sqlite3.SQLITE_OK
     return sqlite3.SQLITE_DENY
+
+
+def describe_last(last: dict[str, Any] | None) -> str:
+    """The daemon's last anti-entropy check (its ``anti_entropy`` sync record) in words."""
+    if last is None:
+        return "never checked"
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("at", 0))))
+    text = f"last check {at}: {last.get('result')}"
+    if last.get("server_revision") is not None:
+        text += f" (server revision {last['server_revision']})"
+    return text

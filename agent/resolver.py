@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from addin_core.protocol import Assignment, CatalogEntry, Host, Mode, Topic
-from agent.state import ReceivedState
+from addin_core.topics import Host, Mode, Topic
+
+if TYPE_CHECKING:  # types only: the read-only commands import this without pydantic
+    from addin_core.protocol import Assignment, CatalogEntry
+    from agent.state import ReceivedState
 
 MAX_GROUP_DEPTH = 32
 """Deepest nesting followed. Real directories nest a handful of levels; the bound keeps a

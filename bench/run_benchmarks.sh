@@ -29,3 +29,8 @@ echo "==> bench/bench_agent_fleet.py"
 # Agent: idle RSS/CPU with 50 add-ins, launch and why latency, admin write -> manifest cached.
 echo "==> bench/bench_agent.py"
 .venv/bin/python bench/bench_agent.py --addins 50 --launches 300 --writes 20 || echo "   (exit status $?)"
+
+# Helpdesk commands as processes (why, status, list, launch through the daemon) on a cache of
+# 200 add-ins and 10,000 events (docs/benchmarks.md "Helpdesk commands as processes").
+echo "==> bench/bench_cli.py"
+.venv/bin/python bench/bench_cli.py --addins 200 --events 10000 --runs 30 || echo "   (exit status $?)"

@@ -5,7 +5,7 @@ file directly (``--db`` or ``ADDIN_SERVER_DB``), so it works with or without a r
 server; a running server's publisher picks the change up within ~150 ms.
 
 One module per command group: `serve`, `directory` (load, user, group, policy), `catalog`
-(addin, store), `troubleshooting` (explain, status, broker-config), `devices` (pki init,
+(addin, store), `troubleshooting` (explain, status, broker-config), `bundle` (show), `devices` (pki init,
 enroll, revoke, device list); `runner` is what they
 share (which database, common options, one operation with one ``error:`` line on failure).
 """
@@ -16,6 +16,7 @@ import click
 
 from addin_runtime.cli_support import Group
 from server_stub.broker_cli import broker
+from server_stub.cli.bundle import bundle
 from server_stub.cli.catalog import addin, store
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
@@ -32,5 +33,5 @@ def main() -> None:
 
 
 for _command in (manifest, broker, serve, load, user, group, policy, addin, store, explain,
-                 status, broker_config, pki, enroll, revoke, device):  # fmt: skip
+                 status, broker_config, pki, enroll, revoke, device, bundle):  # fmt: skip
     main.add_command(_command)

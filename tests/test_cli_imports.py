@@ -1,0 +1,121 @@
+"""The helpdesk commands import only what they use (docs/benchmarks.md "Helpdesk commands"):
+`status`, `list` and `launch` through a running daemon import no pydantic, HTTP or MQTT
+client, cryptography, asyncio or daemon module; `why` imports pydantic (it decodes the held
+payloads) but no network client, cryptography or daemon. Asserted on the modules a real
+command leaves loaded, against a real cache and a real `addin-agent run` daemon: the import
+chain, not a timing, so a regression shows here on any machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_report_bundle import agent_toml  # noqa: F401  (fixture: a real cache and config)
+
+NETWORK_AND_DAEMON = {
+    "httpx",
+    "aiohttp",
+    "aiomqtt",
+    "paho",
+    "cryptography",
+    "aiosqlite",
+    "psutil",
+    "lxml",
+    "agent.daemon",
+    "agent.transport",
+    "agent.control",
+    "agent.config",
+    "agent.antientropy",
+    "agent.fetcher",
+}
+NOT_FOR_CACHE_READS = NETWORK_AND_DAEMON | {"pydantic", "asyncio", "addin_core.protocol"}
+
+PROBE = """
+import json, runpy, sys
+sys.argv = ["addin-agent", *json.loads(sys.argv[1])]
+code = 0
+try:
+    runpy.run_module("agent.cli", run_name="__main__")
+except SystemExit as e:
+    code = e.code or 0
+names = sorted(m for m in sys.modules)
+print("\\nIMPORTED " + json.dumps({"code": code, "modules": names}))
+"""
+
+
+def _imported(cfg: Path, *args: str) -> tuple[str, set[str]]:
+    env = {**os.environ, "ADDIN_AGENT_CONFIG": str(cfg), "COLUMNS": "200"}
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out, _, tail = r.stdout.rpartition("\nIMPORTED ")
+    result = json.loads(tail)
+    assert result["code"] == 0, r.stderr
+    mods = set(result["modules"])
+    return out, mods | {m.split(".")[0] for m in mods}
+
+
+@pytest.fixture
+def daemon(agent_toml: Path) -> Iterator[Path]:  # noqa: F811
+    """`addin-agent run` on that cache, with a control socket and no broker (nothing listens
+    at its port: the daemon runs disconnected, its socket answers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with agent_toml.open("a") as f:
+        f.write(
+            f'broker_url = "mqtt://127.0.0.1:{port}"\ncontrol = "agent.sock"\n'
+            "anti_entropy_interval = 0\nwatch_hosts = false\n"
+        )
+    sock = agent_toml.parent / "agent.sock"
+    log = (agent_toml.parent / "daemon.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(agent_toml)],
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                agent_toml.parent / "daemon.log"
+            ).read_text()
+            time.sleep(0.05)
+        yield agent_toml
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        log.close()
+
+
+def test_cache_reads_import_no_pydantic_network_or_daemon(agent_toml: Path) -> None:  # noqa: F811
+    out, mods = _imported(agent_toml, "status")
+    assert "ann-pc" in out
+    assert not mods & NOT_FOR_CACHE_READS, sorted(mods & NOT_FOR_CACHE_READS)
+    out, mods = _imported(agent_toml, "list", "--json")
+    assert {r["name"] for r in json.loads(out)} == {"Contoso CRM", "Fabrikam Notes"}
+    assert not mods & NOT_FOR_CACHE_READS, sorted(mods & NOT_FOR_CACHE_READS)
+
+
+def test_why_imports_no_network_client_or_daemon(agent_toml: Path) -> None:  # noqa: F811
+    out, mods = _imported(agent_toml, "why", "Contoso CRM", "--json")
+    assert json.loads(out)["cause"] == "installed"
+    assert not mods & NETWORK_AND_DAEMON, sorted(mods & NETWORK_AND_DAEMON)
+
+
+def test_launch_through_the_daemon_imports_no_daemon_code(daemon: Path) -> None:
+    out, mods = _imported(daemon, "launch", "Word", "--json")
+    body = json.loads(out)
+    assert body["via"] == "daemon" and body["host"] == "Word"
+    assert not mods & NOT_FOR_CACHE_READS, sorted(mods & NOT_FOR_CACHE_READS)
