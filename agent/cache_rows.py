@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from addin_core.protocol import Host, ProtocolError, Tombstone, Topic, decode
+from agent.losses import Loss
 from agent.pending import InstalledAddin, ManifestRecord, PendingChange
 from agent.resolver import Entitlement
 from agent.state import Held, ReceivedState
@@ -103,6 +104,23 @@ CREATE TABLE IF NOT EXISTS events (
     detail   TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS lost (
+    addin_id TEXT PRIMARY KEY,
+    cause    TEXT NOT NULL,
+    target   TEXT,
+    group_id TEXT,
+    path     TEXT,
+    link     TEXT,
+    revision INTEGER,
+    at       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS former_names (
+    addin_id TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    until    REAL NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (addin_id, name)
+);
 CREATE TABLE IF NOT EXISTS sync (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -119,6 +137,11 @@ TABLES = (
     "events",
     "sync",
 )
+"""The tables every agent cache has (`open_readonly` refuses a file without them)."""
+
+HISTORY_TABLES = ("lost", "former_names")
+"""Tables added later (a cache written by an older agent lacks them until its daemon opens it
+again): what `why` needs about things the state no longer holds."""
 
 
 # -- rows <-> records: the one place that knows how each record is stored -----------------------
@@ -142,6 +165,24 @@ def received_row(topic: Topic, held: Held, now: float) -> dict[str, Any]:
         "deleted": int(isinstance(held.payload, Tombstone)),
         "payload": held.payload.model_dump_json(exclude_none=True),
     }
+
+
+def lost_row(addin_id: str, loss: Loss, revision: int, at: float) -> dict[str, Any]:
+    g = loss.grant
+    return {
+        "addin_id": addin_id,
+        "cause": loss.cause,
+        "target": g.target,
+        "group_id": g.group_id,
+        "path": json.dumps(list(g.path)),
+        "link": json.dumps(list(loss.link)) if loss.link else None,
+        "revision": revision,
+        "at": at,
+    }
+
+
+def former_name_row(addin_id: str, name: str, revision: int, at: float) -> dict[str, Any]:
+    return {"addin_id": addin_id, "name": name, "until": at, "revision": revision}
 
 
 def entitlement_row(e: Entitlement, now: float) -> dict[str, Any]:
