@@ -137,11 +137,9 @@ TABLES = (
     "events",
     "sync",
 )
-"""The tables every agent cache has (`open_readonly` refuses a file without them)."""
-
-HISTORY_TABLES = ("lost", "former_names")
-"""Tables added later (a cache written by an older agent lacks them until its daemon opens it
-again): what `why` needs about things the state no longer holds."""
+"""The tables every agent cache has (`open_readonly` refuses a file without them). Not
+``lost`` and ``former_names``, added later: a cache written by an older agent lacks them until
+its daemon opens it again, and `why` reads them as empty meanwhile."""
 
 
 # -- rows <-> records: the one place that knows how each record is stored -----------------------

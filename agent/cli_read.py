@@ -206,7 +206,7 @@ def why(c: Ctx, addin: str, host: str | None, as_json: bool) -> None:
         mark = {True: "[green]✓[/green]", False: "[red]✗[/red]", None: "•"}[s.ok]
         console.print(f"  {mark} {shown(s.label)}: {shown(s.detail)}", highlight=False)
     if rep.freshness is not None:
-        f = Freshness(**rep.freshness)
+        f = Freshness.from_json(rep.freshness)
         mark = "[yellow]![/yellow]" if f.stale else "•"
         console.print(f"  {mark} data: {shown(describe(f))}", highlight=False)
     console.print(f"[bold]→ {shown(rep.verdict)}[/bold]", highlight=False)

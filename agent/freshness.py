@@ -62,10 +62,13 @@ class Freshness:
     as_of: float | None
     """The state is known current up to this time (the later of the two)."""
     stale: bool
-    stale_after: float = STALE_AFTER
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "stale_after": STALE_AFTER}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Freshness:
+        return cls(*(d[k] for k in cls.__dataclass_fields__))
 
     @property
     def why_stale(self) -> str:

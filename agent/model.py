@@ -47,6 +47,7 @@ from agent.pending import (
     PendingChange,
     PendingKey,
     carry_stamps,
+    next_start,
     plan,
 )
 from agent.resolver import Entitlement, explain, reach, resolve
@@ -325,7 +326,7 @@ class AgentModel:
         if ent.mode == Mode.FIXED:
             answer = f"{ent.name} is fixed by your admin: it is always installed"
             return UserChoice(addin_id, None, "", answer, record=False)
-        answer = f"{ent.name} will be installed when {', '.join(ent.hosts)} next start(s)"
+        answer = f"{ent.name} will be installed {next_start(ent.hosts)}"
         if ent.mode == Mode.OPTIONAL:
             return UserChoice(addin_id, None, "user takes back an optional add-in", answer)
         return UserChoice(addin_id, "install", "user installs an available add-in", answer)
@@ -342,7 +343,7 @@ class AgentModel:
             raise AgentRefusal(
                 f"{ent.name} is deployed as fixed by your admin and cannot be removed"
             )
-        answer = f"{ent.name} will be removed when {', '.join(ent.hosts)} next start(s)"
+        answer = f"{ent.name} will be removed {next_start(ent.hosts)}"
         if ent.mode == Mode.OPTIONAL:
             return UserChoice(addin_id, "remove", "user removes an optional add-in", answer)
         return UserChoice(addin_id, None, "user removes an available add-in", answer)

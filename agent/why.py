@@ -23,7 +23,7 @@ from addin_core.protocol import Host, Mode, ProtocolError, Topic, TopicKind
 from addin_runtime.cli_support import did_you_mean
 from agent.applier import MAILBOX
 from agent.freshness import Freshness, clock, daemon_state, freshness
-from agent.pending import ManifestRecord, PendingChange, wanted
+from agent.pending import ManifestRecord, PendingChange, next_start, wanted
 from agent.readmodel import LostRecord, ReadModel, SignatureRefusal
 from agent.resolver import Explanation, explain
 from agent.state import ReceivedState
@@ -67,14 +67,6 @@ def _at(t: float | None) -> str:
 
 def _rev(n: int | None) -> str:
     return f" (revision {n})" if n else ""
-
-
-def next_start(hosts: list[Host] | list[str]) -> str:
-    """The words for the hosts' next start: "when Word and Excel next start"."""
-    names = [str(h) for h in hosts]
-    if len(names) == 1:
-        return f"when {names[0]} next starts"
-    return f"when {', '.join(names[:-1])} and {names[-1]} next start"
 
 
 def _assignments_n(n: int) -> str:
