@@ -155,15 +155,20 @@ def _stamp(rep: WhyReport, f: Freshness, name: str) -> WhyReport:
     since = (
         f"as of {clock(f.as_of)}; this machine has not synced since then"
         if f.as_of
-        else "and this machine has never synced with the broker"
+        else "as far as this machine knows; it has never synced"
     )
     if rep.cause == "not_assigned":
         rep.verdict = (
             f"{name} is not assigned to you {since} ({f.why_stale}), so a newer assignment "
-            "may not have reached it. " + rep.verdict
+            "may not have reached it (see `addin-agent status`). If that is still so once it "
+            "has synced, ask your admin to assign it to you or to one of your groups."
         )
     else:
-        rep.verdict += f" This is {since} ({f.why_stale})."
+        rep.verdict += (
+            f" This is {since} ({f.why_stale})."
+            if f.as_of
+            else f" This machine has never synced ({f.why_stale})."
+        )
     return rep
 
 
