@@ -15,7 +15,6 @@ stale state says "as of <time>".
 from __future__ import annotations
 
 import sqlite3
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,12 +52,7 @@ class WhyReport:
 
 
 def _clock(t: float | None) -> str:
-    if not t:
-        return "at an unknown time"
-    lt = time.localtime(t)
-    if time.strftime("%Y-%m-%d", lt) == time.strftime("%Y-%m-%d"):
-        return time.strftime("%H:%M", lt)
-    return time.strftime("%Y-%m-%d %H:%M", lt)
+    return clock(t) if t else "at an unknown time"
 
 
 def _at(t: float | None) -> str:
