@@ -240,7 +240,9 @@ class Agent:
         """Stop every task of this agent; the cache is closed whatever happens on the way
         (an open aiosqlite connection is a non-daemon thread: the process could not exit)."""
         self._stopping = True
-        was_connected = self.connected
+        was_connected = False
+        with contextlib.suppress(Exception):  # best effort: the stop goes on whatever happens
+            was_connected = self.connected
         try:
             await self._stop_tasks()
         finally:
