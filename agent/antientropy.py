@@ -373,6 +373,10 @@ class AntiEntropy:
             return r
         tx = Tx()
         tx.sync(SYNC_KEY, r.to_json())
+        if r.result in ("ok", "resynced"):
+            # `why` states how fresh its answer is: the last time the server agreed, even
+            # when a later check failed.
+            tx.sync("anti_entropy_ok_at", r.at)
         if event is not None:
             tx.event(event[0], event[1][:500], revision=r.server_revision)
         elif r.result == "ok" and previous != "ok":

@@ -19,6 +19,7 @@ from agent.pending import InstalledAddin, ManifestRecord, PendingChange
 from agent.resolver import Entitlement
 
 if TYPE_CHECKING:
+    from agent.losses import Loss
     from agent.state import Held, ReceivedState
 
 log = logging.getLogger("addin_agent.cache")
@@ -105,6 +106,23 @@ CREATE TABLE IF NOT EXISTS events (
     detail   TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS lost (
+    addin_id TEXT PRIMARY KEY,
+    cause    TEXT NOT NULL,
+    target   TEXT,
+    group_id TEXT,
+    path     TEXT,
+    link     TEXT,
+    revision INTEGER,
+    at       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS former_names (
+    addin_id TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    until    REAL NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (addin_id, name)
+);
 CREATE TABLE IF NOT EXISTS sync (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -121,6 +139,9 @@ TABLES = (
     "events",
     "sync",
 )
+"""The tables every agent cache has (`open_readonly` refuses a file without them). Not
+``lost`` and ``former_names``, added later: a cache written by an older agent lacks them until
+its daemon opens it again, and `why` reads them as empty meanwhile."""
 
 
 # -- rows <-> records: the one place that knows how each record is stored -----------------------
@@ -144,6 +165,24 @@ def received_row(topic: Topic, held: Held, now: float) -> dict[str, Any]:
         "deleted": int(getattr(held.payload, "deleted", False) is True),
         "payload": held.payload.model_dump_json(exclude_none=True),
     }
+
+
+def lost_row(addin_id: str, loss: Loss, revision: int, at: float) -> dict[str, Any]:
+    g = loss.grant
+    return {
+        "addin_id": addin_id,
+        "cause": loss.cause,
+        "target": g.target,
+        "group_id": g.group_id,
+        "path": json.dumps(list(g.path)),
+        "link": json.dumps(list(loss.link)) if loss.link else None,
+        "revision": revision,
+        "at": at,
+    }
+
+
+def former_name_row(addin_id: str, name: str, revision: int, at: float) -> dict[str, Any]:
+    return {"addin_id": addin_id, "name": name, "until": at, "revision": revision}
 
 
 def entitlement_row(e: Entitlement, now: float) -> dict[str, Any]:

@@ -4,7 +4,6 @@ daemon stopped and never block it) and take ``--json``."""
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -26,31 +25,16 @@ from agent.cli_common import (
     shown,
     when,
 )
+from agent.freshness import daemon_state
 
 if TYPE_CHECKING:
     from agent.readmodel import ReadModel
 
 
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def status_data(rm: ReadModel, cache_path: str | None = None) -> dict[str, Any]:
-    from addin_runtime.instance_lock import SUPPORTED as lock_supported
-    from addin_runtime.instance_lock import held_by
 
     s = rm.sync()
-    holder = held_by(cache_path) if cache_path and lock_supported else None
-    if cache_path and lock_supported:
-        # The daemon holds the cache's lock for as long as it runs: exact, unlike a pid
-        # that may have been reused since.
-        running = holder is not None
-    else:
-        running = _pid_alive(s.get("pid")) and bool(s.get("connected") is not None)
+    running, pid = daemon_state(s, cache_path)
     counts = rm.counts()
     pending = rm.pending_per_host()
     installed = rm.installed_per_host()
@@ -59,7 +43,7 @@ def status_data(rm: ReadModel, cache_path: str | None = None) -> dict[str, Any]:
     return {
         "client": client,
         "daemon_running": running,
-        "daemon_pid": holder.pid if holder else (s.get("pid") if running else None),
+        "daemon_pid": pid,
         "connected": bool(s.get("connected")) and running,
         "connected_at": s.get("connected_at"),
         "disconnected_at": s.get("disconnected_at"),
@@ -209,9 +193,12 @@ def list_cmd(c: Ctx, host: str | None, as_json: bool) -> None:
 @pass_ctx
 def why(c: Ctx, addin: str, host: str | None, as_json: bool) -> None:
     """Why ADDIN (name or id) is or is not in a host app: the chain and one verdict."""
+    from agent.freshness import Freshness, describe
     from agent.why import why as why_fn
 
-    rep = why_fn(c.read().conn, addin, parse_host(host))
+    rm = c.read()
+    running, _ = daemon_state(rm.sync(), c.cache_path())
+    rep = why_fn(rm.conn, addin, parse_host(host), running=running)
     if as_json:
         emit_json(rep.to_json())
         return
@@ -222,6 +209,10 @@ def why(c: Ctx, addin: str, host: str | None, as_json: bool) -> None:
     for s in rep.steps:
         mark = {True: "[green]✓[/green]", False: "[red]✗[/red]", None: "•"}[s.ok]
         console.print(f"  {mark} {shown(s.label)}: {shown(s.detail)}", highlight=False)
+    if rep.freshness is not None:
+        f = Freshness.from_json(rep.freshness)
+        mark = "[yellow]![/yellow]" if f.stale else "•"
+        console.print(f"  {mark} data: {shown(describe(f))}", highlight=False)
     console.print(f"[bold]→ {shown(rep.verdict)}[/bold]", highlight=False)
 
 

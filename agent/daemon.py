@@ -240,10 +240,13 @@ class Agent:
         """Stop every task of this agent; the cache is closed whatever happens on the way
         (an open aiosqlite connection is a non-daemon thread: the process could not exit)."""
         self._stopping = True
+        was_connected = False
+        with contextlib.suppress(Exception):  # best effort: the stop goes on whatever happens
+            was_connected = self.connected
         try:
             await self._stop_tasks()
         finally:
-            await self._close_cache()
+            await self._close_cache(was_connected)
 
     async def _stop_tasks(self) -> None:
         if self.watcher is not None:
@@ -264,11 +267,14 @@ class Agent:
             transport, self.transport = self.transport, None
             await transport.stop()
 
-    async def _close_cache(self) -> None:
+    async def _close_cache(self, was_connected: bool = False) -> None:
         if self.cache is not None:
             with contextlib.suppress(Exception):
                 tx = Tx()
                 tx.sync("connected", 0)
+                if was_connected:
+                    # The last contact with the broker, for `why`'s "as of" on a stopped agent.
+                    tx.sync("disconnected_at", tx.now)
                 tx.event("stopped", "agent stopped")
                 await self.cache.commit(tx)
             # An in-memory cache stays open so that start() again resumes from it (the

@@ -29,8 +29,10 @@ from addin_runtime.cli_support import did_you_mean
 from agent.cache import CachedRows, Tx
 from agent.cache_rows import (
     entitlement_row,
+    former_name_row,
     installed_record,
     installed_row,
+    lost_row,
     manifest_record,
     manifest_row,
     pending_record,
@@ -38,15 +40,17 @@ from agent.cache_rows import (
     received_row,
     received_state,
 )
+from agent.losses import lost_reach, may_take_reach
 from agent.pending import (
     InstalledAddin,
     ManifestRecord,
     PendingChange,
     PendingKey,
     carry_stamps,
+    next_start,
     plan,
 )
-from agent.resolver import Entitlement, explain, resolve
+from agent.resolver import Entitlement, explain, reach, resolve
 from agent.state import ReceivedState
 from agent.subscriptions import ancestry
 
@@ -154,9 +158,21 @@ class AgentModel:
     def accept(self, tx: Tx, topic: Topic, payload: AnyPayload) -> bool:
         """Take a message newer than the one held for its topic; False (nothing written)
         when it is not newer."""
+        # What `why` must still say after this message: the add-ins whose last assignment it
+        # may take away, and the name of a catalog entry it may rename or remove.
+        before = reach(self.state, self.user_id) if may_take_reach(topic, payload) else None
+        old = (
+            self.state.catalog.get(topic.addin_id or "")
+            if topic.kind == TopicKind.CATALOG
+            else None
+        )
         if not self.state.apply(topic, payload):
             return False
         rev = int(getattr(payload, "revision", 0))
+        at = getattr(payload, "committed_at", None) or tx.now
+        new_entry = self.state.catalog.get(topic.addin_id or "")
+        if old is not None and (new_entry is None or new_entry.name != old.name):
+            tx.upsert("former_names", former_name_row(old.addin_id, old.name, rev, at))
         if tx.rows:
             tx.upsert("received", received_row(topic, self.state.held[topic], tx.now))
             tx.event(
@@ -170,6 +186,9 @@ class AgentModel:
         tx.sync("revision", self.state.revision)
         if topic.kind in (TopicKind.MEMBER, TopicKind.GROUP_PARENTS):
             self._forget_foreign_groups(tx, rev)
+        if before is not None and tx.rows:
+            for addin_id, loss in lost_reach(before, self.state, self.user_id).items():
+                tx.upsert("lost", lost_row(addin_id, loss, rev, at))
         self.recompute(tx, rev, getattr(payload, "committed_at", None))
         return True
 
@@ -307,7 +326,7 @@ class AgentModel:
         if ent.mode == Mode.FIXED:
             answer = f"{ent.name} is fixed by your admin: it is always installed"
             return UserChoice(addin_id, None, "", answer, record=False)
-        answer = f"{ent.name} will be installed when {', '.join(ent.hosts)} next start(s)"
+        answer = f"{ent.name} will be installed {next_start(ent.hosts)}"
         if ent.mode == Mode.OPTIONAL:
             return UserChoice(addin_id, None, "user takes back an optional add-in", answer)
         return UserChoice(addin_id, "install", "user installs an available add-in", answer)
@@ -324,7 +343,7 @@ class AgentModel:
             raise AgentRefusal(
                 f"{ent.name} is deployed as fixed by your admin and cannot be removed"
             )
-        answer = f"{ent.name} will be removed when {', '.join(ent.hosts)} next start(s)"
+        answer = f"{ent.name} will be removed {next_start(ent.hosts)}"
         if ent.mode == Mode.OPTIONAL:
             return UserChoice(addin_id, "remove", "user removes an optional add-in", answer)
         return UserChoice(addin_id, None, "user removes an available add-in", answer)

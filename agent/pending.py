@@ -115,6 +115,15 @@ class PendingChange:
 PendingKey = tuple[Host, str]
 
 
+def next_start(hosts: Iterable[Host] | Iterable[str]) -> str:
+    """The words for the hosts' next start: "when Word next starts", "when Word and Excel
+    next start"."""
+    names = [str(h) for h in hosts]
+    if len(names) == 1:
+        return f"when {names[0]} next starts"
+    return f"when {', '.join(names[:-1])} and {names[-1]} next start"
+
+
 def wanted(ent: Entitlement, choices: Mapping[str, str]) -> bool:
     choice = choices.get(ent.addin_id)
     if ent.mode == Mode.FIXED:

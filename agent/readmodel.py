@@ -75,6 +75,42 @@ def _refusal(at: float, detail: str) -> SignatureRefusal:
     return SignatureRefusal(at, topic, reason, why)
 
 
+@dataclass(frozen=True, slots=True)
+class LostRecord:
+    """How the last assignment of an add-in that reached the user went away (table ``lost``,
+    written by the daemon when it happened: agent/losses.py)."""
+
+    addin_id: str
+    cause: str
+    target: str | None
+    group_id: str | None
+    path: tuple[str, ...]
+    link: tuple[str, ...]
+    revision: int | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class HeldRow:
+    """When the message held on a topic was committed by the admin and received here."""
+
+    revision: int
+    committed_at: float | None
+    received_at: float
+
+    @property
+    def at(self) -> float:
+        return self.committed_at or self.received_at
+
+
+def _json_list(text: str | None) -> tuple[str, ...]:
+    try:
+        v = json.loads(text) if text else []
+    except json.JSONDecodeError:
+        return ()
+    return tuple(str(x) for x in v) if isinstance(v, list) else ()
+
+
 class QueryRefused(Exception):
     """`query` SQL that failed or tried more than reading; the message says why."""
 
@@ -138,6 +174,67 @@ class ReadModel:
             "SELECT addin_id FROM received WHERE kind = 'catalog' AND lower(addin_id) = ?", (low,)
         ).fetchone()
         return str(r["addin_id"]) if r else None
+
+    def _history(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
+        """One row of a history table; None when absent, or when the table is (a cache last
+        opened by an older agent: its daemon creates them when it opens it again)."""
+        try:
+            row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return None
+            raise
+        return row
+
+    def addin_id_formerly_named(self, low: str) -> str | None:
+        """An add-in whose catalog entry was called `low` (lower case) before a rename or its
+        removal: the most recent one."""
+        r = self._history(
+            "SELECT addin_id FROM former_names WHERE lower(name) = ? ORDER BY until DESC LIMIT 1",
+            (low,),
+        )
+        return str(r["addin_id"]) if r else None
+
+    def former_name(self, addin_id: str) -> str | None:
+        """The last name `addin_id` had before its entry was renamed or removed."""
+        r = self._history(
+            "SELECT name FROM former_names WHERE addin_id = ? ORDER BY until DESC LIMIT 1",
+            (addin_id,),
+        )
+        return str(r["name"]) if r else None
+
+    def installed_name(self, addin_id: str) -> str | None:
+        """The name `addin_id` has in what this computer has or waits for."""
+        for table in ("installed", "pending"):
+            r = self.conn.execute(
+                f"SELECT name FROM {table} WHERE addin_id = ? LIMIT 1", (addin_id,)
+            ).fetchone()
+            if r:
+                return str(r["name"])
+        return None
+
+    def lost(self, addin_id: str) -> LostRecord | None:
+        r = self._history("SELECT * FROM lost WHERE addin_id = ?", (addin_id,))
+        if r is None:
+            return None
+        return LostRecord(
+            r["addin_id"],
+            r["cause"],
+            r["target"],
+            r["group_id"],
+            _json_list(r["path"]),
+            _json_list(r["link"]),
+            r["revision"],
+            float(r["at"]),
+        )
+
+    def held(self, topic: str) -> HeldRow | None:
+        r = self.conn.execute(
+            "SELECT revision, committed_at, received_at FROM received WHERE topic = ?", (topic,)
+        ).fetchone()
+        return (
+            HeldRow(int(r["revision"]), r["committed_at"], float(r["received_at"])) if r else None
+        )
 
     def entitlements(self) -> list[EntitlementRecord]:
         return [

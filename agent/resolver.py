@@ -240,3 +240,9 @@ def explain(
         hosts_here=here,
         entitlement=ent,
     )
+
+
+def reach(state: ReceivedState, user_id: str) -> dict[str, list[Grant]]:
+    """{addin_id: the grants that count for `user_id` under the current policy}, whatever
+    the catalog says (an assignment reaches the user even while the add-in is turned off)."""
+    return _all_grants(state, user_id, group_paths(state, user_id, nested=state.nested_groups))

@@ -4,12 +4,17 @@ alone (works offline, daemon running or not, read-only).
 The chain: catalog state → assignments reaching the user and via which
 groups → mode → host match → manifest cached and verified → pending until the next launch
 → installed version; it ends in ONE plain-language verdict and a machine-readable cause.
+
+What the state no longer holds comes from the history the daemon kept when it changed: the
+names an add-in had before it was renamed or removed (table ``former_names``) and what took
+its last assignment away (table ``lost``: a group left, an unassignment, a nesting removed).
+Every report carries the freshness of the cache (agent/freshness.py); a negative verdict on
+stale state says "as of <time>".
 """
 
 from __future__ import annotations
 
 import sqlite3
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,8 +22,9 @@ from addin_core.permissions import consent_changes
 from addin_core.protocol import Host, Mode, ProtocolError, Topic, TopicKind
 from addin_runtime.cli_support import did_you_mean
 from agent.applier import MAILBOX
-from agent.pending import ManifestRecord, PendingChange, wanted
-from agent.readmodel import ReadModel, SignatureRefusal
+from agent.freshness import Freshness, clock, daemon_state, freshness
+from agent.pending import ManifestRecord, PendingChange, next_start, wanted
+from agent.readmodel import LostRecord, ReadModel, SignatureRefusal
 from agent.resolver import Explanation, explain
 from agent.state import ReceivedState
 
@@ -39,28 +45,39 @@ class WhyReport:
     cause: str
     verdict: str
     steps: list[Step] = field(default_factory=list)
+    freshness: dict[str, Any] | None = None
+    """`Freshness` of the cache the answer comes from (None for a report built by hand)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _clock(t: float | None) -> str:
-    if not t:
-        return "at an unknown time"
-    lt = time.localtime(t)
-    if time.strftime("%Y-%m-%d", lt) == time.strftime("%Y-%m-%d"):
-        return time.strftime("%H:%M", lt)
-    return time.strftime("%Y-%m-%d %H:%M", lt)
+    return clock(t) if t else "at an unknown time"
+
+
+def _at(t: float | None) -> str:
+    return f"at {clock(t)}"
+
+
+def _rev(n: int | None) -> str:
+    return f" (revision {n})" if n else ""
+
+
+def _assignments_n(n: int) -> str:
+    return "1 assignment" if n == 1 else f"{n} assignments"
 
 
 def find_addin(rm: ReadModel, state: ReceivedState, query: str) -> str | None:
+    """The add-in `query` names: an id or name in the catalog, or one this computer had,
+    waits for or was entitled to, or whose entry it held before a rename or removal."""
     if query in state.catalog:
         return query
     low = query.lower()
     for a, e in state.catalog.items():
         if a.lower() == low or e.name.lower() == low:
             return a
-    return rm.addin_id_named(low)
+    return rm.addin_id_named(low) or rm.addin_id_formerly_named(low)
 
 
 @dataclass(slots=True)
@@ -90,15 +107,64 @@ class _Chain:
         return True
 
 
-def why(conn: sqlite3.Connection, query: str, host: Host | None = None) -> WhyReport:
+def why(
+    conn: sqlite3.Connection,
+    query: str,
+    host: Host | None = None,
+    running: bool | None = None,
+    now: float | None = None,
+) -> WhyReport:
+    """The report for `query`. `running`: whether a daemon runs on this cache (the CLI knows
+    it from the cache's lock); None guesses from the pid the daemon recorded."""
     rm = ReadModel(conn)
+    sync = rm.sync()
+    if running is None:
+        running = daemon_state(sync)[0]
+    fresh = freshness(sync, running, now)
     start = _start(rm, query, host)
     if isinstance(start, WhyReport):
         # Nothing to follow; yet a message about an add-in of that id may have been refused.
-        return _refused(start, rm.signature_refusals(query), query)
+        rep = _refused(start, rm.signature_refusals(query), query)
+        return _stamp(rep, fresh, query)
     c = start
     _follow(c)
-    return _refused(c.rep, rm.signature_refusals(c.x.addin_id), c.name)
+    return _stamp(_refused(c.rep, rm.signature_refusals(c.x.addin_id), c.name), fresh, c.name)
+
+
+NEGATIVE = frozenset(
+    {
+        "unknown", "removed", "turned_off", "not_assigned", "nested_disabled", "left_group",
+        "unassigned", "nesting_chain", "nesting_off", "pending_remove", "available",
+        "host_unsupported",
+    }
+)  # fmt: skip
+"""Causes that say the add-in is not (or soon no longer) there because of the state held:
+on stale state, a newer message may have changed them."""
+
+
+def _stamp(rep: WhyReport, f: Freshness, name: str) -> WhyReport:
+    """Every report carries its freshness; a negative verdict on stale state says as of when."""
+    rep.freshness = f.to_json()
+    if not f.stale or rep.cause not in NEGATIVE:
+        return rep
+    since = (
+        f"as of {clock(f.as_of)}; this machine has not synced since then"
+        if f.as_of
+        else "as far as this machine knows; it has never synced"
+    )
+    if rep.cause == "not_assigned":
+        rep.verdict = (
+            f"{name} is not assigned to you {since} ({f.why_stale}), so a newer assignment "
+            "may not have reached it (see `addin-agent status`). If that is still so once it "
+            "has synced, ask your admin to assign it to you or to one of your groups."
+        )
+    else:
+        rep.verdict += (
+            f" This is {since} ({f.why_stale})."
+            if f.as_of
+            else f" This machine has never synced ({f.why_stale})."
+        )
+    return rep
 
 
 def _follow(c: _Chain) -> None:
@@ -191,7 +257,8 @@ def _start(rm: ReadModel, query: str, host: Host | None) -> WhyReport | _Chain:
             ),
         )
     x = explain(state, user, addin_id, hosts_here)
-    name = x.entry.name if x.entry else addin_id
+    name = x.entry.name if x.entry else (rm.former_name(addin_id) or rm.installed_name(addin_id))
+    name = name or addin_id
     rep = WhyReport(query, addin_id, name, host.value if host else None, "", "", [])
     unplaced = frozenset(Host(h) for h in info.get("unplaced_hosts", []) if h in set(Host))
     return _Chain(rm, state, user, hosts_here, host, x, name, rep, unplaced=unplaced)
@@ -201,19 +268,18 @@ def _catalog(c: _Chain) -> bool:
     """1. Is it in the catalog, and turned on?"""
     e, name = c.x.entry, c.name
     if e is None:
-        held = c.state.held.get(Topic.catalog(c.state.tenant, c.x.addin_id))
-        rev = held.revision if held else "?"
-        c.step("catalog", False, f"removed from the catalog (revision {rev})")
+        held = c.rm.held(str(Topic.catalog(c.state.tenant, c.x.addin_id)))
+        rev, at = (held.revision, held.at) if held else (None, None)
+        when = f"by the admin {_at(at)}{_rev(rev)}" if held else "by the admin"
+        c.step("catalog", False, f"removed from the catalog {when}")
         installed = c.rm.hosts_with(c.x.addin_id)
         if installed:
             return c.done(
                 "removed",
-                f"{name} was removed from the catalog by the admin; it is "
-                f"removed from {', '.join(installed)} when they next start.",
+                f"{name} was removed from the catalog {when}; it is removed from "
+                f"{', '.join(installed)} {next_start(installed)}.",
             )
-        return c.done(
-            "removed", f"{name} was removed from the catalog by the admin (revision {rev})."
-        )
+        return c.done("removed", f"{name} was removed from the catalog {when}.")
     c.step(
         "catalog",
         e.enabled,
@@ -247,28 +313,74 @@ def _assignments(c: _Chain) -> bool:
         )
     if x.grants:
         return False
+    lost = c.rm.lost(x.addin_id)
     if x.blocked:
         g = x.blocked[0]
         via = " → ".join(g.path)
+        off = (
+            f"the admin turned nested groups off {_at(lost.at)}{_rev(lost.revision)}"
+            if lost is not None and lost.cause == "nesting_off"
+            else "nesting is disabled"
+        )
+        if off != "nesting is disabled":
+            c.step("history", False, off)
         return c.done(
             "nested_disabled",
             f"You are in group {g.group_id} only through nested group "
-            f"{g.path[0]} ({via}); nesting is disabled, so the assignment to "
+            f"{g.path[0]} ({via}); {off}, so the assignment to "
             f"{g.group_id} does not reach you.",
         )
+    because = _lost_text(lost, name) if lost is not None else None
+    if because:
+        c.step("history", False, because)
     inst = c.rm.hosts_with(x.addin_id)
     if inst:
         return c.done(
             "pending_remove",
-            f"Still in {', '.join(inst)}: {name} is removed when "
-            f"{'it' if len(inst) == 1 else 'they'} next start(s), because no assignment "
-            "reaches you any more.",
+            f"Still in {', '.join(inst)}: {name} is removed {next_start(inst)}, because "
+            "no assignment reaches you any more"
+            + (f": {because[0].lower()}{because[1:]}" if because else "")
+            + ".",
+        )
+    if lost is not None and because:
+        return c.done(
+            lost.cause,
+            f"{because}. No other assignment reaches you: ask your admin to assign it to you "
+            "or to one of your groups.",
         )
     return c.done(
         "not_assigned",
         f"{name} exists in the catalog, but no assignment "
         f"reaches you (user {c.user}): ask your admin to assign it to you or to one of your groups.",
     )
+
+
+def _lost_text(lost: LostRecord, name: str) -> str | None:
+    """The sentence for what took the last assignment of `name` away (None: not known)."""
+    when = f"{_at(lost.at)}{_rev(lost.revision)}"
+    group, path = lost.group_id, lost.path
+    if lost.cause == "unassigned":
+        target = {"everyone": "Everyone", "user": "you"}.get(lost.target or "", f"group {group}")
+        return f"The admin unassigned {name} from {target} {when}"
+    if lost.cause == "left_group" and path:
+        if len(path) == 1:
+            return f"You left group {path[0]} {when}; it carried {name}"
+        return (
+            f"You left group {path[0]} {when}; through it you were in group {group} "
+            f"({' → '.join(path)}), which carried {name}"
+        )
+    if lost.cause == "nesting_chain" and len(lost.link) == 2:
+        child, parent = lost.link
+        return (
+            f"The admin took group {child} out of group {parent} {when}; you were in group "
+            f"{group} through {' → '.join(path)}, and it carried {name}"
+        )
+    if lost.cause == "nesting_off":
+        return (
+            f"The admin turned nested groups off {when}; you were in group {group} only "
+            f"through {' → '.join(path)}, and it carried {name}"
+        )
+    return None
 
 
 def _mode(c: _Chain) -> bool:
@@ -278,7 +390,7 @@ def _mode(c: _Chain) -> bool:
     c.step(
         "mode",
         None,
-        f"{c.mode} (strongest of {len(c.x.grants)} assignment(s))"
+        f"{c.mode} (strongest of {_assignments_n(len(c.x.grants))})"
         + (f"; your choice: {c.choice}" if c.choice else ""),
     )
     return False
@@ -329,14 +441,13 @@ def _wanted(c: _Chain) -> bool:
         return c.done(
             "pending_remove",
             f"{name} is now only available; it is removed "
-            f"from {', '.join(inst)} when they next start (run `addin-agent install "
+            f"from {', '.join(inst)} {next_start(inst)} (run `addin-agent install "
             f"{name}` to keep it).",
         )
     return c.done(
         "available",
         f"{name} is available to you but not installed by "
-        f"default: run `addin-agent install {name}`; it appears when "
-        f"{', '.join(c.targets)} next start(s).",
+        f"default: run `addin-agent install {name}`; it appears {next_start(c.targets)}.",
     )
 
 

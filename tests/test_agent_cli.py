@@ -92,8 +92,12 @@ async def test_daemon_and_commands(
         }
         rep = cli_json(cfg, "why", "notes", "--host", "Excel")
         assert isinstance(rep, dict) and rep["cause"] == "pending_install"
+        # Every answer says how fresh it is: live while the daemon runs, connected.
+        fresh = rep["freshness"]
+        assert (fresh["daemon_running"], fresh["connected"], fresh["stale"]) == (True, True, False)
         code, out = cli(cfg, "why", "notes", "--host", "Excel")
         assert code == 0 and "applies when Excel next starts" in out.replace("\n", " ")
+        assert "data: live: the agent is running and connected to the broker" in out
         evs = cli_json(cfg, "events", "--since", "1h")
         assert isinstance(evs, list)
         kinds = {e["kind"] for e in evs}
@@ -118,6 +122,14 @@ async def test_daemon_and_commands(
         # With the daemon stopped, everything still answers from the cache alone.
         st = cli_json(cfg, "status")
         assert isinstance(st, dict) and st["daemon_running"] is False
+        # ... as of the daemon's last contact with the broker, which its stop recorded.
+        rep = cli_json(cfg, "why", "notes")
+        assert isinstance(rep, dict)
+        fresh = rep["freshness"]
+        assert (fresh["daemon_running"], fresh["connected"], fresh["stale"]) == (False, False, True)
+        assert fresh["broker_at"] >= st["last_message_at"] and fresh["as_of"] == fresh["broker_at"]
+        code, out = cli(cfg, "why", "notes")
+        assert code == 0 and "data: STALE: the agent is not running" in out.replace("\n", " ")
         # (in a thread: the command runs its own event loop, as it does in a shell)
         body = await asyncio.to_thread(cli_json, cfg, "launch", "Excel")
         assert body == {

@@ -4,6 +4,7 @@ HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,66 @@ async def test_host_filter(server: ServerProcess, make_agent: MakeAgent) -> None
     conn = open_readonly(agent.config.cache_path)
     assert why(conn, "mail", Host.WORD).cause == "host_unsupported"
     assert why(conn, "doc", Host.EXCEL).cause == "host_not_installed"
+
+
+async def test_why_names_the_removal_and_the_group_left_after_they_were_applied(
+    server: ServerProcess, make_agent: MakeAgent
+) -> None:
+    gone, grp, every = addin_id("Contoso Gone"), addin_id("Sales Sheet"), addin_id("Everywhere")
+    for name in ("Contoso Gone", "Sales Sheet", "Everywhere"):
+        await server.upload(manifest(name))
+    await server.group("sales")
+    await server.join("sales", "ann")
+    await server.assign(gone, "everyone")
+    await server.assign(every, "everyone")
+    await server.assign(grp, "group", "sales")
+    agent = await make_agent(watch_hosts=False)
+    await settled(agent, server)
+    assert set(await agent.launch(Host.WORD)) == {gone, grp, every}
+    removal = int((await server.call("DELETE", f"/v1/addins/{gone}"))["revision"])
+    left = await server.leave("sales", "ann")
+    unassigned = await server.unassign(every, "everyone")
+    await until(lambda: agent.entitlements() == {}, what="all three taken away")
+    await settled(agent, server)
+    assert await agent.launch(Host.WORD) == {}  # every removal applied
+    conn = open_readonly(agent.config.cache_path)
+    for q in ("Contoso Gone", "contoso gone", gone):
+        rep = why(conn, q, Host.WORD, running=True)
+        assert (rep.cause, rep.name) == ("removed", "Contoso Gone"), (q, rep.verdict)
+        assert rep.verdict.startswith("Contoso Gone was removed from the catalog by the admin at ")
+        assert rep.verdict.endswith(f"(revision {removal}).") and gone not in rep.verdict
+    rep = why(conn, "Sales Sheet", Host.WORD, running=True)
+    assert rep.cause == "left_group", rep.verdict
+    assert rep.verdict.startswith("You left group sales at ")
+    assert f"(revision {left}); it carried Sales Sheet." in rep.verdict
+    rep = why(conn, "Everywhere", Host.WORD, running=True)
+    assert rep.cause == "unassigned", rep.verdict
+    assert "unassigned Everywhere from Everyone at " in rep.verdict
+    assert f"(revision {unassigned})" in rep.verdict
+    conn.close()
+
+
+async def test_why_with_the_daemon_stopped_since_before_an_assignment_says_as_of(
+    server: ServerProcess, make_agent: MakeAgent
+) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    late = addin_id("late")
+    await server.upload(manifest("late"))
+    agent = await make_agent(watch_hosts=False)
+    await settled(agent, server)
+    await agent.stop()
+    await server.assign(late, "everyone")  # the stopped agent never hears of it
+    r = CliRunner().invoke(main, ["--cache", agent.config.cache_path, "why", "late", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["cause"] == "not_assigned"
+    assert rep["verdict"].startswith("late is not assigned to you as of ")
+    assert "; this machine has not synced since then (the agent is not running)" in rep["verdict"]
+    f = rep["freshness"]
+    assert f["daemon_running"] is False and f["stale"] is True and f["broker_at"] is not None
 
 
 async def test_the_installed_aiomqtt_allows_direct_delivery() -> None:

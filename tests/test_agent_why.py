@@ -8,6 +8,8 @@ through the fetcher's verification, so no broker or server is needed here.
 from __future__ import annotations
 
 import hashlib
+import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from addin_core.protocol import (
     Host,
     Membership,
     Mode,
+    Policy,
     Source,
     Tombstone,
     Topic,
@@ -29,6 +32,7 @@ from agent.cache import open_readonly
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.fetcher import verify
+from agent.freshness import STALE_AFTER
 from agent.why import why
 
 T = "contoso"
@@ -52,9 +56,10 @@ class World:
         perms: str | None = None,
         manifest_perms: str | None = None,
         fetch: bool | str = True,
+        aid: str | None = None,
     ) -> str:
-        aid = addin_id(name)
-        xml = manifest(name, version, hosts, permissions=manifest_perms or perms)
+        aid = aid or addin_id(name)
+        xml = manifest(name, version, hosts, permissions=manifest_perms or perms, addin_id=aid)
         digest = hashlib.sha256(xml).hexdigest()
         entry = CatalogEntry(
             revision=self.r(),
@@ -78,6 +83,24 @@ class World:
     async def everyone(self, aid: str, mode: Mode = Mode.FIXED) -> None:
         await self.agent.accept(
             Topic.assign_everyone(T, aid), Assignment(revision=self.r(), mode=mode)
+        )
+
+    async def groups(self, *groups: str) -> None:
+        await self.agent.accept(
+            Topic.member(T, "ann"), Membership(revision=self.r(), groups=list(groups))
+        )
+
+    async def parents(self, group: str, *parents: str) -> None:
+        await self.agent.accept(
+            Topic.group_parents(T, group), GroupParents(revision=self.r(), parents=list(parents))
+        )
+
+    async def nesting(self, on: bool) -> None:
+        await self.agent.accept(Topic.policy(T), Policy(revision=self.r(), nested_groups=on))
+
+    async def to_group(self, group: str, aid: str, mode: Mode = Mode.FIXED) -> None:
+        await self.agent.accept(
+            Topic.assign_group(T, group, aid), Assignment(revision=self.r(), mode=mode)
         )
 
     async def tombstone(self, topic: Topic) -> None:
@@ -283,3 +306,172 @@ async def test_why_reports_a_change_refused_for_its_signature_until_superseded(
         conn.close()
     finally:
         await agent.stop()
+
+
+# -- issue 14: the true cause when the state no longer holds it, freshness, wording ---------------
+def _hhmm(rep_verdict: str) -> bool:
+    return re.search(r" at (\d{4}-\d\d-\d\d )?\d\d:\d\d \(revision \d+\)", rep_verdict) is not None
+
+
+async def test_a_removed_addin_is_found_by_every_name_it_had_after_the_removal_applied(
+    world: World,
+) -> None:
+    w, a = world, world.agent
+    conn = open_readonly(a.config.cache_path)
+    aid = await w.catalog("Contoso Draft", aid=addin_id("gone-for-good"))
+    await w.everyone(aid)
+    await a.launch(Host.WORD)
+    await w.catalog("Contoso Final", "1.1.0.0", aid=aid)  # renamed by the admin
+    await w.tombstone(Topic.catalog(T, aid))
+    removal = w.rev
+    # Still installed: removed when Word next starts, said with its name.
+    rep = why(conn, "Contoso Final", Host.WORD)
+    assert (rep.cause, rep.addin_id, rep.name) == ("removed", aid, "Contoso Final")
+    assert "removed from Word when Word next starts" in rep.verdict
+    assert await a.launch(Host.WORD) == {}
+    assert a.installed() == {}
+    # The removal is applied: nothing of it is installed, pending or entitled any more, and
+    # every name and the id still find it, with the admin's removal, its time and revision.
+    for q in ("Contoso Final", "contoso draft", "CONTOSO FINAL", aid):
+        rep = why(conn, q, Host.WORD)
+        assert (rep.cause, rep.addin_id, rep.name) == ("removed", aid, "Contoso Final"), q
+        assert rep.verdict.startswith("Contoso Final was removed from the catalog by the admin at ")
+        assert f"(revision {removal})" in rep.verdict and _hhmm(rep.verdict)
+        assert aid not in rep.verdict
+    # A name nobody ever had is still unknown.
+    assert why(conn, "Contoso Nothing").cause == "unknown"
+
+
+async def test_why_names_what_took_the_assignment_away(world: World) -> None:
+    w, a = world, world.agent
+    conn = open_readonly(a.config.cache_path)
+
+    def rep(q: str) -> tuple[str, str]:
+        r = why(conn, q, Host.WORD)
+        return r.cause, r.verdict
+
+    left, via_emea, unassigned, chain = [
+        await w.catalog(n) for n in ("left", "via-emea", "unassigned", "chain")
+    ]
+    mine = await w.catalog("mine")
+    await w.nesting(True)
+    await w.groups("sales", "emea")
+    await w.parents("emea", "all-staff")
+    await w.to_group("sales", left)
+    await w.to_group("all-staff", via_emea)
+    await w.to_group("sales", unassigned)
+    await a.accept(Topic.assign_user(T, "ann", mine), Assignment(revision=w.r(), mode=Mode.FIXED))
+    await w.groups("sales", "emea", "emea-north")
+    await w.parents("emea-north", "partners")
+    await w.to_group("partners", chain)
+    assert {left, via_emea, unassigned, chain, mine} <= set(a.entitlements())
+
+    # An unassignment from a group, and from the user directly.
+    await w.tombstone(Topic.assign_group(T, "sales", unassigned))
+    c, v = rep("unassigned")
+    assert c == "unassigned" and v.startswith(
+        "The admin unassigned unassigned from group sales at "
+    )
+    assert _hhmm(v) and "No other assignment reaches you" in v
+    await w.tombstone(Topic.assign_user(T, "ann", mine))
+    c, v = rep("mine")
+    assert c == "unassigned" and "unassigned mine from you at " in v
+    # A nesting the admin removed from the chain.
+    await w.parents("emea-north")
+    c, v = rep("chain")
+    assert c == "nesting_chain" and "took group emea-north out of group partners at " in v
+    assert "emea-north → partners" in v
+    # The user leaves a group that carried an add-in directly, and one they were in nested.
+    await w.groups("emea")
+    c, v = rep("left")
+    assert c == "left_group" and v.startswith("You left group sales at ")
+    assert "; it carried left." in v and _hhmm(v)
+    await w.groups()
+    c, v = rep("via-emea")
+    assert c == "left_group" and "You left group emea at " in v
+    assert "through it you were in group all-staff (emea → all-staff), which carried via-emea" in v
+    # The cause is what the history says, not a generic "no assignment reaches you".
+    for q in ("left", "via-emea", "unassigned", "chain", "mine"):
+        assert "no assignment\nreaches you" not in rep(q)[1] and rep(q)[0] != "not_assigned"
+
+
+async def test_why_names_the_group_left_while_still_installed_and_the_nesting_turned_off(
+    world: World,
+) -> None:
+    w, a = world, world.agent
+    conn = open_readonly(a.config.cache_path)
+    x, n = await w.catalog("tables"), await w.catalog("clauses")
+    await w.groups("sales", "emea")
+    await w.to_group("sales", x)
+    await w.nesting(True)
+    await w.parents("emea", "legal")
+    await w.to_group("legal", n)
+    await a.launch(Host.WORD)
+    await w.groups("emea")
+    rep = why(conn, "tables", Host.WORD)
+    assert rep.cause == "pending_remove"
+    assert rep.verdict.startswith(
+        "Still in Word: tables is removed when Word next starts, because no assignment "
+        "reaches you any more: you left group sales at "
+    )
+    assert any(s.label == "history" and "You left group sales" in s.detail for s in rep.steps)
+    await w.nesting(False)
+    off = w.rev
+    rep = why(conn, "clauses", Host.WORD)
+    assert rep.cause == "nested_disabled"
+    assert "the admin turned nested groups off at " in rep.verdict
+    assert f"(revision {off})" in rep.verdict and "emea → legal" in rep.verdict
+
+
+async def test_every_verdict_says_how_fresh_it_is_and_a_stale_negative_says_as_of(
+    world: World,
+) -> None:
+    w, a = world, world.agent
+    conn = open_readonly(a.config.cache_path)
+    await w.catalog("lonely")
+    x = await w.catalog("here")
+    await w.everyone(x)
+    # The daemon's own transition for a connection (no broker needed to record it).
+    await a._on_connect(False)
+    now = time.time()
+    live = why(conn, "lonely", Host.WORD, running=True, now=now)
+    assert live.cause == "not_assigned" and "as of" not in live.verdict
+    assert live.freshness is not None
+    assert live.freshness["connected"] is True and live.freshness["stale"] is False
+    assert live.freshness["broker_at"] == now
+    # The daemon stopped since: every answer is as of its last contact.
+    stopped = why(conn, "lonely", Host.WORD, running=False, now=now)
+    f = stopped.freshness
+    assert f is not None and f["stale"] is True and f["daemon_running"] is False
+    assert f["broker_at"] is not None and f["as_of"] == f["broker_at"]
+    assert stopped.cause == "not_assigned"
+    assert stopped.verdict.startswith("lonely is not assigned to you as of ")
+    assert "; this machine has not synced since then (the agent is not running)" in stopped.verdict
+    # A positive verdict keeps its words, and carries the freshness all the same.
+    pos = why(conn, "here", Host.WORD, running=False, now=now)
+    assert pos.cause == "pending_install" and "as of" not in pos.verdict
+    assert pos.to_json()["freshness"]["stale"] is True
+    # Running but cut off from the broker: fresh for STALE_AFTER, then stale.
+    await a._on_disconnect("connection refused")
+    assert why(conn, "lonely", Host.WORD, running=True, now=now).freshness["stale"] is False  # type: ignore[index]
+    late = why(conn, "lonely", Host.WORD, running=True, now=now + STALE_AFTER + 1)
+    assert late.freshness is not None and late.freshness["stale"] is True
+    assert "(the agent is not connected to the broker)" in late.verdict
+
+
+async def test_verdicts_read_as_sentences(world: World) -> None:
+    w, a = world, world.agent
+    conn = open_readonly(a.config.cache_path)
+    av = await w.catalog("two-hosts", hosts=("Word", "Excel"))
+    await w.everyone(av, Mode.AVAILABLE)
+    rep = why(conn, "two-hosts")
+    assert "it appears when Word and Excel next start." in rep.verdict
+    assert "(s)" not in rep.verdict
+    assert any(s.detail == "available (strongest of 1 assignment)" for s in rep.steps)
+    both = await w.catalog("both", hosts=("Word", "Excel"))
+    await w.everyone(both)
+    await a.launch(Host.WORD)
+    await a.launch(Host.EXCEL)
+    await w.tombstone(Topic.catalog(T, both))
+    rep = why(conn, "both")
+    assert "it is removed from Excel, Word when Excel and Word next start." in rep.verdict
