@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -87,10 +88,23 @@ class Coordinator:
         return self.fleet.tearing_down
 
     async def execute(self) -> RunResult:
+        if self.options.workdir is not None:
+            return await self._execute_in(self.options.workdir)
+        # A private folder, removed after a run that ended well; a failed run keeps it: its
+        # broker, server and worker logs are what explains the failure (errors name them).
+        workdir = Path(tempfile.mkdtemp(prefix="addin-sim-"))
+        try:
+            result = await self._execute_in(workdir)
+        except RunError as e:
+            raise RunError(f"{e} (the run's logs are kept in {workdir})") from e
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        shutil.rmtree(workdir, ignore_errors=True)
+        return result
+
+    async def _execute_in(self, workdir: Path) -> RunResult:
         with contextlib.ExitStack() as stack:
-            workdir = self.options.workdir or Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="addin-sim-"))
-            )
             env = Environment(self.options, workdir, self.clients)
             stack.callback(env.stop)
             # Finished even if cancelled meanwhile: a process being started in that thread

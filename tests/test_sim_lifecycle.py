@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,6 +127,29 @@ async def test_a_worker_that_dies_fails_the_run_at_once(tmp_path: Path) -> None:
             await asyncio.wait_for(run, 120)
     finally:
         killer.cancel()
+
+
+async def test_a_failed_run_keeps_its_logs_and_says_where() -> None:
+    """Without --workdir the run's folder is temporary; when the run fails it stays, and the
+    error names it (the broker, server and worker logs are what explains a failure)."""
+    coordinator = Coordinator(
+        parse_scenario(LONG_WAIT), RunOptions(clients=10, workers=1, baseline=False)
+    )
+    run = asyncio.ensure_future(coordinator.execute())
+    for _ in range(1200):  # at most 60 s
+        if coordinator.local_procs and coordinator.workers:
+            break
+        await asyncio.sleep(0.05)
+    (proc,) = coordinator.local_procs.values()
+    proc.kill()
+    with pytest.raises(RunError, match=r"the run's logs are kept in (\S+)\)") as e:
+        await asyncio.wait_for(run, 120)
+    kept = Path(str(e.value).rsplit("kept in ", 1)[1].rstrip(")"))
+    try:
+        assert (kept / "server.log").is_file()
+        assert (kept / "broker" / "mosquitto.log").is_file()
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
 
 
 FAILING_OFFLINE = """
