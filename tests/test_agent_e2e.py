@@ -146,8 +146,13 @@ async def test_nested_groups_on_and_off(server: ServerProcess, make_agent: MakeA
     await server.policy(True)
     await until(lambda: n in agent.entitlements(), what="nesting enabled")
     assert agent.entitlements()[n].grants[0].path == ("emea", "sales")
-    await server.policy(False)
+    rev = await server.policy(False)
     await until(lambda: n not in agent.entitlements(), what="nesting disabled")
+    # The verdict names the policy change that took it, with its revision.
+    await settled(agent, server)
+    rep = why(open_readonly(agent.config.cache_path), "nested")
+    assert rep.cause == "nested_disabled"
+    assert "turned nested groups off" in rep.verdict and f"revision {rev}" in rep.verdict
 
 
 async def test_modes_fixed_optional_available(server: ServerProcess, make_agent: MakeAgent) -> None:
