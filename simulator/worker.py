@@ -274,44 +274,40 @@ class Worker:
             cache_path = ":none:"
         else:
             cache_path = ":memory:"
+        common: dict[str, Any] = dict(
+            tenant=s["tenant"],
+            user_id=c.user_id,
+            client_id=c.client_id,
+            server_url=self.server_url,
+            cache_path=cache_path,
+            applier="memory",
+            control=None,
+            watch_hosts=False,  # no Office here, and thousands of agents in one process
+        )
         tls = s.get("tls")
         if tls is not None:
             # --tls: the device's own certificate (its CN is the client id) and token, as
             # in the agent.toml `addin-server enroll` writes; nothing insecure.
             devices = Path(tls["devices"])
             return AgentConfig(
-                tenant=s["tenant"],
-                user_id=c.user_id,
-                client_id=c.client_id,
+                **common,
                 broker_url=tls["broker_url"],
-                server_url=self.server_url,
                 server_token=c.token,
                 signing_key=s["signing_key"],
                 tls_ca=tls["ca"],
                 tls_cert=str(devices / f"{c.client_id}.crt"),
                 tls_key=str(devices / f"{c.client_id}.key"),
-                cache_path=cache_path,
-                applier="memory",
-                control=None,
-                watch_hosts=False,
             )
         return AgentConfig(
-            tenant=s["tenant"],
-            user_id=c.user_id,
-            client_id=c.client_id,
+            **common,
             insecure=True,  # the simulated fleet runs on a private loopback broker
             broker_url=self.broker.url,
             broker_username=self.broker.username,
             broker_password=self.broker.password,
-            server_url=self.server_url,
             server_token=s.get("agent_token"),
             # Every state message verified, as on a real workstation; unsigned only when
             # the run was given a server without its key.
             signing_key=s.get("signing_key"),
-            cache_path=cache_path,
-            applier="memory",
-            control=None,
-            watch_hosts=False,  # no Office here, and thousands of agents in one process
         )
 
     def _observer(self, c: VirtualClient) -> Any:
