@@ -35,6 +35,23 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _others_can_run_the_agent() -> str | None:
+    """Why the other users cannot run this checkout's agent (None: they can). A checkout
+    under a private folder (e.g. `mktemp -d`, mode 0700) is unreachable for them."""
+    r = subprocess.run(
+        ["setpriv", f"--reuid={USERS['ann']}", f"--regid={USERS['ann']}", "--clear-groups",
+         sys.executable, "-c", "import agent.cli"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if r.returncode == 0:
+        return None
+    return (
+        f"uid {USERS['ann']} cannot import this checkout's agent ({r.stderr.strip()[-160:]}): "
+        "clone the project into a folder other users can read (not a private mktemp -d "
+        "folder) to run the multi-user test"
+    )
+
+
 @pytest.fixture
 def machine() -> Iterator[Path]:
     """A folder every user can reach (pytest's tmp_path is private to root), holding the
@@ -118,6 +135,9 @@ async def wait_ready(machine: Path, user: str, daemon: subprocess.Popen[bytes]) 
 async def test_two_users_each_have_their_own_agent_and_cannot_touch_the_others(
     machine: Path, broker: MosquittoBroker
 ) -> None:
+    unreachable = _others_can_run_the_agent()
+    if unreachable is not None:
+        pytest.skip(unreachable)
     server = ServerProcess(machine, broker)
     daemons: dict[str, subprocess.Popen[bytes]] = {}
     try:
