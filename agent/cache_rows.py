@@ -290,13 +290,22 @@ def pending_record(r: Row) -> PendingChange:
     )
 
 
-def received_state(rows: Iterable[Row], tenant: str, *, quiet: bool = False) -> ReceivedState:
+def received_state(
+    rows: Iterable[Row], tenant: str, *, quiet: bool = False, revalidate: bool = True
+) -> ReceivedState:
     """The state held, rebuilt from the ``received`` rows; an unreadable row (only a hand
-    edit makes one) is skipped, and logged unless `quiet` (the read-only commands)."""
-    # Here, not at the top: decoding needs the payload models (pydantic), which the
-    # read-only commands that never decode (`status`, `list`) do not import.
-    from addin_core.protocol import decode
+    edit makes one) is skipped, and logged unless `quiet` (the read-only commands).
+
+    `revalidate` runs each row through the protocol's models again (the daemon, on opening
+    its cache); without it the rows are rebuilt as `agent.cache_payloads` dataclasses, which
+    the read-only commands use because they cannot afford pydantic's import."""
     from agent.state import ReceivedState
+
+    if revalidate:
+        # Here, not at the top: the models (pydantic) are imported only when used.
+        from addin_core.protocol import decode
+    else:
+        from agent.cache_payloads import from_cache as decode  # type: ignore[assignment]
 
     state = ReceivedState(tenant)
     for r in rows:

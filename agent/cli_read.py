@@ -20,6 +20,7 @@ from agent.cli_common import (
     console,
     emit_json,
     fail,
+    long_table,
     parse_host,
     pass_ctx,
     shown,
@@ -170,11 +171,9 @@ def list_cmd(c: Ctx, host: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    t = Table(title="Add-ins")
-    for col in ("host", "name", "mode", "installed", "entitled", "pending", "via"):
-        t.add_column(col, overflow="fold")
-    for r in rows:
-        t.add_row(
+    columns = ("host", "name", "mode", "installed", "entitled", "pending", "via")
+    cells = [
+        (
             r["host"],
             r["name"],
             r["mode"] or "—",
@@ -183,7 +182,9 @@ def list_cmd(c: Ctx, host: str | None, as_json: bool) -> None:
             r["pending"] or "",
             r["via"] or "",
         )
-    console.print(t)
+        for r in rows
+    ]
+    console.print(long_table("Add-ins", columns, cells))
 
 
 @click.command()

@@ -153,7 +153,7 @@ class ReadModel:
     # -- state held ------------------------------------------------------------------------------
     def received_state(self, tenant: str) -> ReceivedState:
         rows = self.conn.execute("SELECT topic, payload FROM received")
-        return received_state(rows, tenant, quiet=True)
+        return received_state(rows, tenant, quiet=True, revalidate=False)
 
     def highest_revision(self) -> int:
         row = self.conn.execute("SELECT coalesce(max(revision), 0) FROM received").fetchone()

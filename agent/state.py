@@ -8,19 +8,19 @@ queued-while-offline messages that arrive after fresher retained state).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from addin_core.protocol import (
-    AnyPayload,
-    Assignment,
-    CatalogEntry,
-    GroupParents,
-    Membership,
-    Policy,
-    Tombstone,
-    Topic,
-    TopicKind,
-)
+from addin_core.topics import Topic, TopicKind
+
+if TYPE_CHECKING:
+    # Types only: the read-only commands rebuild this state from the cache without pydantic
+    # (`agent.cache_payloads`), so nothing here may depend on the model classes at run time.
+    from addin_core.protocol import AnyPayload, Assignment, CatalogEntry, Policy
+
+
+def is_tombstone(payload: AnyPayload) -> bool:
+    """A retained deletion (a `Tombstone`, or its rebuilt form from the cache)."""
+    return getattr(payload, "deleted", False) is True
 
 
 @dataclass(slots=True)
@@ -70,23 +70,23 @@ class ReceivedState:
             return False
         if not self.is_newer(topic, payload):
             return False
-        deleted = isinstance(payload, Tombstone)
+        deleted = is_tombstone(payload)
         k = TopicKind
         match topic.kind:
             case k.CATALOG:
-                _put(self.catalog, topic.addin_id, payload, deleted, CatalogEntry)
+                _put(self.catalog, topic.addin_id, payload, deleted)
             case k.ASSIGN_EVERYONE:
-                _put(self.assign_everyone, topic.addin_id, payload, deleted, Assignment)
+                _put(self.assign_everyone, topic.addin_id, payload, deleted)
             case k.ASSIGN_GROUP:
                 assert topic.group_id is not None
                 bucket = self.assign_group.setdefault(topic.group_id, {})
-                _put(bucket, topic.addin_id, payload, deleted, Assignment)
+                _put(bucket, topic.addin_id, payload, deleted)
                 if not bucket:
                     del self.assign_group[topic.group_id]
             case k.ASSIGN_USER:
                 assert topic.user_id is not None
                 ubucket = self.assign_user.setdefault(topic.user_id, {})
-                _put(ubucket, topic.addin_id, payload, deleted, Assignment)
+                _put(ubucket, topic.addin_id, payload, deleted)
                 if not ubucket:
                     del self.assign_user[topic.user_id]
             case k.MEMBER:
@@ -94,20 +94,17 @@ class ReceivedState:
                 if deleted:
                     self.membership.pop(topic.user_id, None)
                 else:
-                    assert isinstance(payload, Membership)
-                    self.membership[topic.user_id] = list(payload.groups)
+                    self.membership[topic.user_id] = list(payload.groups)  # type: ignore[union-attr]
             case k.GROUP_PARENTS:
                 assert topic.group_id is not None
                 if deleted:
                     self.parents.pop(topic.group_id, None)
                 else:
-                    assert isinstance(payload, GroupParents)
-                    self.parents[topic.group_id] = list(payload.parents)
+                    self.parents[topic.group_id] = list(payload.parents)  # type: ignore[union-attr]
             case k.POLICY:
-                if isinstance(payload, Policy):
-                    self.policy = payload
-                else:
+                if deleted:
                     return False
+                self.policy = payload  # type: ignore[assignment]
         self.held[topic] = Held(
             getattr(payload, "revision", 0), getattr(payload, "committed_at", None), payload
         )
@@ -133,7 +130,7 @@ class ReceivedState:
 
     def is_tombstoned(self, topic: Topic) -> bool:
         h = self.held.get(topic)
-        return bool(h and isinstance(h.payload, Tombstone))
+        return bool(h and is_tombstone(h.payload))
 
 
 def _put(
@@ -141,11 +138,9 @@ def _put(
     key: str | None,
     payload: AnyPayload,
     deleted: bool,
-    model: type,
 ) -> None:
     assert key is not None
     if deleted:
         table.pop(key, None)
     else:
-        assert isinstance(payload, model)
         table[key] = payload

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from addin_core.permissions import consent_changes
-from addin_core.protocol import Host, Mode, ProtocolError, Topic, TopicKind
+from addin_core.topics import Host, Mode, ProtocolError, Topic, TopicKind
 from addin_runtime.cli_support import did_you_mean
 from agent.applier import MAILBOX
 from agent.freshness import Freshness, clock, daemon_state, freshness
