@@ -140,6 +140,11 @@ class AgentConfig(BaseModel):
     """Local control endpoint: a unix socket path (a TCP endpoint is refused). None or empty
     disables it (the simulator runs thousands of agents)."""
     fetch_concurrency: int = Field(default=4, ge=1, le=64)
+    manifest_mirrors: tuple[str, ...] = Field(default=(), max_length=8)
+    """Base URLs of manifest mirrors (folders written by `addin-server manifests export`,
+    served by any web server or CDN), tried in order before the server; each manifest is at
+    ``<base>/<sha256>`` and is accepted only if it hashes to the catalog's sha256. https
+    mirrors are verified with the system's CAs and the tenant's; http only when insecure."""
     session_expiry: int = Field(default=8 * 86400, ge=7 * 86400)
     """MQTT 5 session expiry in seconds; at least 7 days so a week offline loses nothing."""
     keepalive: int = Field(default=60, ge=5, le=3600)
@@ -194,6 +199,17 @@ class AgentConfig(BaseModel):
                 f"{v!r} is plain HTTP; without insecure = true the server must be "
                 f"https://HOST[:PORT]: {SECURE_HOW}"
             )
+        return v
+
+    @field_validator("manifest_mirrors")
+    @classmethod
+    def _mirrors(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        for url in v:
+            u = _split_url(url, ("http", "https"), "https://HOST[:PORT]/PATH")
+            if u.scheme != "https" and _secure(info):
+                raise ValueError(
+                    f"{url!r} is plain HTTP; without insecure = true a mirror must be https"
+                )
         return v
 
     @field_validator("signing_key")

@@ -40,7 +40,7 @@ from agent.pending import ManifestRecord, PendingChange, PendingKey
 from agent.resolver import Entitlement
 from agent.state import ReceivedState
 from agent.subscriptions import desired_filters
-from agent.tls import https_context, mqtt_context
+from agent.tls import https_context, mirror_context, mqtt_context
 from agent.transport import Transport
 
 log = logging.getLogger("addin_agent")
@@ -192,6 +192,8 @@ class Agent:
             http=self._http,
             concurrency=self.config.fetch_concurrency,
             ssl_context=https_context(self.config),
+            mirrors=self.config.manifest_mirrors,
+            mirror_tls=mirror_context(self.config),
         )
         self.downloads = Downloads(
             fetcher, self._record_manifest, self._record_fetch_error, self._still_needed

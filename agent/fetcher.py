@@ -19,6 +19,7 @@ import ssl
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -26,7 +27,7 @@ import httpx
 
 from addin_core.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from addin_core.protocol import CatalogEntry, Host
-from agent.http_pool import HttpPool
+from agent.http_pool import HttpPool, HttpResponse
 
 log = logging.getLogger("addin_agent.fetcher")
 
@@ -37,6 +38,7 @@ thousands of agents queue there costs quadratic CPU and starves the event loop (
 300 agents x 10 manifests stalled the loop for 20 s); queueing on a semaphore is O(1)."""
 
 HttpClient = HttpPool | httpx.AsyncClient
+HttpResponseLike = HttpResponse | httpx.Response
 """What a Fetcher downloads with: both have ``await get(url, headers=...)`` returning an object
 with ``status_code`` and ``content``, and raise `httpx.HTTPError` subclasses on failure."""
 
@@ -141,10 +143,16 @@ class Fetcher:
         base_delay: float = 0.2,
         max_delay: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        mirrors: Sequence[str] = (),
+        mirror_tls: ssl.SSLContext | None = None,
     ) -> None:
         """`ssl_context` (agent/tls.py) verifies an https server; a shared `http` client
-        brings its own."""
+        brings its own. `mirrors` are base URLs of folders written by `addin-server manifests
+        export` (each manifest at ``<base>/<sha256>``), tried in order before the server;
+        `mirror_tls` verifies the https ones."""
         self.server_url = server_url.rstrip("/")
+        self.mirrors = tuple(m.rstrip("/") for m in mirrors)
+        self.mirror_tls = mirror_tls
         self.token = token
         self._own = http is None
         self.http: HttpClient = http or HttpPool(
@@ -168,37 +176,60 @@ class Fetcher:
         """Full jitter: uniform in [0, min(max, base * 2^attempt)]."""
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
+    def _sources(self, entry: CatalogEntry) -> list[tuple[str, dict[str, str], bool]]:
+        """(url, headers, from a mirror) in the order tried: the mirrors, then the server.
+
+        A mirror never receives the device's token: it is a static folder any web server or
+        CDN serves, and the hash, not the mirror, vouches for what it sends."""
+        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        mirrored: list[tuple[str, dict[str, str], bool]] = [
+            (f"{m}/{entry.manifest_sha256}", {}, True) for m in self.mirrors
+        ]
+        return [*mirrored, (self.server_url + entry.manifest_url, auth, False)]
+
+    async def _get(self, url: str, headers: dict[str, str], mirror: bool) -> HttpResponseLike:
+        async with self._sem:
+            if self._shared is not None:
+                async with self._shared:
+                    return await self.http.get(url, headers=headers)
+            if mirror and isinstance(self.http, HttpPool) and url.startswith("https:"):
+                return await self.http.get(url, headers=headers, tls=self.mirror_tls)
+            return await self.http.get(url, headers=headers)
+
     async def fetch(self, entry: CatalogEntry) -> FetchResult:
-        url = self.server_url + entry.manifest_url
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        last = "not attempted"
+        """The manifest from the first source that has it, verified; each attempt tries every
+        mirror, then the server. A mirror whose bytes do not hash to the entry's sha256 is
+        skipped (stale or tampered), never believed: only the server's bytes can make a
+        final refusal."""
+        failures: list[str] = ["not attempted"]
         for attempt in range(self.attempts):
             if attempt:
                 await asyncio.sleep(self.backoff(attempt))
-            try:
-                async with self._sem:
-                    if self._shared is not None:
-                        async with self._shared:
-                            resp = await self.http.get(url, headers=headers)
-                    else:
-                        resp = await self.http.get(url, headers=headers)
-            except httpx.HTTPError as e:
-                last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                log.info("manifest %s attempt %d failed: %s", entry.addin_id, attempt + 1, last)
-                continue
-            if resp.status_code == 200:
-                result = verify(entry, resp.content)
-                return _with_attempts(result, attempt + 1)
-            last = f"HTTP {resp.status_code} from {url}"
-            log.info("manifest %s attempt %d: %s", entry.addin_id, attempt + 1, last)
-            if resp.status_code in (401, 403):
-                last += " (check server_token)"
+            failures = []
+            for url, headers, mirror in self._sources(entry):
+                where = f"mirror {url}" if mirror else url
+                try:
+                    resp = await self._get(url, headers, mirror)
+                except httpx.HTTPError as e:
+                    failures.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+                    log.info("manifest %s from %s failed: %s", entry.addin_id, where, failures[-1])
+                    continue
+                if resp.status_code != 200:
+                    hint = " (check server_token)" if resp.status_code in (401, 403) else ""
+                    failures.append(f"HTTP {resp.status_code} from {where}{hint}")
+                    log.info("manifest %s: %s", entry.addin_id, failures[-1])
+                    continue
+                if mirror and hashlib.sha256(resp.content).hexdigest() != entry.manifest_sha256:
+                    failures.append(f"{where} sent bytes that do not hash to the entry's sha256")
+                    log.warning("manifest %s: %s; skipped", entry.addin_id, failures[-1])
+                    continue
+                return _with_attempts(verify(entry, resp.content), attempt + 1)
         return FetchResult(
             "failed",
             entry.manifest_sha256,
             entry.addin_id,
             entry.version,
-            reason=last,
+            reason="; ".join(failures),
             attempts=self.attempts,
             fetched_at=time.time(),
         )

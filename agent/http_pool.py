@@ -88,18 +88,33 @@ class HttpPool:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def get(self, url: str, headers: dict[str, str] | None = None) -> HttpResponse:
+    async def get(
+        self,
+        url: str,
+        headers: dict[str, str] | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> HttpResponse:
+        """`tls` verifies this request's server instead of the pool's context (a manifest
+        mirror on a public CDN is verified with the system's CAs, the server with the
+        tenant's)."""
         if self._closed:
             raise httpx.TransportError("the HTTP pool is closed")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise httpx.UnsupportedProtocol(f"cannot fetch {url!r}: only http(s) URLs")
         async with self._slots:
-            return await self._get(url, headers)
+            return await self._get(url, headers, tls)
 
-    async def _get(self, url: str, headers: dict[str, str] | None) -> HttpResponse:
+    async def _get(
+        self, url: str, headers: dict[str, str] | None, tls: ssl.SSLContext | None
+    ) -> HttpResponse:
+        session = self._get_session()
         try:
-            async with self._get_session().get(url, headers=headers, allow_redirects=False) as resp:
+            # ssl=True keeps the connector's context (aiohttp's default for a request).
+            async with session.get(
+                url, headers=headers, allow_redirects=False, ssl=True if tls is None else tls
+            ) as resp:
                 if resp.content_length is not None and resp.content_length > self.max_body:
                     raise httpx.RemoteProtocolError(
                         f"body of {resp.content_length} bytes is over {self.max_body}"

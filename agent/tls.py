@@ -126,6 +126,24 @@ def https_context(cfg: AgentConfig) -> ssl.SSLContext | None:
     return _context("https", _material(cfg.tls_ca, "tls_ca"), None, None)
 
 
+def mirror_context(cfg: AgentConfig) -> ssl.SSLContext | None:
+    """The context for https manifest mirrors (None when there are none): the system's CAs, a
+    mirror being typically a public CDN, and the tenant's CA for a mirror inside the tenant.
+    Unlike the server's, a mirror's identity does not matter: what it sends is accepted only
+    if it hashes to the sha256 in the signed catalog entry."""
+    if not any(m.startswith("https:") for m in cfg.manifest_mirrors):
+        return None
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ca = _material(cfg.tls_ca, "tls_ca")
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+        except ssl.SSLError as e:
+            raise TlsSetupError(f"the TLS material is not usable: {e}") from None
+    return ctx
+
+
 def httpx_verify(cfg: AgentConfig) -> ssl.SSLContext | bool:
     """httpx's ``verify=`` for the server: the tenant's CA, or httpx's default (True)."""
     ctx = https_context(cfg)

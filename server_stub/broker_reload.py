@@ -37,7 +37,10 @@ def reload_broker(directory: Path) -> tuple[bool, str]:
     try:
         pid = int(pid_path.read_text().strip())
     except FileNotFoundError:
-        return False, f"no broker pid file {pid_path} (is `addin-server broker run` running?): {how}"
+        return (
+            False,
+            f"no broker pid file {pid_path} (is `addin-server broker run` running?): {how}",
+        )
     except (OSError, ValueError) as e:
         return False, f"cannot read {pid_path} ({e}): {how}"
     if _is_mosquitto(pid) is False:

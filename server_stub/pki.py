@@ -225,7 +225,9 @@ def init_pki(directory: Path, tenant: str, hosts: Sequence[str] = ()) -> list[Pa
         put(key_name, _key_pem(key), 0o600)
         put(cert_name, _cert_pem(ca.issue(cn, usage, key.public_key(), sans)))
     signing = ed25519.Ed25519PrivateKey.generate()
-    raw = signing.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = signing.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
     put(SIGNING_KEY, _key_pem(signing), 0o600)
     put(SIGNING_PUB, base64.b64encode(raw) + b"\n")
     put(CRL, write_crl_bytes(ca, []))
@@ -300,7 +302,9 @@ def open_pki(directory: Path) -> Pki:
     """The PKI directory made by `addin-server pki init`; PkiError saying what is missing."""
     info_path = directory / INFO
     if not directory.is_dir():
-        raise PkiError(f"no PKI folder {directory}: run `addin-server pki init {directory} --tenant T`")
+        raise PkiError(
+            f"no PKI folder {directory}: run `addin-server pki init {directory} --tenant T`"
+        )
     try:
         info = json.loads(info_path.read_text())
         tenant, hosts = str(info["tenant"]), [str(h) for h in info["hosts"]]

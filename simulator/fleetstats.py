@@ -8,6 +8,7 @@ Everything here adds up across workers: counters are summed, histograms and time
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -111,10 +112,12 @@ class MeteredHttpPool(HttpPool):
         super().__init__(**kwargs)
         self.stats = stats
 
-    async def _get(self, url: str, headers: dict[str, str] | None) -> HttpResponse:
+    async def _get(
+        self, url: str, headers: dict[str, str] | None, tls: ssl.SSLContext | None
+    ) -> HttpResponse:
         t0 = time.perf_counter()
         try:
-            resp = await super()._get(url, headers)
+            resp = await super()._get(url, headers, tls)
         except httpx.HTTPError as e:
             self.stats.request(time.time(), time.perf_counter() - t0, type(e).__name__)
             raise

@@ -52,8 +52,7 @@ DEVICE_USER = "device_user"
 
 def forbidden_detail(device_user: str) -> str:
     return (
-        f"this device acts for user {device_user!r}: it may read /v1/agents/{device_user}/... "
-        "only"
+        f"this device acts for user {device_user!r}: it may read /v1/agents/{device_user}/... only"
     )
 
 

@@ -90,7 +90,9 @@ class RequestGuard:
         if scheme.lower() != b"bearer":
             return 401, UNAUTHORIZED_DETAIL
         agent_route = path.startswith(_AGENT_PREFIXES)
-        allowed = (self.admin,) if not agent_route or self.agent is None else (self.admin, self.agent)
+        allowed = (
+            (self.admin,) if not agent_route or self.agent is None else (self.admin, self.agent)
+        )
         # Every token compared, in constant time, so timing says nothing about which matched.
         if sum(hmac.compare_digest(given, t) for t in allowed) > 0:
             return 0, ""

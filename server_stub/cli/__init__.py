@@ -5,7 +5,7 @@ file directly (``--db`` or ``ADDIN_SERVER_DB``), so it works with or without a r
 server; a running server's publisher picks the change up within ~150 ms.
 
 One module per command group: `serve`, `directory` (load, user, group, policy), `catalog`
-(addin, store), `troubleshooting` (explain, status, broker-config), `bundle` (show), `devices` (pki init,
+(addin, store), `troubleshooting` (explain, status, broker-config), `bundle` (show), `manifests` (export), `devices` (pki init,
 enroll, revoke, device list); `runner` is what they
 share (which database, common options, one operation with one ``error:`` line on failure).
 """
@@ -20,6 +20,7 @@ from server_stub.cli.bundle import bundle
 from server_stub.cli.catalog import addin, store
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
+from server_stub.cli.manifests import manifests
 from server_stub.cli.runner import db_option
 from server_stub.cli.serve import serve
 from server_stub.cli.troubleshooting import broker_config, explain, status
@@ -32,6 +33,6 @@ def main() -> None:
     """Deployment service stub: directory, catalog, assignments, publication."""
 
 
-for _command in (manifest, broker, serve, load, user, group, policy, addin, store, explain,
+for _command in (manifest, manifests, broker, serve, load, user, group, policy, addin, store, explain,
                  status, broker_config, pki, enroll, revoke, device, bundle):  # fmt: skip
     main.add_command(_command)

@@ -150,8 +150,8 @@ def _bundle(p: Pki, user: str, device: str, cert: Any, token: str, broker: str, 
             f"tls_ca = '''\n{ca}'''",
             f"tls_cert = '''\n{cert.cert_pem}'''",
             f"tls_key = '''\n{cert.key_pem}'''",
-            "# cache_path = \"addin-agent.sqlite\"   # relative to this file's folder",
-            "# applier = \"memory\"                  # or \"folder\", with applier_dir = \"...\"",
+            '# cache_path = "addin-agent.sqlite"   # relative to this file\'s folder',
+            '# applier = "memory"                  # or "folder", with applier_dir = "..."',
             "",
         ]
     )
@@ -165,8 +165,12 @@ def _default_url(scheme: str, host: str, port: int) -> str:
 @click.option("--user", "user_id", required=True, help="The user the device acts for.")
 @click.option("--device", "device_id", required=True, help="Device id: its MQTT client id.")
 @pki_option
-@click.option("--broker-url", default=None, help="mqtts://HOST:PORT [default: first PKI host, 8883]")
-@click.option("--server-url", default=None, help="https://HOST:PORT [default: first PKI host, 8443]")
+@click.option(
+    "--broker-url", default=None, help="mqtts://HOST:PORT [default: first PKI host, 8883]"
+)
+@click.option(
+    "--server-url", default=None, help="https://HOST:PORT [default: first PKI host, 8443]"
+)
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
     help="The agent.toml to write (mode 0600) [default: DEVICE.agent.toml].",
@@ -248,7 +252,9 @@ def enroll(
 
 
 def _enrolled(r: dict[str, Any]) -> str:
-    lines = [f"enrolled device {r['device']} for user {r['user']}: certificate serial {r['serial']}"]
+    lines = [
+        f"enrolled device {r['device']} for user {r['user']}: certificate serial {r['serial']}"
+    ]
     if r["replaced_serial"]:
         lines.append(f"revoked its previous certificate (serial {r['replaced_serial']}) and token")
     if r["was_revoked"]:
@@ -319,7 +325,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no devices enrolled (`addin-server enroll --user U --device D`)"
     table = [("DEVICE", "USER", "ENROLLED (UTC)", "REVOKED (UTC)")]
-    table += [(r["device"], r["user"], _when(r["enrolled_at"]), _when(r["revoked_at"])) for r in rows]
+    table += [
+        (r["device"], r["user"], _when(r["enrolled_at"]), _when(r["revoked_at"])) for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)) + "  " + row[3]

@@ -163,4 +163,6 @@ class Service:
             enrolled_only=self.enrolled_reports_only,
         )
         for client_id, claimed, why in refused:
-            log.warning("refused a report from client %r claiming user %r: %s", client_id, claimed, why)
+            log.warning(
+                "refused a report from client %r claiming user %r: %s", client_id, claimed, why
+            )
