@@ -14,6 +14,7 @@ import aiosqlite
 from addin_core.protocol import Mode
 from server_stub.db import Database, read_revision
 from server_stub.entitlement import AssignmentRow
+from server_stub.service.reads import exceptions_by_assignment
 
 
 class AgentStateReader:
@@ -65,6 +66,8 @@ class AgentStateReader:
     ) -> dict[str, list[AssignmentRow]]:
         """add-in id -> its assignments to Everyone, to `user_id` or to one of `groups`."""
         by_addin: dict[str, list[AssignmentRow]] = defaultdict(list)
+        excepted = await exceptions_by_assignment(self._rows)
+        none: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         marks = ",".join("?" * len(groups))
         for r in await self._rows(
             "SELECT addin_id, target, target_id, mode FROM assignments WHERE target='everyone' "
@@ -72,7 +75,8 @@ class AgentStateReader:
             f"OR (target='group' AND target_id IN ({marks}))",
             (user_id, *groups),
         ):
-            by_addin[r[0]].append(AssignmentRow(r[1], r[2], Mode(r[3])))
+            exc = excepted.get((r[0], r[1], r[2]), none)
+            by_addin[r[0]].append(AssignmentRow(r[1], r[2], Mode(r[3]), *exc))
         return by_addin
 
     async def retained(
