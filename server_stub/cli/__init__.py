@@ -20,6 +20,7 @@ from server_stub.cli.bundle import bundle
 from server_stub.cli.catalog import addin, store
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
+from server_stub.cli.rollouts import rollback, rollout
 from server_stub.cli.runner import db_option
 from server_stub.cli.serve import serve
 from server_stub.cli.troubleshooting import broker_config, explain, status
@@ -33,5 +34,6 @@ def main() -> None:
 
 
 for _command in (manifest, broker, serve, load, user, group, policy, addin, store, explain,
-                 status, broker_config, pki, enroll, revoke, device, bundle):  # fmt: skip
+                 status, broker_config, pki, enroll, revoke, device, bundle, rollout,
+                 rollback):  # fmt: skip
     main.add_command(_command)

@@ -14,6 +14,7 @@ import aiosqlite
 from addin_core.protocol import Mode
 from server_stub.db import Database, read_revision
 from server_stub.entitlement import AssignmentRow
+from server_stub.rollout_rules import OpenRollout
 from server_stub.service.reads import exceptions_by_assignment
 
 
@@ -60,6 +61,17 @@ class AgentStateReader:
                 "ON v.addin_id=a.id AND v.version=a.current_version WHERE a.enabled=1"
             )
         }
+
+    async def open_rollouts(self) -> dict[str, list[OpenRollout]]:
+        """add-in id -> its rollouts whose reached rings the catalog entry lists."""
+        from server_stub.service.rollouts import open_rollout
+
+        out: dict[str, list[OpenRollout]] = defaultdict(list)
+        for r in await self._rows(
+            "SELECT * FROM rollouts WHERE state IN ('running','paused','aborted') ORDER BY id"
+        ):
+            out[r["addin_id"]].append(open_rollout(r))
+        return out
 
     async def assignments_reaching(
         self, user_id: str, groups: Sequence[str]
