@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from addin_core.protocol import Mode
-from addin_core.version import compare_versions
+from addin_core.version import compare_versions, parse_version
 from server_stub.db import Database, Row
 from server_stub.entitlement import AssignmentRow, entitled_users, group_closure_members
 from server_stub.rollout_rules import (
@@ -116,7 +116,7 @@ class Rollouts:
                     f"add-in {addin_id} already has rollout {active['id']} of version "
                     f"{active['version']} ({active['state']}): abort it or let it finish first"
                 )
-            await self._check_version(tx, a, v, rollback)
+            from_version = await self._check_version(tx, a, v, rollback)
             for ring in parsed:
                 await _check_targets(tx, ring)
             if active is not None:
@@ -127,7 +127,7 @@ class Rollouts:
                 "INSERT INTO rollouts(addin_id, version, from_version, rollback, state, rings, "
                 "gate, reached, ring_since, started_revision, updated_revision, history) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (addin_id, version, a["current_version"], int(rollback), "running",
+                (addin_id, version, from_version, int(rollback), "running",
                  json.dumps([r.to_json() for r in parsed]),
                  parsed_gate.text if parsed_gate else None, 1, tx.now, tx.revision, tx.revision,
                  json.dumps([self._event(tx, "started", parsed[0].name)])),
@@ -138,7 +138,8 @@ class Rollouts:
             await emit_catalog(tx, addin_id)
         return {**await self.get(rollout_id), "revision": tx.revision}
 
-    async def _check_version(self, tx: Tx, a: Row, v: Row, rollback: bool) -> None:
+    async def _check_version(self, tx: Tx, a: Row, v: Row, rollback: bool) -> str:
+        """The version the rollout goes from (for a rollback, the highest one served)."""
         addin_id, version, base = a["id"], v["version"], a["current_version"]
         if rollback:
             opened = await tx.rows(
@@ -152,7 +153,7 @@ class Rollouts:
                     f"add-in {addin_id}: no user is served a version above {version} "
                     f"(served: {', '.join(sorted(served))}); a rollback goes to a lower version"
                 )
-            return
+            return str(max(served, key=parse_version))
         if compare_versions(version, base) <= 0:
             raise Conflict(
                 f"add-in {addin_id}: version {version} is not newer than the current version "
@@ -171,6 +172,7 @@ class Rollouts:
                 f"add-in {addin_id}: version {version} changes its permissions or hosts; "
                 "it needs admin consent (`addin consent`), not a rollout"
             )
+        return str(base)
 
     def _event(
         self, tx: Tx, event: str, ring: str | None, extra: dict[str, Any] | None = None
