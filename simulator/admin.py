@@ -251,8 +251,9 @@ class AdminActions:
             self.truth.apply(AdminAction("rollout_advance", {"addin_id": addin_id}))
         self.reached[addin_id] = now
         self.auto_advances += now - before
-        # The advances are the gate's revisions: the step waits for them to converge.
-        return {"revision": max(e["revision"] for e in seen["history"])}
+        # The gate's advance is the step's change (its latencies); a pause publishes nothing.
+        advanced = [e["revision"] for e in seen["history"] if e["event"] == "advanced"]
+        return {"revision": max(advanced, default=0)}
 
     async def _addin_switch(self, op: str, a: Args) -> dict[str, Any]:
         addin_id = self._addin_id(a)
