@@ -20,7 +20,7 @@ The server's ring matching here and the agent's (`agent/resolver.py`) and the or
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from addin_core.protocol import MAX_RINGS, check_id
@@ -96,15 +96,6 @@ def check_rings(rings: Sequence[Ring]) -> list[Ring]:
             "a finished rollout leaves the add-in at one version for every user"
         )
     return list(rings)
-
-
-def ring_index(rings: Sequence[Ring], user_id: str, groups: Iterable[str]) -> int | None:
-    """The index of the first ring reaching the user (None: no ring does)."""
-    gs = set(groups)
-    for i, r in enumerate(rings):
-        if r.reaches(user_id, gs):
-            return i
-    return None
 
 
 _DURATION = re.compile(r"^([0-9]{1,7})(s|m|h|d)$")
@@ -252,26 +243,3 @@ def version_for(
         if ring.reaches(user_id, gs):
             return r.version, ring.name
     return base, None
-
-
-def excluded_by(
-    user_id: str, groups: Iterable[str], except_groups: Iterable[str], except_users: Iterable[str]
-) -> str | None:
-    """``"group contractors"`` / ``"user bob"`` when the exclusion applies to the user."""
-    if user_id in set(except_users):
-        return f"user {user_id}"
-    gs = set(groups)
-    for g in sorted(except_groups):
-        if g in gs:
-            return f"group {g}"
-    return None
-
-
-def group_members(
-    target: str, all_users: Iterable[str], members_of: Mapping[str, set[str]]
-) -> set[str]:
-    """Users of one ring target, `members_of` already closed under the nesting policy."""
-    if target == "everyone":
-        return set(all_users)
-    kind, _, ident = target.partition(":")
-    return {ident} if kind == "user" else set(members_of.get(ident, set()))

@@ -46,8 +46,6 @@ class AdminActions:
         """The last rollout started per add-in id."""
         self.reached: dict[str, int] = {}
         """Rings of that rollout the oracle knows reached (beyond its first)."""
-        self.auto_advances = 0
-        """Ring advances the server's gate made by itself (`rollout_wait`)."""
         self._http: httpx.AsyncClient | None = None
         self._ops: dict[str, Callable[[str, Args], Awaitable[dict[str, Any]]]] = {
             "upload": self._upload,
@@ -250,7 +248,6 @@ class AdminActions:
         for _ in range(now - before):
             self.truth.apply(AdminAction("rollout_advance", {"addin_id": addin_id}))
         self.reached[addin_id] = now
-        self.auto_advances += now - before
         # The gate's advance is the step's change (its latencies); a pause publishes nothing.
         advanced = [e["revision"] for e in seen["history"] if e["event"] == "advanced"]
         return {"revision": max(advanced, default=0)}

@@ -43,7 +43,6 @@ from server_stub.service.messages import emit_catalog
 from server_stub.service.reads import exceptions_by_assignment
 from server_stub.service.unit_of_work import Tx, UnitOfWork
 
-OPEN_STATES = ("running", "paused", "aborted")
 ACTIVE_STATES = ("running", "paused")
 GATE_ACTOR = "rollout-gate"
 """Who the audit log names for an advance the gate decided."""
