@@ -101,6 +101,38 @@ class WithheldVersion(BaseModel):
     hosts: _Hosts
 
 
+_RING_TARGET_PATTERN = (
+    r"^(everyone|(group|user):[A-Za-z0-9][A-Za-z0-9._@-]{0,127})$"
+)
+RingTarget = Annotated[str, StringConstraints(pattern=_RING_TARGET_PATTERN)]
+"""Who a rollout ring reaches: ``everyone``, ``group:G`` or ``user:U``."""
+
+MAX_RINGS = 16
+MAX_EXCEPTIONS = 100
+"""Exclusions per assignment, by kind: they travel in the assignment's one message."""
+
+
+class RingVersion(BaseModel):
+    """While a rollout runs, the version that applies to the users a ring reaches.
+
+    A catalog entry lists the rings that differ from its own version, in order: a user gets
+    the version of the FIRST listed ring that reaches them (groups counted under the nesting
+    policy, like assignments), and the entry's own version otherwise. `rollback` (the
+    revision of the admin's rollback decision) is the only thing that lets an agent apply a
+    version lower than the one it has installed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    ring: SafeId
+    targets: Annotated[list[RingTarget], Field(min_length=1, max_length=32)]
+    version: VersionString
+    manifest_sha256: Sha256Hex
+    manifest_url: Annotated[str, StringConstraints(pattern=r"^/v1/manifests/[0-9a-f]{64}$")]
+    hosts: _Hosts
+    permissions: _PermissionName
+    rollback: Revision | None = None
+
+
 class CatalogEntry(_Payload):
     """The current, consented version of one add-in in the tenant catalog."""
 
@@ -117,6 +149,13 @@ class CatalogEntry(_Payload):
     withheld: WithheldVersion | None = None
     """The newer version waiting for admin consent, if any (its permissions or hosts changed).
     Left out of the JSON when None, so an entry without one reads as before the field existed."""
+    rings: Annotated[list[RingVersion], Field(max_length=MAX_RINGS)] | None = None
+    """While a rollout runs: the rings whose version differs from the entry's (first match
+    wins); absent otherwise, so an entry outside a rollout is byte-for-byte as before."""
+    rollback: Revision | None = None
+    """The entry's version is an admin's rollback (the revision of that decision): agents
+    holding a newer version apply this lower one. Absent for every other version, and then a
+    lower version is refused as before."""
 
     @field_validator("withheld")
     @classmethod
@@ -136,9 +175,19 @@ class CatalogEntry(_Payload):
 
 
 class Assignment(_Payload):
-    """An assignment of the add-in named by the topic to its target, with a mode."""
+    """An assignment of the add-in named by the topic to its target, with a mode.
+
+    `except_groups` / `except_users`: users this assignment reaches who are excluded; an
+    exclusion wins over every assignment of the add-in that reaches the user (groups counted
+    under the nesting policy). Left out of the JSON when there are none."""
 
     mode: Mode
+    except_groups: Annotated[list[SafeId], Field(min_length=1, max_length=MAX_EXCEPTIONS)] | None = (
+        None
+    )
+    except_users: Annotated[list[SafeId], Field(min_length=1, max_length=MAX_EXCEPTIONS)] | None = (
+        None
+    )
 
 
 class Membership(_Payload):
@@ -174,6 +223,17 @@ class AppliedAddin(BaseModel):
     host: Host
 
 
+class FailedAddin(BaseModel):
+    """A change this client cannot apply, and why (manifest refused, consent needed...)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    addin_id: SafeId
+    version: VersionString
+    host: Host
+    reason: Annotated[str, StringConstraints(max_length=500)]
+
+
 class AgentReport(BaseModel):
     """Agent → server: what this client has applied, after each apply and on reconnect."""
 
@@ -188,9 +248,11 @@ class AgentReport(BaseModel):
     errors: Annotated[
         list[Annotated[str, StringConstraints(max_length=500)]], Field(max_length=100)
     ] = []
+    failed: Annotated[list[FailedAddin], Field(max_length=4 * 200)] | None = None
+    """Per add-in failures (what rollout gates count); None when there are none."""
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude_none=True).encode()
 
 
 StatePayload: TypeAlias = CatalogEntry | Assignment | Membership | GroupParents | Policy

@@ -38,6 +38,18 @@ class CachedWithheld:
 
 
 @dataclass(frozen=True, slots=True)
+class CachedRingVersion:
+    ring: str
+    targets: list[str]
+    version: str
+    manifest_sha256: str
+    manifest_url: str
+    hosts: list[Host]
+    permissions: str
+    rollback: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CachedCatalogEntry:
     revision: int
     addin_id: str
@@ -52,6 +64,8 @@ class CachedCatalogEntry:
     committed_at: float | None = None
     store_asset_id: str | None = None
     withheld: CachedWithheld | None = None
+    rings: list[CachedRingVersion] | None = None
+    rollback: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +73,8 @@ class CachedAssignment:
     revision: int
     mode: Mode
     committed_at: float | None = None
+    except_groups: list[str] | None = None
+    except_users: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +106,7 @@ class CachedTombstone:
 
 
 def _catalog(d: dict[str, Any]) -> CachedCatalogEntry:
-    w = d.get("withheld")
+    w, rings = d.get("withheld"), d.get("rings")
     return CachedCatalogEntry(
         **{
             **d,
@@ -99,6 +115,11 @@ def _catalog(d: dict[str, Any]) -> CachedCatalogEntry:
             "withheld": None
             if w is None
             else CachedWithheld(**{**w, "hosts": [Host(h) for h in w["hosts"]]}),
+            "rings": None
+            if rings is None
+            else [
+                CachedRingVersion(**{**r, "hosts": [Host(h) for h in r["hosts"]]}) for r in rings
+            ],
         }
     )
 

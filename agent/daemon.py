@@ -37,7 +37,7 @@ from agent.fetcher import Fetcher, FetchResult, HttpClient
 from agent.hostwatch import HostEvent, HostWatcher
 from agent.model import AgentModel, AgentRefusal, UserChoice, decode_remembered
 from agent.pending import ManifestRecord, PendingChange, PendingKey
-from agent.resolver import Entitlement
+from agent.resolver import Entitlement, ring_entry
 from agent.state import ReceivedState
 from agent.subscriptions import desired_filters
 from agent.tls import https_context, mirror_context, mqtt_context
@@ -438,6 +438,8 @@ class Agent:
         for e in self.model.ents.values():
             if e.sha256 not in self.manifests:
                 entry = self.state.catalog.get(e.addin_id)
+                if entry is not None and entry.manifest_sha256 != e.sha256:
+                    entry = ring_entry(entry, e.sha256)
                 if entry is not None:
                     cause = (revision, committed_at) if revision > entry.revision else None
                     needed.append((entry, cause))

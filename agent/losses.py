@@ -14,11 +14,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Literal
 
-from addin_core.protocol import Tombstone, Topic, TopicKind
-from agent.resolver import Grant, reach
+from addin_core.protocol import Topic, TopicKind
+from agent.resolver import Grant, exclusions, reach
 from agent.state import ReceivedState
 
-LossCause = Literal["left_group", "unassigned", "nesting_chain", "nesting_off"]
+LossCause = Literal["left_group", "unassigned", "nesting_chain", "nesting_off", "excluded"]
 
 _REACH_KINDS = (TopicKind.MEMBER, TopicKind.GROUP_PARENTS, TopicKind.POLICY)
 _ASSIGN_KINDS = (TopicKind.ASSIGN_EVERYONE, TopicKind.ASSIGN_GROUP, TopicKind.ASSIGN_USER)
@@ -31,14 +31,14 @@ class Loss:
     cause: LossCause
     grant: Grant
     link: tuple[str, str] | None = None
-    """For ``nesting_chain``: (child, parent), the nesting the admin removed."""
+    """For ``nesting_chain``: (child, parent), the nesting the admin removed; for
+    ``excluded``: ("group", G) or ("user", U), what the exclusion names."""
 
 
 def may_take_reach(topic: Topic, payload: object) -> bool:
-    """Whether accepting `payload` on `topic` can take an assignment away from the user."""
-    return topic.kind in _REACH_KINDS or (
-        topic.kind in _ASSIGN_KINDS and isinstance(payload, Tombstone)
-    )
+    """Whether accepting `payload` on `topic` can take an assignment away from the user
+    (an assignment's new version may carry an exclusion)."""
+    return topic.kind in _REACH_KINDS or topic.kind in _ASSIGN_KINDS
 
 
 def _cause(g: Grant, state: ReceivedState, user_id: str) -> Loss:
@@ -62,8 +62,12 @@ def lost_reach(
     `state` (the state after the message)."""
     after = reach(state, user_id)
     out: dict[str, Loss] = {}
+    excluded = exclusions(state, user_id) if before.keys() - after.keys() else {}
     for addin_id, grants in before.items():
-        if grants and not after.get(addin_id):
+        x = excluded.get(addin_id)
+        if grants and x is not None:
+            out[addin_id] = Loss("excluded", x.grant, (x.kind, x.ident))
+        elif grants and not after.get(addin_id):
             # Direct grants first: "you left sales" says more than a nesting path through it.
             g = min(grants, key=lambda x: len(x.path))
             out[addin_id] = _cause(g, state, user_id)

@@ -18,6 +18,7 @@ from addin_core.protocol import (
     AgentReport,
     AnyPayload,
     AppliedAddin,
+    FailedAddin,
     Host,
     Mode,
     Tombstone,
@@ -113,6 +114,8 @@ class AgentModel:
         x = explain(self.state, self.user_id, addin_id, self.hosts)
         if x.entry is None:
             return "the admin removed it from the catalog"
+        if x.excluded is not None:
+            return f"you are {x.excluded.describe()}"
         if not x.entry.enabled:
             return "the admin turned it off"
         if x.blocked:
@@ -356,11 +359,20 @@ class AgentModel:
             for h, s in sorted(self.installed.items())
             for a, i in sorted(s.items())
         ]
-        errors = [
-            f"{p.host} {p.name} {p.to_version}: {p.reason}"[:500]
+        stuck = [
+            p
             for p in self.pending.values()
             if p.state != "ready" and not p.reason.startswith("manifest not downloaded")
-        ][:100]
+        ]
+        errors = [f"{p.host} {p.name} {p.to_version}: {p.reason}"[:500] for p in stuck][:100]
+        # Per add-in, for rollout gates: which version this computer cannot apply, and why.
+        failed = [
+            FailedAddin(
+                addin_id=p.addin_id, version=p.to_version, host=p.host, reason=p.reason[:500]
+            )
+            for p in stuck
+            if p.to_version is not None
+        ][:800]
         return AgentReport(
             client_id=client_id,
             user_id=self.user_id,
@@ -368,6 +380,7 @@ class AgentModel:
             reported_at=time.time(),
             applied=applied[:4000],
             errors=errors,
+            failed=failed or None,
         )
 
     def installed_versions(self) -> Mapping[Host, dict[str, str]]:

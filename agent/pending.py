@@ -5,7 +5,8 @@ and the user's own choices.
 Rules:
 * an add-in is wanted in a host when it is entitled there and its mode says so: fixed
   always, optional unless the user removed it, available only if the user installed it;
-* an update needs a strictly greater version (a lower catalog version is never applied);
+* an update needs a strictly greater version: a lower version is applied only when the
+  catalog marks it as the admin's rollback (`Entitlement.rollback`), never otherwise;
 * a change needs a verified manifest; a refused one waits with its reason and the
   installed version stays;
 * a manifest whose permissions or hosts differ from what the catalog entry (the version
@@ -169,11 +170,16 @@ def plan(
         want = {a: e for a, e in entitlements.items() if host in e.hosts and wanted(e, choices)}
         for addin_id, ent in want.items():
             cur = have.get(addin_id)
+            rollback = (
+                cur is not None
+                and ent.rollback is not None
+                and _is_newer(cur.version, ent.version)
+            )
             if cur is not None and (
-                cur.sha256 == ent.sha256 or not _is_newer(ent.version, cur.version)
+                cur.sha256 == ent.sha256 or not (_is_newer(ent.version, cur.version) or rollback)
             ):
-                # Same manifest, the same version re-published, or a lower version:
-                # the installed one stays (a downgrade is never applied; `why` says so).
+                # Same manifest, the same version re-published, or a lower version that is
+                # no rollback: the installed one stays (`why` says so).
                 continue
             action: Action = "update" if cur else "install"
             rec = manifests.get(ent.sha256)
@@ -191,6 +197,8 @@ def plan(
             else:
                 state = "ready"
                 reason = f"applies when {host} next starts"
+                if rollback:
+                    reason = f"the admin's rollback (revision {ent.rollback}) {reason}"
             out[(host, addin_id)] = PendingChange(
                 host=host,
                 addin_id=addin_id,

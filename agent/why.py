@@ -135,7 +135,7 @@ NEGATIVE = frozenset(
     {
         "unknown", "removed", "turned_off", "not_assigned", "nested_disabled", "left_group",
         "unassigned", "nesting_chain", "nesting_off", "pending_remove", "available",
-        "host_unsupported",
+        "host_unsupported", "excluded",
     }
 )  # fmt: skip
 """Causes that say the add-in is not (or soon no longer) there because of the state held:
@@ -286,6 +286,21 @@ def _catalog(c: _Chain) -> bool:
         f"{e.name} {e.version} ({e.source}), hosts {', '.join(e.hosts)}, "
         f"{'enabled' if e.enabled else 'TURNED OFF by the admin'} (revision {e.revision})",
     )
+    v = c.x.served
+    if v is not None and v.ring is not None:
+        c.step(
+            "rollout",
+            None,
+            f"you are in ring {v.ring} of a {'rollback' if v.rollback else 'rollout'}: it "
+            f"serves you {v.version} (others outside the reached rings get {e.version})",
+        )
+    if v is not None and v.rollback is not None:
+        c.step(
+            "rollback",
+            None,
+            f"{v.version} is the admin's rollback (revision {v.rollback}): applied even over "
+            "a newer installed version",
+        )
     return False
 
 
@@ -303,6 +318,8 @@ def _assignments(c: _Chain) -> bool:
     if not x.grants and not x.blocked:
         c.step("assignment", False, f"no assignment reaches user {c.user}")
     assert x.entry is not None
+    if x.excluded is not None:
+        return _excluded(c)
     if not x.entry.enabled:
         inst = c.rm.hosts_with(x.addin_id)
         still = f" It is removed from {', '.join(inst)} at the next launch." if inst else ""
@@ -355,6 +372,27 @@ def _assignments(c: _Chain) -> bool:
     )
 
 
+def _excluded(c: _Chain) -> bool:
+    """2b. An exclusion on an assignment that reaches the user wins over every grant."""
+    x = c.x
+    assert x.excluded is not None
+    g = x.excluded.grant
+    said = f"{x.excluded.describe()} (revision {g.revision})"
+    c.step("exclusion", False, said)
+    lost = c.rm.lost(x.addin_id)
+    if lost is not None and lost.cause == "excluded":
+        c.step("history", False, f"excluded {_at(lost.at)}{_rev(lost.revision)}")
+    inst = c.rm.hosts_with(x.addin_id)
+    still = (
+        f" It is still in {', '.join(inst)} and is removed {next_start(inst)}." if inst else ""
+    )
+    return c.done(
+        "excluded",
+        f"You are {said}: an exclusion wins over every assignment of {c.name}, so it does "
+        f"not reach you.{still} Ask your admin if you need it.",
+    )
+
+
 def _lost_text(lost: LostRecord, name: str) -> str | None:
     """The sentence for what took the last assignment of `name` away (None: not known)."""
     when = f"{_at(lost.at)}{_rev(lost.revision)}"
@@ -375,6 +413,9 @@ def _lost_text(lost: LostRecord, name: str) -> str | None:
             f"The admin took group {child} out of group {parent} {when}; you were in group "
             f"{group} through {' → '.join(path)}, and it carried {name}"
         )
+    if lost.cause == "excluded" and len(lost.link) == 2:
+        kind, ident = lost.link
+        return f"The admin excluded {kind} {ident} from the assignment of {name} {when}"
     if lost.cause == "nesting_off":
         return (
             f"The admin turned nested groups off {when}; you were in group {group} only "
@@ -453,11 +494,11 @@ def _wanted(c: _Chain) -> bool:
 
 def _manifest(c: _Chain) -> ManifestRecord | None:
     """5. Is the entitled version's manifest downloaded and verified?"""
-    e = c.x.entry
+    e = c.x.served
     assert e is not None
-    m = c.rm.manifest(e.manifest_sha256)
+    m = c.rm.manifest(e.sha256)
     if m is None:
-        detail = f"{e.version} (sha256 {e.manifest_sha256[:12]}…) not downloaded yet"
+        detail = f"{e.version} (sha256 {e.sha256[:12]}…) not downloaded yet"
         c.step("manifest", False, detail)
     elif m.status == "refused":
         c.step("manifest", False, f"{e.version} REFUSED: {m.reason}")
@@ -468,7 +509,7 @@ def _manifest(c: _Chain) -> ManifestRecord | None:
 
 def _per_host(c: _Chain, m: ManifestRecord | None) -> None:
     """6/7. Per host: what is pending until the next launch, what is installed; the verdict."""
-    e = c.x.entry
+    e = c.x.served
     assert e is not None
     verdicts: list[tuple[str, str]] = []
     running = c.rm.hosts_running()
@@ -583,7 +624,8 @@ def _host_verdict(
     if cur != version:
         return "downgrade_ignored", (
             f"In {h}: version {cur} is installed; the catalog says "
-            f"{version}, which is not newer, and downgrades are never applied."
+            f"{version}, which is not newer, and downgrades are never applied without an "
+            "admin's rollback."
         )
     return "installed", f"Installed in {h}: {name} {cur}."
 

@@ -23,7 +23,8 @@ from typing import Any
 from addin_core.digest import EntitlementDigest, entitlement_digest
 from addin_core.protocol import Mode
 from addin_core.user_topics import matches, split_filters, user_filters
-from server_stub.entitlement import effective_mode, group_paths, paths_for_user
+from server_stub.entitlement import effective_mode, exclusion, group_paths, paths_for_user
+from server_stub.rollout_rules import catalog_rings, version_for
 from server_stub.service import Service
 from server_stub.service.errors import checked_id
 
@@ -43,6 +44,8 @@ async def user_digest(service: Service, user_id: str) -> dict[str, Any]:
         parents = await snap.parents()
         addins = await snap.enabled_current_versions()
         by_addin = await snap.assignments_reaching(user_id, sorted(group_paths(direct, parents)))
+        rollouts = await snap.open_rollouts()
+    groups = set(group_paths(direct, parents)) if nested else set(direct)
     lines: list[tuple[str, Mode, str]] = []
     for addin_id, rows in by_addin.items():
         if addin_id not in addins:
@@ -50,9 +53,13 @@ async def user_digest(service: Service, user_id: str) -> dict[str, Any]:
         version, hosts = addins[addin_id]
         if not hosts:
             continue  # shows in no host app: the agent's resolver drops it too
-        mode = effective_mode(paths_for_user(user_id, direct, parents, rows, nested))
+        paths = paths_for_user(user_id, direct, parents, rows, nested)
+        if exclusion(user_id, paths, direct, parents, nested) is not None:
+            continue
+        mode = effective_mode(paths)
         if mode is not None:
-            lines.append((addin_id, mode, version))
+            rings = catalog_rings(rollouts.get(addin_id, []))
+            lines.append((addin_id, mode, version_for(version, rings, user_id, groups)[0]))
     d: EntitlementDigest = entitlement_digest(lines, revision)
     return {**d.to_json(user_id), "known_user": known}
 

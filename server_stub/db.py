@@ -134,9 +134,41 @@ CREATE TABLE IF NOT EXISTS reports (
     reported_at REAL NOT NULL,
     received_at REAL NOT NULL,
     applied     TEXT NOT NULL,       -- JSON list of {addin_id, version, host}
-    errors      TEXT NOT NULL        -- JSON list of strings
+    errors      TEXT NOT NULL,       -- JSON list of strings
+    failed      TEXT NOT NULL DEFAULT '[]'  -- JSON list of {addin_id, version, host, reason}
 );
 CREATE INDEX IF NOT EXISTS reports_by_user ON reports(user_id);
+-- Groups and users an assignment excludes (`assign --except`): an exclusion wins over
+-- every assignment of the add-in that reaches the user.
+CREATE TABLE IF NOT EXISTS assignment_exceptions (
+    addin_id  TEXT NOT NULL,
+    target    TEXT NOT NULL,
+    target_id TEXT NOT NULL,
+    kind      TEXT NOT NULL CHECK (kind IN ('group', 'user')),
+    id        TEXT NOT NULL,
+    PRIMARY KEY (addin_id, target, target_id, kind, id),
+    FOREIGN KEY (addin_id, target, target_id)
+        REFERENCES assignments(addin_id, target, target_id) ON DELETE CASCADE
+) WITHOUT ROWID;
+-- Rollouts (`addin-server rollout start`, `rollback`): rings reached in order, each at the
+-- rollout's version, with a gate computed from the agents' reports before the next ring.
+CREATE TABLE IF NOT EXISTS rollouts (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    addin_id         TEXT NOT NULL REFERENCES addins(id) ON DELETE CASCADE,
+    version          TEXT NOT NULL,
+    from_version     TEXT NOT NULL,
+    rollback         INTEGER NOT NULL DEFAULT 0,
+    state            TEXT NOT NULL
+        CHECK (state IN ('running', 'paused', 'completed', 'aborted', 'superseded')),
+    rings            TEXT NOT NULL,  -- JSON list of {name, targets}
+    gate             TEXT,           -- the gate as typed, or NULL: advanced by hand only
+    reached          INTEGER NOT NULL,  -- rings reached so far (1 at start)
+    ring_since       REAL NOT NULL,     -- when the last reached ring was reached
+    started_revision INTEGER NOT NULL,
+    updated_revision INTEGER NOT NULL,
+    history          TEXT NOT NULL   -- JSON list of {at, revision, event, ring, actor}
+);
+CREATE INDEX IF NOT EXISTS rollouts_by_addin ON rollouts(addin_id, state);
 -- Enrolled devices (`addin-server enroll`): one client certificate and one HTTP token each,
 -- only the token's sha256 kept. A revoked device keeps its row (revoked_at set).
 CREATE TABLE IF NOT EXISTS devices (
@@ -212,6 +244,18 @@ async def _migrate(conn: aiosqlite.Connection) -> None:
             raise DatabaseError(
                 f"database schema {row[0]} is newer than this server ({SCHEMA_VERSION})"
             )
+        await _add_missing_columns(conn)
+
+
+_ADDED_COLUMNS = (("reports", "failed", "TEXT NOT NULL DEFAULT '[]'"),)
+"""Columns added after a table first shipped: a database made before them gets them here."""
+
+
+async def _add_missing_columns(conn: aiosqlite.Connection) -> None:
+    for table, column, decl in _ADDED_COLUMNS:
+        cur = await conn.execute(f"PRAGMA table_info({table})")
+        if column not in {r[1] for r in await cur.fetchall()}:
+            await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
 def _split(script: str) -> list[str]:
@@ -370,7 +414,7 @@ class Database:
         self, rows: list[tuple[Any, ...]], *, enrolled_only: bool = False
     ) -> list[tuple[str, str, str]]:
         """(client_id, user_id, revision, reported_at, received_at, applied JSON, errors
-        JSON) rows, in one transaction; the (client_id, claimed user, why) of every report
+        JSON, failed JSON) rows, in one transaction; the (client_id, claimed user, why) of every report
         refused.
 
         With `enrolled_only` (the server runs with a PKI) a report is stored only when its
@@ -408,10 +452,10 @@ class Database:
                     refused.append((client_id, user_id, f"that client reports for {owner!r}"))
             await conn.executemany(
                 "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
-                "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
-                "revision=excluded.revision, "
+                "applied, errors, failed) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(client_id) DO "
+                "UPDATE SET revision=excluded.revision, "
                 "reported_at=excluded.reported_at, received_at=excluded.received_at, "
-                "applied=excluded.applied, errors=excluded.errors "
+                "applied=excluded.applied, errors=excluded.errors, failed=excluded.failed "
                 "WHERE excluded.user_id = reports.user_id "
                 "AND (excluded.revision > reports.revision OR (excluded.revision = "
                 "reports.revision AND excluded.received_at >= reports.received_at))",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from addin_core.protocol import Mode
 
@@ -25,6 +25,13 @@ class AssignmentRow:
     target: str  # "everyone" | "user" | "group"
     target_id: str  # "" for everyone
     mode: Mode
+    except_groups: frozenset[str] = field(default=frozenset())
+    except_users: frozenset[str] = field(default=frozenset())
+
+    def target_text(self) -> str:
+        if self.target == "everyone":
+            return "Everyone"
+        return f"{self.target} {self.target_id}"
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,40 @@ def paths_for_user(
     return found
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """An assignment that reaches the user excludes them: it wins over every assignment."""
+
+    assignment: AssignmentRow
+    by: str
+    """``"group contractors"`` or ``"user bob"``."""
+
+    def describe(self) -> str:
+        return f"excluded by {self.by} from the assignment to {self.assignment.target_text()}"
+
+
+def exclusion(
+    user_id: str,
+    paths: Iterable[AssignmentPath],
+    direct_groups: Iterable[str],
+    parents: Mapping[str, Sequence[str]],
+    nested_groups: bool,
+) -> Exclusion | None:
+    """The first exclusion that applies to `user_id` among the assignments that reach them
+    (groups counted under the nesting policy, as for assignments), or None."""
+    groups = set(group_paths(direct_groups, parents)) if nested_groups else set(direct_groups)
+    for p in paths:
+        a = p.assignment
+        if not p.counts:
+            continue
+        if user_id in a.except_users:
+            return Exclusion(a, f"user {user_id}")
+        hit = sorted(a.except_groups & groups)
+        if hit:
+            return Exclusion(a, f"group {hit[0]}")
+    return None
+
+
 def effective_mode(paths: Iterable[AssignmentPath]) -> Mode | None:
     """The strongest mode among the assignment paths that count, or None when none does."""
     modes = [g.assignment.mode for g in paths if g.counts]
@@ -143,13 +184,22 @@ def entitled_users(
             if old is None or mode.strength > old.strength:
                 result[u] = mode
 
+    excluded: set[str] = set()
     for a in assignments:
         if a.target == "everyone":
             if everyone is None:
                 everyone = list(all_users)
-            grant(everyone, a.mode)
+            reached: Iterable[str] = everyone
         elif a.target == "user":
-            grant([a.target_id], a.mode)
+            reached = [a.target_id]
         else:
-            grant(group_closure_members(a.target_id, members, children, nested_groups), a.mode)
+            reached = group_closure_members(a.target_id, members, children, nested_groups)
+        grant(reached, a.mode)
+        if a.except_groups or a.except_users:
+            out = set(a.except_users)
+            for g in a.except_groups:
+                out |= group_closure_members(g, members, children, nested_groups)
+            excluded |= out & set(reached)
+    for u in excluded:
+        result.pop(u, None)
     return result

@@ -21,7 +21,15 @@ def render_explain(e: dict[str, Any]) -> str:
     ]
     if e.get("withheld"):
         lines.append(_withheld_line(e))
-    if e["entitled"]:
+    if e.get("ring"):
+        kind = "rollback" if e.get("rollback") else "rollout"
+        lines.append(
+            f"Rollout: {e['user']} is in ring {e['ring']} of {kind} {e['rollout_id']}, "
+            f"which serves version {e['user_version']}"
+        )
+    if e.get("excluded"):
+        verdict = f"NOT ENTITLED: {e['excluded']} (an exclusion wins over every assignment)"
+    elif e["entitled"]:
         verdict = f"ENTITLED, mode {e['mode']}"
         if not e["enabled"]:
             verdict += ", but the add-in is turned off: agents remove it at next launch"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -41,6 +42,10 @@ class AdminActions:
         """Where the server's answer differed from the oracle's."""
         self.retries = 0
         """Admin API calls sent again because the server was unreachable (a restart)."""
+        self.rollout_ids: dict[str, int] = {}
+        """The last rollout started per add-in id."""
+        self.reached: dict[str, int] = {}
+        """Rings of that rollout the oracle knows reached (beyond its first)."""
         self._http: httpx.AsyncClient | None = None
         self._ops: dict[str, Callable[[str, Args], Awaitable[dict[str, Any]]]] = {
             "upload": self._upload,
@@ -55,6 +60,10 @@ class AdminActions:
             "add_parent": self._nesting,
             "remove_parent": self._nesting,
             "policy": self._policy,
+            "rollout": self._rollout,
+            "rollback": self._rollout,
+            "rollout_advance": self._rollout_advance,
+            "rollout_wait": self._rollout_wait,
         }
 
     def open(self, server_url: str, admin_token: str, verify: ssl.SSLContext | bool = True) -> None:
@@ -152,9 +161,13 @@ class AdminActions:
             hosts=[Host(h) for h in st["hosts"]],
             permissions=st["permissions"],
         )
-        action = AdminAction("upload", {"addin_id": addin_id, **st})
+        staged = bool(a.get("staged", False))
+        action = AdminAction("stage" if staged else "upload", {"addin_id": addin_id, **st})
         res = await self._call(
-            "POST", "/v1/addins", content=xml, headers={"Content-Type": "application/xml"}
+            "POST",
+            "/v1/addins" + ("?staged=true" if staged else ""),
+            content=xml,
+            headers={"Content-Type": "application/xml"},
         )
         expected = self.truth.apply(action)
         if res.get("state") != expected:
@@ -169,9 +182,75 @@ class AdminActions:
         body: dict[str, Any] = {"target": kind, "target_id": tid}
         if op == "assign":
             body["mode"] = str(Mode(a["mode"]))
+            if a.get("except"):
+                body["except"] = [self._ring_target(x) for x in a["except"]]
         res = await self._call("POST", f"/v1/addins/{addin_id}/{op}", json=body)
         self.truth.apply(AdminAction(op, {"addin_id": addin_id, **body}))
         return res
+
+    def _ring_target(self, text: str) -> str:
+        """``group:@rank:0`` → ``group:g0007``: a target with its placeholders resolved."""
+        kind, tid = self.target(text)
+        return "everyone" if kind == "everyone" else f"{kind}:{tid}"
+
+    def _rings(self, a: Args) -> list[str]:
+        out = []
+        for ring in a.get("rings") or []:
+            name, _, targets = str(ring).partition("=")
+            out.append(f"{name}=" + "+".join(self._ring_target(t) for t in targets.split("+")))
+        return out
+
+    async def _rollout(self, op: str, a: Args) -> dict[str, Any]:
+        """`rollout` / `rollback`: start one (a rollback's version is `version`)."""
+        addin_id = self._addin_id(a)
+        version = str(a["version"])
+        body = {"addin": addin_id, "version": version, "rings": self._rings(a),
+                "gate": a.get("gate"), "rollback": op == "rollback"}  # fmt: skip
+        res = await self._call("POST", "/v1/rollouts", json=body)
+        self.rollout_ids[addin_id] = int(res["rollout_id"])
+        self.reached[addin_id] = 1
+        self.truth.apply(AdminAction("rollback" if op == "rollback" else "rollout_start",
+                                     {"addin_id": addin_id, "version": version,
+                                      "rings": body["rings"]}))  # fmt: skip
+        return res
+
+    async def _rollout_advance(self, op: str, a: Args) -> dict[str, Any]:
+        addin_id = self._addin_id(a)
+        res = await self._call("POST", f"/v1/rollouts/{self.rollout_ids[addin_id]}/advance")
+        self.truth.apply(AdminAction("rollout_advance", {"addin_id": addin_id}))
+        self.reached[addin_id] = self.reached.get(addin_id, 1) + 1
+        return res
+
+    async def _rollout_wait(self, op: str, a: Args) -> dict[str, Any]:
+        """Wait (bounded by `timeout`) until the server's gate advanced the add-in's rollout
+        to ring `ring` by itself, then mirror each advance it made into the oracle."""
+        addin_id = self._addin_id(a)
+        rid = self.rollout_ids[addin_id]
+        deadline = time.monotonic() + float(a.get("timeout", 120))
+        seen = None
+        while time.monotonic() < deadline:
+            seen = await self._call("GET", f"/v1/rollouts/{rid}")
+            names = [r["name"] for r in seen["rings"] if r["reached"]]
+            if a["ring"] in names:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            gate = (seen or {}).get("gate_now")
+            raise RunError(f"rollout {rid} did not reach ring {a['ring']!r} by its gate in "
+                           f"{a.get('timeout', 120)} s (gate now: {gate})")  # fmt: skip
+        if a.get("pause"):
+            # Paused at once, so the next ring's gate (its wait counts from this advance)
+            # cannot move the rollout on while the step's checkpoint compares.
+            seen = await self._call("POST", f"/v1/rollouts/{rid}/pause")
+            self.truth.apply(AdminAction("rollout_pause", {"addin_id": addin_id}))
+        before = self.reached.get(addin_id, 1)
+        now = sum(1 for r in seen["rings"] if r["reached"])
+        for _ in range(now - before):
+            self.truth.apply(AdminAction("rollout_advance", {"addin_id": addin_id}))
+        self.reached[addin_id] = now
+        # The gate's advance is the step's change (its latencies); a pause publishes nothing.
+        advanced = [e["revision"] for e in seen["history"] if e["event"] == "advanced"]
+        return {"revision": max(advanced, default=0)}
 
     async def _addin_switch(self, op: str, a: Args) -> dict[str, Any]:
         addin_id = self._addin_id(a)

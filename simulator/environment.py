@@ -107,6 +107,10 @@ class Environment:
             TENANT,
             "--admin-token",
             self.admin_token,
+            # Rollout gates checked every second: a scenario's automatic advance is measured
+            # in seconds, not in the default interval.
+            "--gate-interval",
+            "1",
         ]
 
     def _start_tls(self) -> None:

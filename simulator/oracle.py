@@ -30,13 +30,27 @@ class AdminAction:
     """One admin operation, as the scenario issued it to the server's admin API.
 
     `op` is one of: add_user, add_group, add_member, remove_member, add_parent, remove_parent,
-    upload (args: addin_id, version, hosts, permissions, name), consent, enable, disable,
-    remove_addin, assign (args: addin_id, target, target_id, mode), unassign, policy
-    (args: nested_groups).
+    upload (args: addin_id, version, hosts, permissions, name), stage (the same args: a
+    version stored for a rollout), consent, enable, disable, remove_addin, assign (args:
+    addin_id, target, target_id, mode, except: ["group:G", "user:U"]), unassign, policy
+    (args: nested_groups), rollout_start (args: addin_id, version, rings: ["NAME=TARGET"]),
+    rollback (the same args), rollout_advance, rollout_pause, rollout_resume, rollout_abort
+    (args: addin_id).
     """
 
     op: str
     args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutTruth:
+    """A rollout as the admin drove it: its rings (name, targets) and how many it reached."""
+
+    version: str
+    rings: list[tuple[str, list[str]]]
+    reached: int = 1
+    state: str = "running"
+    rollback: bool = False
 
 
 @dataclass
@@ -48,6 +62,10 @@ class AddinTruth:
     enabled: bool = True
     pending: tuple[str, frozenset[Host], str] | None = None
     """An uploaded update waiting for consent: (version, hosts, permissions)."""
+    stored: dict[str, tuple[frozenset[Host], str]] = field(default_factory=dict)
+    """Every version the server holds (uploaded or staged): its hosts and permissions."""
+    rollouts: list[RolloutTruth] = field(default_factory=list)
+    """Every rollout, oldest first."""
 
 
 def _version_key(text: str) -> tuple[int, ...]:
@@ -79,6 +97,8 @@ class GroundTruth:
         self.nested_groups = nested_groups
         self.addins: dict[str, AddinTruth] = {}
         self.assignments: dict[tuple[str, str, str | None], Mode] = {}
+        self.exceptions: dict[tuple[str, str, str | None], frozenset[str]] = {}
+        """Per assignment, what it excludes: "group:G" and "user:U"."""
 
     @classmethod
     def from_org_document(cls, doc: Mapping[str, Any]) -> GroundTruth:
@@ -113,6 +133,16 @@ class GroundTruth:
                     self.nested_groups = bool(a["nested_groups"])
                 case "upload":
                     return self._upload(a)
+                case "stage":
+                    return self._stage(a)
+                case "rollout_start" | "rollback":
+                    self._start(a, rollback=action.op == "rollback")
+                case "rollout_advance":
+                    self._advance(a["addin_id"])
+                case "rollout_pause" | "rollout_resume" | "rollout_abort":
+                    r = self._active(a["addin_id"])
+                    r.state = {"rollout_pause": "paused", "rollout_resume": "running",
+                               "rollout_abort": "aborted"}[action.op]  # fmt: skip
                 case "consent":
                     addin = self.addins[a["addin_id"]]
                     if addin.pending is not None:
@@ -127,8 +157,11 @@ class GroundTruth:
                 case "assign":
                     key = (a["addin_id"], a["target"], a.get("target_id"))
                     self.assignments[key] = Mode(a["mode"])
+                    self.exceptions[key] = frozenset(a.get("except") or ())
                 case "unassign":
-                    self.assignments.pop((a["addin_id"], a["target"], a.get("target_id")), None)
+                    key = (a["addin_id"], a["target"], a.get("target_id"))
+                    self.assignments.pop(key, None)
+                    self.exceptions.pop(key, None)
                 case _:
                     raise OracleError(f"unknown admin action {action.op!r}")
         except KeyError as e:
@@ -141,15 +174,85 @@ class GroundTruth:
         old = self.addins.get(a["addin_id"])
         if old is None:
             self.addins[a["addin_id"]] = AddinTruth(a["addin_id"], *new)
+            self.addins[a["addin_id"]].stored[new[0]] = (hosts, new[2])
             return "current"
-        if _version_key(new[0]) <= _version_key(old.version):
+        if any(_version_key(new[0]) <= _version_key(v) for v in [old.version, *old.stored]):
             return "refused"
+        old.stored[new[0]] = (hosts, new[2])
         if hosts != old.hosts or new[2] != old.permissions:
             old.pending = new
             return "needs_consent"
         old.version, old.hosts, old.permissions = new
         old.pending = None
+        for r in old.rollouts:
+            if r.state == "aborted":
+                r.state = "superseded"
         return "current"
+
+    def _stage(self, a: Mapping[str, Any]) -> str:
+        addin = self.addins[a["addin_id"]]
+        if any(_version_key(str(a["version"])) <= _version_key(v) for v in addin.stored):
+            return "refused"
+        addin.stored[str(a["version"])] = (
+            frozenset(Host(h) for h in a["hosts"]),
+            str(a["permissions"]),
+        )
+        return "staged"
+
+    # -- rollouts -----------------------------------------------------------------------------
+    def _active(self, addin_id: str) -> RolloutTruth:
+        for r in self.addins[addin_id].rollouts:
+            if r.state in ("running", "paused"):
+                return r
+        raise OracleError(f"add-in {addin_id} has no running or paused rollout")
+
+    def _start(self, a: Mapping[str, Any], rollback: bool) -> None:
+        addin = self.addins[a["addin_id"]]
+        rings = []
+        for text in a.get("rings") or ["all=everyone"]:
+            name, _, targets = str(text).partition("=")
+            rings.append((name, targets.split("+")))
+        if rollback:
+            for r in addin.rollouts:
+                if r.state in ("running", "paused"):
+                    r.state = "aborted"
+        addin.rollouts.append(RolloutTruth(str(a["version"]), rings, rollback=rollback))
+        if len(rings) == 1:
+            self._complete(addin, addin.rollouts[-1])
+
+    def _advance(self, addin_id: str) -> None:
+        addin = self.addins[addin_id]
+        r = self._active(addin_id)
+        r.reached += 1
+        if r.reached == len(r.rings):
+            self._complete(addin, r)
+
+    def _complete(self, addin: AddinTruth, done: RolloutTruth) -> None:
+        done.state = "completed"
+        for r in addin.rollouts:
+            if r is not done and r.state in ("running", "paused", "aborted"):
+                r.state = "superseded"
+        addin.version = done.version
+        addin.hosts, addin.permissions = addin.stored[done.version]
+        if addin.pending and _version_key(addin.pending[0]) <= _version_key(done.version):
+            addin.pending = None
+
+    def version_for(self, addin_id: str, user: str, groups: set[str]) -> str:
+        """The version `user` (in `groups`, under the policy) is served: brute force over the
+        rollouts still in force, the newest first, and their reached rings in order."""
+        addin = self.addins[addin_id]
+        for r in reversed(addin.rollouts):
+            if r.state not in ("running", "paused", "aborted"):
+                continue
+            for _name, targets in r.rings[: r.reached]:
+                for t in targets:
+                    if (
+                        t == "everyone"
+                        or t == f"user:{user}"
+                        or (t.startswith("group:") and t[6:] in groups)
+                    ):
+                        return r.version
+        return addin.version
 
     # -- the brute force ----------------------------------------------------------------------
     def group_reach(self) -> dict[str, frozenset[str]]:
@@ -189,7 +292,10 @@ class GroundTruth:
         result: dict[str, dict[str, Mode]] = {}
         for user in sorted(groups_of):
             mine: dict[str, Mode] = {}
-            for (addin_id, target, target_id), mode in self.assignments.items():
+            shut: set[str] = set()
+            mark = {f"user:{user}"} | {f"group:{g}" for g in groups_of[user]}
+            for key, mode in self.assignments.items():
+                addin_id, target, target_id = key
                 if addin_id not in visible:
                     continue
                 if (
@@ -197,23 +303,42 @@ class GroundTruth:
                     or (target == "user" and target_id == user)
                     or (target == "group" and target_id in groups_of[user])
                 ):
+                    if self.exceptions.get(key, frozenset()) & mark:
+                        shut.add(addin_id)  # an exclusion wins over every assignment
                     held = mine.get(addin_id)
                     if held is None or mode.strength > held.strength:
                         mine[addin_id] = mode
-            result[user] = mine
+            result[user] = {a: m for a, m in mine.items() if a not in shut}
         return result
 
     def installed_for(
-        self, entitlements: Mapping[str, Mode], hosts: Iterable[Host] = ALL_HOSTS
+        self,
+        entitlements: Mapping[str, Mode],
+        hosts: Iterable[Host] = ALL_HOSTS,
+        user: str | None = None,
+        groups: set[str] | None = None,
     ) -> dict[Host, dict[str, str]]:
-        """What each host shows after a launch: fixed and optional add-ins, at the consented
-        version, in the hosts their manifest lists. Available add-ins are not installed."""
+        """What each host shows after a launch: fixed and optional add-ins, at the version
+        served to `user` (the consented one, or their rollout ring's), in the hosts that
+        version's manifest lists. Available add-ins are not installed."""
+        if user is not None and groups is None:
+            groups = self.user_groups().get(user, set())
         out: dict[Host, dict[str, str]] = {}
+        served = {
+            a: self.version_for(a, user, groups or set())
+            if user is not None
+            else self.addins[a].version
+            for a in entitlements
+        }
         for host in hosts:
             out[host] = {
-                addin_id: self.addins[addin_id].version
+                addin_id: served[addin_id]
                 for addin_id, mode in entitlements.items()
-                if mode in (Mode.FIXED, Mode.OPTIONAL) and host in self.addins[addin_id].hosts
+                if mode in (Mode.FIXED, Mode.OPTIONAL)
+                and host
+                in self.addins[addin_id].stored.get(
+                    served[addin_id], (self.addins[addin_id].hosts, "")
+                )[0]
             }
         return out
 

@@ -51,6 +51,10 @@ ADMIN_OPS = {
     "remove_parent",
     "policy",
     "churn",
+    "rollout",
+    "rollout_advance",
+    "rollout_wait",
+    "rollback",
 }
 FAULTS = {"broker_restart", "broker_kill", "server_restart", "offline", "online", "duplicates"}
 OTHER = {"launches", "wait", "checkpoint", "start_clients"}

@@ -93,12 +93,17 @@ def _compact(per_user: Mapping[str, Any]) -> dict[str, Any]:
 def expected_state(truth: GroundTruth) -> tuple[dict[str, Any], dict[str, Any]]:
     """The oracle's entitlements and installed sets of every user, compacted for the wire."""
     ents = truth.entitlements_for_all()
+    groups_of = truth.user_groups()
     inst_cache: dict[str, Any] = {}
     installed: dict[str, Any] = {}
     for user, e in ents.items():
-        key = json.dumps({k: str(v) for k, v in sorted(e.items())})
+        # Users with the same entitlements at the same versions (their rollout rings) share
+        # one computed installed set.
+        versions = {a: truth.version_for(a, user, groups_of[user]) for a in e}
+        key = json.dumps({k: [str(v), versions[k]] for k, v in sorted(e.items())})
         if key not in inst_cache:
-            inst_cache[key] = {str(h): v for h, v in truth.installed_for(e).items()}
+            got = truth.installed_for(e, user=user, groups=groups_of[user])
+            inst_cache[key] = {str(h): v for h, v in got.items()}
         installed[user] = inst_cache[key]
     return (
         _compact({u: {a: str(m) for a, m in e.items()} for u, e in ents.items()}),

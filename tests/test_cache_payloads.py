@@ -22,6 +22,7 @@ SHA = hashlib.sha256(b"x").hexdigest()
 PAIRS: list[tuple[type[Any], type[Any]]] = [
     (p.CatalogEntry, c.CachedCatalogEntry),
     (p.WithheldVersion, c.CachedWithheld),
+    (p.RingVersion, c.CachedRingVersion),
     (p.Assignment, c.CachedAssignment),
     (p.Membership, c.CachedMembership),
     (p.GroupParents, c.CachedGroupParents),
@@ -71,12 +72,35 @@ MESSAGES: list[tuple[Topic, Any]] = [
             source=Source.STORE,
         ),
     ),
+    (
+        Topic.catalog(T, "a4"),
+        _entry(
+            "a4",
+            version="1.0.0.0",
+            rollback=4,
+            rings=[
+                p.RingVersion(
+                    ring="pilot",
+                    targets=["group:sales", "user:ann"],
+                    version="1.1.0.0",
+                    manifest_sha256=SHA,
+                    manifest_url=f"/v1/manifests/{SHA}",
+                    hosts=[Host.WORD],
+                    permissions="ReadDocument",
+                )
+            ],
+        ),
+    ),
     (Topic.catalog(T, "a3"), _entry("a3", enabled=False, revision=4)),
     (Topic.catalog(T, "gone"), p.Tombstone(revision=5, deleted=True)),
     (Topic.assign_everyone(T, "a1"), p.Assignment(revision=6, mode=Mode.FIXED)),
     (Topic.assign_group(T, "sales", "a2"), p.Assignment(revision=7, mode=Mode.OPTIONAL)),
     (Topic.assign_group(T, "emea", "a3"), p.Assignment(revision=8, mode=Mode.AVAILABLE)),
     (Topic.assign_user(T, "ann", "a3"), p.Assignment(revision=9, mode=Mode.FIXED)),
+    (
+        Topic.assign_everyone(T, "a4"),
+        p.Assignment(revision=9, mode=Mode.FIXED, except_groups=["emea"], except_users=["bob"]),
+    ),
     (Topic.member(T, "ann"), p.Membership(revision=10, groups=["sales"])),
     (Topic.group_parents(T, "sales"), p.GroupParents(revision=11, parents=["emea"])),
     (Topic.policy(T), p.Policy(revision=12, nested_groups=True)),
@@ -94,6 +118,9 @@ def test_rebuilt_values_equal_the_validated_ones(topic: Topic, model: Any) -> No
         if isinstance(want, p.WithheldVersion):
             assert got == c.CachedWithheld(**dict(want))
             assert all(type(h) is Host for h in got.hosts)
+        elif name == "rings" and want is not None:
+            assert got == [c.CachedRingVersion(**dict(r)) for r in want]
+            assert all(type(h) is Host for r in got for h in r.hosts)
         else:
             assert got == want and type(got) is type(want), name
 
@@ -106,9 +133,9 @@ def test_the_state_rebuilt_both_ways_explains_every_addin_alike() -> None:
     assert rebuilt.membership == validated.membership
     assert rebuilt.parents == validated.parents
     assert rebuilt.nested_groups and validated.nested_groups
-    assert set(rebuilt.catalog) == set(validated.catalog) == {"a1", "a2", "a3"}
+    assert set(rebuilt.catalog) == set(validated.catalog) == {"a1", "a2", "a3", "a4"}
     assert rebuilt.is_tombstoned(Topic.catalog(T, "gone"))
-    for aid in ("a1", "a2", "a3", "gone"):
+    for aid in ("a1", "a2", "a3", "a4", "gone"):
         got, want = explain(rebuilt, "ann", aid), explain(validated, "ann", aid)
         assert dataclasses.replace(got, entry=None) == dataclasses.replace(want, entry=None)
         assert (got.entry is None) == (want.entry is None), aid

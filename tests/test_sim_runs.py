@@ -36,6 +36,7 @@ def test_every_shipped_scenario_is_listed() -> None:
         "broker-restart",
         "offline-clients",
         "storm",
+        "ring-rollout",
     }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server_stub.api import agents, catalog, directory, manifests, troubleshooting
+from server_stub.api import agents, catalog, directory, manifests, rollouts, troubleshooting
 from server_stub.api.auth import Tokens, install_error_handlers
 from server_stub.api.guard import RequestGuard
 from server_stub.api.manifests import MANIFEST_MEMORY, ManifestFastPath
@@ -58,4 +58,5 @@ def create_app(service: Service, *, admin_token: str, agent_token: str | None) -
     app.include_router(catalog.router(service, tokens))
     app.include_router(agents.router(service, tokens))
     app.include_router(troubleshooting.router(service, tokens))
+    app.include_router(rollouts.router(service, tokens))
     return app

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from server_stub.api.auth import Tokens
 from server_stub.api.guard import read_body
@@ -29,6 +29,8 @@ class AssignIn(_In):
     target: Literal["everyone", "user", "group", "me"]
     target_id: str | None = None
     mode: Literal["fixed", "optional", "available"]
+    except_: list[str] = Field(default=[], alias="except", max_length=200)
+    """``group:G`` / ``user:U`` excluded from this assignment (an exclusion wins)."""
 
 
 class UnassignIn(_In):
@@ -48,11 +50,11 @@ def router(service: Service, tokens: Tokens) -> APIRouter:
     r = APIRouter(dependencies=[tokens.admin_only])
 
     @r.post("/v1/addins", openapi_extra=_XML_BODY)
-    async def add_lob(request: Request) -> Any:
+    async def add_lob(request: Request, staged: bool = False) -> Any:
         content = bytes(await read_body(request))  # at most 512 KB: RequestGuard
         if not content:
             return JSONResponse({"detail": "empty body: send the manifest XML"}, 400)
-        return await service.add_lob(content)
+        return await service.add_lob(content, staged)
 
     @r.post("/v1/addins/store")
     async def add_store(body: StoreAddIn) -> dict[str, Any]:
@@ -90,7 +92,9 @@ def router(service: Service, tokens: Tokens) -> APIRouter:
 
     @r.post("/v1/addins/{addin_id}/assign")
     async def assign(addin_id: str, body: AssignIn) -> dict[str, Any]:
-        return await service.assign(addin_id, body.target, body.target_id, body.mode)
+        return await service.assign(
+            addin_id, body.target, body.target_id, body.mode, body.except_
+        )
 
     @r.post("/v1/addins/{addin_id}/unassign")
     async def unassign(addin_id: str, body: UnassignIn) -> dict[str, Any]:

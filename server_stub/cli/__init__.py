@@ -21,6 +21,7 @@ from server_stub.cli.catalog import addin, store
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
 from server_stub.cli.manifests import manifests
+from server_stub.cli.rollouts import rollback, rollout
 from server_stub.cli.runner import db_option
 from server_stub.cli.serve import serve
 from server_stub.cli.troubleshooting import broker_config, explain, status
@@ -33,6 +34,7 @@ def main() -> None:
     """Deployment service stub: directory, catalog, assignments, publication."""
 
 
-for _command in (manifest, manifests, broker, serve, load, user, group, policy, addin, store, explain,
-                 status, broker_config, pki, enroll, revoke, device, bundle):  # fmt: skip
+for _command in (manifest, manifests, broker, serve, load, user, group, policy, addin, store,
+                 explain, status, broker_config, pki, enroll, revoke, device, bundle, rollout,
+                 rollback):  # fmt: skip
     main.add_command(_command)

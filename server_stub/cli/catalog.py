@@ -19,11 +19,16 @@ def addin() -> None:
 
 @addin.command("add")
 @click.argument("manifest_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--staged",
+    is_flag=True,
+    help="Store this newer version without deploying it, for `rollout start`.",
+)
 @common
-def addin_add(manifest_file: Path, **kw: Any) -> None:
+def addin_add(manifest_file: Path, staged: bool, **kw: Any) -> None:
     """Add a LOB add-in from MANIFEST_FILE, or update it if its Id is already there."""
     content = manifest_file.read_bytes()
-    run(kw, lambda s: s.add_lob(content))
+    run(kw, lambda s: s.add_lob(content, staged))
 
 
 @addin.command("add-store")
@@ -139,6 +144,14 @@ def _pick_target(
     default="fixed",
     show_default=True,
 )
+@click.option(
+    "--except",
+    "excepted",
+    multiple=True,
+    metavar="group:G|user:U",
+    help="Exclude a group or user from this assignment (repeatable); an exclusion wins over "
+    "every assignment of the add-in. Re-assigning replaces the exclusions.",
+)
 @common
 def addin_assign(
     addin_id: str,
@@ -147,11 +160,12 @@ def addin_assign(
     group_id: str | None,
     me: str | None,
     mode: str,
+    excepted: tuple[str, ...],
     **kw: Any,
 ) -> None:
     """Assign an add-in to Everyone, a user, a group or yourself, with a mode."""
     target, tid = _pick_target(everyone, user_id, group_id, me)
-    run(kw, lambda s: s.assign(addin_id, target, tid, mode), admin_user=me)
+    run(kw, lambda s: s.assign(addin_id, target, tid, mode, excepted), admin_user=me)
 
 
 @addin.command("unassign")

@@ -11,6 +11,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,6 +20,9 @@ from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
 from server_stub import db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
 from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
+
+if TYPE_CHECKING:
+    from server_stub.service import Service
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class _Settings:
     max_addins: int
     signer: StateSigner | None
     tls: _Tls | None
+    gate_interval: float = 5.0
 
 
 INSECURE_WARNING = (
@@ -109,6 +114,14 @@ INSECURE_WARNING = (
     help="Ed25519 private key (PKCS8 PEM, mode 0600) that signs every state payload; "
     "agents configured with its public key refuse anything else.",
 )
+@click.option(
+    "--gate-interval",
+    envvar="ADDIN_SERVER_GATE_INTERVAL",
+    type=click.FloatRange(0.1, 3600),
+    default=5.0,
+    show_default=True,
+    help="Seconds between checks of running rollouts' gates (advance when one holds).",
+)
 @store_option
 @max_addins_option
 def serve(
@@ -125,6 +138,7 @@ def serve(
     store_catalog: Path,
     max_addins: int,
     signing_key: Path | None,
+    gate_interval: float,
 ) -> None:
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT): with --pki over
     HTTPS and MQTT/TLS; with --insecure (a lab) in plain text."""
@@ -150,7 +164,7 @@ def serve(
         error(str(e), 2)
     settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
                          admin_token, agent_token, admin_user, store_catalog, max_addins,
-                         signer, tls)  # fmt: skip
+                         signer, tls, gate_interval)  # fmt: skip
     _serve_alone(db_path(writes=True), settings)
 
 
@@ -270,6 +284,7 @@ async def _run_server(path: Path, s: _Settings) -> None:
         )
     )
     pub = asyncio.create_task(publisher.run())
+    gates = asyncio.create_task(_watch_gates(service, s.gate_interval))
     scheme = "https" if s.tls is not None else "http"
     if s.tls is None:
         click.echo(INSECURE_WARNING, err=True)
@@ -285,8 +300,26 @@ async def _run_server(path: Path, s: _Settings) -> None:
     try:
         await server.serve()
     finally:
+        await cancel_and_wait(gates, 10, "the rollout gates")
         await cancel_and_wait(pub, 10, "the publisher")
         await service.close()
+
+
+async def _watch_gates(service: Service, interval: float) -> None:
+    """Advance every running rollout whose gate holds, every `interval` seconds. A failed
+    check (the database busy) is logged and tried again at the next one."""
+    log = logging.getLogger("addin_server.rollouts")
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            for r in await service.rollouts.tick():
+                log.info(
+                    "rollout %s of %s %s: gate held, advanced to ring %s (revision %s)",
+                    r["rollout_id"], r["addin_id"], r["version"], r["current_ring"],
+                    r["revision"],
+                )  # fmt: skip
+        except db.TRANSIENT_ERRORS as e:
+            log.warning("rollout gates not checked: %s", e)
 
 
 def _check_listen(host: str, port: int) -> None:

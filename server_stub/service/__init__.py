@@ -40,6 +40,7 @@ from server_stub.service.errors import (
 from server_stub.service.lookup import find_addin
 from server_stub.service.org_load import OrgLoader
 from server_stub.service.reads import Reads
+from server_stub.service.rollouts import Rollouts
 from server_stub.service.troubleshooting import Troubleshooting
 from server_stub.service.unit_of_work import UnitOfWork
 from server_stub.signer import StateSigner
@@ -90,6 +91,8 @@ class Service:
         self._reads = Reads(database)
         self.devices = Devices(database)
         self._troubleshooting = Troubleshooting(database, self._reads)
+        self.rollouts = Rollouts(self._uow, clock)
+        """Rollouts and rollbacks: start, advance, pause, resume, abort, the gate's tick."""
         # Each operation and read under the name the API and the CLI call, bound to the
         # object of the module that owns it (directory, catalog, assignments, org_load...).
         d, c, a = self._directory, self._catalog, self._assignments
@@ -157,6 +160,7 @@ class Service:
                     now,
                     json.dumps([a.model_dump(mode="json") for a in r.applied]),
                     json.dumps(list(r.errors)),
+                    json.dumps([f.model_dump(mode="json") for f in r.failed or ()]),
                 )
                 for r in reports
             ],

@@ -14,6 +14,8 @@ import aiosqlite
 from addin_core.protocol import Mode
 from server_stub.db import Database, read_revision
 from server_stub.entitlement import AssignmentRow
+from server_stub.rollout_rules import OpenRollout
+from server_stub.service.reads import exceptions_by_assignment
 
 
 class AgentStateReader:
@@ -60,11 +62,24 @@ class AgentStateReader:
             )
         }
 
+    async def open_rollouts(self) -> dict[str, list[OpenRollout]]:
+        """add-in id -> its rollouts whose reached rings the catalog entry lists."""
+        from server_stub.service.rollouts import open_rollout
+
+        out: dict[str, list[OpenRollout]] = defaultdict(list)
+        for r in await self._rows(
+            "SELECT * FROM rollouts WHERE state IN ('running','paused','aborted') ORDER BY id"
+        ):
+            out[r["addin_id"]].append(open_rollout(r))
+        return out
+
     async def assignments_reaching(
         self, user_id: str, groups: Sequence[str]
     ) -> dict[str, list[AssignmentRow]]:
         """add-in id -> its assignments to Everyone, to `user_id` or to one of `groups`."""
         by_addin: dict[str, list[AssignmentRow]] = defaultdict(list)
+        excepted = await exceptions_by_assignment(self._rows)
+        none: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         marks = ",".join("?" * len(groups))
         for r in await self._rows(
             "SELECT addin_id, target, target_id, mode FROM assignments WHERE target='everyone' "
@@ -72,7 +87,8 @@ class AgentStateReader:
             f"OR (target='group' AND target_id IN ({marks}))",
             (user_id, *groups),
         ):
-            by_addin[r[0]].append(AssignmentRow(r[1], r[2], Mode(r[3])))
+            exc = excepted.get((r[0], r[1], r[2]), none)
+            by_addin[r[0]].append(AssignmentRow(r[1], r[2], Mode(r[3]), *exc))
         return by_addin
 
     async def retained(

@@ -20,7 +20,7 @@ from addin_core.manifest import (
     read_manifest,
 )
 from addin_core.protocol import Host, Source, Topic
-from addin_core.version import compare_versions
+from addin_core.version import compare_versions, parse_version
 from server_stub.service.errors import Conflict, InvalidManifest, NotFound
 from server_stub.service.lookup import need
 from server_stub.service.messages import assign_topic, emit_catalog
@@ -43,6 +43,12 @@ def checked_manifest(content: bytes) -> Manifest:
             "invalid manifest: " + ("; ".join(findings) or "unreadable"), findings=findings
         )
     return report.manifest
+
+
+async def _highest_version(tx: Tx, addin_id: str) -> str:
+    versions = [r[0] for r in await tx.rows(
+        "SELECT version FROM addin_versions WHERE addin_id=?", (addin_id,))]  # fmt: skip
+    return max(versions, key=parse_version)
 
 
 class Catalog:
@@ -86,11 +92,24 @@ class Catalog:
         )
 
     async def add_or_update(
-        self, tx: Tx, manifest: Manifest, content: bytes, source: Source, asset_id: str | None
+        self,
+        tx: Tx,
+        manifest: Manifest,
+        content: bytes,
+        source: Source,
+        asset_id: str | None,
+        *,
+        stage: bool = False,
     ) -> dict[str, Any]:
-        """Add the add-in, or make `manifest` its next version (current, or waiting for consent)."""
+        """Add the add-in, or make `manifest` its next version (current, or waiting for
+        consent); with `stage`, only store it, for a rollout to deploy ring by ring."""
         addin_id = manifest.id
         existing = await tx.row("SELECT * FROM addins WHERE id=?", (addin_id,))
+        if existing is None and stage:
+            raise NotFound(
+                f"add-in {addin_id} is not in the catalog: add it first; --staged stores a "
+                "further version of an add-in for `addin-server rollout start`"
+            )
         if existing is None:
             (count,) = await tx.row("SELECT count(*) FROM addins") or (0,)
             if count >= self.max_addins:
@@ -111,13 +130,27 @@ class Catalog:
                 f"add-in {addin_id} is already in the catalog as a {existing['source']} add-in"
             )
         deployed = existing["pending_version"] or existing["current_version"]
+        which = "version waiting for consent" if existing["pending_version"] else "deployed version"
+        staged = await _highest_version(tx, addin_id)
+        if compare_versions(staged, deployed) > 0:
+            deployed, which = staged, "highest stored (staged) version"
         if compare_versions(manifest.version, deployed) <= 0:
-            which = (
-                "version waiting for consent" if existing["pending_version"] else "deployed version"
-            )
             raise Conflict(
                 f"add-in {addin_id}: version {manifest.version} is not greater than the {which} "
                 f"{deployed}; an update needs a strictly greater <Version>"
+            )
+        if stage:
+            await self._store_version(tx, addin_id, manifest, content)
+            return {"addin_id": addin_id, "version": manifest.version, "state": "staged"}
+        active = await tx.row(
+            "SELECT id, version FROM rollouts WHERE addin_id=? AND state IN ('running','paused')",
+            (addin_id,),
+        )
+        if active is not None:
+            raise Conflict(
+                f"add-in {addin_id} has rollout {active[0]} of version {active[1]} in progress: "
+                "abort it or let it finish before uploading a version for everyone "
+                "(or add this one with --staged and roll it out next)"
             )
         return await self._update(tx, manifest, content, existing["current_version"])
 
@@ -145,14 +178,22 @@ class Catalog:
             "UPDATE addins SET current_version=?, pending_version=NULL WHERE id=?",
             (manifest.version, addin_id),
         )
+        # A newer version for everyone: stopped rollouts' rings no longer apply.
+        await tx.execute(
+            "UPDATE rollouts SET state='superseded', updated_revision=? WHERE addin_id=? "
+            "AND state='aborted'",
+            (tx.revision, addin_id),
+        )
         await emit_catalog(tx, addin_id)
         return {"addin_id": addin_id, "version": manifest.version, "state": "current"}
 
-    async def add_lob(self, content: bytes) -> dict[str, Any]:
+    async def add_lob(self, content: bytes, staged: bool = False) -> dict[str, Any]:
         manifest = checked_manifest(content)
-        detail = {"id": manifest.id, "version": manifest.version}
+        detail = {"id": manifest.id, "version": manifest.version, "staged": staged}
         async with self.uow.write("add_lob", detail) as tx:
-            result = await self.add_or_update(tx, manifest, content, Source.LOB, None)
+            result = await self.add_or_update(
+                tx, manifest, content, Source.LOB, None, stage=staged
+            )
         return {**result, "revision": tx.revision}
 
     async def add_store(self, asset_id: str) -> dict[str, Any]:

@@ -10,10 +10,12 @@ from addin_core.protocol import (
     GroupParents,
     Host,
     Membership,
+    RingVersion,
     Source,
     Topic,
     WithheldVersion,
 )
+from server_stub.rollout_rules import OpenRollout, Ring, catalog_rings
 from server_stub.service.unit_of_work import Tx
 
 
@@ -46,6 +48,7 @@ async def emit_catalog(tx: Tx, addin_id: str) -> None:
         (addin_id,),
     )
     assert r is not None
+    rings, rollback = await _rollout_state(tx, addin_id, r["version"])
     tx.emit(
         Topic.catalog(tx.tenant, addin_id),
         CatalogEntry(
@@ -68,10 +71,56 @@ async def emit_catalog(tx: Tx, addin_id: str) -> None:
             )
             if r["w_version"]
             else None,
+            rings=rings or None,
+            rollback=rollback,
             revision=tx.revision,
             committed_at=tx.now,
         ),
     )
+
+
+async def _rollout_state(
+    tx: Tx, addin_id: str, base: str
+) -> tuple[list[RingVersion], int | None]:
+    """The rings of the add-in's open rollouts (first match wins), and the revision of the
+    rollback that made `base` its version, if one did."""
+    opened = []
+    for x in await tx.rows(
+        "SELECT * FROM rollouts WHERE addin_id=? AND state IN ('running','paused','aborted')",
+        (addin_id,),
+    ):
+        rings = tuple(Ring(i["name"], tuple(i["targets"])) for i in json.loads(x["rings"]))
+        opened.append(OpenRollout(int(x["id"]), x["version"],
+                                  int(x["started_revision"]) if x["rollback"] else None,
+                                  rings, int(x["reached"])))  # fmt: skip
+    versions = {
+        v["version"]: v
+        for v in await tx.rows(
+            "SELECT version, sha256, hosts, permissions FROM addin_versions WHERE addin_id=?",
+            (addin_id,),
+        )
+    }
+    out = []
+    for ring, ro in catalog_rings(opened):
+        v = versions[ro.version]
+        out.append(
+            RingVersion(
+                ring=ring.name,
+                targets=list(ring.targets),
+                version=ro.version,
+                manifest_sha256=v["sha256"],
+                manifest_url=f"/v1/manifests/{v['sha256']}",
+                hosts=[Host(h) for h in json.loads(v["hosts"])],
+                permissions=v["permissions"],
+                rollback=ro.rollback_revision,
+            )
+        )
+    back = await tx.row(
+        "SELECT started_revision FROM rollouts WHERE addin_id=? AND state='completed' "
+        "AND rollback=1 AND version=? ORDER BY id DESC LIMIT 1",
+        (addin_id, base),
+    )
+    return out, int(back[0]) if back else None
 
 
 def assign_topic(tenant: str, addin_id: str, target: str, target_id: str) -> Topic:

@@ -16,12 +16,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from addin_core.manifest import Manifest
-from addin_core.protocol import Assignment, GroupParents, Membership, Source, Topic
+from addin_core.protocol import GroupParents, Membership, Source, Topic
 from addin_core.validation import validation_problems
-from server_stub.service.assignments import resolve_target
+from server_stub.service.assignments import (
+    assignment_payload,
+    parse_exceptions,
+    resolve_target,
+    write_exceptions,
+)
 from server_stub.service.catalog import Catalog, checked_manifest
 from server_stub.service.directory import nesting_edges, refuse_cycle, store_policy
 from server_stub.service.errors import (
@@ -62,6 +67,8 @@ class OrgAssignment(_Doc):
     addin: str
     target: str
     mode: str = "fixed"
+    except_: list[str] = Field(default=[], alias="except")
+    """``group:G`` / ``user:U``: excluded from this assignment (exclusion wins)."""
 
 
 class OrgPolicy(_Doc):
@@ -190,6 +197,7 @@ class OrgLoader:
         self, tx: Tx, assignments: list[OrgAssignment], d: _Directory
     ) -> int:
         rows = []
+        exceptions: list[tuple[str, str, str, list[str], list[str]]] = []
         for i, a in enumerate(assignments):
             if not await tx.row("SELECT 1 FROM addins WHERE id=?", (a.addin,)):
                 raise NotFound(f"assignments[{i}]: unknown add-in {a.addin!r}")
@@ -200,16 +208,22 @@ class OrgLoader:
             if kind == "group" and tid not in d.known_groups:
                 raise NotFound(f"assignments[{i}]: unknown group {tid!r}")
             m = parse_mode(a.mode)
+            try:
+                groups, users = parse_exceptions(a.except_)
+            except BadRequest as e:
+                raise BadRequest(f"assignments[{i}]: {e.message}") from None
             rows.append((a.addin, kind, tid, m.value))
-            tx.emit(
-                assign_topic(tx.tenant, a.addin, kind, tid),
-                Assignment(mode=m, revision=tx.revision, committed_at=tx.now),
-            )
+            exceptions.append((a.addin, kind, tid, groups, users))
+            tx.emit(assign_topic(tx.tenant, a.addin, kind, tid),
+                    assignment_payload(tx, m, groups, users))  # fmt: skip
         await tx.executemany(
             "INSERT INTO assignments(addin_id, target, target_id, mode) VALUES (?,?,?,?) "
             "ON CONFLICT(addin_id, target, target_id) DO UPDATE SET mode=excluded.mode",
             rows,
         )
+        for addin_id, kind, tid, groups, users in exceptions:
+            await write_exceptions(tx, addin_id, kind, tid, groups, users, d.known_groups,
+                                   d.known_users)  # fmt: skip
         return len(rows)
 
 

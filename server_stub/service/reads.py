@@ -13,6 +13,19 @@ from server_stub.entitlement import AssignmentRow
 from server_stub.service.lookup import find_addin, unknown
 
 
+async def exceptions_by_assignment(
+    rows_of: Any, addin_id: str | None = None
+) -> dict[tuple[str, str, str], tuple[frozenset[str], frozenset[str]]]:
+    """(add-in, target, target id) -> (excluded groups, excluded users)."""
+    sql = "SELECT addin_id, target, target_id, kind, id FROM assignment_exceptions"
+    found: dict[tuple[str, str, str], tuple[set[str], set[str]]] = {}
+    for r in await rows_of(sql + (" WHERE addin_id=?" if addin_id else ""),
+                           (addin_id,) if addin_id else ()):  # fmt: skip
+        groups, users = found.setdefault((r[0], r[1], r[2]), (set(), set()))
+        (groups if r[3] == "group" else users).add(r[4])
+    return {k: (frozenset(g), frozenset(u)) for k, (g, u) in found.items()}
+
+
 class Reads:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -32,6 +45,7 @@ class Reads:
             "ORDER BY target, target_id",
             (r["id"],),
         )
+        excepted = await exceptions_by_assignment(rows, r["id"])
         return {
             "addin_id": r["id"],
             "name": cur["display_name"],
@@ -54,7 +68,12 @@ class Reads:
             "manifest_sha256": cur["sha256"],
             "manifest_url": f"/v1/manifests/{cur['sha256']}",
             "assignments": [
-                {"target": a["target"], "target_id": a["target_id"] or None, "mode": a["mode"]}
+                {
+                    "target": a["target"],
+                    "target_id": a["target_id"] or None,
+                    "mode": a["mode"],
+                    "except": _except_list(excepted.get((r["id"], a["target"], a["target_id"]))),
+                }
                 for a in assigns
             ],
         }
@@ -128,9 +147,17 @@ class Reads:
         return parents
 
     async def assignment_rows(self, addin_id: str) -> list[AssignmentRow]:
+        excepted = await exceptions_by_assignment(self.database.rows, addin_id)
+        none: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         return [
-            AssignmentRow(r[0], r[1], Mode(r[2]))
+            AssignmentRow(r[0], r[1], Mode(r[2]), *excepted.get((addin_id, r[0], r[1]), none))
             for r in await self.database.rows(
                 "SELECT target, target_id, mode FROM assignments WHERE addin_id=?", (addin_id,)
             )
         ]
+
+
+def _except_list(pair: tuple[frozenset[str], frozenset[str]] | None) -> list[str]:
+    if pair is None:
+        return []
+    return [f"group:{g}" for g in sorted(pair[0])] + [f"user:{u}" for u in sorted(pair[1])]

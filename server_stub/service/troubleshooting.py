@@ -15,8 +15,11 @@ from server_stub.entitlement import (
     AssignmentRow,
     effective_mode,
     entitled_users,
+    exclusion,
+    group_paths,
     paths_for_user,
 )
+from server_stub.rollout_rules import catalog_rings, version_for
 from server_stub.service.reads import Reads
 
 
@@ -57,14 +60,26 @@ class Troubleshooting:
         addin = await self.reads.get_addin(addin_id)
         addin_id = addin["addin_id"]  # an admin may have typed its name
         nested = await self.reads.nested_groups()
+        parents = await self.reads.parents_map()
         paths = paths_for_user(
-            user_id,
-            user["groups"],
-            await self.reads.parents_map(),
-            await self.reads.assignment_rows(addin_id),
-            nested,
+            user_id, user["groups"], parents, await self.reads.assignment_rows(addin_id), nested
         )
-        mode = effective_mode(paths)
+        excluded = exclusion(user_id, paths, user["groups"], parents, nested)
+        mode = effective_mode(paths) if excluded is None else None
+        groups = set(group_paths(user["groups"], parents)) if nested else set(user["groups"])
+        from server_stub.service.rollouts import open_rollout
+
+        opened = [
+            open_rollout(r)
+            for r in await self.database.rows(
+                "SELECT * FROM rollouts WHERE addin_id=? AND state IN "
+                "('running','paused','aborted')",
+                (addin_id,),
+            )
+        ]
+        rings = catalog_rings(opened)
+        version, ring = version_for(addin["version"], rings, user_id, groups)
+        rollout = next((r for g, r in rings if g.name == ring and g.reaches(user_id, groups)), None)
         return {
             "user": user_id,
             "addin_id": addin_id,
@@ -78,6 +93,11 @@ class Troubleshooting:
             "nested_groups": nested,
             "entitled": mode is not None,
             "mode": mode.value if mode else None,
+            "excluded": excluded.describe() if excluded else None,
+            "user_version": version,
+            "ring": ring,
+            "rollout_id": rollout.rollout_id if rollout else None,
+            "rollback": rollout.rollback_revision is not None if rollout else None,
             "grants": [_path_view(p, user_id) for p in paths],
             "reports": await self._reports_of(user_id, addin_id),
             "revision": await self.database.revision(),

@@ -74,11 +74,14 @@ class UnitOfWork:
         self.clock = clock
 
     @asynccontextmanager
-    async def write(self, operation: str, detail: Mapping[str, Any]) -> AsyncIterator[Tx]:
+    async def write(
+        self, operation: str, detail: Mapping[str, Any], *, actor: str | None = None
+    ) -> AsyncIterator[Tx]:
+        """`actor` names who decided when it is not this service's actor (a rollout's gate)."""
         async with self.database.write() as conn:
             tx = Tx(conn, self.tenant, await read_revision(conn) + 1, self.clock())
             yield tx
-            await _commit_bookkeeping(tx, self.actor, operation, detail)
+            await _commit_bookkeeping(tx, actor or self.actor, operation, detail)
         if self.on_commit is not None:
             self.on_commit(tx.revision)
 
