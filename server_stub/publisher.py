@@ -137,6 +137,15 @@ class Publisher:
         self.connections = 0
         self.taken_over = 0
         """Connections the broker gave to another client with our id (said or probable)."""
+        self._last_error = "not connected yet"
+
+    def is_connected(self) -> bool:
+        """A session is up and the broker has been given its state (readiness, metrics)."""
+        return self.connected.is_set()
+
+    def disconnected_reason(self) -> str:
+        """Why the last session ended (or that none has started): what /readyz says."""
+        return self._last_error
 
     def wake(self, _revision: int | None = None) -> None:
         self._wake.set()
@@ -192,6 +201,7 @@ class Publisher:
                     # A locked or full database must not end publication for good: rows
                     # not marked done are published again (at least once) after the retry.
                     self.connected.clear()
+                    self._last_error = f"{type(e).__name__}: {e}"
                     delay = backoff.failed()
                     up = backoff.last_uptime
                     kind = losses.classify(disconnect_code(e, client), up)

@@ -18,6 +18,7 @@ from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
 from server_stub import db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
+from server_stub.health import DEFAULT_MAX_OUTBOX_LAG
 from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
 
 
@@ -45,6 +46,7 @@ class _Settings:
     max_addins: int
     signer: StateSigner | None
     tls: _Tls | None
+    max_outbox_lag: float
 
 
 INSECURE_WARNING = (
@@ -109,6 +111,15 @@ INSECURE_WARNING = (
     help="Ed25519 private key (PKCS8 PEM, mode 0600) that signs every state payload; "
     "agents configured with its public key refuse anything else.",
 )
+@click.option(
+    "--ready-max-outbox-lag",
+    "max_outbox_lag",
+    envvar="ADDIN_SERVER_READY_MAX_OUTBOX_LAG",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_MAX_OUTBOX_LAG,
+    show_default=True,
+    help="Seconds the oldest unpublished message may wait before /readyz answers 503.",
+)
 @store_option
 @max_addins_option
 def serve(
@@ -125,6 +136,7 @@ def serve(
     store_catalog: Path,
     max_addins: int,
     signing_key: Path | None,
+    max_outbox_lag: float,
 ) -> None:
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT): with --pki over
     HTTPS and MQTT/TLS; with --insecure (a lab) in plain text."""
@@ -150,7 +162,7 @@ def serve(
         error(str(e), 2)
     settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
                          admin_token, agent_token, admin_user, store_catalog, max_addins,
-                         signer, tls)  # fmt: skip
+                         signer, tls, max_outbox_lag)  # fmt: skip
     _serve_alone(db_path(writes=True), settings)
 
 
@@ -238,17 +250,19 @@ async def _run_server(path: Path, s: _Settings) -> None:
 
     from addin_runtime.tasks import cancel_and_wait
     from server_stub.api import create_app
+    from server_stub.metrics import ServerMetrics
     from server_stub.publisher import Publisher
 
     service = await open_service(path, s.tenant, s.store_catalog, s.max_addins, s.admin_user)
     service.actor = "api"
+    metrics = ServerMetrics(service.database)
     publisher = Publisher(
         path,
         s.tenant,
         s.broker,
         username=s.broker_username,
         password=s.broker_password,
-        report_sink=service.record_reports,
+        report_sink=metrics.count_reports(service.record_reports),
         signer=s.signer,
         tls_context=s.tls.mqtt if s.tls is not None else None,
     )
@@ -257,7 +271,15 @@ async def _run_server(path: Path, s: _Settings) -> None:
     # With certificates, the broker binds each report topic to a device: refuse reports
     # from devices not enrolled to the user they claim, or revoked.
     service.enrolled_reports_only = s.tls is not None
-    app = create_app(service, admin_token=s.admin_token, agent_token=s.agent_token)
+    metrics.publisher = publisher
+    app = create_app(
+        service,
+        admin_token=s.admin_token,
+        agent_token=s.agent_token,
+        broker=publisher,
+        metrics=metrics,
+        max_outbox_lag=s.max_outbox_lag,
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
