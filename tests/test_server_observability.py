@@ -6,6 +6,7 @@ traffic (admin writes, manifest downloads, anti-entropy, an agent report over MQ
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import httpx
 import paho.mqtt.publish as mqtt_publish
 import pytest
 from agent_helpers import manifest
-from harness import ADMIN_TOKEN, AGENT_TOKEN, TENANT, ServerProcess
+from harness import ADMIN_TOKEN, AGENT_TOKEN, REPO, TENANT, ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 from addin_core.protocol import AgentReport, AppliedAddin, Host, Topic
@@ -162,3 +163,13 @@ def test_metrics_count_real_traffic(server: ServerProcess, broker: MosquittoBrok
     )
     assert counts[manifest_route] == 3
     assert all(sha not in json.dumps(labels) for labels in counts)
+    _dashboard_uses_only(set(m))
+
+
+def _dashboard_uses_only(exposed: set[str]) -> None:
+    """Every metric the shipped Grafana dashboard queries is one the server exposes."""
+    dashboard = json.loads((REPO / "packaging" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\baddin_[a-z_]+", e)}
+    assert len(used) >= 10
+    assert used <= exposed, used - exposed
