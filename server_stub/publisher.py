@@ -49,6 +49,7 @@ from addin_core.protocol import (
     server_identity,
     server_topic,
 )
+from addin_runtime.logs import context
 from addin_runtime.mqtt import watch_session_present
 from addin_runtime.reconnect import (
     Backoff,
@@ -346,6 +347,12 @@ class Publisher:
         # Every publish above got its PUBACK (publish() with qos=1 waits for it).
         await database.mark_published(rows[0][0], rows[-1][0], time.time())
         await self._publish_marker(client, rows[-1][1])
+        log.info(
+            "published %d message(s) up to revision %d",
+            len(rows),
+            rows[-1][1],
+            extra=context(revision=rows[-1][1]),
+        )
         return len(rows)
 
     async def _drain_forever(self, database: Database, client: aiomqtt.Client) -> None:

@@ -16,6 +16,7 @@ import click
 
 from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
+from addin_runtime.logs import log_format_option, setup_logging
 from server_stub import db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
 from server_stub.health import DEFAULT_MAX_OUTBOX_LAG
@@ -47,6 +48,7 @@ class _Settings:
     signer: StateSigner | None
     tls: _Tls | None
     max_outbox_lag: float
+    log_format: str
 
 
 INSECURE_WARNING = (
@@ -120,6 +122,7 @@ INSECURE_WARNING = (
     show_default=True,
     help="Seconds the oldest unpublished message may wait before /readyz answers 503.",
 )
+@log_format_option
 @store_option
 @max_addins_option
 def serve(
@@ -137,6 +140,7 @@ def serve(
     max_addins: int,
     signing_key: Path | None,
     max_outbox_lag: float,
+    log_format: str,
 ) -> None:
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT): with --pki over
     HTTPS and MQTT/TLS; with --insecure (a lab) in plain text."""
@@ -162,7 +166,7 @@ def serve(
         error(str(e), 2)
     settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
                          admin_token, agent_token, admin_user, store_catalog, max_addins,
-                         signer, tls, max_outbox_lag)  # fmt: skip
+                         signer, tls, max_outbox_lag, log_format)  # fmt: skip
     _serve_alone(db_path(writes=True), settings)
 
 
@@ -235,7 +239,7 @@ def _serve_alone(path: Path, settings: _Settings) -> None:
 
 
 def _serve(path: Path, s: _Settings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging("addin-server", s.log_format)
     # uvloop when installed (the `fast` extra): the manifest endpoint serves a whole fleet.
     try:
         import uvloop
@@ -286,6 +290,9 @@ async def _run_server(path: Path, s: _Settings) -> None:
             host=s.host,
             port=s.port,
             log_level="warning",
+            # uvicorn's own handlers would print its lines in its own format; without them
+            # they reach ours, text or JSON like every other line.
+            log_config=None,
             lifespan="off",
             ssl_certfile=str(s.tls.certfile) if s.tls is not None else None,
             ssl_keyfile=str(s.tls.keyfile) if s.tls is not None else None,
@@ -293,22 +300,29 @@ async def _run_server(path: Path, s: _Settings) -> None:
     )
     pub = asyncio.create_task(publisher.run())
     scheme = "https" if s.tls is not None else "http"
+    # Text mode keeps these two lines as they were (plain stderr lines people and scripts
+    # read); JSON mode makes them log events like every other line.
     if s.tls is None:
-        click.echo(INSECURE_WARNING, err=True)
+        _say(s, logging.WARNING, INSECURE_WARNING.removeprefix("warning: "), INSECURE_WARNING)
     signing = (
         f"state signed (public key {s.signer.public_text})"
         if s.signer is not None
         else "state UNSIGNED (no --signing-key)"
     )
-    click.echo(
-        f"addin-server: tenant {s.tenant}, {scheme}://{s.host}:{s.port}, broker {s.broker}, {signing}",
-        err=True,
-    )
+    started = f"tenant {s.tenant}, {scheme}://{s.host}:{s.port}, broker {s.broker}, {signing}"
+    _say(s, logging.INFO, started, f"addin-server: {started}")
     try:
         await server.serve()
     finally:
         await cancel_and_wait(pub, 10, "the publisher")
         await service.close()
+
+
+def _say(s: _Settings, level: int, event: str, line: str) -> None:
+    if s.log_format == "json":
+        logging.getLogger("addin_server").log(level, event)
+    else:
+        click.echo(line, err=True)
 
 
 def _check_listen(host: str, port: int) -> None:

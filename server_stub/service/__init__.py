@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
 from addin_core.protocol import AgentReport, check_id
+from addin_runtime.logs import context
 from server_stub.db import Database
 from server_stub.service.agent_state import AgentStateReader, agent_snapshot
 from server_stub.service.assignments import Assignments
@@ -163,4 +164,10 @@ class Service:
             enrolled_only=self.enrolled_reports_only,
         )
         for client_id, claimed, why in refused:
-            log.warning("refused a report from client %r claiming user %r: %s", client_id, claimed, why)
+            log.warning(
+                "refused a report from client %r claiming user %r: %s",
+                client_id,
+                claimed,
+                why,
+                extra=context(user=claimed, device=client_id),
+            )
