@@ -18,6 +18,7 @@ from addin_runtime.cli_support import Group
 from server_stub.broker_cli import broker
 from server_stub.cli.bundle import bundle
 from server_stub.cli.catalog import addin, store
+from server_stub.cli.config_cmd import config_group
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
 from server_stub.cli.runner import db_option
@@ -33,5 +34,5 @@ def main() -> None:
 
 
 for _command in (manifest, broker, serve, load, user, group, policy, addin, store, explain,
-                 status, broker_config, pki, enroll, revoke, device, bundle):  # fmt: skip
+                 status, broker_config, pki, enroll, revoke, device, bundle, config_group):  # fmt: skip
     main.add_command(_command)

@@ -47,10 +47,11 @@ def _publish_wait() -> float:
         return PUBLISH_WAIT
 
 
-def db_path(writes: bool) -> Path:
-    """The database this command works on. A read never creates one, and nothing creates
-    one in a folder that does not exist (a mistyped path must not leave files around)."""
-    given = shared_value("db") or os.environ.get(DB_ENV)
+def db_path(writes: bool, fallback: Path | None = None) -> Path:
+    """The database this command works on (--db, else $ADDIN_SERVER_DB, else `fallback`:
+    the configuration file's). A read never creates one, and nothing creates one in a
+    folder that does not exist (a mistyped path must not leave files around)."""
+    given = shared_value("db") or os.environ.get(DB_ENV) or fallback
     if not given:
         error(f"no database given: pass --db FILE or set {DB_ENV}", 2)
     path = Path(given)
