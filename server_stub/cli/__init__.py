@@ -19,6 +19,7 @@ from server_stub.broker_cli import broker
 from server_stub.cli.bundle import bundle
 from server_stub.cli.catalog import addin, store
 from server_stub.cli.config_cmd import config_group
+from server_stub.cli.declarative import apply_cmd, export_cmd
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
 from server_stub.cli.runner import db_option
@@ -34,5 +35,5 @@ def main() -> None:
 
 
 for _command in (manifest, broker, serve, load, user, group, policy, addin, store, explain,
-                 status, broker_config, pki, enroll, revoke, device, bundle, config_group):  # fmt: skip
+                 status, broker_config, pki, enroll, revoke, device, bundle, config_group, apply_cmd, export_cmd):  # fmt: skip
     main.add_command(_command)
