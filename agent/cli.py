@@ -14,6 +14,7 @@ import click
 
 from addin_core.topics import Host
 from addin_runtime.cli_support import Group
+from addin_runtime.logs import log_format_option
 from agent import cli_bundle, cli_read, cli_service
 from agent.cli_common import (
     HOST_CHOICE,
@@ -50,17 +51,17 @@ def main(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@log_format_option
 @pass_ctx
-def run(c: Ctx, verbose: int) -> None:
+def run(c: Ctx, verbose: int, log_format: str) -> None:
     """Run the agent daemon until SIGTERM/SIGINT."""
     import asyncio
     import logging
 
+    from addin_runtime.logs import setup_logging
+
     cfg = c.config()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging("addin-agent", log_format, logging.DEBUG if verbose > 1 else logging.INFO)
     if verbose < 2:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     problem = asyncio.run(_run(cfg))
@@ -126,6 +127,7 @@ async def _run(cfg: AgentConfig) -> str | None:
         cfg.tenant,
         cfg.user_id,
         cfg.cache_path,
+        extra={"user": cfg.user_id, "device": cfg.client_id},
     )
     await stop.wait()
     log.info("shutting down")

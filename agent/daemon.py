@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from addin_core.protocol import (
     AgentReport,
@@ -25,6 +26,7 @@ from addin_core.protocol import (
     TopicKind,
 )
 from addin_core.signing import SignatureRefused, load_public_key, split_state, verify_state
+from addin_runtime.logs import context
 from agent.antientropy import AntiEntropy
 from agent.applier import AppliedManifest, Applier
 from agent.appliers import make_applier
@@ -361,6 +363,20 @@ class Agent:
             except Exception:  # an observer bug must not break the agent
                 log.exception("observer failed")
 
+    def _log_context(self, **fields: Any) -> dict[str, Any]:
+        """A log line's context: this agent's user and device, and `fields`."""
+        return context(user=self.config.user_id, device=self.config.client_id, **fields)
+
+    def _log_applied(self, p: PendingChange) -> None:
+        log.info(
+            "applied: %s %s %s on %s",
+            p.action,
+            p.addin_id,
+            p.to_version or p.from_version,
+            p.host.value,
+            extra=self._log_context(revision=p.revision, addin=p.addin_id, host=p.host.value),
+        )
+
     async def handle_message(self, topic_str: str, payload_bytes: bytes) -> None:
         """One message from the broker (or from anti-entropy's ``/state``). Invalid, stale
         or, with a `signing_key`, unsigned or badly signed ones change nothing."""
@@ -410,6 +426,13 @@ class Agent:
         rev = int(getattr(payload, "revision", 0))
         committed_at = getattr(payload, "committed_at", None)
         self._emit("notified", rev, committed_at, topic.addin_id)
+        if log.isEnabledFor(logging.INFO):  # a simulator worker hosts thousands: skip the dict
+            log.info(
+                "accepted %s at revision %d",
+                topic.kind.value,
+                rev,
+                extra=self._log_context(revision=rev, addin=topic.addin_id, topic=str(topic)),
+            )
         if topic.kind in (TopicKind.MEMBER, TopicKind.GROUP_PARENTS) and self.transport:
             before = set(self.transport.subscribed)
             await self.transport.sync_subscriptions()
@@ -508,6 +531,7 @@ class Agent:
             await self._commit(tx)
         for p in applied:
             self._emit("applied", p.revision, p.committed_at, p.addin_id, host)
+            self._log_applied(p)
         if applied:
             self._schedule_report()
         return {a: i.version for a, i in new.items()}
@@ -622,6 +646,7 @@ class Agent:
             await self._note_running()
         for p in applied:
             self._emit("applied", p.revision, p.committed_at, p.addin_id, e.host)
+            self._log_applied(p)
         if applied:
             self._schedule_report()
 

@@ -37,6 +37,14 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && as_root && command -v apt-get
     apt_install systemd
 fi
 
+# slapd and ldap-utils: tests/test_directory_sync.py starts a private OpenLDAP on a free
+# loopback port with its own config and data (never the system instance Debian's package may
+# configure). Optional: installed only when this script can (root, apt); the tests skip
+# otherwise, saying how to install them.
+if ! { command -v slapd || ls /usr/sbin/slapd; } >/dev/null 2>&1 && as_root && command -v apt-get >/dev/null 2>&1; then
+    apt_install slapd ldap-utils
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv .venv 2>/dev/null; then
         rm -rf .venv

@@ -49,6 +49,7 @@ from addin_core.protocol import (
     server_identity,
     server_topic,
 )
+from addin_runtime.logs import context
 from addin_runtime.mqtt import watch_session_present
 from addin_runtime.reconnect import (
     Backoff,
@@ -137,6 +138,15 @@ class Publisher:
         self.connections = 0
         self.taken_over = 0
         """Connections the broker gave to another client with our id (said or probable)."""
+        self._last_error = "not connected yet"
+
+    def is_connected(self) -> bool:
+        """A session is up and the broker has been given its state (readiness, metrics)."""
+        return self.connected.is_set()
+
+    def disconnected_reason(self) -> str:
+        """Why the last session ended (or that none has started): what /readyz says."""
+        return self._last_error
 
     def wake(self, _revision: int | None = None) -> None:
         self._wake.set()
@@ -192,6 +202,7 @@ class Publisher:
                     # A locked or full database must not end publication for good: rows
                     # not marked done are published again (at least once) after the retry.
                     self.connected.clear()
+                    self._last_error = f"{type(e).__name__}: {e}"
                     delay = backoff.failed()
                     up = backoff.last_uptime
                     kind = losses.classify(disconnect_code(e, client), up)
@@ -336,6 +347,12 @@ class Publisher:
         # Every publish above got its PUBACK (publish() with qos=1 waits for it).
         await database.mark_published(rows[0][0], rows[-1][0], time.time())
         await self._publish_marker(client, rows[-1][1])
+        log.info(
+            "published %d message(s) up to revision %d",
+            len(rows),
+            rows[-1][1],
+            extra=context(revision=rows[-1][1]),
+        )
         return len(rows)
 
     async def _drain_forever(self, database: Database, client: aiomqtt.Client) -> None:

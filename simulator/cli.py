@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 import tempfile
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.console import Console
 
+from addin_runtime.logs import log_format_option, setup_logging
 from simulator.orggen import generate_org
 
 if TYPE_CHECKING:
@@ -47,8 +49,12 @@ def _public_key(_ctx: click.Context, _param: click.Parameter, value: str | None)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@log_format_option
+def main(log_format: str) -> None:
     """Run thousands of virtual agents against a real broker and server."""
+    # Warnings and errors only: a run's progress is the console's. The format reaches the
+    # run's server and workers through the environment (ADDIN_LOG_FORMAT).
+    setup_logging("addin-sim", log_format, logging.WARNING)
 
 
 @main.command()
@@ -366,11 +372,8 @@ def _run_with_progress(sc: Scenario, options: RunOptions) -> RunResult:
 )
 def worker(run_id: str, broker_url: str, server_url: str, cache_dir: Path | None) -> None:
     """Join a run as a worker: host virtual clients as the coordinator commands."""
-    import logging
-
     from simulator.worker import run_worker
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if cache_dir is None:
         cache_dir = Path(tempfile.mkdtemp(prefix="addin-sim-worker-"))
     cache_dir.mkdir(parents=True, exist_ok=True)

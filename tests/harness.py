@@ -62,6 +62,7 @@ def server_command(
     agent_token: str = AGENT_TOKEN,
     admin_user: str | None = None,
     broker_account: tuple[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> list[str]:
     """The command line of `addin-server serve` (run with this interpreter)."""
     cmd = [
@@ -74,7 +75,7 @@ def server_command(
         cmd += ["--broker-username", broker_account[0], "--broker-password", broker_account[1]]
     if admin_user is not None:
         cmd += ["--admin-user", admin_user]
-    return cmd
+    return cmd + list(extra_args)
 
 
 class ServerProcess:
@@ -92,8 +93,11 @@ class ServerProcess:
         admin_user: str | None = None,
         broker_account: tuple[str, str] | None = None,
         env: Mapping[str, str] | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.db = db
+        self.extra_args = extra_args
+        """Options added to every start's command line (--log-format json...)."""
         self.broker_url = broker_url
         self.log = log or db.parent / "server.log"
         self.tenant = tenant
@@ -146,6 +150,7 @@ class ServerProcess:
             agent_token=self.agent_token,
             admin_user=self.admin_user,
             broker_account=self.broker_account,
+            extra_args=self.extra_args,
         )
         # The crash hook of the fault tests is set only where a test asks for it.
         inherited = {k: v for k, v in os.environ.items() if k != CRASH_HOOK}

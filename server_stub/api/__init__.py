@@ -11,22 +11,40 @@ anything reads it. Errors are ``{"detail": "..."}`` with 400
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI
 
-from server_stub.api import agents, catalog, directory, manifests, rollouts, troubleshooting
+from server_stub.api import (
+    agents,
+    catalog,
+    directory,
+    health,
+    manifests,
+    rollouts,
+    troubleshooting,
+)
 from server_stub.api.auth import Tokens, install_error_handlers
 from server_stub.api.guard import RequestGuard
 from server_stub.api.manifests import MANIFEST_MEMORY, ManifestFastPath
+from server_stub.health import DEFAULT_MAX_OUTBOX_LAG, BrokerLink, Readiness
+from server_stub.metrics import HttpMetrics, ServerMetrics
 from server_stub.service import Service
 
 __all__ = ["MANIFEST_MEMORY", "ManifestFastPath", "create_app"]
 
 
-def create_app(service: Service, *, admin_token: str, agent_token: str | None) -> FastAPI:
+def create_app(
+    service: Service,
+    *,
+    admin_token: str,
+    agent_token: str | None,
+    broker: BrokerLink | None = None,
+    metrics: ServerMetrics | None = None,
+    max_outbox_lag: float = DEFAULT_MAX_OUTBOX_LAG,
+) -> FastAPI:
     """The API. Agents authenticate with their device's token (looked up in the database on
-    every request) or, when `agent_token` is given (--insecure servers), the shared token."""
+    every request) or, when `agent_token` is given (--insecure servers), the shared token.
+    `broker` (the publisher) is what /readyz checks; with `metrics`, /metrics serves them
+    and every request is timed."""
     if not admin_token or agent_token == "":
         raise ValueError("an admin token is required, and an agent token must not be empty")
     tokens = Tokens(admin=admin_token, agent=agent_token)
@@ -37,10 +55,9 @@ def create_app(service: Service, *, admin_token: str, agent_token: str | None) -
         description="Deployment service stub: directory, catalog, assignments, manifests.",
     )
     install_error_handlers(app)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"ok": True, "revision": await service.revision()}
+    app.include_router(
+        health.router(service, Readiness(service.database, broker, max_outbox_lag), metrics)
+    )
 
     # Inside the manifest fast path (added later, so outermost): a cached manifest download
     # is authenticated there and costs no more; every other request passes the guard.
@@ -59,4 +76,7 @@ def create_app(service: Service, *, admin_token: str, agent_token: str | None) -
     app.include_router(agents.router(service, tokens))
     app.include_router(troubleshooting.router(service, tokens))
     app.include_router(rollouts.router(service, tokens))
+    if metrics is not None:
+        # Outermost: the manifest fast path's answers are timed and counted too.
+        app.add_middleware(HttpMetrics, metrics=metrics)
     return app

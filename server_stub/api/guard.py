@@ -27,7 +27,7 @@ MAX_ORG_BYTES = 64 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
 """The largest body of every other route (a user, a group, an assignment: a few hundred bytes)."""
 
-_OPEN = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+_OPEN = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 _AGENT_PREFIXES = ("/v1/manifests/", "/v1/agents/")
 
 UNAUTHORIZED_DETAIL = "missing or wrong bearer token"

@@ -18,6 +18,8 @@ from addin_runtime.cli_support import Group
 from server_stub.broker_cli import broker
 from server_stub.cli.bundle import bundle
 from server_stub.cli.catalog import addin, store
+from server_stub.cli.config_cmd import config_group
+from server_stub.cli.declarative import apply_cmd, export_cmd
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
 from server_stub.cli.manifests import manifests
@@ -36,5 +38,5 @@ def main() -> None:
 
 for _command in (manifest, manifests, broker, serve, load, user, group, policy, addin, store,
                  explain, status, broker_config, pki, enroll, revoke, device, bundle, rollout,
-                 rollback):  # fmt: skip
+                 rollback, config_group, apply_cmd, export_cmd):  # fmt: skip
     main.add_command(_command)

@@ -47,10 +47,11 @@ def _publish_wait() -> float:
         return PUBLISH_WAIT
 
 
-def db_path(writes: bool) -> Path:
-    """The database this command works on. A read never creates one, and nothing creates
-    one in a folder that does not exist (a mistyped path must not leave files around)."""
-    given = shared_value("db") or os.environ.get(DB_ENV)
+def db_path(writes: bool, fallback: Path | None = None) -> Path:
+    """The database this command works on (--db, else $ADDIN_SERVER_DB, else `fallback`:
+    the configuration file's). A read never creates one, and nothing creates one in a
+    folder that does not exist (a mistyped path must not leave files around)."""
+    given = shared_value("db") or os.environ.get(DB_ENV) or fallback
     if not given:
         error(f"no database given: pass --db FILE or set {DB_ENV}", 2)
     path = Path(given)
@@ -141,8 +142,11 @@ def run(
     admin_user: str | None = None,
     *,
     writes: bool = True,
+    escaped: bool = True,
 ) -> None:
-    """Open the database, run one operation, print its result (text or --json).
+    """Open the database, run one operation, print its result (text or --json). Without
+    `escaped` the rendering is printed as it is: only for a render that escapes itself
+    (`export`'s YAML, which must round-trip byte for byte).
 
     A database this command created is deleted again if the command fails: a failed `load`
     or a mistyped --db leaves nothing behind."""
@@ -150,7 +154,7 @@ def run(
     created = not path.exists()
     done = False
     try:
-        _run_on(path, kw, op, render, admin_user, writes)
+        _run_on(path, kw, op, render, admin_user, writes, escaped)
         done = True
     finally:
         if created and not done:
@@ -164,6 +168,7 @@ def _run_on(
     render: Callable[[T], str] | None,
     admin_user: str | None,
     writes: bool,
+    escaped: bool = True,
 ) -> None:
     note: str | None = None
 
@@ -191,7 +196,10 @@ def _run_on(
     except db.TRANSIENT_ERRORS as e:
         # Locked by another writer, disk full, I/O error: the transaction was rolled back.
         error(f"could not write {path} ({e}); nothing was changed, retry later")
-    _print(result, kw["as_json"], render)
+    if not escaped and render is not None:
+        click.echo(render(result))
+    else:
+        _print(result, kw["as_json"], render)
     if note is not None:
         click.echo(f"warning: {note}", err=True)
 

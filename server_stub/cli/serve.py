@@ -11,15 +11,19 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
-from server_stub import db
+from addin_runtime.logs import log_format_option, setup_logging
+from server_stub import config, db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
+from server_stub.health import DEFAULT_MAX_OUTBOX_LAG
 from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
+from server_stub.store import DEFAULT_CATALOG
 
 if TYPE_CHECKING:
     from server_stub.service import Service
@@ -49,6 +53,9 @@ class _Settings:
     max_addins: int
     signer: StateSigner | None
     tls: _Tls | None
+    max_outbox_lag: float
+    log_format: str
+    metrics: bool
     gate_interval: float = 5.0
 
 
@@ -60,11 +67,20 @@ INSECURE_WARNING = (
 
 @click.command()
 @db_option
-@click.option("--tenant", envvar="ADDIN_SERVER_TENANT", required=True, help="Tenant id.")
+@click.option(
+    "--config",
+    "config_file",
+    envvar="ADDIN_SERVER_CONFIG",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="server.toml (packaging/server.example.toml); environment variables and flags "
+    "override it [env ADDIN_SERVER_CONFIG].",
+)
+@click.option("--tenant", envvar="ADDIN_SERVER_TENANT", default=None, help="Tenant id.")
 @click.option(
     "--broker",
     envvar="ADDIN_SERVER_BROKER",
-    required=True,
+    default=None,
     help="mqtts://HOST:PORT with --pki; mqtt://HOST:PORT with --insecure",
 )
 @click.option(
@@ -92,7 +108,7 @@ INSECURE_WARNING = (
     help="HOST:PORT [default: 127.0.0.1:8443 with --pki, the port `enroll` writes into "
     "bundles; 127.0.0.1:8080 with --insecure]",
 )
-@click.option("--admin-token", envvar="ADDIN_SERVER_ADMIN_TOKEN", required=True)
+@click.option("--admin-token", envvar="ADDIN_SERVER_ADMIN_TOKEN", default=None)
 @click.option(
     "--agent-token",
     envvar="ADDIN_SERVER_AGENT_TOKEN",
@@ -115,6 +131,22 @@ INSECURE_WARNING = (
     "agents configured with its public key refuse anything else.",
 )
 @click.option(
+    "--ready-max-outbox-lag",
+    "max_outbox_lag",
+    envvar="ADDIN_SERVER_READY_MAX_OUTBOX_LAG",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_MAX_OUTBOX_LAG,
+    show_default=True,
+    help="Seconds the oldest unpublished message may wait before /readyz answers 503.",
+)
+@click.option(
+    "--metrics/--no-metrics",
+    envvar="ADDIN_SERVER_METRICS",
+    default=True,
+    show_default=True,
+    help="Serve GET /metrics (Prometheus text format).",
+)
+@click.option(
     "--gate-interval",
     envvar="ADDIN_SERVER_GATE_INTERVAL",
     type=click.FloatRange(0.1, 3600),
@@ -122,76 +154,82 @@ INSECURE_WARNING = (
     show_default=True,
     help="Seconds between checks of running rollouts' gates (advance when one holds).",
 )
+@log_format_option
 @store_option
 @max_addins_option
-def serve(
-    tenant: str,
-    broker: str,
-    pki_dir: Path | None,
-    insecure: bool,
-    broker_username: str | None,
-    broker_password: str | None,
-    listen: str | None,
-    admin_token: str,
-    agent_token: str | None,
-    admin_user: str | None,
-    store_catalog: Path,
-    max_addins: int,
-    signing_key: Path | None,
-    gate_interval: float,
-) -> None:
+def serve(config_file: Path | None, **kw: Any) -> None:
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT): with --pki over
-    HTTPS and MQTT/TLS; with --insecure (a lab) in plain text."""
-    if listen is None:
-        listen = "127.0.0.1:8443" if pki_dir is not None else "127.0.0.1:8080"
+    HTTPS and MQTT/TLS; with --insecure (a lab) in plain text. Settings come from --config
+    FILE, then environment variables, then flags, each overriding the one before."""
+    cfg = _settings_from(config_file, kw)
+    found = config.problems(cfg, need_database=False)
+    if found:
+        error("\n".join(found), 2)
+    secret, _ = config.secrets(cfg)
+    sv = cfg.server
+    assert sv.tenant is not None and cfg.broker.url is not None
+    pki_dir = sv.pki
+    listen = sv.listen or ("127.0.0.1:8443" if pki_dir is not None else "127.0.0.1:8080")
     host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
-    _check_mode(pki_dir, insecure, agent_token, broker_username or broker_password)
-    from server_stub.publisher import parse_broker_url
-
-    try:
-        parse_broker_url(broker, tls=pki_dir is not None)
-    except ValueError as e:
-        # Refused here, before any database is made, not retried for ever by the publisher.
-        error(f"--broker {e}", 2)
-    tls = _tls(pki_dir, tenant) if pki_dir is not None else None
+    tls = _tls(pki_dir, sv.tenant) if pki_dir is not None else None
     _check_listen(host, int(port))
-    key_path = signing_key_path(signing_key, pki_dir)
+    key_path = signing_key_path(sv.signing_key, pki_dir)
     try:
         signer = load_signer(key_path) if key_path is not None else None
     except SigningKeyError as e:
         error(str(e), 2)
-    settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
-                         admin_token, agent_token, admin_user, store_catalog, max_addins,
-                         signer, tls, gate_interval)  # fmt: skip
-    _serve_alone(db_path(writes=True), settings)
+    admin_token = secret["admin_token"]
+    assert admin_token is not None
+    settings = _Settings(sv.tenant, cfg.broker.url, cfg.broker.username,
+                         secret["broker_password"], host, int(port), admin_token,
+                         secret["agent_token"], sv.admin_user,
+                         sv.store_catalog or DEFAULT_CATALOG, sv.max_addins, signer, tls,
+                         cfg.health.max_outbox_lag, cfg.logging.format,
+                         cfg.metrics.enabled, cfg.rollouts.gate_interval)  # fmt: skip
+    _serve_alone(db_path(writes=True, fallback=sv.database), settings)
 
 
-def _check_mode(
-    pki_dir: Path | None, insecure: bool, agent_token: str | None, password: str | None
-) -> None:
-    """Secure unless told otherwise: --pki, or --insecure for a lab; never both, never none."""
-    if pki_dir is not None and insecure:
-        error("--pki and --insecure exclude each other: give one", 2)
-    if pki_dir is None and not insecure:
-        error(
-            "serve needs --pki DIR (HTTPS and MQTT over TLS with the tenant's certificates; "
-            "see `addin-server pki init`) or, for a lab, --insecure (plain HTTP and MQTT)",
-            2,
-        )
-    if agent_token is not None and not insecure:
-        error(
-            "--agent-token is accepted only with --insecure: agents use their device's token "
-            "(`addin-server enroll`)",
-            2,
-        )
-    if password is not None and not insecure:
-        error(
-            "--broker-username/--broker-password are for --insecure: with --pki the server "
-            "logs in to the broker with its certificate (server-client.crt)",
-            2,
-        )
+_OPTION_FIELDS: dict[str, tuple[str, str]] = {
+    "tenant": ("server", "tenant"),
+    "listen": ("server", "listen"),
+    "pki_dir": ("server", "pki"),
+    "insecure": ("server", "insecure"),
+    "signing_key": ("server", "signing_key"),
+    "admin_user": ("server", "admin_user"),
+    "store_catalog": ("server", "store_catalog"),
+    "max_addins": ("server", "max_addins"),
+    "broker": ("broker", "url"),
+    "broker_username": ("broker", "username"),
+    "broker_password": ("broker", "password"),
+    "admin_token": ("auth", "admin_token"),
+    "agent_token": ("auth", "agent_token"),
+    "max_outbox_lag": ("health", "max_outbox_lag"),
+    "log_format": ("logging", "format"),
+    "metrics": ("metrics", "enabled"),
+    "gate_interval": ("rollouts", "gate_interval"),
+}
+"""Each option of `serve` and the key of the configuration file it overrides."""
+
+
+def _settings_from(config_file: Path | None, kw: dict[str, Any]) -> config.ServerConfig:
+    """The file's settings, overridden by what the environment or a flag gave (click says
+    which gave a value; an option's default never overrides the file)."""
+    ctx = click.get_current_context()
+    try:
+        cfg = config.load(config_file) if config_file is not None else config.ServerConfig()
+        given = {
+            field: kw[name]
+            for name, field in _OPTION_FIELDS.items()
+            if ctx.get_parameter_source(name)
+            in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        }
+        # A secret from a flag replaces the file's secret file too, not only its inline value.
+        for (section, key), value in list(given.items()):
+            if key in ("admin_token", "agent_token", "password") and value is not None:
+                given[(section, f"{key}_file")] = None
+        return config.with_overrides(cfg, given)
+    except config.ConfigError as e:
+        error(str(e), 2)
 
 
 def _tls(pki_dir: Path, tenant: str) -> _Tls:
@@ -237,7 +275,7 @@ def _serve_alone(path: Path, settings: _Settings) -> None:
 
 
 def _serve(path: Path, s: _Settings) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging("addin-server", s.log_format)
     # uvloop when installed (the `fast` extra): the manifest endpoint serves a whole fleet.
     try:
         import uvloop
@@ -252,17 +290,23 @@ async def _run_server(path: Path, s: _Settings) -> None:
 
     from addin_runtime.tasks import cancel_and_wait
     from server_stub.api import create_app
+    from server_stub.metrics import ServerMetrics
     from server_stub.publisher import Publisher
 
     service = await open_service(path, s.tenant, s.store_catalog, s.max_addins, s.admin_user)
     service.actor = "api"
+    metrics = ServerMetrics(service.database) if s.metrics else None
     publisher = Publisher(
         path,
         s.tenant,
         s.broker,
         username=s.broker_username,
         password=s.broker_password,
-        report_sink=service.record_reports,
+        report_sink=(
+            metrics.count_reports(service.record_reports)
+            if metrics is not None
+            else service.record_reports
+        ),
         signer=s.signer,
         tls_context=s.tls.mqtt if s.tls is not None else None,
     )
@@ -271,13 +315,25 @@ async def _run_server(path: Path, s: _Settings) -> None:
     # With certificates, the broker binds each report topic to a device: refuse reports
     # from devices not enrolled to the user they claim, or revoked.
     service.enrolled_reports_only = s.tls is not None
-    app = create_app(service, admin_token=s.admin_token, agent_token=s.agent_token)
+    if metrics is not None:
+        metrics.publisher = publisher
+    app = create_app(
+        service,
+        admin_token=s.admin_token,
+        agent_token=s.agent_token,
+        broker=publisher,
+        metrics=metrics,
+        max_outbox_lag=s.max_outbox_lag,
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=s.host,
             port=s.port,
             log_level="warning",
+            # uvicorn's own handlers would print its lines in its own format; without them
+            # they reach ours, text or JSON like every other line.
+            log_config=None,
             lifespan="off",
             ssl_certfile=str(s.tls.certfile) if s.tls is not None else None,
             ssl_keyfile=str(s.tls.keyfile) if s.tls is not None else None,
@@ -286,17 +342,17 @@ async def _run_server(path: Path, s: _Settings) -> None:
     pub = asyncio.create_task(publisher.run())
     gates = asyncio.create_task(_watch_gates(service, s.gate_interval))
     scheme = "https" if s.tls is not None else "http"
+    # Text mode keeps these two lines as they were (plain stderr lines people and scripts
+    # read); JSON mode makes them log events like every other line.
     if s.tls is None:
-        click.echo(INSECURE_WARNING, err=True)
+        _say(s, logging.WARNING, INSECURE_WARNING.removeprefix("warning: "), INSECURE_WARNING)
     signing = (
         f"state signed (public key {s.signer.public_text})"
         if s.signer is not None
         else "state UNSIGNED (no --signing-key)"
     )
-    click.echo(
-        f"addin-server: tenant {s.tenant}, {scheme}://{s.host}:{s.port}, broker {s.broker}, {signing}",
-        err=True,
-    )
+    started = f"tenant {s.tenant}, {scheme}://{s.host}:{s.port}, broker {s.broker}, {signing}"
+    _say(s, logging.INFO, started, f"addin-server: {started}")
     try:
         await server.serve()
     finally:
@@ -320,6 +376,13 @@ async def _watch_gates(service: Service, interval: float) -> None:
                 )  # fmt: skip
         except db.TRANSIENT_ERRORS as e:
             log.warning("rollout gates not checked: %s", e)
+
+
+def _say(s: _Settings, level: int, event: str, line: str) -> None:
+    if s.log_format == "json":
+        logging.getLogger("addin_server").log(level, event)
+    else:
+        click.echo(line, err=True)
 
 
 def _check_listen(host: str, port: int) -> None:

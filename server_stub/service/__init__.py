@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
 from addin_core.protocol import AgentReport, check_id
+from addin_runtime.logs import context
 from server_stub.db import Database
 from server_stub.service.agent_state import AgentStateReader, agent_snapshot
 from server_stub.service.assignments import Assignments
 from server_stub.service.catalog import DEFAULT_MAX_ADDINS, MAX_MANIFEST_BYTES, Catalog
+from server_stub.service.declarative import Declarative
 from server_stub.service.devices import Devices
 from server_stub.service.directory import Directory
 from server_stub.service.errors import (
@@ -88,6 +90,7 @@ class Service:
         self._catalog = Catalog(self._uow, store or StoreCatalog(), max_addins)
         self._assignments = Assignments(self._uow, admin_user)
         self._org = OrgLoader(self._uow, self._catalog, admin_user)
+        self._declarative = Declarative(self._uow, self._catalog, self._org, admin_user)
         self._reads = Reads(database)
         self.devices = Devices(database)
         self._troubleshooting = Troubleshooting(database, self._reads)
@@ -104,6 +107,8 @@ class Service:
         self.consent, self.set_enabled, self.remove_addin = c.consent, c.set_enabled, c.remove_addin
         self.assign, self.unassign = a.assign, a.unassign
         self.load_org = self._org.load_org
+        decl = self._declarative
+        self.plan_org, self.apply_org, self.export_org = decl.plan, decl.apply, decl.export
         r, t = self._reads, self._troubleshooting
         self.list_addins, self.get_addin = r.list_addins, r.get_addin
         self.get_user, self.get_group, self.nested_groups = r.get_user, r.get_group, r.nested_groups
@@ -168,5 +173,9 @@ class Service:
         )
         for client_id, claimed, why in refused:
             log.warning(
-                "refused a report from client %r claiming user %r: %s", client_id, claimed, why
+                "refused a report from client %r claiming user %r: %s",
+                client_id,
+                claimed,
+                why,
+                extra=context(user=claimed, device=client_id),
             )

@@ -87,7 +87,7 @@ class OrgDocument(_Doc):
 
 
 @dataclass
-class _ToAdd:
+class AddinToAdd:
     """One add-in of the document, read before the transaction (a Store one is read inside,
     where the version the Store published is known)."""
 
@@ -120,14 +120,14 @@ class OrgLoader:
     ) -> dict[str, Any]:
         """Load the document. `read_file` resolves ``{manifest: path}`` entries (the YAML
         form); the JSON form carries ``manifest_xml`` inline."""
-        doc = self._parse(org)
-        to_add = [self._read_addin(i, a, read_file) for i, a in enumerate(doc.addins)]
+        doc = self.parse(org)
+        to_add = [self.read_addin(i, a, read_file) for i, a in enumerate(doc.addins)]
         counts = {"users": len(doc.users), "groups": len(doc.groups), "addins": len(doc.addins)}
         async with self.uow.write("load_org", counts) as tx:
             d = await _load_directory(tx, doc)
             if doc.policy is not None:
                 await store_policy(tx, doc.policy.nested_groups)
-            added = [r for r in [await self._load_addin(tx, a) for a in to_add] if r]
+            added = [r for r in [await self.load_addin(tx, a) for a in to_add] if r]
             assigned = await self._load_assignments(tx, doc.assignments, d)
             await _emit_touched(
                 tx, {u for u, _ in d.users} | {u for u, _ in d.members}, {g for g, _ in d.groups}
@@ -142,7 +142,7 @@ class OrgLoader:
             "revision": tx.revision,
         }
 
-    def _parse(self, org: Mapping[str, Any]) -> OrgDocument:
+    def parse(self, org: Mapping[str, Any]) -> OrgDocument:
         if not isinstance(org, Mapping):
             raise BadRequest("the org document must be a mapping")
         try:
@@ -156,9 +156,9 @@ class OrgLoader:
             )
         return doc
 
-    def _read_addin(self, i: int, a: OrgAddin, read_file: Callable[[str], bytes] | None) -> _ToAdd:
+    def read_addin(self, i: int, a: OrgAddin, read_file: Callable[[str], bytes] | None) -> AddinToAdd:
         if a.store is not None:
-            return _ToAdd(Source.STORE, asset_id=self.catalog.store_addin(a.store).asset_id)
+            return AddinToAdd(Source.STORE, asset_id=self.catalog.store_addin(a.store).asset_id)
         if a.manifest_xml is not None:
             content = a.manifest_xml.encode()
         elif a.manifest is not None and read_file is not None:
@@ -169,11 +169,11 @@ class OrgLoader:
         else:
             raise BadRequest(f"addins[{i}] needs manifest, manifest_xml or store")
         try:
-            return _ToAdd(Source.LOB, checked_manifest(content), content)
+            return AddinToAdd(Source.LOB, checked_manifest(content), content)
         except InvalidManifest as e:
             raise InvalidManifest(f"addins[{i}]: {e.message}", e.findings) from None
 
-    async def _load_addin(self, tx: Tx, a: _ToAdd) -> dict[str, Any] | None:
+    async def load_addin(self, tx: Tx, a: AddinToAdd) -> dict[str, Any] | None:
         """Add or update one add-in; None when it is already there at that version."""
         if a.source is Source.STORE:
             assert a.asset_id is not None

@@ -10,6 +10,7 @@ nothing and publishes nothing uncommitted. An exception rolls everything back.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -20,7 +21,10 @@ import aiosqlite
 from pydantic import BaseModel
 
 from addin_core.protocol import Tombstone, Topic
+from addin_runtime.logs import context
 from server_stub.db import Database, read_revision
+
+log = logging.getLogger("addin_server.changes")
 
 
 @dataclass
@@ -82,8 +86,28 @@ class UnitOfWork:
             tx = Tx(conn, self.tenant, await read_revision(conn) + 1, self.clock())
             yield tx
             await _commit_bookkeeping(tx, actor or self.actor, operation, detail)
+        log.info(
+            "revision %d committed: %s by %s, %d message(s)",
+            tx.revision,
+            operation,
+            actor or self.actor,
+            len(tx.messages),
+            extra=_log_context(tx.revision, operation, detail),
+        )
         if self.on_commit is not None:
             self.on_commit(tx.revision)
+
+
+def _log_context(revision: int, operation: str, detail: Mapping[str, Any]) -> dict[str, Any]:
+    """The add-in and user a change names, for structured logs."""
+    addin = detail.get("addin") or (detail.get("id") if operation in _ADDIN_OPS else None)
+    user = detail.get("user") or (detail.get("id") if operation.endswith("_user") else None)
+    if detail.get("target") == "user":
+        user = detail.get("target_id")
+    return context(revision=revision, operation=operation, addin=addin, user=user)
+
+
+_ADDIN_OPS = frozenset({"add_lob", "consent", "enable", "disable", "remove"})
 
 
 async def _commit_bookkeeping(

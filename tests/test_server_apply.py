@@ -1,0 +1,169 @@
+"""`addin-server apply` and `export` as real commands on a real SQLite file: the plan, one
+revision per apply, --prune required to remove, --dry-run changing nothing, `export | apply`
+a no-op; and against a real server and broker, a user pruned from a group loses its
+membership in the retained state the agents read."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from harness import REPO, ServerProcess
+from server_helpers import retained_state
+
+from simulator.mosquitto import MosquittoBroker
+
+FIXTURES = REPO / "tests" / "fixtures" / "manifests"
+TASKPANE = "0e3b2c1a-5d4f-4a6b-8c7d-9e0f1a2b3c4d"
+MAIL = "a1b2c3d4-e5f6-4789-abcd-ef0123456789"
+
+ORG = f"""
+tenant: contoso
+users: [{{id: ann}}, {{id: bob}}]
+groups:
+  - {{id: all-staff}}
+  - {{id: sales, members: [ann, bob], parents: [all-staff]}}
+addins:
+  - {{manifest: taskpane.xml}}
+  - {{manifest: mail.xml}}
+  - {{store: WA104379501}}
+assignments:
+  - {{addin: {TASKPANE}, target: "group:sales", mode: fixed}}
+  - {{addin: {MAIL}, target: "group:all-staff", mode: optional}}
+  - {{addin: {MAIL}, target: "user:bob", mode: available}}
+"""
+
+SMALLER = f"""
+tenant: contoso
+policy: {{nested_groups: true}}
+users: [{{id: ann, name: Ann Lee}}, {{id: bob}}]
+groups:
+  - {{id: sales, members: [ann]}}
+addins:
+  - {{manifest: taskpane.xml}}
+assignments:
+  - {{addin: {TASKPANE}, target: "group:sales", mode: optional}}
+"""
+
+
+def cli(tmp: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
+    env["ADDIN_SERVER_DB"] = str(tmp / "server.db")
+    env["ADDIN_SERVER_PUBLISH_WAIT"] = "0"
+    return subprocess.run(
+        [sys.executable, "-m", "server_stub", *args],
+        input=stdin, capture_output=True, text=True, timeout=60, env=env, cwd=tmp,
+    )  # fmt: skip
+
+
+def ok(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def revision(tmp: Path) -> int:
+    with sqlite3.connect(tmp / "server.db") as c:
+        return int(c.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0])
+
+
+def _org(tmp: Path, name: str, text: str) -> Path:
+    for m in ("taskpane.xml", "mail.xml"):
+        shutil.copy(FIXTURES / m, tmp / m)
+    (tmp / name).write_text(text)
+    return tmp / name
+
+
+def test_apply_plans_then_makes_one_revision_and_prunes_only_when_told(tmp_path: Path) -> None:
+    org = _org(tmp_path, "org.yaml", ORG)
+    out = ok(cli(tmp_path, "apply", str(org)))
+    assert "  + user ann\n" in out and f"  + assignment {MAIL} -> user:bob: mode available" in out
+    assert "Plan: 13 to add, 0 to change, 0 to remove." in out
+    assert out.rstrip().endswith("messages queued).") and revision(tmp_path) == 1
+    out = ok(cli(tmp_path, "apply", str(org)))
+    assert "No changes: the server already matches the file." in out and revision(tmp_path) == 1
+
+    smaller = _org(tmp_path, "smaller.yaml", SMALLER)
+    out = ok(cli(tmp_path, "apply", str(smaller), "--dry-run"))
+    assert "  ~ policy nested_groups: false -> true" in out
+    assert "  ~ user ann: name 'ann' -> 'Ann Lee'" in out
+    assert f"  ~ assignment {TASKPANE} -> group:sales: mode fixed -> optional" in out
+    assert "  - member bob in sales  (kept: pass --prune to remove)" in out
+    assert "Plan: 0 to add, 3 to change, 0 to remove (7 kept without --prune)." in out
+    assert "Dry run: nothing was changed." in out and revision(tmp_path) == 1
+
+    ok(cli(tmp_path, "apply", str(smaller)))  # the changes only: nothing removed
+    assert revision(tmp_path) == 2
+    exported = ok(cli(tmp_path, "export"))
+    assert "bob" in exported and "all-staff" in exported and "WA104379501" in exported
+
+    out = ok(cli(tmp_path, "apply", str(smaller), "--prune"))
+    assert "Plan: 0 to add, 0 to change, 7 to remove." in out and revision(tmp_path) == 3
+    with sqlite3.connect(tmp_path / "server.db") as c:
+        assert c.execute("SELECT count(*) FROM audit WHERE operation='apply'").fetchone()[0] == 3
+        assert c.execute("SELECT user_id, group_id FROM memberships").fetchall() == [
+            ("ann", "sales")
+        ]
+        assert [r[0] for r in c.execute("SELECT id FROM addins")] == [TASKPANE]
+        rows = c.execute("SELECT topic, payload FROM outbox WHERE revision=3").fetchall()
+        tombstones = {t.split("/", 3)[3] for t, p in rows if b'"deleted":true' in bytes(p)}
+    assert f"assign/user/bob/{MAIL}" in tombstones and f"catalog/{MAIL}" in tombstones
+    assert "group/all-staff/parents" in tombstones
+
+
+def test_export_then_apply_is_a_no_op(tmp_path: Path) -> None:
+    ok(cli(tmp_path, "apply", str(_org(tmp_path, "org.yaml", ORG))))
+    ok(cli(tmp_path, "policy", "set", "--nested-groups"))
+    ok(cli(tmp_path, "user", "add", "dan", "--name", "Dan O'Neil \u00e9"))
+    ok(cli(tmp_path, "addin", "assign", TASKPANE, "--user", "dan"))
+    before = revision(tmp_path)
+    exported = ok(cli(tmp_path, "export"))
+    out = ok(cli(tmp_path, "apply", "-", "--prune", stdin=exported))
+    assert out.splitlines() == [
+        "Plan: 0 to add, 0 to change, 0 to remove.",
+        "No changes: the server already matches the file.",
+    ]
+    assert revision(tmp_path) == before
+    # The same document applied to an empty server rebuilds the same state.
+    other = tmp_path / "other"
+    other.mkdir()
+    ok(cli(other, "apply", "-", stdin=exported))
+    assert ok(cli(other, "export")) == exported
+
+
+def test_apply_refuses_a_bad_document_and_changes_nothing(tmp_path: Path) -> None:
+    ok(cli(tmp_path, "apply", str(_org(tmp_path, "org.yaml", ORG))))
+    bad = _org(tmp_path, "bad.yaml", "tenant: contoso\ngroups: [{id: g, members: [nobody]}]\n")
+    r = cli(tmp_path, "apply", str(bad), "--prune")
+    assert r.returncode != 0
+    assert r.stderr.splitlines() == ["error: group 'g' lists unknown member 'nobody'"]
+    assert revision(tmp_path) == 1
+    r = cli(tmp_path, "apply", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot read")
+
+
+async def test_pruned_member_loses_the_group_in_the_retained_state(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    server = ServerProcess(tmp_path / "server.db", broker.url)
+    server.start()
+    try:
+        ok(cli(tmp_path, "apply", str(_org(tmp_path, "org.yaml", ORG))))
+        ok(cli(tmp_path, "apply", str(_org(tmp_path, "smaller.yaml", SMALLER)), "--prune"))
+        state: dict[str, object] = {}
+        for _ in range(40):  # bounded: the publisher polls the outbox every 150 ms
+            state = await retained_state(broker.port)
+            if state.get("member/bob", {}).get("revision") == 2:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        server.stop()
+    assert state["member/bob"]["groups"] == []  # type: ignore[index]
+    assert state["member/ann"]["groups"] == ["sales"]  # type: ignore[index]
+    assert state[f"assign/group/sales/{TASKPANE}"]["mode"] == "optional"  # type: ignore[index]
+    assert state[f"catalog/{MAIL}"]["deleted"] is True  # type: ignore[index]
+    assert state["policy"]["nested_groups"] is True  # type: ignore[index]
