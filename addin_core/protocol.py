@@ -188,9 +188,12 @@ class AgentReport(BaseModel):
     errors: Annotated[
         list[Annotated[str, StringConstraints(max_length=500)]], Field(max_length=100)
     ] = []
+    cached: Annotated[list[AppliedAddin], Field(max_length=4 * 1000)] = []
+    """Installs and updates downloaded and verified, waiting for their host to start: what
+    the console counts as "cached". Left out of the JSON when empty."""
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude=None if self.cached else {"cached"}).encode()
 
 
 StatePayload: TypeAlias = CatalogEntry | Assignment | Membership | GroupParents | Policy

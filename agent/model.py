@@ -361,6 +361,11 @@ class AgentModel:
             for p in self.pending.values()
             if p.state != "ready" and not p.reason.startswith("manifest not downloaded")
         ][:100]
+        cached = [
+            AppliedAddin(addin_id=p.addin_id, version=p.to_version, host=p.host)
+            for p in self.pending.values()
+            if p.ready and p.action != "remove" and p.to_version is not None
+        ]
         return AgentReport(
             client_id=client_id,
             user_id=self.user_id,
@@ -368,6 +373,7 @@ class AgentModel:
             reported_at=time.time(),
             applied=applied[:4000],
             errors=errors,
+            cached=cached[:4000],
         )
 
     def installed_versions(self) -> Mapping[Host, dict[str, str]]:

@@ -105,10 +105,13 @@ CREATE TABLE IF NOT EXISTS audit (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     revision  INTEGER NOT NULL,
     at        REAL NOT NULL,
-    actor     TEXT NOT NULL,
+    actor     TEXT NOT NULL,         -- the token's name (API, console) or OS user (CLI)
     operation TEXT NOT NULL,
-    detail    TEXT NOT NULL          -- JSON
+    detail    TEXT NOT NULL,         -- JSON
+    role      TEXT NOT NULL DEFAULT 'admin',
+    via       TEXT NOT NULL DEFAULT ''   -- api, console, cli
 );
+CREATE INDEX IF NOT EXISTS audit_by_at ON audit(at);
 -- Messages committed with their change and not yet acknowledged by the broker.
 CREATE TABLE IF NOT EXISTS outbox (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -134,7 +137,8 @@ CREATE TABLE IF NOT EXISTS reports (
     reported_at REAL NOT NULL,
     received_at REAL NOT NULL,
     applied     TEXT NOT NULL,       -- JSON list of {addin_id, version, host}
-    errors      TEXT NOT NULL        -- JSON list of strings
+    errors      TEXT NOT NULL,       -- JSON list of strings
+    cached      TEXT NOT NULL DEFAULT '[]'  -- JSON: downloaded, waiting for the host
 );
 CREATE INDEX IF NOT EXISTS reports_by_user ON reports(user_id);
 -- Enrolled devices (`addin-server enroll`): one client certificate and one HTTP token each,
@@ -198,8 +202,22 @@ async def connect(path: str | Path) -> aiosqlite.Connection:
     return conn
 
 
+_ADDED_COLUMNS = (
+    ("audit", "role", "TEXT NOT NULL DEFAULT 'admin'"),
+    ("audit", "via", "TEXT NOT NULL DEFAULT ''"),
+    ("reports", "cached", "TEXT NOT NULL DEFAULT '[]'"),
+)
+"""Columns added after schema 1 was released: a database made before them gets them on
+open (its old audit rows were all written by admins; old reports said nothing cached)."""
+
+
 async def _migrate(conn: aiosqlite.Connection) -> None:
     async with transaction(conn):
+        for table, column, decl in _ADDED_COLUMNS:
+            cur = await conn.execute("SELECT name FROM pragma_table_info(?)", (table,))
+            present = {str(r[0]) for r in await cur.fetchall()}
+            if present and column not in present:
+                await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         for statement in _split(_SCHEMA):
             await conn.execute(statement)
         row = await (await conn.execute("SELECT value FROM meta WHERE key='schema'")).fetchone()
@@ -370,7 +388,7 @@ class Database:
         self, rows: list[tuple[Any, ...]], *, enrolled_only: bool = False
     ) -> list[tuple[str, str, str]]:
         """(client_id, user_id, revision, reported_at, received_at, applied JSON, errors
-        JSON) rows, in one transaction; the (client_id, claimed user, why) of every report
+        JSON, cached JSON) rows, in one transaction; the (client_id, claimed user, why) of every report
         refused.
 
         With `enrolled_only` (the server runs with a PKI) a report is stored only when its
@@ -408,10 +426,10 @@ class Database:
                     refused.append((client_id, user_id, f"that client reports for {owner!r}"))
             await conn.executemany(
                 "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
-                "applied, errors) VALUES (?,?,?,?,?,?,?) ON CONFLICT(client_id) DO UPDATE SET "
-                "revision=excluded.revision, "
+                "applied, errors, cached) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(client_id) DO "
+                "UPDATE SET revision=excluded.revision, "
                 "reported_at=excluded.reported_at, received_at=excluded.received_at, "
-                "applied=excluded.applied, errors=excluded.errors "
+                "applied=excluded.applied, errors=excluded.errors, cached=excluded.cached "
                 "WHERE excluded.user_id = reports.user_id "
                 "AND (excluded.revision > reports.revision OR (excluded.revision = "
                 "reports.revision AND excluded.received_at >= reports.received_at))",

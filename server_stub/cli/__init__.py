@@ -6,7 +6,7 @@ server; a running server's publisher picks the change up within ~150 ms.
 
 One module per command group: `serve`, `directory` (load, user, group, policy), `catalog`
 (addin, store), `troubleshooting` (explain, status, broker-config), `bundle` (show), `devices` (pki init,
-enroll, revoke, device list); `runner` is what they
+enroll, revoke, device list), `audit`; `runner` is what they
 share (which database, common options, one operation with one ``error:`` line on failure).
 """
 
@@ -16,6 +16,7 @@ import click
 
 from addin_runtime.cli_support import Group
 from server_stub.broker_cli import broker
+from server_stub.cli.audit import audit
 from server_stub.cli.bundle import bundle
 from server_stub.cli.catalog import addin, store
 from server_stub.cli.devices import device, enroll, pki, revoke
@@ -33,5 +34,5 @@ def main() -> None:
 
 
 for _command in (manifest, broker, serve, load, user, group, policy, addin, store, explain,
-                 status, broker_config, pki, enroll, revoke, device, bundle):  # fmt: skip
+                 status, broker_config, pki, enroll, revoke, device, bundle, audit):  # fmt: skip
     main.add_command(_command)

@@ -18,6 +18,7 @@ from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
 from server_stub import db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
+from server_stub.roles import Principals, TokenSpecError, read_tokens_file
 from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
 
 
@@ -38,7 +39,7 @@ class _Settings:
     broker_password: str | None
     host: str
     port: int
-    admin_token: str
+    principals: Principals
     agent_token: str | None
     admin_user: str | None
     store_catalog: Path
@@ -87,7 +88,29 @@ INSECURE_WARNING = (
     help="HOST:PORT [default: 127.0.0.1:8443 with --pki, the port `enroll` writes into "
     "bundles; 127.0.0.1:8080 with --insecure]",
 )
-@click.option("--admin-token", envvar="ADDIN_SERVER_ADMIN_TOKEN", required=True)
+@click.option(
+    "--admin-token",
+    envvar="ADDIN_SERVER_ADMIN_TOKEN",
+    default=None,
+    help="The token of an admin named \"admin\" (the same as --token admin:admin:TOKEN).",
+)
+@click.option(
+    "--token",
+    "token_specs",
+    multiple=True,
+    metavar="ROLE:NAME:TOKEN",
+    help="A token for the API and the console, repeatable; ROLE is admin (everything), "
+    "operator (rollouts, and reads) or helpdesk (reads and explain only). NAME is what the "
+    "audit log records.",
+)
+@click.option(
+    "--tokens-file",
+    envvar="ADDIN_SERVER_TOKENS_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A file of ROLE:NAME:TOKEN lines (# comments), instead of or beside --token "
+    "[env ADDIN_SERVER_TOKENS_FILE].",
+)
 @click.option(
     "--agent-token",
     envvar="ADDIN_SERVER_AGENT_TOKEN",
@@ -119,7 +142,9 @@ def serve(
     broker_username: str | None,
     broker_password: str | None,
     listen: str | None,
-    admin_token: str,
+    admin_token: str | None,
+    token_specs: tuple[str, ...],
+    tokens_file: Path | None,
     agent_token: str | None,
     admin_user: str | None,
     store_catalog: Path,
@@ -134,6 +159,7 @@ def serve(
     if not host or not port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="--listen")
     _check_mode(pki_dir, insecure, agent_token, broker_username or broker_password)
+    principals = _principals(admin_token, token_specs, tokens_file)
     from server_stub.publisher import parse_broker_url
 
     try:
@@ -149,9 +175,25 @@ def serve(
     except SigningKeyError as e:
         error(str(e), 2)
     settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
-                         admin_token, agent_token, admin_user, store_catalog, max_addins,
+                         principals, agent_token, admin_user, store_catalog, max_addins,
                          signer, tls)  # fmt: skip
     _serve_alone(db_path(writes=True), settings)
+
+
+def _principals(
+    admin_token: str | None, specs: tuple[str, ...], tokens_file: Path | None
+) -> Principals:
+    """Who may use the API and the console: --admin-token, --token and --tokens-file."""
+    lines = list(specs)
+    if tokens_file is not None:
+        try:
+            lines += read_tokens_file(tokens_file)
+        except (OSError, UnicodeDecodeError) as e:
+            error(f"--tokens-file {tokens_file}: cannot read it: {e}", 2)
+    try:
+        return Principals.from_specs(lines, admin_token)
+    except TokenSpecError as e:
+        error(f"--token: {e}", 2)
 
 
 def _check_mode(
@@ -241,7 +283,7 @@ async def _run_server(path: Path, s: _Settings) -> None:
     from server_stub.publisher import Publisher
 
     service = await open_service(path, s.tenant, s.store_catalog, s.max_addins, s.admin_user)
-    service.actor = "api"
+    service.act_as_server()
     publisher = Publisher(
         path,
         s.tenant,
@@ -257,7 +299,9 @@ async def _run_server(path: Path, s: _Settings) -> None:
     # With certificates, the broker binds each report topic to a device: refuse reports
     # from devices not enrolled to the user they claim, or revoked.
     service.enrolled_reports_only = s.tls is not None
-    app = create_app(service, admin_token=s.admin_token, agent_token=s.agent_token)
+    app = create_app(
+        service, principals=s.principals, agent_token=s.agent_token, https=s.tls is not None
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -282,6 +326,7 @@ async def _run_server(path: Path, s: _Settings) -> None:
         f"addin-server: tenant {s.tenant}, {scheme}://{s.host}:{s.port}, broker {s.broker}, {signing}",
         err=True,
     )
+    click.echo(f"addin-server: console at {scheme}://{s.host}:{s.port}/console", err=True)
     try:
         await server.serve()
     finally:

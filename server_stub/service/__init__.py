@@ -8,6 +8,7 @@ anti-entropy and the publisher's report intake call. Behind it, one module per c
 - `directory`, `catalog`, `assignments`, `org_load`: the writes;
 - `devices`: enrolled devices, their token hashes and revocation (credentials, not state);
 - `reads`, `troubleshooting` (explain, status), `agent_state` (anti-entropy's reads);
+- `audit`: the audit log's reads (each change writes its line in `unit_of_work`);
 - `lookup`: finding things by what an admin typed; `errors`: refusals.
 
 A change for a group or for Everyone is one message; nothing here loops over users to
@@ -27,6 +28,7 @@ from addin_core.protocol import AgentReport, check_id
 from server_stub.db import Database
 from server_stub.service.agent_state import AgentStateReader, agent_snapshot
 from server_stub.service.assignments import Assignments
+from server_stub.service.audit import AuditLog
 from server_stub.service.catalog import DEFAULT_MAX_ADDINS, MAX_MANIFEST_BYTES, Catalog
 from server_stub.service.devices import Devices
 from server_stub.service.directory import Directory
@@ -89,6 +91,7 @@ class Service:
         self._org = OrgLoader(self._uow, self._catalog, admin_user)
         self._reads = Reads(database)
         self.devices = Devices(database)
+        self.audit = AuditLog(database)
         self._troubleshooting = Troubleshooting(database, self._reads)
         # Each operation and read under the name the API and the CLI call, bound to the
         # object of the module that owns it (directory, catalog, assignments, org_load...).
@@ -117,6 +120,10 @@ class Service:
     @actor.setter
     def actor(self, value: str) -> None:
         self._uow.actor = value
+
+    def act_as_server(self) -> None:
+        """Changes made outside any request (none today, or a timer's) name the server."""
+        self._uow.actor, self._uow.via = "server", "server"
 
     @property
     def on_commit(self) -> Callable[[int], None] | None:
@@ -157,6 +164,7 @@ class Service:
                     now,
                     json.dumps([a.model_dump(mode="json") for a in r.applied]),
                     json.dumps(list(r.errors)),
+                    json.dumps([a.model_dump(mode="json") for a in r.cached]),
                 )
                 for r in reports
             ],

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,21 @@ from pydantic import BaseModel
 
 from addin_core.protocol import Tombstone, Topic
 from server_stub.db import Database, read_revision
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change, as the audit log records it: a name, its role, and the way in
+    (``api``, ``console``, ``cli``)."""
+
+    name: str
+    role: str = "admin"
+    via: str = "cli"
+
+
+CURRENT_ACTOR: ContextVar[Actor | None] = ContextVar("current_actor", default=None)
+"""The actor of the request being served: set by the API's guard and the console for the
+duration of one request (each request runs in its own context), read by every write."""
 
 
 @dataclass
@@ -56,7 +72,9 @@ class Tx:
 
 class UnitOfWork:
     """Opens the write transactions of one tenant; `actor` and `on_commit` may be changed
-    after construction (the server sets them once the publisher exists)."""
+    after construction (the server sets them once the publisher exists). `actor` names the
+    changes made outside any request (`CURRENT_ACTOR` unset): the CLI's (`via` "cli"), or
+    the server's own (`via` "server")."""
 
     def __init__(
         self,
@@ -70,6 +88,7 @@ class UnitOfWork:
         self.database = database
         self.tenant = tenant
         self.actor = actor
+        self.via = "cli"
         self.on_commit = on_commit
         self.clock = clock
 
@@ -78,19 +97,22 @@ class UnitOfWork:
         async with self.database.write() as conn:
             tx = Tx(conn, self.tenant, await read_revision(conn) + 1, self.clock())
             yield tx
-            await _commit_bookkeeping(tx, self.actor, operation, detail)
+            actor = CURRENT_ACTOR.get() or Actor(self.actor, "admin", self.via)
+            await _commit_bookkeeping(tx, actor, operation, detail)
         if self.on_commit is not None:
             self.on_commit(tx.revision)
 
 
 async def _commit_bookkeeping(
-    tx: Tx, actor: str, operation: str, detail: Mapping[str, Any]
+    tx: Tx, actor: Actor, operation: str, detail: Mapping[str, Any]
 ) -> None:
     """Revision, audit line, outbox and retained rows: the same commit as the change."""
     await tx.execute("UPDATE meta SET value=? WHERE key='revision'", (str(tx.revision),))
     await tx.execute(
-        "INSERT INTO audit(revision, at, actor, operation, detail) VALUES (?,?,?,?,?)",
-        (tx.revision, tx.now, actor, operation, json.dumps(detail, default=str)),
+        "INSERT INTO audit(revision, at, actor, role, via, operation, detail) "
+        "VALUES (?,?,?,?,?,?,?)",
+        (tx.revision, tx.now, actor.name, actor.role, actor.via, operation,
+         json.dumps(detail, default=str)),
     )
     msgs = [(tx.revision, t, p, tx.now) for t, p in tx.messages.items()]
     await tx.executemany(
