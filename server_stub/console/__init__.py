@@ -35,7 +35,9 @@ SECURITY_HEADERS = [
     ),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # same-origin, not no-referrer: with no-referrer Chromium sends "Origin: null" on the
+    # console's own form posts, and treats them as cross-site (no SameSite=Strict cookie).
+    (b"referrer-policy", b"same-origin"),
 ]
 
 

@@ -17,7 +17,7 @@ COLOURS = {
     "failed": "#dc2626",
     "stale": "#d97706",
 }
-W, H, LEFT, BOTTOM, TOP, RIGHT = 720, 220, 48, 28, 12, 12
+W, H, LEFT, BOTTOM, TOP, RIGHT = 720, 240, 48, 28, 30, 12
 
 
 def timeline_svg(
@@ -70,8 +70,8 @@ def timeline_svg(
         )
     for i, name in enumerate(COUNT_NAMES):
         lx = LEFT + 8 + i * 100
-        out.append(f'<rect x="{lx}" y="{TOP}" width="10" height="10" fill="{COLOURS[name]}"/>')
-        out.append(f'<text x="{lx + 14}" y="{TOP + 9}" font-size="11">{name}</text>')
+        out.append(f'<rect x="{lx}" y="6" width="10" height="10" fill="{COLOURS[name]}"/>')
+        out.append(f'<text x="{lx + 14}" y="15" font-size="11">{name}</text>')
     out.append("</svg>")
     return "".join(out)
 
