@@ -250,9 +250,15 @@ class AgentReport(BaseModel):
     ] = []
     failed: Annotated[list[FailedAddin], Field(max_length=4 * 200)] | None = None
     """Per add-in failures (what rollout gates count); None when there are none."""
+    cached: Annotated[list[AppliedAddin], Field(max_length=4 * 1000)] = []
+    """Installs and updates downloaded and verified, waiting for their host to start: what
+    the console counts as "cached". Left out of the JSON when empty."""
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode()
+        # Both left out when empty, so a report without them reads as before they existed.
+        return self.model_dump_json(
+            exclude_none=True, exclude=None if self.cached else {"cached"}
+        ).encode()
 
 
 StatePayload: TypeAlias = CatalogEntry | Assignment | Membership | GroupParents | Policy

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -418,11 +418,16 @@ class Agent:
         assert self.cache is not None
         async with self._lock:
             tx = Tx(rows=self._keeps_rows)
+            ready_before = _ready_set(self.model.pending)
             if not self.model.accept(tx, topic, payload):
                 self.stats["stale"] += 1
                 return False
             self.stats["accepted"] += 1
             await self._commit(tx)
+            if _ready_set(self.model.pending) != ready_before:
+                # A change became ready to apply without a download (its manifest was
+                # cached already): the report says so, as after a download.
+                self._schedule_report()
         rev = int(getattr(payload, "revision", 0))
         committed_at = getattr(payload, "committed_at", None)
         self._emit("notified", rev, committed_at, topic.addin_id)
@@ -508,6 +513,9 @@ class Agent:
         if r.status == "verified":
             rev, committed_at = cause or (entry.revision, entry.committed_at)
             self._emit("manifest_cached", rev, committed_at, entry.addin_id)
+        # The server's console counts devices notified and cached from reports: one now
+        # (debounced with the others) says this change arrived and waits for its host.
+        self._schedule_report()
 
     # -- launch and user choices ---------------------------------------------------------------
     async def launch(self, host: Host | str) -> dict[str, str]:
@@ -730,3 +738,8 @@ def security(cfg: AgentConfig) -> dict[str, bool]:
 
 
 __all__ = ["Agent", "AgentEvent", "AgentRefusal"]
+
+
+def _ready_set(pending: Mapping[PendingKey, PendingChange]) -> set[tuple[PendingKey, str | None]]:
+    """The changes ready to apply, as the report's `cached` names them."""
+    return {(k, p.to_version) for k, p in pending.items() if p.ready}

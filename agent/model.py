@@ -373,6 +373,11 @@ class AgentModel:
             for p in stuck
             if p.to_version is not None
         ][:800]
+        cached = [
+            AppliedAddin(addin_id=p.addin_id, version=p.to_version, host=p.host)
+            for p in self.pending.values()
+            if p.ready and p.action != "remove" and p.to_version is not None
+        ]
         return AgentReport(
             client_id=client_id,
             user_id=self.user_id,
@@ -381,6 +386,7 @@ class AgentModel:
             applied=applied[:4000],
             errors=errors,
             failed=failed or None,
+            cached=cached[:4000],
         )
 
     def installed_versions(self) -> Mapping[Host, dict[str, str]]:

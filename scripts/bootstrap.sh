@@ -45,6 +45,13 @@ if ! { command -v slapd || ls /usr/sbin/slapd; } >/dev/null 2>&1 && as_root && c
     apt_install slapd ldap-utils
 fi
 
+# Debian's Chromium drives the console's browser tests (tests/test_console_browser.py, through
+# Playwright with executable_path=/usr/bin/chromium: never a browser Playwright downloads).
+# Optional: installed only when this script can (root, apt); the tests skip and say so otherwise.
+if [ ! -x /usr/bin/chromium ] && as_root && command -v apt-get >/dev/null 2>&1; then
+    apt_install chromium chromium-driver || echo "warning: chromium could not be installed: the console browser tests will skip" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv .venv 2>/dev/null; then
         rm -rf .venv

@@ -51,11 +51,14 @@ class BrokerSection(_Section):
 
 
 class AuthSection(_Section):
-    """The bearer tokens. Today an admin token and, for --insecure labs, a shared agent
-    token; role-based tokens extend this section."""
+    """The bearer tokens: an admin named "admin" (`admin_token`), tokens with roles
+    (`tokens`, `tokens_file`: ``ROLE:NAME:TOKEN`` lines, `server_stub/roles.py`) and, for
+    --insecure labs, a shared agent token."""
 
     admin_token: str | None = None
     admin_token_file: Path | None = None
+    tokens: list[str] = []
+    tokens_file: Path | None = None
     agent_token: str | None = None
     agent_token_file: Path | None = None
 
@@ -205,6 +208,25 @@ def secrets(cfg: ServerConfig) -> tuple[dict[str, str | None], list[str]]:
     return values, problems
 
 
+def _token_problems(a: AuthSection) -> list[str]:
+    """What is wrong with the role tokens, checked like `serve` reads them."""
+    from server_stub.roles import Principals, TokenSpecError, read_tokens_file
+
+    lines = list(a.tokens)
+    if a.tokens_file is not None:
+        try:
+            lines += read_tokens_file(a.tokens_file)
+        except (OSError, UnicodeDecodeError) as e:
+            return [f"--tokens-file ([auth] tokens_file) {a.tokens_file}: cannot read it: {e}"]
+    if not lines:
+        return []
+    try:
+        Principals.from_specs(lines, None)
+    except TokenSpecError as e:
+        return [f"--token ([auth] tokens): {e}"]
+    return []
+
+
 def problems(cfg: ServerConfig, *, need_database: bool = True) -> list[str]:
     """What `serve` would refuse to start with, one line each (after files and overrides).
     Each names the flag and the file's key, whichever the admin used."""
@@ -216,8 +238,15 @@ def problems(cfg: ServerConfig, *, need_database: bool = True) -> list[str]:
         out.append("--tenant ([server] tenant, ADDIN_SERVER_TENANT) is required")
     if need_database and s.database is None:
         out.append("--db ([server] database, ADDIN_SERVER_DB) is required")
-    if values["admin_token"] is None and cfg.auth.admin_token_file is None:
-        out.append("--admin-token ([auth] admin_token, ADDIN_SERVER_ADMIN_TOKEN) is required")
+    a = cfg.auth
+    if values["admin_token"] is None and a.admin_token_file is None and not a.tokens and (
+        a.tokens_file is None
+    ):
+        out.append(
+            "--admin-token ([auth] admin_token, ADDIN_SERVER_ADMIN_TOKEN) or --token / "
+            "--tokens-file ([auth] tokens, tokens_file) is required"
+        )
+    out.extend(_token_problems(a))
     if s.pki is not None and s.insecure:
         out.append("--pki and --insecure exclude each other ([server] pki, insecure): give one")
     elif s.pki is None and not s.insecure:

@@ -105,10 +105,13 @@ CREATE TABLE IF NOT EXISTS audit (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     revision  INTEGER NOT NULL,
     at        REAL NOT NULL,
-    actor     TEXT NOT NULL,
+    actor     TEXT NOT NULL,         -- the token's name (API, console) or OS user (CLI)
     operation TEXT NOT NULL,
-    detail    TEXT NOT NULL          -- JSON
+    detail    TEXT NOT NULL,         -- JSON
+    role      TEXT NOT NULL DEFAULT 'admin',
+    via       TEXT NOT NULL DEFAULT ''   -- api, console, cli
 );
+CREATE INDEX IF NOT EXISTS audit_by_at ON audit(at);
 -- Messages committed with their change and not yet acknowledged by the broker.
 CREATE TABLE IF NOT EXISTS outbox (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -135,7 +138,8 @@ CREATE TABLE IF NOT EXISTS reports (
     received_at REAL NOT NULL,
     applied     TEXT NOT NULL,       -- JSON list of {addin_id, version, host}
     errors      TEXT NOT NULL,       -- JSON list of strings
-    failed      TEXT NOT NULL DEFAULT '[]'  -- JSON list of {addin_id, version, host, reason}
+    failed      TEXT NOT NULL DEFAULT '[]', -- JSON list of {addin_id, version, host, reason}
+    cached      TEXT NOT NULL DEFAULT '[]'  -- JSON: downloaded, waiting for the host
 );
 CREATE INDEX IF NOT EXISTS reports_by_user ON reports(user_id);
 -- Groups and users an assignment excludes (`assign --except`): an exclusion wins over
@@ -230,8 +234,24 @@ async def connect(path: str | Path) -> aiosqlite.Connection:
     return conn
 
 
+_ADDED_COLUMNS = (
+    ("audit", "role", "TEXT NOT NULL DEFAULT 'admin'"),
+    ("audit", "via", "TEXT NOT NULL DEFAULT ''"),
+    ("reports", "cached", "TEXT NOT NULL DEFAULT '[]'"),
+    ("reports", "failed", "TEXT NOT NULL DEFAULT '[]'"),
+)
+"""Columns added after schema 1 was released: a database made before them gets them on
+open (its old audit rows were all written by admins; old reports said nothing cached and
+named no per-add-in failure)."""
+
+
 async def _migrate(conn: aiosqlite.Connection) -> None:
     async with transaction(conn):
+        for table, column, decl in _ADDED_COLUMNS:
+            cur = await conn.execute("SELECT name FROM pragma_table_info(?)", (table,))
+            present = {str(r[0]) for r in await cur.fetchall()}
+            if present and column not in present:
+                await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         for statement in _split(_SCHEMA):
             await conn.execute(statement)
         row = await (await conn.execute("SELECT value FROM meta WHERE key='schema'")).fetchone()
@@ -244,18 +264,7 @@ async def _migrate(conn: aiosqlite.Connection) -> None:
             raise DatabaseError(
                 f"database schema {row[0]} is newer than this server ({SCHEMA_VERSION})"
             )
-        await _add_missing_columns(conn)
 
-
-_ADDED_COLUMNS = (("reports", "failed", "TEXT NOT NULL DEFAULT '[]'"),)
-"""Columns added after a table first shipped: a database made before them gets them here."""
-
-
-async def _add_missing_columns(conn: aiosqlite.Connection) -> None:
-    for table, column, decl in _ADDED_COLUMNS:
-        cur = await conn.execute(f"PRAGMA table_info({table})")
-        if column not in {r[1] for r in await cur.fetchall()}:
-            await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
 
 def _split(script: str) -> list[str]:
@@ -414,7 +423,7 @@ class Database:
         self, rows: list[tuple[Any, ...]], *, enrolled_only: bool = False
     ) -> list[tuple[str, str, str]]:
         """(client_id, user_id, revision, reported_at, received_at, applied JSON, errors
-        JSON, failed JSON) rows, in one transaction; the (client_id, claimed user, why) of every report
+        JSON, failed JSON, cached JSON) rows, in one transaction; the (client_id, claimed user, why) of every report
         refused.
 
         With `enrolled_only` (the server runs with a PKI) a report is stored only when its
@@ -452,10 +461,11 @@ class Database:
                     refused.append((client_id, user_id, f"that client reports for {owner!r}"))
             await conn.executemany(
                 "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
-                "applied, errors, failed) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(client_id) DO "
-                "UPDATE SET revision=excluded.revision, "
+                "applied, errors, failed, cached) VALUES (?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(client_id) DO UPDATE SET revision=excluded.revision, "
                 "reported_at=excluded.reported_at, received_at=excluded.received_at, "
-                "applied=excluded.applied, errors=excluded.errors, failed=excluded.failed "
+                "applied=excluded.applied, errors=excluded.errors, failed=excluded.failed, "
+                "cached=excluded.cached "
                 "WHERE excluded.user_id = reports.user_id "
                 "AND (excluded.revision > reports.revision OR (excluded.revision = "
                 "reports.revision AND excluded.received_at >= reports.received_at))",

@@ -236,6 +236,21 @@ async def _until_signalled(coordinator: Any) -> Any:
     help="Agent cache of every client (default: the scenario's, usually memory): in-memory "
     "SQLite, one SQLite file per client, or none (no SQL, least memory).",
 )
+@click.option(
+    "--console",
+    "with_console",
+    is_flag=True,
+    help="Watch the run in the server's console: print its URL and sign-in token, wait "
+    "--console-delay seconds before the first step, and keep broker, server and fleet up "
+    "after the last step until Ctrl-C.",
+)
+@click.option(
+    "--console-delay",
+    type=click.FloatRange(0, 3600),
+    default=20.0,
+    show_default=True,
+    help="With --console: seconds to sign in before the scenario starts.",
+)
 def run(
     clients: int,
     scenario: str,
@@ -252,6 +267,8 @@ def run(
     run_id: str | None,
     no_baseline: bool,
     cache: str | None,
+    with_console: bool,
+    console_delay: float,
 ) -> None:
     """Run a scenario with N virtual clients and check every one against the oracle."""
     from simulator.coordinator import RunOptions, default_workers
@@ -293,12 +310,54 @@ def run(
         options.run_id = run_id
     if remote_workers:
         options.on_environment = _announce_join(remote_workers, options.run_id)
+    if with_console:
+        if server_url:
+            raise click.UsageError("--console shows the run's private server: leave out --server")
+        _watch_in_console(options, console_delay)
     result = _run_with_progress(sc, options)
     report = write_reports(result, report_dir)
     print_summary(report, Console())
     console.print(f"report: {report_dir}/report.json, {report_dir}/report.html")
     if report["mismatches"] or report["server_disagreements"]:
         raise SystemExit(1)
+
+
+def _watch_in_console(options: RunOptions, delay: float) -> None:
+    """--console: say where the console is and how to sign in; pause before the first step;
+    hold the fleet up after the last one until Ctrl-C (then the run ends as usual, with its
+    report)."""
+
+    def announce(_broker: str, server: str) -> None:
+        click.echo(
+            f"\nconsole: {server}/console\n"
+            f"sign in with the admin token: {options.admin_token}\n",
+            err=True,
+        )
+
+    async def before() -> None:
+        click.echo(f"the scenario starts in {delay:g} s: sign in now", err=True)
+        await asyncio.sleep(delay)
+
+    async def after() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        click.echo(
+            "\nthe scenario is over; the fleet stays up for the console: Ctrl-C stops it",
+            err=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    # The console's token is the run's admin token: made here so it can be printed.
+    import secrets
+
+    options.admin_token = options.admin_token or secrets.token_urlsafe(16)
+    options.on_environment = announce
+    options.before_steps = before
+    options.after_steps = after
 
 
 def _announce_join(remote_workers: int, run_id: str) -> Callable[[str, str], None]:

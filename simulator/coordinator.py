@@ -145,7 +145,11 @@ class Coordinator:
                 self.clients,
                 self._start_args(env, cold_revision),
             )
+            if self.options.before_steps is not None:
+                await self.options.before_steps()
             steps = await self._run_steps(executor)
+            if self.options.after_steps is not None:
+                await self.options.after_steps()
             fleet, total = await self._collect(steps)
             processes = await self._shutdown()
             finished = True

@@ -4,7 +4,7 @@ result that the reports (`simulator.report`) are written from."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,12 @@ class RunOptions:
     """progress(task, done, total): live progress for the terminal."""
     on_environment: Callable[[str, str], None] | None = None
     """on_environment(broker_url, server_url) once both are up: where workers join."""
+    before_steps: Callable[[], Awaitable[None]] | None = None
+    """Awaited once the fleet is up, before the scenario's first step (`--console`: time
+    to open the console)."""
+    after_steps: Callable[[], Awaitable[None]] | None = None
+    """Awaited after the last step, before the fleet and the environment stop (`--console`:
+    until Ctrl-C)."""
     join_timeout: float | None = None
     """Seconds to wait for every worker to join (default 60, 600 with remote workers)."""
     checkpoint_settle: float = 3.0

@@ -2,9 +2,10 @@
 
 Thin: every route validates its input shape and calls one `Service` method. One router per
 resource (`directory`, `catalog`, `agents`, `troubleshooting`, `manifests`); `auth` holds
-the bearer-token checks (admin, device tokens, the --insecure shared agent token) and the
-error answers. Tokens are compared in constant time; the
-admin token may also fetch manifests. `guard` checks the token and caps the body before
+the bearer-token checks (admin, operator and helpdesk tokens by role, device tokens, the
+--insecure shared agent token) and the error answers. Tokens are compared in constant time;
+the admin-side tokens may also fetch manifests. `audit` serves the audit log; the console
+(`server_stub/console/`) is mounted at /console. `guard` checks the token and caps the body before
 anything reads it. Errors are ``{"detail": "..."}`` with 400
 (malformed), 401, 403 (a device token on another user's route), 404, 409, 413, 422 or 503.
 """
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 
 from server_stub.api import (
     agents,
+    audit,
     catalog,
     directory,
     health,
@@ -27,6 +29,7 @@ from server_stub.api.guard import RequestGuard
 from server_stub.api.manifests import MANIFEST_MEMORY, ManifestFastPath
 from server_stub.health import DEFAULT_MAX_OUTBOX_LAG, BrokerLink, Readiness
 from server_stub.metrics import HttpMetrics, ServerMetrics
+from server_stub.roles import Principals
 from server_stub.service import Service
 
 __all__ = ["MANIFEST_MEMORY", "ManifestFastPath", "create_app"]
@@ -35,19 +38,28 @@ __all__ = ["MANIFEST_MEMORY", "ManifestFastPath", "create_app"]
 def create_app(
     service: Service,
     *,
-    admin_token: str,
+    admin_token: str | None = None,
     agent_token: str | None,
+    principals: Principals | None = None,
+    console: bool = True,
+    https: bool = False,
     broker: BrokerLink | None = None,
     metrics: ServerMetrics | None = None,
     max_outbox_lag: float = DEFAULT_MAX_OUTBOX_LAG,
 ) -> FastAPI:
-    """The API. Agents authenticate with their device's token (looked up in the database on
-    every request) or, when `agent_token` is given (--insecure servers), the shared token.
-    `broker` (the publisher) is what /readyz checks; with `metrics`, /metrics serves them
-    and every request is timed."""
-    if not admin_token or agent_token == "":
-        raise ValueError("an admin token is required, and an agent token must not be empty")
-    tokens = Tokens(admin=admin_token, agent=agent_token)
+    """The API (and the console at /console). Admins, operators and helpdesk authenticate
+    with the tokens of `principals` (`admin_token` alone: one admin named "admin"). Agents
+    authenticate with their device's token (looked up in the database on every request) or,
+    when `agent_token` is given (--insecure servers), the shared token. `broker` (the
+    publisher) is what /readyz checks; with `metrics`, /metrics serves them and every
+    request is timed."""
+    if principals is None:
+        if not admin_token:
+            raise ValueError("an admin token is required")
+        principals = Principals.from_specs([], admin_token)
+    if agent_token == "":
+        raise ValueError("an agent token must not be empty")
+    tokens = Tokens(principals=principals, agent=agent_token)
     devices = service.devices.user_of_token
     app = FastAPI(
         title="addin-server",
@@ -61,13 +73,13 @@ def create_app(
 
     # Inside the manifest fast path (added later, so outermost): a cached manifest download
     # is authenticated there and costs no more; every other request passes the guard.
-    app.add_middleware(RequestGuard, admin=admin_token, agent=agent_token, devices=devices)
+    app.add_middleware(RequestGuard, principals=principals, agent=agent_token, devices=devices)
     manifest_bytes: dict[str, bytes] = {}
-    static = (admin_token,) if agent_token is None else (agent_token, admin_token)
+    static = principals.tokens() + (() if agent_token is None else (agent_token.encode(),))
     app.add_middleware(
         ManifestFastPath,
         cache=manifest_bytes,
-        tokens=tuple(t.encode() for t in static),
+        tokens=static,
         devices=devices,
     )
     app.include_router(manifests.router(service, tokens, manifest_bytes))
@@ -76,6 +88,11 @@ def create_app(
     app.include_router(agents.router(service, tokens))
     app.include_router(troubleshooting.router(service, tokens))
     app.include_router(rollouts.router(service, tokens))
+    app.include_router(audit.router(service, tokens))
+    if console:
+        from server_stub.console import mount_console
+
+        mount_console(app, service, principals, https=https)
     if metrics is not None:
         # Outermost: the manifest fast path's answers are timed and counted too.
         app.add_middleware(HttpMetrics, metrics=metrics)

@@ -1,4 +1,5 @@
-"""Bearer tokens (admin, shared agent token, device tokens) and the API's error answers.
+"""Bearer tokens (admins, operators and helpdesk by role, the shared agent token, device
+tokens) and the API's error answers.
 
 A device token (issued by `addin-server enroll`, only its sha256 stored) is looked up in the
 database on every request, so `addin-server revoke` refuses it from the next request on,
@@ -21,6 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from addin_core.validation import validation_problems
 from server_stub.db import TRANSIENT_ERRORS
+from server_stub.roles import Principal, Principals, refusal
 from server_stub.service import OperationError
 
 
@@ -39,7 +41,17 @@ def _match(creds: HTTPAuthorizationCredentials | None, *tokens: str) -> bool:
     return any(hmac.compare_digest(given, t.encode()) for t in tokens)
 
 
+def _principal(creds: HTTPAuthorizationCredentials | None, principals: Principals) -> Principal | None:
+    if creds is None or creds.scheme.lower() != "bearer":
+        return None
+    return principals.match(creds.credentials.encode())
+
+
 class _Forbidden(Exception):
+    pass
+
+
+class _RoleRefused(Exception):
     pass
 
 
@@ -48,6 +60,9 @@ DeviceLookup = Callable[[bytes], Awaitable[str | None]]
 
 DEVICE_USER = "device_user"
 """Where `RequestGuard` leaves the user of the device token it accepted (request scope state)."""
+
+PRINCIPAL = "principal"
+"""Where `RequestGuard` leaves the `Principal` of the admin-side token it accepted."""
 
 
 def forbidden_detail(device_user: str) -> str:
@@ -58,20 +73,25 @@ def forbidden_detail(device_user: str) -> str:
 
 @dataclass(frozen=True)
 class Tokens:
-    admin: str
+    principals: Principals
     agent: str | None
     """The shared agent token (servers started with --insecure only)."""
 
     @property
     def admin_only(self) -> DependsParam:
-        """Route dependency: the admin token."""
-        admin = self.admin
+        """Route dependency: an admin-side token (admin, operator, helpdesk) whose role may
+        send this method to this path (`roles.refusal`)."""
+        principals = self.principals
 
         # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request
         # that cost the manifest endpoint a third of its CPU when a whole fleet downloads.
-        async def check(creds: Creds) -> None:
-            if not _match(creds, admin):
+        async def check(request: Request, creds: Creds) -> None:
+            principal = _principal(creds, principals)
+            if principal is None:
                 raise _Unauthorized()
+            why = refusal(principal, request.method, request.url.path)
+            if why is not None:
+                raise _RoleRefused(why)
 
         return Depends(check)
 
@@ -79,10 +99,12 @@ class Tokens:
     def agent_or_admin(self) -> DependsParam:
         """Route dependency: the admin token, the shared agent token, or a device token
         (which `RequestGuard` has looked up) of the user the route's `user_id` names."""
-        static = (self.admin,) if self.agent is None else (self.admin, self.agent)
+        principals, agent = self.principals, self.agent
 
         async def check(request: Request, creds: Creds) -> None:
-            if _match(creds, *static):
+            if _principal(creds, principals) is not None:
+                return
+            if agent is not None and _match(creds, agent):
                 return
             device_user = request.scope.get("state", {}).get(DEVICE_USER)
             if device_user is None:
@@ -104,6 +126,10 @@ async def _unauthorized(_: Request, __: Exception) -> JSONResponse:
 
 async def _forbidden(_: Request, e: Exception) -> JSONResponse:
     return JSONResponse({"detail": forbidden_detail(str(e.args[0]))}, status_code=403)
+
+
+async def _role_refused(_: Request, e: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(e.args[0])}, status_code=403)
 
 
 async def _refused(_: Request, e: Exception) -> JSONResponse:
@@ -134,6 +160,7 @@ async def _malformed(_: Request, e: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(_Unauthorized, _unauthorized)
     app.add_exception_handler(_Forbidden, _forbidden)
+    app.add_exception_handler(_RoleRefused, _role_refused)
     app.add_exception_handler(OperationError, _refused)
     for error in TRANSIENT_ERRORS:
         app.add_exception_handler(error, _storage)

@@ -18,8 +18,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server_stub.api.auth import DEVICE_USER, DeviceLookup, forbidden_detail
+from server_stub.api.auth import DEVICE_USER, PRINCIPAL, DeviceLookup, forbidden_detail
+from server_stub.roles import Principals, refusal
 from server_stub.service import MAX_MANIFEST_BYTES
+from server_stub.service.unit_of_work import CURRENT_ACTOR, Actor
 
 MAX_ORG_BYTES = 64 * 1024 * 1024
 """The largest ORG document ``POST /v1/org`` takes (a 100,000-user organisation is ~10 MB)."""
@@ -28,6 +30,8 @@ MAX_JSON_BYTES = 64 * 1024
 """The largest body of every other route (a user, a group, an assignment: a few hundred bytes)."""
 
 _OPEN = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+_CONSOLE = "/console"
+"""The console authenticates by its own session cookie (`server_stub/console/session.py`)."""
 _AGENT_PREFIXES = ("/v1/manifests/", "/v1/agents/")
 
 UNAUTHORIZED_DETAIL = "missing or wrong bearer token"
@@ -64,37 +68,42 @@ async def _answer(send: Send, status: int, detail: str, headers: list[tuple[byte
 
 
 class RequestGuard:
-    """Pure ASGI middleware: authenticates (admin token; on the agent routes also the
-    shared agent token or a device token, looked up in the database) and caps the body
-    before the app sees the request. The routes keep their own
-    token dependency too; this gate only makes sure nothing is read before it."""
+    """Pure ASGI middleware: authenticates (an admin-side token whose role may make this
+    request; on the agent routes also the shared agent token or a device token, looked up
+    in the database) and caps the body before the app sees the request. The routes keep
+    their own token dependency too; this gate only makes sure nothing is read before it.
+    The accepted principal is the actor of whatever the request writes (`CURRENT_ACTOR`)."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        admin: str,
+        principals: Principals,
         agent: str | None,
         devices: DeviceLookup | None = None,
     ) -> None:
         self.app = app
-        self.admin = admin.encode()
+        self.principals = principals
         self.agent = agent.encode() if agent is not None else None
         self.devices = devices
 
     async def _authorize(self, scope: Scope, path: str, authorization: bytes) -> tuple[int, str]:
         """(0, "") when the request may go on, else the status and detail to answer."""
-        if path in _OPEN:
+        if path in _OPEN or path == _CONSOLE or path.startswith(_CONSOLE + "/"):
             return 0, ""
         scheme, _, given = authorization.partition(b" ")
         if scheme.lower() != b"bearer":
             return 401, UNAUTHORIZED_DETAIL
         agent_route = path.startswith(_AGENT_PREFIXES)
-        allowed = (
-            (self.admin,) if not agent_route or self.agent is None else (self.admin, self.agent)
-        )
-        # Every token compared, in constant time, so timing says nothing about which matched.
-        if sum(hmac.compare_digest(given, t) for t in allowed) > 0:
+        principal = self.principals.match(given)
+        if principal is not None:
+            why = refusal(principal, scope["method"], path)
+            if why is not None:
+                return 403, why
+            scope.setdefault("state", {})[PRINCIPAL] = principal
+            return 0, ""
+        # Compared in constant time, so timing says nothing about which token matched.
+        if agent_route and self.agent is not None and hmac.compare_digest(given, self.agent):
             return 0, ""
         if not agent_route or self.devices is None or not given:
             return 401, UNAUTHORIZED_DETAIL
@@ -155,12 +164,21 @@ class RequestGuard:
                 started = True
             await send(message)
 
+        principal = scope.get("state", {}).get(PRINCIPAL)
+        token = (
+            CURRENT_ACTOR.set(Actor(principal.name, principal.role.value, "api"))
+            if principal is not None
+            else None
+        )
         try:
             await self.app(scope, counted_receive, guarded_send)
         except _BodyTooLarge:
             if not started:
                 started = True
                 await _answer(send, 413, too_large, [])
+        finally:
+            if token is not None:
+                CURRENT_ACTOR.reset(token)
 
 
 async def read_body(request: Request) -> bytearray:

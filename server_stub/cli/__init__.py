@@ -5,8 +5,9 @@ file directly (``--db`` or ``ADDIN_SERVER_DB``), so it works with or without a r
 server; a running server's publisher picks the change up within ~150 ms.
 
 One module per command group: `serve`, `directory` (load, user, group, policy), `catalog`
-(addin, store), `troubleshooting` (explain, status, broker-config), `bundle` (show), `manifests` (export), `devices` (pki init,
-enroll, revoke, device list); `runner` is what they
+(addin, store), `troubleshooting` (explain, status, broker-config), `bundle` (show), `manifests`
+(export), `devices` (pki init, enroll, revoke, device list), `audit`, `rollouts` (rollout,
+rollback), `config`/`apply`/`export`; `runner` is what they
 share (which database, common options, one operation with one ``error:`` line on failure).
 """
 
@@ -16,6 +17,7 @@ import click
 
 from addin_runtime.cli_support import Group
 from server_stub.broker_cli import broker
+from server_stub.cli.audit import audit
 from server_stub.cli.bundle import bundle
 from server_stub.cli.catalog import addin, store
 from server_stub.cli.config_cmd import config_group
@@ -38,5 +40,5 @@ def main() -> None:
 
 for _command in (manifest, manifests, broker, serve, load, user, group, policy, addin, store,
                  explain, status, broker_config, pki, enroll, revoke, device, bundle, rollout,
-                 rollback, config_group, apply_cmd, export_cmd):  # fmt: skip
+                 rollback, config_group, apply_cmd, export_cmd, audit):  # fmt: skip
     main.add_command(_command)

@@ -131,8 +131,19 @@ async def open_service(
         store=StoreCatalog(store_catalog),
         max_addins=max_addins,
         admin_user=admin_user,
-        actor="cli",
+        actor=_os_user(),
     )
+
+
+def _os_user() -> str:
+    """Who runs a CLI write, for the audit log: whoever can write the database file acts
+    as an admin, and the log names their login."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (a container)
+        return f"uid-{os.getuid()}" if hasattr(os, "getuid") else "cli"
 
 
 def run(

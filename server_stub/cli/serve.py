@@ -22,6 +22,7 @@ from addin_runtime.logs import log_format_option, setup_logging
 from server_stub import config, db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
 from server_stub.health import DEFAULT_MAX_OUTBOX_LAG
+from server_stub.roles import Principals, TokenSpecError, read_tokens_file
 from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
 from server_stub.store import DEFAULT_CATALOG
 
@@ -46,7 +47,7 @@ class _Settings:
     broker_password: str | None
     host: str
     port: int
-    admin_token: str
+    principals: Principals
     agent_token: str | None
     admin_user: str | None
     store_catalog: Path
@@ -108,7 +109,29 @@ INSECURE_WARNING = (
     help="HOST:PORT [default: 127.0.0.1:8443 with --pki, the port `enroll` writes into "
     "bundles; 127.0.0.1:8080 with --insecure]",
 )
-@click.option("--admin-token", envvar="ADDIN_SERVER_ADMIN_TOKEN", default=None)
+@click.option(
+    "--admin-token",
+    envvar="ADDIN_SERVER_ADMIN_TOKEN",
+    default=None,
+    help="The token of an admin named \"admin\" (the same as --token admin:admin:TOKEN).",
+)
+@click.option(
+    "--token",
+    "token_specs",
+    multiple=True,
+    metavar="ROLE:NAME:TOKEN",
+    help="A token for the API and the console, repeatable; ROLE is admin (everything), "
+    "operator (rollouts, and reads) or helpdesk (reads and explain only). NAME is what the "
+    "audit log records.",
+)
+@click.option(
+    "--tokens-file",
+    envvar="ADDIN_SERVER_TOKENS_FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A file of ROLE:NAME:TOKEN lines (# comments), instead of or beside --token "
+    "[env ADDIN_SERVER_TOKENS_FILE].",
+)
 @click.option(
     "--agent-token",
     envvar="ADDIN_SERVER_AGENT_TOKEN",
@@ -171,6 +194,7 @@ def serve(config_file: Path | None, **kw: Any) -> None:
     pki_dir = sv.pki
     listen = sv.listen or ("127.0.0.1:8443" if pki_dir is not None else "127.0.0.1:8080")
     host, _, port = listen.rpartition(":")
+    principals = _principals(secret["admin_token"], cfg.auth.tokens, cfg.auth.tokens_file)
     tls = _tls(pki_dir, sv.tenant) if pki_dir is not None else None
     _check_listen(host, int(port))
     key_path = signing_key_path(sv.signing_key, pki_dir)
@@ -178,10 +202,8 @@ def serve(config_file: Path | None, **kw: Any) -> None:
         signer = load_signer(key_path) if key_path is not None else None
     except SigningKeyError as e:
         error(str(e), 2)
-    admin_token = secret["admin_token"]
-    assert admin_token is not None
     settings = _Settings(sv.tenant, cfg.broker.url, cfg.broker.username,
-                         secret["broker_password"], host, int(port), admin_token,
+                         secret["broker_password"], host, int(port), principals,
                          secret["agent_token"], sv.admin_user,
                          sv.store_catalog or DEFAULT_CATALOG, sv.max_addins, signer, tls,
                          cfg.health.max_outbox_lag, cfg.logging.format,
@@ -203,6 +225,8 @@ _OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "broker_password": ("broker", "password"),
     "admin_token": ("auth", "admin_token"),
     "agent_token": ("auth", "agent_token"),
+    "token_specs": ("auth", "tokens"),
+    "tokens_file": ("auth", "tokens_file"),
     "max_outbox_lag": ("health", "max_outbox_lag"),
     "log_format": ("logging", "format"),
     "metrics": ("metrics", "enabled"),
@@ -230,6 +254,22 @@ def _settings_from(config_file: Path | None, kw: dict[str, Any]) -> config.Serve
         return config.with_overrides(cfg, given)
     except config.ConfigError as e:
         error(str(e), 2)
+
+
+def _principals(
+    admin_token: str | None, specs: list[str], tokens_file: Path | None
+) -> Principals:
+    """Who may use the API and the console: --admin-token, --token and --tokens-file."""
+    lines = list(specs)
+    if tokens_file is not None:
+        try:
+            lines += read_tokens_file(tokens_file)
+        except (OSError, UnicodeDecodeError) as e:
+            error(f"--tokens-file {tokens_file}: cannot read it: {e}", 2)
+    try:
+        return Principals.from_specs(lines, admin_token)
+    except TokenSpecError as e:
+        error(f"--token: {e}", 2)
 
 
 def _tls(pki_dir: Path, tenant: str) -> _Tls:
@@ -294,7 +334,7 @@ async def _run_server(path: Path, s: _Settings) -> None:
     from server_stub.publisher import Publisher
 
     service = await open_service(path, s.tenant, s.store_catalog, s.max_addins, s.admin_user)
-    service.actor = "api"
+    service.act_as_server()
     metrics = ServerMetrics(service.database) if s.metrics else None
     publisher = Publisher(
         path,
@@ -319,8 +359,9 @@ async def _run_server(path: Path, s: _Settings) -> None:
         metrics.publisher = publisher
     app = create_app(
         service,
-        admin_token=s.admin_token,
+        principals=s.principals,
         agent_token=s.agent_token,
+        https=s.tls is not None,
         broker=publisher,
         metrics=metrics,
         max_outbox_lag=s.max_outbox_lag,
@@ -353,6 +394,8 @@ async def _run_server(path: Path, s: _Settings) -> None:
     )
     started = f"tenant {s.tenant}, {scheme}://{s.host}:{s.port}, broker {s.broker}, {signing}"
     _say(s, logging.INFO, started, f"addin-server: {started}")
+    console = f"console at {scheme}://{s.host}:{s.port}/console"
+    _say(s, logging.INFO, console, f"addin-server: {console}")
     try:
         await server.serve()
     finally:

@@ -8,6 +8,7 @@ anti-entropy and the publisher's report intake call. Behind it, one module per c
 - `directory`, `catalog`, `assignments`, `org_load`: the writes;
 - `devices`: enrolled devices, their token hashes and revocation (credentials, not state);
 - `reads`, `troubleshooting` (explain, status), `agent_state` (anti-entropy's reads);
+- `audit`: the audit log's reads (each change writes its line in `unit_of_work`);
 - `lookup`: finding things by what an admin typed; `errors`: refusals.
 
 A change for a group or for Everyone is one message; nothing here loops over users to
@@ -28,6 +29,7 @@ from addin_runtime.logs import context
 from server_stub.db import Database
 from server_stub.service.agent_state import AgentStateReader, agent_snapshot
 from server_stub.service.assignments import Assignments
+from server_stub.service.audit import AuditLog
 from server_stub.service.catalog import DEFAULT_MAX_ADDINS, MAX_MANIFEST_BYTES, Catalog
 from server_stub.service.declarative import Declarative
 from server_stub.service.devices import Devices
@@ -93,6 +95,7 @@ class Service:
         self._declarative = Declarative(self._uow, self._catalog, self._org, admin_user)
         self._reads = Reads(database)
         self.devices = Devices(database)
+        self.audit = AuditLog(database)
         self._troubleshooting = Troubleshooting(database, self._reads)
         self.rollouts = Rollouts(self._uow, clock)
         """Rollouts and rollbacks: start, advance, pause, resume, abort, the gate's tick."""
@@ -125,6 +128,10 @@ class Service:
     @actor.setter
     def actor(self, value: str) -> None:
         self._uow.actor = value
+
+    def act_as_server(self) -> None:
+        """Changes made outside any request (none today, or a timer's) name the server."""
+        self._uow.actor, self._uow.via = "server", "server"
 
     @property
     def on_commit(self) -> Callable[[int], None] | None:
@@ -166,6 +173,7 @@ class Service:
                     json.dumps([a.model_dump(mode="json") for a in r.applied]),
                     json.dumps(list(r.errors)),
                     json.dumps([f.model_dump(mode="json") for f in r.failed or ()]),
+                    json.dumps([a.model_dump(mode="json") for a in r.cached]),
                 )
                 for r in reports
             ],

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,21 @@ from addin_runtime.logs import context
 from server_stub.db import Database, read_revision
 
 log = logging.getLogger("addin_server.changes")
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who made a change, as the audit log records it: a name, its role, and the way in
+    (``api``, ``console``, ``cli``)."""
+
+    name: str
+    role: str = "admin"
+    via: str = "cli"
+
+
+CURRENT_ACTOR: ContextVar[Actor | None] = ContextVar("current_actor", default=None)
+"""The actor of the request being served: set by the API's guard and the console for the
+duration of one request (each request runs in its own context), read by every write."""
 
 
 @dataclass
@@ -60,7 +76,9 @@ class Tx:
 
 class UnitOfWork:
     """Opens the write transactions of one tenant; `actor` and `on_commit` may be changed
-    after construction (the server sets them once the publisher exists)."""
+    after construction (the server sets them once the publisher exists). `actor` names the
+    changes made outside any request (`CURRENT_ACTOR` unset): the CLI's (`via` "cli"), or
+    the server's own (`via` "server")."""
 
     def __init__(
         self,
@@ -74,6 +92,7 @@ class UnitOfWork:
         self.database = database
         self.tenant = tenant
         self.actor = actor
+        self.via = "cli"
         self.on_commit = on_commit
         self.clock = clock
 
@@ -85,12 +104,13 @@ class UnitOfWork:
         async with self.database.write() as conn:
             tx = Tx(conn, self.tenant, await read_revision(conn) + 1, self.clock())
             yield tx
-            await _commit_bookkeeping(tx, actor or self.actor, operation, detail)
+            who = CURRENT_ACTOR.get() or Actor(actor or self.actor, "admin", self.via)
+            await _commit_bookkeeping(tx, who, operation, detail)
         log.info(
             "revision %d committed: %s by %s, %d message(s)",
             tx.revision,
             operation,
-            actor or self.actor,
+            who.name,
             len(tx.messages),
             extra=_log_context(tx.revision, operation, detail),
         )
@@ -111,13 +131,15 @@ _ADDIN_OPS = frozenset({"add_lob", "consent", "enable", "disable", "remove"})
 
 
 async def _commit_bookkeeping(
-    tx: Tx, actor: str, operation: str, detail: Mapping[str, Any]
+    tx: Tx, actor: Actor, operation: str, detail: Mapping[str, Any]
 ) -> None:
     """Revision, audit line, outbox and retained rows: the same commit as the change."""
     await tx.execute("UPDATE meta SET value=? WHERE key='revision'", (str(tx.revision),))
     await tx.execute(
-        "INSERT INTO audit(revision, at, actor, operation, detail) VALUES (?,?,?,?,?)",
-        (tx.revision, tx.now, actor, operation, json.dumps(detail, default=str)),
+        "INSERT INTO audit(revision, at, actor, role, via, operation, detail) "
+        "VALUES (?,?,?,?,?,?,?)",
+        (tx.revision, tx.now, actor.name, actor.role, actor.via, operation,
+         json.dumps(detail, default=str)),
     )
     msgs = [(tx.revision, t, p, tx.now) for t, p in tx.messages.items()]
     await tx.executemany(
