@@ -1,18 +1,25 @@
-"""The server's state in one SQLite file: schema, migrations, connection settings.
+"""The server's state: SQLite in one file (the default), or a PostgreSQL database.
 
 Everything the deployment service knows lives here: directory (users, groups,
 memberships, nesting), catalog (add-ins, their versions, manifest bytes by sha256),
 assignments, policy, the tenant revision counter, the audit log, the outbox of messages
 still to publish, the latest retained payload per topic, and the agents' reports.
 
-WAL mode lets the HTTP server, the publisher and CLI commands run by other processes read
-while one of them writes; writers take the lock up front (``BEGIN IMMEDIATE``) so two
-writers never deadlock on a lock upgrade.
+`Database.open` takes a file path (SQLite) or a ``postgresql://`` URL. The schema is the
+numbered migrations of `server_stub/migrations.py`, applied on open; the SQL is written
+once, in the dialect of `server_stub/sql.py`, which PostgreSQL's connections translate
+(`server_stub/pg.py`), so the services never ask which engine they run on.
 
-`Database` is the one owner of a connection: the API, the CLI, anti-entropy and the
-publisher call its methods (or the service's), never the connection. The SQL of the
-domain operations lives in `server_stub/service/`; this module and that package are the
-whole of the server's SQL, so another database backend replaces them and nothing else.
+SQLite: WAL mode lets the HTTP server, the publisher and CLI commands run by other
+processes read while one of them writes; writers take the lock up front (``BEGIN
+IMMEDIATE``) so two writers never deadlock on a lock upgrade. PostgreSQL: writers take an
+advisory lock first, the same one-writer-at-a-time order across every replica
+(`server_stub/pg.py` says why that is enough).
+
+`Database` is the one owner of connections: the API, the CLI, anti-entropy and the
+publisher call its methods (or the service's), never a connection. The SQL of the domain
+operations lives in `server_stub/service/`; this module and that package are the whole of
+the server's SQL.
 """
 
 from __future__ import annotations
@@ -21,198 +28,58 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from addin_runtime.sqlite_tx import transaction
+from server_stub import migrations
+from server_stub.sql import Conn, Dialect, Row
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from server_stub.pg import PgBackend
 
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+__all__ = ["Conn", "Database", "DatabaseError", "Row", "TRANSIENT_ERRORS", "connect"]
+
+
+def _transient() -> tuple[type[Exception], ...]:
+    errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
+    try:
+        import psycopg
+    except ImportError:  # the PostgreSQL driver is part of the server extra
+        return errors
+    # Connection lost, serialization failure, lock timeout, server shutting down.
+    return (*errors, psycopg.OperationalError)
+
+
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = _transient()
 """The backend's errors that mean "not now": locked by another writer past the busy
-timeout, disk full, I/O error. The transaction was rolled back; a retry may work."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS users (
-    id   TEXT PRIMARY KEY,
-    name TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS groups (
-    id   TEXT PRIMARY KEY,
-    name TEXT NOT NULL
-);
--- Direct user -> group membership.
-CREATE TABLE IF NOT EXISTS memberships (
-    user_id  TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    group_id TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
-    PRIMARY KEY (user_id, group_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS memberships_by_group ON memberships(group_id);
--- Group nesting: `child` is a member of `parent`.
-CREATE TABLE IF NOT EXISTS nesting (
-    child  TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
-    parent TEXT NOT NULL REFERENCES groups(id) ON DELETE CASCADE,
-    PRIMARY KEY (child, parent)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS nesting_by_parent ON nesting(parent);
--- Manifest bytes by content hash; immutable, kept even after an add-in is removed so a
--- URL once published never breaks for an agent still fetching it.
-CREATE TABLE IF NOT EXISTS manifests (
-    sha256  TEXT PRIMARY KEY,
-    content BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS addins (
-    id              TEXT PRIMARY KEY,
-    source          TEXT NOT NULL CHECK (source IN ('lob', 'store')),
-    store_asset_id  TEXT,
-    enabled         INTEGER NOT NULL DEFAULT 1,
-    current_version TEXT NOT NULL,
-    -- A newer version whose hosts or permissions differ: waits for `consent`.
-    pending_version TEXT,
-    created_revision INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS addin_versions (
-    addin_id     TEXT NOT NULL REFERENCES addins(id) ON DELETE CASCADE,
-    version      TEXT NOT NULL,
-    sha256       TEXT NOT NULL REFERENCES manifests(sha256),
-    display_name TEXT NOT NULL,
-    hosts        TEXT NOT NULL,      -- JSON list of Host values
-    permissions  TEXT NOT NULL,
-    added_revision INTEGER NOT NULL,
-    PRIMARY KEY (addin_id, version)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS assignments (
-    addin_id  TEXT NOT NULL REFERENCES addins(id) ON DELETE CASCADE,
-    target    TEXT NOT NULL CHECK (target IN ('everyone', 'user', 'group')),
-    target_id TEXT NOT NULL,         -- '' for everyone
-    mode      TEXT NOT NULL CHECK (mode IN ('fixed', 'optional', 'available')),
-    PRIMARY KEY (addin_id, target, target_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS assignments_by_target ON assignments(target, target_id);
--- Which store versions the (simulated) Store has published, per asset id.
-CREATE TABLE IF NOT EXISTS store_published (
-    asset_id TEXT PRIMARY KEY,
-    version  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id        INTEGER PRIMARY KEY AUTOINCREMENT,
-    revision  INTEGER NOT NULL,
-    at        REAL NOT NULL,
-    actor     TEXT NOT NULL,         -- the token's name (API, console) or OS user (CLI)
-    operation TEXT NOT NULL,
-    detail    TEXT NOT NULL,         -- JSON
-    role      TEXT NOT NULL DEFAULT 'admin',
-    via       TEXT NOT NULL DEFAULT ''   -- api, console, cli
-);
-CREATE INDEX IF NOT EXISTS audit_by_at ON audit(at);
--- Messages committed with their change and not yet acknowledged by the broker.
-CREATE TABLE IF NOT EXISTS outbox (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    revision     INTEGER NOT NULL,
-    topic        TEXT NOT NULL,
-    payload      BLOB NOT NULL,
-    created_at   REAL NOT NULL,
-    published_at REAL
-);
-CREATE INDEX IF NOT EXISTS outbox_pending ON outbox(id) WHERE published_at IS NULL;
--- The latest retained payload per topic (tombstones included): what a broker that lost
--- its state must be given again.
-CREATE TABLE IF NOT EXISTS retained (
-    topic    TEXT PRIMARY KEY,
-    revision INTEGER NOT NULL,
-    payload  BLOB NOT NULL
-);
--- Latest report per agent client.
-CREATE TABLE IF NOT EXISTS reports (
-    client_id   TEXT PRIMARY KEY,
-    user_id     TEXT NOT NULL,
-    revision    INTEGER NOT NULL,
-    reported_at REAL NOT NULL,
-    received_at REAL NOT NULL,
-    applied     TEXT NOT NULL,       -- JSON list of {addin_id, version, host}
-    errors      TEXT NOT NULL,       -- JSON list of strings
-    failed      TEXT NOT NULL DEFAULT '[]', -- JSON list of {addin_id, version, host, reason}
-    cached      TEXT NOT NULL DEFAULT '[]'  -- JSON: downloaded, waiting for the host
-);
-CREATE INDEX IF NOT EXISTS reports_by_user ON reports(user_id);
--- Groups and users an assignment excludes (`assign --except`): an exclusion wins over
--- every assignment of the add-in that reaches the user.
-CREATE TABLE IF NOT EXISTS assignment_exceptions (
-    addin_id  TEXT NOT NULL,
-    target    TEXT NOT NULL,
-    target_id TEXT NOT NULL,
-    kind      TEXT NOT NULL CHECK (kind IN ('group', 'user')),
-    id        TEXT NOT NULL,
-    PRIMARY KEY (addin_id, target, target_id, kind, id),
-    FOREIGN KEY (addin_id, target, target_id)
-        REFERENCES assignments(addin_id, target, target_id) ON DELETE CASCADE
-) WITHOUT ROWID;
--- Rollouts (`addin-server rollout start`, `rollback`): rings reached in order, each at the
--- rollout's version, with a gate computed from the agents' reports before the next ring.
-CREATE TABLE IF NOT EXISTS rollouts (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    addin_id         TEXT NOT NULL REFERENCES addins(id) ON DELETE CASCADE,
-    version          TEXT NOT NULL,
-    from_version     TEXT NOT NULL,
-    rollback         INTEGER NOT NULL DEFAULT 0,
-    state            TEXT NOT NULL
-        CHECK (state IN ('running', 'paused', 'completed', 'aborted', 'superseded')),
-    rings            TEXT NOT NULL,  -- JSON list of {name, targets}
-    gate             TEXT,           -- the gate as typed, or NULL: advanced by hand only
-    reached          INTEGER NOT NULL,  -- rings reached so far (1 at start)
-    ring_since       REAL NOT NULL,     -- when the last reached ring was reached
-    started_revision INTEGER NOT NULL,
-    updated_revision INTEGER NOT NULL,
-    history          TEXT NOT NULL   -- JSON list of {at, revision, event, ring, actor}
-);
-CREATE INDEX IF NOT EXISTS rollouts_by_addin ON rollouts(addin_id, state);
--- Enrolled devices (`addin-server enroll`): one client certificate and one HTTP token each,
--- only the token's sha256 kept. A revoked device keeps its row (revoked_at set).
-CREATE TABLE IF NOT EXISTS devices (
-    device_id    TEXT PRIMARY KEY,
-    user_id      TEXT NOT NULL,
-    cert_serial  TEXT NOT NULL,
-    token_sha256 TEXT NOT NULL,
-    enrolled_at  REAL NOT NULL,
-    revoked_at   REAL
-);
-CREATE INDEX IF NOT EXISTS devices_by_token ON devices(token_sha256);
--- Every certificate serial ever revoked (a revoked device's, and the one a re-enrollment
--- with --replace superseded): what crl.pem lists.
-CREATE TABLE IF NOT EXISTS revoked_certs (
-    cert_serial TEXT PRIMARY KEY,
-    device_id   TEXT NOT NULL,
-    revoked_at  REAL NOT NULL
-);
-"""
+timeout, disk full, I/O error, the PostgreSQL server unreachable. The transaction was
+rolled back; a retry may work."""
 
 
-async def _note_published(conn: aiosqlite.Connection, last_id: int) -> None:
+async def _note_published(conn: Conn, last_id: int) -> None:
     """Raise the published revision to that of outbox row `last_id` (rows are in commit
     order, so it is the highest one up to there); what the broker's marker is checked
     against after a reconnect."""
     await conn.execute(
-        "INSERT INTO meta(key, value) SELECT 'published_revision', r FROM "
-        "(SELECT revision AS r FROM outbox WHERE id<=? ORDER BY id DESC LIMIT 1) WHERE true "
-        "ON CONFLICT(key) DO UPDATE SET "
-        "value=max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+        "INSERT INTO meta(key, value) SELECT 'published_revision', CAST(r AS TEXT) FROM "
+        "(SELECT revision AS r FROM outbox WHERE id<=? ORDER BY id DESC LIMIT 1) AS last "
+        "WHERE true ON CONFLICT(key) DO UPDATE SET value=CASE WHEN "
+        "CAST(excluded.value AS INTEGER) > CAST(meta.value AS INTEGER) "
+        "THEN excluded.value ELSE meta.value END",
         (last_id,),
     )
 
 
 class DatabaseError(RuntimeError):
-    """The database file belongs to another tenant or has an unknown schema."""
+    """The database belongs to another tenant, has an unknown schema, or cannot be reached."""
 
 
 async def connect(path: str | Path) -> aiosqlite.Connection:
-    """Open the database (creating the schema if needed) with the settings every user needs."""
+    """Open an SQLite database (migrating its schema) with the settings every user needs."""
     # How long a writer waits for another one's lock before failing with a clear error
     # (ADDIN_SERVER_BUSY_TIMEOUT seconds, default 30).
     busy = float(os.environ.get("ADDIN_SERVER_BUSY_TIMEOUT", "30"))
@@ -225,7 +92,13 @@ async def connect(path: str | Path) -> aiosqlite.Connection:
         # the last transactions, which the outbox then never published either.
         await conn.execute("PRAGMA synchronous=NORMAL")
         await conn.execute("PRAGMA foreign_keys=ON")
-        await _migrate(conn)
+
+        async def has_column(table: str, column: str) -> bool:
+            cur = await conn.execute("SELECT name FROM pragma_table_info(?)", (table,))
+            return column in {str(r[0]) for r in await cur.fetchall()}
+
+        async with transaction(conn):
+            await _migrate(conn, "sqlite", has_column)
     except BaseException:
         # An open aiosqlite connection keeps a non-daemon thread: without this close, a
         # CLI command facing a locked database printed nothing and never exited.
@@ -234,113 +107,132 @@ async def connect(path: str | Path) -> aiosqlite.Connection:
     return conn
 
 
-_ADDED_COLUMNS = (
-    ("audit", "role", "TEXT NOT NULL DEFAULT 'admin'"),
-    ("audit", "via", "TEXT NOT NULL DEFAULT ''"),
-    ("reports", "cached", "TEXT NOT NULL DEFAULT '[]'"),
-    ("reports", "failed", "TEXT NOT NULL DEFAULT '[]'"),
-)
-"""Columns added after schema 1 was released: a database made before them gets them on
-open (its old audit rows were all written by admins; old reports said nothing cached and
-named no per-add-in failure)."""
+async def _migrate(conn: Conn, dialect: Dialect, has_column: Any) -> None:
+    try:
+        await migrations.migrate(conn, dialect, has_column)
+    except migrations.SchemaTooNew as e:
+        raise DatabaseError(str(e)) from None
 
 
-async def _migrate(conn: aiosqlite.Connection) -> None:
-    async with transaction(conn):
-        for table, column, decl in _ADDED_COLUMNS:
-            cur = await conn.execute("SELECT name FROM pragma_table_info(?)", (table,))
-            present = {str(r[0]) for r in await cur.fetchall()}
-            if present and column not in present:
-                await conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        for statement in _split(_SCHEMA):
-            await conn.execute(statement)
-        row = await (await conn.execute("SELECT value FROM meta WHERE key='schema'")).fetchone()
-        if row is None:
-            await conn.executemany(
-                "INSERT INTO meta(key, value) VALUES (?, ?)",
-                [("schema", str(SCHEMA_VERSION)), ("revision", "0"), ("nested_groups", "0")],
-            )
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"database schema {row[0]} is newer than this server ({SCHEMA_VERSION})"
-            )
-
-
-
-def _split(script: str) -> list[str]:
-    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
-
-
-async def bind_tenant(conn: aiosqlite.Connection, tenant: str) -> None:
-    """Record the tenant on first use; refuse a file that belongs to another tenant."""
-    async with transaction(conn):
-        row = await (await conn.execute("SELECT value FROM meta WHERE key='tenant'")).fetchone()
-        if row is None:
-            await conn.execute("INSERT INTO meta(key, value) VALUES ('tenant', ?)", (tenant,))
-        elif row[0] != tenant:
-            raise DatabaseError(
-                f"database belongs to tenant {row[0]!r}, not {tenant!r}; one tenant per server"
-            )
-
-
-async def stored_tenant(conn: aiosqlite.Connection) -> str | None:
-    row = await (await conn.execute("SELECT value FROM meta WHERE key='tenant'")).fetchone()
-    return None if row is None else str(row[0])
-
-
-async def read_revision(conn: aiosqlite.Connection) -> int:
+async def read_revision(conn: Conn) -> int:
     """The tenant revision: the number of the last committed change."""
     row = await (await conn.execute("SELECT value FROM meta WHERE key='revision'")).fetchone()
     return int(row[0]) if row else 0
 
 
-Row = aiosqlite.Row
-
-
 class Database:
-    """One connection to the server's database, and the lock that orders its transactions.
+    """The server's database: one SQLite connection and the lock that orders its
+    transactions, or a pool of PostgreSQL connections.
 
     One aiosqlite connection runs one transaction at a time; concurrent API requests
     queue on the lock instead of failing with "cannot start a transaction within a
-    transaction"."""
+    transaction". On PostgreSQL each transaction has a connection of its own."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self.conn = conn
-        """For the service layer and tests of this backend only."""
+    def __init__(self, conn: aiosqlite.Connection | None, pg: PgBackend | None = None) -> None:
+        self._conn = conn
+        self._pg = pg
+        self.dialect: Dialect = "sqlite" if pg is None else "postgresql"
         self._lock = asyncio.Lock()
 
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        """The SQLite connection, for tests of that backend only."""
+        assert self._conn is not None, "not an SQLite database"
+        return self._conn
+
     @classmethod
-    async def open(cls, path: str | Path) -> Database:
-        return cls(await connect(path))
+    async def open(cls, target: str | Path, *, pool_size: int = 8) -> Database:
+        """`target`: an SQLite file, or a ``postgresql://`` URL (`pool_size` connections
+        at most)."""
+        from server_stub import pg
+
+        if not pg.is_url(target):
+            return cls(await connect(target))
+        try:
+            backend = await pg.PgBackend.open(str(target), pool_size)
+        except ConnectionError as e:
+            raise DatabaseError(str(e)) from None
+        database = cls(None, backend)
+        try:
+            async with backend.transaction(write=True, lock=pg.MIGRATION_LOCK) as conn:
+
+                async def has_column(table: str, column: str) -> bool:
+                    return await backend.has_column(conn, table, column)
+
+                await _migrate(conn, "postgresql", has_column)
+        except BaseException:
+            await backend.close()
+            raise
+        return database
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self._pg is not None
+
+    async def publisher_running(self) -> bool | None:
+        """PostgreSQL: whether a `serve` replica holds the outbox (None on SQLite, where the
+        file's instance lock says it)."""
+        return await self._pg.leader_held() if self._pg is not None else None
 
     async def close(self) -> None:
-        await self.conn.close()
+        if self._pg is not None:
+            await self._pg.close()
+        else:
+            await self.conn.close()
 
     async def bind_tenant(self, tenant: str) -> None:
-        await bind_tenant(self.conn, tenant)
+        """Record the tenant on first use; refuse a database of another tenant."""
+        async with self.write() as conn:
+            row = await (await conn.execute("SELECT value FROM meta WHERE key='tenant'")).fetchone()
+            if row is None:
+                await conn.execute("INSERT INTO meta(key, value) VALUES ('tenant', ?)", (tenant,))
+            elif row[0] != tenant:
+                raise DatabaseError(
+                    f"database belongs to tenant {row[0]!r}, not {tenant!r}; one tenant per server"
+                )
 
     async def stored_tenant(self) -> str | None:
-        return await stored_tenant(self.conn)
+        rows = await self.rows("SELECT value FROM meta WHERE key='tenant'")
+        return str(rows[0][0]) if rows else None
+
+    def write(self) -> AbstractAsyncContextManager[Conn]:
+        """A write transaction, one at a time across every process on the database:
+        committed on exit, rolled back on error."""
+        if self._pg is not None:
+            return self._pg.transaction(write=True)
+        return self._sqlite_tx(immediate=True)
+
+    def snapshot(self) -> AbstractAsyncContextManager[Conn]:
+        """A read transaction: every SELECT inside sees one commit."""
+        if self._pg is not None:
+            return self._pg.transaction(write=False)
+        return self._sqlite_tx(immediate=False)
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``): committed on exit, rolled back on error."""
-        async with self._lock, transaction(self.conn) as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A read transaction: every SELECT inside sees one commit. Under the lock because
-        the connection is shared with the writes, and a BEGIN must not interleave with theirs."""
-        async with self._lock, transaction(self.conn, immediate=False) as conn:
+    async def _sqlite_tx(self, *, immediate: bool) -> AsyncIterator[Conn]:
+        # Reads under the lock too: the connection is shared with the writes, and a BEGIN
+        # must not interleave with theirs.
+        async with self._lock, transaction(self.conn, immediate=immediate) as conn:
             yield conn
 
     async def rows(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
+        """The rows of one statement, outside any transaction of ours."""
+        if self._pg is not None:
+            async with self._pg.autocommit() as conn:
+                return list(await (await conn.execute(sql, tuple(args))).fetchall())
         return list(await (await self.conn.execute(sql, tuple(args))).fetchall())
 
+    async def execute(self, sql: str, args: Iterable[Any] = ()) -> None:
+        """One statement in its own transaction (autocommit)."""
+        if self._pg is not None:
+            async with self._pg.autocommit() as conn:
+                await conn.execute(sql, tuple(args))
+        else:
+            await self.conn.execute(sql, tuple(args))
+
     async def revision(self) -> int:
-        return await read_revision(self.conn)
+        rows = await self.rows("SELECT value FROM meta WHERE key='revision'")
+        return int(rows[0][0]) if rows else 0
 
     async def manifest(self, sha256: str) -> bytes | None:
         """Manifest bytes by content hash."""
@@ -415,7 +307,7 @@ class Database:
 
     async def forget_published(self, before: float) -> None:
         """Drop outbox rows published before `before` (they are history)."""
-        await self.conn.execute("DELETE FROM outbox WHERE published_at < ?", (before,))
+        await self.execute("DELETE FROM outbox WHERE published_at < ?", (before,))
 
     # -- agents' reports -------------------------------------------------------------------
 
@@ -475,7 +367,7 @@ class Database:
 
 
 async def _devices(
-    conn: aiosqlite.Connection, ids: list[str]
+    conn: Conn, ids: list[str]
 ) -> dict[str, tuple[str, float | None]]:
     """device id -> (user id, revoked at) of the enrolled devices among `ids`."""
     found: dict[str, tuple[str, float | None]] = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +62,68 @@ def corpus_dir() -> Path:
     if not path.is_dir():
         pytest.skip(corpus_missing_reason(path))
     return path
+
+
+PG_ENV = "ADDIN_TEST_POSTGRES"
+"""The PostgreSQL server the backend tests make their databases on (a URL of a database the
+user may CREATE DATABASE from); default the local one with trust auth."""
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def postgres_admin_url() -> str:
+    return os.environ.get(PG_ENV) or PG_DEFAULT
+
+
+def postgres_unavailable() -> str | None:
+    """Why no PostgreSQL database can be made for a test (None: one can)."""
+    try:
+        import psycopg
+    except ImportError:
+        return "needs psycopg (the server extra: pip install -e '.[test]')"
+    url = postgres_admin_url()
+    try:
+        psycopg.connect(url, connect_timeout=3, autocommit=True).close()
+    except psycopg.Error as e:
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        return (
+            f"needs PostgreSQL at {url} ({cause}); start it (`pg_ctlcluster "
+            "--skip-systemctl-redirect <version> main start`, scripts/bootstrap.sh installs "
+            f"it) or set {PG_ENV}=URL"
+        )
+    return None
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database with a random name; its URL. Dropped after."""
+    import secrets
+
+    import psycopg
+
+    why = postgres_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    admin = postgres_admin_url()
+    name = f"addin_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+
+
+@pytest.fixture(params=BACKENDS)
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The server's database for a test, once per backend: an SQLite file in the test's
+    folder, or a PostgreSQL database of its own (skipped, saying why, without one)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "server.db")
+        return
+    with postgres_database() as url:
+        yield url

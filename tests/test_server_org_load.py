@@ -15,8 +15,8 @@ from server_stub.service import BadRequest, Conflict, NotFound, OperationError, 
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    database = await db.Database.open(tmp_path / "server.db")
+async def service(db_target: str) -> AsyncIterator[Service]:
+    database = await db.Database.open(db_target)
     await database.bind_tenant("contoso")
     yield Service(database, "contoso")
     await database.close()

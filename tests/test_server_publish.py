@@ -27,8 +27,8 @@ from simulator.mosquitto import MosquittoBroker
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    database = await db.Database.open(tmp_path / "server.db")
+async def service(db_target: str) -> AsyncIterator[Service]:
+    database = await db.Database.open(db_target)
     await database.bind_tenant("contoso")
     s = Service(database, "contoso")
     yield s
@@ -36,7 +36,7 @@ async def service(tmp_path: Path) -> AsyncIterator[Service]:
 
 
 async def _start_publisher(
-    service: Service, db_path: Path, broker: MosquittoBroker
+    service: Service, db_path: str | Path, broker: MosquittoBroker
 ) -> tuple[Publisher, asyncio.Task[None]]:
     pub = Publisher(db_path, "contoso", broker.url, report_sink=service.record_reports)
     service.on_commit = pub.wake
@@ -52,9 +52,9 @@ async def _stop(task: asyncio.Task[None]) -> None:
 
 
 async def test_every_operation_publishes_exactly_its_messages(
-    service: Service, tmp_path: Path, broker: MosquittoBroker
+    service: Service, db_target: str, broker: MosquittoBroker
 ) -> None:
-    _, task = await _start_publisher(service, tmp_path / "server.db", broker)
+    _, task = await _start_publisher(service, db_target, broker)
     async with Collector(broker.port) as col:
         steps: list[tuple[Callable[[], Any], dict[str, Callable[[dict[str, Any]], bool]]]] = [
             (
@@ -216,7 +216,7 @@ def _json(p: dict[str, Any]) -> bytes:
 
 
 async def test_group_assignment_is_one_publish_whatever_the_group_size(
-    service: Service, tmp_path: Path, broker: MosquittoBroker
+    service: Service, db_target: str, broker: MosquittoBroker
 ) -> None:
     org = {
         "users": [{"id": f"u{i:04d}"} for i in range(500)],
@@ -225,7 +225,7 @@ async def test_group_assignment_is_one_publish_whatever_the_group_size(
     }
     loaded = await service.load_org(org)
     assert loaded["memberships"] == 500
-    _, task = await _start_publisher(service, tmp_path / "server.db", broker)
+    _, task = await _start_publisher(service, db_target, broker)
     async with Collector(broker.port) as col:
         r = await service.assign(TASKPANE_ID, "group", "big", "fixed")
         await col.wait_for(r["revision"], {f"assign/group/big/{TASKPANE_ID}"})
@@ -236,7 +236,7 @@ async def test_group_assignment_is_one_publish_whatever_the_group_size(
 
 
 async def test_broker_restarted_without_persistence_gets_full_state_again(
-    service: Service, tmp_path: Path, broker: MosquittoBroker
+    service: Service, db_target: str, broker: MosquittoBroker
 ) -> None:
     await service.create_user("ann")
     await service.create_group("sales")
@@ -245,7 +245,7 @@ async def test_broker_restarted_without_persistence_gets_full_state_again(
     await service.assign(TASKPANE_ID, "group", "sales", "fixed")
     await service.create_user("gone")
     await service.delete_user("gone")
-    pub, task = await _start_publisher(service, tmp_path / "server.db", broker)
+    pub, task = await _start_publisher(service, db_target, broker)
     before = await retained_state(broker.port)
     assert set(before) == {
         "member/ann",
@@ -265,11 +265,11 @@ async def test_broker_restarted_without_persistence_gets_full_state_again(
 
 
 async def test_broker_restart_with_session_kept_does_not_republish(
-    service: Service, tmp_path: Path, broker_factory: Callable[..., MosquittoBroker]
+    service: Service, db_target: str, broker_factory: Callable[..., MosquittoBroker]
 ) -> None:
     broker = broker_factory(persistence=True)
     await service.create_user("ann")
-    pub, task = await _start_publisher(service, tmp_path / "server.db", broker)
+    pub, task = await _start_publisher(service, db_target, broker)
     await asyncio.sleep(0.3)
     broker.restart()  # graceful: Mosquitto saves sessions and retained messages
     await eventually(lambda: pub.connections == 2 and pub.connected.is_set(), what="reconnect")
@@ -282,7 +282,7 @@ async def test_broker_restart_with_session_kept_does_not_republish(
 
 
 async def test_agent_reports_are_stored_and_explained(
-    service: Service, tmp_path: Path, broker: MosquittoBroker
+    service: Service, db_target: str, broker: MosquittoBroker
 ) -> None:
     import time
 
@@ -293,7 +293,7 @@ async def test_agent_reports_are_stored_and_explained(
     await service.create_user("ann")
     await service.add_lob(TASKPANE_V1.read_bytes())
     await service.assign(TASKPANE_ID, "user", "ann", "fixed")
-    _, task = await _start_publisher(service, tmp_path / "server.db", broker)
+    _, task = await _start_publisher(service, db_target, broker)
     report = AgentReport(
         client_id="ann-laptop",
         user_id="ann",
@@ -319,7 +319,7 @@ async def test_agent_reports_are_stored_and_explained(
 
 
 async def test_a_burst_of_reports_is_stored_in_batches_newest_wins(
-    service: Service, tmp_path: Path, broker: MosquittoBroker
+    service: Service, db_target: str, broker: MosquittoBroker
 ) -> None:
     """After a rollout thousands of agents report at once: every one is stored (batched
     transactions), and a client's older report never replaces its newer one."""
@@ -327,7 +327,7 @@ async def test_a_burst_of_reports_is_stored_in_batches_newest_wins(
 
     from addin_core.protocol import AgentReport
 
-    _, task = await _start_publisher(service, tmp_path / "server.db", broker)
+    _, task = await _start_publisher(service, db_target, broker)
 
     def report(client: str, at: float, revision: int) -> bytes:
         return AgentReport(

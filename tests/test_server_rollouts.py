@@ -37,9 +37,9 @@ class Clock:
 
 
 @pytest.fixture
-async def svc(tmp_path: Path) -> AsyncIterator[tuple[Service, Clock]]:
+async def svc(db_target: str) -> AsyncIterator[tuple[Service, Clock]]:
     clock = Clock()
-    db = await Database.open(tmp_path / "server.db")
+    db = await Database.open(db_target)
     await db.bind_tenant(TENANT)
     s = Service(db, TENANT, clock=clock)
     for u in ("ann", "bob", "cat", "dan", "eve"):

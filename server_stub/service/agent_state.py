@@ -9,22 +9,21 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-import aiosqlite
-
 from addin_core.protocol import Mode
-from server_stub.db import Database, read_revision
+from server_stub.db import Conn, Database, Row, read_revision
 from server_stub.entitlement import AssignmentRow
 from server_stub.rollout_rules import OpenRollout
 from server_stub.service.reads import exceptions_by_assignment
+from server_stub.sql import prefix_range
 
 
 class AgentStateReader:
     """Reads on one snapshot of the database."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: Conn) -> None:
         self._conn = conn
 
-    async def _rows(self, sql: str, args: Sequence[object] = ()) -> list[aiosqlite.Row]:
+    async def _rows(self, sql: str, args: Sequence[object] = ()) -> list[Row]:
         return list(await (await self._conn.execute(sql, tuple(args))).fetchall())
 
     async def revision(self) -> int:
@@ -95,14 +94,14 @@ class AgentStateReader:
         self, exact: Sequence[str], prefixes: Sequence[str]
     ) -> list[tuple[str, int, bytes]]:
         """(topic, revision, payload) of retained topics in `exact` or starting with a prefix."""
-        # Ids are [A-Za-z0-9._@-] (check_id), so no GLOB metacharacter can occur in a
-        # prefix; GLOB with a literal prefix uses the primary-key index.
+        # A prefix as a range of the primary key: served by its index on both engines.
         where = " OR ".join(
-            ["topic IN (" + ",".join("?" * len(exact)) + ")"] + ["topic GLOB ?"] * len(prefixes)
+            ["topic IN (" + ",".join("?" * len(exact)) + ")"]
+            + ["(topic >= ? AND topic < ?)"] * len(prefixes)
         )
         rows = await self._rows(
             f"SELECT topic, revision, payload FROM retained WHERE {where} ORDER BY topic",
-            (*exact, *(p + "*" for p in prefixes)),
+            (*exact, *(bound for p in prefixes for bound in prefix_range(p))),
         )
         return [(str(r[0]), int(r[1]), bytes(r[2])) for r in rows]
 

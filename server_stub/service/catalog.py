@@ -75,11 +75,14 @@ class Catalog:
     ) -> None:
         sha = hashlib.sha256(content).hexdigest()
         await tx.execute(
-            "INSERT OR IGNORE INTO manifests(sha256, content) VALUES (?, ?)", (sha, content)
+            "INSERT INTO manifests(sha256, content) VALUES (?, ?) ON CONFLICT DO NOTHING", (sha, content)
         )
         await tx.execute(
-            "INSERT OR REPLACE INTO addin_versions(addin_id, version, sha256, display_name, "
-            "hosts, permissions, added_revision) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO addin_versions(addin_id, version, sha256, display_name, "
+            "hosts, permissions, added_revision) VALUES (?,?,?,?,?,?,?) "
+            "ON CONFLICT(addin_id, version) DO UPDATE SET sha256=excluded.sha256, "
+            "display_name=excluded.display_name, hosts=excluded.hosts, "
+            "permissions=excluded.permissions, added_revision=excluded.added_revision",
             (
                 addin_id,
                 manifest.version,
@@ -229,7 +232,8 @@ class Catalog:
                     f"published version {current}"
                 )
             await tx.execute(
-                "INSERT OR REPLACE INTO store_published(asset_id, version) VALUES (?, ?)",
+                "INSERT INTO store_published(asset_id, version) VALUES (?, ?) "
+                "ON CONFLICT(asset_id) DO UPDATE SET version=excluded.version",
                 (asset_id, version),
             )
             result: dict[str, Any] = {"asset_id": asset_id, "version": version, "state": None}

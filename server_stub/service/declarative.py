@@ -292,7 +292,7 @@ class Declarative:
             touched_groups |= {c for c, _ in unnested}
         added = sorted(want.members - have.members)
         await tx.executemany(
-            "INSERT OR IGNORE INTO memberships(group_id, user_id) VALUES (?,?)", added
+            "INSERT INTO memberships(group_id, user_id) VALUES (?,?) ON CONFLICT DO NOTHING", added
         )
         touched_users |= {u for _, u in added}
         edges = await nesting_edges(tx)
@@ -301,7 +301,7 @@ class Declarative:
                 refuse_cycle(child, parent, edges)
                 edges[child].append(parent)
                 await tx.execute(
-                    "INSERT OR IGNORE INTO nesting(child, parent) VALUES (?,?)", (child, parent)
+                    "INSERT INTO nesting(child, parent) VALUES (?,?) ON CONFLICT DO NOTHING", (child, parent)
                 )
                 touched_groups.add(child)
         # Add-ins: new ones and new versions (a version that widens permissions waits for

@@ -68,8 +68,8 @@ class Devices:
                 _refuse(device_id, str(old[0]), old[2])
             if old is not None:
                 await conn.execute(
-                    "INSERT OR IGNORE INTO revoked_certs(cert_serial, device_id, revoked_at) "
-                    "VALUES (?,?,?)",
+                    "INSERT INTO revoked_certs(cert_serial, device_id, revoked_at) "
+                    "VALUES (?,?,?) ON CONFLICT DO NOTHING",
                     (old[1], device_id, at),
                 )
             await conn.execute(
@@ -150,8 +150,8 @@ class Devices:
                     "UPDATE devices SET revoked_at=? WHERE device_id=?", (at, device_id)
                 )
             await conn.execute(
-                "INSERT OR IGNORE INTO revoked_certs(cert_serial, device_id, revoked_at) "
-                "VALUES (?,?,?)",
+                "INSERT INTO revoked_certs(cert_serial, device_id, revoked_at) "
+                "VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 (row[1], device_id, row[2] if row[2] is not None else at),
             )
         return {

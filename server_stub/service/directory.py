@@ -145,7 +145,7 @@ class Directory:
             await self._need(tx, "groups", group_id, "group")
             await self._need(tx, "users", user_id, "user")
             await tx.execute(
-                "INSERT OR IGNORE INTO memberships(user_id, group_id) VALUES (?, ?)",
+                "INSERT INTO memberships(user_id, group_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 (user_id, group_id),
             )
             await emit_membership(tx, user_id)
@@ -169,7 +169,7 @@ class Directory:
             await self._need(tx, "groups", parent, "group")
             refuse_cycle(child, parent, await nesting_edges(tx))
             await tx.execute(
-                "INSERT OR IGNORE INTO nesting(child, parent) VALUES (?, ?)", (child, parent)
+                "INSERT INTO nesting(child, parent) VALUES (?, ?) ON CONFLICT DO NOTHING", (child, parent)
             )
             await emit_parents(tx, child)
         return {"child": child, "parent": parent, "revision": tx.revision}

@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-import aiosqlite
 
 from addin_runtime.cli_support import did_you_mean
-from server_stub.db import Database
+from server_stub.db import Database, Row
 from server_stub.service.errors import BadRequest, NotFound
 from server_stub.service.unit_of_work import Tx
 
 _TABLES = {"users", "groups", "addins"}
 
 
-async def need(database: Database, tx: Tx, table: str, key: str, what: str) -> aiosqlite.Row:
+async def need(database: Database, tx: Tx, table: str, key: str, what: str) -> Row:
     """The row of `key` in `table`, or NotFound naming close matches."""
     assert table in _TABLES
     r = await tx.row(f"SELECT * FROM {table} WHERE id=?", (key,))

@@ -229,14 +229,14 @@ class OrgLoader:
 
 async def _load_directory(tx: Tx, doc: OrgDocument) -> _Directory:
     users = [(checked_user_id(u.id), u.name or u.id) for u in doc.users]
-    await tx.executemany("INSERT OR IGNORE INTO users(id, name) VALUES (?,?)", users)
+    await tx.executemany("INSERT INTO users(id, name) VALUES (?,?) ON CONFLICT DO NOTHING", users)
     groups, members, nestings = [], [], []
     for g in doc.groups:
         gid = checked_id(g.id, "group id")
         groups.append((gid, g.name or gid))
         members += [(checked_id(m, "user id"), gid) for m in g.members]
         nestings += [(gid, checked_id(p, "group id")) for p in g.parents]
-    await tx.executemany("INSERT OR IGNORE INTO groups(id, name) VALUES (?,?)", groups)
+    await tx.executemany("INSERT INTO groups(id, name) VALUES (?,?) ON CONFLICT DO NOTHING", groups)
     known_users = {r[0] for r in await tx.rows("SELECT id FROM users")}
     known_groups = {r[0] for r in await tx.rows("SELECT id FROM groups")}
     for uid, gid in members:
@@ -246,7 +246,7 @@ async def _load_directory(tx: Tx, doc: OrgDocument) -> _Directory:
         if parent not in known_groups:
             raise NotFound(f"group {child!r} lists unknown parent {parent!r}")
     await tx.executemany(
-        "INSERT OR IGNORE INTO memberships(user_id, group_id) VALUES (?,?)", members
+        "INSERT INTO memberships(user_id, group_id) VALUES (?,?) ON CONFLICT DO NOTHING", members
     )
     # One in-memory graph for the whole document: a query per nesting would be O(n^2).
     edges = await nesting_edges(tx)
@@ -254,7 +254,7 @@ async def _load_directory(tx: Tx, doc: OrgDocument) -> _Directory:
         if parent not in edges.get(child, ()):
             refuse_cycle(child, parent, edges)
             edges[child].append(parent)
-    await tx.executemany("INSERT OR IGNORE INTO nesting(child, parent) VALUES (?,?)", nestings)
+    await tx.executemany("INSERT INTO nesting(child, parent) VALUES (?,?) ON CONFLICT DO NOTHING", nestings)
     return _Directory(users, groups, members, nestings, known_users, known_groups)
 
 

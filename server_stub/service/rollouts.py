@@ -125,13 +125,13 @@ class Rollouts:
             cur = await tx.execute(
                 "INSERT INTO rollouts(addin_id, version, from_version, rollback, state, rings, "
                 "gate, reached, ring_since, started_revision, updated_revision, history) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 (addin_id, version, from_version, int(rollback), "running",
                  json.dumps([r.to_json() for r in parsed]),
                  parsed_gate.text if parsed_gate else None, 1, tx.now, tx.revision, tx.revision,
                  json.dumps([self._event(tx, "started", parsed[0].name)])),
             )  # fmt: skip
-            rollout_id = int(cur.lastrowid or 0)
+            rollout_id = int((await cur.fetchone())[0])
             if len(parsed) == 1:
                 await self._complete(tx, rollout_id, addin_id, version)
             await emit_catalog(tx, addin_id)

@@ -18,12 +18,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiosqlite
 from pydantic import BaseModel
 
 from addin_core.protocol import Tombstone, Topic
 from addin_runtime.logs import context
-from server_stub.db import Database, read_revision
+from server_stub.db import Conn, Database, Row, read_revision
+from server_stub.sql import Cursor
 
 log = logging.getLogger("addin_server.changes")
 
@@ -47,7 +47,7 @@ duration of one request (each request runs in its own context), read by every wr
 class Tx:
     """The transaction in progress: its revision, commit time and collected messages."""
 
-    conn: aiosqlite.Connection
+    conn: Conn
     tenant: str
     revision: int
     now: float
@@ -61,16 +61,16 @@ class Tx:
     def tombstone(self, topic: Topic) -> None:
         self.emit(topic, Tombstone(deleted=True, revision=self.revision, committed_at=self.now))
 
-    async def execute(self, sql: str, args: Iterable[Any] = ()) -> aiosqlite.Cursor:
+    async def execute(self, sql: str, args: Iterable[Any] = ()) -> Cursor:
         return await self.conn.execute(sql, tuple(args))
 
     async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
         await self.conn.executemany(sql, rows)
 
-    async def rows(self, sql: str, args: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+    async def rows(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
         return list(await (await self.conn.execute(sql, tuple(args))).fetchall())
 
-    async def row(self, sql: str, args: Iterable[Any] = ()) -> aiosqlite.Row | None:
+    async def row(self, sql: str, args: Iterable[Any] = ()) -> Row | None:
         return await (await self.conn.execute(sql, tuple(args))).fetchone()
 
 

@@ -1,0 +1,182 @@
+"""The PostgreSQL backend of `server_stub.db.Database` (psycopg 3 and its async pool).
+
+Why psycopg and not asyncpg: docs/server.md ("PostgreSQL"). In short, psycopg's async
+cursor has the DB-API shape aiosqlite has (``execute`` / ``fetchone`` / ``rowcount``), so the
+services run the same code on both engines, and its pool checks and resets connections.
+
+Transactions: the server's writes are serialized as on SQLite. Each write transaction first
+takes a transaction-level advisory lock (`WRITE_LOCK`), so writers of one database, in
+every replica, run one at a time: the tenant revision is read and bumped by one writer,
+and outbox ids (a sequence, taken inside that lock) are in commit order, which the
+publisher relies on. Statements in READ COMMITTED then see every change committed before
+the lock was granted. Read transactions are REPEATABLE READ READ ONLY: one snapshot.
+
+`LEADER_LOCK` is the session-level advisory lock the replica that drains the outbox holds
+(`server_stub/leader.py`); `MIGRATION_LOCK` orders replicas migrating a new database.
+Advisory locks are per database, so tenants on one PostgreSQL server never contend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg.rows import RowMaker
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from addin_runtime.tasks import to_completion
+from server_stub.sql import to_postgresql
+
+_NAMESPACE = 0x41444450  # "ADDP": the first half of every advisory lock key of ours
+WRITE_LOCK = (_NAMESPACE, 1)
+LEADER_LOCK = (_NAMESPACE, 2)
+MIGRATION_LOCK = (_NAMESPACE, 3)
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds to reach PostgreSQL at open before saying it cannot be reached."""
+
+SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(target: object) -> bool:
+    return isinstance(target, str) and target.startswith(SCHEMES)
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    u = urlsplit(url)
+    host = u.hostname or "localhost"
+    port = f":{u.port}" if u.port else ""
+    user = f"{u.username}@" if u.username else ""
+    return f"postgresql://{user}{host}{port}{u.path}"
+
+
+class PgRow(tuple[Any, ...]):
+    """A row readable by position and by column name, like sqlite3.Row."""
+
+    _index: dict[str, int]
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+def _row_factory(cursor: psycopg.AsyncCursor[Any]) -> RowMaker[PgRow]:
+    names = [c.name for c in cursor.description or ()]
+    index = {n: i for i, n in enumerate(names)}
+
+    def make(values: Sequence[Any]) -> PgRow:
+        row = PgRow(values)
+        row._index = index
+        return row
+
+    return make
+
+
+class PgConn:
+    """A psycopg connection that speaks the server's SQL dialect (`server_stub/sql.py`)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> psycopg.AsyncCursor[PgRow]:
+        cur = self._conn.cursor(row_factory=_row_factory)
+        await cur.execute(to_postgresql(sql), tuple(parameters))
+        return cur
+
+    async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> None:
+        rows = [tuple(p) for p in parameters]
+        if rows:
+            async with self._conn.cursor() as cur:
+                await cur.executemany(to_postgresql(sql), rows)
+
+
+class PgBackend:
+    """A pool of connections to one PostgreSQL database."""
+
+    def __init__(self, url: str, pool: AsyncConnectionPool[Any]) -> None:
+        self.url = url
+        self.pool = pool
+
+    @classmethod
+    async def open(cls, url: str, max_size: int = 8) -> PgBackend:
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
+        )
+        try:
+            await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        except (PoolTimeout, psycopg.Error) as e:
+            await pool.close()
+            raise ConnectionError(await _why_unreachable(url, e)) from None
+        return cls(url, pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def transaction(
+        self, *, write: bool, lock: tuple[int, int] = WRITE_LOCK
+    ) -> AsyncIterator[PgConn]:
+        async with self.pool.connection() as raw:
+            # Autocommit connections with BEGIN/COMMIT of our own: a cancelled or failed
+            # transaction is rolled back here, and the pool discards a connection left in
+            # any other state (a statement still running when the task was cancelled).
+            try:
+                if write:
+                    await raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                    await raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock)
+                else:
+                    await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                yield PgConn(raw)
+                await to_completion(raw.execute("COMMIT"))
+            except BaseException:
+                with suppress(Exception):
+                    await to_completion(raw.execute("ROLLBACK"))
+                raise
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[PgConn]:
+        async with self.pool.connection() as raw:
+            yield PgConn(raw)
+
+    async def has_column(self, conn: PgConn, table: str, column: str) -> bool:
+        cur = await conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name=? AND column_name=?",
+            (table, column),
+        )
+        return await cur.fetchone() is not None
+
+    async def leader_held(self) -> bool:
+        """Whether a replica holds the outbox leader lock (a `serve` is publishing)."""
+        async with self.autocommit() as conn:
+            cur = await conn.execute(
+                "SELECT 1 FROM pg_locks WHERE locktype='advisory' AND granted "
+                "AND database=(SELECT oid FROM pg_database WHERE datname=current_database()) "
+                "AND classid=? AND objid=? AND objsubid=2",
+                (LEADER_LOCK[0], LEADER_LOCK[1]),
+            )
+            return await cur.fetchone() is not None
+
+
+async def _why_unreachable(url: str, e: Exception) -> str:
+    """One line: which PostgreSQL, and what it said (the pool's timeout hides the cause)."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=int(CONNECT_TIMEOUT))
+    except psycopg.Error as direct:
+        cause = str(direct).strip().splitlines()[-1] if str(direct).strip() else type(direct).__name__
+    else:
+        await conn.close()
+        cause = str(e) or type(e).__name__
+    return f"cannot connect to {describe(url)}: {cause}"
