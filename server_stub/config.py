@@ -34,7 +34,8 @@ class ServerSection(_Section):
     tenant: str | None = None
     listen: str | None = None
     """HOST:PORT; default 127.0.0.1:8443 with a PKI, 127.0.0.1:8080 insecure."""
-    database: Path | None = None
+    database: str | None = None
+    """An SQLite file (relative to the config file's folder) or a postgresql:// URL."""
     pki: Path | None = None
     insecure: bool = False
     signing_key: Path | None = None
@@ -149,7 +150,7 @@ def parse(data: Mapping[str, Any], name: str, base: Path | None = None) -> Serve
             values = data.get(section)
             if isinstance(values, dict):
                 for f in fields:
-                    if isinstance(values.get(f), str) and values[f]:
+                    if isinstance(values.get(f), str) and values[f] and "://" not in values[f]:
                         values[f] = str(base / Path(values[f]).expanduser())
     try:
         return ServerConfig.model_validate(data)

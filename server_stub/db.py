@@ -41,7 +41,7 @@ from server_stub.sql import Conn, Dialect, Row
 if TYPE_CHECKING:
     from server_stub.pg import PgBackend
 
-__all__ = ["Conn", "Database", "DatabaseError", "Row", "TRANSIENT_ERRORS", "connect"]
+__all__ = ["TRANSIENT_ERRORS", "Conn", "Database", "DatabaseError", "Row", "connect"]
 
 
 def _transient() -> tuple[type[Exception], ...]:

@@ -253,10 +253,8 @@ async def migrate(
         for step in m.steps:
             if isinstance(step, AddColumn):
                 if not await has_column(step.table, step.column):
-                    await conn.execute(
-                        ddl(f"ALTER TABLE {step.table} ADD COLUMN {step.column} {step.decl}",
-                            dialect)  # fmt: skip
-                    )
+                    add = f"ALTER TABLE {step.table} ADD COLUMN {step.column} {step.decl}"
+                    await conn.execute(ddl(add, dialect))
             else:
                 await conn.execute(ddl(step, dialect))
         await _record(conn, m)

@@ -91,7 +91,7 @@ class PgConn:
         await cur.execute(to_postgresql(sql), tuple(parameters))
         return cur
 
-    async def executemany(self, sql: str, parameters: Iterable[Sequence[Any]]) -> None:
+    async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> None:
         rows = [tuple(p) for p in parameters]
         if rows:
             async with self._conn.cursor() as cur:

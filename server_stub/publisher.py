@@ -114,8 +114,14 @@ class Publisher:
         report_sink: ReportSink | None = None,
         signer: StateSigner | None = None,
         tls_context: ssl.SSLContext | None = None,
+        reports_in_session: bool = True,
     ) -> None:
         self.db_path = db_path
+        self.reports_in_session = reports_in_session
+        """Whether this session takes the agents' reports (``report/+``); not when replicas
+        share them (`server_stub/replicas.py`)."""
+        self.standing_by = False
+        """A replica waiting for the outbox another one drains (PostgreSQL)."""
         self.signer = signer
         self.tenant = tenant
         # mqtts:// with the server's client certificate (serve --pki), else mqtt://.
@@ -132,6 +138,8 @@ class Publisher:
         self._marker: int | None = None
         self._probe_nonce = b""
         self._probe_seen = asyncio.Event()
+        self._collecting: set[str] = set()
+        self._collected: dict[str, int] = {}
         self.connected = asyncio.Event()
         self.published = 0
         self.republished_all = 0
@@ -141,8 +149,9 @@ class Publisher:
         self._last_error = "not connected yet"
 
     def is_connected(self) -> bool:
-        """A session is up and the broker has been given its state (readiness, metrics)."""
-        return self.connected.is_set()
+        """A session is up and the broker has been given its state (readiness, metrics);
+        or this replica stands by while another one publishes."""
+        return self.connected.is_set() or self.standing_by
 
     def disconnected_reason(self) -> str:
         """Why the last session ended (or that none has started): what /readyz says."""
@@ -183,53 +192,93 @@ class Publisher:
         return client
 
     async def run(self) -> None:
-        """Connect, publish, reconnect on failure; runs until cancelled."""
-        database = await Database.open(self.db_path)
+        """Connect, publish, reconnect on failure; runs until cancelled. On PostgreSQL,
+        only while this replica holds the outbox (`server_stub/replicas.py`)."""
+        database = await Database.open(self.db_path, pool_size=2)
+        try:
+            if database.is_postgresql:
+                await self._lead(database)
+            else:
+                await self._publish(database)
+        finally:
+            await database.close()
+
+    async def _lead(self, database: Database) -> None:
+        from server_stub.replicas import Leadership, LeadershipLost
+
+        while True:
+            lead = Leadership(str(self.db_path))
+            try:
+                self.standing_by = True
+                self._last_error = "standing by: another replica drains the outbox"
+                await lead.acquire()
+                self.standing_by = False
+                self._last_error = "not connected yet"
+                log.info("this replica drains the outbox now")
+                watch = asyncio.create_task(lead.watch(), name="outbox lock")
+                publish = asyncio.create_task(self._publish(database), name="publish")
+                try:
+                    await asyncio.wait([watch, publish], return_when=asyncio.FIRST_COMPLETED)
+                    if watch.done():
+                        watch.result()
+                    publish.result()
+                except LeadershipLost as e:
+                    log.error("%s: no longer publishing", e)
+                finally:
+                    self.connected.clear()
+                    await cancel_and_wait(publish, TASK_STOP_TIMEOUT, "the publisher")
+                    await cancel_and_wait(watch, TASK_STOP_TIMEOUT, "the outbox lock watch")
+            finally:
+                await lead.release()
+
+    async def _publish(self, database: Database) -> None:
         # Only a session that lasted counts as recovery: a broker that accepts us and then
         # drops us (another publisher with our client id) must not be retried 5 times a second.
         backoff = Backoff(*BACKOFF, stable_after=STABLE_AFTER)
         losses = LossClassifier(STABLE_AFTER)
         client_id = server_identity(self.tenant)
-        try:
-            while True:
-                client: aiomqtt.Client | None = None
-                try:
-                    client = self._client()
-                    async with client:
-                        backoff.connected()
-                        await self._session(database, client)
-                except _RETRIED as e:
-                    # A locked or full database must not end publication for good: rows
-                    # not marked done are published again (at least once) after the retry.
-                    self.connected.clear()
-                    self._last_error = f"{type(e).__name__}: {e}"
-                    delay = backoff.failed()
-                    up = backoff.last_uptime
-                    kind = losses.classify(disconnect_code(e, client), up)
-                    if kind == "disconnected":
-                        log.warning("publisher interrupted (%s); retrying in %.1fs", e, delay)
-                    else:
-                        self.taken_over += 1
-                        what = (
-                            taken_over_text(client_id)
-                            if kind == "session_taken_over"
-                            else flapping_text(client_id, up or 0.0, losses.short_drops)
-                        )
-                        log.error(
-                            "publisher: %s (another addin-server of tenant %s, on another "
-                            "database?); retrying in %.1fs (%d failures in a row)",
-                            what,
-                            self.tenant,
-                            delay,
-                            backoff.failures,
-                        )
-                    await asyncio.sleep(delay)
-        finally:
-            await database.close()
+        while True:
+            client: aiomqtt.Client | None = None
+            try:
+                client = self._client()
+                async with client:
+                    backoff.connected()
+                    await self._session(database, client)
+            except _RETRIED as e:
+                # A locked or full database must not end publication for good: rows
+                # not marked done are published again (at least once) after the retry.
+                self.connected.clear()
+                self._last_error = f"{type(e).__name__}: {e}"
+                delay = backoff.failed()
+                up = backoff.last_uptime
+                kind = losses.classify(disconnect_code(e, client), up)
+                if kind == "disconnected":
+                    log.warning("publisher interrupted (%s); retrying in %.1fs", e, delay)
+                else:
+                    self.taken_over += 1
+                    what = (
+                        taken_over_text(client_id)
+                        if kind == "session_taken_over"
+                        else flapping_text(client_id, up or 0.0, losses.short_drops)
+                    )
+                    log.error(
+                        "publisher: %s (another addin-server of tenant %s, on another "
+                        "database?); retrying in %.1fs (%d failures in a row)",
+                        what,
+                        self.tenant,
+                        delay,
+                        backoff.failures,
+                    )
+                await asyncio.sleep(delay)
 
     async def _session(self, database: Database, client: aiomqtt.Client) -> None:
         self.connections += 1
-        await client.subscribe(Filters.reports(self.tenant), qos=1)
+        if self.reports_in_session:
+            await client.subscribe(Filters.reports(self.tenant), qos=1)
+        else:
+            # The persistent session may hold the subscription of a single server (or of a
+            # --pki replica): with it this session would take every report a second time.
+            await client.unsubscribe(Filters.reports(self.tenant))
         # Not a TaskGroup: its ExceptionGroup would hide the MqttError `run` reconnects on.
         receive = asyncio.create_task(self._receive(client), name="receive")
         restore = asyncio.create_task(self._restore_broker_state(database, client), name="restore")
@@ -263,7 +312,52 @@ class Publisher:
             published = await database.published_revision()
             if marker is None or marker < published:
                 await self.republish_newer(database, client, marker, published)
+            await self._skip_delivered(database, client)
         await self._publish_marker(client, await database.published_revision())
+
+    async def _skip_delivered(self, database: Database, client: aiomqtt.Client) -> None:
+        """Mark done the waiting rows the broker already has: those a publisher before this
+        session (this process before a crash, or a replica SIGKILLed mid-batch) had sent
+        and not yet marked. Publishing them again would set a topic back to an older
+        revision until the newer one came again. The broker handled that publisher's
+        messages in order, so what it retains is a prefix of the waiting rows: every row up
+        to the last one whose topic holds its revision (or a newer one)."""
+        rows = await database.outbox_batch(BATCH * 4)
+        if not rows:
+            return
+        held = await self._read_retained(client, sorted({t for _, _, t, _ in rows}))
+        done = [(i, rev) for i, rev, topic, _ in rows if held.get(topic, -1) >= rev]
+        if done:
+            await database.mark_published(rows[0][0], done[-1][0], time.time())
+            log.info(
+                "the broker already had the %d waiting message(s) up to revision %d (sent "
+                "before a crash or by a former leader): not publishing them again",
+                sum(1 for i, _, _, _ in rows if i <= done[-1][0]),
+                done[-1][1],
+            )
+
+    async def _read_retained(self, client: aiomqtt.Client, topics: list[str]) -> dict[str, int]:
+        """topic -> revision of the payload the broker retains, for `topics`."""
+        self._collected = {}
+        self._collecting = set(topics)
+        self._probe_seen.clear()
+        self._probe_nonce = secrets.token_hex(8).encode()
+        try:
+            for i in range(0, len(topics), 200):
+                await client.subscribe([(t, 1) for t in topics[i : i + 200]])
+            await client.subscribe(self._probe_topic, qos=1)
+            await client.publish(self._probe_topic, self._probe_nonce, qos=1, timeout=30)
+            try:
+                async with asyncio.timeout(MARKER_READ_TIMEOUT):
+                    await self._probe_seen.wait()
+            except TimeoutError:
+                raise aiomqtt.MqttError("the broker did not return its retained state") from None
+            for i in range(0, len(topics), 200):
+                await client.unsubscribe(topics[i : i + 200])
+            await client.unsubscribe(self._probe_topic)
+            return dict(self._collected)
+        finally:
+            self._collecting = set()
 
     async def _read_marker(self, client: aiomqtt.Client) -> int | None:
         """The broker's retained marker, or None when it has none. The probe we publish
@@ -376,6 +470,10 @@ class Publisher:
                 if topic in (self._marker_topic, self._probe_topic):
                     self._on_server_topic(topic, bytes(message.payload), bool(message.retain))
                     continue
+                if topic in self._collecting:
+                    if message.retain:
+                        self._collected[topic] = _revision_of(bytes(message.payload))
+                    continue
                 try:
                     _, payload = decode_message(topic, bytes(message.payload))
                 except ProtocolError as e:
@@ -386,3 +484,12 @@ class Publisher:
         finally:
             if store is not None:
                 store.cancel()
+
+
+def _revision_of(payload: bytes) -> int:
+    """The revision a retained state payload carries (signed or not; -1 if none)."""
+    try:
+        revision = json.loads(payload)["revision"]
+    except (ValueError, TypeError, KeyError):
+        return -1
+    return revision if isinstance(revision, int) else -1

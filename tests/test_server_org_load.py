@@ -4,7 +4,6 @@ error and changes nothing; a good one loads in one revision, and loading it agai
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest

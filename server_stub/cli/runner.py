@@ -30,9 +30,13 @@ DB_ENV = "ADDIN_SERVER_DB"
 db_option = shared_option(
     "--db",
     key="db",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help=f"SQLite database file [env {DB_ENV}]; accepted before or after the command name.",
+    type=str,
+    help=f"SQLite database file, or postgresql://USER@HOST:PORT/DBNAME [env {DB_ENV}]; "
+    "accepted before or after the command name.",
 )
+
+DbTarget = Path | str
+"""An SQLite file, or a PostgreSQL URL (a str starting with postgresql://)."""
 
 PUBLISH_WAIT_ENV = "ADDIN_SERVER_PUBLISH_WAIT"
 PUBLISH_WAIT = 3.0
@@ -47,13 +51,21 @@ def _publish_wait() -> float:
         return PUBLISH_WAIT
 
 
-def db_path(writes: bool, fallback: Path | None = None) -> Path:
+def db_path(writes: bool, fallback: DbTarget | None = None) -> DbTarget:
     """The database this command works on (--db, else $ADDIN_SERVER_DB, else `fallback`:
     the configuration file's). A read never creates one, and nothing creates one in a
-    folder that does not exist (a mistyped path must not leave files around)."""
+    folder that does not exist (a mistyped path must not leave files around). A
+    ``postgresql://`` URL is taken as it is: that database must exist (the schema is made
+    in it on first use)."""
+    from server_stub.pg import SCHEMES, is_url
+
     given = shared_value("db") or os.environ.get(DB_ENV) or fallback
     if not given:
         error(f"no database given: pass --db FILE or set {DB_ENV}", 2)
+    if is_url(given):
+        return str(given)
+    if "://" in str(given):
+        error(f"--db {given}: not a file, and not a URL starting with {' or '.join(SCHEMES)}", 2)
     path = Path(given)
     if path.is_dir():
         error(f"--db {path} is a directory; give the database file in it", 2)
@@ -109,7 +121,7 @@ def common(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def open_service(
-    path: Path,
+    path: DbTarget,
     tenant: str | None,
     store_catalog: Path = DEFAULT_CATALOG,
     max_addins: int = DEFAULT_MAX_ADDINS,
@@ -162,18 +174,18 @@ def run(
     A database this command created is deleted again if the command fails: a failed `load`
     or a mistyped --db leaves nothing behind."""
     path = db_path(writes)
-    created = not path.exists()
+    created = isinstance(path, Path) and not path.exists()
     done = False
     try:
         _run_on(path, kw, op, render, admin_user, writes, escaped)
         done = True
     finally:
-        if created and not done:
+        if created and not done and isinstance(path, Path):
             _remove_new_database(path)
 
 
 def _run_on(
-    path: Path,
+    path: DbTarget,
     kw: dict[str, Any],
     op: Callable[[Service], Awaitable[T]],
     render: Callable[[T], str] | None,
@@ -206,7 +218,7 @@ def _run_on(
         error(str(e))
     except db.TRANSIENT_ERRORS as e:
         # Locked by another writer, disk full, I/O error: the transaction was rolled back.
-        error(f"could not write {path} ({e}); nothing was changed, retry later")
+        error(f"could not write {_shown(path)} ({_first_line(e)}); nothing was changed, retry later")
     if not escaped and render is not None:
         click.echo(render(result))
     else:
@@ -243,7 +255,27 @@ def _escaped(value: Any) -> Any:
     return value
 
 
-async def _unpublished_note(service: Service, path: Path, revision: int) -> str | None:
+def _shown(path: DbTarget) -> str:
+    """The database as messages name it (a URL without its password)."""
+    from server_stub.pg import describe
+
+    return describe(path) if isinstance(path, str) else str(path)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+async def publisher_of(service: Service, path: DbTarget) -> str | None:
+    """Who publishes this database's outbox: a description of the `serve` holding the
+    SQLite file's lock, "a replica" on PostgreSQL when one holds the outbox; None: nobody."""
+    if isinstance(path, str):
+        return "a serve replica" if await service.database.publisher_running() else None
+    holder = held_by(path)
+    return None if holder is None else holder.describe()
+
+
+async def _unpublished_note(service: Service, path: DbTarget, revision: int) -> str | None:
     """None once `revision`'s messages are published (or it has none); otherwise what an
     admin must know: the change is committed, and why it has not reached the agents."""
     wait = _publish_wait()
@@ -252,18 +284,19 @@ async def _unpublished_note(service: Service, path: Path, revision: int) -> str 
         waiting = await service.outbox_waiting(revision)
         if not waiting:
             return None
-        publisher = held_by(path)
+        publisher = await publisher_of(service, path)
         if publisher is None:
             backlog = await service.outbox_backlog()
             return (
                 f"revision {revision} is committed but not published: no `addin-server serve` "
-                f"is running on {path}; {describe_backlog(backlog)}, published when it starts"
+                f"is running on {_shown(path)}; {describe_backlog(backlog)}, published when it "
+                "starts"
             )
         if time.monotonic() >= deadline:
             backlog = await service.outbox_backlog()
             return (
                 f"revision {revision} is committed but not published yet: `addin-server serve` "
-                f"({publisher.describe()}) has not sent it within {wait:g} s (is the "
+                f"({publisher}) has not sent it within {wait:g} s (is the "
                 f"broker reachable? see its log); {describe_backlog(backlog)}"
             )
         await asyncio.sleep(0.05)

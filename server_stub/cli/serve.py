@@ -292,8 +292,15 @@ def _tls(pki_dir: Path, tenant: str) -> _Tls:
     return _Tls(certfile, keyfile, mqtt)
 
 
-def _serve_alone(path: Path, settings: _Settings) -> None:
-    """Serve while holding the database's instance lock."""
+def _serve_alone(path: Path | str, settings: _Settings) -> None:
+    """Serve while holding the database's instance lock (SQLite). On PostgreSQL several
+    replicas serve one database: exactly one of them publishes (`server_stub/replicas.py`)."""
+    if isinstance(path, str):
+        try:
+            _serve(path, settings)
+        except db.DatabaseError as e:
+            error(str(e))
+        return
     # One publisher per database: a second one would publish under the same MQTT client id
     # and the two would knock each other off the broker for as long as both run.
     lock = InstanceLock(path)
@@ -314,7 +321,7 @@ def _serve_alone(path: Path, settings: _Settings) -> None:
         lock.release()
 
 
-def _serve(path: Path, s: _Settings) -> None:
+def _serve(path: Path | str, s: _Settings) -> None:
     setup_logging("addin-server", s.log_format)
     # uvloop when installed (the `fast` extra): the manifest endpoint serves a whole fleet.
     try:
@@ -325,30 +332,37 @@ def _serve(path: Path, s: _Settings) -> None:
         uvloop.run(_run_server(path, s))
 
 
-async def _run_server(path: Path, s: _Settings) -> None:
+async def _run_server(path: Path | str, s: _Settings) -> None:
     import uvicorn
 
     from addin_runtime.tasks import cancel_and_wait
     from server_stub.api import create_app
     from server_stub.metrics import ServerMetrics
+    from server_stub.pg import describe
     from server_stub.publisher import Publisher
 
     service = await open_service(path, s.tenant, s.store_catalog, s.max_addins, s.admin_user)
     service.act_as_server()
     metrics = ServerMetrics(service.database) if s.metrics else None
+    sink = (
+        metrics.count_reports(service.record_reports)
+        if metrics is not None
+        else service.record_reports
+    )
+    # Replicas share the reports through a shared subscription, each on a client id of its
+    # own; with --pki the broker forces one client id per certificate, so there the
+    # leader's session takes them all (server_stub/replicas.py).
+    shared = service.database.is_postgresql and s.tls is None
     publisher = Publisher(
         path,
         s.tenant,
         s.broker,
         username=s.broker_username,
         password=s.broker_password,
-        report_sink=(
-            metrics.count_reports(service.record_reports)
-            if metrics is not None
-            else service.record_reports
-        ),
+        report_sink=None if shared else sink,
         signer=s.signer,
         tls_context=s.tls.mqtt if s.tls is not None else None,
+        reports_in_session=not shared,
     )
     service.on_commit = publisher.wake
     service.signer = s.signer
@@ -381,6 +395,13 @@ async def _run_server(path: Path, s: _Settings) -> None:
         )
     )
     pub = asyncio.create_task(publisher.run())
+    reports = None
+    if shared:
+        from server_stub.replicas import SharedReports
+
+        listener = SharedReports(s.tenant, publisher.host, publisher.port, sink,
+                                 username=s.broker_username, password=s.broker_password)  # fmt: skip
+        reports = asyncio.create_task(listener.run(), name="shared reports")
     gates = asyncio.create_task(_watch_gates(service, s.gate_interval))
     scheme = "https" if s.tls is not None else "http"
     # Text mode keeps these two lines as they were (plain stderr lines people and scripts
@@ -392,7 +413,10 @@ async def _run_server(path: Path, s: _Settings) -> None:
         if s.signer is not None
         else "state UNSIGNED (no --signing-key)"
     )
-    started = f"tenant {s.tenant}, {scheme}://{s.host}:{s.port}, broker {s.broker}, {signing}"
+    where = f", database {describe(path)} (replica)" if isinstance(path, str) else ""
+    started = (
+        f"tenant {s.tenant}, {scheme}://{s.host}:{s.port}, broker {s.broker}, {signing}{where}"
+    )
     _say(s, logging.INFO, started, f"addin-server: {started}")
     console = f"console at {scheme}://{s.host}:{s.port}/console"
     _say(s, logging.INFO, console, f"addin-server: {console}")
@@ -401,6 +425,8 @@ async def _run_server(path: Path, s: _Settings) -> None:
     finally:
         await cancel_and_wait(gates, 10, "the rollout gates")
         await cancel_and_wait(pub, 10, "the publisher")
+        if reports is not None:
+            await cancel_and_wait(reports, 10, "the report subscription")
         await service.close()
 
 

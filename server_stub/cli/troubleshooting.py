@@ -42,8 +42,12 @@ def status(addin: str | None, **kw: Any) -> None:
 
     async def op(s: Service) -> dict[str, Any]:
         result = await s.status(addin)
-        holder = held_by(path)
-        result["publisher"] = {"running": holder is not None, "pid": holder and holder.pid}
+        if isinstance(path, Path):
+            holder = held_by(path)
+            result["publisher"] = {"running": holder is not None, "pid": holder and holder.pid}
+        else:
+            running = await s.database.publisher_running()
+            result["publisher"] = {"running": bool(running), "pid": None}
         return result
 
     run(kw, op, render_status, writes=False)

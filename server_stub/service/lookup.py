@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 from addin_runtime.cli_support import did_you_mean
 from server_stub.db import Database, Row
 from server_stub.service.errors import BadRequest, NotFound
