@@ -283,16 +283,17 @@ class Database:
         return int(rows[0][0]) if rows else 0
 
     async def retained_state(
-        self, newer_than: int = 0
+        self, newer_than: int = 0, up_to: int | None = None
     ) -> tuple[int, bool, list[tuple[str, bytes]]]:
         """(last outbox id, whether any message waits, every retained topic and payload of a
-        revision above `newer_than`), read in one transaction: the outbox rows up to that
+        revision above `newer_than` and at most `up_to`), read in one transaction: the outbox rows up to that
         id are exactly the ones the retained payloads cover."""
         async with self.snapshot():
             max_id = await self.rows("SELECT max(id) FROM outbox")
             pending = await self.rows("SELECT 1 FROM outbox WHERE published_at IS NULL LIMIT 1")
             retained = await self.rows(
-                "SELECT topic, payload FROM retained WHERE revision > ?", (newer_than,)
+                "SELECT topic, payload FROM retained WHERE revision > ? AND revision <= ?",
+                (newer_than, 2**62 if up_to is None else up_to),
             )
         last = int(max_id[0][0] or 0) if max_id else 0
         return last, bool(pending), [(str(r[0]), bytes(r[1])) for r in retained]

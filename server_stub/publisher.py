@@ -20,9 +20,12 @@ With a signer (``serve --signing-key``) every state payload is signed as it is p
 outbox's and the republished ones alike (`server_stub/signer.py` says why there); the
 marker and probe on the server's own topics are not state and stay unsigned.
 
-Test hook: with ``ADDIN_SERVER_CRASH_AFTER_COMMIT=1`` in the environment the process exits
+Test hooks: with ``ADDIN_SERVER_CRASH_AFTER_COMMIT=1`` in the environment the process exits
 with status 70 (``os._exit``, no cleanup) the moment it has committed rows to publish and
-before publishing any of them: the "killed between commit and publish" case.
+before publishing any of them: the "killed between commit and publish" case. With
+``ADDIN_SERVER_PAUSE_BEFORE_MARK=SECONDS`` it waits that long after each batch's PUBACKs and
+before marking the batch done, saying so in its log: a test SIGKILLs it there, the case of
+messages the broker has and the outbox does not know it has.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from server_stub.signer import StateSigner, sign_all
 log = logging.getLogger("addin_server.publisher")
 
 CRASH_ENV = "ADDIN_SERVER_CRASH_AFTER_COMMIT"
+PAUSE_ENV = "ADDIN_SERVER_PAUSE_BEFORE_MARK"
 SESSION_EXPIRY_S = 7 * 24 * 3600
 BATCH = 500
 
@@ -401,14 +405,28 @@ class Publisher:
         """The broker kept our session but lost messages it had acknowledged: publish the
         retained payloads newer than its marker (all of them without a marker)."""
         why = f"broker lost state (its marker: revision {marker}; acknowledged: {published})"
-        return await self._republish(database, client, marker or 0, why)
+        return await self._republish(database, client, marker or 0, why, up_to=published)
 
     async def _republish(
-        self, database: Database, client: aiomqtt.Client, newer_than: int, why: str
+        self,
+        database: Database,
+        client: aiomqtt.Client,
+        newer_than: int,
+        why: str,
+        *,
+        up_to: int | None = None,
     ) -> int:
-        last_id, pending, retained = await database.retained_state(newer_than)
-        if pending:
+        """With `up_to` (the session is present, its marker behind): only the topics whose
+        latest revision the broker had acknowledged (up to `up_to`) and no longer holds.
+        A marker also lags when its publisher was killed between marking rows done and
+        publishing the marker, the broker holding everything; and the rows still waiting
+        are the drain's, published in order after this."""
+        last_id, pending, retained = await database.retained_state(newer_than, up_to)
+        if pending and up_to is None:
             self._crash_hook()
+        if up_to is not None and retained:
+            held = await self._read_retained(client, sorted({t for t, _ in retained}))
+            retained = [(t, p) for t, p in retained if held.get(t, -1) < _revision_of(p)]
         log.log(
             logging.WARNING if newer_than else logging.INFO,
             "%s: republishing %d retained topics",
@@ -416,7 +434,8 @@ class Publisher:
             len(retained),
         )
         await self._publish_many(client, retained)
-        await database.mark_published_up_to(last_id, time.time())
+        if up_to is None:
+            await database.mark_published_up_to(last_id, time.time())
         if newer_than == 0:
             self.republished_all += 1
         return len(retained)
@@ -439,6 +458,9 @@ class Publisher:
         self._crash_hook()
         await self._publish_many(client, [(topic, payload) for _, _, topic, payload in rows])
         # Every publish above got its PUBACK (publish() with qos=1 waits for it).
+        if os.environ.get(PAUSE_ENV):
+            log.warning("%s: published up to revision %d, not marked yet", PAUSE_ENV, rows[-1][1])
+            await asyncio.sleep(float(os.environ[PAUSE_ENV]))
         await database.mark_published(rows[0][0], rows[-1][0], time.time())
         await self._publish_marker(client, rows[-1][1])
         log.info(

@@ -53,7 +53,7 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -
 
 
 def server_command(
-    db: Path,
+    db: Path | str,
     broker_url: str,
     port: int,
     *,
@@ -83,7 +83,7 @@ class ServerProcess:
 
     def __init__(
         self,
-        db: Path,
+        db: Path | str,
         broker_url: str,
         *,
         log: Path | None = None,
@@ -96,10 +96,14 @@ class ServerProcess:
         extra_args: tuple[str, ...] = (),
     ) -> None:
         self.db = db
+        """An SQLite file, or a postgresql:// URL (then `log` must be given)."""
         self.extra_args = extra_args
         """Options added to every start's command line (--log-format json...)."""
         self.broker_url = broker_url
-        self.log = log or db.parent / "server.log"
+        if log is None:
+            assert isinstance(db, Path), "a server on PostgreSQL needs its log file named"
+            log = db.parent / "server.log"
+        self.log = log
         self.tenant = tenant
         self.admin_token = admin_token
         self.agent_token = agent_token
