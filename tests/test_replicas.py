@@ -174,7 +174,7 @@ async def test_replicas_share_writes_reports_and_the_outbox_across_a_sigkill(
     before = [_metric(u, "addin_agent_reports_received_total") for u in urls]
     await _send_reports(broker.port, "sim-", 40)
     await eventually(lambda: _stored_reports(pg_url, "sim-") == 40, 15, "40 reports stored")
-    got = [_metric(u, "addin_agent_reports_received_total") - b for u, b in zip(urls, before)]
+    got = [_metric(u, "addin_agent_reports_received_total") - b for u, b in zip(urls, before, strict=True)]
     assert sum(got) == 40 and min(got) > 0, f"reports taken per replica: {got}"
 
     agent = Agent(agent_config(tmp_path, broker, second, "ann"))  # type: ignore[arg-type]
@@ -219,8 +219,9 @@ async def test_replicas_share_writes_reports_and_the_outbox_across_a_sigkill(
                 assert "already had the" in second.log.read_text(), second.log_tail()
 
             await settled(agent, second, timeout=30)  # type: ignore[arg-type]
-            user = httpx.get(f"{second.url}/v1/users/ann", timeout=5,
-                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()  # fmt: skip
+            auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            async with httpx.AsyncClient(base_url=second.url, headers=auth, timeout=5) as h:
+                user = (await h.get("/v1/users/ann")).json()
             expected = {a["addin_id"]: a["mode"] for a in user["assignments"]}
             assert {k: e.mode.value for k, e in agent.entitlements().items()} == expected
             print(json.dumps({"takeover_s": round(took, 2), "messages": len(state),
