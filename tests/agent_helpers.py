@@ -54,8 +54,15 @@ class ServerProcess(harness.ServerProcess):
         broker: MosquittoBroker,
         admin_user: str = "ann",
         env: Mapping[str, str] | None = None,
+        db: str | None = None,
     ) -> None:
-        super().__init__(workdir / "server.db", broker.url, admin_user=admin_user, env=env)
+        """`db`: a postgresql:// URL (the `db_target` fixture); default an SQLite file in
+        `workdir`."""
+        target: Path | str = workdir / "server.db" if db is None else db
+        if isinstance(target, str) and "://" not in target:
+            target = Path(target)
+        log = workdir / "server.log"
+        super().__init__(target, broker.url, admin_user=admin_user, env=env, log=log)
         self.start()
         self.http = httpx.AsyncClient(
             base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=20

@@ -22,8 +22,10 @@ MakeAgent = Callable[..., Awaitable[Agent]]
 
 
 @pytest.fixture
-async def server(tmp_path: Path, broker: MosquittoBroker) -> AsyncIterator[ServerProcess]:
-    srv = ServerProcess(tmp_path, broker)
+async def server(
+    tmp_path: Path, broker: MosquittoBroker, db_target: str
+) -> AsyncIterator[ServerProcess]:
+    srv = ServerProcess(tmp_path, broker, db=db_target)
     await srv.user("ann")
     await srv.user("bob")
     yield srv

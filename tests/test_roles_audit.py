@@ -32,9 +32,12 @@ def tokens_file(tmp: Path) -> Path:
 
 
 @pytest.fixture
-async def server(tmp_path: Path, broker: MosquittoBroker) -> AsyncIterator[ServerProcess]:
+async def server(
+    tmp_path: Path, broker: MosquittoBroker, db_target: str
+) -> AsyncIterator[ServerProcess]:
     srv = ServerProcess(
-        tmp_path, broker, env={"ADDIN_SERVER_TOKENS_FILE": str(tokens_file(tmp_path))}
+        tmp_path, broker, env={"ADDIN_SERVER_TOKENS_FILE": str(tokens_file(tmp_path))},
+        db=db_target,
     )
     yield srv
     await srv.aclose()
@@ -46,7 +49,7 @@ def client(server: ServerProcess, token: str) -> httpx.AsyncClient:
     )
 
 
-def cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(db: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "server_stub", "--db", str(db), *args],
         capture_output=True, text=True, cwd=REPO, timeout=60,

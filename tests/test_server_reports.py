@@ -23,8 +23,9 @@ YEAR = 365 * 86400.0
 
 
 @pytest.fixture
-def server(tmp_path: Path, broker: MosquittoBroker) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path / "server.db", broker.url, admin_user="ann")
+def server(tmp_path: Path, broker: MosquittoBroker, db_target: str) -> Iterator[ServerProcess]:
+    target = db_target if "://" in db_target else Path(db_target)
+    srv = ServerProcess(target, broker.url, admin_user="ann", log=tmp_path / "server.log")
     srv.start()
     yield srv
     srv.stop()

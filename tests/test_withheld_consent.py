@@ -50,8 +50,10 @@ X = addin_id(NAME)
 
 
 @pytest.fixture
-async def server(tmp_path: Path, broker: MosquittoBroker) -> AsyncIterator[ServerProcess]:
-    srv = ServerProcess(tmp_path, broker)
+async def server(
+    tmp_path: Path, broker: MosquittoBroker, db_target: str
+) -> AsyncIterator[ServerProcess]:
+    srv = ServerProcess(tmp_path, broker, db=db_target)
     await srv.user("ann")
     yield srv
     await srv.aclose()
