@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 import aiomqtt
@@ -37,12 +38,13 @@ ADDIN = "cff613f2-7421-4dfe-beb2-c81162b92abb"
 H = {"Authorization": "Bearer bench"}
 
 
-async def run(writes: int, concurrency: int, users: int) -> dict[str, float]:
+async def run(writes: int, concurrency: int, users: int, db_url: str | None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
     broker = MosquittoBroker(tmp / "broker")
     broker.start()
     port = free_port()
-    db = tmp / "server.db"
+    # --db postgresql://...: an empty database the bench fills (the same load and writes).
+    db: Path | str = db_url or tmp / "server.db"
     org = tmp / "org.yaml"
     org.write_text(
         json.dumps(
@@ -154,8 +156,10 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--db", default=None, help="an empty postgresql:// database instead of SQLite")
     a = ap.parse_args()
-    result = asyncio.run(run(a.writes, a.concurrency, a.users))
+    result = asyncio.run(run(a.writes, a.concurrency, a.users, a.db))
+    result["backend"] = "postgresql" if a.db else "sqlite"
     result["machine"] = (
         f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
     )

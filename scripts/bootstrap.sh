@@ -52,6 +52,25 @@ if [ ! -x /usr/bin/chromium ] && as_root && command -v apt-get >/dev/null 2>&1; 
     apt_install chromium chromium-driver || echo "warning: chromium could not be installed: the console browser tests will skip" >&2
 fi
 
+# PostgreSQL: the server's second backend. The backend tests (tests/conftest.py `db_target`,
+# tests/test_replicas.py) make and drop a database of their own on 127.0.0.1:5432 as user
+# postgres with trust auth (ADDIN_TEST_POSTGRES names another server); they skip, saying why,
+# when none answers. Optional: installed and started only when this script can (root, apt).
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && as_root && command -v apt-get >/dev/null 2>&1; then
+    apt_install postgresql || echo "warning: postgresql could not be installed: the PostgreSQL tests will skip" >&2
+fi
+if [ -z "${ADDIN_TEST_POSTGRES:-}" ] && command -v pg_ctlcluster >/dev/null 2>&1 && as_root \
+    && ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    for version in $(ls /etc/postgresql 2>/dev/null); do
+        conf=/etc/postgresql/$version/main/pg_hba.conf
+        # Loopback trust for the tests' throwaway databases, as on the project's machines.
+        if [ -f "$conf" ] && ! grep -q "addin-deploy tests" "$conf"; then
+            sed -i '1i host all postgres 127.0.0.1/32 trust  # addin-deploy tests' "$conf"
+        fi
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null || true
+    done
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if ! "$PY" -m venv .venv 2>/dev/null; then
         rm -rf .venv

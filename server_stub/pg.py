@@ -107,6 +107,15 @@ class PgBackend:
 
     @classmethod
     async def open(cls, url: str, max_size: int = 8) -> PgBackend:
+        # One connection first: its error is the one line to show, where the pool would
+        # log each of its retries and then time out.
+        try:
+            first = await psycopg.AsyncConnection.connect(
+                url, connect_timeout=int(CONNECT_TIMEOUT)
+            )
+        except psycopg.Error as e:
+            raise ConnectionError(f"cannot connect to {describe(url)}: {_cause(e)}") from None
+        await first.close()
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             url,
             min_size=1,
@@ -118,7 +127,7 @@ class PgBackend:
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT)
         except (PoolTimeout, psycopg.Error) as e:
             await pool.close()
-            raise ConnectionError(await _why_unreachable(url, e)) from None
+            raise ConnectionError(f"cannot connect to {describe(url)}: {_cause(e)}") from None
         return cls(url, pool)
 
     async def close(self) -> None:
@@ -170,13 +179,6 @@ class PgBackend:
             return await cur.fetchone() is not None
 
 
-async def _why_unreachable(url: str, e: Exception) -> str:
-    """One line: which PostgreSQL, and what it said (the pool's timeout hides the cause)."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=int(CONNECT_TIMEOUT))
-    except psycopg.Error as direct:
-        cause = str(direct).strip().splitlines()[-1] if str(direct).strip() else type(direct).__name__
-    else:
-        await conn.close()
-        cause = str(e) or type(e).__name__
-    return f"cannot connect to {describe(url)}: {cause}"
+def _cause(e: Exception) -> str:
+    """The first line of a driver error (the rest is a hint or a repeat)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].strip()
