@@ -3,6 +3,7 @@ a database made by the server at commit 6543017 (tests/data/server-6543017.sql).
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -115,3 +116,24 @@ async def test_a_database_whose_columns_were_added_on_open_upgrades_too(tmp_path
 async def test_an_unreachable_postgresql_is_one_clear_error() -> None:
     with pytest.raises(db.DatabaseError, match=r"cannot connect to postgresql://nobody@127.0.0.1:1/x"):
         await db.Database.open("postgresql://nobody:secret@127.0.0.1:1/x")
+
+
+async def test_concurrent_writers_on_two_connections_get_one_revision_each_in_order(
+    db_target: str,
+) -> None:
+    """Two `Database`s on one database (two replicas, or serve and a CLI), 2 x 20 writes at
+    once: revisions 1..40 each once, and the outbox in commit order (ids follow revisions)."""
+    first = await db.Database.open(db_target)
+    await first.bind_tenant("contoso")
+    second = await db.Database.open(db_target)
+    try:
+        services = [Service(first, "contoso"), Service(second, "contoso")]
+        results = await asyncio.gather(*(
+            services[i % 2].create_user(f"u{i}", f"U{i}") for i in range(40)))  # fmt: skip
+        assert sorted(int(r["revision"]) for r in results) == list(range(1, 41))
+        outbox = [int(r[0]) for r in await first.rows("SELECT revision FROM outbox ORDER BY id")]
+        assert outbox == sorted(outbox) and set(outbox) == set(range(1, 41))
+        assert await services[1].revision() == 40
+    finally:
+        await first.close()
+        await second.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import postgres_database
 from harness import REPO, stop_process
 
 from server_stub import config
@@ -165,6 +166,30 @@ def test_serve_config_then_environment_then_flags(tmp_path: Path, broker: Mosqui
         assert httpx.get(f"http://127.0.0.1:{other}/metrics", timeout=5).status_code == 404
     finally:
         stop_process(proc)
+
+
+@pytest.mark.postgresql
+def test_serve_config_with_a_postgresql_database(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """[server] database takes a URL as it is (not a path under the file's folder); `config
+    check` shows it without its password."""
+    with postgres_database() as url:
+        port = free_port()
+        cfg = _toml(tmp_path, broker.url, port)
+        with_password = url.replace("postgres@", "postgres:hunter2@", 1)
+        cfg.write_text(cfg.read_text().replace('database = "server.db"', f'database = "{with_password}"'))
+        checked = addin_server("config", "check", str(cfg))
+        assert checked.returncode == 0, checked.stderr
+        assert f"database {url}" in checked.stdout and "hunter2" not in checked.stdout
+        proc = _serve(cfg, port, tmp_path / "server.log")
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/users", json={"id": "ann", "name": "Ann"},
+                           headers={"Authorization": "Bearer from-file"}, timeout=5)  # fmt: skip
+            assert r.status_code == 200, r.text
+        finally:
+            stop_process(proc)
+        assert not (tmp_path / "postgresql:").exists()
+        listed = addin_server("--db", url, "user", "show", "ann")
+        assert listed.returncode == 0 and "Ann" in listed.stdout, listed.stderr
 
 
 def test_serve_refuses_a_bad_config_with_one_line_per_problem(tmp_path: Path) -> None:

@@ -37,8 +37,15 @@ def check(config_file: Path) -> None:
     )
     click.echo(
         f"{config_file}: ok\n"
-        f"  tenant {s.tenant}, {mode}, listen {listen}, database {s.database}\n"
+        f"  tenant {s.tenant}, {mode}, listen {listen}, database {_database(s.database)}\n"
         f"  broker {cfg.broker.url}, metrics {'on' if cfg.metrics.enabled else 'off'}, "
         f"logs {cfg.logging.format}, ready while the outbox lags < {cfg.health.max_outbox_lag:g} s\n"
         f"  directory sync: {sync}"
     )
+
+
+def _database(value: str | None) -> str | None:
+    """A PostgreSQL URL without its password: the check's output may be pasted anywhere."""
+    from server_stub.pg import describe, is_url
+
+    return describe(value) if is_url(value) else value
