@@ -14,6 +14,10 @@ the lock was granted. Read transactions are REPEATABLE READ READ ONLY: one snaps
 `LEADER_LOCK` is the session-level advisory lock the replica that drains the outbox holds
 (`server_stub/leader.py`); `MIGRATION_LOCK` orders replicas migrating a new database.
 Advisory locks are per database, so tenants on one PostgreSQL server never contend.
+
+Every write transaction also queues a notification on `OUTBOX_CHANNEL`, delivered at its
+commit: the leader listens, so a change committed on any replica (or by a CLI) is published
+at once instead of at the leader's next poll.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ _NAMESPACE = 0x41444450  # "ADDP": the first half of every advisory lock key of 
 WRITE_LOCK = (_NAMESPACE, 1)
 LEADER_LOCK = (_NAMESPACE, 2)
 MIGRATION_LOCK = (_NAMESPACE, 3)
+OUTBOX_CHANNEL = "addin_outbox"
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to reach PostgreSQL at open before saying it cannot be reached."""
@@ -145,6 +150,9 @@ class PgBackend:
                 if write:
                     await raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                     await raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock)
+                    # Sent only if the transaction commits; a write without messages
+                    # costs the leader one empty outbox read.
+                    await raw.execute(f"NOTIFY {OUTBOX_CHANNEL}")
                 else:
                     await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 yield PgConn(raw)

@@ -219,7 +219,7 @@ class Publisher:
                 self.standing_by = False
                 self._last_error = "not connected yet"
                 log.info("this replica drains the outbox now")
-                watch = asyncio.create_task(lead.watch(), name="outbox lock")
+                watch = asyncio.create_task(lead.watch(self.wake), name="outbox lock")
                 publish = asyncio.create_task(self._publish(database), name="publish")
                 try:
                     await asyncio.wait([watch, publish], return_when=asyncio.FIRST_COMPLETED)

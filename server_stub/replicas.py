@@ -9,7 +9,8 @@ PostgreSQL drops the lock the moment that connection ends, so a replica that is 
 single server does: a second publisher connecting with that id makes the broker close the
 first one's connection, which fences a former leader that has not yet noticed it lost the
 lock. A leader also checks its lock connection every `LEADER_CHECK` seconds and stops
-publishing the moment it fails.
+publishing the moment it fails. That connection also listens for the commits of every
+replica (`server_stub/pg.py`, `OUTBOX_CHANNEL`), which wake the publisher.
 
 The agents' reports are shared: each replica subscribes to
 ``$share/<server id>/addins/v1/<tenant>/report/+`` (MQTT 5 shared subscription, Mosquitto 2)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -33,7 +35,7 @@ from paho.mqtt.properties import Properties
 
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message, server_identity
 from addin_runtime.reconnect import Backoff
-from server_stub.pg import CONNECT_TIMEOUT, LEADER_LOCK, describe
+from server_stub.pg import CONNECT_TIMEOUT, LEADER_LOCK, OUTBOX_CHANNEL, describe
 from server_stub.reports import ReportIntake, ReportSink
 
 log = logging.getLogger("addin_server.replicas")
@@ -82,16 +84,19 @@ class Leadership:
                             describe(self.url), e, delay)  # fmt: skip
                 await asyncio.sleep(delay)
 
-    async def watch(self) -> None:
-        """Return only by raising `LeadershipLost`, when the lock's connection fails."""
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call `wake` at each commit on the database (any replica's, or a CLI's); return
+        only by raising `LeadershipLost`, when the lock's connection fails."""
         assert self._conn is not None
-        while True:
-            await asyncio.sleep(LEADER_CHECK)
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):
+        try:
+            await self._conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+            while True:
+                async with asyncio.timeout(LEADER_CHECK + CONNECT_TIMEOUT):
+                    async for _ in self._conn.notifies(timeout=LEADER_CHECK):
+                        wake()
                     await self._conn.execute("SELECT 1")
-            except (psycopg.Error, TimeoutError) as e:
-                raise LeadershipLost(f"the outbox lock's connection failed: {e}") from None
+        except (psycopg.Error, TimeoutError) as e:
+            raise LeadershipLost(f"the outbox lock's connection failed: {e}") from None
 
     async def release(self) -> None:
         """Closing the connection releases the lock."""
