@@ -20,8 +20,8 @@ from server_stub.service import BadRequest, Service
 RESERVED = "addin-server-contoso"
 
 
-async def test_service_refuses_the_server_account_as_user_id(tmp_path: Path) -> None:
-    database = await db.Database.open(tmp_path / "s.db")
+async def test_service_refuses_the_server_account_as_user_id(db_target: str) -> None:
+    database = await db.Database.open(db_target)
     await database.bind_tenant("contoso")
     service = Service(database, "contoso")
     try:

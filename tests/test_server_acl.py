@@ -49,9 +49,9 @@ async def _drain(c: aiomqtt.Client, quiet: float = 0.5) -> dict[str, Any]:
 
 
 async def test_agent_accounts_read_only_their_topics_and_cannot_write_state(
-    tmp_path: Path, broker_factory: Callable[..., MosquittoBroker]
+    tmp_path: Path, broker_factory: Callable[..., MosquittoBroker], db_target: str
 ) -> None:
-    dbfile = tmp_path / "server.db"
+    dbfile = db_target
     database = await db.Database.open(dbfile)
     await database.bind_tenant("contoso")
     service = Service(database, "contoso")
