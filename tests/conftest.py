@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -74,6 +75,7 @@ def postgres_admin_url() -> str:
     return os.environ.get(PG_ENV) or PG_DEFAULT
 
 
+@functools.cache
 def postgres_unavailable() -> str | None:
     """Why no PostgreSQL database can be made for a test (None: one can)."""
     try:
@@ -84,7 +86,7 @@ def postgres_unavailable() -> str | None:
     try:
         psycopg.connect(url, connect_timeout=3, autocommit=True).close()
     except psycopg.Error as e:
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
         return (
             f"needs PostgreSQL at {url} ({cause}); start it (`pg_ctlcluster "
             "--skip-systemctl-redirect <version> main start`, scripts/bootstrap.sh installs "
