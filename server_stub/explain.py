@@ -94,7 +94,7 @@ def _publisher_line(s: dict[str, Any]) -> str | None:
     if pub is None:
         return f"Outbox: {describe_backlog(outbox)}"
     if pub["running"]:
-        who = f"pid {pub['pid']}" if pub.get("pid") else "running"
+        who = f"pid {pub['pid']}" if pub.get("pid") else "a replica holds the outbox"
         return f"Publisher: addin-server serve ({who}) is running; {describe_backlog(outbox)}"
     tail = ", published when it starts" if outbox["waiting"] else ""
     return (
