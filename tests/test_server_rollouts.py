@@ -271,14 +271,14 @@ async def test_http_and_cli(tmp_path: Path, broker: MosquittoBroker) -> None:
         await srv.call("POST", f"/v1/rollouts/{rid}/pause")
         status = cli(tmp_path, "rollout", "status", A)
         assert status.returncode == 0, status.stderr
-        assert f"Rollout {rid}: {A} 1.0 → 2.0, paused" in status.stdout
+        assert f"Rollout {rid}: ringed ({A}) 1.0 → 2.0, paused" in status.stdout
         assert "✓ pilot" in status.stdout and "· wide" in status.stdout
         out = cli(tmp_path, "rollout", "advance", A)
         assert out.returncode == 0, out.stderr
         assert "✓ wide" in out.stdout
         out = cli(tmp_path, "rollback", A, "--to", "1.0")
         assert out.returncode == 0, out.stderr
-        assert f"Rollback {rid + 1}: {A} 2.0 → 1.0, completed" in out.stdout
+        assert f"Rollback {rid + 1}: ringed ({A}) 2.0 → 1.0, completed" in out.stdout
         err = cli(tmp_path, "rollout", "abort", str(rid))
         assert err.returncode == 1
         assert err.stderr.strip() == f"error: rollout {rid} is superseded: it cannot abort"
