@@ -22,6 +22,7 @@ from server_stub.cli.config_cmd import config_group
 from server_stub.cli.declarative import apply_cmd, export_cmd
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
+from server_stub.cli.directory_sync import directory_group
 from server_stub.cli.runner import db_option
 from server_stub.cli.serve import serve
 from server_stub.cli.troubleshooting import broker_config, explain, status
@@ -35,5 +36,6 @@ def main() -> None:
 
 
 for _command in (manifest, broker, serve, load, user, group, policy, addin, store, explain,
-                 status, broker_config, pki, enroll, revoke, device, bundle, config_group, apply_cmd, export_cmd):  # fmt: skip
+                 status, broker_config, pki, enroll, revoke, device, bundle, config_group, apply_cmd, export_cmd,
+                 directory_group):  # fmt: skip
     main.add_command(_command)

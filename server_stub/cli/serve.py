@@ -22,6 +22,13 @@ from addin_runtime.logs import log_format_option, setup_logging
 from server_stub import config, db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
 from server_stub.health import DEFAULT_MAX_OUTBOX_LAG
+from server_stub.ldap_directory import (
+    DEFAULT_GROUP_FILTER,
+    DEFAULT_USER_FILTER,
+    LdapError,
+    LdapSettings,
+    read_password,
+)
 from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
 from server_stub.store import DEFAULT_CATALOG
 
@@ -53,6 +60,9 @@ class _Settings:
     max_outbox_lag: float
     log_format: str
     metrics: bool
+    directory: LdapSettings | None
+    sync_interval: float
+    max_removal_share: float
 
 
 INSECURE_WARNING = (
@@ -173,8 +183,29 @@ def serve(config_file: Path | None, **kw: Any) -> None:
                          secret["agent_token"], sv.admin_user,
                          sv.store_catalog or DEFAULT_CATALOG, sv.max_addins, signer, tls,
                          cfg.health.max_outbox_lag, cfg.logging.format,
-                         cfg.metrics.enabled)  # fmt: skip
+                         cfg.metrics.enabled, _directory(cfg.directory),
+                         cfg.directory.interval or 0.0,
+                         cfg.directory.max_removal_share)  # fmt: skip
     _serve_alone(db_path(writes=True, fallback=sv.database), settings)
+
+
+def _directory(d: config.DirectorySection) -> LdapSettings | None:
+    """The periodic sync's LDAP settings ([directory] with an interval), or None."""
+    if d.interval is None or d.ldap_url is None or d.base is None:
+        return None
+    try:
+        password = read_password(d.bind_password_file) if d.bind_password_file else None
+    except LdapError as e:
+        error(f"[directory] {e}", 2)
+    return LdapSettings(
+        url=d.ldap_url,
+        base=d.base,
+        bind_dn=d.bind_dn,
+        password=password,
+        user_filter=d.user_filter or DEFAULT_USER_FILTER,
+        group_filter=d.group_filter or DEFAULT_GROUP_FILTER,
+        user_id_attribute=d.user_id_attribute,
+    )
 
 
 _OPTION_FIELDS: dict[str, tuple[str, str]] = {
@@ -327,6 +358,13 @@ async def _run_server(path: Path, s: _Settings) -> None:
         )
     )
     pub = asyncio.create_task(publisher.run())
+    syncing = None
+    if s.directory is not None:
+        from server_stub.periodic_sync import sync_forever
+
+        syncing = asyncio.create_task(
+            sync_forever(service, s.directory, s.sync_interval, s.max_removal_share)
+        )
     scheme = "https" if s.tls is not None else "http"
     # Text mode keeps these two lines as they were (plain stderr lines people and scripts
     # read); JSON mode makes them log events like every other line.
@@ -342,6 +380,8 @@ async def _run_server(path: Path, s: _Settings) -> None:
     try:
         await server.serve()
     finally:
+        if syncing is not None:
+            await cancel_and_wait(syncing, 10, "the directory sync")
         await cancel_and_wait(pub, 10, "the publisher")
         await service.close()
 
