@@ -3,6 +3,7 @@ parsed back here, with the revision, add-in, user and device of each event."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from agent_helpers import addin_id, lab_agent_toml, manifest
 from harness import ADMIN_TOKEN, AgentProcess, ServerProcess, agent_env
 
@@ -110,3 +112,43 @@ def test_server_and_agent_log_json_lines(tmp_path: Path, broker: MosquittoBroker
     # The whole of both logs, start to stop, is JSON (the stop lines included).
     assert all(x["program"] == "addin-agent" for x in _lines(tmp_path / "agent.log"))
     assert all(x["program"] == "addin-server" for x in _lines(server.log))
+
+
+SIM_SCENARIO = """
+name: json-logs
+org: {groups: 2}
+addins:
+  notes: {hosts: [Word], permissions: ReadDocument}
+setup:
+  - upload: {addin: notes}
+steps:
+  - name: assign
+    do:
+      - assign: {addin: notes, target: everyone, mode: fixed}
+      - checkpoint: {}
+"""
+
+
+async def test_the_simulator_hands_the_format_to_its_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`addin-sim --log-format json` puts the format in the environment; the run's server
+    process logs JSON lines, with the revisions the scenario committed."""
+    from addin_runtime.logs import FORMAT_ENV
+    from simulator.coordinator import Coordinator, RunOptions
+    from simulator.scenario import parse_scenario
+
+    monkeypatch.setenv(FORMAT_ENV, "json")
+    options = RunOptions(
+        clients=3, workers=1, workdir=tmp_path, baseline=False, checkpoint_settle=0
+    )
+    result = await asyncio.wait_for(
+        Coordinator(parse_scenario(SIM_SCENARIO), options).execute(), 120
+    )
+    assert result.mismatches == []
+    lines = _lines(tmp_path / "server.log")
+    assert all(x["program"] == "addin-server" for x in lines)
+    assert any(x.get("operation") == "assign" and x.get("revision") for x in lines), lines
+    # The worker process got it too: whatever it logged (warnings only) is JSON.
+    for worker_log in tmp_path.glob("worker-*.log"):
+        assert all(x["program"] == "addin-sim" for x in _lines(worker_log))
