@@ -60,6 +60,7 @@ class _Settings:
     max_outbox_lag: float
     log_format: str
     metrics: bool
+    metrics_token: str | None
     directory: LdapSettings | None
     sync_interval: float
     max_removal_share: float
@@ -146,6 +147,12 @@ INSECURE_WARNING = (
     help="Seconds the oldest unpublished message may wait before /readyz answers 503.",
 )
 @click.option(
+    "--metrics-token",
+    envvar="ADDIN_SERVER_METRICS_TOKEN",
+    default=None,
+    help="A bearer token GET /metrics then requires (none: open, like /healthz and /readyz).",
+)
+@click.option(
     "--metrics/--no-metrics",
     envvar="ADDIN_SERVER_METRICS",
     default=True,
@@ -183,7 +190,8 @@ def serve(config_file: Path | None, **kw: Any) -> None:
                          secret["agent_token"], sv.admin_user,
                          sv.store_catalog or DEFAULT_CATALOG, sv.max_addins, signer, tls,
                          cfg.health.max_outbox_lag, cfg.logging.format,
-                         cfg.metrics.enabled, _directory(cfg.directory),
+                         cfg.metrics.enabled, secret["metrics_token"],
+                         _directory(cfg.directory),
                          cfg.directory.interval or 0.0,
                          cfg.directory.max_removal_share)  # fmt: skip
     _serve_alone(db_path(writes=True, fallback=sv.database), settings)
@@ -225,6 +233,7 @@ _OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "max_outbox_lag": ("health", "max_outbox_lag"),
     "log_format": ("logging", "format"),
     "metrics": ("metrics", "enabled"),
+    "metrics_token": ("metrics", "token"),
 }
 """Each option of `serve` and the key of the configuration file it overrides."""
 
@@ -243,7 +252,7 @@ def _settings_from(config_file: Path | None, kw: dict[str, Any]) -> config.Serve
         }
         # A secret from a flag replaces the file's secret file too, not only its inline value.
         for (section, key), value in list(given.items()):
-            if key in ("admin_token", "agent_token", "password") and value is not None:
+            if key in ("admin_token", "agent_token", "password", "token") and value is not None:
                 given[(section, f"{key}_file")] = None
         return config.with_overrides(cfg, given)
     except config.ConfigError as e:
@@ -341,6 +350,7 @@ async def _run_server(path: Path, s: _Settings) -> None:
         agent_token=s.agent_token,
         broker=publisher,
         metrics=metrics,
+        metrics_token=s.metrics_token,
         max_outbox_lag=s.max_outbox_lag,
     )
     server = uvicorn.Server(
