@@ -149,6 +149,34 @@ async def test_the_simulator_hands_the_format_to_its_server(
     lines = _lines(tmp_path / "server.log")
     assert all(x["program"] == "addin-server" for x in lines)
     assert any(x.get("operation") == "assign" and x.get("revision") for x in lines), lines
-    # The worker process got it too: whatever it logged (warnings only) is JSON.
-    for worker_log in tmp_path.glob("worker-*.log"):
+    _worker_logs_are_json(tmp_path)
+
+
+def _worker_logs_are_json(workdir: Path) -> None:
+    """The worker process got the format too: whatever it logged (warnings only) is JSON."""
+    for worker_log in workdir.glob("worker-*.log"):
         assert all(x["program"] == "addin-sim" for x in _lines(worker_log))
+
+
+def test_under_systemd_text_lines_carry_journal_priorities(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """With JOURNAL_STREAM set (systemd connected stdout to the journal), log lines go to
+    stdout without a timestamp and with the <N> priority prefix journald reads."""
+    server = ServerProcess(tmp_path / "server.db", broker.url, env={"JOURNAL_STREAM": "8:12345"})
+    server.start()
+    try:
+        http = httpx.Client(base_url=server.url, headers=ADMIN, timeout=10)
+        assert http.post("/v1/users", json={"id": "ann"}).status_code == 200
+        deadline = time.monotonic() + 10
+        while "revision 1 committed" not in server.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.stop()
+    lines = server.log.read_text().splitlines()
+    assert (
+        "<6>INFO addin_server.changes: revision 1 committed: create_user by api, 1 message(s)"
+        in lines
+    )
+    logged = [x for x in lines if x.startswith("<")]
+    assert logged and all(x[:3] in ("<3>", "<4>", "<6>", "<7>") for x in logged), lines
