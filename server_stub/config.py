@@ -88,6 +88,8 @@ class DirectorySection(_Section):
     user_filter: str | None = None
     group_filter: str | None = None
     user_id_attribute: str | None = None
+    ca_file: Path | None = None
+    """The CA of an ldaps:// server's certificate (default: the system's CAs)."""
     interval: Annotated[float, Field(gt=0)] | None = None
     """Seconds between syncs while `serve` runs; none: no periodic sync."""
     max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.1
@@ -125,7 +127,7 @@ _PATHS = {
     "broker": ("password_file",),
     "auth": ("admin_token_file", "agent_token_file"),
     "metrics": ("token_file",),
-    "directory": ("bind_password_file",),
+    "directory": ("bind_password_file", "ca_file"),
 }
 
 

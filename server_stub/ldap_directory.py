@@ -23,6 +23,7 @@ display name is ``displayName``, else ``cn``.
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ class LdapSettings:
     group_filter: str = DEFAULT_GROUP_FILTER
     user_id_attribute: str | None = None
     """None: ``uid``, else ``sAMAccountName``."""
+    ca_file: Path | None = None
+    """The CA that signed the ``ldaps://`` server's certificate; None: the system's CAs."""
 
 
 @dataclass
@@ -160,8 +163,11 @@ def read_directory(s: LdapSettings) -> DirectoryData:
     from ldap3.core.exceptions import LDAPException
 
     id_attrs = [s.user_id_attribute] if s.user_id_attribute else list(USER_ID_ATTRIBUTES)
+    # ldap3 does not verify an ldaps:// certificate unless told to: a directory that anyone
+    # on the path can impersonate would decide who gets which add-in.
+    tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(s.ca_file) if s.ca_file else None)
     try:
-        server = ldap3.Server(s.url, connect_timeout=TIMEOUT, get_info=ldap3.NONE)
+        server = ldap3.Server(s.url, connect_timeout=TIMEOUT, get_info=ldap3.NONE, tls=tls)
         conn = ldap3.Connection(
             server,
             user=s.bind_dn,

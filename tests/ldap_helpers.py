@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -38,16 +39,19 @@ def find_slapd() -> str:
 
 
 class Slapd:
-    def __init__(self, workdir: Path) -> None:
+    """`tls`: (CA, certificate, key) files; slapd then listens on ldaps:// only."""
+
+    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.binary = find_slapd()
         self.dir = workdir
+        self.tls = tls
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "slapd.log"
 
     @property
     def url(self) -> str:
-        return f"ldap://127.0.0.1:{self.port}"
+        return f"{'ldaps' if self.tls else 'ldap'}://127.0.0.1:{self.port}"
 
     def _config(self) -> Path:
         data = self.dir / "data"
@@ -57,6 +61,12 @@ class Slapd:
             f"include {SCHEMA / s}.schema" for s in ("core", "cosine", "inetorgperson", "nis")
         )
         modules = f"modulepath {MODULES}\nmoduleload back_mdb\n" if MODULES.is_dir() else ""
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            modules += (
+                f"TLSCACertificateFile {ca}\nTLSCertificateFile {cert}\n"
+                f"TLSCertificateKeyFile {key}\n"
+            )
         conf.write_text(
             f"""{schemas}
 pidfile {self.dir / "slapd.pid"}
@@ -95,8 +105,13 @@ directory {data}
         )
 
     def connection(self) -> ldap3.Connection:
+        tls = (
+            ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(self.tls[0]))
+            if self.tls
+            else None
+        )
         return ldap3.Connection(
-            ldap3.Server(self.url, connect_timeout=5, get_info=ldap3.NONE),
+            ldap3.Server(self.url, connect_timeout=5, get_info=ldap3.NONE, tls=tls),
             ROOT_DN, ROOT_PW, auto_bind=True, raise_exceptions=True, receive_timeout=10,
         )  # fmt: skip
 

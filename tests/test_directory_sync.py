@@ -256,3 +256,29 @@ def test_active_directory_entries_map_through_sam_account_name_and_member_of() -
     assert d.nesting == {("Sales-Team", "Everyone-Corp")}
     assert d.skipped == [f"user CN=NoId,OU=Staff,{base}: no uid or sAMAccountName"]
     assert safe_id("  J. O'Neil (IT) ") == "J.-O-Neil-IT"
+
+
+def test_ldaps_certificate_is_verified(tmp_path: Path) -> None:
+    """ldap3 would accept any certificate on ldaps:// unless told otherwise: the sync
+    verifies it, against --ldap-ca or the system's CAs."""
+    from server_stub.pki import init_pki
+
+    init_pki(tmp_path / "pki", "contoso")  # a CA and a server certificate for 127.0.0.1
+    p = tmp_path / "pki"
+    server = Slapd(tmp_path / "ldaps", tls=(p / "ca.crt", p / "server.crt", p / "server.key"))
+    server.dir.mkdir()
+    server.start()
+    try:
+        conn = server.connection()
+        base_tree(conn)
+        user(conn, "ann", "Ann Lee")
+        conn.unbind()
+        args = sync_args(tmp_path, server)
+        r = cli(tmp_path, *args, "--dry-run")  # the system's CAs do not know the tenant CA
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"error: cannot bind to {server.url} as {ROOT_DN}: ")
+        assert "certificate" in r.stderr.lower()
+        out = ok(cli(tmp_path, *args, "--ldap-ca", str(p / "ca.crt"), "--dry-run"))
+        assert "  + user ann: name 'Ann Lee'" in out
+    finally:
+        server.stop()

@@ -61,6 +61,14 @@ def directory_group() -> None:
     help="Stop when the sync would remove more than this share of users "
     "[default: 0.1, or [directory] max_removal_share].",
 )
+@click.option(
+    "--ldap-ca",
+    "ca_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The CA of the ldaps:// server's certificate [default: the system's CAs]; the "
+    "certificate is always verified.",
+)
 @click.option("--force", is_flag=True, help="Apply even past --max-removal-share.")
 @click.option("--dry-run", is_flag=True, help="Print the differences and change nothing.")
 @common
@@ -98,6 +106,7 @@ def sync(config_file: Path | None, dry_run: bool, force: bool, **kw: Any) -> Non
         user_filter=kw.pop("user_filter") or d.user_filter or DEFAULT_USER_FILTER,
         group_filter=kw.pop("group_filter") or d.group_filter or DEFAULT_GROUP_FILTER,
         user_id_attribute=kw.pop("user_id_attribute") or d.user_id_attribute,
+        ca_file=kw.pop("ca_file") or d.ca_file,
     )
     try:
         data = read_directory(settings)

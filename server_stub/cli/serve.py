@@ -213,6 +213,7 @@ def _directory(d: config.DirectorySection) -> LdapSettings | None:
         user_filter=d.user_filter or DEFAULT_USER_FILTER,
         group_filter=d.group_filter or DEFAULT_GROUP_FILTER,
         user_id_attribute=d.user_id_attribute,
+        ca_file=d.ca_file,
     )
 
 
