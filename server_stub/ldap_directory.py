@@ -7,9 +7,9 @@ speaks LDAPv3 with StartTLS and LDAPS, paged searches (Active Directory returns 
 entries per page), and is what most Python tools that read AD use.
 
 Memberships come from both directions and are united: a group's ``member`` values (OpenLDAP
-``groupOfNames``, AD groups) and a user's ``memberOf`` (AD, or OpenLDAP's memberof overlay).
-AD returns a large group's ``member`` in ranges that a plain search does not follow; its
-members' ``memberOf`` still lists the group, so the union is complete. A ``member`` that is a
+``groupOfNames``, AD groups) and a user's or a group's ``memberOf`` (AD, or OpenLDAP's
+memberof overlay). AD returns a large group's ``member`` in ranges that a plain search does
+not follow; its members' ``memberOf`` still lists the group, so the union is complete. A ``member`` that is a
 group's DN is nesting (that group is a child of this one); a DN outside the users and groups
 read (a contact, a computer, an entry outside the base) is ignored.
 
@@ -123,6 +123,7 @@ def build(
         member_of.append((uid, _values(attrs, "memberOf")))
     group_by_dn: dict[str, str] = {}
     group_members: list[tuple[str, list[str]]] = []
+    group_parents: list[tuple[str, list[str]]] = []
     for dn, attrs in groups:
         cn = _first(attrs, "cn")
         gid = safe_id(cn) if cn else ""
@@ -135,6 +136,7 @@ def build(
         out.groups[gid] = cn or gid
         group_by_dn[norm_dn(dn)] = gid
         group_members.append((gid, _values(attrs, "member")))
+        group_parents.append((gid, _values(attrs, "memberOf")))
     for gid, members in group_members:
         for m in members:
             key = norm_dn(m)
@@ -142,6 +144,11 @@ def build(
                 out.members.add((gid, user_by_dn[key]))
             elif key in group_by_dn and group_by_dn[key] != gid:
                 out.nesting.add((group_by_dn[key], gid))
+    for gid, parents in group_parents:
+        for dn in parents:
+            parent = group_by_dn.get(norm_dn(dn))
+            if parent is not None and parent != gid:
+                out.nesting.add((gid, parent))
     for uid, groups_of in member_of:
         for g in groups_of:
             parent = group_by_dn.get(norm_dn(g))
@@ -181,7 +188,7 @@ def read_directory(s: LdapSettings) -> DirectoryData:
         raise LdapError(f"cannot bind to {s.url} as {s.bind_dn or 'anonymous'}: {e}") from None
     try:
         users = _search(conn, s.base, s.user_filter, [*id_attrs, "displayName", "cn", "memberOf"])
-        groups = _search(conn, s.base, s.group_filter, ["cn", "member"])
+        groups = _search(conn, s.base, s.group_filter, ["cn", "member", "memberOf"])
     except LDAPException as e:
         raise LdapError(f"cannot search {s.base!r} on {s.url}: {e}") from None
     finally:

@@ -248,12 +248,17 @@ def test_active_directory_entries_map_through_sam_account_name_and_member_of() -
         (f"CN=Everyone Corp,OU=Groups,{base}", {"cn": "Everyone Corp",
                                                 "member": [f"CN=Sales Team,OU=Groups,{base}",
                                                            f"CN=Printer,OU=Devices,{base}"]}),
+        # A nesting seen only from the child's side (its parent's `member` came in ranges).
+        (f"CN=EMEA Sales,OU=Groups,{base}", {"cn": "EMEA Sales", "member": [],
+                                             "memberOf": [f"CN=Sales Team,OU=Groups,{base}"]}),
     ]  # fmt: skip
     d = build(users, groups)
     assert d.users == {"ann": "Ann Lee", "bob": "Bob"}
-    assert d.groups == {"Sales-Team": "Sales Team", "Everyone-Corp": "Everyone Corp"}
+    assert d.groups == {
+        "Sales-Team": "Sales Team", "Everyone-Corp": "Everyone Corp", "EMEA-Sales": "EMEA Sales"
+    }  # fmt: skip
     assert d.members == {("Sales-Team", "ann"), ("Sales-Team", "bob")}
-    assert d.nesting == {("Sales-Team", "Everyone-Corp")}
+    assert d.nesting == {("Sales-Team", "Everyone-Corp"), ("EMEA-Sales", "Sales-Team")}
     assert d.skipped == [f"user CN=NoId,OU=Staff,{base}: no uid or sAMAccountName"]
     assert safe_id("  J. O'Neil (IT) ") == "J.-O-Neil-IT"
 
