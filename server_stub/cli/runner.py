@@ -154,21 +154,24 @@ def run(
     *,
     writes: bool = True,
     escaped: bool = True,
+    db_fallback: Path | None = None,
+    dry_run: bool = False,
 ) -> None:
     """Open the database, run one operation, print its result (text or --json). Without
     `escaped` the rendering is printed as it is: only for a render that escapes itself
     (`export`'s YAML, which must round-trip byte for byte).
 
-    A database this command created is deleted again if the command fails: a failed `load`
-    or a mistyped --db leaves nothing behind."""
-    path = db_path(writes)
+    A database this command created is deleted again if the command fails, or in a
+    `dry_run` once it is done: a failed `load`, a mistyped --db or a plan against a new
+    database leaves nothing behind."""
+    path = db_path(writes, db_fallback)
     created = not path.exists()
     done = False
     try:
         _run_on(path, kw, op, render, admin_user, writes, escaped)
         done = True
     finally:
-        if created and not done:
+        if created and (not done or dry_run):
             _remove_new_database(path)
 
 
