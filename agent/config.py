@@ -152,6 +152,11 @@ class AgentConfig(BaseModel):
     """The cache's event log keeps this many days of history ..."""
     events_keep_rows: int = Field(default=10_000, ge=100)
     """... and at most this many rows (pruned at start and every 1,000 transitions or hour)."""
+    metrics_file: str | None = None
+    """A Prometheus text file for node_exporter's textfile collector (agent/metrics_file.py),
+    e.g. /var/lib/node_exporter/textfile/addin-agent.prom; None: none written."""
+    metrics_interval: float = Field(default=15.0, ge=1)
+    """Seconds between rewrites of `metrics_file`."""
     anti_entropy_interval: float = Field(default=600.0, ge=0)
     """Seconds between anti-entropy checks against the server (jittered ±20 %); 0 disables
     them. See agent/antientropy.py."""

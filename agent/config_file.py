@@ -18,7 +18,7 @@ MAX_SOCKET_PATH = 107
 """Bytes of a unix socket path (``sun_path`` is 108 on Linux, including the NUL); a longer
 one cannot be bound, and the kernel's error does not say why."""
 
-PATH_FIELDS = ("cache_path", "applier_dir", "applier_root")
+PATH_FIELDS = ("cache_path", "applier_dir", "applier_root", "metrics_file")
 """Fields holding a file or folder; ``control`` too when it names a socket, and the
 `TLS_FIELDS` when they are not inline PEM."""
 

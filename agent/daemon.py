@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from addin_core.protocol import (
@@ -27,6 +28,7 @@ from addin_core.protocol import (
 )
 from addin_core.signing import SignatureRefused, load_public_key, split_state, verify_state
 from addin_runtime.logs import context
+from addin_runtime.tasks import cancel_and_wait
 from agent.antientropy import AntiEntropy
 from agent.applier import AppliedManifest, Applier
 from agent.appliers import make_applier
@@ -124,6 +126,7 @@ class Agent:
         self.anti_entropy: AntiEntropy | None = None  # started by start()
         self.watcher: HostWatcher | None = None  # started by start() with watch_hosts
         self._staged: dict[Host, Staged] = {}
+        self._metrics_task: asyncio.Task[None] | None = None
 
     # -- public interface --------------------------------------------------------------------
     def entitlements(self) -> dict[str, Entitlement]:
@@ -238,6 +241,12 @@ class Agent:
         # None when anti_entropy_interval = 0
         if self.anti_entropy is None:
             self.anti_entropy = AntiEntropy.start_for(self)
+        if self.config.metrics_file and self._metrics_task is None:
+            from agent.metrics_file import write_forever
+
+            self._metrics_task = asyncio.create_task(
+                write_forever(self, Path(self.config.metrics_file), self.config.metrics_interval)
+            )
         await self.transport.first_attempt.wait()
 
     async def stop(self) -> None:
@@ -270,6 +279,10 @@ class Agent:
         if self.transport is not None:
             transport, self.transport = self.transport, None
             await transport.stop()
+        if self._metrics_task is not None:
+            # Last, so its final write shows the agent disconnected.
+            await cancel_and_wait(self._metrics_task, 5, "the metrics file writer")
+            self._metrics_task = None
 
     async def _close_cache(self, was_connected: bool = False) -> None:
         if self.cache is not None:

@@ -67,6 +67,10 @@ class AuthSection(_Section):
 class MetricsSection(_Section):
     enabled: bool = True
     """Serve ``GET /metrics`` (Prometheus text format)."""
+    token: str | None = None
+    token_file: Path | None = None
+    """A bearer token /metrics then requires (Prometheus: ``authorization.credentials``);
+    none: /metrics is open like the health probes."""
 
 
 class HealthSection(_Section):
@@ -93,6 +97,8 @@ class DirectorySection(_Section):
     user_filter: str | None = None
     group_filter: str | None = None
     user_id_attribute: str | None = None
+    ca_file: Path | None = None
+    """The CA of an ldaps:// server's certificate (default: the system's CAs)."""
     interval: Annotated[float, Field(gt=0)] | None = None
     """Seconds between syncs while `serve` runs; none: no periodic sync."""
     max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.1
@@ -130,7 +136,8 @@ _PATHS = {
     "server": ("database", "pki", "signing_key", "store_catalog"),
     "broker": ("password_file",),
     "auth": ("admin_token_file", "agent_token_file"),
-    "directory": ("bind_password_file",),
+    "metrics": ("token_file",),
+    "directory": ("bind_password_file", "ca_file"),
 }
 
 
@@ -205,6 +212,9 @@ def secrets(cfg: ServerConfig) -> tuple[dict[str, str | None], list[str]]:
         "admin_token": _secret(a.admin_token, a.admin_token_file, "[auth] admin_token", problems),
         "agent_token": _secret(a.agent_token, a.agent_token_file, "[auth] agent_token", problems),
         "broker_password": _secret(b.password, b.password_file, "[broker] password", problems),
+        "metrics_token": _secret(
+            cfg.metrics.token, cfg.metrics.token_file, "[metrics] token", problems
+        ),
     }
     return values, problems
 

@@ -36,7 +36,8 @@ import aiosqlite
 
 from addin_runtime.sqlite_tx import transaction
 from server_stub import migrations
-from server_stub.sql import Conn, Dialect, Row
+from server_stub.db_target import is_url
+from server_stub.sql import Conn, Dialect, Row, TransientError
 
 if TYPE_CHECKING:
     from server_stub.pg import PgBackend
@@ -44,17 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["TRANSIENT_ERRORS", "Conn", "Database", "DatabaseError", "Row", "connect"]
 
 
-def _transient() -> tuple[type[Exception], ...]:
-    errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
-    try:
-        import psycopg
-    except ImportError:  # the PostgreSQL driver is part of the server extra
-        return errors
-    # Connection lost, serialization failure, lock timeout, server shutting down.
-    return (*errors, psycopg.OperationalError)
-
-
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = _transient()
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, TransientError)
 """The backend's errors that mean "not now": locked by another writer past the busy
 timeout, disk full, I/O error, the PostgreSQL server unreachable. The transaction was
 rolled back; a retry may work."""
@@ -144,10 +135,10 @@ class Database:
     async def open(cls, target: str | Path, *, pool_size: int = 8) -> Database:
         """`target`: an SQLite file, or a ``postgresql://`` URL (`pool_size` connections
         at most)."""
-        from server_stub import pg
-
-        if not pg.is_url(target):
+        if not is_url(target):
             return cls(await connect(target))
+        from server_stub import pg  # the driver, only for PostgreSQL
+
         try:
             backend = await pg.PgBackend.open(str(target), pool_size)
         except ConnectionError as e:

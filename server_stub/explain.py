@@ -27,6 +27,12 @@ def render_explain(e: dict[str, Any]) -> str:
             f"Rollout: {e['user']} is in ring {e['ring']} of {kind} {e['rollout_id']}, "
             f"which serves version {e['user_version']}"
         )
+    if e.get("rolled_back") and not e.get("ring"):
+        rb = e["rolled_back"]
+        lines.append(
+            f"Rollback: {e['version']} is the admin's rollback {rb['rollout_id']} (revision "
+            f"{rb['revision']}); agents holding a newer version go back to it"
+        )
     if e.get("excluded"):
         verdict = f"NOT ENTITLED: {e['excluded']} (an exclusion wins over every assignment)"
     elif e["entitled"]:

@@ -22,17 +22,17 @@ at once instead of at the leader's next poll.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.rows import RowMaker
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from addin_runtime.tasks import to_completion
-from server_stub.sql import to_postgresql
+from server_stub.db_target import describe
+from server_stub.sql import TransientError, to_postgresql
 
 _NAMESPACE = 0x41444450  # "ADDP": the first half of every advisory lock key of ours
 WRITE_LOCK = (_NAMESPACE, 1)
@@ -42,22 +42,6 @@ OUTBOX_CHANNEL = "addin_outbox"
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to reach PostgreSQL at open before saying it cannot be reached."""
-
-SCHEMES = ("postgresql://", "postgres://")
-
-
-def is_url(target: object) -> bool:
-    return isinstance(target, str) and target.startswith(SCHEMES)
-
-
-def describe(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    u = urlsplit(url)
-    host = u.hostname or "localhost"
-    port = f":{u.port}" if u.port else ""
-    user = f"{u.username}@" if u.username else ""
-    return f"postgresql://{user}{host}{port}{u.path}"
-
 
 class PgRow(tuple[Any, ...]):
     """A row readable by position and by column name, like sqlite3.Row."""
@@ -93,14 +77,26 @@ class PgConn:
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> psycopg.AsyncCursor[PgRow]:
         cur = self._conn.cursor(row_factory=_row_factory)
-        await cur.execute(to_postgresql(sql), tuple(parameters))
+        with _transient():
+            await cur.execute(to_postgresql(sql), tuple(parameters))
         return cur
 
     async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> None:
         rows = [tuple(p) for p in parameters]
         if rows:
-            async with self._conn.cursor() as cur:
-                await cur.executemany(to_postgresql(sql), rows)
+            with _transient():
+                async with self._conn.cursor() as cur:
+                    await cur.executemany(to_postgresql(sql), rows)
+
+
+@contextmanager
+def _transient() -> Iterator[None]:
+    """The driver's "not now" errors as the server's `TransientError` (`db.TRANSIENT_ERRORS`
+    names no driver class, so commands on SQLite never import psycopg)."""
+    try:
+        yield
+    except psycopg.OperationalError as e:
+        raise TransientError(_cause(e)) from e
 
 
 class PgBackend:
@@ -142,30 +138,32 @@ class PgBackend:
     async def transaction(
         self, *, write: bool, lock: tuple[int, int] = WRITE_LOCK
     ) -> AsyncIterator[PgConn]:
-        async with self.pool.connection() as raw:
-            # Autocommit connections with BEGIN/COMMIT of our own: a cancelled or failed
-            # transaction is rolled back here, and the pool discards a connection left in
-            # any other state (a statement still running when the task was cancelled).
-            try:
-                if write:
-                    await raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-                    await raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock)
-                    # Sent only if the transaction commits; a write without messages
-                    # costs the leader one empty outbox read.
-                    await raw.execute(f"NOTIFY {OUTBOX_CHANNEL}")
-                else:
-                    await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                yield PgConn(raw)
-                await to_completion(raw.execute("COMMIT"))
-            except BaseException:
-                with suppress(Exception):
-                    await to_completion(raw.execute("ROLLBACK"))
-                raise
+        # Autocommit connections with BEGIN/COMMIT of our own: a cancelled or failed
+        # transaction is rolled back here, and the pool discards a connection left in any
+        # other state (a statement still running when the task was cancelled).
+        with _transient():
+            async with self.pool.connection() as raw:
+                try:
+                    if write:
+                        await raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                        await raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock)
+                        # Delivered only if the transaction commits; a write without
+                        # messages costs the leader one empty outbox read.
+                        await raw.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+                    else:
+                        await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    yield PgConn(raw)
+                    await to_completion(raw.execute("COMMIT"))
+                except BaseException:
+                    with suppress(Exception):
+                        await to_completion(raw.execute("ROLLBACK"))
+                    raise
 
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[PgConn]:
-        async with self.pool.connection() as raw:
-            yield PgConn(raw)
+        with _transient():
+            async with self.pool.connection() as raw:
+                yield PgConn(raw)
 
     async def has_column(self, conn: PgConn, table: str, column: str) -> bool:
         cur = await conn.execute(

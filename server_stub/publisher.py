@@ -63,6 +63,7 @@ from addin_runtime.reconnect import (
 )
 from addin_runtime.tasks import cancel_and_wait, wait_event
 from server_stub.db import TRANSIENT_ERRORS, Database
+from server_stub.db_target import is_url
 from server_stub.reports import ReportIntake, ReportSink
 from server_stub.signer import StateSigner, sign_all
 
@@ -126,6 +127,9 @@ class Publisher:
         share them (`server_stub/replicas.py`)."""
         self.standing_by = False
         """A replica waiting for the outbox another one drains (PostgreSQL)."""
+        # A server on an SQLite file is alone (its lock says so); a replica leads once it
+        # holds the outbox lock.
+        self._leading = not is_url(db_path)
         self.signer = signer
         self.tenant = tenant
         # mqtts:// with the server's client certificate (serve --pki), else mqtt://.
@@ -151,6 +155,11 @@ class Publisher:
         self.taken_over = 0
         """Connections the broker gave to another client with our id (said or probable)."""
         self._last_error = "not connected yet"
+
+    def is_leader(self) -> bool:
+        """Whether this process drains the outbox: a server on SQLite once it runs, on
+        PostgreSQL the replica holding the outbox lock (the one that runs the timers)."""
+        return self._leading
 
     def is_connected(self) -> bool:
         """A session is up and the broker has been given its state (readiness, metrics);
@@ -205,6 +214,7 @@ class Publisher:
             else:
                 await self._publish(database)
         finally:
+            self._leading = False
             await database.close()
 
     async def _lead(self, database: Database) -> None:
@@ -216,7 +226,7 @@ class Publisher:
                 self.standing_by = True
                 self._last_error = "standing by: another replica drains the outbox"
                 await lead.acquire()
-                self.standing_by = False
+                self.standing_by, self._leading = False, True
                 self._last_error = "not connected yet"
                 log.info("this replica drains the outbox now")
                 watch = asyncio.create_task(lead.watch(self.wake), name="outbox lock")
@@ -230,6 +240,7 @@ class Publisher:
                     log.error("%s: no longer publishing", e)
                 finally:
                     self.connected.clear()
+                    self._leading = False
                     await cancel_and_wait(publish, TASK_STOP_TIMEOUT, "the publisher")
                     await cancel_and_wait(watch, TASK_STOP_TIMEOUT, "the outbox lock watch")
             finally:

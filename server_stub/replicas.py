@@ -35,7 +35,8 @@ from paho.mqtt.properties import Properties
 
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message, server_identity
 from addin_runtime.reconnect import Backoff
-from server_stub.pg import CONNECT_TIMEOUT, LEADER_LOCK, OUTBOX_CHANNEL, describe
+from server_stub.db_target import describe
+from server_stub.pg import CONNECT_TIMEOUT, LEADER_LOCK, OUTBOX_CHANNEL
 from server_stub.reports import ReportIntake, ReportSink
 
 log = logging.getLogger("addin_server.replicas")

@@ -48,6 +48,12 @@ class Conn(Protocol):
     async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]], /) -> Any: ...
 
 
+class TransientError(RuntimeError):
+    """PostgreSQL said "not now" (connection lost, server shutting down, no pooled connection
+    in time, a serialization failure): the transaction was rolled back and a retry may work.
+    The driver's error is its cause. The counterpart of SQLite's OperationalError."""
+
+
 _LIKE = re.compile(r"\bLIKE\b")
 # SQLite takes an empty list (`x IN ()` is false, `x NOT IN ()` true); PostgreSQL's grammar
 # does not. An empty array literal takes the type of the left side.

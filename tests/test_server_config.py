@@ -137,7 +137,9 @@ def _accepted(port: int, token: str) -> bool:
 
 def test_serve_config_then_environment_then_flags(tmp_path: Path, broker: MosquittoBroker) -> None:
     port = free_port()
-    cfg = _toml(tmp_path, broker.url, port, '[logging]\nformat = "json"\n')
+    cfg = _toml(
+        tmp_path, broker.url, port, '[logging]\nformat = "json"\n[metrics]\ntoken = "scrape"\n'
+    )
     log = tmp_path / "server.log"
 
     proc = _serve(cfg, port, log)
@@ -146,6 +148,13 @@ def test_serve_config_then_environment_then_flags(tmp_path: Path, broker: Mosqui
         assert (tmp_path / "server.db").exists()  # relative to the file's folder
         ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).json()
         assert "checks" in ready
+        # [metrics] token: /metrics wants its own bearer token, not the admin's.
+        metrics = f"http://127.0.0.1:{port}/metrics"
+        assert httpx.get(metrics, timeout=5).status_code == 401
+        admin = {"Authorization": "Bearer from-file"}
+        assert httpx.get(metrics, headers=admin, timeout=5).status_code == 401
+        scraper = {"Authorization": "Bearer scrape"}
+        assert "addin_revision" in httpx.get(metrics, headers=scraper, timeout=5).text
     finally:
         stop_process(proc)
     assert log.read_text().lstrip().startswith("{")  # [logging] format = "json"

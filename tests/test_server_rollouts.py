@@ -19,6 +19,7 @@ from agent_helpers import ServerProcess, addin_id, manifest
 from addin_core.protocol import AgentReport, AppliedAddin, FailedAddin, Host, Topic, decode
 from server_stub.antientropy import user_digest
 from server_stub.db import Database
+from server_stub.explain import render_explain
 from server_stub.service import BadRequest, Conflict, NotFound, Service
 from simulator.mosquitto import MosquittoBroker
 
@@ -154,6 +155,8 @@ async def test_rollback_everywhere_and_in_rings(svc: tuple[Service, Clock]) -> N
     assert (await s.rollouts.get(ringed["rollout_id"]))["state"] == "superseded"
     entry = await catalog(s)
     assert entry["version"] == "1.0" and entry["rollback"] == everywhere["revision"]
+    text = render_explain(await s.explain("bob", A))
+    assert f"Rollback: 1.0 is the admin's rollback {everywhere['rollout_id']} (revision " in text
     assert "rings" not in entry
     with pytest.raises(Conflict, match=re.escape("no user is served a version above 1.0")):
         await s.rollouts.start(A, "1.0", rollback=True)
@@ -271,14 +274,14 @@ async def test_http_and_cli(tmp_path: Path, broker: MosquittoBroker) -> None:
         await srv.call("POST", f"/v1/rollouts/{rid}/pause")
         status = cli(tmp_path, "rollout", "status", A)
         assert status.returncode == 0, status.stderr
-        assert f"Rollout {rid}: {A} 1.0 → 2.0, paused" in status.stdout
+        assert f"Rollout {rid}: ringed ({A}) 1.0 → 2.0, paused" in status.stdout
         assert "✓ pilot" in status.stdout and "· wide" in status.stdout
         out = cli(tmp_path, "rollout", "advance", A)
         assert out.returncode == 0, out.stderr
         assert "✓ wide" in out.stdout
         out = cli(tmp_path, "rollback", A, "--to", "1.0")
         assert out.returncode == 0, out.stderr
-        assert f"Rollback {rid + 1}: {A} 2.0 → 1.0, completed" in out.stdout
+        assert f"Rollback {rid + 1}: ringed ({A}) 2.0 → 1.0, completed" in out.stdout
         err = cli(tmp_path, "rollout", "abort", str(rid))
         assert err.returncode == 1
         assert err.stderr.strip() == f"error: rollout {rid} is superseded: it cannot abort"
@@ -288,3 +291,18 @@ async def test_http_and_cli(tmp_path: Path, broker: MosquittoBroker) -> None:
         )
     finally:
         await srv.aclose()
+
+
+async def test_org_document_exclusions(svc: tuple[Service, Clock]) -> None:
+    s, _ = svc
+    doc = {"assignments": [{"addin": A, "target": "group:sales", "mode": "optional",
+                            "except": ["user:bob", "group:contractors"]}]}  # fmt: skip
+    await s.load_org(doc)
+    assert (await s.explain("bob", A))["excluded"] == (
+        "excluded by user bob from the assignment to group sales"
+    )
+    with pytest.raises(NotFound, match="cannot exclude unknown group 'nobody'"):
+        await s.load_org({"assignments": [{"addin": A, "target": "everyone",
+                                           "except": ["group:nobody"]}]})  # fmt: skip
+    with pytest.raises(BadRequest, match=re.escape("assignments[0]: invalid exclusion 'bob'")):
+        await s.load_org({"assignments": [{"addin": A, "target": "everyone", "except": ["bob"]}]})

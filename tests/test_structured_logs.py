@@ -3,6 +3,7 @@ parsed back here, with the revision, add-in, user and device of each event."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from agent_helpers import addin_id, lab_agent_toml, manifest
 from harness import ADMIN_TOKEN, AgentProcess, ServerProcess, agent_env
 
@@ -110,3 +112,71 @@ def test_server_and_agent_log_json_lines(tmp_path: Path, broker: MosquittoBroker
     # The whole of both logs, start to stop, is JSON (the stop lines included).
     assert all(x["program"] == "addin-agent" for x in _lines(tmp_path / "agent.log"))
     assert all(x["program"] == "addin-server" for x in _lines(server.log))
+
+
+SIM_SCENARIO = """
+name: json-logs
+org: {groups: 2}
+addins:
+  notes: {hosts: [Word], permissions: ReadDocument}
+setup:
+  - upload: {addin: notes}
+steps:
+  - name: assign
+    do:
+      - assign: {addin: notes, target: everyone, mode: fixed}
+      - checkpoint: {}
+"""
+
+
+async def test_the_simulator_hands_the_format_to_its_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`addin-sim --log-format json` puts the format in the environment; the run's server
+    process logs JSON lines, with the revisions the scenario committed."""
+    from addin_runtime.logs import FORMAT_ENV
+    from simulator.coordinator import Coordinator, RunOptions
+    from simulator.scenario import parse_scenario
+
+    monkeypatch.setenv(FORMAT_ENV, "json")
+    options = RunOptions(
+        clients=3, workers=1, workdir=tmp_path, baseline=False, checkpoint_settle=0
+    )
+    result = await asyncio.wait_for(
+        Coordinator(parse_scenario(SIM_SCENARIO), options).execute(), 120
+    )
+    assert result.mismatches == []
+    lines = _lines(tmp_path / "server.log")
+    assert all(x["program"] == "addin-server" for x in lines)
+    assert any(x.get("operation") == "assign" and x.get("revision") for x in lines), lines
+    _worker_logs_are_json(tmp_path)
+
+
+def _worker_logs_are_json(workdir: Path) -> None:
+    """The worker process got the format too: whatever it logged (warnings only) is JSON."""
+    for worker_log in workdir.glob("worker-*.log"):
+        assert all(x["program"] == "addin-sim" for x in _lines(worker_log))
+
+
+def test_under_systemd_text_lines_carry_journal_priorities(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """With JOURNAL_STREAM set (systemd connected stdout to the journal), log lines go to
+    stdout without a timestamp and with the <N> priority prefix journald reads."""
+    server = ServerProcess(tmp_path / "server.db", broker.url, env={"JOURNAL_STREAM": "8:12345"})
+    server.start()
+    try:
+        http = httpx.Client(base_url=server.url, headers=ADMIN, timeout=10)
+        assert http.post("/v1/users", json={"id": "ann"}).status_code == 200
+        deadline = time.monotonic() + 10
+        while "revision 1 committed" not in server.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.stop()
+    lines = server.log.read_text().splitlines()
+    assert (
+        "<6>INFO addin_server.changes: revision 1 committed: create_user by admin, 1 message(s)"
+        in lines
+    )
+    logged = [x for x in lines if x.startswith("<")]
+    assert logged and all(x[:3] in ("<3>", "<4>", "<6>", "<7>") for x in logged), lines

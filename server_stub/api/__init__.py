@@ -45,6 +45,7 @@ def create_app(
     https: bool = False,
     broker: BrokerLink | None = None,
     metrics: ServerMetrics | None = None,
+    metrics_token: str | None = None,
     max_outbox_lag: float = DEFAULT_MAX_OUTBOX_LAG,
 ) -> FastAPI:
     """The API (and the console at /console). Admins, operators and helpdesk authenticate
@@ -68,7 +69,9 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(
-        health.router(service, Readiness(service.database, broker, max_outbox_lag), metrics)
+        health.router(
+            service, Readiness(service.database, broker, max_outbox_lag), metrics, metrics_token
+        )
     )
 
     # Inside the manifest fast path (added later, so outermost): a cached manifest download

@@ -24,6 +24,7 @@ from server_stub.cli.config_cmd import config_group
 from server_stub.cli.declarative import apply_cmd, export_cmd
 from server_stub.cli.devices import device, enroll, pki, revoke
 from server_stub.cli.directory import group, load, policy, user
+from server_stub.cli.directory_sync import directory_group
 from server_stub.cli.manifests import manifests
 from server_stub.cli.rollouts import rollback, rollout
 from server_stub.cli.runner import db_option
@@ -40,5 +41,5 @@ def main() -> None:
 
 for _command in (manifest, manifests, broker, serve, load, user, group, policy, addin, store,
                  explain, status, broker_config, pki, enroll, revoke, device, bundle, rollout,
-                 rollback, config_group, apply_cmd, export_cmd, audit):  # fmt: skip
+                 rollback, config_group, apply_cmd, export_cmd, audit, directory_group):  # fmt: skip
     main.add_command(_command)

@@ -46,6 +46,6 @@ def check(config_file: Path) -> None:
 
 def _database(value: str | None) -> str | None:
     """A PostgreSQL URL without its password: the check's output may be pasted anywhere."""
-    from server_stub.pg import describe, is_url
+    from server_stub.db_target import describe, is_url
 
     return describe(value) if value is not None and is_url(value) else value

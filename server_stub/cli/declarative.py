@@ -71,7 +71,7 @@ def apply_cmd(org_file: str, prune: bool, dry_run: bool, **kw: Any) -> None:
             return {**plan.as_json(), "dry_run": dry_run, "revision": None}
         return {**await s.apply_org(doc, read_file, prune=prune), "dry_run": False}
 
-    run(kw, op, _applied, writes=not dry_run)
+    run(kw, op, _applied, dry_run=dry_run)
 
 
 def _applied(r: dict[str, Any]) -> str:

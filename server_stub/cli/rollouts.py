@@ -116,7 +116,8 @@ def _ago(t: float) -> str:
 def render_rollout(r: dict[str, Any]) -> str:
     kind = "Rollback" if r["rollback"] else "Rollout"
     lines = [
-        f"{kind} {r['rollout_id']}: {r['addin_id']} {r['from_version']} → {r['version']}, "
+        f"{kind} {r['rollout_id']}: {r['name']} ({r['addin_id']}) {r['from_version']} → "
+        f"{r['version']}, "
         f"{r['state']}" + (f" (revision {r['revision']})" if "revision" in r else ""),
         f"  gate: {r['gate'] or 'none (advanced by an admin)'}",
     ]

@@ -57,7 +57,7 @@ def db_path(writes: bool, fallback: DbTarget | None = None) -> DbTarget:
     folder that does not exist (a mistyped path must not leave files around). A
     ``postgresql://`` URL is taken as it is: that database must exist (the schema is made
     in it on first use)."""
-    from server_stub.pg import SCHEMES, is_url
+    from server_stub.db_target import SCHEMES, is_url
 
     given = shared_value("db") or os.environ.get(DB_ENV) or fallback
     if not given:
@@ -166,21 +166,24 @@ def run(
     *,
     writes: bool = True,
     escaped: bool = True,
+    db_fallback: DbTarget | None = None,
+    dry_run: bool = False,
 ) -> None:
     """Open the database, run one operation, print its result (text or --json). Without
     `escaped` the rendering is printed as it is: only for a render that escapes itself
     (`export`'s YAML, which must round-trip byte for byte).
 
-    A database this command created is deleted again if the command fails: a failed `load`
-    or a mistyped --db leaves nothing behind."""
-    path = db_path(writes)
+    A database this command created is deleted again if the command fails, or in a
+    `dry_run` once it is done: a failed `load`, a mistyped --db or a plan against a new
+    database leaves nothing behind (an SQLite file; a PostgreSQL database is the admin's)."""
+    path = db_path(writes, db_fallback)
     created = isinstance(path, Path) and not path.exists()
     done = False
     try:
         _run_on(path, kw, op, render, admin_user, writes, escaped)
         done = True
     finally:
-        if created and not done and isinstance(path, Path):
+        if created and (not done or dry_run) and isinstance(path, Path):
             _remove_new_database(path)
 
 
@@ -257,7 +260,7 @@ def _escaped(value: Any) -> Any:
 
 def _shown(path: DbTarget) -> str:
     """The database as messages name it (a URL without its password)."""
-    from server_stub.pg import describe
+    from server_stub.db_target import describe
 
     return describe(path) if isinstance(path, str) else str(path)
 

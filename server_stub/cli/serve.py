@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,13 @@ from addin_runtime.logs import log_format_option, setup_logging
 from server_stub import config, db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
 from server_stub.health import DEFAULT_MAX_OUTBOX_LAG
+from server_stub.ldap_directory import (
+    DEFAULT_GROUP_FILTER,
+    DEFAULT_USER_FILTER,
+    LdapError,
+    LdapSettings,
+    read_password,
+)
 from server_stub.roles import Principals, TokenSpecError, read_tokens_file
 from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
 from server_stub.store import DEFAULT_CATALOG
@@ -57,6 +65,10 @@ class _Settings:
     max_outbox_lag: float
     log_format: str
     metrics: bool
+    metrics_token: str | None
+    directory: LdapSettings | None
+    sync_interval: float
+    max_removal_share: float
     gate_interval: float = 5.0
 
 
@@ -163,6 +175,12 @@ INSECURE_WARNING = (
     help="Seconds the oldest unpublished message may wait before /readyz answers 503.",
 )
 @click.option(
+    "--metrics-token",
+    envvar="ADDIN_SERVER_METRICS_TOKEN",
+    default=None,
+    help="A bearer token GET /metrics then requires (none: open, like /healthz and /readyz).",
+)
+@click.option(
     "--metrics/--no-metrics",
     envvar="ADDIN_SERVER_METRICS",
     default=True,
@@ -207,8 +225,32 @@ def serve(config_file: Path | None, **kw: Any) -> None:
                          secret["agent_token"], sv.admin_user,
                          sv.store_catalog or DEFAULT_CATALOG, sv.max_addins, signer, tls,
                          cfg.health.max_outbox_lag, cfg.logging.format,
-                         cfg.metrics.enabled, cfg.rollouts.gate_interval)  # fmt: skip
+                         cfg.metrics.enabled, secret["metrics_token"],
+                         _directory(cfg.directory),
+                         cfg.directory.interval or 0.0,
+                         cfg.directory.max_removal_share,
+                         cfg.rollouts.gate_interval)  # fmt: skip
     _serve_alone(db_path(writes=True, fallback=sv.database), settings)
+
+
+def _directory(d: config.DirectorySection) -> LdapSettings | None:
+    """The periodic sync's LDAP settings ([directory] with an interval), or None."""
+    if d.interval is None or d.ldap_url is None or d.base is None:
+        return None
+    try:
+        password = read_password(d.bind_password_file) if d.bind_password_file else None
+    except LdapError as e:
+        error(f"[directory] {e}", 2)
+    return LdapSettings(
+        url=d.ldap_url,
+        base=d.base,
+        bind_dn=d.bind_dn,
+        password=password,
+        user_filter=d.user_filter or DEFAULT_USER_FILTER,
+        group_filter=d.group_filter or DEFAULT_GROUP_FILTER,
+        user_id_attribute=d.user_id_attribute,
+        ca_file=d.ca_file,
+    )
 
 
 _OPTION_FIELDS: dict[str, tuple[str, str]] = {
@@ -231,6 +273,7 @@ _OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "log_format": ("logging", "format"),
     "metrics": ("metrics", "enabled"),
     "gate_interval": ("rollouts", "gate_interval"),
+    "metrics_token": ("metrics", "token"),
 }
 """Each option of `serve` and the key of the configuration file it overrides."""
 
@@ -249,7 +292,7 @@ def _settings_from(config_file: Path | None, kw: dict[str, Any]) -> config.Serve
         }
         # A secret from a flag replaces the file's secret file too, not only its inline value.
         for (section, key), value in list(given.items()):
-            if key in ("admin_token", "agent_token", "password") and value is not None:
+            if key in ("admin_token", "agent_token", "password", "token") and value is not None:
                 given[(section, f"{key}_file")] = None
         return config.with_overrides(cfg, given)
     except config.ConfigError as e:
@@ -337,8 +380,8 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
 
     from addin_runtime.tasks import cancel_and_wait
     from server_stub.api import create_app
+    from server_stub.db_target import describe
     from server_stub.metrics import ServerMetrics
-    from server_stub.pg import describe
     from server_stub.publisher import Publisher
 
     service = await open_service(path, s.tenant, s.store_catalog, s.max_addins, s.admin_user)
@@ -378,6 +421,7 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
         https=s.tls is not None,
         broker=publisher,
         metrics=metrics,
+        metrics_token=s.metrics_token,
         max_outbox_lag=s.max_outbox_lag,
     )
     server = uvicorn.Server(
@@ -402,7 +446,16 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
         listener = SharedReports(s.tenant, publisher.host, publisher.port, sink,
                                  username=s.broker_username, password=s.broker_password)  # fmt: skip
         reports = asyncio.create_task(listener.run(), name="shared reports")
-    gates = asyncio.create_task(_watch_gates(service, s.gate_interval))
+    # Timers that write decide once per database: on PostgreSQL only the replica that holds
+    # the outbox runs them (two replicas would both advance a rollout whose gate holds).
+    gates = asyncio.create_task(_watch_gates(service, s.gate_interval, publisher.is_leader))
+    syncing = None
+    if s.directory is not None:
+        from server_stub.periodic_sync import sync_forever
+
+        syncing = asyncio.create_task(sync_forever(
+            service, s.directory, s.sync_interval, s.max_removal_share, publisher.is_leader
+        ))  # fmt: skip
     scheme = "https" if s.tls is not None else "http"
     # Text mode keeps these two lines as they were (plain stderr lines people and scripts
     # read); JSON mode makes them log events like every other line.
@@ -424,18 +477,24 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
         await server.serve()
     finally:
         await cancel_and_wait(gates, 10, "the rollout gates")
+        if syncing is not None:
+            await cancel_and_wait(syncing, 10, "the directory sync")
         await cancel_and_wait(pub, 10, "the publisher")
         if reports is not None:
             await cancel_and_wait(reports, 10, "the report subscription")
         await service.close()
 
 
-async def _watch_gates(service: Service, interval: float) -> None:
-    """Advance every running rollout whose gate holds, every `interval` seconds. A failed
-    check (the database busy) is logged and tried again at the next one."""
+async def _watch_gates(
+    service: Service, interval: float, leader: Callable[[], bool] = lambda: True
+) -> None:
+    """Advance every running rollout whose gate holds, every `interval` seconds, while
+    `leader()`. A failed check (the database busy) is logged and tried again at the next one."""
     log = logging.getLogger("addin_server.rollouts")
     while True:
         await asyncio.sleep(interval)
+        if not leader():
+            continue
         try:
             for r in await service.rollouts.tick():
                 log.info(

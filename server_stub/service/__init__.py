@@ -112,6 +112,7 @@ class Service:
         self.load_org = self._org.load_org
         decl = self._declarative
         self.plan_org, self.apply_org, self.export_org = decl.plan, decl.apply, decl.export
+        self.plan_directory, self.sync_directory = decl.plan_directory, decl.sync_directory
         r, t = self._reads, self._troubleshooting
         self.list_addins, self.get_addin = r.list_addins, r.get_addin
         self.get_user, self.get_group, self.nested_groups = r.get_user, r.get_group, r.nested_groups

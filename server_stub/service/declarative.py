@@ -23,10 +23,11 @@ from typing import Any, Literal
 
 from addin_core.protocol import Assignment, Source, Topic
 from server_stub.db import Database, Row
+from server_stub.ldap_directory import DirectoryData
 from server_stub.service.assignments import resolve_target
 from server_stub.service.catalog import Catalog, checked_manifest
 from server_stub.service.directory import nesting_edges, refuse_cycle, store_policy
-from server_stub.service.errors import NotFound, checked_id, checked_user_id, parse_mode
+from server_stub.service.errors import Conflict, NotFound, checked_id, checked_user_id, parse_mode
 from server_stub.service.messages import assign_topic, emit_membership, emit_parents
 from server_stub.service.org_load import AddinToAdd, OrgDocument, OrgLoader
 from server_stub.service.unit_of_work import Tx, UnitOfWork
@@ -245,17 +246,51 @@ class Declarative:
         """Make the state equal to the document (removals only with `prune`) in one
         revision; nothing is written when there is nothing to do."""
         want = self._desired(self.org.parse(org), read_file)
+        return await self._apply("apply", lambda have: self._against(want, have), prune)
+
+    async def _apply(
+        self, operation: str, desire: Callable[[_Current], _Desired], prune: bool
+    ) -> dict[str, Any]:
         before = await _current(self.database.rows)
-        first = Plan(_diff(self._against(want, before), before), prune)
+        first = Plan(_diff(desire(before), before), prune)
         if not first.effective:
             return {**first.as_json(), "revision": None}
         counts = {"add": first.count("add"), "change": first.count("change"),
                   "remove": first.count("remove") if prune else 0, "prune": prune}  # fmt: skip
-        async with self.uow.write("apply", counts) as tx:
+        async with self.uow.write(operation, counts) as tx:
+            # Again inside the transaction: what another writer changed meanwhile counts.
             have = await _current(tx.rows)
-            plan = Plan(_diff(self._against(want, have), have), prune)
+            want = desire(have)
+            plan = Plan(_diff(want, have), prune)
             await self._make(tx, want, have, prune)
         return {**plan.as_json(), "revision": tx.revision, "messages": len(tx.messages)}
+
+    # -- directory sync (server_stub/ldap_directory.py reads the directory) ----------------
+
+    async def plan_directory(self, d: DirectoryData) -> Plan:
+        have = await _current(self.database.rows)
+        return Plan(_diff(_directory_desired(d, have), have), True)
+
+    async def sync_directory(
+        self, d: DirectoryData, *, max_removal_share: float, force: bool = False
+    ) -> dict[str, Any]:
+        """Make users, groups, memberships and nesting equal to the directory's, in one
+        revision. Assignments to users and groups that left go with them; everything else
+        (add-ins, assignments, policy) is kept. Refused, unless `force`, when it would
+        remove more than `max_removal_share` of the users: a wrong base DN or filter, or a
+        directory answering half its tree, must not empty the tenant."""
+        have = await _current(self.database.rows)
+        removed = len(set(have.users) - set(d.users))
+        if have.users and not force and removed / len(have.users) > max_removal_share:
+            raise Conflict(
+                f"the sync would remove {removed} of {len(have.users)} users "
+                f"({removed / len(have.users):.0%}), more than the {max_removal_share:.0%} "
+                "allowed: check the directory, --base and the filters, then run it again "
+                "with --force"
+            )
+        return await self._apply(
+            "directory_sync", lambda have: _directory_desired(d, have), prune=True
+        )
 
     async def _make(self, tx: Tx, want: _Desired, have: _Current, prune: bool) -> None:
         if want.policy is not None and want.policy != have.policy:
@@ -405,6 +440,28 @@ class Declarative:
                 for (a, kind, tid), mode in sorted(have.assignments.items())
             ],
         }
+
+
+def _directory_desired(d: DirectoryData, have: _Current) -> _Desired:
+    """The state with the directory's users, groups, memberships and nesting, and the
+    catalog, policy and assignments kept (less those to users and groups that left)."""
+    kept = {
+        k: mode
+        for k, mode in have.assignments.items()
+        if not (k[1] == "user" and k[2] not in d.users)
+        and not (k[1] == "group" and k[2] not in d.groups)
+    }
+    return _Desired(
+        policy=None,
+        users=dict(d.users),
+        groups=dict(d.groups),
+        members=set(d.members),
+        nesting=set(d.nesting),
+        # Present add-ins at their versions: nothing to load, nothing to prune.
+        addins={a: AddinToAdd(Source.LOB) for a in have.addins},
+        versions={a: v[0] for a, v in have.addins.items()},
+        assignments=kept,
+    )
 
 
 def plan_lines(plan: Plan) -> list[tuple[str, str]]:

@@ -315,9 +315,15 @@ class Rollouts:
             gate_now = evaluate_gate(
                 parse_gate(r["gate"]), r["version"], per_ring[reached - 1], waited
             ).to_json()
+        named = await self.database.rows(
+            "SELECT v.display_name FROM addins a JOIN addin_versions v ON v.addin_id=a.id "
+            "AND v.version=a.current_version WHERE a.id=?",
+            (r["addin_id"],),
+        )
         return {
             "rollout_id": int(r["id"]),
             "addin_id": r["addin_id"],
+            "name": named[0][0] if named else r["addin_id"],
             "version": r["version"],
             "from_version": r["from_version"],
             "rollback": bool(r["rollback"]),

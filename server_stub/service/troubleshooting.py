@@ -80,6 +80,11 @@ class Troubleshooting:
         rings = catalog_rings(opened)
         version, ring = version_for(addin["version"], rings, user_id, groups)
         rollout = next((r for g, r in rings if g.name == ring and g.reaches(user_id, groups)), None)
+        back = await self.database.rows(
+            "SELECT id, started_revision FROM rollouts WHERE addin_id=? AND state='completed' "
+            "AND rollback=1 AND version=? ORDER BY id DESC LIMIT 1",
+            (addin_id, addin["version"]),
+        )
         return {
             "user": user_id,
             "addin_id": addin_id,
@@ -98,6 +103,8 @@ class Troubleshooting:
             "ring": ring,
             "rollout_id": rollout.rollout_id if rollout else None,
             "rollback": rollout.rollback_revision is not None if rollout else None,
+            # The add-in's own version is an admin's rollback: agents apply it as a downgrade.
+            "rolled_back": {"rollout_id": back[0][0], "revision": back[0][1]} if back else None,
             "grants": [_path_view(p, user_id) for p in paths],
             "reports": await self._reports_of(user_id, addin_id),
             "revision": await self.database.revision(),
