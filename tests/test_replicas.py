@@ -214,6 +214,8 @@ async def test_replicas_share_writes_reports_and_the_outbox_across_a_sigkill(
                 by_topic[t].append(r)
             for t, revs in by_topic.items():
                 assert revs == sorted(set(revs)), f"{t}: published {revs}"
+            order = [r for _, r in state]
+            assert order == sorted(order), f"revisions out of commit order: {order}"
             assert sorted(state) == sorted(committed), "each committed message once"
             if kill_at != "anywhere":
                 assert "already had the" in second.log.read_text(), second.log_tail()
