@@ -123,6 +123,9 @@ class PgBackend:
             max_size=max_size,
             open=False,
             kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
+            # A connection PostgreSQL dropped while idle (a restart, a failover) is found
+            # and replaced when taken, not by the request that would use it.
+            check=AsyncConnectionPool.check_connection,
         )
         try:
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT)

@@ -230,3 +230,40 @@ async def test_replicas_share_writes_reports_and_the_outbox_across_a_sigkill(
                               "revisions": len({r for _, r in state})}))  # fmt: skip
     finally:
         await agent.stop()
+
+
+async def test_replicas_ride_out_postgresql_dropping_every_connection(
+    tmp_path: Path, pg_url: str, broker: MosquittoBroker
+) -> None:
+    """pg_terminate_backend on every connection of the replicas (a PostgreSQL restart or
+    failover, as they see it): the leader's lock is gone, one replica takes the outbox again,
+    and writes on either are published."""
+    made = [Replica(pg_url, broker, tmp_path / f"replica{i}.log") for i in range(2)]
+    try:
+        made[0].start()
+        await eventually(made[0].leads, 15, "the first replica to take the outbox")
+        made[1].start()
+        urls = [r.url for r in made]
+        await _write(urls, "POST", "/v1/users", {"id": "ann", "name": "ann"})
+        offsets = [r.log.stat().st_size for r in made]
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        await eventually(lambda: any(r.leads(o) for r, o in zip(made, offsets, strict=True)),
+                         15, "a replica to take the outbox again")  # fmt: skip
+        async with Collector(broker.port) as seen:
+            revisions = [
+                await _write([urls[i % 2], urls[(i + 1) % 2]], "POST", "/v1/users",
+                             {"id": f"u{i}", "name": f"u{i}"})
+                for i in range(6)
+            ]
+            await eventually(lambda: {p["revision"] for _, p, _ in seen.messages} >= set(revisions),
+                             15, "the writes after the drop published")  # fmt: skip
+        assert all(r.proc is not None and r.proc.poll() is None for r in made)
+        # Marked done right after the PUBACKs: a moment after the subscriber has them.
+        await eventually(lambda: _outbox(pg_url)[1] == 0, 10, "the outbox marked done")
+    finally:
+        for r in made:
+            r.stop()
