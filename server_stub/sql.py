@@ -3,8 +3,8 @@
 Every statement of `server_stub/` is written once: SQLite's syntax with ``?`` placeholders,
 ``INSERT ... ON CONFLICT``, ``RETURNING``, and nothing only one engine knows. On
 PostgreSQL the placeholders become ``%s`` (and a literal ``%`` ``%%``), and ``LIKE`` becomes
-``ILIKE`` because SQLite's LIKE ignores ASCII case, and an empty ``IN ()`` list (SQLite
-takes one) an empty array. Schema statements (`ddl`) also map the
+``ILIKE`` because SQLite's LIKE ignores ASCII case, ``a IS [NOT] b`` ``a IS [NOT] DISTINCT
+FROM b``, and an empty ``IN ()`` list (SQLite takes one) an empty array. Schema statements (`ddl`) also map the
 types: ``BLOB`` to ``BYTEA``, ``REAL`` to ``DOUBLE PRECISION`` (PostgreSQL's REAL is 4
 bytes: a timestamp would lose its seconds), ``INTEGER PRIMARY KEY AUTOINCREMENT`` to an
 identity column, and every ``TEXT`` to ``TEXT COLLATE "C"``: SQLite compares text byte by
@@ -57,6 +57,11 @@ class TransientError(RuntimeError):
 _LIKE = re.compile(r"\bLIKE\b")
 # SQLite takes an empty list (`x IN ()` is false, `x NOT IN ()` true); PostgreSQL's grammar
 # does not. An empty array literal takes the type of the left side.
+# SQLite's `a IS b` / `a IS NOT b` compare any two values, NULL included; PostgreSQL's IS
+# takes only NULL, TRUE, FALSE, UNKNOWN and spells the comparison IS [NOT] DISTINCT FROM.
+_KEYWORD = r"(?:NULL|TRUE|FALSE|UNKNOWN|DISTINCT)\b"
+_IS_NOT = re.compile(rf"\bIS\s+NOT\s+(?!{_KEYWORD})")
+_IS = re.compile(rf"\bIS\s+(?!NOT\b|{_KEYWORD})")
 _NOT_IN_EMPTY = re.compile(r"\bNOT\s+IN\s*\(\s*\)")
 _IN_EMPTY = re.compile(r"\bIN\s*\(\s*\)")
 
@@ -66,6 +71,7 @@ def to_postgresql(sql: str) -> str:
     """A statement of the server's dialect as PostgreSQL (psycopg's ``%s`` placeholders).
     No statement of ours has a ``?`` inside a string literal; ids never contain one."""
     sql = _LIKE.sub("ILIKE", sql.replace("%", "%%").replace("?", "%s"))
+    sql = _IS.sub("IS NOT DISTINCT FROM ", _IS_NOT.sub("IS DISTINCT FROM ", sql))
     sql = _NOT_IN_EMPTY.sub("<> ALL('{}')", sql)
     return _IN_EMPTY.sub("= ANY('{}')", sql)
 

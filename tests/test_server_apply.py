@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from harness import REPO, ServerProcess
 from server_helpers import retained_state
@@ -51,9 +52,12 @@ assignments:
 """
 
 
-def cli(tmp: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    tmp: Path, *args: str, stdin: str | None = None, db: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`addin-server ARGS` on `db` (default: server.db in `tmp`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
-    env["ADDIN_SERVER_DB"] = str(tmp / "server.db")
+    env["ADDIN_SERVER_DB"] = db or str(tmp / "server.db")
     env["ADDIN_SERVER_PUBLISH_WAIT"] = "0"
     return subprocess.run(
         [sys.executable, "-m", "server_stub", *args],
@@ -66,9 +70,20 @@ def ok(r: subprocess.CompletedProcess[str]) -> str:
     return r.stdout
 
 
-def revision(tmp: Path) -> int:
-    with sqlite3.connect(tmp / "server.db") as c:
-        return int(c.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0])
+def query(db: str, sql: str) -> list[tuple[Any, ...]]:
+    """One SELECT on the SQLite file or the PostgreSQL database `db`."""
+    if "://" in db:
+        import psycopg
+
+        with psycopg.connect(db) as pc:
+            return [tuple(r) for r in pc.execute(sql).fetchall()]  # type: ignore[arg-type]
+    with sqlite3.connect(db) as c:
+        return [tuple(r) for r in c.execute(sql).fetchall()]
+
+
+def revision(tmp: Path, db: str | None = None) -> int:
+    return int(query(db or str(tmp / "server.db"),
+                     "SELECT value FROM meta WHERE key='revision'")[0][0])  # fmt: skip
 
 
 def _org(tmp: Path, name: str, text: str) -> Path:
@@ -78,39 +93,39 @@ def _org(tmp: Path, name: str, text: str) -> Path:
     return tmp / name
 
 
-def test_apply_plans_then_makes_one_revision_and_prunes_only_when_told(tmp_path: Path) -> None:
+def test_apply_plans_then_makes_one_revision_and_prunes_only_when_told(
+    tmp_path: Path, db_target: str
+) -> None:
+    db = db_target
     org = _org(tmp_path, "org.yaml", ORG)
-    out = ok(cli(tmp_path, "apply", str(org)))
+    out = ok(cli(tmp_path, "apply", str(org), db=db))
     assert "  + user ann\n" in out and f"  + assignment {MAIL} -> user:bob: mode available" in out
     assert "Plan: 13 to add, 0 to change, 0 to remove." in out
-    assert out.rstrip().endswith("messages queued).") and revision(tmp_path) == 1
-    out = ok(cli(tmp_path, "apply", str(org)))
-    assert "No changes: the server already matches the file." in out and revision(tmp_path) == 1
+    assert out.rstrip().endswith("messages queued).") and revision(tmp_path, db) == 1
+    out = ok(cli(tmp_path, "apply", str(org), db=db))
+    assert "No changes: the server already matches the file." in out and revision(tmp_path, db) == 1
 
     smaller = _org(tmp_path, "smaller.yaml", SMALLER)
-    out = ok(cli(tmp_path, "apply", str(smaller), "--dry-run"))
+    out = ok(cli(tmp_path, "apply", str(smaller), "--dry-run", db=db))
     assert "  ~ policy nested_groups: false -> true" in out
     assert "  ~ user ann: name 'ann' -> 'Ann Lee'" in out
     assert f"  ~ assignment {TASKPANE} -> group:sales: mode fixed -> optional" in out
     assert "  - member bob in sales  (kept: pass --prune to remove)" in out
     assert "Plan: 0 to add, 3 to change, 0 to remove (7 kept without --prune)." in out
-    assert "Dry run: nothing was changed." in out and revision(tmp_path) == 1
+    assert "Dry run: nothing was changed." in out and revision(tmp_path, db) == 1
 
-    ok(cli(tmp_path, "apply", str(smaller)))  # the changes only: nothing removed
-    assert revision(tmp_path) == 2
-    exported = ok(cli(tmp_path, "export"))
+    ok(cli(tmp_path, "apply", str(smaller), db=db))  # the changes only: nothing removed
+    assert revision(tmp_path, db) == 2
+    exported = ok(cli(tmp_path, "export", db=db))
     assert "bob" in exported and "all-staff" in exported and "WA104379501" in exported
 
-    out = ok(cli(tmp_path, "apply", str(smaller), "--prune"))
-    assert "Plan: 0 to add, 0 to change, 7 to remove." in out and revision(tmp_path) == 3
-    with sqlite3.connect(tmp_path / "server.db") as c:
-        assert c.execute("SELECT count(*) FROM audit WHERE operation='apply'").fetchone()[0] == 3
-        assert c.execute("SELECT user_id, group_id FROM memberships").fetchall() == [
-            ("ann", "sales")
-        ]
-        assert [r[0] for r in c.execute("SELECT id FROM addins")] == [TASKPANE]
-        rows = c.execute("SELECT topic, payload FROM outbox WHERE revision=3").fetchall()
-        tombstones = {t.split("/", 3)[3] for t, p in rows if b'"deleted":true' in bytes(p)}
+    out = ok(cli(tmp_path, "apply", str(smaller), "--prune", db=db))
+    assert "Plan: 0 to add, 0 to change, 7 to remove." in out and revision(tmp_path, db) == 3
+    assert query(db, "SELECT count(*) FROM audit WHERE operation='apply'")[0][0] == 3
+    assert query(db, "SELECT user_id, group_id FROM memberships") == [("ann", "sales")]
+    assert [r[0] for r in query(db, "SELECT id FROM addins")] == [TASKPANE]
+    rows = query(db, "SELECT topic, payload FROM outbox WHERE revision=3")
+    tombstones = {t.split("/", 3)[3] for t, p in rows if b'"deleted":true' in bytes(p)}
     assert f"assign/user/bob/{MAIL}" in tombstones and f"catalog/{MAIL}" in tombstones
     assert "group/all-staff/parents" in tombstones
 
