@@ -34,3 +34,8 @@ echo "==> bench/bench_agent.py"
 # 200 add-ins and 10,000 events (docs/benchmarks.md "Helpdesk commands as processes").
 echo "==> bench/bench_cli.py"
 .venv/bin/python bench/bench_cli.py --addins 200 --events 10000 --runs 30 || echo "   (exit status $?)"
+
+# The console's pages with 10,000 devices and 200 add-ins, over HTTP from a real server
+# (docs/benchmarks.md "Console").
+echo "==> bench/bench_console.py"
+.venv/bin/python bench/bench_console.py --users 10000 --rounds 20 || echo "   (exit status $?)"

@@ -149,8 +149,8 @@ def test_usage_errors_are_one_line_on_both_tools(tmp_path: Path) -> None:
     line = one_error_line(run("agent", "status", "--confg", "x"), 2)
     assert line.startswith("error: No such option '--confg'")
     assert "'--config'" in line and line.endswith("(see addin-agent status --help)")
-    line = one_error_line(run("server", "adin", "list", "--db", str(tmp_path / "s.db")), 2)
-    assert line == "error: No such command 'adin'. Did you mean 'addin'? (see addin-server --help)"
+    line = one_error_line(run("server", "addn", "list", "--db", str(tmp_path / "s.db")), 2)
+    assert line == "error: No such command 'addn'. Did you mean 'addin'? (see addin-server --help)"
     line = one_error_line(run("server", "addin", "list"), 2)
     assert line == "error: no database given: pass --db FILE or set ADDIN_SERVER_DB"
 

@@ -54,7 +54,7 @@ def render_audit(rows: list[dict[str, Any]]) -> str:
                       r["operation"], Text(_detail(r["detail"])))  # fmt: skip
     out = io.StringIO()
     Console(file=out, width=120, no_color=True, highlight=False).print(table)
-    return out.getvalue().rstrip("\n")
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
 
 
 @click.command()
