@@ -148,11 +148,14 @@ class PgBackend:
             async with self.pool.connection() as raw:
                 try:
                     if write:
-                        await raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-                        await raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", lock)
-                        # Delivered only if the transaction commits; a write without
-                        # messages costs the leader one empty outbox read.
-                        await raw.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+                        # One round trip (no parameters: one simple query of three
+                        # statements). The NOTIFY is delivered only if the transaction
+                        # commits; a write without messages costs the leader one empty read.
+                        await raw.execute(
+                            "BEGIN ISOLATION LEVEL READ COMMITTED; "
+                            f"SELECT pg_advisory_xact_lock({int(lock[0])}, {int(lock[1])}); "
+                            f"NOTIFY {OUTBOX_CHANNEL}"
+                        )
                     else:
                         await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     yield PgConn(raw)
