@@ -26,6 +26,7 @@ from server_helpers import Collector, eventually
 
 from addin_core.protocol import AgentReport, Topic
 from agent.daemon import Agent
+from server_stub.pg import LEADER_LOCK
 from simulator.mosquitto import MosquittoBroker
 
 pytestmark = pytest.mark.postgresql
@@ -72,6 +73,18 @@ def _outbox(url: str) -> tuple[list[tuple[str, int]], int]:
             "SELECT count(*) FROM outbox WHERE published_at IS NULL"
         ).fetchone() or (0,)
     return [(str(t), int(r)) for t, r in rows], int(waiting)
+
+
+def _leaders(url: str) -> int:
+    """Sessions holding the outbox lock (server_stub/pg.py LEADER_LOCK) on this database."""
+    with psycopg.connect(url) as c:
+        row = c.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype='advisory' AND granted "
+            "AND database=(SELECT oid FROM pg_database WHERE datname=current_database()) "
+            "AND classid=%s AND objid=%s AND objsubid=2",
+            LEADER_LOCK,
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _stored_reports(url: str, prefix: str) -> int:
@@ -199,6 +212,7 @@ async def test_replicas_share_writes_reports_and_the_outbox_across_a_sigkill(
             await asyncio.gather(*writers)
             await eventually(lambda: first.stands_by(offset), 10, "the restarted one to stand by")
             assert not first.leads(offset)
+            assert _leaders(pg_url) == 1
 
             def drained() -> bool:
                 rows, waiting = _outbox(pg_url)
@@ -235,15 +249,17 @@ async def test_replicas_share_writes_reports_and_the_outbox_across_a_sigkill(
 async def test_replicas_ride_out_postgresql_dropping_every_connection(
     tmp_path: Path, pg_url: str, broker: MosquittoBroker
 ) -> None:
-    """pg_terminate_backend on every connection of the replicas (a PostgreSQL restart or
+    """pg_terminate_backend on every connection of three replicas (a PostgreSQL restart or
     failover, as they see it): the leader's lock is gone, one replica takes the outbox again,
-    and writes on either are published."""
-    made = [Replica(pg_url, broker, tmp_path / f"replica{i}.log") for i in range(2)]
+    and writes on any are published."""
+    made = [Replica(pg_url, broker, tmp_path / f"replica{i}.log") for i in range(3)]
     try:
         made[0].start()
         await eventually(made[0].leads, 15, "the first replica to take the outbox")
         made[1].start()
+        made[2].start()
         urls = [r.url for r in made]
+        assert _leaders(pg_url) == 1
         await _write(urls, "POST", "/v1/users", {"id": "ann", "name": "ann"})
         offsets = [r.log.stat().st_size for r in made]
         with psycopg.connect(pg_url, autocommit=True) as c:
@@ -255,7 +271,7 @@ async def test_replicas_ride_out_postgresql_dropping_every_connection(
                          15, "a replica to take the outbox again")  # fmt: skip
         async with Collector(broker.port) as seen:
             revisions = [
-                await _write([urls[i % 2], urls[(i + 1) % 2]], "POST", "/v1/users",
+                await _write([urls[i % 3], urls[(i + 1) % 3]], "POST", "/v1/users",
                              {"id": f"u{i}", "name": f"u{i}"})
                 for i in range(6)
             ]
@@ -264,6 +280,7 @@ async def test_replicas_ride_out_postgresql_dropping_every_connection(
         assert all(r.proc is not None and r.proc.poll() is None for r in made)
         # Marked done right after the PUBACKs: a moment after the subscriber has them.
         await eventually(lambda: _outbox(pg_url)[1] == 0, 10, "the outbox marked done")
+        assert _leaders(pg_url) == 1
     finally:
         for r in made:
             r.stop()
