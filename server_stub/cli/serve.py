@@ -16,6 +16,7 @@ import click
 
 from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
+from addin_runtime.mqtt_version import MQTT_VERSIONS, MqttVersion, parse_mqtt_version
 from server_stub import db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
 from server_stub.signer import SigningKeyError, StateSigner, load_signer, signing_key_path
@@ -45,6 +46,7 @@ class _Settings:
     max_addins: int
     signer: StateSigner | None
     tls: _Tls | None
+    mqtt_version: MqttVersion = "auto"
 
 
 INSECURE_WARNING = (
@@ -109,6 +111,15 @@ INSECURE_WARNING = (
     help="Ed25519 private key (PKCS8 PEM, mode 0600) that signs every state payload; "
     "agents configured with its public key refuse anything else.",
 )
+@click.option(
+    "--mqtt-version",
+    envvar="ADDIN_SERVER_MQTT_VERSION",
+    type=click.Choice(MQTT_VERSIONS),
+    default="auto",
+    show_default=True,
+    help="MQTT 5, falling back to 3.1.1 when the broker refuses 5 (auto), or pinned "
+    "[env ADDIN_SERVER_MQTT_VERSION].",
+)
 @store_option
 @max_addins_option
 def serve(
@@ -125,6 +136,7 @@ def serve(
     store_catalog: Path,
     max_addins: int,
     signing_key: Path | None,
+    mqtt_version: str,
 ) -> None:
     """Run the HTTP API and the publisher (outbox -> MQTT, reports <- MQTT): with --pki over
     HTTPS and MQTT/TLS; with --insecure (a lab) in plain text."""
@@ -150,7 +162,7 @@ def serve(
         error(str(e), 2)
     settings = _Settings(tenant, broker, broker_username, broker_password, host, int(port),
                          admin_token, agent_token, admin_user, store_catalog, max_addins,
-                         signer, tls)  # fmt: skip
+                         signer, tls, parse_mqtt_version(mqtt_version))  # fmt: skip
     _serve_alone(db_path(writes=True), settings)
 
 
@@ -251,6 +263,7 @@ async def _run_server(path: Path, s: _Settings) -> None:
         report_sink=service.record_reports,
         signer=s.signer,
         tls_context=s.tls.mqtt if s.tls is not None else None,
+        mqtt_version=s.mqtt_version,
     )
     service.on_commit = publisher.wake
     service.signer = s.signer
