@@ -83,8 +83,10 @@ def nats_permissions(
     subscribe: list[str] = []
     for r in rules:
         subject = nats_subject(fill(r, tenant, user=user, client=client))
+        # MQTT's `a/#` also matches `a` itself: the gateway subscribes to both `a.>` and `a`.
+        subjects = [subject.removesuffix(".>"), subject] if subject.endswith(".>") else [subject]
         if r.access in ("write", "readwrite"):
-            publish.append(subject)
+            publish += subjects
         if r.access in ("read", "readwrite"):
-            subscribe.append(subject)
+            subscribe += subjects
     return {"publish": publish, "subscribe": subscribe}
