@@ -170,6 +170,20 @@ async def _until_signalled(coordinator: Any) -> Any:
 @main.command()
 @click.option("--clients", type=click.IntRange(1, 100_000), default=1000, show_default=True)
 @click.option(
+    "--tenant",
+    default="contoso",
+    show_default=True,
+    help="The run's tenant: with --server, the server's (`serve --tenant`).",
+)
+@click.option(
+    "--netns",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="Run the local workers in N network namespaces (root), reaching the broker and "
+    "server over veth pairs; made and removed by the run.",
+)
+@click.option(
     "--scenario", default="phased-rollout", show_default=True, help="Shipped NAME or a YAML FILE."
 )
 @click.option(
@@ -246,8 +260,13 @@ def run(
     run_id: str | None,
     no_baseline: bool,
     cache: str | None,
+    tenant: str,
+    netns: int,
 ) -> None:
-    """Run a scenario with N virtual clients and check every one against the oracle."""
+    """Run a scenario with N virtual clients and check every one against the oracle.
+
+    With --broker and --server it runs against that deployment (a lab one: agents log in
+    with the broker URL's user:password, the server's --agent-token) and starts neither."""
     from simulator.coordinator import RunOptions, default_workers
     from simulator.report import print_summary, write_reports
     from simulator.scenario import ScenarioError, load_scenario
@@ -269,7 +288,16 @@ def run(
             "--tls with --remote-workers is not supported: the device certificates are written "
             "on this machine only; run --tls with local workers"
         )
+    _check_netns(netns, tls, workers)
+    try:
+        from addin_core.protocol import check_id
+
+        check_id(tenant, "tenant id")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tenant") from None
     options = RunOptions(
+        tenant=tenant,
+        netns=netns,
         clients=clients,
         workers=default_workers() if workers is None else workers,
         seed=seed,
@@ -293,6 +321,22 @@ def run(
     console.print(f"report: {report_dir}/report.json, {report_dir}/report.html")
     if report["mismatches"] or report["server_disagreements"]:
         raise SystemExit(1)
+
+
+def _check_netns(netns: int, tls: bool, workers: int | None) -> None:
+    if not netns:
+        return
+    from simulator.netns import unavailable
+
+    why = unavailable()
+    if why is not None:
+        raise click.UsageError(f"--netns: {why}")
+    if tls:
+        raise click.UsageError(
+            "--netns with --tls is not supported: the run's certificates name 127.0.0.1"
+        )
+    if workers == 0:
+        raise click.UsageError("--netns needs worker processes (--workers 1 or more)")
 
 
 def _announce_join(remote_workers: int, run_id: str) -> Callable[[str, str], None]:
