@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,9 @@ def _mosquitto_conf(d: Path, listen: Listen, extra: list[str]) -> str:
                 "persistence true",
                 f"persistence_location {d / 'data'}/",
                 "log_dest stderr",
+                # Started as root, Mosquitto drops to another user: the files' owner, who
+                # can read the 0600 password file (as `addin-server broker run` does).
+                *([f"user {pwd.getpwuid(d.stat().st_uid).pw_name}"] if os.geteuid() == 0 else []),
                 *extra,
             ]
         )
