@@ -192,4 +192,3 @@ class NatsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

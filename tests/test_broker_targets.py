@@ -96,7 +96,9 @@ def test_nats_accounts_and_mosquitto_acl_grant_the_same_topics(tmp_path: Path) -
     assert users["ann"]["allowed_connection_types"] == ["MQTT"]
     assert "allowed_connection_types" not in users[f"addin-server-{T}"]
     # The Mosquitto pattern lines and ann's NATS subscribe list name the same topics.
-    reads = [line.split()[2] for line in acl_text(T).splitlines() if line.startswith("pattern read")]
+    reads = [
+        line.split()[2] for line in acl_text(T).splitlines() if line.startswith("pattern read")
+    ]
     want = [nats_subject(r.replace("%u", "ann")) for r in reads]
     assert users["ann"]["permissions"]["subscribe"]["allow"] == [*want, "$MQTT.sub.>"]
 
