@@ -34,3 +34,8 @@ echo "==> bench/bench_agent.py"
 # 200 add-ins and 10,000 events (docs/benchmarks.md "Helpdesk commands as processes").
 echo "==> bench/bench_cli.py"
 .venv/bin/python bench/bench_cli.py --addins 200 --events 10000 --runs 30 || echo "   (exit status $?)"
+
+# Mosquitto vs a three-node NATS cluster (its MQTT gateway, JetStream): the same 10,000-client
+# phased rollout on each, ratio of notified and cached p99 (docs/benchmarks.md "Brokers").
+echo "==> bench/bench_brokers.py --clients 10000"
+.venv/bin/python bench/bench_brokers.py --clients 10000 || echo "   (exit status $?)"
