@@ -68,17 +68,20 @@ def node_arg(node: NatsNode) -> str:
     return f"mqtt={node.mqtt},client={node.client},cluster={node.cluster}"
 
 
-def write_open_cluster(directory: Path, nodes: Sequence[NatsNode]) -> None:
+def write_open_cluster(
+    directory: Path, nodes: Sequence[NatsNode], *, light_consumers: bool = False
+) -> None:
     """Config files of a cluster without passwords or permissions (a benchmark's, as the
     simulator's private Mosquitto allows anonymous logins): one account, ``sim``, which
-    every login without credentials becomes."""
+    every login without credentials becomes. `light_consumers`: see `nats_node_text`."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "accounts.conf").write_text(
         "accounts { sim: { jetstream: enabled, users: [{user: sim, password: sim}] } }\n"
         "no_auth_user: sim\n"
     )
     for i in range(len(nodes)):
-        text = nats_node_text("sim", i, nodes, (directory / "jetstream" / f"node-{i}").absolute())
+        store = (directory / "jetstream" / f"node-{i}").absolute()
+        text = nats_node_text("sim", i, nodes, store, light_consumers=light_consumers)
         (directory / f"nats-{i}.conf").write_text(text)
 
 
