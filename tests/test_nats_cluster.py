@@ -150,17 +150,23 @@ class Login:
         self.connack: list[bool] = []
         self.granted: list[bool] = []
         self.messages: list[str] = []
+        self.retained: dict[str, bytes] = {}
         self.client.on_connect = lambda _c, _u, _f, rc, _p=None: self.connack.append(
             not rc.is_failure
         )
         self.client.on_subscribe = lambda _c, _u, _m, rcs, _p=None: self.granted.append(
             not rcs[0].is_failure
         )
-        self.client.on_message = lambda _c, _u, m: self.messages.append(m.topic)
+        self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port, keepalive=10)
         self.client.loop_start()
         _until(lambda: bool(self.connack), "a CONNACK")
         self.refused = not self.connack[0]
+
+    def _on_message(self, _c: object, _u: object, m: paho.MQTTMessage) -> None:
+        self.messages.append(m.topic)
+        if m.retain:
+            self.retained[m.topic] = m.payload
 
     def may_subscribe(self, topic: str) -> bool:
         before = len(self.granted)
@@ -174,6 +180,29 @@ class Login:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def _cluster_state(cluster: NatsCluster, node: int) -> dict[str, object]:
+    """Every retained state message under the tenant, as a fresh subscriber on `node`
+    receives it (until one quiet second, at most 20 s)."""
+    login = Login(cluster.nodes[node].mqtt.port, server_identity(TENANT), SERVER_PASSWORD)
+    try:
+        assert login.may_subscribe(f"addins/v1/{TENANT}/#")
+        seen, quiet_since = -1, time.monotonic()
+        for _ in range(400):
+            if len(login.messages) != seen:
+                seen, quiet_since = len(login.messages), time.monotonic()
+            elif time.monotonic() - quiet_since > 1.0:
+                break
+            time.sleep(0.05)
+    finally:
+        login.close()
+    prefix = f"addins/v1/{TENANT}/"
+    return {
+        t.removeprefix(prefix): json.loads(p)
+        for t, p in login.retained.items()
+        if not t.startswith(f"{prefix}server/")
+    }
 
 
 def _until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -235,6 +264,8 @@ async def test_rollout_with_a_node_sigkilled(
             await admin.apply(rollout.step())
         assert await converge(agents, admin.truth, timeout=120) == {}
         await eventually(lambda: server.unpublished() == 0, 30, "the outbox to drain")
+        # The cluster's retained state equals the server's, read on another node.
+        assert await asyncio.to_thread(_cluster_state, cluster, 1) == server.retained_rows()
         # 0 lost changes: every agent equals the oracle, and none ever lost or downgraded
         # anything on the way (the rollout only adds and upgrades).
         caches = [str(tmp_path / f"{u}-pc.sqlite") for u in USERS]
