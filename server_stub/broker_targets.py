@@ -232,6 +232,8 @@ def write_nats_config(
     user_ids: Iterable[str],
     nodes: Sequence[NatsNode],
     store_dir: Path | None = None,
+    *,
+    light_consumers: bool = False,
 ) -> dict[str, object]:
     """``accounts.conf`` and ``nats-N.conf`` for every node; what was written."""
     if not nodes:
@@ -242,7 +244,10 @@ def write_nats_config(
     written = [str(directory / "accounts.conf")]
     for i in range(len(nodes)):
         path = directory / f"nats-{i}.conf"
-        path.write_text(nats_node_text(tenant, i, nodes, store / f"node-{i}"))
+        text = nats_node_text(
+            tenant, i, nodes, store / f"node-{i}", light_consumers=light_consumers
+        )
+        path.write_text(text)
         written.append(str(path))
     agents = creds["agents"]
     assert isinstance(agents, dict)

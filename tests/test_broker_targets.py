@@ -211,3 +211,42 @@ def test_bridge_tree_carries_state_in_and_reports_out(
     finally:
         jane.close()
         srv.close()
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def _cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    cmd = [sys.executable, "-m", "server_stub", "--db", str(db), *args]
+    env_tenant = ["--tenant", "contoso"] if args and args[0] == "broker-config" else []
+    return subprocess.run(cmd + env_tenant, capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+
+
+def test_broker_config_targets_from_the_command_line(tmp_path: Path) -> None:
+    db = tmp_path / "org.db"
+    for user in ("ann", "jane.doe"):
+        assert _cli(db, "user", "add", user, "--tenant", "contoso").returncode == 0
+    out = _cli(db, "broker-config", str(tmp_path / "n"), "--target", "nats", "--light-consumers")
+    assert out.returncode == 0, out.stderr
+    assert "2 agent users" in out.stdout and "need nats-server 2.10" in out.stdout
+    assert "consumer_replicas: 1" in (tmp_path / "n" / "nats-2.conf").read_text()
+    out = _cli(db, "broker-config", str(tmp_path / "b"), "--target", "mosquitto-bridge",
+               "--node", "127.0.0.1:1", "--node", "127.0.0.1:2")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "core", "credentials.json", "region-1"]  # fmt: skip
+    # The same passwords whichever target wrote them first, once per folder.
+    bridge = json.loads((tmp_path / "b" / "credentials.json").read_text())
+    assert set(bridge["agents"]) == {"ann", "jane.doe"} and len(bridge["bridges"]) == 1
+    for bad, words in (
+        (["--target", "nats", "--node", "mqtt=x"], "must look like"),
+        (["--target", "mosquitto-bridge", "--node", "127.0.0.1:1"], "at least one region"),
+        (["--target", "nats", "--pki", str(tmp_path)], "drop --pki"),
+        (["--node", "127.0.0.1:1"], "for the other targets"),
+    ):
+        out = _cli(db, "broker-config", str(tmp_path / "x"), *bad)
+        assert out.returncode != 0 and words in out.stderr, (bad, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

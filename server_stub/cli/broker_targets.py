@@ -18,22 +18,31 @@ from server_stub.service import BadRequest, Service
 
 
 async def other_target(
-    s: Service, directory: Path, target: str, nodes: tuple[str, ...], store_dir: Path | None
+    s: Service,
+    directory: Path,
+    target: str,
+    nodes: tuple[str, ...],
+    store_dir: Path | None,
+    light_consumers: bool = False,
 ) -> dict[str, Any]:
     users = await s.user_ids()
     try:
         if target == "mosquitto-bridge":
-            if store_dir is not None:
-                raise BrokerConfigError("--store-dir is for --target nats")
+            if store_dir is not None or light_consumers:
+                raise BrokerConfigError("--store-dir and --light-consumers are for --target nats")
             listens = [Listen.parse(n, "--node") for n in nodes] or default_bridge_nodes(2)
             result = write_bridge_config(directory, s.tenant, users, listens)
             result["nodes"] = [str(n) for n in listens]
         elif target == "nats":
             parsed = [NatsNode.parse(n) for n in nodes] or default_nats_nodes(3)
-            result = write_nats_config(directory, s.tenant, users, parsed, store_dir)
+            result = write_nats_config(
+                directory, s.tenant, users, parsed, store_dir, light_consumers=light_consumers
+            )
             result["nodes"] = [str(n.mqtt) for n in parsed]
         else:
-            raise BrokerConfigError("--node and --store-dir are for the other targets")
+            raise BrokerConfigError(
+                "--node, --store-dir and --light-consumers are for the other targets"
+            )
     except (BrokerConfigError, OSError) as e:
         raise BadRequest(str(e)) from None
     agents = result["agents"]

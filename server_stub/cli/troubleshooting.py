@@ -85,6 +85,14 @@ def status(addin: str | None, **kw: Any) -> None:
     default=None,
     help="nats: JetStream's folder, one node-N folder per node [default: DIRECTORY/jetstream].",
 )
+@click.option(
+    "--light-consumers",
+    is_flag=True,
+    help="nats: each MQTT subscription's JetStream consumer on one node, in memory, instead "
+    "of replicated like the streams: far cheaper for thousands of agents; a node lost "
+    "leaves its consumers' clients without deliveries until they reconnect or "
+    "anti-entropy repairs them.",
+)
 @common
 def broker_config(
     directory: Path,
@@ -92,6 +100,7 @@ def broker_config(
     target: str,
     nodes: tuple[str, ...],
     store_dir: Path | None,
+    light_consumers: bool,
     **kw: Any,
 ) -> None:
     """Write the broker's files into DIRECTORY. With --pki: the CA, the broker's certificate
@@ -99,11 +108,11 @@ def broker_config(
     with their certificates). Without: Mosquitto `passwd` and `acl` files and
     `credentials.json` (0600), one account per user (lab). --target mosquitto-bridge and
     nats write a bridge tree's or a NATS cluster's files, with the same accounts and rules."""
-    if target != "mosquitto" or nodes or store_dir is not None:
+    if target != "mosquitto" or nodes or store_dir is not None or light_consumers:
         if pki_dir is not None:
             error("--target mosquitto-bridge and nats are password mode (lab): drop --pki", 2)
-        run(kw, lambda s: other_target(s, directory, target, nodes, store_dir), wrote_target,
-            writes=False)  # fmt: skip
+        run(kw, lambda s: other_target(s, directory, target, nodes, store_dir, light_consumers),
+            wrote_target, writes=False)  # fmt: skip
         return
     if pki_dir is not None:
         run(kw, lambda s: _tls_config(s, directory, pki_dir), _wrote_tls, writes=False)
