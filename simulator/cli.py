@@ -288,7 +288,7 @@ def run(
             "--tls with --remote-workers is not supported: the device certificates are written "
             "on this machine only; run --tls with local workers"
         )
-    _check_netns(netns, tls, workers)
+    _check_netns(netns, tls, workers, broker_url, server_url)
     try:
         from addin_core.protocol import check_id
 
@@ -323,10 +323,19 @@ def run(
         raise SystemExit(1)
 
 
-def _check_netns(netns: int, tls: bool, workers: int | None) -> None:
+def _check_netns(
+    netns: int, tls: bool, workers: int | None, broker_url: str | None, server_url: str | None
+) -> None:
     if not netns:
         return
-    from simulator.netns import unavailable
+    from simulator.netns import on_loopback, unavailable
+
+    for url in (broker_url, server_url):
+        if url and on_loopback(url):
+            raise click.UsageError(
+                f"--netns: {url} is on loopback, which the namespaces cannot reach; give an "
+                "address of this machine's network, or no --broker/--server"
+            )
 
     why = unavailable()
     if why is not None:

@@ -13,14 +13,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
 from server_stub.broker_cli import tls_listener_lines
 from simulator.fleet_pki import FleetPki
 from simulator.mosquitto import MosquittoBroker, free_port
-from simulator.netns import Namespaces, NetnsError
+from simulator.netns import Namespaces, NetnsError, on_loopback
 from simulator.processes import die_with_parent
 from simulator.results import RunError, RunOptions
 
@@ -225,8 +224,7 @@ class Environment:
         """--netns: the namespaces and their veth pairs; a given broker or server must be
         reachable from them, which loopback is not."""
         for url in (self.broker_url, self.server_url):
-            host = urlsplit(url).hostname if url else None
-            if host is not None and (host == "localhost" or host.startswith("127.")):
+            if url and on_loopback(url):
                 raise RunError(
                     f"--netns: {url} is on loopback, which the namespaces cannot reach; give "
                     "an address of this machine's network, or no --broker/--server"

@@ -17,6 +17,7 @@ import os
 import random
 import subprocess
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 
 class NetnsError(RuntimeError):
@@ -31,6 +32,12 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and done.returncode != 0:
         raise NetnsError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
     return done
+
+
+def on_loopback(url: str) -> bool:
+    """Whether `url` names a loopback host, which no namespace reaches."""
+    host = urlsplit(url).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def unavailable() -> str | None:
