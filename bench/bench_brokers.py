@@ -7,9 +7,8 @@ sessions and retained messages in JetStream replicated on the three nodes; the c
 open like the simulator's Mosquitto: one account, no passwords). Each MQTT subscription is a
 JetStream consumer: by default kept on one node in memory (`--replicated-consumers`: on three
 nodes, as `broker-config --target nats` writes them; on 2 cores, 1,000 clients' 7,000
-replicated consumers did not finish connecting). Every agent, the
-simulator's control channel and the server connect to node 0; nodes 1 and 2 hold the
-replicas. Prints, per step and over all changes, the notified and cached p99 on each broker
+replicated consumers did not finish connecting). The server and the simulator's control
+channel connect to node 0, the agents to all three (`--agent-broker`, spread by client id). Prints, per step and over all changes, the notified and cached p99 on each broker
 and their ratio NATS / Mosquitto; the reports are in bench-results/brokers-<broker>-<N>/.
 """
 
@@ -29,11 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 SIM = str(Path(sys.executable).parent / "addin-sim")
 
 
-def run_sim(clients: int, scenario: str, report: Path, broker_url: str | None) -> dict[str, Any]:
+def run_sim(
+    clients: int, scenario: str, report: Path, broker_url: str | None, agents_on: list[str]
+) -> dict[str, Any]:
     cmd = [SIM, "run", "--clients", str(clients), "--scenario", scenario, "--cache", "none",
            "--no-baseline", "--report", str(report)]  # fmt: skip
     if broker_url is not None:
         cmd += ["--broker", broker_url]
+    for url in agents_on:
+        cmd += ["--agent-broker", url]
     print(f"==> {' '.join(cmd[1:])}", flush=True)
     done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, timeout=3600)
     if done.returncode not in (0, 1):  # 1: mismatches, still a report to read
@@ -66,12 +69,13 @@ def main() -> None:
     parser.add_argument("--replicated-consumers", action="store_true")
     args = parser.parse_args()
     n = args.clients
-    mosquitto = run_sim(n, args.scenario, args.out / f"brokers-mosquitto-{n}", None)
+    mosquitto = run_sim(n, args.scenario, args.out / f"brokers-mosquitto-{n}", None, [])
     with tempfile.TemporaryDirectory(prefix="addin-bench-nats-") as tmp:
         nodes = free_nodes(3)
         write_open_cluster(Path(tmp), nodes, light_consumers=not args.replicated_consumers)
         with NatsCluster(Path(tmp), nodes) as cluster:
-            nats = run_sim(n, args.scenario, args.out / f"brokers-nats-{n}", cluster.mqtt_url(0))
+            urls = [cluster.mqtt_url(i) for i in range(len(nodes))]
+            nats = run_sim(n, args.scenario, args.out / f"brokers-nats-{n}", urls[0], urls)
     m, s = p99s(mosquitto), p99s(nats)
     consumers = "replicated" if args.replicated_consumers else "one node, in memory"
     print(f"\n{args.scenario}, {n} clients: p99 in ms, ratio = NATS (3 nodes; consumers "

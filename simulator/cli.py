@@ -35,6 +35,14 @@ def _broker_url(_ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+def _broker_urls(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for url in value:
+        _broker_url(ctx, param, url)
+    return value
+
+
 def _public_key(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
         from addin_core.signing import load_public_key
@@ -213,6 +221,14 @@ async def _until_signalled(coordinator: Any) -> Any:
     help="mqtt://HOST:PORT (default: a private Mosquitto).",
 )
 @click.option(
+    "--agent-broker",
+    "agent_brokers",
+    multiple=True,
+    callback=_broker_urls,
+    help="Repeatable: the agents connect to these, spread by client id (e.g. every node of "
+    "a cluster); default: --broker.",
+)
+@click.option(
     "--server",
     "server_url",
     default=None,
@@ -262,6 +278,7 @@ def run(
     cache: str | None,
     tenant: str,
     netns: int,
+    agent_brokers: tuple[str, ...],
 ) -> None:
     """Run a scenario with N virtual clients and check every one against the oracle.
 
@@ -295,7 +312,10 @@ def run(
         check_id(tenant, "tenant id")
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--tenant") from None
+    if agent_brokers and (tls or not broker_url):
+        raise click.UsageError("--agent-broker needs --broker (and no --tls)")
     options = RunOptions(
+        agent_brokers=agent_brokers,
         tenant=tenant,
         netns=netns,
         clients=clients,

@@ -229,6 +229,7 @@ class Coordinator:
         }
         agent: dict[str, Any] = {
             "tenant": self.options.tenant,
+            "brokers": list(self.options.agent_brokers),
             "agent_token": env.agent_token,
             "signing_key": env.signing_key,
             "cache": self.options.cache or self.scenario.cache,

@@ -41,6 +41,9 @@ class RunOptions:
     baseline: bool = True
     cache: str | None = None
     """Override the scenario's agent cache: "memory", "file" or "none"."""
+    agent_brokers: tuple[str, ...] = ()
+    """Where the agents connect, spread by client id (`--agent-broker`, e.g. every node of a
+    cluster); by default the run's broker. The control channel and the server use that."""
     tenant: str = "contoso"
     """The tenant of the run (an external server's, with `server_url`)."""
     netns: int = 0

@@ -15,6 +15,8 @@ import json
 import subprocess
 import sys
 import time
+import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,7 +41,16 @@ from server_helpers import eventually
 from addin_core.protocol import Host, server_identity
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from simulator.nats_cluster import NatsCluster, NatsError, find_nats_server, free_nodes, node_arg
+from simulator.coordinator import Coordinator, RunOptions
+from simulator.nats_cluster import (
+    NatsCluster,
+    NatsError,
+    find_nats_server,
+    free_nodes,
+    node_arg,
+    write_open_cluster,
+)
+from simulator.scenario import load_scenario
 
 try:
     NATS = find_nats_server()
@@ -257,3 +268,23 @@ async def test_rollout_with_a_node_sigkilled(
         await stop_agents(agents)
     assert {c: regressions(c) for c in caches} == {c: [] for c in caches}
     assert "MQTT 3.1.1" in server.log.read_text()
+
+
+async def test_simulator_agents_spread_over_an_open_cluster(tmp_path: Path) -> None:
+    """`addin-sim run --broker NODE0 --agent-broker NODE0 ... NODE2` (what bench_brokers.py
+    runs): the server and control channel on node 0, the agents on all three nodes."""
+    nodes = free_nodes(3)
+    write_open_cluster(tmp_path / "nats", nodes, light_consumers=True)
+    cluster = NatsCluster(tmp_path / "nats", nodes)
+    await asyncio.to_thread(cluster.start)
+    try:
+        urls = tuple(cluster.mqtt_url(i) for i in range(3))
+        options = RunOptions(clients=60, workers=0, workdir=tmp_path / "run", baseline=False,
+                             broker_url=urls[0], agent_brokers=urls)  # fmt: skip
+        coordinator = Coordinator(load_scenario("phased-rollout"), options)
+        result = await coordinator.execute()
+    finally:
+        cluster.stop()
+    assert result.mismatches == []
+    by_node = Counter(zlib.crc32(c.encode()) % 3 for c, _ in coordinator.clients)
+    assert sorted(by_node) == [0, 1, 2], by_node
