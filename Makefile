@@ -1,5 +1,5 @@
 # Shortcuts for the project's main commands (see README.md).
-.PHONY: test run bench fuzz walkthrough
+.PHONY: test run bench bench-brokers fuzz walkthrough
 
 test:
 	scripts/test.sh
@@ -10,6 +10,11 @@ run:
 bench:
 	scripts/bootstrap.sh
 	bench/run_benchmarks.sh
+
+# Only the Mosquitto vs NATS cluster comparison (part of `make bench`); CLIENTS=1000 for a quick one.
+bench-brokers:
+	scripts/bootstrap.sh
+	.venv/bin/python bench/bench_brokers.py --clients $(or $(CLIENTS),10000)
 
 fuzz:
 	scripts/bootstrap.sh

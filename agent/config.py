@@ -148,6 +148,9 @@ class AgentConfig(BaseModel):
     session_expiry: int = Field(default=8 * 86400, ge=7 * 86400)
     """MQTT 5 session expiry in seconds; at least 7 days so a week offline loses nothing."""
     keepalive: int = Field(default=60, ge=5, le=3600)
+    mqtt_version: Literal["auto", "5", "3.1.1"] = "auto"
+    """MQTT 5, falling back to 3.1.1 when the broker refuses 5 (``auto``), or pinned; see
+    addin_runtime/mqtt_version.py for what 3.1.1 loses."""
     events_keep_days: float = Field(default=30.0, gt=0)
     """The cache's event log keeps this many days of history ..."""
     events_keep_rows: int = Field(default=10_000, ge=100)
@@ -169,6 +172,12 @@ class AgentConfig(BaseModel):
     platform's default names (`agent.hostwatch.default_processes`)."""
     host_poll_interval: float = Field(default=1.0, ge=0.05, le=60)
     """Seconds between two looks at the process table."""
+
+    @field_validator("mqtt_version", mode="before")
+    @classmethod
+    def _version_text(cls, v: object) -> object:
+        # `mqtt_version = 5` in TOML is an integer; say the same thing as "5".
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
     @field_validator("tenant")
     @classmethod

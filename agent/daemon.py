@@ -235,6 +235,7 @@ class Agent:
             desired=lambda: desired_filters(self.state, self.config.user_id),
             clean_start_first=first,
             tls_context=mqtt_context(self.config),
+            mqtt_version=self.config.mqtt_version,
         )
         self.transport.start()
         self._schedule_fetches()

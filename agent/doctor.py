@@ -97,6 +97,18 @@ def _check_tls_broker(ctx: ssl.SSLContext, raw: socket.socket, host: str, port: 
 
 
 def _check_mqtt_login(cfg: AgentConfig, host: str, port: int, timeout: float) -> Check:
+    versions = ["5", "3.1.1"] if cfg.mqtt_version == "auto" else [cfg.mqtt_version]
+    for version in versions:
+        check, refused_version = _mqtt_login(cfg, host, port, timeout, version)
+        if not refused_version:
+            return check
+    return check
+
+
+def _mqtt_login(
+    cfg: AgentConfig, host: str, port: int, timeout: float, version: str
+) -> tuple[Check, bool]:
+    """The check for one protocol version, and whether the broker refused that version."""
     # An MQTT CONNECT under a separate client id: using the agent's own id would
     # disconnect the running daemon (the broker allows one session per id).
     import paho.mqtt.client as mqtt
@@ -105,7 +117,7 @@ def _check_mqtt_login(cfg: AgentConfig, host: str, port: int, timeout: float) ->
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=f"{cfg.client_id}-doctor"[:128],
-        protocol=mqtt.MQTTv5,
+        protocol=mqtt.MQTTv311 if version == "3.1.1" else mqtt.MQTTv5,
     )
     if cfg.broker_username:
         client.username_pw_set(cfg.broker_username, cfg.broker_password)
@@ -121,13 +133,15 @@ def _check_mqtt_login(cfg: AgentConfig, host: str, port: int, timeout: float) ->
             client.loop(0.1)
         client.disconnect()
     except OSError as e:
-        return Check("broker", "fail", f"{host}:{port} refused the MQTT connection: {e}")
+        return Check("broker", "fail", f"{host}:{port} refused the MQTT connection: {e}"), False
     rc = result.get("rc")
     if rc is None:
-        return Check("broker", "fail", f"{host}:{port} accepts TCP but did not answer MQTT CONNECT")
+        what = f"{host}:{port} accepts TCP but did not answer MQTT CONNECT"
+        return Check("broker", "fail", what), False
     if getattr(rc, "is_failure", False):
-        return Check("broker", "fail", f"{host}:{port} refused the login: {rc}")
-    return Check("broker", "ok", f"{host}:{port} reachable, MQTT 5 login accepted")
+        refused = getattr(rc, "value", None) in (1, 0x84)
+        return Check("broker", "fail", f"{host}:{port} refused the login: {rc}"), refused
+    return Check("broker", "ok", f"{host}:{port} reachable, MQTT {version} login accepted"), False
 
 
 def check_security(cfg: AgentConfig) -> Check:

@@ -1,11 +1,13 @@
-"""MQTT transport (aiomqtt, MQTT 5): persistent session, QoS 1, reconnect forever.
+"""MQTT transport (aiomqtt, MQTT 5 or 3.1.1): persistent session, QoS 1, reconnect forever.
 
 Knows nothing of add-ins: it delivers (topic, payload) to a callback, keeps the broker's
 subscriptions equal to the set it is given, and publishes reports. Session expiry is at
 least 7 days; clean start only on the very first connect of this agent (the caller
 remembers that in the cache), so messages published while it is offline are queued.
 On every reconnect it re-subscribes (retain handling 0: send retained state), so the
-agent converges even when the broker lost its sessions.
+agent converges even when the broker lost its sessions. A broker that speaks only MQTT
+3.1.1 gets 3.1.1 (``mqtt_version``; addin_runtime/mqtt_version.py says what each MQTT 5
+feature becomes).
 
 With a `tls_context` (an ``mqtts://`` broker, agent/tls.py) the link is TLS with the device
 certificate; a TLS failure (the broker's certificate not trusted, the device's refused:
@@ -24,11 +26,13 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from addin_runtime.mqtt import deliver_directly, fail_fast_before_connack, payload_bytes
+from addin_runtime.mqtt_version import MqttVersion, VersionChoice
 from addin_runtime.reconnect import (
     Backoff,
     LossClassifier,
@@ -82,8 +86,10 @@ class Transport:
         min_backoff: float | None = None,
         max_backoff: float | None = None,
         tls_context: ssl.SSLContext | None = None,
+        mqtt_version: MqttVersion = "auto",
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
+        self.version = VersionChoice(mqtt_version)
         self.tls_context = tls_context
         self.username, self.password = username, password
         self.session_expiry, self.keepalive = session_expiry, keepalive
@@ -125,16 +131,21 @@ class Transport:
         self.connected.clear()
 
     def _make_client(self) -> aiomqtt.Client:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.session_expiry
+        v311 = self.version.v311
+        props = None
+        if not v311:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry
         client = aiomqtt.Client(
             self.host,
             self.port,
             identifier=self.client_id,
             username=self.username,
             password=self.password,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=self.clean_start,
+            protocol=self.version.protocol,
+            # 3.1.1 has no session expiry: the session lasts as long as the broker keeps it.
+            clean_session=self.clean_start if v311 else None,
+            clean_start=MQTT_CLEAN_START_FIRST_ONLY if v311 else self.clean_start,
             properties=props,
             keepalive=self.keepalive,
             timeout=10,
@@ -160,7 +171,13 @@ class Transport:
                     await self.sync_subscriptions()
                     self.connected.set()
                     self.first_attempt.set()
-                    log.info("connected to %s:%d as %s", self.host, self.port, self.client_id)
+                    log.info(
+                        "connected to %s:%d as %s (MQTT %s)",
+                        self.host,
+                        self.port,
+                        self.client_id,
+                        self.version.name,
+                    )
                     await self.on_connect(True)
                     if not await self._deliver_directly(client):
                         # an aiomqtt without the internals: its public iterator
@@ -174,6 +191,14 @@ class Transport:
                 raise
             except Exception as e:  # every failure of the link, incl. auth, reconnects
                 self.client = None
+                if self.version.fall_back(e):
+                    log.warning(
+                        "broker %s:%d refused MQTT 5 (%s): speaking MQTT 3.1.1 from now on",
+                        self.host,
+                        self.port,
+                        e,
+                    )
+                    continue
                 was = self.connected.is_set()
                 self.connected.clear()
                 self.first_attempt.set()
@@ -253,8 +278,12 @@ class Transport:
         async with self._sub_lock:
             diff = reconcile(self.subscribed, self.desired())
             if diff.subscribe:
-                opts = SubscribeOptions(qos=1, retainHandling=0)
-                await client.subscribe([(f, opts) for f in diff.subscribe])
+                # 3.1.1 has no subscribe options; it always sends retained messages.
+                if self.version.v311:
+                    await client.subscribe([(f, 1) for f in diff.subscribe])
+                else:
+                    opts = SubscribeOptions(qos=1, retainHandling=0)
+                    await client.subscribe([(f, opts) for f in diff.subscribe])
                 self.subscribed |= set(diff.subscribe)
                 log.debug("subscribed %s", ", ".join(diff.subscribe))
             if diff.unsubscribe:

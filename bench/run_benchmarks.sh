@@ -39,3 +39,8 @@ echo "==> bench/bench_cli.py"
 # (docs/benchmarks.md "Console").
 echo "==> bench/bench_console.py"
 .venv/bin/python bench/bench_console.py --users 10000 --rounds 20 || echo "   (exit status $?)"
+
+# Mosquitto vs a three-node NATS cluster (its MQTT gateway, JetStream): the same 10,000-client
+# phased rollout on each, ratio of notified and cached p99 (docs/benchmarks.md "Brokers").
+echo "==> bench/bench_brokers.py --clients 10000"
+.venv/bin/python bench/bench_brokers.py --clients 10000 || echo "   (exit status $?)"

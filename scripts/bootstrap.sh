@@ -31,6 +31,13 @@ if ! find_mosquitto=$(command -v mosquitto || ls /usr/sbin/mosquitto 2>/dev/null
     # Debian starts a system broker on 1883; the project never uses it.
 fi
 
+# nats-server: the NATS cluster tests (tests/test_nats_cluster.py, skipped without it) and
+# bench/bench_brokers.py. Optional: installed only when this script can (root, apt).
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ] \
+        && as_root && command -v apt-get >/dev/null 2>&1; then
+    apt_install nats-server
+fi
+
 # systemd-analyze checks the units `addin-agent service install` writes (tests/test_service.py;
 # skipped without it). Optional: installed only when this script can (root, apt).
 if ! command -v systemd-analyze >/dev/null 2>&1 && as_root && command -v apt-get >/dev/null 2>&1; then

@@ -41,3 +41,9 @@ _.is_escalation  # addin_core/permissions.py: only the tests call it
 # Read through tests or by readers of the cache, not by the program itself.
 _.has_direct_delivery  # addin_runtime/mqtt.py: the adapter's probe, pinned by its tests
 _.resolved_at  # agent/readmodel.py: a column of the entitlements record
+
+# -- The NATS cluster harness: used by tests/test_nats_cluster.py and bench/bench_brokers.py --
+_.free_nodes
+_.node_arg
+_.write_open_cluster
+_.mqtt_url

@@ -49,6 +49,8 @@ class BrokerSection(_Section):
     username: str | None = None
     password: str | None = None
     password_file: Path | None = None
+    mqtt_version: Literal["auto", "5", "3.1.1"] = "auto"
+    """MQTT 5, falling back to 3.1.1 when the broker refuses 5 (auto), or pinned."""
 
 
 class AuthSection(_Section):

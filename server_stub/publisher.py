@@ -1,6 +1,8 @@
 """Drains the outbox to MQTT: QoS 1, retained, a row marked done only after its PUBACK.
 
-The publisher keeps a persistent MQTT 5 session (client id ``addin-server-<tenant>``).
+The publisher keeps a persistent MQTT 5 session (client id ``addin-server-<tenant>``), or a
+3.1.1 one (``clean_session = false``) with a broker that speaks only 3.1.1
+(``mqtt_version``; addin_runtime/mqtt_version.py).
 When the broker answers CONNACK with *session present = false*, it has lost (or never
 had) our state, so everything in the `retained` table is published again before the
 outbox is drained. A broker with persistence that is killed comes back with the state of
@@ -41,6 +43,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -54,6 +57,7 @@ from addin_core.protocol import (
 )
 from addin_runtime.logs import context
 from addin_runtime.mqtt import watch_session_present
+from addin_runtime.mqtt_version import MqttVersion, VersionChoice
 from addin_runtime.reconnect import (
     Backoff,
     LossClassifier,
@@ -120,8 +124,10 @@ class Publisher:
         signer: StateSigner | None = None,
         tls_context: ssl.SSLContext | None = None,
         reports_in_session: bool = True,
+        mqtt_version: MqttVersion = "auto",
     ) -> None:
         self.db_path = db_path
+        self.version = VersionChoice(mqtt_version)
         self.reports_in_session = reports_in_session
         """Whether this session takes the agents' reports (``report/+``); not when replicas
         share them (`server_stub/replicas.py`)."""
@@ -179,8 +185,11 @@ class Publisher:
             os._exit(70)
 
     def _client(self) -> aiomqtt.Client:
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        v311 = self.version.v311
+        props = None
+        if not v311:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
         client = aiomqtt.Client(
             self.host,
             self.port,
@@ -188,8 +197,10 @@ class Publisher:
             password=self.password,
             identifier=server_identity(self.tenant),
             tls_context=self.tls_context,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
+            protocol=self.version.protocol,
+            # 3.1.1: a session kept for as long as the broker keeps it (no expiry property).
+            clean_session=False if v311 else None,
+            clean_start=MQTT_CLEAN_START_FIRST_ONLY if v311 else False,
             properties=props,
             max_inflight_messages=1000,
             timeout=30,
@@ -260,6 +271,14 @@ class Publisher:
                     backoff.connected()
                     await self._session(database, client)
             except _RETRIED as e:
+                if self.version.fall_back(e):
+                    log.warning(
+                        "broker %s:%d refused MQTT 5 (%s): publishing over MQTT 3.1.1",
+                        self.host,
+                        self.port,
+                        e,
+                    )
+                    continue
                 # A locked or full database must not end publication for good: rows
                 # not marked done are published again (at least once) after the retry.
                 self.connected.clear()

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiomqtt
 
+from addin_runtime.mqtt_version import VersionChoice
 from addin_runtime.tasks import wait_event
 from simulator.control import BrokerAddress
 from simulator.metrics import LatencyHistogram
@@ -41,22 +42,30 @@ class BaselineShard:
     async def connect(self) -> None:
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
+        version = VersionChoice("auto")
+
+        def make(i: int) -> aiomqtt.Client:
+            return aiomqtt.Client(
+                self.broker.host,
+                self.broker.port,
+                identifier=f"{self.prefix}-{i}",
+                username=self.broker.username,
+                password=self.broker.password,
+                protocol=version.protocol,
+                timeout=30,
+            )
+
         async def one(i: int) -> None:
             async with sem:
-                client = aiomqtt.Client(
-                    self.broker.host,
-                    self.broker.port,
-                    identifier=f"{self.prefix}-{i}",
-                    username=self.broker.username,
-                    password=self.broker.password,
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                    timeout=30,
-                )
+                client = make(i)
                 for attempt in range(10):
                     try:
                         await client.__aenter__()
                         break
-                    except aiomqtt.MqttError:
+                    except aiomqtt.MqttError as e:
+                        # A 3.1.1-only broker (NATS): the same subscriber over 3.1.1.
+                        if version.fall_back(e) or version.v311:
+                            client = make(i)
                         await asyncio.sleep(0.2 * (attempt + 1))
                 else:
                     raise RuntimeError(f"baseline subscriber {i} could not connect")
@@ -90,15 +99,22 @@ class BaselineShard:
 
 
 async def publish_probe(broker: BrokerAddress, topic: str) -> None:
-    async with aiomqtt.Client(
-        broker.host,
-        broker.port,
-        identifier=f"addin-sim-probe-{uuid.uuid4().hex[:8]}",
-        username=broker.username,
-        password=broker.password,
-        protocol=aiomqtt.ProtocolVersion.V5,
-    ) as c:
-        await c.publish(topic, json.dumps({"sent_at": time.time()}).encode(), qos=1)
+    version = VersionChoice("auto")
+    for _ in range(2):
+        try:
+            async with aiomqtt.Client(
+                broker.host,
+                broker.port,
+                identifier=f"addin-sim-probe-{uuid.uuid4().hex[:8]}",
+                username=broker.username,
+                password=broker.password,
+                protocol=version.protocol,
+            ) as c:
+                await c.publish(topic, json.dumps({"sent_at": time.time()}).encode(), qos=1)
+                return
+        except aiomqtt.MqttError as e:
+            if not version.fall_back(e):
+                raise
 
 
 def _shard_process(

@@ -37,6 +37,14 @@ def _broker_url(_ctx: click.Context, _param: click.Parameter, value: str | None)
     return value
 
 
+def _broker_urls(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for url in value:
+        _broker_url(ctx, param, url)
+    return value
+
+
 def _public_key(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
         from addin_core.signing import load_public_key
@@ -176,6 +184,20 @@ async def _until_signalled(coordinator: Any) -> Any:
 @main.command()
 @click.option("--clients", type=click.IntRange(1, 100_000), default=1000, show_default=True)
 @click.option(
+    "--tenant",
+    default="contoso",
+    show_default=True,
+    help="The run's tenant: with --server, the server's (`serve --tenant`).",
+)
+@click.option(
+    "--netns",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="Run the local workers in N network namespaces (root), reaching the broker and "
+    "server over veth pairs; made and removed by the run.",
+)
+@click.option(
     "--scenario", default="phased-rollout", show_default=True, help="Shipped NAME or a YAML FILE."
 )
 @click.option(
@@ -203,6 +225,14 @@ async def _until_signalled(coordinator: Any) -> Any:
     default=None,
     callback=_broker_url,
     help="mqtt://HOST:PORT (default: a private Mosquitto).",
+)
+@click.option(
+    "--agent-broker",
+    "agent_brokers",
+    multiple=True,
+    callback=_broker_urls,
+    help="Repeatable: the agents connect to these, spread by client id (e.g. every node of "
+    "a cluster); default: --broker.",
 )
 @click.option(
     "--server",
@@ -269,8 +299,14 @@ def run(
     cache: str | None,
     with_console: bool,
     console_delay: float,
+    tenant: str,
+    netns: int,
+    agent_brokers: tuple[str, ...],
 ) -> None:
-    """Run a scenario with N virtual clients and check every one against the oracle."""
+    """Run a scenario with N virtual clients and check every one against the oracle.
+
+    With --broker and --server it runs against that deployment (a lab one: agents log in
+    with the broker URL's user:password, the server's --agent-token) and starts neither."""
     from simulator.coordinator import RunOptions, default_workers
     from simulator.report import print_summary, write_reports
     from simulator.scenario import ScenarioError, load_scenario
@@ -292,7 +328,19 @@ def run(
             "--tls with --remote-workers is not supported: the device certificates are written "
             "on this machine only; run --tls with local workers"
         )
+    _check_netns(netns, tls, workers, broker_url, server_url)
+    try:
+        from addin_core.protocol import check_id
+
+        check_id(tenant, "tenant id")
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--tenant") from None
+    if agent_brokers and (tls or not broker_url):
+        raise click.UsageError("--agent-broker needs --broker (and no --tls)")
     options = RunOptions(
+        agent_brokers=agent_brokers,
+        tenant=tenant,
+        netns=netns,
         clients=clients,
         workers=default_workers() if workers is None else workers,
         seed=seed,
@@ -358,6 +406,31 @@ def _watch_in_console(options: RunOptions, delay: float) -> None:
     options.on_environment = announce
     options.before_steps = before
     options.after_steps = after
+
+
+def _check_netns(
+    netns: int, tls: bool, workers: int | None, broker_url: str | None, server_url: str | None
+) -> None:
+    if not netns:
+        return
+    from simulator.netns import on_loopback, unavailable
+
+    for url in (broker_url, server_url):
+        if url and on_loopback(url):
+            raise click.UsageError(
+                f"--netns: {url} is on loopback, which the namespaces cannot reach; give an "
+                "address of this machine's network, or no --broker/--server"
+            )
+
+    why = unavailable()
+    if why is not None:
+        raise click.UsageError(f"--netns: {why}")
+    if tls:
+        raise click.UsageError(
+            "--netns with --tls is not supported: the run's certificates name 127.0.0.1"
+        )
+    if workers == 0:
+        raise click.UsageError("--netns needs worker processes (--workers 1 or more)")
 
 
 def _announce_join(remote_workers: int, run_id: str) -> Callable[[str, str], None]:

@@ -35,6 +35,7 @@ from urllib.parse import urlparse
 
 import aiomqtt
 
+from addin_runtime.mqtt_version import VersionChoice
 from addin_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class ControlChannel:
         sent again byte for byte)."""
         self._sticky: dict[str, bytes] = {}
         self._client: aiomqtt.Client | None = None
+        self._version = VersionChoice("auto")
+        """MQTT 5, or 3.1.1 on a broker that refuses 5 (NATS)."""
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -149,7 +152,7 @@ class ControlChannel:
                     identifier=self.identifier,
                     username=self.broker.username,
                     password=self.broker.password,
-                    protocol=aiomqtt.ProtocolVersion.V5,
+                    protocol=self._version.protocol,
                     timeout=30,
                     max_queued_outgoing_messages=0,
                 ) as client:
@@ -188,6 +191,8 @@ class ControlChannel:
             except aiomqtt.MqttError as e:
                 if self._closing:
                     return
+                if self._version.fall_back(e):
+                    continue
                 log.info(
                     "control channel %s lost the broker (%s); reconnecting", self.identifier, e
                 )

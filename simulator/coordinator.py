@@ -57,14 +57,14 @@ class Coordinator:
             scenario.org.groups,
             nesting_depth=scenario.org.nesting_depth,
             seed=options.seed,
-            tenant=TENANT,
+            tenant=options.tenant,
             nested_groups=scenario.org.nested_groups,
         )
         self.truth = GroundTruth.from_org_document(self.org.to_document())
         self.clients = [(f"ws-{u}", u) for u in self.org.users]
         self.fleet = WorkerFleet(self.run, options.progress)
         self.admin = AdminActions(scenario, options.seed, self.org, self.truth)
-        self.tap = StateTap(self.run)
+        self.tap = StateTap(self.run, options.tenant)
         self.env: Environment | None = None
         """The broker and server of the run, once started."""
         self.monitors: list[ProcessMonitor] = []
@@ -208,6 +208,7 @@ class Coordinator:
         """Start the local workers and wait until every worker (remote ones too) joined."""
         caches = env.workdir / "caches"
         caches.mkdir(exist_ok=True)
+        self.fleet.netns = env.netns
         if self.options.workers == 0:
             self.fleet.start_in_process(broker, env.server_url, caches)
         for _ in range(self.options.workers):
@@ -231,7 +232,8 @@ class Coordinator:
             for i, wid in enumerate(workers)
         }
         agent: dict[str, Any] = {
-            "tenant": TENANT,
+            "tenant": self.options.tenant,
+            "brokers": list(self.options.agent_brokers),
             "agent_token": env.agent_token,
             "signing_key": env.signing_key,
             "cache": self.options.cache or self.scenario.cache,

@@ -1,5 +1,6 @@
 """The run's environment: a private Mosquitto and server stub process, unless the run was given
-a broker and a server, torn down at the end."""
+a broker and a server, torn down at the end; with `--netns`, the network namespaces the
+workers run in (made first, removed last, also when the run fails)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import httpx
 from server_stub.broker_cli import tls_listener_lines
 from simulator.fleet_pki import FleetPki
 from simulator.mosquitto import MosquittoBroker, free_port
+from simulator.netns import Namespaces, NetnsError, on_loopback
 from simulator.processes import die_with_parent
 from simulator.results import RunError, RunOptions
 
@@ -58,6 +60,10 @@ class Environment:
         self.agent_token = options.agent_token or secrets.token_urlsafe(16)
         self.signing_key: str | None = options.signing_key
         """Public key the agents verify state with (None: they accept it unsigned)."""
+        self.netns: Namespaces | None = None
+        self.host = "127.0.0.1"
+        """Where the private broker and server listen: loopback, or with --netns the
+        namespaces' hub address (loopback is not reachable from a namespace)."""
 
     @property
     def db_path(self) -> Path:
@@ -71,17 +77,27 @@ class Environment:
         return ssl.create_default_context(cafile=str(self.pki.ca_file))
 
     def start(self) -> None:
+        # A given workdir may not exist yet; with --broker nothing else would create it.
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.options.netns:
+            self._make_namespaces()
         if self.options.tls:
             self._start_tls()
             return
         if not self.broker_url:
-            self.broker = MosquittoBroker(self.workdir / "broker", max_queued_messages=10_000)
+            self.broker = MosquittoBroker(
+                self.workdir / "broker",
+                max_queued_messages=10_000,
+                host=self.host,
+                # With --netns the log shows each client's address: the namespace it is in.
+                extra_config="connection_messages true" if self.netns is not None else "",
+            )
             self.broker.start()
             self.broker_url = self.broker.url
         self.agent_broker_url = self.broker_url
         if not self.server_url:
-            port = free_port()
-            self.server_url = f"http://127.0.0.1:{port}"
+            port = free_port(self.host)
+            self.server_url = f"http://{self.host}:{port}"
             self.server_args = [
                 *self._serve_args(self.broker_url, port),
                 "--agent-token",
@@ -102,9 +118,9 @@ class Environment:
             "--broker",
             broker_url,
             "--listen",
-            f"127.0.0.1:{port}",
+            f"{self.host}:{port}",
             "--tenant",
-            TENANT,
+            self.options.tenant,
             "--admin-token",
             self.admin_token,
             # Rollout gates checked every second: a scenario's automatic advance is measured
@@ -117,7 +133,7 @@ class Environment:
         """--tls: a fresh PKI with every client enrolled as a device, the broker with a TLS
         listener for the agents and the server (certificate required, identity = CN, the
         per-device ACL), and `serve --pki` (HTTPS, mqtts, state signed with its key)."""
-        self.pki = FleetPki(self.workdir, TENANT)
+        self.pki = FleetPki(self.workdir, self.options.tenant)
         self.pki.make(self.clients)
         self.signing_key = self.pki.signing_public
         broker_dir = self.workdir / "broker"
@@ -199,10 +215,30 @@ class Environment:
         self.start_server()
 
     def stop(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self._stop_server()
-        if self.broker is not None:
-            self.broker.kill()
+        try:
+            if self.server is not None and self.server.poll() is None:
+                self._stop_server()
+            if self.broker is not None:
+                self.broker.kill()
+        finally:
+            if self.netns is not None:
+                self.netns.remove()
+
+    def _make_namespaces(self) -> None:
+        """--netns: the namespaces and their veth pairs; a given broker or server must be
+        reachable from them, which loopback is not."""
+        for url in (self.broker_url, self.server_url):
+            if url and on_loopback(url):
+                raise RunError(
+                    f"--netns: {url} is on loopback, which the namespaces cannot reach; give "
+                    "an address of this machine's network, or no --broker/--server"
+                )
+        self.netns = Namespaces(self.options.netns, self.options.run_id)
+        try:
+            self.netns.create()
+        except NetnsError as e:
+            raise RunError(f"--netns: {e}") from None
+        self.host = self.netns.hub
 
     def _stop_server(self) -> None:
         assert self.server is not None

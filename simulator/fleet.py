@@ -25,6 +25,7 @@ from simulator.processes import die_with_parent
 from simulator.results import RunError
 
 if TYPE_CHECKING:
+    from simulator.netns import Namespaces
     from simulator.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class WorkerFleet:
         self._sent_at: dict[int, float] = {}
         self.resent = 0
         """Commands published again because a live worker had not seen them."""
+        self.netns: Namespaces | None = None
+        """With `addin-sim run --netns`: local workers start in these, in turn."""
         self.local_procs: dict[str, subprocess.Popen[bytes]] = {}
         """Worker subprocesses of this run by their log file."""
         self.in_process: asyncio.Task[None] | None = None
@@ -251,22 +254,24 @@ class WorkerFleet:
 
     def spawn(self, workdir: Path, broker_url: str, server_url: str, cache_dir: Path) -> None:
         """Start one worker subprocess, logging to workdir/worker-N.log."""
-        log_path = workdir / f"worker-{len(self.local_procs)}.log"
+        index = len(self.local_procs)
+        log_path = workdir / f"worker-{index}.log"
         log = open(log_path, "ab")
         try:
+            argv = [
+                console_script("addin-sim"),
+                "worker",
+                "--run",
+                self.run,
+                "--broker",
+                broker_url,
+                "--server",
+                server_url,
+                "--cache-dir",
+                str(cache_dir),
+            ]
             p = subprocess.Popen(
-                [
-                    console_script("addin-sim"),
-                    "worker",
-                    "--run",
-                    self.run,
-                    "--broker",
-                    broker_url,
-                    "--server",
-                    server_url,
-                    "--cache-dir",
-                    str(cache_dir),
-                ],
+                self.netns.command(index, argv) if self.netns is not None else argv,
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

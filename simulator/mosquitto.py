@@ -77,10 +77,12 @@ class MosquittoBroker:
         max_queued_messages: int = 1000,
         extra_config: str = "",
         tls_listener: list[str] | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.host = "127.0.0.1"
+        self.host = host
+        """127.0.0.1, or the namespaces' hub address with `addin-sim run --netns`."""
         self.port = port or free_port(self.host)
         self._port_chosen_here = port is None
         """Another process may take a port `free_port` gave before Mosquitto binds it; then

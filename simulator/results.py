@@ -41,6 +41,14 @@ class RunOptions:
     baseline: bool = True
     cache: str | None = None
     """Override the scenario's agent cache: "memory", "file" or "none"."""
+    agent_brokers: tuple[str, ...] = ()
+    """Where the agents connect, spread by client id (`--agent-broker`, e.g. every node of a
+    cluster); by default the run's broker. The control channel and the server use that."""
+    tenant: str = "contoso"
+    """The tenant of the run (an external server's, with `server_url`)."""
+    netns: int = 0
+    """Local workers spread over this many network namespaces (root only), reaching the
+    broker and server over veth pairs (`simulator/netns.py`)."""
     progress: Callable[[str, int, int], None] | None = None
     """progress(task, done, total): live progress for the terminal."""
     on_environment: Callable[[str, str], None] | None = None

@@ -37,8 +37,9 @@ class StateTap:
     """A subscriber to the tenant's retained state topics that keeps each topic's latest two
     messages, to re-send them for the `duplicates` fault."""
 
-    def __init__(self, run: str) -> None:
+    def __init__(self, run: str, tenant: str = TENANT) -> None:
         self.run = run
+        self.tenant = tenant
         self.held: dict[str, list[bytes]] = {}
         self._channel: ControlChannel | None = None
 
@@ -48,7 +49,7 @@ class StateTap:
             # checkpoint), which cost this process most of a core during the next step.
             broker,
             f"tap-{self.run}",
-            Filters.retained_state(TENANT),
+            Filters.retained_state(self.tenant),
             self._on_message,
             raw=True,  # re-sent byte for byte: a re-serialised signed payload would not verify
         )

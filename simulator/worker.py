@@ -23,6 +23,7 @@ import signal
 import socket
 import time
 import uuid
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,13 @@ class Worker:
             self._config(c), http=self.http, applier=MemoryApplier(), observer=self._observer(c)
         )
 
+    def _agent_broker(self, client_id: str, brokers: list[str]) -> str:
+        """The run's broker, or with `--agent-broker` one of those, the same for a client
+        in every run (the nodes of a cluster share the clients evenly)."""
+        if not brokers:
+            return self.broker.url
+        return BrokerAddress.parse(brokers[zlib.crc32(client_id.encode()) % len(brokers)]).url
+
     def _config(self, c: VirtualClient) -> Any:
         from agent.config import AgentConfig
 
@@ -301,7 +309,7 @@ class Worker:
         return AgentConfig(
             **common,
             insecure=True,  # the simulated fleet runs on a private loopback broker
-            broker_url=self.broker.url,
+            broker_url=self._agent_broker(c.client_id, s.get("brokers") or []),
             broker_username=self.broker.username,
             broker_password=self.broker.password,
             server_token=s.get("agent_token"),

@@ -20,6 +20,7 @@ from click.core import ParameterSource
 from addin_runtime.cli_support import error
 from addin_runtime.instance_lock import AlreadyLocked, InstanceLock
 from addin_runtime.logs import log_format_option, setup_logging
+from addin_runtime.mqtt_version import MQTT_VERSIONS, MqttVersion, parse_mqtt_version
 from server_stub import config, db
 from server_stub.cli.runner import db_option, db_path, max_addins_option, open_service, store_option
 from server_stub.health import DEFAULT_MAX_OUTBOX_LAG
@@ -70,6 +71,7 @@ class _Settings:
     sync_interval: float
     max_removal_share: float
     gate_interval: float = 5.0
+    mqtt_version: MqttVersion = "auto"
 
 
 INSECURE_WARNING = (
@@ -166,6 +168,15 @@ INSECURE_WARNING = (
     "agents configured with its public key refuse anything else.",
 )
 @click.option(
+    "--mqtt-version",
+    envvar="ADDIN_SERVER_MQTT_VERSION",
+    type=click.Choice(MQTT_VERSIONS),
+    default="auto",
+    show_default=True,
+    help="MQTT 5, falling back to 3.1.1 when the broker refuses 5 (auto), or pinned "
+    "[env ADDIN_SERVER_MQTT_VERSION].",
+)
+@click.option(
     "--ready-max-outbox-lag",
     "max_outbox_lag",
     envvar="ADDIN_SERVER_READY_MAX_OUTBOX_LAG",
@@ -229,7 +240,8 @@ def serve(config_file: Path | None, **kw: Any) -> None:
                          _directory(cfg.directory),
                          cfg.directory.interval or 0.0,
                          cfg.directory.max_removal_share,
-                         cfg.rollouts.gate_interval)  # fmt: skip
+                         cfg.rollouts.gate_interval,
+                         parse_mqtt_version(cfg.broker.mqtt_version))  # fmt: skip
     _serve_alone(db_path(writes=True, fallback=sv.database), settings)
 
 
@@ -273,6 +285,7 @@ _OPTION_FIELDS: dict[str, tuple[str, str]] = {
     "log_format": ("logging", "format"),
     "metrics": ("metrics", "enabled"),
     "gate_interval": ("rollouts", "gate_interval"),
+    "mqtt_version": ("broker", "mqtt_version"),
     "metrics_token": ("metrics", "token"),
 }
 """Each option of `serve` and the key of the configuration file it overrides."""
@@ -406,6 +419,7 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
         signer=s.signer,
         tls_context=s.tls.mqtt if s.tls is not None else None,
         reports_in_session=not shared,
+        mqtt_version=s.mqtt_version,
     )
     service.on_commit = publisher.wake
     service.signer = s.signer

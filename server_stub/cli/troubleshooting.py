@@ -16,6 +16,8 @@ from server_stub.broker_config import (
     write_broker_config,
     write_tls_broker_config,
 )
+from server_stub.broker_targets import TARGETS
+from server_stub.cli.broker_targets import other_target, wrote_target
 from server_stub.cli.runner import common, db_path, run
 from server_stub.explain import render_explain, render_status
 from server_stub.pki import PkiError, open_pki
@@ -64,12 +66,58 @@ def status(addin: str | None, **kw: Any) -> None:
     help="TLS mode: the tenant's PKI folder; without it, password accounts (lab) "
     "[env ADDIN_SERVER_PKI].",
 )
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    default="mosquitto",
+    show_default=True,
+    help="mosquitto: one broker; mosquitto-bridge: regional brokers bridged to a core; "
+    "nats: a NATS cluster with its MQTT gateway and JetStream (password mode only).",
+)
+@click.option(
+    "--node",
+    "nodes",
+    multiple=True,
+    help="Repeatable. mosquitto-bridge: HOST:PORT of the core, then of each region [default: "
+    "127.0.0.1:18883 and two regions on 18884, 18885]. nats: "
+    "mqtt=HOST:PORT,client=HOST:PORT,cluster=HOST:PORT [default: three loopback nodes, "
+    "MQTT 18883-18885, clients 14222-14224, routes 16222-16224].",
+)
+@click.option(
+    "--store-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="nats: JetStream's folder, one node-N folder per node [default: DIRECTORY/jetstream].",
+)
+@click.option(
+    "--light-consumers",
+    is_flag=True,
+    help="nats: each MQTT subscription's JetStream consumer on one node, in memory, instead "
+    "of replicated like the streams: far cheaper for thousands of agents; a node lost "
+    "leaves its consumers' clients without deliveries until they reconnect or "
+    "anti-entropy repairs them.",
+)
 @common
-def broker_config(directory: Path, pki_dir: Path | None, **kw: Any) -> None:
+def broker_config(
+    directory: Path,
+    pki_dir: Path | None,
+    target: str,
+    nodes: tuple[str, ...],
+    store_dir: Path | None,
+    light_consumers: bool,
+    **kw: Any,
+) -> None:
     """Write the broker's files into DIRECTORY. With --pki: the CA, the broker's certificate
     and key, the CRL, and an ACL with one block per enrolled device (clients authenticate
     with their certificates). Without: Mosquitto `passwd` and `acl` files and
-    `credentials.json` (0600), one account per user (lab)."""
+    `credentials.json` (0600), one account per user (lab). --target mosquitto-bridge and
+    nats write a bridge tree's or a NATS cluster's files, with the same accounts and rules."""
+    if target != "mosquitto" or nodes or store_dir is not None or light_consumers:
+        if pki_dir is not None:
+            error("--target mosquitto-bridge and nats are password mode (lab): drop --pki", 2)
+        run(kw, lambda s: other_target(s, directory, target, nodes, store_dir, light_consumers),
+            wrote_target, writes=False)  # fmt: skip
+        return
     if pki_dir is not None:
         run(kw, lambda s: _tls_config(s, directory, pki_dir), _wrote_tls, writes=False)
         return
