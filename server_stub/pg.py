@@ -1,6 +1,6 @@
 """The PostgreSQL backend of `server_stub.db.Database` (psycopg 3 and its async pool).
 
-Why psycopg and not asyncpg: docs/server.md ("PostgreSQL"). In short, psycopg's async
+Why psycopg and not asyncpg: docs/server.md ("PostgreSQL and several servers"). In short, psycopg's async
 cursor has the DB-API shape aiosqlite has (``execute`` / ``fetchone`` / ``rowcount``), so the
 services run the same code on both engines, and its pool checks and resets connections.
 
@@ -12,7 +12,7 @@ publisher relies on. Statements in READ COMMITTED then see every change committe
 the lock was granted. Read transactions are REPEATABLE READ READ ONLY: one snapshot.
 
 `LEADER_LOCK` is the session-level advisory lock the replica that drains the outbox holds
-(`server_stub/leader.py`); `MIGRATION_LOCK` orders replicas migrating a new database.
+(`server_stub/replicas.py`); `MIGRATION_LOCK` orders replicas migrating a new database.
 Advisory locks are per database, so tenants on one PostgreSQL server never contend.
 
 Every write transaction also queues a notification on `OUTBOX_CHANNEL`, delivered at its
@@ -42,6 +42,7 @@ OUTBOX_CHANNEL = "addin_outbox"
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to reach PostgreSQL at open before saying it cannot be reached."""
+
 
 class PgRow(tuple[Any, ...]):
     """A row readable by position and by column name, like sqlite3.Row."""
