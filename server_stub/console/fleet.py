@@ -9,8 +9,13 @@ enrollment. Per add-in a device that belongs to an entitled user is
   entry (its current version and on/off state), or it has cached or applied it;
 - **cached**: it reported the current version downloaded and waiting for its host, or applied;
 - **applied**: it reported the current version applied on at least one host;
-- **failed**: its last report names the add-in in an error (the reason is shown);
+- **failed**: its last report lists the add-in in `failed` (or, from an older agent, names
+  it in an error line); the reason is shown;
 - **stale**: no report for `stale_after` seconds (or never, for an enrolled device).
+
+Entitlement follows the assignments and their exclusions (an exclusion wins), and while a
+rollout runs a device is due the version of the first ring of the catalog entry that reaches
+its user (the entry's own version otherwise): *applied* and *cached* count that version.
 
 `FleetView.refresh` reads what changed (the directory and catalog when the revision moved,
 reports received since the last read) and recounts with set operations, never a loop over
