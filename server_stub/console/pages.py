@@ -40,7 +40,7 @@ IDLE_AFTER = 300.0
 """Seconds without a console request after which counting stops (a server nobody watches
 does no console work)."""
 REFRESH_EVERY = 1.0
-FIRST_COUNT_WAIT = 0.2
+FIRST_COUNT_WAIT = 0.1
 """How long a page waits for the very first count before it renders without it."""
 KEEPALIVE_EVERY = 15.0
 RECENT_ROLLOUT = 600.0
