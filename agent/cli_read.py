@@ -12,17 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from addin_core.display import printable
 from addin_core.topics import Host
 from agent.cli_common import (
     HOST_CHOICE,
     Ctx,
-    Table,
     console,
     emit_json,
     fail,
     long_table,
     parse_host,
     pass_ctx,
+    plain_table,
     shown,
     when,
 )
@@ -118,7 +119,7 @@ def status(c: Ctx, as_json: bool) -> None:
         f"{n['manifests']} manifests ({d['manifests_refused']} refused), "
         f"{n['events']} events"
     )
-    t = Table(title="Per host app")
+    t = plain_table(title="Per host app")
     for col in ("host", "installed", "pending ready", "waiting", "needs consent"):
         t.add_column(col)
     for h in cl.get("hosts", [x.value for x in Host]):
@@ -203,18 +204,19 @@ def why(c: Ctx, addin: str, host: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(rep.to_json())
         return
-    title = rep.name or addin
-    console.print(
-        f"[bold]{shown(title)}[/bold]" + (f"  ({shown(rep.addin_id)})" if rep.addin_id else "")
-    )
+    # click, not rich: `why` answers in ~100 ms as a process and importing rich is ~30 ms of
+    # it. click.echo drops the colours when the output is not a terminal, as rich does.
+    p = printable
+    title = click.style(p(rep.name or addin), bold=True)
+    click.echo(title + (f"  ({p(rep.addin_id)})" if rep.addin_id else ""))
+    marks = {True: click.style("✓", fg="green"), False: click.style("✗", fg="red"), None: "•"}
     for s in rep.steps:
-        mark = {True: "[green]✓[/green]", False: "[red]✗[/red]", None: "•"}[s.ok]
-        console.print(f"  {mark} {shown(s.label)}: {shown(s.detail)}", highlight=False)
+        click.echo(f"  {marks[s.ok]} {p(s.label)}: {p(s.detail)}")
     if rep.freshness is not None:
         f = Freshness.from_json(rep.freshness)
-        mark = "[yellow]![/yellow]" if f.stale else "•"
-        console.print(f"  {mark} data: {shown(describe(f))}", highlight=False)
-    console.print(f"[bold]→ {shown(rep.verdict)}[/bold]", highlight=False)
+        mark = click.style("!", fg="yellow") if f.stale else "•"
+        click.echo(f"  {mark} data: {p(describe(f))}")
+    click.echo(click.style(f"→ {p(rep.verdict)}", bold=True))
 
 
 _REL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -252,7 +254,7 @@ def events(c: Ctx, since: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
-    t = Table(title="Events")
+    t = plain_table(title="Events")
     for col in ("time", "kind", "add-in", "host", "rev", "detail"):
         t.add_column(col, overflow="fold")
     for r in rows:
@@ -282,7 +284,7 @@ def query(c: Ctx, sql: str, as_json: bool) -> None:
     if as_json:
         emit_json([dict(zip(cols, r, strict=True)) for r in rows])
         return
-    t = Table()
+    t = plain_table()
     for col in cols:
         t.add_column(col, overflow="fold")
     for r in rows:

@@ -8,9 +8,10 @@ import io
 
 import pytest
 from rich.console import Console
+from rich.table import Table
 
 from agent import cli_common
-from agent.cli_common import Table, long_table
+from agent.cli_common import long_table, plain_table
 
 COLUMNS = ("host", "name", "via")
 ROWS = [
@@ -28,7 +29,7 @@ def _render(table: Table, width: int) -> str:
 
 
 def _row_by_row() -> Table:
-    t = Table(title="Add-ins")
+    t = plain_table(title="Add-ins")
     for col in COLUMNS:
         t.add_column(col, overflow="fold")
     for r in ROWS:
