@@ -25,8 +25,8 @@ from agent.cli_common import (
     fail,
     parse_host,
     pass_ctx,
-    plain_table,
     shown,
+    text_table,
 )
 
 if TYPE_CHECKING:
@@ -232,12 +232,9 @@ def launch(c: Ctx, host: str, as_json: bool) -> None:
     if as_json:
         emit_json(body)
         return
-    t = plain_table(title=f"{h.value}: installed add-ins ({body['applied']} change(s) applied)")
-    t.add_column("add-in")
-    t.add_column("version")
-    for a, v in sorted(body["installed"].items()):
-        t.add_row(a, v)
-    console.print(t)
+    title = f"{h.value}: installed add-ins ({body['applied']} change(s) applied)"
+    rows = sorted(body["installed"].items())
+    click.echo(text_table(title, ("add-in", "version"), rows))
 
 
 @main.command()

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import time
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -78,29 +79,43 @@ def _plain_table_class() -> type[Table]:
     return PlainTable
 
 
-def long_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    """A table of many plain-text rows, drawn in a few milliseconds where it fits the console.
+def text_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table of plain-text rows drawn with click alone: a bold header, a rule, columns
+    aligned by display width (wide characters count two), every cell through `printable`.
 
-    rich lays out every cell separately: 200 rows of `list` took ~57 ms on a 2-core machine,
-    more than half of the command's budget. When no cell needs wrapping, each column is drawn
-    as one cell holding all its values, one per line, which prints the same table; otherwise
-    (a narrow terminal) the rows are laid out one by one and wrap as usual."""
-    from rich.cells import cell_len
-    from rich.text import Text
+    The read commands run as whole processes within ~100 ms (docs/benchmarks.md "Helpdesk
+    commands"): importing rich costs ~30 ms of that and laying out 200 rows with it ~40 ms
+    more, so `list`, `status` and `launch` draw their tables here. Rows longer than the
+    terminal wrap as the terminal wraps them."""
+    cells = [[printable(str(v)) for v in row] for row in rows]
+    widths = [
+        max([display_width(c)] + [display_width(r[i]) for r in cells])
+        for i, c in enumerate(columns)
+    ]
 
-    cells = [[printable(v) for v in row] for row in rows]
-    widths = [max([cell_len(c)] + [cell_len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    # Each column takes its width plus 1 space of padding either side and a border.
-    fits = sum(widths) + 3 * len(columns) + 1 <= console.width
-    t = plain_table(title=title)
-    for col in columns:
-        t.add_column(col, overflow="fold", no_wrap=fits)
-    if fits and cells:
-        t.add_row(*(Text("\n".join(r[i] for r in cells)) for i in range(len(columns))))
-    else:
-        for r in cells:
-            t.add_row(*r)
-    return t
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v + " " * (w - display_width(v)) for v, w in zip(values, widths, strict=True)
+        ).rstrip()
+
+    out = [click.style(title, bold=True)] if title else []
+    out.append(click.style(line(columns), bold=True))
+    out.append("  ".join("─" * w for w in widths))
+    out.extend(line(r) for r in cells)
+    return "\n".join(out)
+
+
+def display_width(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return sum(
+        0
+        if unicodedata.combining(ch)
+        else 2
+        if unicodedata.east_asian_width(ch) in ("W", "F")
+        else 1
+        for ch in text
+    )
 
 
 HOST_CHOICE = click.Choice([h.value for h in Host], case_sensitive=False)
