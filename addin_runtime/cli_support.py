@@ -9,8 +9,9 @@ for a usage mistake (unknown option or command, missing argument), click's own s
 from __future__ import annotations
 
 import difflib
+import importlib
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -31,7 +32,35 @@ def error(message: str, code: int = 1) -> NoReturn:
 
 
 class Group(click.Group):
-    """The top-level group of a tool: click's errors in the one-line style."""
+    """The top-level group of a tool: click's errors in the one-line style.
+
+    `lazy` names subcommands by ``"module:attribute"``, imported only when that subcommand
+    runs (or `--help` lists them all): the helpdesk commands answer in ~100 ms, and importing
+    every command module costs a tenth of that (docs/benchmarks.md "Helpdesk commands")."""
+
+    def __init__(self, *args: Any, lazy: Mapping[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand as e:
+            # click suggests from the commands loaded so far: the lazy ones count too.
+            raise click.exceptions.NoSuchCommand(
+                e.command_name, possibilities=self.list_commands(ctx), ctx=ctx
+            ) from None
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, _, attribute = self.lazy[cmd_name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def main(
         self,

@@ -30,14 +30,14 @@ class UnreadableRow(ProtocolError):
     """A cached payload without the shape its topic's model gives it."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CachedWithheld:
     version: str
     permissions: str
     hosts: list[Host]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CachedRingVersion:
     ring: str
     targets: list[str]
@@ -49,7 +49,7 @@ class CachedRingVersion:
     rollback: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CachedCatalogEntry:
     revision: int
     addin_id: str
@@ -68,7 +68,7 @@ class CachedCatalogEntry:
     rollback: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CachedAssignment:
     revision: int
     mode: Mode
@@ -77,28 +77,28 @@ class CachedAssignment:
     except_users: list[str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CachedMembership:
     revision: int
     groups: list[str]
     committed_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CachedGroupParents:
     revision: int
     parents: list[str]
     committed_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CachedPolicy:
     revision: int
     committed_at: float | None = None
     nested_groups: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CachedTombstone:
     revision: int
     deleted: bool

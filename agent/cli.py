@@ -15,11 +15,10 @@ import click
 from addin_core.topics import Host
 from addin_runtime.cli_support import Group
 from addin_runtime.logs import log_format_option
-from agent import cli_bundle, cli_read, cli_service
+from agent import cli_read
 from agent.cli_common import (
     HOST_CHOICE,
     Ctx,
-    Table,
     config_options,
     console,
     emit_json,
@@ -27,6 +26,7 @@ from agent.cli_common import (
     parse_host,
     pass_ctx,
     shown,
+    text_table,
 )
 
 if TYPE_CHECKING:
@@ -37,7 +37,14 @@ if TYPE_CHECKING:
 # a fraction of what importing them costs (docs/benchmarks.md "Helpdesk commands").
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    lazy={
+        "report-bundle": "agent.cli_bundle:report_bundle",
+        "service": "agent.cli_service:service",
+    },
+)
 @click.version_option(package_name="addin-deploy", prog_name="addin-agent")
 @config_options
 @click.pass_context
@@ -225,12 +232,9 @@ def launch(c: Ctx, host: str, as_json: bool) -> None:
     if as_json:
         emit_json(body)
         return
-    t = Table(title=f"{h.value}: installed add-ins ({body['applied']} change(s) applied)")
-    t.add_column("add-in")
-    t.add_column("version")
-    for a, v in sorted(body["installed"].items()):
-        t.add_row(a, v)
-    console.print(t)
+    title = f"{h.value}: installed add-ins ({body['applied']} change(s) applied)"
+    rows = sorted(body["installed"].items())
+    click.echo(text_table(title, ("add-in", "version"), rows))
 
 
 @main.command()
@@ -255,8 +259,6 @@ def remove(c: Ctx, addin: str, as_json: bool) -> None:
 
 for command in cli_read.COMMANDS:
     main.add_command(command)
-main.add_command(cli_bundle.report_bundle)
-main.add_command(cli_service.service)
 
 
 if __name__ == "__main__":  # pragma: no cover

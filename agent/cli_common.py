@@ -1,22 +1,22 @@
 """What every `addin-agent` command shares: the config and cache options (accepted before
 or after the subcommand), the context that loads them, and the output conventions (rich
-tables of plain text, ``--json``, one error line)."""
+tables of plain text, ``--json``, one error line).
+
+rich is imported at its first use, not with this module: importing it costs ~30 ms, a third of
+what `why` may take as a whole process, and `why` prints its lines with click alone."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import click
-from rich import table as rich_table
-from rich.cells import cell_len
-from rich.console import Console
-from rich.markup import escape
-from rich.text import Text
 
 from addin_core.display import printable
 from addin_core.topics import Host
@@ -24,50 +24,98 @@ from addin_runtime.cli_support import error, shared_option, shared_value
 from agent.config_file import ConfigError, parse_control, read_fields
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
     from agent.config import AgentConfig
     from agent.readmodel import ReadModel
 
-console = Console()
+
+class _ConsoleAtFirstUse:
+    """rich's Console, made (and rich imported) when something is first printed with it."""
+
+    _console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if _ConsoleAtFirstUse._console is None:
+            from rich.console import Console
+
+            # No automatic highlighting of numbers and quotes: the text is ours or escaped,
+            # and the highlighter's regexes cost every command ~5 ms to compile.
+            _ConsoleAtFirstUse._console = Console(highlight=False)
+        return getattr(_ConsoleAtFirstUse._console, name)
+
+
+console = cast("Console", _ConsoleAtFirstUse())
 
 
 def shown(text: object) -> str:
     """`text` (a name, reason or message from a manifest or the network) ready for a console
     markup string: control and bidi characters made visible, markup characters escaped."""
+    from rich.markup import escape
+
     return escape(printable(str(text)))
 
 
-class Table(rich_table.Table):
+def plain_table(**kw: Any) -> Table:
     """A rich Table whose string cells are plain text, never console markup: names, reasons
     and query results come from manifests and the network ("[/bold]" in a DisplayName used
     to crash `list`, and "[link=...]" could dress up a link in a helpdesk terminal). Control
     and bidi characters are shown as escapes, never sent raw to the terminal."""
-
-    def add_row(self, *renderables: Any, **kw: Any) -> None:
-        super().add_row(
-            *(Text(printable(r)) if isinstance(r, str) else r for r in renderables), **kw
-        )
+    return _plain_table_class()(**kw)
 
 
-def long_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
-    """A table of many plain-text rows, drawn in a few milliseconds where it fits the console.
+@functools.cache
+def _plain_table_class() -> type[Table]:
+    from rich.table import Table
+    from rich.text import Text
 
-    rich lays out every cell separately: 200 rows of `list` took ~57 ms on a 2-core machine,
-    more than half of the command's budget. When no cell needs wrapping, each column is drawn
-    as one cell holding all its values, one per line, which prints the same table; otherwise
-    (a narrow terminal) the rows are laid out one by one and wrap as usual."""
-    cells = [[printable(v) for v in row] for row in rows]
-    widths = [max([cell_len(c)] + [cell_len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    # Each column takes its width plus 1 space of padding either side and a border.
-    fits = sum(widths) + 3 * len(columns) + 1 <= console.width
-    t = Table(title=title)
-    for col in columns:
-        t.add_column(col, overflow="fold", no_wrap=fits)
-    if fits and cells:
-        t.add_row(*(Text("\n".join(r[i] for r in cells)) for i in range(len(columns))))
-    else:
-        for r in cells:
-            t.add_row(*r)
-    return t
+    class PlainTable(Table):
+        def add_row(self, *renderables: Any, **kw: Any) -> None:
+            super().add_row(
+                *(Text(printable(r)) if isinstance(r, str) else r for r in renderables), **kw
+            )
+
+    return PlainTable
+
+
+def text_table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table of plain-text rows drawn with click alone: a bold header, a rule, columns
+    aligned by display width (wide characters count two), every cell through `printable`.
+
+    The read commands run as whole processes within ~100 ms (docs/benchmarks.md "Helpdesk
+    commands"): importing rich costs ~30 ms of that and laying out 200 rows with it ~40 ms
+    more, so `list`, `status` and `launch` draw their tables here. Rows longer than the
+    terminal wrap as the terminal wraps them."""
+    cells = [[printable(str(v)) for v in row] for row in rows]
+    widths = [
+        max([display_width(c)] + [display_width(r[i]) for r in cells])
+        for i, c in enumerate(columns)
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v + " " * (w - display_width(v)) for v, w in zip(values, widths, strict=True)
+        ).rstrip()
+
+    out = [click.style(title, bold=True)] if title else []
+    out.append(click.style(line(columns), bold=True))
+    out.append("  ".join("─" * w for w in widths))
+    out.extend(line(r) for r in cells)
+    return "\n".join(out)
+
+
+def display_width(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return sum(
+        0
+        if unicodedata.combining(ch)
+        else 2
+        if unicodedata.east_asian_width(ch) in ("W", "F")
+        else 1
+        for ch in text
+    )
 
 
 HOST_CHOICE = click.Choice([h.value for h in Host], case_sensitive=False)

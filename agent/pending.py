@@ -171,9 +171,7 @@ def plan(
         for addin_id, ent in want.items():
             cur = have.get(addin_id)
             rollback = (
-                cur is not None
-                and ent.rollback is not None
-                and _is_newer(cur.version, ent.version)
+                cur is not None and ent.rollback is not None and _is_newer(cur.version, ent.version)
             )
             if cur is not None and (
                 cur.sha256 == ent.sha256 or not (_is_newer(ent.version, cur.version) or rollback)

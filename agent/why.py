@@ -383,9 +383,7 @@ def _excluded(c: _Chain) -> bool:
     if lost is not None and lost.cause == "excluded":
         c.step("history", False, f"excluded {_at(lost.at)}{_rev(lost.revision)}")
     inst = c.rm.hosts_with(x.addin_id)
-    still = (
-        f" It is still in {', '.join(inst)} and is removed {next_start(inst)}." if inst else ""
-    )
+    still = f" It is still in {', '.join(inst)} and is removed {next_start(inst)}." if inst else ""
     return c.done(
         "excluded",
         f"You are {said}: an exclusion wins over every assignment of {c.name}, so it does "

@@ -44,3 +44,8 @@ echo "==> bench/bench_console.py"
 # phased rollout on each, ratio of notified and cached p99 (docs/benchmarks.md "Brokers").
 echo "==> bench/bench_brokers.py --clients 10000"
 .venv/bin/python bench/bench_brokers.py --clients 10000 || echo "   (exit status $?)"
+
+# What one digest, one manifest download and one agent report cost the server (CPU per
+# operation, operations per second): the unit costs docs/scale.md sizes from.
+echo "==> bench/bench_unit_costs.py"
+.venv/bin/python bench/bench_unit_costs.py --users 10000 --requests 5000 --reports 10000 || echo "   (exit status $?)"

@@ -35,7 +35,15 @@ NETWORK_AND_DAEMON = {
     "agent.antientropy",
     "agent.fetcher",
 }
-NOT_FOR_CACHE_READS = NETWORK_AND_DAEMON | {"pydantic", "asyncio", "addin_core.protocol"}
+NOT_FOR_CACHE_READS = NETWORK_AND_DAEMON | {
+    "pydantic",
+    "asyncio",
+    "addin_core.protocol",
+    "rich",  # ~30 ms to import: the read commands print with click (agent/cli_common.py)
+    # Other commands' modules: `addin-agent` loads them only when they run.
+    "agent.cli_service",
+    "agent.cli_bundle",
+}
 
 PROBE = """
 import json, runpy, sys

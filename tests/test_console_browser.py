@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import ServerProcess, addin_id, agent_config, manifest
+from agent_helpers import ServerProcess, addin_id, agent_config, manifest, until
 from harness import ADMIN_TOKEN, REPO
 
 from addin_core.protocol import Host
@@ -27,7 +27,7 @@ HELPDESK = "helpdesk-token-1"
 OPERATOR = "operator-token-1"
 
 try:
-    from playwright.async_api import Browser, Page, async_playwright
+    from playwright.async_api import Browser, Dialog, Page, async_playwright
 except ImportError:  # pragma: no cover - the [test] extra installs it
     async_playwright = None  # type: ignore[assignment]
 
@@ -104,6 +104,15 @@ async def sign_in(browser: Browser, server: ServerProcess, token: str, shot: str
     return page
 
 
+async def click_for_flash(page: Page, selector: str) -> str:
+    """Click a console button and return the message its answer shows (the previous one
+    cleared first, so it is never mistaken for the new one)."""
+    await page.evaluate("document.getElementById('flash').innerHTML = ''")
+    await page.click(selector)
+    await page.wait_for_selector("#flash .flash")
+    return await page.inner_text("#flash")
+
+
 async def count(page: Page, addin: str, name: str) -> str:
     return await page.inner_text(f'[data-addin="{addin}"][data-count="{name}"]')
 
@@ -132,9 +141,7 @@ async def test_admin_assigns_from_the_console_and_watches_the_counts_move(
     await page.select_option("#assign-form select[name=target]", "group")
     await page.fill("#assign-form input[name=target_id]", "sales")
     await page.select_option("#assign-form select[name=mode]", "fixed")
-    await page.click("#assign-form button")
-    await page.wait_for_selector("#flash .flash.ok")
-    assert (await page.inner_text("#flash")).startswith(f"assigned {NOTES}: revision")
+    assert (await click_for_flash(page, "#assign-form button")).startswith(f"assigned {NOTES}: revision")
 
     await wait_count(page, NOTES, "entitled", 2)
     await wait_count(page, NOTES, "cached", 2)  # downloaded, waiting for Word to start
@@ -168,9 +175,7 @@ async def test_admin_assigns_from_the_console_and_watches_the_counts_move(
     await page.goto(f"{server.url}/console/directory")
     await page.fill("#nest-form input[name=child]", "sales")
     await page.fill("#nest-form input[name=parent]", "sales-emea")
-    await page.click("#nest-form button")
-    await page.wait_for_selector("#flash .flash.refused")
-    refused = await page.inner_text("#flash")
+    refused = await click_for_flash(page, "#nest-form button")
     assert "sales" in refused and "cycle" in refused.lower(), refused
     await page.screenshot(path=str(SHOTS / "directory.png"), full_page=True)
 
@@ -202,6 +207,8 @@ async def test_helpdesk_is_refused_a_write_csrf_and_framing_are_refused(
     assert refused["status"] == 403
     assert "helpdesk &#x27;dana&#x27; may not POST" in refused["text"]
     assert "read-only" in refused["text"]
+    advance = await post_from_page(page, "/console/rollouts/1/advance", csrf=True)
+    assert advance["status"] == 403 and "may not POST /v1/rollouts/1/advance" in advance["text"]
     await page.screenshot(path=str(SHOTS / "helpdesk.png"), full_page=True)
 
     # An admin's session without the CSRF token (what a forged cross-site form would send).
@@ -236,3 +243,97 @@ async def post_from_page(page: Page, path: str, *, csrf: bool) -> dict[str, Any]
     )
     return result
 
+
+
+async def launched(agent: Agent, version: str) -> None:
+    """Word starts (bounded: until the change has arrived and is ready, 20 s) and then holds
+    `version` of Contoso Notes."""
+
+    async def ready() -> bool:
+        return any(
+            p.addin_id == NOTES and p.to_version == version and p.ready
+            for p in agent.pending.values()
+        ) or agent.installed().get(Host.WORD, {}).get(NOTES) == version
+
+    await until(ready, 20, f"{agent.config.client_id} to be ready for {version}")
+    assert (await agent.launch(Host.WORD))[NOTES] == version
+
+
+async def ring_cell(page: Page, rollout: int, ring: str, what: str, want: int) -> None:
+    """Wait (no reload: the event stream updates the ring table) until a ring's count is `want`."""
+    await page.wait_for_function(
+        "([k, v]) => { const el = document.querySelector(`[data-ring=\"${k}\"]`);"
+        " return el !== null && el.textContent === v; }",
+        arg=[f"{rollout}:{ring}:{what}", str(want)],
+        timeout=TIMEOUT_MS,
+    )
+
+
+async def test_ring_rollout_advance_and_rollback_from_the_console(
+    server: ServerProcess, browser: Browser, agents: list[Agent]
+) -> None:
+    """1.0 on both devices; 2.0 rolled out to ann's ring first, then advanced to everyone,
+    then rolled back to 1.0: each step from the console, each applied by real agents."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    ann, bob = agents
+    await server.assign(NOTES, "group", "sales", mode="fixed")
+    for a in agents:
+        await launched(a, "1.0.0.0")
+    await server.call(
+        "POST", "/v1/addins?staged=true",
+        content=manifest("Contoso Notes", version="2.0.0.0", hosts=("Word", "Excel")),
+        headers={"Content-Type": "application/xml"},
+    )  # fmt: skip
+    page = await sign_in(browser, server, ADMIN_TOKEN)
+
+    async def accept(dialog: Dialog) -> None:
+        await dialog.accept()
+
+    page.on("dialog", accept)
+    await page.goto(f"{server.url}/console/addins/{NOTES}")
+    await wait_count(page, NOTES, "applied", 2)
+
+    await page.select_option("#rollout-form select[name=version]", "2.0.0.0")
+    await page.fill("#rollout-form input[name=rings]", "pilot=user:ann all=everyone")
+    assert "rollout 1: rollout of 2.0.0.0 started, running" in await click_for_flash(page, "#rollout-form button")
+    await page.reload()  # the new rollout's panel; from here its counts arrive by themselves
+    await page.evaluate("window.__sameDocument = 7")
+    await ring_cell(page, 1, "pilot", "devices", 1)
+    await launched(ann, "2.0.0.0")
+    await ring_cell(page, 1, "pilot", "applied", 1)
+    # Each device holds the version its ring is due: both count as applied.
+    await wait_count(page, NOTES, "applied", 2)
+    assert await page.evaluate("window.__sameDocument") == 7
+    await page.goto(f"{server.url}/console/addins")
+    assert "→ 2.0.0.0: ring pilot (1 of 2), running" in await page.inner_text("#addins")
+    await page.screenshot(path=str(SHOTS / "rollouts.png"), full_page=True)
+    await page.goto(f"{server.url}/console/addins/{NOTES}")
+    await page.screenshot(path=str(SHOTS / "rollout.png"), full_page=True)
+
+    assert "rollout 1: advance, now completed at ring all" in await click_for_flash(page, "#advance-1")
+    await launched(bob, "2.0.0.0")
+    await ring_cell(page, 1, "all", "applied", 1)
+
+    await page.select_option("#rollback-form select[name=version]", "1.0.0.0")
+    assert "rollout 2: rollback to 1.0.0.0 started, completed" in await click_for_flash(page, "#rollback-form button")
+    for a in agents:
+        await launched(a, "1.0.0.0")  # the one downgrade an agent accepts: an admin's rollback
+    await page.reload()
+    await wait_count(page, NOTES, "applied", 2)
+
+    await page.goto(f"{server.url}/console/audit?actor=admin")
+    ops = [r.split("\t")[5] for r in await page.locator("#audit tbody tr").all_inner_texts()]
+    assert ops[:3] == ["rollback", "rollout_advance", "rollout_start"], ops
+    assert all("\tconsole\t" in r for r in (await page.locator("#audit tbody tr").all_inner_texts())[:3])
+
+
+async def test_operator_steers_rollouts_only(server: ServerProcess, browser: Browser) -> None:
+    page = await sign_in(browser, server, OPERATOR)
+    await page.goto(f"{server.url}/console/addins/{NOTES}")
+    assert await page.locator("#assign-form").count() == 0
+    assert await page.locator("#rollout-form").count() == 1
+    refused = await post_from_page(page, f"/console/addins/{NOTES}/assign", csrf=True)
+    assert refused["status"] == 403 and "operator tokens may change rollouts only" in refused["text"]
+    # A rollout action passes the role check and reaches the service (no such rollout).
+    allowed = await post_from_page(page, "/console/rollouts/99/pause", csrf=True)
+    assert allowed["status"] == 404 and "no rollout 99" in allowed["text"], allowed

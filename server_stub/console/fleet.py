@@ -9,8 +9,13 @@ enrollment. Per add-in a device that belongs to an entitled user is
   entry (its current version and on/off state), or it has cached or applied it;
 - **cached**: it reported the current version downloaded and waiting for its host, or applied;
 - **applied**: it reported the current version applied on at least one host;
-- **failed**: its last report names the add-in in an error (the reason is shown);
+- **failed**: its last report lists the add-in in `failed` (or, from an older agent, names
+  it in an error line); the reason is shown;
 - **stale**: no report for `stale_after` seconds (or never, for an enrolled device).
+
+Entitlement follows the assignments and their exclusions (an exclusion wins), and while a
+rollout runs a device is due the version of the first ring of the catalog entry that reaches
+its user (the entry's own version otherwise): *applied* and *cached* count that version.
 
 `FleetView.refresh` reads what changed (the directory and catalog when the revision moved,
 reports received since the last read) and recounts with set operations, never a loop over
@@ -26,7 +31,7 @@ import bisect
 import json
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +58,8 @@ class Device:
     errors: tuple[str, ...]
     applied_keys: frozenset[tuple[str, str]] = frozenset()
     """(add-in, version) applied on any host: worked out once per report, not per count."""
+    failures: tuple[tuple[str, str, str, str], ...] = ()
+    """(add-in, version, host, reason) the report's `failed` names."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,11 @@ class AddinInfo:
     catalog_revision: int
     assignments: tuple[tuple[str, str, str], ...]
     """(target, target_id, mode)."""
+    exceptions: tuple[tuple[int, str, str], ...] = ()
+    """(index in `assignments`, "group" or "user", id): who that assignment excludes."""
+    rings: tuple[tuple[str, tuple[str, ...], str], ...] = ()
+    """While a rollout runs, the catalog entry's rings: (name, targets, version); a device
+    is due the version of the first ring that reaches its user, else `version`."""
 
 
 @dataclass
@@ -115,11 +127,26 @@ class Snapshot:
     stale: set[str]
     addins: dict[str, AddinInfo]
     devices_of_user: dict[str, list[str]] = field(default_factory=dict)
+    installing: dict[str, frozenset[str] | set[str]] = field(default_factory=dict)
+    """add-in -> devices of users entitled to install it (fixed or optional, not excluded)."""
+    ring_devices: dict[str, list[tuple[set[str], str]]] = field(default_factory=dict)
+    """add-in -> (devices, version) of each ring of its catalog entry, first match first."""
+    target_devices: Callable[[str], frozenset[str]] = field(default=lambda _t: frozenset())
+    """A ring target (``everyone``, ``group:G``, ``user:U``) -> its devices."""
+    failed_by: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    """(add-in, version) -> devices whose report says that version cannot be applied."""
+
+    def due_version(self, addin_id: str, client_id: str) -> str:
+        """The version a device should hold: its ring's while a rollout runs."""
+        for devices, version in self.ring_devices.get(addin_id, ()):
+            if client_id in devices:
+                return version
+        return self.addins[addin_id].version
 
     def state(self, addin_id: str, client_id: str) -> str:
         """One device's state for one add-in, the most telling first."""
         a = self.addins[addin_id]
-        key = (addin_id, a.version)
+        key = (addin_id, self.due_version(addin_id, client_id))
         if client_id in self.failed.get(addin_id, {}):
             return "failed"
         if client_id in self.applied_by.get(key, _EMPTY):
@@ -172,8 +199,13 @@ def compute(directory: Directory, devices: dict[str, Device], now: float, stale_
             target_devices[key] = got
         return got
 
+    def ring_target(text: str) -> frozenset[str]:
+        kind, _, ident = text.partition(":")
+        return devices_of(kind, ident)
+
     applied_by: dict[tuple[str, str], set[str]] = defaultdict(set)
     cached_by: dict[tuple[str, str], set[str]] = defaultdict(set)
+    failed_by: dict[tuple[str, str], set[str]] = defaultdict(set)
     failed: dict[str, dict[str, list[str]]] = defaultdict(dict)
     names = {a.name: a.addin_id for a in directory.addins.values()}
     stale: set[str] = set()
@@ -184,9 +216,15 @@ def compute(directory: Directory, devices: dict[str, Device], now: float, stale_
         for key in d.cached:
             if key not in d.applied_keys:
                 cached_by[key].add(d.client_id)
+        for addin_id, version, host, reason in d.failures:
+            failed_by[(addin_id, version)].add(d.client_id)
+            failed[addin_id].setdefault(d.client_id, []).append(f"{host} {version}: {reason}")
         if d.errors:
+            # Agents older than the report's `failed` say it only in words.
             for addin_id, line in _failures(d.errors, names):
-                failed[addin_id].setdefault(d.client_id, []).append(line)
+                lines = failed[addin_id].setdefault(d.client_id, [])
+                if not any(line.endswith(x.split(" ", 1)[1]) for x in lines):
+                    lines.append(line)
         if d.received_at is None or now - d.received_at > stale_after:
             stale.add(d.client_id)
         by_revision.append((-1 if d.received_at is None else d.revision, d.client_id))
@@ -195,24 +233,57 @@ def compute(directory: Directory, devices: dict[str, Device], now: float, stale_
     ids = [c for _, c in by_revision]
 
     snap = Snapshot(now, {}, devices, {}, applied_by, cached_by, failed, stale,
-                    dict(directory.addins), dict(devices_of_user))  # fmt: skip
+                    dict(directory.addins), dict(devices_of_user), target_devices=ring_target,
+                    failed_by=failed_by)  # fmt: skip
     for a in directory.addins.values():
         parts = [devices_of(t, tid) for t, tid, _ in a.assignments]
         ent: frozenset[str] | set[str] = (
             _EMPTY if not parts else parts[0] if len(parts) == 1 else set().union(*parts)
         )
-        key = (a.addin_id, a.version)
-        applied_set = applied_by.get(key, _EMPTY)
-        cached_set = cached_by.get(key, _EMPTY)
-        applied = len(ent & applied_set)
-        cached = applied + len(ent & cached_set)
+        install_parts = [p for p, (_, _, m) in zip(parts, a.assignments, strict=True) if m != "available"]
+        install: frozenset[str] | set[str] = (
+            ent if len(install_parts) == len(parts) else set().union(*install_parts)
+        )
+        if a.exceptions:
+            # An exclusion wins over every assignment of the add-in (for the users the
+            # excluding assignment reaches).
+            out: set[str] = set()
+            for i, kind, ident in a.exceptions:
+                out |= devices_of(kind, ident) & parts[i]
+            ent, install = ent - out, install - out
+        rings: list[tuple[set[str], str]] = []
+        taken: set[str] = set()
+        for _, targets, version in a.rings:
+            ring = set().union(*(ring_target(t) for t in targets)) - taken
+            taken |= ring
+            rings.append((ring, version))
+        if rings:
+            snap.ring_devices[a.addin_id] = rings
+        due = [(ent & r, v) for r, v in rings] + [(ent - taken if rings else ent, a.version)]
+        applied = cached = 0
+        done: set[str] = set()
+        for part, version in due:
+            applied_set = applied_by.get((a.addin_id, version), _EMPTY)
+            cached_set = cached_by.get((a.addin_id, version), _EMPTY)
+            n = len(part & applied_set)
+            applied += n
+            cached += n + len(part & cached_set)
+            if rings:
+                done |= (part & applied_set) | (part & cached_set)
         # Devices behind the add-in's catalog revision are few once a change has spread:
         # count those rather than the many that are not.
         behind = ids[: bisect.bisect_left(revisions, a.catalog_revision)]
-        not_notified = sum(
-            1 for c in behind if c in ent and c not in applied_set and c not in cached_set
-        )
+        if rings:
+            not_notified = sum(1 for c in behind if c in ent and c not in done)
+        else:
+            key = (a.addin_id, a.version)
+            applied_set = applied_by.get(key, _EMPTY)
+            cached_set = cached_by.get(key, _EMPTY)
+            not_notified = sum(
+                1 for c in behind if c in ent and c not in applied_set and c not in cached_set
+            )
         snap.entitled[a.addin_id] = ent
+        snap.installing[a.addin_id] = install
         snap.counts[a.addin_id] = Counts(
             len(ent), len(ent) - not_notified, cached, applied,
             sum(1 for c in failed.get(a.addin_id, {}) if c in ent), len(ent & stale),
@@ -233,6 +304,7 @@ def _parse_reports(rows: list[tuple[Any, ...]]) -> list[Device]:
                 str(r[0]), str(r[1]), int(r[2]), float(r[3]), dict(applied),
                 frozenset((c["addin_id"], c["version"]) for c in json.loads(r[6])),
                 tuple(json.loads(r[5])), frozenset(keys),
+                tuple((f["addin_id"], f["version"], f["host"], f["reason"]) for f in json.loads(r[7])),
             )
         )
     return devices
@@ -278,15 +350,31 @@ class FleetView:
             children[p].append(c)
         nested = bool(await rows("SELECT 1 FROM meta WHERE key='nested_groups' AND value='1'"))
         prefix = f"addins/v1/{self.tenant}/catalog/"
-        catalog_rev = {
-            str(t)[len(prefix) :]: int(r)
-            for t, r in await rows(
-                "SELECT topic, revision FROM retained WHERE topic LIKE ?", (prefix + "%",)
+        catalog_rev: dict[str, int] = {}
+        catalog_rings: dict[str, tuple[tuple[str, tuple[str, ...], str], ...]] = {}
+        for t, r, payload in await rows(
+            "SELECT topic, revision, payload FROM retained WHERE topic LIKE ?", (prefix + "%",)
+        ):
+            addin_id = str(t)[len(prefix) :]
+            catalog_rev[addin_id] = int(r)
+            entry = json.loads(bytes(payload))
+            catalog_rings[addin_id] = tuple(
+                (str(x["ring"]), tuple(x["targets"]), str(x["version"]))
+                for x in entry.get("rings") or ()
             )
-        }
         assigns: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
-        for a, t, tid, m in await rows("SELECT addin_id, target, target_id, mode FROM assignments"):
+        for a, t, tid, m in await rows(
+            "SELECT addin_id, target, target_id, mode FROM assignments "
+            "ORDER BY addin_id, target, target_id"
+        ):
             assigns[a].append((t, tid, m))
+        excepted: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+        for a, t, tid, kind, ident in await rows(
+            "SELECT addin_id, target, target_id, kind, id FROM assignment_exceptions"
+        ):
+            at = next((i for i, x in enumerate(assigns.get(a, ())) if x[:2] == (t, tid)), None)
+            if at is not None:
+                excepted[a].append((at, str(kind), str(ident)))
         addins = {}
         for r in await rows(
             "SELECT a.id, a.current_version, a.enabled, v.display_name FROM addins a "
@@ -295,7 +383,9 @@ class FleetView:
             addin_id = str(r[0])
             addins[addin_id] = AddinInfo(addin_id, str(r[3]), str(r[1]), bool(r[2]),
                                          catalog_rev.get(addin_id, 0),
-                                         tuple(assigns.get(addin_id, ())))  # fmt: skip
+                                         tuple(assigns.get(addin_id, ())),
+                                         tuple(excepted.get(addin_id, ())),
+                                         catalog_rings.get(addin_id, ()))  # fmt: skip
         return Directory(revision, users, dict(members), dict(children), nested, addins)
 
     async def _load_devices(self) -> bool:
@@ -304,7 +394,7 @@ class FleetView:
         parsed in a worker thread: 10,000 reports at once are ~0.5 s of JSON."""
         since = self._watermark - 5.0
         rows = await self.database.rows(
-            "SELECT client_id, user_id, revision, received_at, applied, errors, cached "
+            "SELECT client_id, user_id, revision, received_at, applied, errors, cached, failed "
             "FROM reports WHERE received_at > ?",
             (since,),
         )
@@ -393,6 +483,28 @@ class FleetView:
                 }
             )
         return len(rows), page
+
+    def rollout_rings(
+        self, addin_id: str, rings: Sequence[tuple[str, Sequence[str]]], version: str
+    ) -> list[dict[str, Any]]:
+        """Per ring of a rollout: the devices of its users that are to install the add-in
+        (a user counts in the first ring that reaches them, as the gate counts), how many
+        applied the rollout's version, how many report it failed."""
+        snap = self.snapshot
+        if snap is None or addin_id not in snap.addins:
+            return []
+        install = snap.installing.get(addin_id, _EMPTY)
+        applied = snap.applied_by.get((addin_id, version), _EMPTY)
+        failed = snap.failed_by.get((addin_id, version), _EMPTY)
+        taken: set[str] = set()
+        out = []
+        for name, targets in rings:
+            devices = set().union(*(snap.target_devices(t) for t in targets)) - taken
+            taken |= devices
+            mine = devices & install
+            out.append({"name": name, "targets": list(targets), "devices": len(mine),
+                        "applied": len(mine & applied), "failed": len(mine & failed)})  # fmt: skip
+        return out
 
     def failures(self, addin_id: str, limit: int = 50) -> list[tuple[str, str, str]]:
         """(device, user, line) of the add-in's failures, at most `limit`."""

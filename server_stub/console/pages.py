@@ -40,9 +40,11 @@ IDLE_AFTER = 300.0
 """Seconds without a console request after which counting stops (a server nobody watches
 does no console work)."""
 REFRESH_EVERY = 1.0
-FIRST_COUNT_WAIT = 0.2
+FIRST_COUNT_WAIT = 0.1
 """How long a page waits for the very first count before it renders without it."""
 KEEPALIVE_EVERY = 15.0
+RECENT_ROLLOUT = 600.0
+"""Seconds after its last advance that an ended rollout's ring counts stay live."""
 
 
 def _time(ts: float | None) -> str:
@@ -115,6 +117,7 @@ class Console:
             me=session.principal,
             csrf=session.csrf,
             may_admin=session.principal.role is Role.ADMIN,
+            may_rollout=session.principal.role in (Role.ADMIN, Role.OPERATOR),
             now=time.time(),
         )
         response = self.templates.TemplateResponse(request, name, ctx)
@@ -257,7 +260,8 @@ class Console:
                 d = fleet.directory
                 rows = sorted(d.addins.values(), key=lambda a: a.name.lower()) if d else []
                 return self._page(request, "addins.html", session, addins=rows,
-                                  counts=fleet.counts(), devices=len(fleet.devices))  # fmt: skip
+                                  counts=fleet.counts(), devices=len(fleet.devices),
+                                  rollouts=await self._active_rollouts())  # fmt: skip
 
             return await self._view(request, render)
 
@@ -273,14 +277,29 @@ class Console:
                 marks = [
                     (e["at"], f"r{e['revision']} {e['operation']} by {e['actor']}")
                     for e in await service.audit.entries(limit=200)
-                    if aid in (e["detail"].get("id"), e["detail"].get("addin_id"))
+                    if aid in (e["detail"].get("id"), e["detail"].get("addin_id"), e["detail"].get("addin"))
                 ]
+                rollouts = await self._rollouts_of(aid)
+                for ro in rollouts:
+                    marks += [(e["at"], f"r{e.get('revision', '')} rollout {ro['id']} {e['event']} "
+                                        f"{e.get('ring') or ''} by {e.get('actor', '')}")
+                              for e in ro["history"]]  # fmt: skip
+                    ro["ring_counts"] = fleet.rollout_rings(
+                        aid, [(x["name"], x["targets"]) for x in ro["rings"]], ro["version"]
+                    )
+                versions = [
+                    str(v[0]) for v in await service.database.rows(
+                        "SELECT version FROM addin_versions WHERE addin_id=? ORDER BY added_revision",
+                        (aid,),
+                    )
+                ]  # fmt: skip
                 svg = timeline_svg(list(fleet.timeline.get(aid, ())), marks, time.time())
                 return self._page(
                     request, "addin.html", session, a=a, counts=fleet.counts().get(aid, {}),
                     devices=devices, total=total, state=chosen, page=max(0, page),
                     pages=max(1, -(-total // PAGE_SIZE)), failures=fleet.failures(aid),
-                    timeline=svg,
+                    timeline=svg, rollouts=rollouts, versions=versions,
+                    exceptions=await self._exceptions(aid),
                 )  # fmt: skip
 
             return await self._view(request, render)
@@ -309,6 +328,42 @@ class Console:
                              ("consent", "consented to"), ("assign", "assigned"),
                              ("unassign", "unassigned")):  # fmt: skip
             addin_action(action, verb)
+
+        def start_rollout(kind: str) -> None:
+            async def handler(request: Request, addin_id: str) -> Response:
+                async def op(form: dict[str, str]) -> str:
+                    rings = form.get("rings", "").split()
+                    res = await service.rollouts.start(
+                        addin_id, form.get("version", ""), rings, form.get("gate") or None,
+                        rollback=kind == "rollback",
+                    )
+                    what = "rollback to" if kind == "rollback" else "rollout of"
+                    return (f"rollout {res['rollout_id']}: {what} {res['version']} started, "
+                            f"{res['state']}: revision {res['revision']}")  # fmt: skip
+
+                return await self._write(request, "/v1/rollouts", op)
+
+            r.add_api_route(f"/console/addins/{{addin_id}}/{kind}", handler, methods=["POST"])
+
+        start_rollout("rollout")
+        start_rollout("rollback")
+
+        def rollout_action(action: str) -> None:
+            async def handler(request: Request, rollout_id: int) -> Response:
+                async def op(_: dict[str, str]) -> str:
+                    if action == "advance":
+                        res = await service.rollouts.advance(rollout_id)
+                    else:
+                        res = await service.rollouts.set_state(rollout_id, action)
+                    return (f"rollout {rollout_id}: {action}, now {res['state']} at ring "
+                            f"{res['current_ring']}: revision {res['revision']}")  # fmt: skip
+
+                return await self._write(request, f"/v1/rollouts/{rollout_id}/{action}", op)
+
+            r.add_api_route(f"/console/rollouts/{{rollout_id}}/{action}", handler, methods=["POST"])
+
+        for action in ("advance", "pause", "resume", "abort"):
+            rollout_action(action)
 
         @r.get("/console/users")
         async def users(request: Request, q: str = "", page: int = 0) -> Response:
@@ -341,7 +396,8 @@ class Console:
                 explained = render_explain(await service.explain(user_id, addin)) if addin else None
                 names = sorted((a.name, a.addin_id) for a in fleet.directory.addins.values()) if fleet.directory else []
                 return self._page(request, "user.html", session, u=u, devices=devices,
-                                  addins=names, addin=addin, explained=explained)  # fmt: skip
+                                  addins=names, addin=addin, explained=explained,
+                                  names={i: n for n, i in names})  # fmt: skip
 
             return await self._view(request, render)
 
@@ -458,12 +514,72 @@ class Console:
                 self._task = asyncio.create_task(self._refresh_loop())
             if self.fleet.version != sent:
                 sent = self.fleet.version
-                data = {"version": sent, "at": time.time(), "counts": self.fleet.counts()}
+                data = {"version": sent, "at": time.time(), "counts": self.fleet.counts(),
+                        "rings": await self._ring_cells()}  # fmt: skip
                 yield f"event: counts\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
             else:
                 yield ": keepalive\n\n"
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.fleet.changed.wait(), KEEPALIVE_EVERY)
+
+    async def _ring_cells(self) -> dict[str, int]:
+        """"ROLLOUT:RING:devices|applied|failed" -> count, for the running and paused
+        rollouts and those that ended in the last 10 minutes (their last ring is still
+        converging): the add-in page's ring table follows the fleet live too."""
+        cells: dict[str, int] = {}
+        for rid, addin_id, version, rings in await self.service.database.rows(
+            "SELECT id, addin_id, version, rings FROM rollouts "
+            "WHERE state IN ('running', 'paused') OR ring_since > ?",
+            (time.time() - RECENT_ROLLOUT,),
+        ):
+            parsed = [(x["name"], x["targets"]) for x in json.loads(rings)]
+            for ring in self.fleet.rollout_rings(str(addin_id), parsed, str(version)):
+                for what in ("devices", "applied", "failed"):
+                    cells[f"{rid}:{ring['name']}:{what}"] = ring[what]
+        return cells
+
+    async def _active_rollouts(self) -> dict[str, str]:
+        """add-in -> one line on its running or paused rollout (one query: the add-ins page
+        shows 200 add-ins)."""
+        out = {}
+        for addin_id, version, state, rings, reached, rollback in await self.service.database.rows(
+            "SELECT addin_id, version, state, rings, reached, rollback FROM rollouts "
+            "WHERE state IN ('running', 'paused')"
+        ):
+            names = [x["name"] for x in json.loads(rings)]
+            what = "rollback to" if rollback else "→"
+            out[str(addin_id)] = (f"{what} {version}: ring {names[int(reached) - 1]} "
+                                  f"({reached} of {len(names)}), {state}")  # fmt: skip
+        return out
+
+    async def _rollouts_of(self, addin_id: str, limit: int = 5) -> list[dict[str, Any]]:
+        """The add-in's latest rollouts, newest first, as stored (the page counts their
+        rings from the console's own counts, not by reading every report again)."""
+        rows = await self.service.database.rows(
+            "SELECT * FROM rollouts WHERE addin_id=? ORDER BY id DESC LIMIT ?", (addin_id, limit)
+        )
+        return [
+            {
+                "id": int(r["id"]), "version": r["version"], "from_version": r["from_version"],
+                "rollback": bool(r["rollback"]), "state": r["state"], "gate": r["gate"],
+                "rings": json.loads(r["rings"]), "reached": int(r["reached"]),
+                "ring_since": float(r["ring_since"]), "history": json.loads(r["history"]),
+                "active": r["state"] in ("running", "paused"),
+            }
+            for r in rows
+        ]  # fmt: skip
+
+    async def _exceptions(self, addin_id: str | None = None) -> dict[tuple[str, str, str], list[str]]:
+        """(add-in, target, target id) -> "group:G" / "user:U" it excludes."""
+        sql = "SELECT addin_id, target, target_id, kind, id FROM assignment_exceptions"
+        rows = await self.service.database.rows(
+            sql + (" WHERE addin_id=?" if addin_id else "") + " ORDER BY kind, id",
+            (addin_id,) if addin_id else (),
+        )
+        out: dict[tuple[str, str, str], list[str]] = {}
+        for a, t, tid, kind, ident in rows:
+            out.setdefault((str(a), str(t), str(tid)), []).append(f"{kind}:{ident}")
+        return out
 
     async def _directory(self, q: str) -> dict[str, Any]:
         """Groups as a forest (each under its parents; a group nested in two appears under
@@ -505,7 +621,9 @@ class Console:
             "AND v.version=d.current_version ORDER BY v.display_name, a.target, a.target_id "
             "LIMIT 2000"
         )
+        exceptions = await self._exceptions()
         return {
+            "exceptions": exceptions,
             "tree": tree,
             "truncated": len(tree) >= limit,
             "groups_total": len(groups),

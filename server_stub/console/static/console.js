@@ -20,7 +20,15 @@
         setTimeout(el.classList.remove.bind(el.classList, "changed"), 1500);
       }
     }
-    document.body.setAttribute("data-events-version", String(data.version));
+    var rings = document.querySelectorAll("[data-ring]");
+    for (var j = 0; j < rings.length; j++) {
+      var n = data.rings ? data.rings[rings[j].getAttribute("data-ring")] : undefined;
+      if (n !== undefined && rings[j].textContent !== String(n)) {
+        rings[j].textContent = String(n);
+        rings[j].classList.add("changed");
+      }
+    }
+        document.body.setAttribute("data-events-version", String(data.version));
     if (live) live.textContent = "live · updated " + new Date(data.at * 1000).toLocaleTimeString();
   });
   stream.onerror = function () {
