@@ -26,6 +26,21 @@ async def exceptions_by_assignment(
     return {k: (frozenset(g), frozenset(u)) for k, (g, u) in found.items()}
 
 
+async def directory_graph(
+    rows_of: Any,
+) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
+    """(every user id, group -> its direct member users, group -> its direct child groups):
+    what `entitled_users` walks to find who an assignment reaches."""
+    users = [r[0] for r in await rows_of("SELECT id FROM users")]
+    members: dict[str, list[str]] = defaultdict(list)
+    for r in await rows_of("SELECT group_id, user_id FROM memberships"):
+        members[r[0]].append(r[1])
+    children: dict[str, list[str]] = defaultdict(list)
+    for r in await rows_of("SELECT child, parent FROM nesting"):
+        children[r[1]].append(r[0])
+    return users, members, children
+
+
 class Reads:
     def __init__(self, database: Database) -> None:
         self.database = database

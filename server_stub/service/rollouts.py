@@ -17,7 +17,6 @@ per add-in.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,7 +39,7 @@ from server_stub.rollout_rules import (
 from server_stub.service.errors import BadRequest, Conflict, NotFound
 from server_stub.service.lookup import find_addin
 from server_stub.service.messages import emit_catalog
-from server_stub.service.reads import exceptions_by_assignment
+from server_stub.service.reads import directory_graph, exceptions_by_assignment
 from server_stub.service.unit_of_work import Tx, UnitOfWork
 
 ACTIVE_STATES = ("running", "paused")
@@ -344,13 +343,7 @@ class Rollouts:
         reaches them."""
         rows = self.database.rows
         nested = bool((await rows("SELECT value FROM meta WHERE key='nested_groups'"))[0][0] == "1")
-        all_users = [r[0] for r in await rows("SELECT id FROM users")]
-        members: dict[str, list[str]] = defaultdict(list)
-        for r in await rows("SELECT group_id, user_id FROM memberships"):
-            members[r[0]].append(r[1])
-        children: dict[str, list[str]] = defaultdict(list)
-        for r in await rows("SELECT child, parent FROM nesting"):
-            children[r[1]].append(r[0])
+        all_users, members, children = await directory_graph(rows)
         excepted = await exceptions_by_assignment(rows, addin_id)
         none: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         assigned = [

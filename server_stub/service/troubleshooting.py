@@ -20,7 +20,7 @@ from server_stub.entitlement import (
     paths_for_user,
 )
 from server_stub.rollout_rules import catalog_rings, version_for
-from server_stub.service.reads import Reads
+from server_stub.service.reads import Reads, directory_graph
 
 
 def _path_view(p: AssignmentPath, user_id: str) -> dict[str, Any]:
@@ -117,13 +117,7 @@ class Troubleshooting:
         addins = [await reads.get_addin(addin_id)] if addin_id else await reads.list_addins()
         nested = await reads.nested_groups()
         rows = self.database.rows
-        all_users = [r[0] for r in await rows("SELECT id FROM users")]
-        members: dict[str, list[str]] = defaultdict(list)
-        for r in await rows("SELECT group_id, user_id FROM memberships"):
-            members[r[0]].append(r[1])
-        children: dict[str, list[str]] = defaultdict(list)
-        for r in await rows("SELECT child, parent FROM nesting"):
-            children[r[1]].append(r[0])
+        all_users, members, children = await directory_graph(rows)
         applied: dict[tuple[str, str], set[str]] = defaultdict(set)
         reporting: set[str] = set()
         for r in await rows("SELECT user_id, applied FROM reports"):
