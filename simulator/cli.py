@@ -97,9 +97,19 @@ def org(
     callback=_broker_url,
     help="mqtt://HOST:PORT (default: private).",
 )
+@click.option(
+    "--subscriber",
+    type=click.Choice(["paho", "aiomqtt"]),
+    default="paho",
+    show_default=True,
+    help="paho: plain callbacks, the cheapest subscriber (the floor `run` compares with); "
+    "aiomqtt: its message iterator.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def baseline(clients: int, workers: int | None, broker_url: str | None, as_json: bool) -> None:
-    """Bare MQTT fan-out: one QoS 1 publish to N bare aiomqtt subscribers."""
+def baseline(
+    clients: int, workers: int | None, broker_url: str | None, subscriber: str, as_json: bool
+) -> None:
+    """Bare MQTT fan-out: one QoS 1 publish to N bare subscribers (paho callbacks, or aiomqtt)."""
     import json
     import os
 
@@ -114,13 +124,16 @@ def baseline(clients: int, workers: int | None, broker_url: str | None, as_json:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="addin-sim-"))
             broker = stack.enter_context(MosquittoBroker(Path(tmp) / "broker"))
             broker_url = broker.url
-        with console.status(f"connecting {clients} bare subscribers over {workers} processes"):
-            result = run_baseline(broker_url, clients, workers)
+        with console.status(
+            f"connecting {clients} bare {subscriber} subscribers over {workers} processes"
+        ):
+            result = run_baseline(broker_url, clients, workers, kind=subscriber)  # type: ignore[arg-type]
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         t = Table(
-            title=f"bare MQTT fan-out, {clients} subscribers, {result['processes']} processes"
+            title=f"bare MQTT fan-out, {clients} {subscriber} subscribers, "
+            f"{result['processes']} processes"
         )
         for col in ("received", "p50_ms", "p95_ms", "p99_ms", "max_ms"):
             t.add_column(col, justify="right")
