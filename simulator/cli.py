@@ -143,6 +143,42 @@ def baseline(
         raise SystemExit(1)
 
 
+@main.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the table and the figures plotted against the client count (inline SVG).",
+)
+def compare(reports: tuple[Path, ...], html_file: Path | None) -> None:
+    """Compare runs: REPORTS are report.json files (or the --report directories) of
+    `addin-sim run`; one row per run, by client count: workers' CPU and peak RSS per client,
+    notify and cached p99 of the main step (the one that notified most clients), the bare
+    fan-out floor and notify p99 / floor."""
+    from rich.table import Table
+
+    from simulator.report.compare import COLUMNS, CompareError, load_all, render_html, rows
+
+    try:
+        runs = load_all(reports)
+    except CompareError as e:
+        raise click.UsageError(str(e)) from None
+    t = Table(title=f"{len(runs)} runs")
+    for i, col in enumerate(COLUMNS):
+        t.add_column(col, justify="left" if i in (0, 2, 5) else "right")
+    for row in rows(runs):
+        t.add_row(*row)
+    Console().print(t)
+    if html_file is not None:
+        try:
+            html_file.write_text(render_html(runs))
+        except OSError as e:
+            raise click.UsageError(f"--html {html_file}: {e.strerror or e}") from None
+        console.print(f"plots: {html_file}")
+
+
 def _event_loop_run(coro: Any) -> Any:
     """asyncio.run, on uvloop when it is installed (it handles thousands of sockets better)."""
     try:
