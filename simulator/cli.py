@@ -155,7 +155,7 @@ def baseline(
 def compare(reports: tuple[Path, ...], html_file: Path | None) -> None:
     """Compare runs: REPORTS are report.json files (or the --report directories) of
     `addin-sim run`; one row per run, by client count: workers' CPU and peak RSS per client,
-    notify and cached p99 of the main step (the one that notified most clients), the bare
+    notify and cached p99 of the main step (the scenario step that notified most clients), the bare
     fan-out floor and notify p99 / floor."""
     from rich.table import Table
 

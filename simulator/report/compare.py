@@ -83,13 +83,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+_RUN_STEPS = ("connect", "final-check")
+"""Steps the run adds around the scenario's: a connect notifies every client of its state."""
+
+
 def _main_step(steps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The step that notified the most clients (in phased-rollout, `everyone`)."""
+    """The scenario step that notified the most clients (in phased-rollout, `everyone`);
+    steps that start clients (the run's connect, a connect storm) count only when there is
+    no other."""
 
     def notified(s: dict[str, Any]) -> int:
         return int((s.get("stages", {}).get("notified") or {}).get("count", 0))
 
-    best = max(steps, key=notified, default=None)
+    changes = [s for s in steps if s["name"] not in _RUN_STEPS and not s.get("storm")]
+    best = max(changes or steps, key=notified, default=None)
     return best if best is not None and notified(best) else None
 
 
@@ -189,7 +196,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}svg{{margin:6px}}
 </head><body>
 <h1>addin-sim compare: {len(runs)} runs</h1>
 <table><tr>{head}</tr>{body}</table>
-<p>Main step: the step that notified the most clients. CPU µs/client: the workers' CPU time
+<p>Main step: the scenario step that notified the most clients. CPU µs/client: the workers' CPU time
 over the client count. notify/floor: the main step's notify p99 over the bare fan-out p99
 (the floor: paho callbacks; aiomqtt in reports made before it).</p>
 <div>{latency}</div>
