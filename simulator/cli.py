@@ -312,8 +312,14 @@ async def _until_signalled(coordinator: Any) -> Any:
     "--cache",
     type=click.Choice(["memory", "file", "none"]),
     default=None,
-    help="Agent cache of every client (default: the scenario's, usually memory): in-memory "
-    "SQLite, one SQLite file per client, or none (no SQL, least memory).",
+    help="Agent cache of every client (default: the scenario's, `memory` in all shipped "
+    "scenarios but offline-clients, which uses `file`). memory: the agent's real SQLite cache "
+    "code on an in-memory database: measures the SQL of every transition, not the disk; the "
+    "everyday choice. file: one real SQLite file per client (WAL, as on a workstation): "
+    "measures the disk and the cache's thread too, and clients keep their cache while "
+    "offline; choose it to see what a real cache costs, within the machine's open files. "
+    "none: no SQL (the agent's volatile cache): measures propagation alone with the least "
+    "memory; choose it for the largest fleets.",
 )
 @click.option(
     "--console",
