@@ -39,9 +39,8 @@ CONNECT_CONCURRENCY = 50
 """Mosquitto drops connects beyond about 100 in flight; stay well below."""
 
 Subscriber = Literal["paho", "aiomqtt"]
-SUBSCRIBERS: tuple[Subscriber, ...] = ("paho", "aiomqtt")
-"""The floor first: a run measures them in this order, one after the other (both at once
-would double the broker's connections)."""
+"""A run measures paho (the floor) first, then aiomqtt, one after the other: both at once would
+double the broker's connections."""
 
 
 class Shard(Protocol):
