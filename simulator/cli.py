@@ -156,7 +156,7 @@ def compare(reports: tuple[Path, ...], html_file: Path | None) -> None:
     """Compare runs: REPORTS are report.json files (or the --report directories) of
     `addin-sim run`; one row per run, by client count: workers' CPU and peak RSS per client,
     notify and cached p99 of the main step (the scenario step that notified most clients), the bare
-    fan-out floor and notify p99 / floor."""
+    fan-out floor and notify p99 ÷ floor."""
     from rich.table import Table
 
     from simulator.report.compare import COLUMNS, CompareError, load_all, render_html, rows
@@ -167,7 +167,8 @@ def compare(reports: tuple[Path, ...], html_file: Path | None) -> None:
         raise click.UsageError(str(e)) from None
     t = Table(title=f"{len(runs)} runs")
     for i, col in enumerate(COLUMNS):
-        t.add_column(col, justify="left" if i in (0, 2, 5) else "right")
+        # Folded, never cut: the run's name is a path the reader needs whole.
+        t.add_column(col, justify="left" if i in (0, 2, 5) else "right", overflow="fold")
     for row in rows(runs):
         t.add_row(*row)
     Console().print(t)

@@ -102,7 +102,8 @@ def _main_step(steps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 def load_all(paths: Sequence[Path]) -> list[RunFigures]:
     """Every report's figures, in client-count order (stable for equal counts)."""
-    runs = [figures(load_report(p), str(p)) for p in paths]
+    # A run is named by its report directory, as `run --report DIR` named it.
+    runs = [figures(load_report(p), str(p.parent if p.name == "report.json" else p)) for p in paths]
     return sorted(runs, key=lambda r: r.clients)
 
 
@@ -110,13 +111,13 @@ COLUMNS = (
     "run",
     "clients",
     "cache",
-    "CPU µs/client",
-    "KB/client",
+    "CPU µs\n/client",
+    "KB\n/client",
     "main step",
-    "notify p99 ms",
-    "cached p99 ms",
-    "floor p99 ms",
-    "notify/floor",
+    "notify\np99 ms",
+    "cached\np99 ms",
+    "floor\np99 ms",
+    "notify\n÷ floor",
 )
 
 
@@ -142,7 +143,9 @@ def rows(runs: Sequence[RunFigures]) -> list[list[str]]:
     ]
 
 
-_COLORS = {"notify": "#1f77b4", "cached": "#2ca02c", "floor": "#555555", "cost": "#d62728"}
+_COLORS = {"notify": "#1f77b4", "cached": "#2ca02c", "floor": "#555555"}
+_CACHE_DASH = ("", "6,3", "2,3", "10,3,2,3")
+_CACHE_COLORS = ("#d62728", "#9467bd", "#8c564b", "#17becf")
 
 
 def _points(runs: Sequence[RunFigures], attr: str) -> list[tuple[float, float]]:
@@ -151,41 +154,61 @@ def _points(runs: Sequence[RunFigures], attr: str) -> list[tuple[float, float]]:
     ]
 
 
+def _by_cache(runs: Sequence[RunFigures]) -> dict[str, list[RunFigures]]:
+    """Runs grouped by agent cache: a line joins runs of one cache mode only (two modes at one
+    client count are two points, not a vertical line)."""
+    groups: dict[str, list[RunFigures]] = {}
+    for r in runs:
+        groups.setdefault(r.cache, []).append(r)
+    return groups
+
+
 def render_html(runs: Sequence[RunFigures]) -> str:
     """A page with the table and the figures plotted against the client count: latency in one
-    plot, CPU and memory per client in their own (each has its own unit)."""
-    clients = Axis("clients")
-    latency = svg_plot(
-        [
-            Series("notify p99", _points(runs, "notified_p99_ms"), _COLORS["notify"]),
-            Series("cached p99", _points(runs, "cached_p99_ms"), _COLORS["cached"]),
-            Series("bare fan-out p99", _points(runs, "floor_p99_ms"), _COLORS["floor"], "6,4"),
-        ],
-        title="p99 of the main step and the bare fan-out floor",
-        x=clients,
-        y=Axis("ms", lo=0),
-        width=640,
-    )
-    cpu = svg_plot(
-        [
+    plot, CPU and memory per client in their own (each has its own unit); one line per figure
+    and cache mode."""
+    groups = _by_cache(runs)
+    latency, cpu, rss = [], [], []
+    for i, (cache, rs) in enumerate(groups.items()):
+        dash, color = _CACHE_DASH[i % len(_CACHE_DASH)], _CACHE_COLORS[i % len(_CACHE_COLORS)]
+        latency += [
             Series(
-                "CPU µs/client", _points(runs, "cpu_us_per_client"), _COLORS["cost"], legend=False
-            )
-        ],
-        title="workers' CPU per client",
-        x=clients,
-        y=Axis("µs per client", lo=0),
-        width=420,
-    )
-    rss = svg_plot(
-        [Series("KB/client", _points(runs, "kb_per_client"), _COLORS["cost"], legend=False)],
-        title="peak worker RSS per client",
-        x=clients,
-        y=Axis("KB per client", lo=0),
-        width=420,
-    )
+                f"notify p99 ({cache})", _points(rs, "notified_p99_ms"), _COLORS["notify"], dash
+            ),
+            Series(f"cached p99 ({cache})", _points(rs, "cached_p99_ms"), _COLORS["cached"], dash),
+            Series(f"floor p99 ({cache})", _points(rs, "floor_p99_ms"), _COLORS["floor"], dash),
+        ]
+        cpu.append(Series(cache, _points(rs, "cpu_us_per_client"), color))
+        rss.append(Series(cache, _points(rs, "kb_per_client"), color))
+    clients = Axis("clients")
+    plots = [
+        svg_plot(
+            latency,
+            title="p99 of the main step and the bare fan-out floor",
+            x=clients,
+            y=Axis("ms (log scale)", log=True),
+            width=760,
+            legend_width=190,
+        ),
+        svg_plot(
+            cpu,
+            title="workers' CPU per client",
+            x=clients,
+            y=Axis("µs per client", lo=0),
+            width=460,
+            legend_width=90,
+        ),
+        svg_plot(
+            rss,
+            title="peak worker RSS per client",
+            x=clients,
+            y=Axis("KB per client", lo=0),
+            width=460,
+            legend_width=90,
+        ),
+    ]
     esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{esc(c.replace(chr(10), ' '))}</th>" for c in COLUMNS)
     body = "".join(
         "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows(runs)
     )
@@ -197,9 +220,9 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}svg{{margin:6px}}
 <h1>addin-sim compare: {len(runs)} runs</h1>
 <table><tr>{head}</tr>{body}</table>
 <p>Main step: the scenario step that notified the most clients. CPU µs/client: the workers' CPU time
-over the client count. notify/floor: the main step's notify p99 over the bare fan-out p99
+over the client count. notify ÷ floor: the main step's notify p99 over the bare fan-out p99
 (the floor: paho callbacks; aiomqtt in reports made before it).</p>
-<div>{latency}</div>
-<div>{cpu}{rss}</div>
+<div>{plots[0]}</div>
+<div>{plots[1]}{plots[2]}</div>
 </body></html>
 """
