@@ -60,7 +60,8 @@ def figures(report: dict[str, Any], source: str) -> RunFigures:
         stages = step["stages"] if step else {}
         baseline = report.get("baseline") or {}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CompareError(f"{source}: not a report.json of `addin-sim run` ({e!r})") from None
+        # The caller names the file: `source` is the run's name, not necessarily a file.
+        raise CompareError(f"not a report.json of `addin-sim run` ({e})") from None
     return RunFigures(
         source=source,
         clients=clients,
@@ -102,8 +103,14 @@ def _main_step(steps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 def load_all(paths: Sequence[Path]) -> list[RunFigures]:
     """Every report's figures, in client-count order (stable for equal counts)."""
-    # A run is named by its report directory, as `run --report DIR` named it.
-    runs = [figures(load_report(p), str(p.parent if p.name == "report.json" else p)) for p in paths]
+    runs = []
+    for p in paths:
+        report = load_report(p)
+        try:
+            # A run is named by its report directory, as `run --report DIR` named it.
+            runs.append(figures(report, str(p.parent if p.name == "report.json" else p)))
+        except CompareError as e:
+            raise CompareError(f"{p}: {e}") from None
     return sorted(runs, key=lambda r: r.clients)
 
 
