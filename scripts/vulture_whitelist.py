@@ -32,6 +32,11 @@ _.server  # addin_runtime/entry_points.py: `addin-server`
 # -- Set for a library -------------------------------------------------------------------------
 _.SessionExpiryInterval  # paho MQTT v5 connect property
 _.pending_calls_threshold  # paho's queue warning threshold
+_.on_socket_open  # paho callbacks the bare fan-out's PahoShard sets (simulator/baseline.py)
+_.on_socket_close
+_.on_socket_register_write
+_.on_socket_unregister_write
+_.on_subscribe
 _.obj  # click context object
 
 # -- To be removed by the structure work (dead code in agent/, server_stub/, addin_core/ that

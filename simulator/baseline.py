@@ -1,9 +1,17 @@
 """Bare MQTT fan-out: the floor the agents' propagation is compared with.
 
-One bare aiomqtt subscriber per client (no agent, no SQLite, no HTTP), one QoS 1 publish, and
-the time until every subscriber has it. Run inside a simulation (each worker process hosts
-its share, next to its agents, so the baseline is measured on the same broker and machine)
-or on its own with `addin-sim baseline --clients N`.
+One bare subscriber per client (no agent, no SQLite, no HTTP), one QoS 1 publish, and the
+time until every subscriber has it. Two kinds of subscriber, same connection settings (MQTT 5
+falling back to 3.1.1, QoS 1, the same topic):
+
+- `paho`: plain paho-mqtt callbacks driven by the event loop's own readers and writers, the
+  cheapest subscriber an agent could be; the floor the notify ratio is computed against.
+- `aiomqtt`: aiomqtt's message iterator (a Task and an `asyncio.wait` per message), the
+  earlier floor, kept beside it for continuity.
+
+Run inside a simulation (each worker process hosts its share, next to its agents, so the
+baseline is measured on the same broker and machine) or on its own with
+`addin-sim baseline --clients N`.
 """
 
 from __future__ import annotations
@@ -15,9 +23,12 @@ import multiprocessing
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.enums import CallbackAPIVersion
 
 from addin_runtime.mqtt_version import VersionChoice
 from addin_runtime.tasks import wait_event
@@ -27,9 +38,28 @@ from simulator.metrics import LatencyHistogram
 CONNECT_CONCURRENCY = 50
 """Mosquitto drops connects beyond about 100 in flight; stay well below."""
 
+Subscriber = Literal["paho", "aiomqtt"]
+"""A run measures paho (the floor) first, then aiomqtt, one after the other: both at once would
+double the broker's connections."""
+
+
+class Shard(Protocol):
+    received: int
+    hist: LatencyHistogram
+
+    async def connect(self) -> None: ...
+    async def wait(self, timeout: float) -> None: ...
+    async def close(self) -> None: ...
+
+
+def make_shard(kind: Subscriber, broker: BrokerAddress, topic: str, n: int, prefix: str) -> Shard:
+    if kind == "paho":
+        return PahoShard(broker, topic, n, prefix)
+    return BaselineShard(broker, topic, n, prefix)
+
 
 class BaselineShard:
-    """`n` bare subscribers on one event loop."""
+    """`n` bare aiomqtt subscribers on one event loop."""
 
     def __init__(self, broker: BrokerAddress, topic: str, n: int, prefix: str) -> None:
         self.broker, self.topic, self.n, self.prefix = broker, topic, n, prefix
@@ -98,6 +128,102 @@ class BaselineShard:
         self._clients.clear()
 
 
+class PahoShard:
+    """`n` bare paho subscribers on one event loop: each socket's reads and writes are the
+    loop's readers and writers, and the message callback records the latency, nothing more."""
+
+    def __init__(self, broker: BrokerAddress, topic: str, n: int, prefix: str) -> None:
+        self.broker, self.topic, self.n, self.prefix = broker, topic, n, prefix
+        self.hist = LatencyHistogram()
+        self.received = 0
+        self._clients: list[paho.Client] = []
+        self._all_in = asyncio.Event()
+        self._misc: asyncio.Task[None] | None = None
+
+    def _client(self, i: int, version: VersionChoice) -> paho.Client:
+        loop = asyncio.get_running_loop()
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"{self.prefix}-{i}",
+            protocol=paho.MQTTv311 if version.v311 else paho.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        if self.broker.username:
+            c.username_pw_set(self.broker.username, self.broker.password)
+
+        def closed(_c: paho.Client, _u: Any, sock: Any) -> None:
+            loop.remove_reader(sock)
+
+        def written(_c: paho.Client, _u: Any, sock: Any) -> None:
+            loop.remove_writer(sock)
+
+        c.on_socket_open = lambda cl, _u, sock: loop.add_reader(sock, cl.loop_read)
+        c.on_socket_close = closed
+        c.on_socket_register_write = lambda cl, _u, sock: loop.add_writer(sock, cl.loop_write)
+        c.on_socket_unregister_write = written
+        c.on_message = self._on_message
+        return c
+
+    def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        now = time.time()
+        self.hist.record(now - json.loads(message.payload)["sent_at"])
+        self.received += 1
+        if self.received >= self.n:
+            self._all_in.set()
+
+    async def _connect_one(self, i: int, version: VersionChoice) -> paho.Client:
+        loop = asyncio.get_running_loop()
+        for attempt in range(10):
+            c = self._client(i, version)
+            connacked: asyncio.Future[Any] = loop.create_future()
+            subacked: asyncio.Future[None] = loop.create_future()
+            c.on_connect = lambda _c, _u, _f, rc, _p, f=connacked: f.done() or f.set_result(rc)
+            c.on_subscribe = lambda _c, _u, _m, _rc, _p, f=subacked: f.done() or f.set_result(None)
+            try:
+                # A blocking TCP connect (as paho does it); the CONNACK comes through the loop.
+                c.connect(self.broker.host, self.broker.port, keepalive=60)
+                rc = await asyncio.wait_for(connacked, 30)
+                if rc.is_failure:
+                    raise MqttConnectError(rc)
+                c.subscribe(self.topic, qos=1)
+                await asyncio.wait_for(subacked, 30)
+                return c
+            except (OSError, TimeoutError, MqttConnectError) as e:
+                c.disconnect()
+                version.fall_back(e)
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise RuntimeError(f"baseline subscriber {i} could not connect")
+
+    async def connect(self) -> None:
+        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        version = VersionChoice("auto")
+
+        async def one(i: int) -> None:
+            async with sem:
+                self._clients.append(await self._connect_one(i, version))
+
+        self._misc = asyncio.create_task(self._keepalive())
+        await asyncio.gather(*(one(i) for i in range(self.n)))
+
+    async def _keepalive(self) -> None:
+        # paho's pings and retries, which its own loop would do, for all clients at once.
+        while True:
+            await asyncio.sleep(1.0)
+            for c in self._clients:
+                c.loop_misc()
+
+    async def wait(self, timeout: float) -> None:
+        await wait_event(self._all_in, timeout)
+
+    async def close(self) -> None:
+        if self._misc is not None:
+            self._misc.cancel()
+        for c in self._clients:
+            with contextlib.suppress(Exception):
+                c.disconnect()
+        self._clients.clear()
+
+
 async def publish_probe(broker: BrokerAddress, topic: str) -> None:
     version = VersionChoice("auto")
     for _ in range(2):
@@ -118,10 +244,18 @@ async def publish_probe(broker: BrokerAddress, topic: str) -> None:
 
 
 def _shard_process(
-    url: str, topic: str, n: int, prefix: str, ready: Any, go: Any, out: Any, timeout: float
+    kind: Subscriber,
+    url: str,
+    topic: str,
+    n: int,
+    prefix: str,
+    ready: Any,
+    go: Any,
+    out: Any,
+    timeout: float,
 ) -> None:
     async def main() -> None:
-        shard = BaselineShard(BrokerAddress.parse(url), topic, n, prefix)
+        shard = make_shard(kind, BrokerAddress.parse(url), topic, n, prefix)
         await shard.connect()
         ready.put(n)
         await asyncio.get_running_loop().run_in_executor(None, go.wait)
@@ -138,6 +272,7 @@ def run_baseline(
     processes: int = 1,
     timeout: float = 60.0,
     progress: Callable[[int], None] | None = None,
+    kind: Subscriber = "paho",
 ) -> dict[str, Any]:
     """Connect `clients` bare subscribers over `processes` processes, publish once, measure."""
     broker = BrokerAddress.parse(url)
@@ -152,6 +287,7 @@ def run_baseline(
         ctx.Process(
             target=_shard_process,
             args=(
+                kind,
                 url,
                 topic,
                 n,
@@ -186,7 +322,13 @@ def run_baseline(
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
-    return {"clients": clients, "received": received, "processes": processes, **hist.summary()}
+    return {
+        "subscriber": kind,
+        "clients": clients,
+        "received": received,
+        "processes": processes,
+        **hist.summary(),
+    }
 
 
 async def baseline_in_loop(
@@ -196,9 +338,10 @@ async def baseline_in_loop(
     prefix: str,
     ready: Callable[[], Awaitable[None]],
     timeout: float,
+    kind: Subscriber = "paho",
 ) -> tuple[LatencyHistogram, int]:
     """Used by a simulation worker: connect `n` subscribers, call `ready`, wait for the probe."""
-    shard = BaselineShard(broker, topic, n, prefix)
+    shard = make_shard(kind, broker, topic, n, prefix)
     try:
         await shard.connect()
         await ready()

@@ -97,9 +97,19 @@ def org(
     callback=_broker_url,
     help="mqtt://HOST:PORT (default: private).",
 )
+@click.option(
+    "--subscriber",
+    type=click.Choice(["paho", "aiomqtt"]),
+    default="paho",
+    show_default=True,
+    help="paho: plain callbacks, the cheapest subscriber (the floor `run` compares with); "
+    "aiomqtt: its message iterator.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def baseline(clients: int, workers: int | None, broker_url: str | None, as_json: bool) -> None:
-    """Bare MQTT fan-out: one QoS 1 publish to N bare aiomqtt subscribers."""
+def baseline(
+    clients: int, workers: int | None, broker_url: str | None, subscriber: str, as_json: bool
+) -> None:
+    """Bare MQTT fan-out: one QoS 1 publish to N bare subscribers (paho callbacks, or aiomqtt)."""
     import json
     import os
 
@@ -114,13 +124,16 @@ def baseline(clients: int, workers: int | None, broker_url: str | None, as_json:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="addin-sim-"))
             broker = stack.enter_context(MosquittoBroker(Path(tmp) / "broker"))
             broker_url = broker.url
-        with console.status(f"connecting {clients} bare subscribers over {workers} processes"):
-            result = run_baseline(broker_url, clients, workers)
+        with console.status(
+            f"connecting {clients} bare {subscriber} subscribers over {workers} processes"
+        ):
+            result = run_baseline(broker_url, clients, workers, kind=subscriber)  # type: ignore[arg-type]
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         t = Table(
-            title=f"bare MQTT fan-out, {clients} subscribers, {result['processes']} processes"
+            title=f"bare MQTT fan-out, {clients} {subscriber} subscribers, "
+            f"{result['processes']} processes"
         )
         for col in ("received", "p50_ms", "p95_ms", "p99_ms", "max_ms"):
             t.add_column(col, justify="right")
@@ -128,6 +141,43 @@ def baseline(clients: int, workers: int | None, broker_url: str | None, as_json:
         Console().print(t)
     if result["received"] < clients:
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the table and the figures plotted against the client count (inline SVG).",
+)
+def compare(reports: tuple[Path, ...], html_file: Path | None) -> None:
+    """Compare runs: REPORTS are report.json files (or the --report directories) of
+    `addin-sim run`; one row per run, by client count: workers' CPU and peak RSS per client,
+    notify and cached p99 of the main step (the scenario step that notified most clients), the bare
+    fan-out floor and notify p99 ÷ floor."""
+    from rich.table import Table
+
+    from simulator.report.compare import COLUMNS, CompareError, load_all, render_html, rows
+
+    try:
+        runs = load_all(reports)
+    except CompareError as e:
+        raise click.UsageError(str(e)) from None
+    t = Table(title=f"{len(runs)} runs")
+    for i, col in enumerate(COLUMNS):
+        # Folded, never cut: the run's name is a path the reader needs whole.
+        t.add_column(col, justify="left" if i in (0, 2, 5) else "right", overflow="fold")
+    for row in rows(runs):
+        t.add_row(*row)
+    Console().print(t)
+    if html_file is not None:
+        try:
+            html_file.write_text(render_html(runs))
+        except OSError as e:
+            raise click.UsageError(f"--html {html_file}: {e.strerror or e}") from None
+        console.print(f"plots: {html_file}")
 
 
 def _event_loop_run(coro: Any) -> Any:
@@ -263,8 +313,14 @@ async def _until_signalled(coordinator: Any) -> Any:
     "--cache",
     type=click.Choice(["memory", "file", "none"]),
     default=None,
-    help="Agent cache of every client (default: the scenario's, usually memory): in-memory "
-    "SQLite, one SQLite file per client, or none (no SQL, least memory).",
+    help="Agent cache of every client (default: the scenario's, `memory` in all shipped "
+    "scenarios but offline-clients, which uses `file`). memory: the agent's real SQLite cache "
+    "code on an in-memory database: measures the SQL of every transition, not the disk; the "
+    "everyday choice. file: one real SQLite file per client (WAL, as on a workstation): "
+    "measures the disk and the cache's thread too, and clients keep their cache while "
+    "offline; choose it to see what a real cache costs, within the machine's open files. "
+    "none: no SQL (the agent's volatile cache): measures propagation alone with the least "
+    "memory; choose it for the largest fleets.",
 )
 @click.option(
     "--console",

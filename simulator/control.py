@@ -7,7 +7,7 @@ Coordinator and workers talk through messages under ``addin-sim/v1/{run}/``::
     addin-sim/v1/{run}/worker/{wid}/reply    worker -> coordinator    {"wid", "replies"}
     addin-sim/v1/{run}/worker/{wid}/alive    worker -> coordinator    {"wid", "seen"} each second
     addin-sim/v1/{run}/worker/{wid}/progress worker -> coordinator    {"seq", "done", "total"}
-    addin-sim/v1/{run}/baseline              the bare fan-out probe
+    addin-sim/v1/{run}/baseline/{subscriber} the bare fan-out probe (paho, then aiomqtt)
 
 Commands, hellos and replies are state, not events: each is retained and re-published by its
 owner after every reconnect, so a broker restart in the middle of a scenario (a fault the

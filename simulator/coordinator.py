@@ -134,7 +134,9 @@ class Coordinator:
             # 20,000 open-file limit), and it measures what the machine can do at all.
             baseline: dict[str, Any] = {"p99_ms": None, "max_ms": None, "clients": 0}
             if self.options.baseline:
-                baseline = await self._baseline(broker)
+                # The paho floor, then aiomqtt beside it (under "aiomqtt"), one after the other.
+                baseline = await self._baseline(broker, "paho")
+                baseline["aiomqtt"] = await self._baseline(broker, "aiomqtt")
             executor = StepExecutor(
                 self.options,
                 env,
@@ -246,7 +248,7 @@ class Coordinator:
             }
         return {"shards": shards, "cold_revision": cold_revision, "agent": agent}
 
-    async def _baseline(self, broker: BrokerAddress) -> dict[str, Any]:
+    async def _baseline(self, broker: BrokerAddress, subscriber: str) -> dict[str, Any]:
         """The bare MQTT fan-out to as many plain subscribers as there are clients."""
         workers = self.fleet.workers
         n = len(self.clients)
@@ -254,9 +256,9 @@ class Coordinator:
             wid: n // len(workers) + (1 if i < n % len(workers) else 0)
             for i, wid in enumerate(workers)
         }
-        topic = control.baseline_topic(self.run)
+        topic = f"{control.baseline_topic(self.run)}/{subscriber}"
         seq = await self.fleet.publish_command(
-            "baseline", {"shares": shares, "topic": topic, "timeout": 30}
+            "baseline", {"shares": shares, "topic": topic, "timeout": 30, "subscriber": subscriber}
         )
         try:
             await self.fleet.wait_replies(seq, 600, phase="ready")
@@ -271,7 +273,13 @@ class Coordinator:
         for r in replies.values():
             hist.merge(LatencyHistogram.decode(r["result"]["hist"]))
             received += r["result"]["received"]
-        return {"clients": n, "received": received, **hist.summary(), "cdf": hist.cdf()}
+        return {
+            "subscriber": subscriber,
+            "clients": n,
+            "received": received,
+            **hist.summary(),
+            "cdf": hist.cdf(),
+        }
 
     async def _run_steps(self, executor: StepExecutor) -> list[StepResult]:
         """Connect the clients (unless a step does), run every step, then the final check."""

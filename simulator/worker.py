@@ -520,6 +520,7 @@ class Worker:
             f"addin-sim-bare-{self.wid}",
             ready,
             float(args.get("timeout", 30)),
+            args.get("subscriber", "paho"),
         )
         return {"hist": hist.encode(), "received": received}
 

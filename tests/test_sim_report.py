@@ -306,6 +306,7 @@ def _report() -> dict[str, Any]:
             "baseline": cdf(0.6, 159),
         },
         "baseline": {
+            "subscriber": "paho",
             "clients": 1000,
             "received": 1000,
             "p50_ms": 85.4,
@@ -313,6 +314,16 @@ def _report() -> dict[str, Any]:
             "p99_ms": 159.0,
             "max_ms": 159.0,
             "notified_p99_ratio": 1.711,
+            "aiomqtt": {
+                "subscriber": "aiomqtt",
+                "clients": 1000,
+                "received": 1000,
+                "p50_ms": 101.0,
+                "p95_ms": 181.0,
+                "p99_ms": 183.0,
+                "max_ms": 184.0,
+                "notified_p99_ratio": 1.486,
+            },
         },
         "throughput": {
             "deliveries": 2858,
@@ -388,13 +399,19 @@ def test_html_shows_what_report_json_holds() -> None:
         "497",  # p95 of cached
         "158",  # p95 of the bare fan-out
         "1.711",  # notified p99 / baseline p99
+        "against the paho floor (1.486 against aiomqtt",
     ):
         assert expected in text, expected
     # Latency table: a row per stage, the bare fan-out and the manifest endpoint.
     assert re.search(
         r"manifest GET</td><td>17.7</td><td>176</td><td>179</td><td>253</td><td>924</td>", page
     )
-    assert re.search(r"bare MQTT fan-out</td><td>85.4</td><td>158</td><td>159</td>", page)
+    assert re.search(
+        r"bare MQTT fan-out \(paho, the floor\)</td><td>85.4</td><td>158</td><td>159</td>", page
+    )
+    assert re.search(
+        r"bare MQTT fan-out \(aiomqtt\)</td><td>101</td><td>181</td><td>183</td>", page
+    )
 
 
 def test_html_has_an_errors_and_retries_table() -> None:
@@ -483,6 +500,9 @@ def test_html_and_terminal_say_what_n_counts() -> None:
     assert "manifest GET: 926 requests, 7 failed, busiest second 885" in flat
     assert "13 MQTT connection failures, 11 reconnects" in flat
     assert "seed 4242, agent cache file" in flat
+    assert "1000 paho subscribers (the floor): p99 159 ms" in flat
+    assert "notified p99 / floor p99 = 1.711" in flat
+    assert "aiomqtt iterator subscribers: p99 183 ms" in flat and "= 1.486" in flat
     assert "everyone: broker kill, 330 duplicated/reordered messages" in flat
 
 
@@ -533,6 +553,7 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
         mismatches=[],
         stages=stages,
         baseline={
+            "subscriber": "paho",
             "clients": 4,
             "received": 4,
             "p50_ms": 1.0,
@@ -540,6 +561,7 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
             "p99_ms": 2.0,
             "max_ms": 2.0,
             "cdf": [(1.0, 0.0), (2.0, 1.0)],
+            "aiomqtt": {"subscriber": "aiomqtt", "clients": 4, "received": 4, "p99_ms": 4.0},
         },
         processes=[{"role": "worker", "pid": 1, "cpu_s": 1.0, "rss_max_kb": 4096}],
         started_at=t0,
@@ -568,6 +590,14 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
     (s,) = report["steps"]
     assert (s["started_s"], s["reached"], s["converged"], s["online_clients"]) == (1.0, 3, 3, 3)
     assert s["reached_convergence"][-1] == [0.9, round(2 / 3, 4)]  # one reached never converged
+    # The notify ratio is against the paho floor; the aiomqtt figure has its own beside it.
+    assert report["baseline"]["subscriber"] == "paho"
+    assert report["baseline"]["notified_p99_ratio"] == round(
+        report["stages"]["notified"]["p99_ms"] / 2.0, 3
+    )
+    assert report["baseline"]["aiomqtt"]["notified_p99_ratio"] == round(
+        report["stages"]["notified"]["p99_ms"] / 4.0, 3
+    )
     assert report["baseline"]["p95_ms"] == 2.0 and report["cdf"]["baseline"] == [
         [1.0, 0.0],
         [2.0, 1.0],

@@ -54,6 +54,9 @@ async def test_small_run_of_every_scenario_has_no_mismatch(name: str, tmp_path: 
         assert set(data["stages"][stage]) == {"p50_ms", "p95_ms", "p99_ms", "max_ms", "count"}
     assert {"p99_ms", "max_ms"} <= set(data["baseline"])
     assert data["baseline"]["received"] == CLIENTS
+    # The paho floor, and the aiomqtt subscribers measured after it, each reached every client.
+    assert data["baseline"]["subscriber"] == "paho"
+    assert data["baseline"]["aiomqtt"]["received"] == CLIENTS
     assert all({"role", "cpu_s", "rss_max_kb"} <= set(p) for p in data["processes"])
     assert [s["name"] for s in data["steps"]][-1] == "final-check"
     # every online client converged in every step
