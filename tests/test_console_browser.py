@@ -9,6 +9,8 @@ the console. The screenshots of docs/console.md are taken here (docs/console/*.p
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,14 @@ from agent.daemon import Agent
 from simulator.mosquitto import MosquittoBroker
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = REPO / "docs" / "console"
+SHOTS = (
+    REPO / "docs" / "console"
+    if os.environ.get("ADDIN_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "addin-console-screenshots"
+)
+"""Where the pictures go: docs/console/ (docs/console.md shows them) only when asked with
+ADDIN_UPDATE_SCREENSHOTS=1, so a test run does not rewrite tracked files; a temporary folder
+otherwise (every page is still rendered and captured)."""
 HELPDESK = "helpdesk-token-1"
 OPERATOR = "operator-token-1"
 
