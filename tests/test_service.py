@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,13 +54,17 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A user's home for the commands (and for plain calls in this process)."""
-    h = tmp_path / "home"
-    h.mkdir()
+def home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A user's home for the commands (and for plain calls in this process). A short path of
+    its own, not under tmp_path: the control socket inside it must stay under the 107 bytes a
+    unix socket path may have, and pytest's folders (longer still per xdist worker) are not."""
+    h = Path(tempfile.mkdtemp(prefix="home-"))
     monkeypatch.setenv("HOME", str(h))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    yield h
+    try:
+        yield h
+    finally:
+        shutil.rmtree(h, ignore_errors=True)
 
 
 def agent(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
