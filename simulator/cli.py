@@ -285,6 +285,14 @@ async def _until_signalled(coordinator: Any) -> Any:
     "a cluster); default: --broker.",
 )
 @click.option(
+    "--agent-mqtt-version",
+    type=click.Choice(["auto", "5", "3.1.1"]),
+    default="auto",
+    show_default=True,
+    help="The agents' mqtt_version: pin 3.1.1 for a broker that speaks only 3.1.1 (NATS), so "
+    "no agent first tries MQTT 5 and is refused.",
+)
+@click.option(
     "--server",
     "server_url",
     default=None,
@@ -358,6 +366,7 @@ def run(
     tenant: str,
     netns: int,
     agent_brokers: tuple[str, ...],
+    agent_mqtt_version: str,
 ) -> None:
     """Run a scenario with N virtual clients and check every one against the oracle.
 
@@ -395,6 +404,7 @@ def run(
         raise click.UsageError("--agent-broker needs --broker (and no --tls)")
     options = RunOptions(
         agent_brokers=agent_brokers,
+        agent_mqtt_version=agent_mqtt_version,
         tenant=tenant,
         netns=netns,
         clients=clients,

@@ -236,6 +236,7 @@ class Coordinator:
         agent: dict[str, Any] = {
             "tenant": self.options.tenant,
             "brokers": list(self.options.agent_brokers),
+            "mqtt_version": self.options.agent_mqtt_version,
             "agent_token": env.agent_token,
             "signing_key": env.signing_key,
             "cache": self.options.cache or self.scenario.cache,

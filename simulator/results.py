@@ -44,6 +44,8 @@ class RunOptions:
     agent_brokers: tuple[str, ...] = ()
     """Where the agents connect, spread by client id (`--agent-broker`, e.g. every node of a
     cluster); by default the run's broker. The control channel and the server use that."""
+    agent_mqtt_version: str = "auto"
+    """The agents' `mqtt_version` (auto, 5 or 3.1.1)."""
     tenant: str = "contoso"
     """The tenant of the run (an external server's, with `server_url`)."""
     netns: int = 0

@@ -291,6 +291,7 @@ class Worker:
             applier="memory",
             control=None,
             watch_hosts=False,  # no Office here, and thousands of agents in one process
+            mqtt_version=s.get("mqtt_version", "auto"),
         )
         tls = s.get("tls")
         if tls is not None:

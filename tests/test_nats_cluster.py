@@ -283,7 +283,8 @@ async def test_simulator_agents_spread_over_an_open_cluster(tmp_path: Path) -> N
     try:
         urls = tuple(cluster.mqtt_url(i) for i in range(3))
         options = RunOptions(clients=60, workers=0, workdir=tmp_path / "run", baseline=False,
-                             broker_url=urls[0], agent_brokers=urls)  # fmt: skip
+                             broker_url=urls[0], agent_brokers=urls,
+                             agent_mqtt_version="3.1.1")  # fmt: skip
         coordinator = Coordinator(load_scenario("phased-rollout"), options)
         result = await coordinator.execute()
     finally:
