@@ -530,6 +530,7 @@ class Worker:
         return {}
 
     async def cmd_shutdown(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
+        log.warning("worker %s: the coordinator ends the run (command %d)", self.wid, seq)
         await self._teardown()
         result = {"process": self.monitor.result().as_dict()}
         asyncio.get_running_loop().call_later(0.5, self._done.set)
@@ -575,6 +576,12 @@ async def run_worker(
     w = Worker(run, BrokerAddress.parse(broker_url), server_url, cache_dir=cache_dir)
     # SIGTERM (the coordinator ending a failed run, or an operator) stops the agents first.
     loop = asyncio.get_running_loop()
+
+    def stop_on(sig: signal.Signals) -> None:
+        # Said in the worker's log: otherwise the coordinator only sees an exit status 0.
+        log.warning("worker %s: %s received, stopping its agents", w.wid, sig.name)
+        w.stop()
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(sig, w.stop)
+        loop.add_signal_handler(sig, stop_on, sig)
     await w.serve()

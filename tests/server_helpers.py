@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,17 @@ SHEETS_V12 = STORE / "WA104380121" / "1.2.0.0.xml"  # same permissions, newer
 TASKPANE_ID = "cff613f2-7421-4dfe-beb2-c81162b92abb"
 SHEETS_ID = "9475b9bb-ff88-476f-917d-33a9c632508a"
 GIFME_ID = "bd5d7b16-a08f-4bed-ac4f-f37882b5c55a"  # store asset WA104379501
+
+
+def query(db: str, sql: str) -> list[tuple[Any, ...]]:
+    """One SELECT on the SQLite file or the PostgreSQL database `db` (a server's --db)."""
+    if "://" in db:
+        import psycopg
+
+        with psycopg.connect(db) as pc:
+            return [tuple(r) for r in pc.execute(sql).fetchall()]  # type: ignore[arg-type]
+    with sqlite3.connect(db) as c:
+        return [tuple(r) for r in c.execute(sql).fetchall()]
 
 
 class Collector:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import ldap3
 import pytest
 from harness import ADMIN_TOKEN, REPO, stop_process
 from ldap_helpers import ROOT_DN, ROOT_PW, SUFFIX, Slapd, base_tree, group, user
+from server_helpers import query
 
 from server_stub.ldap_directory import build, safe_id
 from simulator.mosquitto import MosquittoBroker, free_port
@@ -45,9 +45,10 @@ def slapd(tmp_path: Path) -> Iterator[Slapd]:
     server.stop()
 
 
-def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(tmp: Path, *args: str, db: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`addin-server ARGS` in `tmp` on the database `db` (default: tmp/server.db)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
-    env.update(ADDIN_SERVER_DB=str(tmp / "server.db"), ADDIN_SERVER_PUBLISH_WAIT="0")
+    env.update(ADDIN_SERVER_DB=db or str(tmp / "server.db"), ADDIN_SERVER_PUBLISH_WAIT="0")
     return subprocess.run(
         [sys.executable, "-m", "server_stub", *args],
         capture_output=True, text=True, timeout=60, env=env, cwd=tmp,
@@ -66,42 +67,38 @@ def sync_args(tmp: Path, slapd: Slapd) -> list[str]:
             "--tenant", "contoso"]  # fmt: skip
 
 
-def db_rows(tmp: Path, sql: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(tmp / "server.db") as c:
-        return c.execute(sql).fetchall()
-
-
-def entitled(tmp: Path) -> int:
-    status = json.loads(ok(cli(tmp, "status", "--json")))
+def entitled(tmp: Path, db: str) -> int:
+    status = json.loads(ok(cli(tmp, "status", "--json", db=db)))
     return int(next(a for a in status["addins"] if a["addin_id"] == TASKPANE)["entitled_users"])
 
 
 def test_sync_reads_nested_groups_and_applies_the_diff_in_one_revision(
-    tmp_path: Path, slapd: Slapd
+    tmp_path: Path, slapd: Slapd, db_target: str
 ) -> None:
     args = sync_args(tmp_path, slapd)
     # Dry run on a new database: the diff, and no database left behind.
-    out = ok(cli(tmp_path, *args, "--dry-run", "--max-removal-share", "1"))
+    out = ok(cli(tmp_path, *args, "--dry-run", "--max-removal-share", "1", db=db_target))
     assert "LDAP: 3 users, 2 groups, 3 memberships, 1 nestings" in out
     assert "  + user ann: name 'Ann Lee'" in out
     assert "  + group All-Staff: name 'All Staff'" in out
     assert "  + nesting sales in All-Staff" in out
     assert "Dry run: nothing was changed." in out
 
-    out = ok(cli(tmp_path, *args))
+    out = ok(cli(tmp_path, *args, db=db_target))
     assert "Plan: 9 to add, 0 to change, 0 to remove." in out
     assert "Synced at revision 1 (" in out
-    assert db_rows(tmp_path, "SELECT operation FROM audit") == [("directory_sync",)]
-    assert sorted(db_rows(tmp_path, "SELECT group_id, user_id FROM memberships")) == [
+    assert query(db_target, "SELECT operation FROM audit") == [("directory_sync",)]
+    assert sorted(query(db_target, "SELECT group_id, user_id FROM memberships")) == [
         ("All-Staff", "carol"), ("sales", "ann"), ("sales", "bob"),
     ]  # fmt: skip
-    assert "No changes: the server's directory matches LDAP." in ok(cli(tmp_path, *args))
+    unchanged = ok(cli(tmp_path, *args, db=db_target))
+    assert "No changes: the server's directory matches LDAP." in unchanged
 
     # An add-in assigned to the group: bob has it through sales, then leaves sales in LDAP.
     shutil.copy(REPO / "tests/fixtures/manifests/taskpane.xml", tmp_path / "taskpane.xml")
-    ok(cli(tmp_path, "addin", "add", str(tmp_path / "taskpane.xml")))
-    ok(cli(tmp_path, "addin", "assign", TASKPANE, "--group", "sales"))
-    assert entitled(tmp_path) == 2
+    ok(cli(tmp_path, "addin", "add", str(tmp_path / "taskpane.xml"), db=db_target))
+    ok(cli(tmp_path, "addin", "assign", TASKPANE, "--group", "sales", db=db_target))
+    assert entitled(tmp_path, db_target) == 2
     conn = slapd.connection()
     conn.modify(
         f"cn=sales,ou=groups,{SUFFIX}",
@@ -111,46 +108,50 @@ def test_sync_reads_nested_groups_and_applies_the_diff_in_one_revision(
         f"uid=ann,ou=people,{SUFFIX}", {"displayName": [(ldap3.MODIFY_REPLACE, ["Ann Lee-Smith"])]}
     )
     conn.unbind()
-    out = ok(cli(tmp_path, *args))
+    out = ok(cli(tmp_path, *args, db=db_target))
     assert "  - member bob in sales\n" in out
     assert "  ~ user ann: name 'Ann Lee' -> 'Ann Lee-Smith'" in out
-    assert entitled(tmp_path) == 1  # bob lost what sales carried, as a manual removal would
-    rev = db_rows(tmp_path, "SELECT max(revision) FROM audit")[0][0]
-    member_bob = db_rows(
-        tmp_path, f"SELECT payload FROM outbox WHERE revision={rev} AND topic LIKE '%/member/bob'"
+    # bob lost what sales carried, as a manual removal would
+    assert entitled(tmp_path, db_target) == 1
+    rev = query(db_target, "SELECT max(revision) FROM audit")[0][0]
+    member_bob = query(
+        db_target, f"SELECT payload FROM outbox WHERE revision={rev} AND topic LIKE '%/member/bob'"
     )
     assert json.loads(bytes(member_bob[0][0]))["groups"] == []  # type: ignore[arg-type]
 
 
-def test_a_sync_removing_too_many_users_stops_unless_forced(tmp_path: Path, slapd: Slapd) -> None:
+def test_a_sync_removing_too_many_users_stops_unless_forced(
+    tmp_path: Path, slapd: Slapd, db_target: str
+) -> None:
     args = sync_args(tmp_path, slapd)
-    ok(cli(tmp_path, *args))
-    ok(cli(tmp_path, "addin", "add", str(REPO / "tests/fixtures/manifests/taskpane.xml")))
-    ok(cli(tmp_path, "addin", "assign", TASKPANE, "--user", "bob"))
+    ok(cli(tmp_path, *args, db=db_target))
+    taskpane = str(REPO / "tests/fixtures/manifests/taskpane.xml")
+    ok(cli(tmp_path, "addin", "add", taskpane, db=db_target))
+    ok(cli(tmp_path, "addin", "assign", TASKPANE, "--user", "bob", db=db_target))
     conn = slapd.connection()
     conn.delete(f"uid=bob,ou=people,{SUFFIX}")
     conn.unbind()
-    r = cli(tmp_path, *args)
+    r = cli(tmp_path, *args, db=db_target)
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
         "error: the sync would remove 1 of 3 users (33%), more than the 10% allowed: check the "
         "directory, --base and the filters, then run it again with --force"
     ]
-    assert ("bob",) in db_rows(tmp_path, "SELECT id FROM users")
-    assert "Synced" in ok(cli(tmp_path, *args, "--max-removal-share", "0.5"))
-    assert ("bob",) not in db_rows(tmp_path, "SELECT id FROM users")
+    assert ("bob",) in query(db_target, "SELECT id FROM users")
+    assert "Synced" in ok(cli(tmp_path, *args, "--max-removal-share", "0.5", db=db_target))
+    assert ("bob",) not in query(db_target, "SELECT id FROM users")
     # The user's direct assignment went with it, with a tombstone for its agents.
-    assert db_rows(tmp_path, "SELECT * FROM assignments") == []
-    rows = db_rows(
-        tmp_path, f"SELECT payload FROM outbox WHERE topic LIKE '%assign/user/bob/{TASKPANE}'"
+    assert query(db_target, "SELECT * FROM assignments") == []
+    rows = query(
+        db_target, f"SELECT payload FROM outbox WHERE topic LIKE '%assign/user/bob/{TASKPANE}'"
     )
     assert json.loads(bytes(rows[-1][0]))["deleted"] is True  # type: ignore[arg-type]
 
     conn = slapd.connection()
     conn.delete(f"uid=carol,ou=people,{SUFFIX}")
     conn.unbind()
-    assert cli(tmp_path, *args).returncode == 1
-    assert "Synced" in ok(cli(tmp_path, *args, "--force"))
+    assert cli(tmp_path, *args, db=db_target).returncode == 1
+    assert "Synced" in ok(cli(tmp_path, *args, "--force", db=db_target))
 
 
 def test_sync_errors_are_one_line(tmp_path: Path, slapd: Slapd) -> None:

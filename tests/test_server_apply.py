@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from harness import REPO, ServerProcess
-from server_helpers import retained_state
+from server_helpers import query, retained_state
 
 from simulator.mosquitto import MosquittoBroker
 
@@ -68,17 +66,6 @@ def cli(
 def ok(r: subprocess.CompletedProcess[str]) -> str:
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
-
-
-def query(db: str, sql: str) -> list[tuple[Any, ...]]:
-    """One SELECT on the SQLite file or the PostgreSQL database `db`."""
-    if "://" in db:
-        import psycopg
-
-        with psycopg.connect(db) as pc:
-            return [tuple(r) for r in pc.execute(sql).fetchall()]  # type: ignore[arg-type]
-    with sqlite3.connect(db) as c:
-        return [tuple(r) for r in c.execute(sql).fetchall()]
 
 
 def revision(tmp: Path, db: str | None = None) -> int:

@@ -26,9 +26,13 @@ AGENT = {"Authorization": f"Bearer {AGENT_TOKEN}"}
 
 
 @pytest.fixture
-def server(tmp_path: Path, broker: MosquittoBroker) -> Iterator[ServerProcess]:
+def server(tmp_path: Path, broker: MosquittoBroker, db_target: str) -> Iterator[ServerProcess]:
+    # On both backends: /readyz checks the database the server runs on.
     srv = ServerProcess(
-        tmp_path / "server.db", broker.url, extra_args=("--ready-max-outbox-lag", "1")
+        db_target,
+        broker.url,
+        log=tmp_path / "server.log",
+        extra_args=("--ready-max-outbox-lag", "1"),
     )
     srv.start()
     yield srv
