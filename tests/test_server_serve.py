@@ -20,7 +20,7 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 AGENT = {"Authorization": "Bearer agent-secret"}
 
 
-def cli(db: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def cli(db: Path | str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "server_stub", *args, "--db", str(db)],
         capture_output=True,
@@ -31,12 +31,18 @@ def cli(db: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 
 class Server(ServerProcess):
-    """A server process on `db`, started at once (each on its own port and log); the test
-    waits for it."""
+    """A server process on `db` (an SQLite file or a PostgreSQL URL), started at once, each
+    on its own port with its own log in `logs`; the test waits for it."""
 
-    def __init__(self, db: Path, broker: MosquittoBroker, env: dict[str, str] | None = None):
-        super().__init__(db, broker.url, admin_user="ann", env=env)
-        self.log = db.with_suffix(f".{self.port}.log")
+    def __init__(
+        self,
+        db: str,
+        broker: MosquittoBroker,
+        logs: Path,
+        env: dict[str, str] | None = None,
+    ):
+        super().__init__(db, broker.url, log=logs / "server.log", admin_user="ann", env=env)
+        self.log = logs / f"server.{self.port}.log"
         self.start(wait=False)
 
 
@@ -49,10 +55,10 @@ def servers() -> Iterator[list[Server]]:
 
 
 async def test_serve_http_api_publishes_and_serves_manifests(
-    tmp_path: Path, broker: MosquittoBroker, servers: list[Server]
+    tmp_path: Path, broker: MosquittoBroker, servers: list[Server], db_target: str
 ) -> None:
-    db = tmp_path / "server.db"
-    srv = Server(db, broker)
+    db = db_target
+    srv = Server(db, broker, tmp_path)
     servers.append(srv)
     srv.wait_ready()
     async with (
@@ -133,16 +139,16 @@ async def test_serve_http_api_publishes_and_serves_manifests(
 
 
 async def test_killed_between_commit_and_publish_publishes_exactly_once_after_restart(
-    tmp_path: Path, broker: MosquittoBroker, servers: list[Server]
+    tmp_path: Path, broker: MosquittoBroker, servers: list[Server], db_target: str
 ) -> None:
-    db = tmp_path / "server.db"
+    db = db_target
     cli(db, "user", "add", "ann", "--tenant", "contoso")
-    first = Server(db, broker)
+    first = Server(db, broker, tmp_path)
     servers.append(first)
     first.wait_ready()
     first.stop()  # the broker now holds our session and member/ann
 
-    crashing = Server(db, broker, env={"ADDIN_SERVER_CRASH_AFTER_COMMIT": "1"})
+    crashing = Server(db, broker, tmp_path, env={"ADDIN_SERVER_CRASH_AFTER_COMMIT": "1"})
     servers.append(crashing)
     crashing.wait_ready()
     async with Collector(broker.port) as col:
@@ -152,7 +158,7 @@ async def test_killed_between_commit_and_publish_publishes_exactly_once_after_re
         assert crashing.proc.wait(timeout=20) == 70
         assert col.count("group/sales/parents") == 0
 
-        restarted = Server(db, broker)
+        restarted = Server(db, broker, tmp_path)
         servers.append(restarted)
         restarted.wait_ready()
         await col.wait_for(out["revision"], {"group/sales/parents"})
@@ -164,8 +170,8 @@ async def test_killed_between_commit_and_publish_publishes_exactly_once_after_re
     assert state["group/sales/parents"]["revision"] == out["revision"]
 
 
-def test_cli_errors_are_clear_and_change_nothing(tmp_path: Path) -> None:
-    db = tmp_path / "server.db"
+def test_cli_errors_are_clear_and_change_nothing(db_target: str) -> None:
+    db = db_target
     assert cli(db, "user", "add", "ann", check=False).returncode != 0  # new db needs --tenant
     cli(db, "user", "add", "ann", "--tenant", "contoso")
     cli(db, "group", "add", "a")
@@ -182,7 +188,7 @@ def test_cli_errors_are_clear_and_change_nothing(tmp_path: Path) -> None:
     assert status["revision"] == 4
 
 
-def test_load_explain_and_status_from_the_cli(tmp_path: Path) -> None:
+def test_load_explain_and_status_from_the_cli(tmp_path: Path, db_target: str) -> None:
     (tmp_path / "m.xml").write_bytes(TASKPANE_V1.read_bytes())
     (tmp_path / "org.yaml").write_text(
         "tenant: contoso\n"
@@ -193,7 +199,7 @@ def test_load_explain_and_status_from_the_cli(tmp_path: Path) -> None:
         "addins: [{manifest: m.xml}, {store: WA104379501}]\n"
         f"assignments: [{{addin: {TASKPANE_ID}, target: 'group:all-staff', mode: fixed}}]\n"
     )
-    db = tmp_path / "server.db"
+    db = db_target
     out = cli(db, "load", str(tmp_path / "org.yaml")).stdout
     assert out.startswith("revision 1: loaded 2 users, 2 groups, 1 memberships, 1 nestings")
     text = cli(db, "explain", "--user", "ann", "--addin", TASKPANE_ID).stdout
