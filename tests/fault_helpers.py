@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:  # when run as a script
     sys.path.insert(0, str(REPO))
 
 from harness import ADMIN_TOKEN, AGENT_TOKEN, CRASH_HOOK, TENANT, ServerProcess  # noqa: E402
-from server_helpers import eventually, retained_state  # noqa: E402
+from server_helpers import eventually, query, retained_state  # noqa: E402
 
 from addin_core.protocol import Host, Mode  # noqa: E402
 from addin_core.version import compare_versions  # noqa: E402
@@ -63,30 +63,37 @@ def manifest_xml(n: int, version: str, hosts: tuple[Host, ...]) -> bytes:
 
 
 class Server(ServerProcess):
-    """The server of a fault test: restartable on the same port and database, optionally with
-    the crash-after-commit hook or a short SQLite busy timeout, and readable in its database."""
+    """The server of a fault test: restartable on the same port and database (an SQLite file
+    in `workdir` by default, or `db`: a PostgreSQL URL), optionally with the crash-after-commit
+    hook or a short SQLite busy timeout, and readable in its database."""
 
-    def __init__(self, workdir: Path, broker: MosquittoBroker, busy_timeout: float | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        broker: MosquittoBroker,
+        busy_timeout: float | None = None,
+        db: str | None = None,
+    ):
         env = {} if busy_timeout is None else {"ADDIN_SERVER_BUSY_TIMEOUT": str(busy_timeout)}
-        super().__init__(workdir / "server.db", broker.url, log=workdir / "server.log", env=env)
+        where = db or workdir / "server.db"
+        super().__init__(where, broker.url, log=workdir / "server.log", env=env)
 
     def start(self, *, crash_after_commit: bool = False, wait: bool = True) -> None:
         super().start(wait=wait, env={CRASH_HOOK: "1"} if crash_after_commit else None)
 
     def db_revision(self) -> int:
-        with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as c:
-            return int(c.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0])
+        return int(query(str(self.db), "SELECT value FROM meta WHERE key='revision'")[0][0])
 
     def unpublished(self) -> int:
-        with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as c:
-            return int(
-                c.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()[0]
-            )
+        sql = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        return int(query(str(self.db), sql)[0][0])
 
     def retained_rows(self) -> dict[str, dict[str, Any]]:
-        with contextlib.closing(sqlite3.connect(self.db, timeout=10)) as c:
-            rows = c.execute("SELECT topic, payload FROM retained").fetchall()
-        return {t.removeprefix(f"addins/v1/{TENANT}/"): json.loads(bytes(p)) for t, p in rows}
+        rows = query(str(self.db), "SELECT topic, payload FROM retained")
+        return {
+            str(t).removeprefix(f"addins/v1/{TENANT}/"): json.loads(bytes(p))  # type: ignore[arg-type]
+            for t, p in rows
+        }
 
 
 # -- the admin, mirrored into the oracle -------------------------------------------------------
@@ -303,11 +310,12 @@ async def start_system(
     *,
     org: int | None = None,
     busy_timeout: float | None = None,
+    db: str | None = None,
 ) -> tuple[Server, Admin, dict[str, Agent]]:
     """The server started with the organisation loaded (the first `org` of `org_actions()`,
     all by default) and in-process agents of `users` started. A setup that fails part-way
     stops what it started: the caller's cleanup only covers a setup that succeeded."""
-    server = Server(tmp, broker, busy_timeout=busy_timeout)
+    server = Server(tmp, broker, busy_timeout=busy_timeout, db=db)
     server.start()
     agents: dict[str, Agent] = {}
     try:

@@ -43,9 +43,11 @@ CRASHES = 20
 
 
 async def test_server_killed_between_commit_and_publish_20_times(
-    tmp_path: Path, broker: MosquittoBroker
+    tmp_path: Path, broker: MosquittoBroker, db_target: str
 ) -> None:
-    server, admin, _ = await start_system(tmp_path, broker)
+    # On both backends: PostgreSQL's outbox is drained under an advisory lock, SQLite's by
+    # the one process that opened it.
+    server, admin, _ = await start_system(tmp_path, broker, db=db_target)
     rollout = Rollout(seed=630)
     await admin.apply(rollout.step())
     await eventually(lambda: server.unpublished() == 0, 20, "the initial outbox to drain")
@@ -62,7 +64,7 @@ async def test_server_killed_between_commit_and_publish_20_times(
                 assert not wire.by_revision(rev), f"crash {i}: published before the crash"
                 # Recovery is the server's own publisher on the same database (run here,
                 # in-process, to keep 20 cycles cheap; the real `serve` restarts below).
-                publisher = Publisher(server.db, TENANT, broker.url)
+                publisher = Publisher(str(server.db), TENANT, broker.url)
                 task = asyncio.create_task(publisher.run())
                 try:
                     await eventually(lambda: server.unpublished() == 0, 20, f"crash {i}: publish")
