@@ -11,10 +11,11 @@ bench:
 	scripts/bootstrap.sh
 	bench/run_benchmarks.sh
 
-# Only the Mosquitto vs NATS cluster comparison (part of `make bench`); CLIENTS=1000 for a quick one.
+# Only the Mosquitto vs NATS cluster comparison (part of `make bench`); CLIENTS=1000 for a quick one
+# (several sizes: CLIENTS="2000 10000").
 bench-brokers:
 	scripts/bootstrap.sh
-	.venv/bin/python bench/bench_brokers.py --clients $(or $(CLIENTS),10000)
+	.venv/bin/python bench/bench_brokers.py --clients $(or $(CLIENTS),2000 10000)
 
 fuzz:
 	scripts/bootstrap.sh

@@ -1,15 +1,19 @@
 """Mosquitto vs a three-node NATS cluster, side by side:
-`python bench/bench_brokers.py [--clients 10000] [--scenario phased-rollout]`.
+`python bench/bench_brokers.py [--clients N ...] [--scenario phased-rollout]`.
 
 Runs the simulator's scenario twice with the same seed and clients: on its private
 Mosquitto (MQTT 5), then on a private three-node NATS cluster (its MQTT gateway, 3.1.1,
 sessions and retained messages in JetStream replicated on the three nodes; the cluster is
-open like the simulator's Mosquitto: one account, no passwords). Each MQTT subscription is a
-JetStream consumer: by default kept on one node in memory (`--replicated-consumers`: on three
-nodes, as `broker-config --target nats` writes them; on 2 cores, 1,000 clients' 7,000
-replicated consumers did not finish connecting). The server and the simulator's control
-channel connect to node 0, the agents to all three (`--agent-broker`, spread by client id). Prints, per step and over all changes, the notified and cached p99 on each broker
-and their ratio NATS / Mosquitto; the reports are in bench-results/brokers-<broker>-<N>/.
+open like the simulator's Mosquitto: one account, no passwords). The agents on NATS are
+pinned to MQTT 3.1.1 (`--agent-mqtt-version`). Each MQTT subscription is a JetStream
+consumer: by default kept on one node in memory (`--replicated-consumers`: on three nodes,
+as `broker-config --target nats` writes them; on 2 cores, 1,000 clients' 7,000 replicated
+consumers did not finish connecting). The server and the simulator's control channel
+connect to node 0, the agents to all three (`--agent-broker`, spread by client id).
+
+Prints, per size, step and over all changes, the notified and cached p99 on each broker and
+their ratio NATS / Mosquitto, how long connecting took, and a failed run's reason (the other
+broker's figures are still printed); the reports are in bench-results/brokers-<broker>-<N>/.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ def run_sim(
     broker_url: str | None,
     agents_on: list[str],
     mqtt_version: str = "auto",
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any] | None, str]:
+    """The run's report, or None and why the run failed (the simulator's last error line)."""
     cmd = [SIM, "run", "--clients", str(clients), "--scenario", scenario, "--cache", "none",
            "--no-baseline", "--report", str(report)]  # fmt: skip
     if broker_url is not None:
@@ -45,11 +50,16 @@ def run_sim(
     if mqtt_version != "auto":
         cmd += ["--agent-mqtt-version", mqtt_version]
     print(f"==> {' '.join(cmd[1:])}", flush=True)
-    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL, timeout=3600)
+    done = subprocess.run(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=3600
+    )
     if done.returncode not in (0, 1):  # 1: mismatches, still a report to read
-        raise SystemExit(f"addin-sim run failed (exit status {done.returncode})")
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip() and "━" not in ln]
+        why = " ".join(lines[-3:]) if lines else f"exit status {done.returncode}"
+        print(f"   failed: {why}", flush=True)
+        return None, why
     result: dict[str, Any] = json.loads((report / "report.json").read_text())
-    return result
+    return result, ""
 
 
 def p99s(report: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -60,47 +70,68 @@ def p99s(report: dict[str, Any]) -> dict[str, tuple[float, float]]:
         if step.get("revisions") and stages.get("notified", {}).get("count"):
             out[step["name"]] = (stages["notified"]["p99_ms"], stages["cached"]["p99_ms"])
     total = report["stages"]
-    out["all changes"] = (total["notified"]["p99_ms"], total["cached"]["p99_ms"])
+    if total["notified"].get("count"):
+        out["all changes"] = (total["notified"]["p99_ms"], total["cached"]["p99_ms"])
     return out
 
 
 def ratio(a: float, b: float) -> str:
-    return f"{b / a:.2f}" if a else "-"
+    return f"{b / a:.2f}" if a and b else "-"
+
+
+def connected(report: dict[str, Any]) -> str:
+    storms = report.get("connect_storms") or []
+    if not storms:
+        return "-"
+    s = storms[0]
+    return f"{s['connected']:,} of {s['clients']:,} in {s['seconds']:.1f} s"
+
+
+def side_by_side(n: int, scenario: str, out: Path, replicated: bool) -> None:
+    mosquitto, m_err = run_sim(n, scenario, out / f"brokers-mosquitto-{n}", None, [])
+    with tempfile.TemporaryDirectory(prefix="addin-bench-nats-") as tmp:
+        nodes = free_nodes(3)
+        write_open_cluster(Path(tmp), nodes, light_consumers=not replicated)
+        with NatsCluster(Path(tmp), nodes) as cluster:
+            urls = [cluster.mqtt_url(i) for i in range(len(nodes))]
+            # NATS 2.9 speaks 3.1.1 only: the agents are pinned to it, as a NATS fleet's
+            # agent.toml says, instead of each trying MQTT 5 first and being refused.
+            nats, n_err = run_sim(
+                n, scenario, out / f"brokers-nats-{n}", urls[0], urls, "3.1.1"
+            )
+    consumers = "replicated" if replicated else "one node, in memory"
+    print(f"\n{scenario}, {n} clients: p99 in ms, ratio = NATS (3 nodes; consumers "
+          f"{consumers}) / Mosquitto")  # fmt: skip
+    m = p99s(mosquitto) if mosquitto else {}
+    s = p99s(nats) if nats else {}
+    print(f"{'step':<14}{'notified M':>12}{'notified N':>12}{'ratio':>7}"
+          f"{'cached M':>10}{'cached N':>10}{'ratio':>7}")  # fmt: skip
+    for name in m:
+        (mn, mc) = m[name]
+        sn, sc = s.get(name, (0.0, 0.0))
+        cells = [f"{v:.0f}" if v else "-" for v in (mn, sn, mc, sc)]
+        print(f"{name:<14}{cells[0]:>12}{cells[1]:>12}{ratio(mn, sn):>7}"
+              f"{cells[2]:>10}{cells[3]:>10}{ratio(mc, sc):>7}")  # fmt: skip
+    for label, r, err in (("mosquitto", mosquitto, m_err), ("nats", nats, n_err)):
+        if r is None:
+            print(f"{label}: run failed: {err}")
+        else:
+            print(f"{label}: {r['mismatches']} mismatches, connected {connected(r)}, "
+                  f"run {r['duration_s']:.0f} s")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=10_000)
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[10_000],
+        help="one side-by-side run per size, in order (e.g. 2000 10000)",
+    )  # fmt: skip
     parser.add_argument("--scenario", default="phased-rollout")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--replicated-consumers", action="store_true")
     args = parser.parse_args()
-    n = args.clients
-    mosquitto = run_sim(n, args.scenario, args.out / f"brokers-mosquitto-{n}", None, [])
-    with tempfile.TemporaryDirectory(prefix="addin-bench-nats-") as tmp:
-        nodes = free_nodes(3)
-        write_open_cluster(Path(tmp), nodes, light_consumers=not args.replicated_consumers)
-        with NatsCluster(Path(tmp), nodes) as cluster:
-            urls = [cluster.mqtt_url(i) for i in range(len(nodes))]
-            # NATS speaks 3.1.1 only: agents pinned to it, as agent.toml should say for NATS,
-            # instead of each one trying MQTT 5 first and being refused.
-            nats = run_sim(
-                n, args.scenario, args.out / f"brokers-nats-{n}", urls[0], urls, "3.1.1"
-            )
-    m, s = p99s(mosquitto), p99s(nats)
-    consumers = "replicated" if args.replicated_consumers else "one node, in memory"
-    print(f"\n{args.scenario}, {n} clients: p99 in ms, ratio = NATS (3 nodes; consumers "
-          f"{consumers}) / Mosquitto")  # fmt: skip
-    print(f"{'step':<14}{'notified M':>12}{'notified N':>12}{'ratio':>7}"
-          f"{'cached M':>10}{'cached N':>10}{'ratio':>7}")  # fmt: skip
-    for name in m:
-        if name not in s:
-            continue
-        (mn, mc), (sn, sc) = m[name], s[name]
-        print(f"{name:<14}{mn:>12.0f}{sn:>12.0f}{ratio(mn, sn):>7}"
-              f"{mc:>10.0f}{sc:>10.0f}{ratio(mc, sc):>7}")  # fmt: skip
-    for label, r in (("mosquitto", mosquitto), ("nats", nats)):
-        print(f"{label}: {r['mismatches']} mismatches, run {r['duration_s']:.0f} s")
+    for n in args.clients:
+        side_by_side(n, args.scenario, args.out, args.replicated_consumers)
 
 
 if __name__ == "__main__":
