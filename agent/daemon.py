@@ -236,6 +236,7 @@ class Agent:
             clean_start_first=first,
             tls_context=mqtt_context(self.config),
             mqtt_version=self.config.mqtt_version,
+            on_refused=self._on_refused,
         )
         self.transport.start()
         self._schedule_fetches()
@@ -720,6 +721,20 @@ class Agent:
         # `doctor` counts session_taken_over and connection_flapping: two agents with one
         # client id never stop knocking each other off the broker, and each looks healthy.
         tx.event(kind, reason[:500])
+        await self.cache.commit(tx)
+
+    async def _on_refused(self, filters: list[str]) -> None:
+        """The broker refused subscriptions (the transport retries them; `filters` is empty
+        once they are granted): what they carry does not arrive meanwhile, so the event log
+        and the recorded subscriptions say so for `doctor`."""
+        if filters:
+            self._emit("subscription_refused", self.state.revision, None)
+        if self.cache is None or self._stopping or self.transport is None:
+            return
+        tx = Tx()
+        tx.sync("subscriptions", sorted(self.transport.subscribed))
+        if filters:
+            tx.event("subscription_refused", ("broker refused: " + ", ".join(filters))[:500])
         await self.cache.commit(tx)
 
     def report(self) -> AgentReport:

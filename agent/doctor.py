@@ -348,6 +348,16 @@ def check_subscriptions(cfg: AgentConfig, rm: ReadModel) -> Check:
     if recorded is None:
         return Check("subscriptions", "warn", "no subscriptions recorded yet (never connected)")
     missing, extra = want - have, have - want
+    refused = rm.event_counts(("subscription_refused",), time.time() - 86400)
+    if missing and refused:
+        n, last = refused["subscription_refused"]
+        return Check(
+            "subscriptions",
+            "fail",
+            f"missing {', '.join(sorted(missing))}: the broker refused it {n} time(s) in the "
+            f"last 24 h (last {(time.time() - last) / 60:.0f} min ago) and the agent keeps "
+            "asking; check the broker's permissions for this user (NATS: its consumers)",
+        )
     if not missing and not extra:
         return Check("subscriptions", "ok", f"{len(have)} subscriptions match the memberships held")
     parts = []

@@ -8,7 +8,13 @@ from typing import Literal
 from addin_core.topics import Host
 
 EventKind = Literal[
-    "notified", "manifest_cached", "applied", "connected", "disconnected", "fetch_failed"
+    "notified",
+    "manifest_cached",
+    "applied",
+    "connected",
+    "disconnected",
+    "fetch_failed",
+    "subscription_refused",
 ]
 
 

@@ -22,8 +22,8 @@ import collections
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Literal
 
 import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
@@ -54,12 +54,31 @@ STABLE_AFTER = 30.0
 bottom; a shorter one (a broker that accepts and then drops us) keeps it growing."""
 STOP_TIMEOUT = 10.0
 """Seconds `Transport.stop` waits for the connection task before giving up on it."""
+SUBSCRIBE_RETRY = (2.0, 120.0)
+"""First and longest wait (seconds, doubling) before subscribing again to filters the broker
+refused in its SUBACK, on the same connection."""
+
+
+def refused_filters(filters: Sequence[str], granted: Sequence[object]) -> list[str]:
+    """The filters whose SUBACK code is a failure (0x80 and up: 3.1.1's "failure", MQTT 5's
+    "not authorized", "quota exceeded", ...). paho gives ReasonCode objects or ints."""
+    out = []
+    for f, rc in zip(filters, granted, strict=False):
+        code = getattr(rc, "value", rc)
+        if not isinstance(code, int) or code >= 0x80:
+            out.append(f)
+    # A SUBACK listing fewer codes than filters leaves the rest unconfirmed: refused too.
+    return out + list(filters[len(granted) :])
+
 
 MessageHandler = Callable[[str, bytes], Awaitable[None]]
 ConnectHandler = Callable[[bool], Awaitable[None]]
 """Called after each (re)connect and subscribe; the argument is the session-present flag."""
 Loss = LossKind | Literal["tls_failed"]
 DisconnectHandler = Callable[[str, Loss], Awaitable[None]]
+RefusedHandler = Callable[[list[str]], Coroutine[Any, Any, None]]
+"""Called with the filters a SUBACK refused (they are subscribed again later), and with an
+empty list once a later round has them all granted."""
 """Called after each failed attempt or lost connection: what happened, in words, and its
 kind: ``session_taken_over`` when the broker said another client connected with our id
 (MQTT 5 reason 0x8E), ``connection_flapping`` when it keeps closing our connection right
@@ -87,6 +106,7 @@ class Transport:
         max_backoff: float | None = None,
         tls_context: ssl.SSLContext | None = None,
         mqtt_version: MqttVersion = "auto",
+        on_refused: RefusedHandler | None = None,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
         self.version = VersionChoice(mqtt_version)
@@ -112,6 +132,12 @@ class Transport:
         self.attempts = 0
         self._task: asyncio.Task[None] | None = None
         self._sub_lock = asyncio.Lock()
+        self.on_refused = on_refused
+        self.refused_subscriptions = 0
+        """Filters the broker refused in a SUBACK so far (each retried later)."""
+        self._sub_retry: asyncio.Task[None] | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._sub_retry_delay = SUBSCRIBE_RETRY[0]
         self._stopping = False
         self._wake: asyncio.Event | None = None
         """Set by `stop` so a delivery loop that lost its cancellation still sees it."""
@@ -123,6 +149,8 @@ class Transport:
     async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """End the connection task: within `timeout` seconds, or log it and move on."""
         task, self._task = self._task, None
+        if self._sub_retry is not None:
+            self._sub_retry.cancel()
         if task is not None:
             self._stopping = True
             if self._wake is not None:
@@ -271,7 +299,10 @@ class Transport:
         raise asyncio.CancelledError()  # stopping: a lost cancellation, raised again
 
     async def sync_subscriptions(self) -> None:
-        """Make the broker's subscriptions equal `desired()` (no-op while offline)."""
+        """Make the broker's subscriptions equal `desired()` (no-op while offline). A filter
+        the broker refuses (an ACL, a NATS node that could not make the JetStream consumer in
+        time) is not counted as held: it is logged and subscribed again later, with backoff,
+        on the same connection (the others keep delivering meanwhile)."""
         client = self.client
         if client is None:
             return
@@ -280,16 +311,52 @@ class Transport:
             if diff.subscribe:
                 # 3.1.1 has no subscribe options; it always sends retained messages.
                 if self.version.v311:
-                    await client.subscribe([(f, 1) for f in diff.subscribe])
+                    granted = await client.subscribe([(f, 1) for f in diff.subscribe])
                 else:
                     opts = SubscribeOptions(qos=1, retainHandling=0)
-                    await client.subscribe([(f, opts) for f in diff.subscribe])
-                self.subscribed |= set(diff.subscribe)
+                    granted = await client.subscribe([(f, opts) for f in diff.subscribe])
+                refused = refused_filters(diff.subscribe, list(granted))
+                self.subscribed |= set(diff.subscribe) - set(refused)
                 log.debug("subscribed %s", ", ".join(diff.subscribe))
+                if refused:
+                    self._retry_subscriptions(client, refused)
+                elif self._sub_retry_delay != SUBSCRIBE_RETRY[0]:  # earlier refusals cleared
+                    self._sub_retry_delay = SUBSCRIBE_RETRY[0]
+                    self._tell_refused([])
             if diff.unsubscribe:
                 await client.unsubscribe(list(diff.unsubscribe))
                 self.subscribed -= set(diff.unsubscribe)
                 log.debug("unsubscribed %s", ", ".join(diff.unsubscribe))
+
+    def _tell_refused(self, refused: list[str]) -> None:
+        if self.on_refused is not None:
+            task: asyncio.Task[None] = asyncio.create_task(self.on_refused(refused))
+            self._side_tasks.add(task)
+            task.add_done_callback(self._side_tasks.discard)
+
+    def _retry_subscriptions(self, client: aiomqtt.Client, refused: list[str]) -> None:
+        self.refused_subscriptions += len(refused)
+        delay = self._sub_retry_delay
+        self._sub_retry_delay = min(delay * 2, SUBSCRIBE_RETRY[1])
+        log.warning(
+            "broker %s:%d refused the subscription to %s; subscribing again in %.1f s",
+            self.host,
+            self.port,
+            ", ".join(refused),
+            delay,
+        )
+        self._tell_refused(refused)
+        if self._sub_retry is not None and not self._sub_retry.done():
+            return
+
+        async def again() -> None:
+            await asyncio.sleep(delay)
+            self._sub_retry = None  # a refusal again schedules the next try
+            if self.client is client and not self._stopping:  # same connection, still up
+                with contextlib.suppress(aiomqtt.MqttError):  # a lost link reconnects anyway
+                    await self.sync_subscriptions()
+
+        self._sub_retry = asyncio.create_task(again(), name=f"resubscribe-{self.client_id}")
 
     async def publish(self, topic: str, payload: bytes) -> bool:
         client = self.client

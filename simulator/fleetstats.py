@@ -25,7 +25,7 @@ MANIFEST_SERIES = "manifest_get"
 MANIFEST_FAILED_SERIES = "manifest_get_failed"
 """The timeline series of manifest requests that failed: no answer, or not 200."""
 
-AGENT_EVENTS = ("connected", "disconnected", "fetch_failed")
+AGENT_EVENTS = ("connected", "disconnected", "fetch_failed", "subscription_refused")
 """Agent events counted (not timed): see `agent.daemon.AgentEvent`."""
 
 MESSAGE_STATS = ("accepted", "stale", "invalid", "signature_refused")

@@ -164,6 +164,7 @@ def _errors(r: RunResult) -> dict[str, Any]:
         "manifest_requests_failed": fleet.failed_requests,
         "fetch_rounds_failed": fleet.events.get("fetch_failed", 0),
         "connection_failures": fleet.events.get("disconnected", 0),
+        "subscriptions_refused": fleet.events.get("subscription_refused", 0),
         "reconnects": fleet.reconnects,
         "messages_stale": fleet.messages.get("stale", 0),
         "messages_invalid": fleet.messages.get("invalid", 0),

@@ -107,6 +107,8 @@ def _errors_rows(report: dict[str, Any]) -> list[list[str]]:
          "all attempts of a round failed; the agent tries again 5–60 s later"],
         ["MQTT connection failures", e.get("connection_failures", 0),
          "connect refused or dropped, or the link lost (not agents stopped on purpose)"],
+        ["MQTT subscriptions refused", e.get("subscriptions_refused", 0),
+         "a SUBACK failure (NATS: a JetStream consumer not made in time); retried"],
         ["MQTT reconnects", e.get("reconnects", 0), "connected again after a failure"],
         ["stale or duplicate messages ignored", e.get("messages_stale", 0),
          "older or equal revision than held (re-sent, reordered, or re-delivered)"],
