@@ -6,6 +6,7 @@ membership in the retained state the agents read."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import sqlite3
@@ -148,6 +149,57 @@ def test_export_then_apply_is_a_no_op(tmp_path: Path) -> None:
     other.mkdir()
     ok(cli(other, "apply", "-", stdin=exported))
     assert ok(cli(other, "export")) == exported
+
+
+def _assign_payload(db: str, revision: int, topic_end: str) -> dict[str, Any]:
+    rows = query(db, f"SELECT topic, payload FROM outbox WHERE revision={revision}")
+    found = [json.loads(bytes(p)) for t, p in rows if t.endswith(topic_end)]
+    assert len(found) == 1, rows
+    return found[0]  # type: ignore[no-any-return]
+
+
+def test_apply_writes_compares_and_exports_an_assignments_exclusions(tmp_path: Path) -> None:
+    """``except:`` is part of an assignment: apply writes it and publishes it with the mode
+    (an agent reading the message must not install for those excluded), a change of it alone
+    is a change, export writes it, and `export | apply` stays a no-op."""
+    db = str(tmp_path / "server.db")
+    excluding = ORG.replace(
+        'target: "group:sales", mode: fixed}',
+        'target: "group:sales", mode: fixed, except: [user:bob]}',
+    )
+    assert excluding != ORG
+    out = ok(cli(tmp_path, "apply", str(_org(tmp_path, "org.yaml", excluding))))
+    assert f"  + assignment {TASKPANE} -> group:sales: mode fixed, except user:bob" in out
+    assert query(db, "SELECT kind, id FROM assignment_exceptions") == [("user", "bob")]
+    sales = f"assign/group/sales/{TASKPANE}"
+    assert _assign_payload(db, 1, sales)["except_users"] == ["bob"]
+
+    exported = ok(cli(tmp_path, "export"))
+    assert "except:\n  - user:bob" in exported
+    out = ok(cli(tmp_path, "apply", "-", "--prune", stdin=exported))
+    assert "No changes: the server already matches the file." in out and revision(tmp_path) == 1
+
+    # A mode change keeps the exclusion in the message; the exclusion alone changing is a
+    # change too.
+    optional = excluding.replace("mode: fixed, except", "mode: optional, except")
+    ok(cli(tmp_path, "apply", str(_org(tmp_path, "optional.yaml", optional))))
+    assert _assign_payload(db, 2, sales) | {"revision": 0, "committed_at": 0} == {
+        "mode": "optional", "except_users": ["bob"], "revision": 0, "committed_at": 0,
+    }  # fmt: skip
+    out = ok(cli(tmp_path, "apply", str(_org(tmp_path, "org2.yaml", ORG))))
+    assert (
+        f"  ~ assignment {TASKPANE} -> group:sales: mode optional -> fixed, "
+        "except user:bob -> none"
+    ) in out
+    assert query(db, "SELECT count(*) FROM assignment_exceptions") == [(0,)]
+    assert "except_users" not in _assign_payload(db, 3, sales)
+    # An exclusion naming nobody known is refused, and nothing is written.
+    bad = excluding.replace("except: [user:bob]", "except: [user:nobody]")
+    r = cli(tmp_path, "apply", str(_org(tmp_path, "bad.yaml", bad)))
+    assert r.returncode != 0 and r.stderr.splitlines() == [
+        "error: cannot exclude unknown user 'nobody'"
+    ]
+    assert revision(tmp_path) == 3
 
 
 def test_apply_refuses_a_bad_document_and_changes_nothing(tmp_path: Path) -> None:
