@@ -153,6 +153,27 @@ def test_a_sync_removing_too_many_users_stops_unless_forced(tmp_path: Path, slap
     assert "Synced" in ok(cli(tmp_path, *args, "--force"))
 
 
+def test_a_sync_removing_too_many_groups_stops_unless_forced(tmp_path: Path, slapd: Slapd) -> None:
+    """A wrong group filter reads every user and no group: the guard counts groups too, or
+    the sync would remove every group and every assignment to one (admin data LDAP does not
+    hold, so no later sync brings it back)."""
+    args = sync_args(tmp_path, slapd)
+    ok(cli(tmp_path, *args))
+    ok(cli(tmp_path, "addin", "add", str(REPO / "tests/fixtures/manifests/taskpane.xml")))
+    ok(cli(tmp_path, "addin", "assign", TASKPANE, "--group", "sales"))
+    wrong = [*args, "--group-filter", "(objectClass=posixGroup)"]
+    r = cli(tmp_path, *wrong)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "error: the sync would remove 2 of 2 groups (100%), more than the 10% allowed: check "
+        "the directory, --base and the filters, then run it again with --force"
+    ]
+    assert db_rows(tmp_path, "SELECT target, target_id FROM assignments") == [("group", "sales")]
+    assert len(db_rows(tmp_path, "SELECT * FROM memberships")) == 3
+    assert "Synced" in ok(cli(tmp_path, *wrong, "--force"))
+    assert db_rows(tmp_path, "SELECT * FROM groups") == []
+
+
 def test_sync_errors_are_one_line(tmp_path: Path, slapd: Slapd) -> None:
     args = sync_args(tmp_path, slapd)
     (tmp_path / "wrong").write_text("nope\n")

@@ -333,17 +333,24 @@ class Declarative:
         """Make users, groups, memberships and nesting equal to the directory's, in one
         revision. Assignments to users and groups that left go with them; everything else
         (add-ins, assignments, policy) is kept. Refused, unless `force`, when it would
-        remove more than `max_removal_share` of the users: a wrong base DN or filter, or a
-        directory answering half its tree, must not empty the tenant."""
+        remove more than `max_removal_share` of the users or of the groups: a wrong base DN
+        or filter, or a directory answering half its tree, must not empty the tenant (a
+        wrong group filter alone would remove every group and, for good, every assignment
+        to one)."""
         have = await _current(self.database.rows)
-        removed = len(set(have.users) - set(d.users))
-        if have.users and not force and removed / len(have.users) > max_removal_share:
-            raise Conflict(
-                f"the sync would remove {removed} of {len(have.users)} users "
-                f"({removed / len(have.users):.0%}), more than the {max_removal_share:.0%} "
-                "allowed: check the directory, --base and the filters, then run it again "
-                "with --force"
-            )
+        if not force:
+            for kind, had, kept in (
+                ("users", have.users, d.users),
+                ("groups", have.groups, d.groups),
+            ):
+                removed = len(set(had) - set(kept))
+                if had and removed / len(had) > max_removal_share:
+                    raise Conflict(
+                        f"the sync would remove {removed} of {len(had)} {kind} "
+                        f"({removed / len(had):.0%}), more than the {max_removal_share:.0%} "
+                        "allowed: check the directory, --base and the filters, then run it "
+                        "again with --force"
+                    )
         return await self._apply(
             "directory_sync", lambda have: _directory_desired(d, have), prune=True
         )
