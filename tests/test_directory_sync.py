@@ -215,6 +215,7 @@ interval = 0.5
 """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
+    env["ADDIN_SERVER_BUSY_TIMEOUT"] = "0.3"  # a locked database fails a sync quickly
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -246,6 +247,23 @@ interval = 0.5
         user(conn, "dave", "Dave Park")
         conn.unbind()
         until("/v1/users/dave", 200)  # picked up by the next sync, no command run
+
+        # The database locked by another writer: the syncs meanwhile fail, and the first one
+        # after it is released brings the change (a failed round used to end every later one).
+        conn = slapd.connection()
+        user(conn, "erin", "Erin Moss")
+        conn.unbind()
+        locker = sqlite3.connect(tmp_path / "server.db", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            deadline = time.monotonic() + 20
+            while "not synced" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "not synced" in log.read_text(), log.read_text()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        until("/v1/users/erin", 200)
     finally:
         stop_process(proc)
     text = log.read_text()

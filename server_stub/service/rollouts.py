@@ -262,15 +262,18 @@ class Rollouts:
         for r in await self.database.rows(
             "SELECT id FROM rollouts WHERE state='running' AND gate IS NOT NULL ORDER BY id"
         ):
-            view = await self.get(int(r[0]))
+            try:
+                view = await self.get(int(r[0]))
+            except NotFound:
+                continue  # its add-in was removed (and the rollout with it) in between
             gate = view.get("gate_now")
             if view["state"] == "running" and gate is not None and gate["holds"]:
                 result = GateResult(True, gate["devices"], gate["applied"], gate["failed"],
                                     gate["waited_s"])  # fmt: skip
                 try:
                     done.append(await self.advance(int(r[0]), auto=result))
-                except Conflict:
-                    continue  # an admin paused or aborted it in between
+                except (Conflict, NotFound):
+                    continue  # an admin paused, aborted or removed it in between
         return done
 
     # -- reads ---------------------------------------------------------------------------
