@@ -234,3 +234,27 @@ async def test_pruned_member_loses_the_group_in_the_retained_state(
     assert state[f"assign/group/sales/{TASKPANE}"]["mode"] == "optional"  # type: ignore[index]
     assert state[f"catalog/{MAIL}"]["deleted"] is True  # type: ignore[index]
     assert state["policy"]["nested_groups"] is True  # type: ignore[index]
+
+
+def test_a_manifest_file_that_never_ends_is_refused_not_read_to_the_end(tmp_path: Path) -> None:
+    """A document (or `addin add`) naming /dev/zero: one error line, the database untouched.
+    Run with an address-space limit so a CLI that reads it whole fails fast instead of
+    taking the machine's memory."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
+    env["ADDIN_SERVER_DB"] = str(tmp_path / "server.db")
+    (tmp_path / "org.yaml").write_text("tenant: contoso\naddins: [{manifest: /dev/zero}]\n")
+    for args in (["apply", "org.yaml"], ["addin", "add", "/dev/zero", "--tenant", "contoso"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "server_stub", *args], capture_output=True, text=True,
+            timeout=60, env=env, cwd=tmp_path, preexec_fn=limited,
+        )  # fmt: skip
+        assert r.returncode == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and "larger than 524288 bytes (512 KB)" in lines[0], lines
+    assert not (tmp_path / "server.db").exists() or revision(tmp_path) == 0
