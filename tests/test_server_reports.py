@@ -181,3 +181,24 @@ async def test_reports_waiting_to_be_stored_are_one_per_device() -> None:
     assert [(r.client_id, r.revision) for r in stored[1]] == [
         ("ann-pc", 5001), ("bob-pc", 3), ("carl-pc", 3),
     ]  # fmt: skip
+
+
+async def test_a_report_nested_past_the_parsers_depth_is_refused_and_reports_go_on(
+    server: ServerProcess, broker: MosquittoBroker
+) -> None:
+    """A device may publish anything on its report topic: JSON nested deeper than the parser
+    goes is an invalid payload like any other, and the next report is stored."""
+    from addin_core.protocol import InvalidPayload, decode_message
+
+    for hostile in (b"[" * 60_000, b'{"a":' * 12_000):
+        with pytest.raises(InvalidPayload, match="too deeply"):
+            decode_message(str(Topic.report("contoso", "eve-pc")), hostile)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=10) as http:
+        rev = await _setup(http)
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="eve-pc") as c:
+            for hostile in (b"[" * 60_000, b'{"a":' * 12_000):
+                await c.publish(str(Topic.report("contoso", "eve-pc")), hostile, qos=1)
+        await _publish(broker, _report("ann-laptop", "ann", rev, applied=True))
+        await _until(http, "ann", "ann-laptop", rev)
+    assert server.proc is not None and server.proc.poll() is None
