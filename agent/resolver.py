@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # types only: the read-only commands import this without pyda
     from agent.state import ReceivedState
 
 
-
 TargetKind = Literal["everyone", "user", "group"]
 
 

@@ -188,8 +188,7 @@ def test_apply_writes_compares_and_exports_an_assignments_exclusions(tmp_path: P
     }  # fmt: skip
     out = ok(cli(tmp_path, "apply", str(_org(tmp_path, "org2.yaml", ORG))))
     assert (
-        f"  ~ assignment {TASKPANE} -> group:sales: mode optional -> fixed, "
-        "except user:bob -> none"
+        f"  ~ assignment {TASKPANE} -> group:sales: mode optional -> fixed, except user:bob -> none"
     ) in out
     assert query(db, "SELECT count(*) FROM assignment_exceptions") == [(0,)]
     assert "except_users" not in _assign_payload(db, 3, sales)
