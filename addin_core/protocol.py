@@ -322,6 +322,11 @@ def _validate_diagnosed(topic: Topic, raw: bytes) -> BaseModel:
         raise InvalidPayload(f"{topic}: payload is not UTF-8 ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise InvalidPayload(f"{topic}: payload is not JSON ({e.msg} at {e.pos})") from e
+    except RecursionError:
+        # "[[[[..." within the size limit: the parser gives up past its depth. No payload
+        # nests more than a few levels; without this the error escaped every receive loop
+        # that catches the protocol's errors (a device's report could end the server's).
+        raise InvalidPayload(f"{topic}: payload nests arrays or objects too deeply") from None
     if not isinstance(data, dict):
         raise InvalidPayload(f"{topic}: payload must be a JSON object, got {type(data).__name__}")
     model: type[BaseModel]

@@ -35,9 +35,6 @@ if TYPE_CHECKING:  # types only: the read-only commands import this without pyda
     from addin_core.protocol import Assignment, CatalogEntry
     from agent.state import ReceivedState
 
-MAX_GROUP_DEPTH = 32
-"""Deepest nesting followed. Real directories nest a handful of levels; the bound keeps a
-pathological chain from costing more than it is worth."""
 
 TargetKind = Literal["everyone", "user", "group"]
 
@@ -160,7 +157,11 @@ def group_paths(
 ) -> dict[str, tuple[str, ...]]:
     """Every group reaching `user_id`, each with the shortest path from a direct group.
 
-    With `nested` False only direct groups are returned. Cycle-safe and depth-bounded.
+    With `nested` False only direct groups are returned. Cycle-safe: each group is visited
+    once, so the walk costs at most the groups received, however deep the chain. Not cut at
+    some depth: the server (`server_stub/entitlement.py`) follows every level, and a group
+    past the cut would be one whose exclusion the agent ignores (installing an add-in for a
+    user the server excluded) or whose assignment it never sees.
     """
     paths: dict[str, tuple[str, ...]] = {}
     frontier: list[str] = []
@@ -170,8 +171,7 @@ def group_paths(
             frontier.append(g)
     if not nested:
         return paths
-    depth = 1
-    while frontier and depth < MAX_GROUP_DEPTH:
+    while frontier:
         nxt: list[str] = []
         for g in frontier:
             for p in state.parents.get(g, ()):
@@ -179,7 +179,6 @@ def group_paths(
                     paths[p] = (*paths[g], p)
                     nxt.append(p)
         frontier = nxt
-        depth += 1
     return paths
 
 

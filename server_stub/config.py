@@ -104,7 +104,8 @@ class DirectorySection(_Section):
     interval: Annotated[float, Field(gt=0)] | None = None
     """Seconds between syncs while `serve` runs; none: no periodic sync."""
     max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.1
-    """A sync removing more than this share of the users stops unless forced."""
+    """A sync removing more than this share of the users (or of the groups) stops unless
+    forced."""
 
     @model_validator(mode="after")
     def _complete(self) -> DirectorySection:
@@ -137,7 +138,7 @@ class ConfigError(ValueError):
 _PATHS = {
     "server": ("database", "pki", "signing_key", "store_catalog"),
     "broker": ("password_file",),
-    "auth": ("admin_token_file", "agent_token_file"),
+    "auth": ("admin_token_file", "agent_token_file", "tokens_file"),
     "metrics": ("token_file",),
     "directory": ("bind_password_file", "ca_file"),
 }

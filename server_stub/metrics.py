@@ -34,6 +34,13 @@ from server_stub.db import Database
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+UNKNOWN_ADDIN = "(unknown)"
+"""The `addin` label of devices reporting an add-in the catalog does not hold."""
+OTHER_VERSION = "(other)"
+"""The `version` label of devices reporting a version of a catalog add-in it never held."""
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+"""The methods a request's `method` label names; any other is "other"."""
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Seconds; the manifest fast path answers in well under a millisecond, an ORG load in seconds."""
 
@@ -73,11 +80,25 @@ async def read_snapshot(database: Database, now: float) -> _DbSnapshot:
         rows = await database.rows("SELECT operation, count(*) FROM audit GROUP BY operation")
         s.writes = {str(r[0]): int(r[1]) for r in rows}
         reports = await database.rows("SELECT revision, applied, errors FROM reports")
+        catalog = await database.rows("SELECT addin_id, version FROM addin_versions")
+    # Label values only from the catalog, which admins fill: the add-ins and versions come
+    # from agents' reports, and a device naming thousands of made-up ones must not make as
+    # many series (every scrape would carry them, and Prometheus would keep them).
+    known = {(str(r[0]), str(r[1])) for r in catalog}
+    known_addins = {a for a, _ in known}
     devices: Tally[tuple[str, str, str]] = Tally()
     reporting: Tally[str] = Tally()
     for revision, applied, errors in reports:
-        # One device may apply an add-in to several hosts: it counts once per version.
-        for addin, version in {(a["addin_id"], a["version"]) for a in json.loads(applied)}:
+        # One device may apply an add-in to several hosts: it counts once per label set.
+        labels: set[tuple[str, str]] = set()
+        for a in json.loads(applied):
+            addin, version = str(a["addin_id"]), str(a["version"])
+            if addin not in known_addins:
+                addin, version = UNKNOWN_ADDIN, OTHER_VERSION
+            elif (addin, version) not in known:
+                version = OTHER_VERSION
+            labels.add((addin, version))
+        for addin, version in labels:
             devices[(addin, version, "installed")] += 1
         if json.loads(errors):
             reporting["errors"] += 1
@@ -210,7 +231,10 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def observe(self, method: str, path: str, route: str, status: int, seconds: float) -> None:
-        self.http_latency.labels(method, route, str(status)).observe(seconds)
+        # The method is the client's to choose (any token): a known one or "other", so
+        # requests with made-up methods cannot make a series each.
+        known = method if method in HTTP_METHODS else "other"
+        self.http_latency.labels(known, route, str(status)).observe(seconds)
         if path.startswith("/v1/manifests/"):
             self.manifest_downloads.labels(str(status)).inc()
         elif path.startswith("/v1/agents/") and status == 200:

@@ -3,7 +3,7 @@
 A token names one principal (a name and a role). Three roles:
 
 - ``admin``: everything;
-- ``operator``: every read, and the writes of rollouts (routes with a ``rollout…`` segment);
+- ``operator``: every read, and the writes of rollouts (the routes under ``/v1/rollouts``);
 - ``helpdesk``: every read (``explain``, ``status``, the audit log…), no write.
 
 What a role may do is decided here from the method and the path, in one place: the request
@@ -39,8 +39,16 @@ class Principal:
     role: Role
 
 
+ROLLOUT_ROUTES = "/v1/rollouts"
+"""The API's rollout routes: the only writes an operator may make (the console names the
+API path each of its writes stands for)."""
+
+
 def _is_rollout_path(path: str) -> bool:
-    return any(part.startswith("rollout") for part in path.split("/"))
+    # By the route's fixed prefix, never by any segment: a segment can be an id an admin
+    # chose (a user "rollout-bot", an add-in "rollouts"), and an operator must not gain
+    # writes on those by their name.
+    return path == ROLLOUT_ROUTES or path.startswith(ROLLOUT_ROUTES + "/")
 
 
 def may(role: Role, method: str, path: str) -> bool:

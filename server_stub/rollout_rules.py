@@ -225,7 +225,8 @@ class OpenRollout:
 
 def catalog_rings(open_rollouts: Sequence[OpenRollout]) -> list[tuple[Ring, OpenRollout]]:
     """The rings the catalog entry lists, first match wins: the newest rollout first, each
-    with its reached rings only. A ring name is listed once (the newest rollout's)."""
+    with its reached rings only (a name two rollouts share is listed for each: the agent and
+    the simulator's oracle match them the same way, first one wins)."""
     out: list[tuple[Ring, OpenRollout]] = []
     for r in sorted(open_rollouts, key=lambda x: -x.rollout_id):
         for ring in r.rings[: r.reached]:

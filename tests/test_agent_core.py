@@ -27,9 +27,11 @@ from addin_core.protocol import (
 )
 from agent.cache import Tx
 from agent.pending import InstalledAddin, ManifestRecord, PendingChange, plan
-from agent.resolver import MAX_GROUP_DEPTH, explain, group_paths, resolve
+from agent.resolver import explain, group_paths, resolve
 from agent.state import ReceivedState
 from agent.subscriptions import desired_filters, reconcile
+from server_stub.entitlement import AssignmentRow, paths_for_user
+from server_stub.entitlement import exclusion as server_exclusion
 
 T = "contoso"
 U = "ann"
@@ -187,15 +189,42 @@ def test_nested_groups_follow_the_policy_and_why_explains() -> None:
     assert resolve(s.state, U) == {}
 
 
-def test_cycles_terminate_and_depth_is_bounded() -> None:
+def test_cycles_terminate_and_a_deep_chain_is_followed_to_its_end() -> None:
     s = S().nested(True).member("g0").parents("g0", "g1").parents("g1", "g2").parents("g2", "g0")
     assert set(group_paths(s.state, U)) == {"g0", "g1", "g2"}
     chain = S().nested(True).member("c0")
-    for i in range(MAX_GROUP_DEPTH + 10):
+    for i in range(60):
         chain.parents(f"c{i}", f"c{i + 1}")
+    chain.parents("c60", "c0")  # and a cycle back at the top
     paths = group_paths(chain.state, U)
-    assert len(paths) == MAX_GROUP_DEPTH
-    assert max(len(p) for p in paths.values()) == MAX_GROUP_DEPTH
+    assert len(paths) == 61
+    assert paths["c60"] == tuple(f"c{i}" for i in range(61))
+
+
+def test_an_exclusion_far_up_a_nesting_chain_agrees_with_the_server() -> None:
+    """The agent reaches the same groups as the server's evaluator, however deep: an
+    exclusion of a group 40 levels up takes the add-in away on both sides, and an
+    assignment to it reaches the user on both."""
+    depth = 40
+    s = S().nested(True).member("c0").cat("a").cat("b")
+    parents: dict[str, list[str]] = {}
+    for i in range(depth):
+        s.parents(f"c{i}", f"c{i + 1}")
+        parents[f"c{i}"] = [f"c{i + 1}"]
+    top = f"c{depth}"
+    s.state.apply(
+        Topic.assign_everyone(T, "a"),
+        Assignment(revision=s.r(), mode=Mode.FIXED, except_groups=[top]),
+    )
+    s.group(top, "b")
+    server_a = AssignmentRow("everyone", "", Mode.FIXED, frozenset({top}))
+    server_b = AssignmentRow("group", top, Mode.FIXED)
+    reached_a = paths_for_user(U, ["c0"], parents, [server_a], True)
+    assert server_exclusion(U, reached_a, ["c0"], parents, True) is not None
+    assert paths_for_user(U, ["c0"], parents, [server_b], True)[0].counts
+    assert set(resolve(s.state, U)) == {"b"}
+    why = explain(s.state, U, "a")
+    assert why.excluded is not None and why.excluded.ident == top
 
 
 def test_turned_off_excluded_but_explainable() -> None:

@@ -154,6 +154,27 @@ def test_a_sync_removing_too_many_users_stops_unless_forced(
     assert "Synced" in ok(cli(tmp_path, *args, "--force", db=db_target))
 
 
+def test_a_sync_removing_too_many_groups_stops_unless_forced(tmp_path: Path, slapd: Slapd) -> None:
+    """A wrong group filter reads every user and no group: the guard counts groups too, or
+    the sync would remove every group and every assignment to one (admin data LDAP does not
+    hold, so no later sync brings it back)."""
+    args = sync_args(tmp_path, slapd)
+    ok(cli(tmp_path, *args))
+    ok(cli(tmp_path, "addin", "add", str(REPO / "tests/fixtures/manifests/taskpane.xml")))
+    ok(cli(tmp_path, "addin", "assign", TASKPANE, "--group", "sales"))
+    wrong = [*args, "--group-filter", "(objectClass=posixGroup)"]
+    r = cli(tmp_path, *wrong)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "error: the sync would remove 2 of 2 groups (100%), more than the 10% allowed: check "
+        "the directory, --base and the filters, then run it again with --force"
+    ]
+    assert db_rows(tmp_path, "SELECT target, target_id FROM assignments") == [("group", "sales")]
+    assert len(db_rows(tmp_path, "SELECT * FROM memberships")) == 3
+    assert "Synced" in ok(cli(tmp_path, *wrong, "--force"))
+    assert db_rows(tmp_path, "SELECT * FROM groups") == []
+
+
 def test_sync_errors_are_one_line(tmp_path: Path, slapd: Slapd) -> None:
     args = sync_args(tmp_path, slapd)
     (tmp_path / "wrong").write_text("nope\n")
@@ -195,6 +216,7 @@ interval = 0.5
 """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
+    env["ADDIN_SERVER_BUSY_TIMEOUT"] = "0.3"  # a locked database fails a sync quickly
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -226,6 +248,23 @@ interval = 0.5
         user(conn, "dave", "Dave Park")
         conn.unbind()
         until("/v1/users/dave", 200)  # picked up by the next sync, no command run
+
+        # The database locked by another writer: the syncs meanwhile fail, and the first one
+        # after it is released brings the change (a failed round used to end every later one).
+        conn = slapd.connection()
+        user(conn, "erin", "Erin Moss")
+        conn.unbind()
+        locker = sqlite3.connect(tmp_path / "server.db", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            deadline = time.monotonic() + 20
+            while "not synced" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "not synced" in log.read_text(), log.read_text()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        until("/v1/users/erin", 200)
     finally:
         stop_process(proc)
     text = log.read_text()

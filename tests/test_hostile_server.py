@@ -280,6 +280,13 @@ def test_unsafe_ids_in_paths_are_refused(world: World, unchanged: None, bad: str
     assert r.json()["detail"]
 
 
+def test_a_deeply_nested_org_document_is_a_clear_400(world: World, unchanged: None) -> None:
+    for body in (b"[" * 200_000, b'{"users": ' * 100_000):
+        r = world.http.post("/v1/org", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["detail"] == "malformed request: body: nested too deeply"
+
+
 # -- tokens ------------------------------------------------------------------------------------
 
 

@@ -88,6 +88,43 @@ async def test_operator_may_not_change_the_directory_or_catalog(server: ServerPr
         assert (await operator.get("/v1/status")).status_code == 200
 
 
+async def test_an_operator_gains_no_write_from_an_id_that_starts_with_rollout(
+    server: ServerProcess,
+) -> None:
+    """The operator's right is the /v1/rollouts routes, not any path with a segment named
+    "rollout…": ids are the admins' choice, and a user, group or add-in named so stays out of
+    an operator's reach, over the API and from the console."""
+    await server.user("rollout-bot")
+    await server.group("rollouts")
+    before = await server.revision()
+    async with client(server, OPERATOR) as operator:
+        for method, path in [
+            ("DELETE", "/v1/users/rollout-bot"),
+            ("PUT", "/v1/groups/rollouts/members/rollout-bot"),
+            ("DELETE", "/v1/groups/rollouts"),
+            ("POST", "/v1/addins/rollouts/disable"),
+        ]:
+            r = await operator.request(method, path)
+            assert r.status_code == 403, (method, path, r.text)
+            assert "operator tokens may change rollouts only" in r.json()["detail"]
+        # Its own routes still pass the role check (and reach the service: no such rollout).
+        assert (await operator.post("/v1/rollouts/999/pause")).status_code == 404
+    async with httpx.AsyncClient(base_url=server.url, timeout=20) as web:
+        form = await web.get("/console/login")
+        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+        assert nonce is not None
+        ok = await web.post("/console/login", data={"token": OPERATOR, "nonce": nonce[1]})
+        assert ok.status_code == 303, ok.text
+        csrf = re.search(r'"X-CSRF-Token": "([^"]+)"', (await web.get("/console/users")).text)
+        assert csrf is not None
+        r = await web.post(
+            "/console/addins/rollouts/disable", data={}, headers={"X-CSRF-Token": csrf[1]}
+        )
+        assert r.status_code == 403 and "operator tokens may change rollouts only" in r.text
+    assert await server.revision() == before
+    assert (await server.http.get("/v1/users/rollout-bot")).status_code == 200
+
+
 async def test_every_write_names_its_actor_role_and_way_in(server: ServerProcess) -> None:
     await server.user("ann")
     r = await server.upload(manifest("notes"))
@@ -162,6 +199,9 @@ def test_token_specs_and_role_rules() -> None:
     assert refusal(oscar, "POST", "/v1/rollouts/notes/advance") is None
     assert refusal(oscar, "GET", "/v1/users/ann") is None
     assert refusal(oscar, "POST", "/v1/addins/notes/rollback") is not None
+    assert refusal(oscar, "DELETE", "/v1/users/rollout-bot") is not None
+    assert refusal(oscar, "POST", "/v1/rolloutsx") is not None
+    assert refusal(oscar, "POST", "/v1/rollouts") is None
 
 
 def test_an_old_database_gains_the_audit_columns(tmp_path: Path) -> None:

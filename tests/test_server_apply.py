@@ -6,6 +6,7 @@ membership in the retained state the agents read."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -137,6 +138,56 @@ def test_export_then_apply_is_a_no_op(tmp_path: Path) -> None:
     assert ok(cli(other, "export")) == exported
 
 
+def _assign_payload(db: str, revision: int, topic_end: str) -> dict[str, Any]:
+    rows = query(db, f"SELECT topic, payload FROM outbox WHERE revision={revision}")
+    found = [json.loads(bytes(p)) for t, p in rows if t.endswith(topic_end)]
+    assert len(found) == 1, rows
+    return found[0]  # type: ignore[no-any-return]
+
+
+def test_apply_writes_compares_and_exports_an_assignments_exclusions(tmp_path: Path) -> None:
+    """``except:`` is part of an assignment: apply writes it and publishes it with the mode
+    (an agent reading the message must not install for those excluded), a change of it alone
+    is a change, export writes it, and `export | apply` stays a no-op."""
+    db = str(tmp_path / "server.db")
+    excluding = ORG.replace(
+        'target: "group:sales", mode: fixed}',
+        'target: "group:sales", mode: fixed, except: [user:bob]}',
+    )
+    assert excluding != ORG
+    out = ok(cli(tmp_path, "apply", str(_org(tmp_path, "org.yaml", excluding))))
+    assert f"  + assignment {TASKPANE} -> group:sales: mode fixed, except user:bob" in out
+    assert query(db, "SELECT kind, id FROM assignment_exceptions") == [("user", "bob")]
+    sales = f"assign/group/sales/{TASKPANE}"
+    assert _assign_payload(db, 1, sales)["except_users"] == ["bob"]
+
+    exported = ok(cli(tmp_path, "export"))
+    assert "except:\n  - user:bob" in exported
+    out = ok(cli(tmp_path, "apply", "-", "--prune", stdin=exported))
+    assert "No changes: the server already matches the file." in out and revision(tmp_path) == 1
+
+    # A mode change keeps the exclusion in the message; the exclusion alone changing is a
+    # change too.
+    optional = excluding.replace("mode: fixed, except", "mode: optional, except")
+    ok(cli(tmp_path, "apply", str(_org(tmp_path, "optional.yaml", optional))))
+    assert _assign_payload(db, 2, sales) | {"revision": 0, "committed_at": 0} == {
+        "mode": "optional", "except_users": ["bob"], "revision": 0, "committed_at": 0,
+    }  # fmt: skip
+    out = ok(cli(tmp_path, "apply", str(_org(tmp_path, "org2.yaml", ORG))))
+    assert (
+        f"  ~ assignment {TASKPANE} -> group:sales: mode optional -> fixed, except user:bob -> none"
+    ) in out
+    assert query(db, "SELECT count(*) FROM assignment_exceptions") == [(0,)]
+    assert "except_users" not in _assign_payload(db, 3, sales)
+    # An exclusion naming nobody known is refused, and nothing is written.
+    bad = excluding.replace("except: [user:bob]", "except: [user:nobody]")
+    r = cli(tmp_path, "apply", str(_org(tmp_path, "bad.yaml", bad)))
+    assert r.returncode != 0 and r.stderr.splitlines() == [
+        "error: cannot exclude unknown user 'nobody'"
+    ]
+    assert revision(tmp_path) == 3
+
+
 def test_apply_refuses_a_bad_document_and_changes_nothing(tmp_path: Path) -> None:
     ok(cli(tmp_path, "apply", str(_org(tmp_path, "org.yaml", ORG))))
     bad = _org(tmp_path, "bad.yaml", "tenant: contoso\ngroups: [{id: g, members: [nobody]}]\n")
@@ -169,3 +220,27 @@ async def test_pruned_member_loses_the_group_in_the_retained_state(
     assert state[f"assign/group/sales/{TASKPANE}"]["mode"] == "optional"  # type: ignore[index]
     assert state[f"catalog/{MAIL}"]["deleted"] is True  # type: ignore[index]
     assert state["policy"]["nested_groups"] is True  # type: ignore[index]
+
+
+def test_a_manifest_file_that_never_ends_is_refused_not_read_to_the_end(tmp_path: Path) -> None:
+    """A document (or `addin add`) naming /dev/zero: one error line, the database untouched.
+    Run with an address-space limit so a CLI that reads it whole fails fast instead of
+    taking the machine's memory."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADDIN_SERVER_")}
+    env["ADDIN_SERVER_DB"] = str(tmp_path / "server.db")
+    (tmp_path / "org.yaml").write_text("tenant: contoso\naddins: [{manifest: /dev/zero}]\n")
+    for args in (["apply", "org.yaml"], ["addin", "add", "/dev/zero", "--tenant", "contoso"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "server_stub", *args], capture_output=True, text=True,
+            timeout=60, env=env, cwd=tmp_path, preexec_fn=limited,
+        )  # fmt: skip
+        assert r.returncode == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and "larger than 524288 bytes (512 KB)" in lines[0], lines
+    assert not (tmp_path / "server.db").exists() or revision(tmp_path) == 0

@@ -107,6 +107,23 @@ enabled = "maybe"
     assert r.returncode == 1 and "not valid TOML" in r.stderr
 
 
+def test_every_file_setting_is_relative_to_the_config_files_folder(tmp_path: Path) -> None:
+    """`config check` runs from another folder (the repository): the tokens file beside
+    server.toml is the one read, as the admin token file is."""
+    (tmp_path / "tokens.txt").write_text("helpdesk:dana:helpdesk-token-1\n")
+    cfg = _toml(tmp_path, "mqtt://127.0.0.1:1883", 8080, 'tokens_file = "tokens.txt"\n')
+    assert not (REPO / "tokens.txt").exists()
+    r = addin_server("config", "check", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert config.load(cfg).auth.tokens_file == tmp_path / "tokens.txt"
+    # Every Path field of the model is in the list of those made relative to the file.
+    for section, model in config.ServerConfig.model_fields.items():
+        assert model.annotation is not None
+        for name, field in model.annotation.model_fields.items():
+            if "Path" in str(field.annotation):
+                assert name in config._PATHS.get(section, ()), (section, name)
+
+
 def _serve(cfg: Path, port: int, log: Path, *flags: str, **env: str) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         proc = subprocess.Popen(

@@ -177,3 +177,56 @@ def _dashboard_uses_only(exposed: set[str]) -> None:
     used = {name for e in exprs for name in re.findall(r"\baddin_[a-z_]+", e)}
     assert len(used) >= 10
     assert used <= exposed, used - exposed
+
+
+def test_hostile_input_cannot_grow_the_metric_series(
+    server: ServerProcess, broker: MosquittoBroker
+) -> None:
+    """Label values come from the server, never raw from a client: requests with made-up
+    methods (no token needed) and reports naming thousands of made-up add-ins or versions
+    each fold into one series, so /metrics stays small whatever the fleet sends."""
+    _ready(server, 200)
+    http = httpx.Client(base_url=server.url, headers=ADMIN, timeout=10)
+    added = http.post(
+        "/v1/addins",
+        content=manifest("Metrics Pad", "1.2.0.0"),
+        headers={"Content-Type": "application/xml"},
+    )
+    assert added.status_code == 200, added.text
+    addin = added.json()["addin_id"]
+    # httptools (the "fast" extra) parses only the methods it knows, WebDAV's among them;
+    # h11, uvicorn's parser without it, takes any token as a method.
+    for method in ("PROPFIND", "MKCOL", "LOCK", "UNLOCK", "COPY", "MOVE", "SEARCH", "PURGE"):
+        r = httpx.request(method, f"{server.url}/v1/users", timeout=5)
+        assert r.status_code in (401, 405), r.text
+    made_up = [
+        AppliedAddin(addin_id=f"fake-{i}", version="1.0.0.0", host=Host.WORD) for i in range(300)
+    ]
+    versions = [
+        AppliedAddin(addin_id=addin, version=f"9.{i}.0.0", host=Host.EXCEL) for i in range(300)
+    ]
+    for client, applied in (("eve-pc", made_up + versions), ("ann-pc", made_up[:1])):
+        report = AgentReport(
+            client_id=client,
+            user_id="eve",
+            revision=0,
+            reported_at=time.time(),
+            applied=[*applied, AppliedAddin(addin_id=addin, version="1.2.0.0", host=Host.WORD)],
+        )
+        mqtt_publish.single(
+            str(Topic.report(TENANT, client)), report.to_bytes(), qos=1,
+            hostname="127.0.0.1", port=broker.port,
+        )  # fmt: skip
+    deadline = time.monotonic() + 10
+    m = _scrape(server)
+    while sum(m["addin_devices"].values()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        m = _scrape(server)
+    assert m["addin_devices"] == {
+        (("addin", addin), ("state", "installed"), ("version", "1.2.0.0")): 2,
+        (("addin", addin), ("state", "installed"), ("version", "(other)")): 1,
+        (("addin", "(unknown)"), ("state", "installed"), ("version", "(other)")): 2,
+    }
+    methods = {dict(labels)["method"] for labels in m["addin_http_request_duration_seconds_count"]}
+    assert methods <= {"GET", "POST", "other"}, methods
+    assert "other" in methods

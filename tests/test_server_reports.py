@@ -140,3 +140,65 @@ async def test_a_forged_report_for_another_user_does_not_change_status(
         assert bob["revision"] == rev and bob["applied"] == []
     server.stop()
     assert "refused a report from client 'bob-laptop' claiming user 'ann'" in server.log_tail(50)
+
+
+async def test_reports_waiting_to_be_stored_are_one_per_device() -> None:
+    """While the database is busy, what waits is the newest report of each device (the
+    one the database would keep), not every report the broker delivered; past the cap a
+    new device's report is dropped and counted."""
+    from server_stub.reports import ReportIntake
+
+    stored: list[list[AgentReport]] = []
+    busy = asyncio.Event()
+    free = asyncio.Event()
+
+    async def sink(batch: list[AgentReport]) -> None:
+        stored.append(batch)
+        busy.set()
+        await free.wait()
+
+    intake = ReportIntake(sink, max_pending=3)
+    task = asyncio.create_task(intake.run())
+    try:
+        intake.offer(_report("first-pc", "ann", 1, applied=False))
+        await asyncio.wait_for(busy.wait(), 10)  # the writer holds its first batch
+        for revision in range(2, 5002):  # a flood from one device, newest revision last
+            intake.offer(_report("ann-pc", "ann", revision, applied=True))
+        intake.offer(_report("ann-pc", "ann", 7, applied=True))  # older: not kept
+        intake.offer(_report("bob-pc", "bob", 3, applied=False))
+        intake.offer(_report("carl-pc", "carl", 3, applied=False))
+        intake.offer(_report("dan-pc", "dan", 3, applied=False))  # a 4th device: dropped
+        assert intake.dropped == 1
+        busy.clear()
+        free.set()
+        for _ in range(100):  # bounded: the writer takes the next batch at once
+            if len(stored) == 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [(r.client_id, r.revision) for r in stored[1]] == [
+        ("ann-pc", 5001), ("bob-pc", 3), ("carl-pc", 3),
+    ]  # fmt: skip
+
+
+async def test_a_report_nested_past_the_parsers_depth_is_refused_and_reports_go_on(
+    server: ServerProcess, broker: MosquittoBroker
+) -> None:
+    """A device may publish anything on its report topic: JSON nested deeper than the parser
+    goes is an invalid payload like any other, and the next report is stored."""
+    from addin_core.protocol import InvalidPayload, decode_message
+
+    for hostile in (b"[" * 60_000, b'{"a":' * 12_000):
+        with pytest.raises(InvalidPayload, match="too deeply"):
+            decode_message(str(Topic.report("contoso", "eve-pc")), hostile)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=10) as http:
+        rev = await _setup(http)
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="eve-pc") as c:
+            for hostile in (b"[" * 60_000, b'{"a":' * 12_000):
+                await c.publish(str(Topic.report("contoso", "eve-pc")), hostile, qos=1)
+        await _publish(broker, _report("ann-laptop", "ann", rev, applied=True))
+        await _until(http, "ann", "ann-laptop", rev)
+    assert server.proc is not None and server.proc.poll() is None

@@ -306,3 +306,37 @@ async def test_org_document_exclusions(svc: tuple[Service, Clock]) -> None:
                                            "except": ["group:nobody"]}]})  # fmt: skip
     with pytest.raises(BadRequest, match=re.escape("assignments[0]: invalid exclusion 'bob'")):
         await s.load_org({"assignments": [{"addin": A, "target": "everyone", "except": ["bob"]}]})
+
+
+async def test_aborted_rollouts_that_fill_the_catalog_entry_are_a_clear_conflict(
+    svc: tuple[Service, Clock],
+) -> None:
+    """Every reached ring of every open rollout (aborted ones stay open) is listed in the
+    catalog entry, which carries 16 at most: the write that would list a 17th is refused
+    with the reason and changes nothing (it ended in a 500), and a rollout completed to
+    everyone closes the older ones."""
+    s, _ = svc
+    for i in range(14):
+        await s.create_group(f"g{i}", f"g{i}")
+    await s.add_lob(manifest("ringed", "2.0"), staged=True)
+    first = await s.rollouts.start(
+        A, "2.0", [f"r{i}=group:g{i}" for i in range(14)] + ["all=everyone"]
+    )
+    for _ in range(13):
+        await s.rollouts.advance(first["rollout_id"])
+    await s.rollouts.set_state(first["rollout_id"], "abort")
+    second = await s.rollouts.start(A, "2.0", [*RINGS[:2], "c=group:contractors", "all=everyone"])
+    await s.rollouts.advance(second["rollout_id"])
+    assert len((await catalog(s))["rings"]) == 16  # type: ignore[arg-type]
+    revision = await s.revision()
+    with pytest.raises(Conflict, match="would list 17 rings of open rollouts"):
+        await s.rollouts.advance(second["rollout_id"])
+    assert await s.revision() == revision
+    assert (await s.rollouts.get(second["rollout_id"]))["current_ring"] == "wide"
+    await s.rollouts.set_state(second["rollout_id"], "abort")
+    with pytest.raises(Conflict, match="would list 17 rings"):
+        await s.rollouts.start(A, "2.0", ["p=group:pilot", "all=everyone"], rollback=False)
+    done = await s.rollouts.start(A, "2.0", ["all=everyone"])
+    assert done["state"] == "completed"
+    entry = await catalog(s)
+    assert entry["version"] == "2.0" and entry.get("rings") is None

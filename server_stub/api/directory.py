@@ -96,6 +96,10 @@ def router(service: Service, tokens: Tokens) -> APIRouter:
             document = json.loads(await read_body(request))
         except ValueError as e:
             return JSONResponse({"detail": f"malformed request: body is not JSON ({e})"}, 400)
+        except RecursionError:
+            # Arrays or objects nested past the parser's depth ("[[[[..."): JSON, but no
+            # ORG document; without this the request ended in a 500.
+            return JSONResponse({"detail": "malformed request: body: nested too deeply"}, 400)
         if not isinstance(document, dict):
             return JSONResponse({"detail": "malformed request: body: must be an object"}, 400)
         return await service.load_org(document)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from server_stub.cli.runner import common, db_option, run, show_json
+from server_stub.cli.runner import common, db_option, read_manifest_file, run, show_json
 
 
 @click.group()
@@ -27,7 +27,10 @@ def addin() -> None:
 @common
 def addin_add(manifest_file: Path, staged: bool, **kw: Any) -> None:
     """Add a LOB add-in from MANIFEST_FILE, or update it if its Id is already there."""
-    content = manifest_file.read_bytes()
+    try:
+        content = read_manifest_file(manifest_file)
+    except OSError as e:
+        raise click.ClickException(f"cannot read {manifest_file}: {e.strerror or e}") from None
     run(kw, lambda s: s.add_lob(content, staged))
 
 

@@ -13,7 +13,7 @@ import click
 import yaml
 
 from addin_core.display import printable
-from server_stub.cli.runner import common, run
+from server_stub.cli.runner import common, read_manifest_file, run
 from server_stub.service import Service
 from server_stub.service.declarative import Plan, plan_lines, plan_summary
 
@@ -61,7 +61,7 @@ def apply_cmd(org_file: str, prune: bool, dry_run: bool, **kw: Any) -> None:
     _tenant_from(doc, kw)
 
     def read_file(p: str) -> bytes:
-        return (base / p).read_bytes()
+        return read_manifest_file(base / p)
 
     async def op(s: Service) -> dict[str, Any]:
         plan = await s.plan_org(doc, read_file, prune=prune)

@@ -8,7 +8,7 @@ from typing import Any
 import click
 import yaml
 
-from server_stub.cli.runner import common, db_option, run, show_json
+from server_stub.cli.runner import common, db_option, read_manifest_file, run, show_json
 
 
 @click.command()
@@ -25,7 +25,7 @@ def load(org_file: Path, **kw: Any) -> None:
     base = org_file.parent
     if isinstance(doc, dict) and kw["tenant"] is None and isinstance(doc.get("tenant"), str):
         kw["tenant"] = doc["tenant"]
-    run(kw, lambda s: s.load_org(doc, lambda p: (base / p).read_bytes()), _loaded)
+    run(kw, lambda s: s.load_org(doc, lambda p: read_manifest_file(base / p)), _loaded)
 
 
 def _loaded(r: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import time
@@ -20,7 +21,7 @@ from addin_runtime.cli_support import error, shared_option, shared_value
 from addin_runtime.instance_lock import held_by
 from server_stub import db
 from server_stub.explain import describe_backlog
-from server_stub.service import DEFAULT_MAX_ADDINS, OperationError, Service
+from server_stub.service import DEFAULT_MAX_ADDINS, MAX_MANIFEST_BYTES, OperationError, Service
 from server_stub.store import DEFAULT_CATALOG, StoreCatalog
 
 T = TypeVar("T")
@@ -221,7 +222,9 @@ def _run_on(
         error(str(e))
     except db.TRANSIENT_ERRORS as e:
         # Locked by another writer, disk full, I/O error: the transaction was rolled back.
-        error(f"could not write {_shown(path)} ({_first_line(e)}); nothing was changed, retry later")
+        error(
+            f"could not write {_shown(path)} ({_first_line(e)}); nothing was changed, retry later"
+        )
     if not escaped and render is not None:
         click.echo(render(result))
     else:
@@ -314,3 +317,16 @@ def _summary(result: Any) -> str:
 
 def show_json(r: Any) -> str:
     return json.dumps(r, indent=2)
+
+
+def read_manifest_file(path: Path) -> bytes:
+    """A manifest file's bytes, reading no more than one byte past the manifest limit: a
+    document naming /dev/zero, a FIFO or a huge file gets an error, not a CLI that reads
+    until memory runs out. OSError (EFBIG) when the file is over the limit."""
+    with path.open("rb") as f:
+        content = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(content) > MAX_MANIFEST_BYTES:
+        raise OSError(
+            errno.EFBIG, f"larger than {MAX_MANIFEST_BYTES} bytes (512 KB), the limit of a manifest"
+        )
+    return content

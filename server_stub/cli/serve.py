@@ -518,6 +518,10 @@ async def _watch_gates(
                 )  # fmt: skip
         except db.TRANSIENT_ERRORS as e:
             log.warning("rollout gates not checked: %s", e)
+        except Exception:
+            # Any other failure of one round is logged and the next round runs: an
+            # exception here ended the task, and no gate advanced any rollout after it.
+            log.exception("rollout gates not checked; tried again in %g s", interval)
 
 
 def _say(s: _Settings, level: int, event: str, line: str) -> None:

@@ -21,19 +21,36 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from addin_core.protocol import Assignment, Source, Topic
+from addin_core.protocol import Source, Topic
 from server_stub.db import Database, Row
 from server_stub.ldap_directory import DirectoryData
-from server_stub.service.assignments import resolve_target
+from server_stub.service.assignments import (
+    assignment_payload,
+    parse_exceptions,
+    resolve_target,
+    write_exceptions,
+)
 from server_stub.service.catalog import Catalog, checked_manifest
 from server_stub.service.directory import nesting_edges, refuse_cycle, store_policy
-from server_stub.service.errors import Conflict, NotFound, checked_id, checked_user_id, parse_mode
+from server_stub.service.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    checked_id,
+    checked_user_id,
+    parse_mode,
+)
 from server_stub.service.messages import assign_topic, emit_membership, emit_parents
 from server_stub.service.org_load import AddinToAdd, OrgDocument, OrgLoader
 from server_stub.service.unit_of_work import Tx, UnitOfWork
 
 Action = Literal["add", "change", "remove"]
 Rows = Callable[[str], Awaitable[list[Row]]]
+AssignKey = tuple[str, str, str]
+"""(addin, target, target_id)"""
+Excluded = tuple[tuple[str, ...], tuple[str, ...]]
+"""An assignment's exclusions: (groups, users), each sorted; ((), ()) for none."""
+NONE_EXCLUDED: Excluded = ((), ())
 
 
 @dataclass(frozen=True)
@@ -84,8 +101,11 @@ class _Desired:
     """(child, parent)"""
     addins: dict[str, AddinToAdd]
     versions: dict[str, str]
-    assignments: dict[tuple[str, str, str], str]
+    assignments: dict[AssignKey, str]
     """(addin, target, target_id) -> mode"""
+    excluded: dict[AssignKey, Excluded]
+    """The exclusions of the assignments that have some (``except:`` in the document): a
+    part of the assignment as much as its mode, so compared, written and published with it."""
 
 
 @dataclass
@@ -97,7 +117,8 @@ class _Current:
     nesting: set[tuple[str, str]]
     addins: dict[str, tuple[str, str | None, str | None]]
     """id -> (current version, pending version, store asset id)"""
-    assignments: dict[tuple[str, str, str], str]
+    assignments: dict[AssignKey, str]
+    excluded: dict[AssignKey, Excluded]
 
 
 async def _current(rows: Rows) -> _Current:
@@ -107,6 +128,18 @@ async def _current(rows: Rows) -> _Current:
         for r in await rows(
             "SELECT id, current_version, pending_version, store_asset_id FROM addins"
         )
+    }
+    groups_of: dict[AssignKey, list[str]] = defaultdict(list)
+    users_of: dict[AssignKey, list[str]] = defaultdict(list)
+    for r in await rows(
+        "SELECT addin_id, target, target_id, kind, id FROM assignment_exceptions "
+        "ORDER BY addin_id, target, target_id, kind, id"
+    ):
+        key = (str(r[0]), str(r[1]), str(r[2]))
+        (groups_of if r[3] == "group" else users_of)[key].append(str(r[4]))
+    excluded = {
+        k: (tuple(groups_of.get(k, ())), tuple(users_of.get(k, ())))
+        for k in set(groups_of) | set(users_of)
     }
     return _Current(
         policy=bool(policy) and policy[0][0] == "1",
@@ -121,11 +154,21 @@ async def _current(rows: Rows) -> _Current:
             (str(r[0]), str(r[1]), str(r[2])): str(r[3])
             for r in await rows("SELECT addin_id, target, target_id, mode FROM assignments")
         },
+        excluded=excluded,
     )
 
 
 def _target_text(kind: str, tid: str) -> str:
     return "everyone" if kind == "everyone" else f"{kind}:{tid}"
+
+
+def _except_items(excluded: Excluded) -> list[str]:
+    """``group:G`` / ``user:U`` items, as the document and `assign --except` write them."""
+    return [f"group:{g}" for g in excluded[0]] + [f"user:{u}" for u in excluded[1]]
+
+
+def _except_text(excluded: Excluded) -> str:
+    return " ".join(_except_items(excluded)) or "none"
 
 
 def _diff(want: _Desired, have: _Current) -> list[Change]:
@@ -162,10 +205,16 @@ def _diff(want: _Desired, have: _Current) -> list[Change]:
     for (a, kind, tid), mode in sorted(want.assignments.items()):
         key = f"{a} -> {_target_text(kind, tid)}"
         before = have.assignments.get((a, kind, tid))
+        excluded = want.excluded.get((a, kind, tid), NONE_EXCLUDED)
+        was = have.excluded.get((a, kind, tid), NONE_EXCLUDED)
         if before is None:
-            out.append(Change("add", "assignment", key, f"mode {mode}"))
-        elif before != mode:
-            out.append(Change("change", "assignment", key, f"mode {before} -> {mode}"))
+            extra = f", except {_except_text(excluded)}" if excluded != NONE_EXCLUDED else ""
+            out.append(Change("add", "assignment", key, f"mode {mode}{extra}"))
+        elif before != mode or was != excluded:
+            what = [f"mode {before} -> {mode}"] if before != mode else []
+            if was != excluded:
+                what.append(f"except {_except_text(was)} -> {_except_text(excluded)}")
+            out.append(Change("change", "assignment", key, ", ".join(what)))
     for a, kind, tid in sorted(set(have.assignments) - set(want.assignments)):
         out.append(Change("remove", "assignment", f"{a} -> {_target_text(kind, tid)}"))
     return out
@@ -208,14 +257,21 @@ class Declarative:
                 assert read.manifest is not None
                 versions[read.manifest.id] = read.manifest.version
                 addins[read.manifest.id] = read
-        assignments: dict[tuple[str, str, str], str] = {}
-        for x in doc.assignments:
+        assignments: dict[AssignKey, str] = {}
+        excluded: dict[AssignKey, Excluded] = {}
+        for i, x in enumerate(doc.assignments):
             kind, _, tid = x.target.partition(":")
             kind, tid = resolve_target(kind, tid or None, self.admin_user)
             assignments[(x.addin, kind, tid)] = parse_mode(x.mode).value
+            try:
+                except_groups, except_users = parse_exceptions(x.except_)
+            except BadRequest as e:
+                raise BadRequest(f"assignments[{i}]: {e.message}") from None
+            if except_groups or except_users:
+                excluded[(x.addin, kind, tid)] = (tuple(except_groups), tuple(except_users))
         return _Desired(
             doc.policy.nested_groups if doc.policy is not None else None,
-            users, groups, members, nesting, addins, versions, assignments,
+            users, groups, members, nesting, addins, versions, assignments, excluded,
         )  # fmt: skip
 
     def _against(self, want: _Desired, have: _Current) -> _Desired:
@@ -277,17 +333,24 @@ class Declarative:
         """Make users, groups, memberships and nesting equal to the directory's, in one
         revision. Assignments to users and groups that left go with them; everything else
         (add-ins, assignments, policy) is kept. Refused, unless `force`, when it would
-        remove more than `max_removal_share` of the users: a wrong base DN or filter, or a
-        directory answering half its tree, must not empty the tenant."""
+        remove more than `max_removal_share` of the users or of the groups: a wrong base DN
+        or filter, or a directory answering half its tree, must not empty the tenant (a
+        wrong group filter alone would remove every group and, for good, every assignment
+        to one)."""
         have = await _current(self.database.rows)
-        removed = len(set(have.users) - set(d.users))
-        if have.users and not force and removed / len(have.users) > max_removal_share:
-            raise Conflict(
-                f"the sync would remove {removed} of {len(have.users)} users "
-                f"({removed / len(have.users):.0%}), more than the {max_removal_share:.0%} "
-                "allowed: check the directory, --base and the filters, then run it again "
-                "with --force"
-            )
+        if not force:
+            for kind, had, kept in (
+                ("users", have.users, d.users),
+                ("groups", have.groups, d.groups),
+            ):
+                removed = len(set(had) - set(kept))
+                if had and removed / len(had) > max_removal_share:
+                    raise Conflict(
+                        f"the sync would remove {removed} of {len(had)} {kind} "
+                        f"({removed / len(had):.0%}), more than the {max_removal_share:.0%} "
+                        "allowed: check the directory, --base and the filters, then run it "
+                        "again with --force"
+                    )
         return await self._apply(
             "directory_sync", lambda have: _directory_desired(d, have), prune=True
         )
@@ -336,7 +399,8 @@ class Declarative:
                 refuse_cycle(child, parent, edges)
                 edges[child].append(parent)
                 await tx.execute(
-                    "INSERT INTO nesting(child, parent) VALUES (?,?) ON CONFLICT DO NOTHING", (child, parent)
+                    "INSERT INTO nesting(child, parent) VALUES (?,?) ON CONFLICT DO NOTHING",
+                    (child, parent),
                 )
                 touched_groups.add(child)
         # Add-ins: new ones and new versions (a version that widens permissions waits for
@@ -355,7 +419,11 @@ class Declarative:
         if prune:
             await self._prune(tx, want, have)
         for key, mode in want.assignments.items():
-            if have.assignments.get(key) != mode:
+            excluded = want.excluded.get(key, NONE_EXCLUDED)
+            if (
+                have.assignments.get(key) != mode
+                or have.excluded.get(key, NONE_EXCLUDED) != excluded
+            ):
                 a, kind, tid = key
                 await tx.execute(
                     "INSERT INTO assignments(addin_id, target, target_id, mode) VALUES "
@@ -363,9 +431,13 @@ class Declarative:
                     "mode=excluded.mode",
                     (a, kind, tid, mode),
                 )
+                # The message is the assignment's whole state: without its exclusions, every
+                # agent would drop them and install the add-in for those it excludes.
+                await write_exceptions(tx, a, kind, tid, excluded[0], excluded[1],
+                                       final_groups, final_users)  # fmt: skip
                 tx.emit(
                     assign_topic(tx.tenant, a, kind, tid),
-                    Assignment(mode=parse_mode(mode), revision=tx.revision, committed_at=tx.now),
+                    assignment_payload(tx, parse_mode(mode), excluded[0], excluded[1]),
                 )
         if prune:
             touched_users -= set(have.users) - set(want.users)
@@ -436,10 +508,17 @@ class Declarative:
             "groups": groups,
             "addins": addins,
             "assignments": [
-                {"addin": a, "target": _target_text(kind, tid), "mode": mode}
-                for (a, kind, tid), mode in sorted(have.assignments.items())
+                _exported_assignment(k, mode, have) for k, mode in sorted(have.assignments.items())
             ],
         }
+
+
+def _exported_assignment(key: AssignKey, mode: str, have: _Current) -> dict[str, Any]:
+    a, kind, tid = key
+    entry: dict[str, Any] = {"addin": a, "target": _target_text(kind, tid), "mode": mode}
+    if key in have.excluded:
+        entry["except"] = _except_items(have.excluded[key])
+    return entry
 
 
 def _directory_desired(d: DirectoryData, have: _Current) -> _Desired:
@@ -461,6 +540,9 @@ def _directory_desired(d: DirectoryData, have: _Current) -> _Desired:
         addins={a: AddinToAdd(Source.LOB) for a in have.addins},
         versions={a: v[0] for a, v in have.addins.items()},
         assignments=kept,
+        # Kept as they are, even naming a user or group that left: were it to come back, it
+        # stays excluded.
+        excluded={k: v for k, v in have.excluded.items() if k in kept},
     )
 
 

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from addin_core.protocol import Mode
+from addin_core.protocol import MAX_RINGS, Mode
 from addin_core.version import compare_versions, parse_version
 from server_stub.db import Database, Row
 from server_stub.entitlement import AssignmentRow, entitled_users, group_closure_members
@@ -31,6 +31,7 @@ from server_stub.rollout_rules import (
     OpenRollout,
     Ring,
     RuleError,
+    catalog_rings,
     check_rings,
     evaluate_gate,
     parse_gate,
@@ -133,6 +134,7 @@ class Rollouts:
             rollout_id = int((await cur.fetchone())[0])
             if len(parsed) == 1:
                 await self._complete(tx, rollout_id, addin_id, version)
+            await _check_catalog_room(tx, addin_id)
             await emit_catalog(tx, addin_id)
         return {**await self.get(rollout_id), "revision": tx.revision}
 
@@ -240,6 +242,7 @@ class Rollouts:
             await self._append(tx, rollout_id, ev)
             if reached == len(rings):
                 await self._complete(tx, rollout_id, r["addin_id"], r["version"])
+            await _check_catalog_room(tx, r["addin_id"])
             await emit_catalog(tx, r["addin_id"])
         return {**await self.get(rollout_id), "revision": tx.revision}
 
@@ -262,15 +265,18 @@ class Rollouts:
         for r in await self.database.rows(
             "SELECT id FROM rollouts WHERE state='running' AND gate IS NOT NULL ORDER BY id"
         ):
-            view = await self.get(int(r[0]))
+            try:
+                view = await self.get(int(r[0]))
+            except NotFound:
+                continue  # its add-in was removed (and the rollout with it) in between
             gate = view.get("gate_now")
             if view["state"] == "running" and gate is not None and gate["holds"]:
                 result = GateResult(True, gate["devices"], gate["applied"], gate["failed"],
                                     gate["waited_s"])  # fmt: skip
                 try:
                     done.append(await self.advance(int(r[0]), auto=result))
-                except Conflict:
-                    continue  # an admin paused or aborted it in between
+                except (Conflict, NotFound):
+                    continue  # an admin paused, aborted or removed it in between
         return done
 
     # -- reads ---------------------------------------------------------------------------
@@ -374,6 +380,27 @@ class Rollouts:
             failed = frozenset(f["version"] for f in json.loads(r[3]) if f["addin_id"] == addin_id)
             out[at].append(DeviceReport(r[0], r[1], applied, failed))
         return out
+
+
+async def _check_catalog_room(tx: Tx, addin_id: str) -> None:
+    """Conflict when the add-in's catalog entry would list more rings than an entry carries
+    (`MAX_RINGS`): every reached ring of every open rollout is listed, and an aborted
+    rollout stays open until a later one completes, so aborted rollouts add up. Without this
+    the entry could not be built and the write ended in a 500."""
+    opened = [
+        open_rollout(x)
+        for x in await tx.rows(
+            "SELECT * FROM rollouts WHERE addin_id=? AND state IN ('running','paused','aborted')",
+            (addin_id,),
+        )
+    ]
+    listed = len(catalog_rings(opened))
+    if listed > MAX_RINGS:
+        raise Conflict(
+            f"add-in {addin_id}: its catalog entry would list {listed} rings of open rollouts "
+            f"(aborted ones included), more than the {MAX_RINGS} an entry carries; complete a "
+            "rollout (or a rollback) to everyone first: that closes the older ones"
+        )
 
 
 async def _check_targets(tx: Tx, ring: Ring) -> None:
