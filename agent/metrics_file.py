@@ -55,6 +55,9 @@ def render(agent: Agent, now: float) -> str:
            [(f'{{host="{h.value}"}}', pending.get(h.value, 0)) for h in cfg.hosts])  # fmt: skip
     metric("addin_agent_messages", "counter", "State messages by outcome since start.",
            [(f'{{result="{k}"}}', v) for k, v in sorted(agent.stats.items())])  # fmt: skip
+    refused = agent.transport.refused_subscriptions if agent.transport else 0
+    metric("addin_agent_subscriptions_refused", "counter",
+           "Subscriptions the broker refused (each retried) since start.", [("", refused)])  # fmt: skip
     metric("addin_agent_metrics_written_timestamp_seconds", "gauge",
            "When this file was written.", [("", round(now, 3))])  # fmt: skip
     return "\n".join(lines) + "\n"

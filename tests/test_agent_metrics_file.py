@@ -74,6 +74,7 @@ def test_agent_writes_textfile_metrics(tmp_path: Path, broker: MosquittoBroker) 
         assert m["addin_agent_entitlements"][()] == 1
         assert m["addin_agent_installed"][(("host", "Word"),)] == 0
         assert m["addin_agent_messages_total"][(("result", "accepted"),)] >= 3
+        assert m["addin_agent_subscriptions_refused_total"][()] == 0
     finally:
         if agent is not None:
             assert agent.stop() == 0

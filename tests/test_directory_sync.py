@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -169,10 +170,10 @@ def test_a_sync_removing_too_many_groups_stops_unless_forced(tmp_path: Path, sla
         "error: the sync would remove 2 of 2 groups (100%), more than the 10% allowed: check "
         "the directory, --base and the filters, then run it again with --force"
     ]
-    assert db_rows(tmp_path, "SELECT target, target_id FROM assignments") == [("group", "sales")]
-    assert len(db_rows(tmp_path, "SELECT * FROM memberships")) == 3
+    assert query(str(tmp_path / "server.db"), "SELECT target, target_id FROM assignments") == [("group", "sales")]
+    assert len(query(str(tmp_path / "server.db"), "SELECT * FROM memberships")) == 3
     assert "Synced" in ok(cli(tmp_path, *wrong, "--force"))
-    assert db_rows(tmp_path, "SELECT * FROM groups") == []
+    assert query(str(tmp_path / "server.db"), "SELECT * FROM groups") == []
 
 
 def test_sync_errors_are_one_line(tmp_path: Path, slapd: Slapd) -> None:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from harness import REPO, ServerProcess
 from server_helpers import query, retained_state
