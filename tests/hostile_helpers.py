@@ -284,6 +284,28 @@ class World:
     def revision(self) -> int:
         return int(httpx.get(f"{self.url}/healthz", timeout=5).json()["revision"])
 
+    def settle(self, timeout: float = 30.0, quiet: float = 1.0) -> None:
+        """Until the watcher has a message of the latest revision and then none for `quiet`
+        seconds: a test comparing what was published before and after it must not count the
+        setup's late deliveries (on a loaded machine they arrived during the first test)."""
+        rev = self.revision()
+        deadline = time.monotonic() + timeout
+
+        def revision_of(payload: bytes) -> object:
+            try:
+                return json.loads(payload).get("revision")
+            except (ValueError, AttributeError):
+                return None
+
+        while not any(revision_of(p) == rev for _, p, _ in list(self.watcher.messages)):
+            assert time.monotonic() < deadline, f"revision {rev} was not published"
+            time.sleep(0.05)
+        seen = -1
+        while seen != len(self.watcher.messages):
+            assert time.monotonic() < deadline, "the setup's messages kept arriving"
+            seen = len(self.watcher.messages)
+            time.sleep(quiet)
+
     def addins(self) -> Any:
         return self.call("GET", "/v1/addins")
 

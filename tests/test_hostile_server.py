@@ -129,6 +129,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w.upload(BASE)
         w.call("POST", f"/v1/addins/{addin_id('base')}/assign", json={
             "target": "user", "target_id": "bob", "mode": "fixed"})  # fmt: skip
+        w.settle()
         yield w
     finally:
         w.stop()
