@@ -101,6 +101,8 @@ class DirectorySection(_Section):
     user_id_attribute: str | None = None
     ca_file: Path | None = None
     """The CA of an ldaps:// server's certificate (default: the system's CAs)."""
+    start_tls: bool = False
+    """On ldap://: StartTLS before the bind (the certificate verified against ca_file)."""
     interval: Annotated[float, Field(gt=0)] | None = None
     """Seconds between syncs while `serve` runs; none: no periodic sync."""
     max_removal_share: Annotated[float, Field(ge=0, le=1)] = 0.1

@@ -53,6 +53,9 @@ class LdapSettings:
     """None: ``uid``, else ``sAMAccountName``."""
     ca_file: Path | None = None
     """The CA that signed the ``ldaps://`` server's certificate; None: the system's CAs."""
+    start_tls: bool = False
+    """On ``ldap://``: StartTLS before the bind (the certificate verified as for ldaps://);
+    a server that cannot is an error, never a fall back to plain text."""
 
 
 @dataclass
@@ -173,6 +176,8 @@ def read_directory(s: LdapSettings) -> DirectoryData:
     # ldap3 does not verify an ldaps:// certificate unless told to: a directory that anyone
     # on the path can impersonate would decide who gets which add-in.
     tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(s.ca_file) if s.ca_file else None)
+    if s.start_tls and not s.url.lower().startswith("ldap://"):
+        raise LdapError(f"StartTLS is for ldap:// URLs; {s.url} is not one")
     try:
         server = ldap3.Server(s.url, connect_timeout=TIMEOUT, get_info=ldap3.NONE, tls=tls)
         conn = ldap3.Connection(
@@ -183,6 +188,10 @@ def read_directory(s: LdapSettings) -> DirectoryData:
             receive_timeout=TIMEOUT,
             raise_exceptions=True,
         )
+        if s.start_tls:
+            # Encrypted (and the server verified) before the bind sends the password.
+            conn.open()
+            conn.start_tls()
         conn.bind()
     except LDAPException as e:
         raise LdapError(f"cannot bind to {s.url} as {s.bind_dn or 'anonymous'}: {e}") from None

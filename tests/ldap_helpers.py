@@ -39,19 +39,23 @@ def find_slapd() -> str:
 
 
 class Slapd:
-    """`tls`: (CA, certificate, key) files; slapd then listens on ldaps:// only."""
+    """`tls`: (CA, certificate, key) files; slapd then listens on ldaps:// only, or with
+    `starttls` on ldap:// offering StartTLS."""
 
-    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, tls: tuple[Path, Path, Path] | None = None, starttls: bool = False
+    ) -> None:
         self.binary = find_slapd()
         self.dir = workdir
         self.tls = tls
+        self.starttls = starttls
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "slapd.log"
 
     @property
     def url(self) -> str:
-        return f"{'ldaps' if self.tls else 'ldap'}://127.0.0.1:{self.port}"
+        return f"{'ldaps' if self.tls and not self.starttls else 'ldap'}://127.0.0.1:{self.port}"
 
     def _config(self) -> Path:
         data = self.dir / "data"
@@ -110,9 +114,10 @@ directory {data}
             if self.tls
             else None
         )
+        bind = ldap3.AUTO_BIND_TLS_BEFORE_BIND if self.starttls else ldap3.AUTO_BIND_NO_TLS
         return ldap3.Connection(
             ldap3.Server(self.url, connect_timeout=5, get_info=ldap3.NONE, tls=tls),
-            ROOT_DN, ROOT_PW, auto_bind=True, raise_exceptions=True, receive_timeout=10,
+            ROOT_DN, ROOT_PW, auto_bind=bind, raise_exceptions=True, receive_timeout=10,
         )  # fmt: skip
 
     def stop(self) -> None:

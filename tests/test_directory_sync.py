@@ -328,3 +328,47 @@ def test_ldaps_certificate_is_verified(tmp_path: Path) -> None:
         assert "  + user ann: name 'Ann Lee'" in out
     finally:
         server.stop()
+
+
+def test_starttls_encrypts_before_the_bind_and_verifies_the_certificate(tmp_path: Path) -> None:
+    """`--starttls` on ldap://: the bind (and its password) goes over TLS, with the server's
+    certificate verified like on ldaps://; StartTLS refused or unverifiable is an error,
+    never plain text."""
+    from server_stub.pki import init_pki
+
+    init_pki(tmp_path / "pki", "contoso")
+    p = tmp_path / "pki"
+    server = Slapd(
+        tmp_path / "ldap-tls", tls=(p / "ca.crt", p / "server.crt", p / "server.key"),
+        starttls=True,
+    )  # fmt: skip
+    server.dir.mkdir()
+    server.start()
+    plain = Slapd(tmp_path / "ldap-plain")  # no certificate: cannot do StartTLS
+    plain.dir.mkdir()
+    plain.start()
+    try:
+        conn = server.connection()
+        base_tree(conn)
+        user(conn, "ann", "Ann Lee")
+        conn.unbind()
+        args = [*sync_args(tmp_path, server), "--starttls", "--dry-run"]
+        assert server.url.startswith("ldap://")
+        r = cli(tmp_path, *args)  # the system's CAs do not know the tenant CA
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"error: cannot bind to {server.url} as {ROOT_DN}: ")
+        assert "certificate" in r.stderr.lower()
+        out = ok(cli(tmp_path, *args, "--ldap-ca", str(p / "ca.crt")))
+        assert "  + user ann: name 'Ann Lee'" in out
+
+        r = cli(tmp_path, *[*sync_args(tmp_path, plain), "--starttls", "--dry-run"])
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"error: cannot bind to {plain.url} as {ROOT_DN}: ")
+        r = cli(tmp_path, "directory", "sync", "--ldap", f"ldaps://127.0.0.1:{server.port}",
+                "--base", SUFFIX, "--tenant", "contoso", "--starttls")  # fmt: skip
+        assert r.stderr.strip() == (
+            f"error: StartTLS is for ldap:// URLs; ldaps://127.0.0.1:{server.port} is not one"
+        )
+    finally:
+        server.stop()
+        plain.stop()

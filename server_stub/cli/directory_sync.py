@@ -69,6 +69,14 @@ def directory_group() -> None:
     help="The CA of the ldaps:// server's certificate [default: the system's CAs]; the "
     "certificate is always verified.",
 )
+@click.option(
+    "--starttls",
+    "start_tls",
+    is_flag=True,
+    default=None,
+    help="On ldap://: StartTLS before the bind, the certificate verified as for ldaps:// "
+    "[or [directory] start_tls].",
+)
 @click.option("--force", is_flag=True, help="Apply even past --max-removal-share.")
 @click.option("--dry-run", is_flag=True, help="Print the differences and change nothing.")
 @common
@@ -107,6 +115,7 @@ def sync(config_file: Path | None, dry_run: bool, force: bool, **kw: Any) -> Non
         group_filter=kw.pop("group_filter") or d.group_filter or DEFAULT_GROUP_FILTER,
         user_id_attribute=kw.pop("user_id_attribute") or d.user_id_attribute,
         ca_file=kw.pop("ca_file") or d.ca_file,
+        start_tls=bool(kw.pop("start_tls") or d.start_tls),
     )
     try:
         data = read_directory(settings)

@@ -262,6 +262,7 @@ def _directory(d: config.DirectorySection) -> LdapSettings | None:
         group_filter=d.group_filter or DEFAULT_GROUP_FILTER,
         user_id_attribute=d.user_id_attribute,
         ca_file=d.ca_file,
+        start_tls=d.start_tls,
     )
 
 
