@@ -285,6 +285,14 @@ async def _until_signalled(coordinator: Any) -> Any:
     "a cluster); default: --broker.",
 )
 @click.option(
+    "--agent-anti-entropy",
+    "agent_anti_entropy",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="The agents' anti_entropy_interval in seconds (default: the agent's, 600; 0: off), "
+    "e.g. short on a broker that can lose a delivery (NATS 2.9 under load).",
+)
+@click.option(
     "--agent-mqtt-version",
     type=click.Choice(["auto", "5", "3.1.1"]),
     default="auto",
@@ -367,6 +375,7 @@ def run(
     netns: int,
     agent_brokers: tuple[str, ...],
     agent_mqtt_version: str,
+    agent_anti_entropy: float | None,
 ) -> None:
     """Run a scenario with N virtual clients and check every one against the oracle.
 
@@ -405,6 +414,7 @@ def run(
     options = RunOptions(
         agent_brokers=agent_brokers,
         agent_mqtt_version=agent_mqtt_version,
+        agent_anti_entropy=agent_anti_entropy,
         tenant=tenant,
         netns=netns,
         clients=clients,

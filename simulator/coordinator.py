@@ -237,6 +237,7 @@ class Coordinator:
             "tenant": self.options.tenant,
             "brokers": list(self.options.agent_brokers),
             "mqtt_version": self.options.agent_mqtt_version,
+            "anti_entropy": self.options.agent_anti_entropy,
             "agent_token": env.agent_token,
             "signing_key": env.signing_key,
             "cache": self.options.cache or self.scenario.cache,

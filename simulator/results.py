@@ -46,6 +46,8 @@ class RunOptions:
     cluster); by default the run's broker. The control channel and the server use that."""
     agent_mqtt_version: str = "auto"
     """The agents' `mqtt_version` (auto, 5 or 3.1.1)."""
+    agent_anti_entropy: float | None = None
+    """The agents' `anti_entropy_interval` (None: the agent's default)."""
     tenant: str = "contoso"
     """The tenant of the run (an external server's, with `server_url`)."""
     netns: int = 0

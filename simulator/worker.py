@@ -293,6 +293,8 @@ class Worker:
             watch_hosts=False,  # no Office here, and thousands of agents in one process
             mqtt_version=s.get("mqtt_version", "auto"),
         )
+        if s.get("anti_entropy") is not None:
+            common["anti_entropy_interval"] = s["anti_entropy"]
         tls = s.get("tls")
         if tls is not None:
             # --tls: the device's own certificate (its CN is the client id) and token, as
