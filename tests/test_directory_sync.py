@@ -304,71 +304,45 @@ def test_active_directory_entries_map_through_sam_account_name_and_member_of() -
     assert safe_id("  J. O'Neil (IT) ") == "J.-O-Neil-IT"
 
 
-def test_ldaps_certificate_is_verified(tmp_path: Path) -> None:
-    """ldap3 would accept any certificate on ldaps:// unless told otherwise: the sync
-    verifies it, against --ldap-ca or the system's CAs."""
+@pytest.mark.parametrize("starttls", [False, True], ids=["ldaps", "starttls"])
+def test_the_directory_certificate_is_verified(tmp_path: Path, starttls: bool) -> None:
+    """ldap3 would accept any certificate unless told otherwise: the sync verifies it,
+    against --ldap-ca or the system's CAs, on ldaps:// and with `--starttls` on ldap://
+    (where the bind and its password then go over TLS)."""
     from server_stub.pki import init_pki
 
     init_pki(tmp_path / "pki", "contoso")  # a CA and a server certificate for 127.0.0.1
     p = tmp_path / "pki"
-    server = Slapd(tmp_path / "ldaps", tls=(p / "ca.crt", p / "server.crt", p / "server.key"))
-    server.dir.mkdir()
-    server.start()
-    try:
-        conn = server.connection()
-        base_tree(conn)
-        user(conn, "ann", "Ann Lee")
-        conn.unbind()
-        args = sync_args(tmp_path, server)
-        r = cli(tmp_path, *args, "--dry-run")  # the system's CAs do not know the tenant CA
-        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
-        assert r.stderr.startswith(f"error: cannot bind to {server.url} as {ROOT_DN}: ")
-        assert "certificate" in r.stderr.lower()
-        out = ok(cli(tmp_path, *args, "--ldap-ca", str(p / "ca.crt"), "--dry-run"))
-        assert "  + user ann: name 'Ann Lee'" in out
-    finally:
-        server.stop()
-
-
-def test_starttls_encrypts_before_the_bind_and_verifies_the_certificate(tmp_path: Path) -> None:
-    """`--starttls` on ldap://: the bind (and its password) goes over TLS, with the server's
-    certificate verified like on ldaps://; StartTLS refused or unverifiable is an error,
-    never plain text."""
-    from server_stub.pki import init_pki
-
-    init_pki(tmp_path / "pki", "contoso")
-    p = tmp_path / "pki"
     server = Slapd(
         tmp_path / "ldap-tls", tls=(p / "ca.crt", p / "server.crt", p / "server.key"),
-        starttls=True,
+        starttls=starttls,
     )  # fmt: skip
     server.dir.mkdir()
     server.start()
-    plain = Slapd(tmp_path / "ldap-plain")  # no certificate: cannot do StartTLS
-    plain.dir.mkdir()
-    plain.start()
     try:
         conn = server.connection()
         base_tree(conn)
         user(conn, "ann", "Ann Lee")
         conn.unbind()
-        args = [*sync_args(tmp_path, server), "--starttls", "--dry-run"]
-        assert server.url.startswith("ldap://")
+        assert server.url.startswith("ldap://" if starttls else "ldaps://")
+        args = [*sync_args(tmp_path, server), *(["--starttls"] if starttls else []), "--dry-run"]
         r = cli(tmp_path, *args)  # the system's CAs do not know the tenant CA
         assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
         assert r.stderr.startswith(f"error: cannot bind to {server.url} as {ROOT_DN}: ")
         assert "certificate" in r.stderr.lower()
         out = ok(cli(tmp_path, *args, "--ldap-ca", str(p / "ca.crt")))
         assert "  + user ann: name 'Ann Lee'" in out
-
-        r = cli(tmp_path, *[*sync_args(tmp_path, plain), "--starttls", "--dry-run"])
-        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
-        assert r.stderr.startswith(f"error: cannot bind to {plain.url} as {ROOT_DN}: ")
-        r = cli(tmp_path, "directory", "sync", "--ldap", f"ldaps://127.0.0.1:{server.port}",
-                "--base", SUFFIX, "--tenant", "contoso", "--starttls")  # fmt: skip
-        assert r.stderr.strip() == (
-            f"error: StartTLS is for ldap:// URLs; ldaps://127.0.0.1:{server.port} is not one"
-        )
     finally:
         server.stop()
-        plain.stop()
+
+
+def test_starttls_never_falls_back_to_plain_text(tmp_path: Path, slapd: Slapd) -> None:
+    """A server that offers no TLS (the plain slapd) is an error, not a plain bind; and
+    StartTLS on an ldaps:// URL is a mistake said in one line."""
+    r = cli(tmp_path, *[*sync_args(tmp_path, slapd), "--starttls", "--dry-run"])
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: cannot bind to {slapd.url} as {ROOT_DN}: ")
+    ldaps = slapd.url.replace("ldap://", "ldaps://")
+    r = cli(tmp_path, "directory", "sync", "--ldap", ldaps, "--base", SUFFIX,
+            "--tenant", "contoso", "--starttls")  # fmt: skip
+    assert r.stderr.strip() == f"error: StartTLS is for ldap:// URLs; {ldaps} is not one"

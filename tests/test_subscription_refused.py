@@ -10,6 +10,8 @@ import contextlib
 import logging
 import signal
 import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +32,6 @@ from simulator.nats_cluster import NatsCluster, NatsError, find_nats_server, fre
 TENANT = "contoso"
 FILTERS = user_filters(TENANT, "ann", [])
 EVERYONE = next(f for f in FILTERS if "/assign/everyone/" in f)
-
-
-def write_acl(path: Path, filters: set[str]) -> None:
-    """Anonymous clients (the only kind here) may read `filters` and write anything."""
-    lines = [f"topic read {f}" for f in sorted(filters)]
-    lines.append(f"topic write addins/v1/{TENANT}/#")
-    path.write_text("\n".join(lines) + "\n")
 
 
 def publish_retained(
@@ -81,9 +76,26 @@ def make_transport(port: int, got: list[tuple[str, bytes]], login: tuple[str, st
     )  # fmt: skip
 
 
-async def test_a_subscription_nats_refuses_is_retried_until_it_is_granted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+@dataclass
+class Node:
+    """One NATS node whose permissions refuse ann's Everyone filter until `grant()`."""
+
+    cluster: NatsCluster
+    port: int
+    ann: tuple[str, str]
+    server: tuple[str, str]
+    accounts: Path
+    granted: str
+
+    def grant(self) -> None:
+        self.accounts.write_text(self.granted)
+        node = self.cluster.procs[0]
+        assert node is not None
+        node.send_signal(signal.SIGHUP)  # nats-server reloads its configuration
+
+
+@pytest.fixture
+def refusing_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Node]:
     """NATS answers a subscription outside the user's permissions (or one whose JetStream
     consumer it could not make) with SUBACK 0x80. (Mosquitto 2.0 grants a subscription its
     ACL denies and delivers nothing on it: no SUBACK to read there.)"""
@@ -102,16 +114,26 @@ async def test_a_subscription_nats_refuses_is_retried_until_it_is_granted(
     assert everyone_subject in granted
     accounts.write_text(granted.replace(everyone_subject, "", 1))
     cluster = NatsCluster(tmp_path, nodes, login=("ann", agents["ann"]))
-    await asyncio.to_thread(cluster.start)
+    cluster.start()
+    try:
+        yield Node(cluster, nodes[0].mqtt.port, ("ann", agents["ann"]),
+                   (server["username"], server["password"]), accounts, granted)  # fmt: skip
+    finally:
+        cluster.stop()
+
+
+async def test_a_subscription_nats_refuses_is_retried_until_it_is_granted(
+    refusing_node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = refusing_node
     got: list[tuple[str, bytes]] = []
-    t = make_transport(nodes[0].mqtt.port, got, ("ann", agents["ann"]))
+    t = make_transport(node.port, got, node.ann)
     caplog.set_level(logging.WARNING, logger="addin_agent.transport")
     try:
         topic = EVERYONE.removesuffix("+") + "notes"
         await asyncio.to_thread(
-            publish_retained, nodes[0].mqtt.port, topic, b"everyone gets notes",
-            (server["username"], server["password"]),
-        )  # fmt: skip
+            publish_retained, node.port, topic, b"everyone gets notes", node.server
+        )
         t.start()
         await asyncio.wait_for(t.connected.wait(), 20)
         await eventually(lambda: t.refused_subscriptions >= 2, 10, "the refusal, retried")
@@ -119,42 +141,25 @@ async def test_a_subscription_nats_refuses_is_retried_until_it_is_granted(
         assert f"refused the subscription to {EVERYONE}" in caplog.text
         attempts = t.attempts
 
-        accounts.write_text(granted)
-        node = cluster.procs[0]
-        assert node is not None
-        node.send_signal(signal.SIGHUP)  # nats-server reloads its configuration
+        node.grant()
         await eventually(lambda: EVERYONE in t.subscribed, 15, "the subscription granted")
         await eventually(lambda: bool(got), 10, "the retained message")
         assert got == [(topic, b"everyone gets notes")]
         assert t.attempts == attempts  # on the same connection
     finally:
         await t.stop()
-        cluster.stop()
 
 
 async def test_the_agent_records_the_refusal_and_doctor_names_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, refusing_node: Node
 ) -> None:
     """The daemon's side: a `subscription_refused` event, the recorded subscriptions without
     the refused filter, and `doctor` failing on it until the broker grants it."""
-    try:
-        find_nats_server()
-    except NatsError as e:
-        pytest.skip(str(e))
-    monkeypatch.setattr(transport_mod, "SUBSCRIBE_RETRY", (0.3, 1.0))
-    nodes = free_nodes(1)
-    creds = write_nats_config(tmp_path, TENANT, ["ann"], nodes)
-    agents = creds["agents"]
-    assert isinstance(agents, dict)
-    accounts = tmp_path / "accounts.conf"
-    granted = accounts.read_text()
-    accounts.write_text(granted.replace('"addins.v1.contoso.assign.everyone.*", ', "", 1))
-    cluster = NatsCluster(tmp_path, nodes, login=("ann", agents["ann"]))
-    await asyncio.to_thread(cluster.start)
+    node = refusing_node
     cfg = AgentConfig(
         tenant=TENANT, user_id="ann", client_id="ann-pc", insecure=True,
-        broker_url=f"mqtt://127.0.0.1:{nodes[0].mqtt.port}", broker_username="ann",
-        broker_password=agents["ann"], server_url="http://127.0.0.1:1",
+        broker_url=f"mqtt://127.0.0.1:{node.port}", broker_username=node.ann[0],
+        broker_password=node.ann[1], server_url="http://127.0.0.1:1",
         cache_path=str(tmp_path / "ann.sqlite"), applier="memory", control=None,
         watch_hosts=False, mqtt_version="3.1.1", anti_entropy_interval=0,
     )  # fmt: skip
@@ -174,11 +179,7 @@ async def test_the_agent_records_the_refusal_and_doctor_names_it(
                 "SELECT detail FROM events WHERE kind = 'subscription_refused'")]  # fmt: skip
         assert details and details[0] == f"broker refused: {EVERYONE}"
 
-        accounts.write_text(granted)
-        node = cluster.procs[0]
-        assert node is not None
-        node.send_signal(signal.SIGHUP)
+        node.grant()
         await eventually(lambda: subscriptions_check().status == "ok", 15, "doctor ok again")
     finally:
         await agent.stop()
-        cluster.stop()
