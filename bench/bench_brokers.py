@@ -76,7 +76,10 @@ def p99s(report: dict[str, Any]) -> dict[str, tuple[float, float]]:
 
 
 def ratio(a: float, b: float) -> str:
-    return f"{b / a:.2f}" if a and b else "-"
+    if not (a and b):
+        return "-"
+    r = b / a
+    return f"{r:.2f}" if r < 100 else f"{r:,.0f}"
 
 
 def connected(report: dict[str, Any]) -> str:
@@ -104,14 +107,14 @@ def side_by_side(n: int, scenario: str, out: Path, replicated: bool) -> None:
           f"{consumers}) / Mosquitto")  # fmt: skip
     m = p99s(mosquitto) if mosquitto else {}
     s = p99s(nats) if nats else {}
-    print(f"{'step':<14}{'notified M':>12}{'notified N':>12}{'ratio':>7}"
-          f"{'cached M':>10}{'cached N':>10}{'ratio':>7}")  # fmt: skip
+    print(f"{'step':<14}{'notified M':>12}{'notified N':>12}{'ratio':>9}"
+          f"{'cached M':>10}{'cached N':>10}{'ratio':>9}")  # fmt: skip
     for name in m:
         (mn, mc) = m[name]
         sn, sc = s.get(name, (0.0, 0.0))
         cells = [f"{v:.0f}" if v else "-" for v in (mn, sn, mc, sc)]
-        print(f"{name:<14}{cells[0]:>12}{cells[1]:>12}{ratio(mn, sn):>7}"
-              f"{cells[2]:>10}{cells[3]:>10}{ratio(mc, sc):>7}")  # fmt: skip
+        print(f"{name:<14}{cells[0]:>12}{cells[1]:>12}{ratio(mn, sn):>9}"
+              f"{cells[2]:>10}{cells[3]:>10}{ratio(mc, sc):>9}")  # fmt: skip
     for label, r, err in (("mosquitto", mosquitto, m_err), ("nats", nats, n_err)):
         if r is None:
             print(f"{label}: run failed: {err}")
