@@ -25,17 +25,17 @@ import base64
 import binascii
 import functools
 import re
-from typing import Literal
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    PublicFormat,
-    load_pem_private_key,
-)
+from typing import TYPE_CHECKING, Literal
 
 from addin_core.protocol import ProtocolError
+
+if TYPE_CHECKING:
+    # Imported where used: cryptography's Rust module is ~8.5 MB of RSS, and an agent without
+    # a `signing_key` (a lab) never verifies anything (docs/benchmarks.md, "Agent").
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 CONTEXT = b"addin-deploy/state/v1\n"
 """Prefix of every signed byte string: a signature made for anything else (another
@@ -117,6 +117,8 @@ def _verify(key: Ed25519PublicKey, topic: str, raw: bytes) -> bytes:
         raise SignatureRefused(topic, "bad signature", "the signature is not base64") from None
     if len(signature) != 64:
         raise SignatureRefused(topic, "bad signature", "the signature is not 64 bytes")
+    from cryptography.exceptions import InvalidSignature
+
     try:
         key.verify(signature, _signed_bytes(topic, unsigned))
     except InvalidSignature:
@@ -142,16 +144,22 @@ def _verify_remembered(key: bytes, topic: str, raw: bytes) -> bytes:
 
 @functools.lru_cache(maxsize=64)
 def _public_key_from_raw(raw: bytes) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def _public_bytes(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def public_key_text(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """The one-line form of a public key: base64 of its raw 32 bytes (``signing.pub``, and
     the agent's ``signing_key``)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return base64.b64encode(_public_bytes(pub)).decode("ascii")
 
@@ -174,6 +182,9 @@ def load_public_key(text: str) -> Ed25519PublicKey:
 
 def load_private_key(pem: bytes) -> Ed25519PrivateKey:
     """An Ed25519 private key from its PKCS8 PEM text; ValueError saying what is wrong."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(pem, password=None)
     except TypeError:

@@ -1,6 +1,6 @@
 """The one module that reads aiomqtt's and paho's private attributes.
 
-aiomqtt wraps a paho client and exposes none of the four things the agent and the
+aiomqtt wraps a paho client and exposes none of the five things the agent and the
 server need, so both reach into it here and nowhere else:
 
 - the CONNACK session-present flag (the server's publisher must give a broker that lost
@@ -15,7 +15,12 @@ server need, so both reach into it here and nowhere else:
 - why a connection was lost before the broker's CONNACK (`fail_fast_before_connack`): a
   broker refusing the client's certificate sends its TLS alert only then (TLS 1.3), paho
   only logs it, and aiomqtt ignores that loss and waits for its timeout; this wraps paho's
-  ``on_disconnect`` and ``on_log`` and ends ``Client._connected`` with paho's words.
+  ``on_disconnect`` and ``on_log`` and ends ``Client._connected`` with paho's words;
+- an idle connection that does not wake the process every second (`wake_only_when_due`):
+  aiomqtt calls paho's ``loop_misc`` (keepalive pings, a missing PINGRESP) once a second
+  whatever the keepalive; this replaces ``Client._misc_loop`` with one that sleeps until
+  the moment paho's keepalive check has something to do, from paho's ``_keepalive``,
+  ``_last_msg_out``, ``_last_bytes_received`` and ``_ping_t``.
 
 Each access is guarded: it checks the attribute exists and has the expected type, and
 otherwise says so (`watch_session_present` and `deliver_directly` return False/None and
@@ -160,6 +165,54 @@ def fail_fast_before_connack(client: object) -> bool:
     inner.on_disconnect = on_disconnect
     inner.on_connect = on_connect
     return True
+
+
+MIN_MISC_SLEEP = 0.05
+"""Never loop faster than this (a deadline just reached, rounding of the clocks)."""
+IDLE_MISC_SLEEP = 60.0
+"""With keepalive 0 (none) paho's check does nothing: look once a minute anyway."""
+
+_DUE_ATTRS = ("_keepalive", "_last_msg_out", "_last_bytes_received", "_ping_t")
+
+
+def wake_only_when_due(client: object) -> bool:
+    """Make aiomqtt call paho's ``loop_misc`` when paho's keepalive check can next act,
+    instead of every second: an idle agent then wakes once per keepalive (60 s by default)
+    to send its PINGREQ, at the moment paho would have sent it, and a missing PINGRESP is
+    noticed at the same moment as before (paho's timestamps only ever move forward, so
+    nothing falls due before the computed time). False, with nothing changed, when this
+    aiomqtt or paho lacks the internals: the once-a-second loop stays."""
+    inner = paho_client(client)
+    if (
+        inner is None
+        or not callable(getattr(client, "_misc_loop", None))  # private: aiomqtt.Client._misc_loop
+        or not all(isinstance(getattr(inner, a, None), int | float) for a in _DUE_ATTRS)
+    ):
+        return False
+
+    async def misc_loop() -> None:
+        # A deadline, not a condition to poll for: the timestamps are paho's, moved by its
+        # own reads and writes, with no event to wait on.
+        while inner.loop_misc() == paho.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(_until_due(inner))
+
+    client._misc_loop = misc_loop  # type: ignore[attr-defined]  # private: aiomqtt.Client._misc_loop
+    return True
+
+
+def _until_due(inner: paho.Client) -> float:
+    """Seconds until paho's `loop_misc` can next act (the sums mirror its checks)."""
+    keepalive = inner._keepalive  # private: paho.Client._keepalive
+    if not keepalive:
+        return IDLE_MISC_SLEEP
+    due = min(
+        inner._last_msg_out,  # private: paho.Client._last_msg_out
+        inner._last_bytes_received,  # private: paho.Client._last_bytes_received
+    )
+    ping_t = inner._ping_t  # private: paho.Client._ping_t (a PINGREQ awaiting its answer)
+    if ping_t > 0:
+        due = min(due, ping_t)
+    return min(max(due + keepalive - paho.time_func(), MIN_MISC_SLEEP), float(keepalive))
 
 
 def payload_bytes(payload: object) -> bytes:

@@ -38,20 +38,22 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from addin_core.digest import EntitlementDigest, entitlement_digest
 from addin_core.protocol import Host, InvalidTopic, Topic, TopicKind
 from addin_core.user_topics import belongs_to_user
 from agent.cache import Cache, Tx, VolatileCache
 from agent.config import AgentConfig
+from agent.http_errors import transport_errors
 from agent.readmodel import describe_last as describe_last  # re-exported
 from agent.resolver import resolve
 from agent.state import ReceivedState
 from agent.subscriptions import ancestry
 from agent.tls import TlsSetupError, explain, httpx_verify
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("addin_agent.antientropy")
 
@@ -144,6 +146,7 @@ class AntiEntropy:
         self.interval = interval
         self._http = http
         self._own_http: httpx.AsyncClient | None = None
+        """Only without an agent's fetcher (tests): the daemon uses the fetcher's pool."""
         self._task: asyncio.Task[None] | None = None
         self._suspect: int | None = None
         """Server revision of a mismatch seen last round while messages may be in flight."""
@@ -195,6 +198,8 @@ class AntiEntropy:
         if shared is not None:  # the fetcher's pool (one per process in the simulator)
             return shared
         if self._own_http is None:
+            import httpx
+
             self._own_http = httpx.AsyncClient(
                 timeout=httpx.Timeout(10.0, connect=5.0), verify=httpx_verify(self.agent.config)
             )
@@ -223,7 +228,7 @@ class AntiEntropy:
             server_digest = str(server["digest"])
             server_rev = int(server["revision"])
             count = int(server.get("count", 0))
-        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
+        except _failures() as e:
             # Never act on missing data: an unreachable server changes nothing here.
             text = _failure_text(e)
             return await self._record(
@@ -276,7 +281,7 @@ class AntiEntropy:
             messages = state["messages"]
             if not isinstance(messages, list):
                 raise TypeError("messages is not a list")
-        except (httpx.HTTPError, OSError, ValueError, KeyError, TypeError) as e:
+        except _failures() as e:
             text = _failure_text(e)
             return await self._record(
                 CheckResult(
@@ -389,10 +394,17 @@ class AntiEntropy:
         return r
 
 
+def _failures() -> tuple[type[Exception], ...]:
+    """What a digest or state request may raise that only means "try next round"."""
+    return (*transport_errors(), OSError, ValueError, KeyError, TypeError)
+
+
 # -- for `status`, `doctor` and `wait` ---------------------------------------------------
 def compare_now(cfg: AgentConfig, state: ReceivedState) -> tuple[Literal["ok", "warn"], str]:
     """(status, detail) of a live digest comparison from the cache, for `doctor`."""
     local = local_digest(state, cfg.user_id)
+    import httpx  # `doctor`'s one request, outside the daemon
+
     url = f"{cfg.server_url.rstrip('/')}/v1/agents/{cfg.user_id}/digest"
     try:
         r = httpx.get(url, headers=_headers(cfg.server_token), timeout=5, verify=httpx_verify(cfg))

@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,11 +101,51 @@ class MemoryApplier:
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}"
 
 
-def _has_sha(path: Path, sha256: str) -> bool:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest() == sha256
-    except OSError:
-        return False
+SETTLED_NS = 1_000_000_000
+"""A file's hash is remembered only if the file had not changed for this long when it was
+read (see `HashMemo`): file times come from a coarse kernel clock (a few ms), so a file
+rewritten within one tick of the read could otherwise keep every stat field and its old hash."""
+
+
+class HashMemo:
+    """sha256 of files, remembered while their stat fields stay the same.
+
+    Every launch checks that the files the agent placed are intact. Reading and hashing them
+    all each time (twice: `current`, then `write`) was most of a launch's work with 50
+    add-ins. A file is read again whenever its inode, size, mtime or ctime differs from the
+    read that was remembered; ctime cannot be set by a user (any write, rename or `utime`
+    sets it to now), and a hash is remembered only for a file whose ctime was at least
+    `SETTLED_NS` older than that read, so any change after the read shows in ctime."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+    def sha256(self, path: str) -> str | None:
+        """The file's sha256; None when it cannot be read (gone, not a file, no access)."""
+        try:
+            st = os.stat(path)
+            key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            known = self._known.get(path)
+            if known is not None and known[0] == key:
+                return known[1]
+            now = time.time_ns()
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            self._known.pop(path, None)
+            return None
+        if st.st_ctime_ns < now - SETTLED_NS:
+            self._known[path] = (key, digest)
+        else:
+            self._known.pop(path, None)
+        return digest
+
+    def keep_only(self, folder: str, names: set[str]) -> None:
+        """Forget the files of `folder` not in `names` (removed since)."""
+        prefix = folder + os.sep
+        for path in [p for p in self._known if p.startswith(prefix)]:
+            if path[len(prefix) :] not in names:
+                del self._known[path]
 
 
 def write_atomic(folder: Path, name: str, data: bytes, tmp_prefix: str) -> None:
@@ -158,6 +199,7 @@ class ManagedFolder:
         self.file_name = file_name
         self.owned_id = owned_id
         self.tmp_prefix = tmp_prefix
+        self._hashes = HashMemo()
 
     def sync(self, d: Path, addins: dict[str, AppliedManifest]) -> None:
         """Make the owned files of `d` exactly `addins`."""
@@ -168,14 +210,15 @@ class ManagedFolder:
         """Write the files of `addins` that are missing or differ; remove nothing."""
         if addins:
             d.mkdir(parents=True, exist_ok=True)
+        folder = str(d)
         for addin_id, m in addins.items():
             name = self.file_name(addin_id)
-            target = d / name
             if m.xml is None:
                 # The caller passes no bytes for a file it saw intact (`current`); check it.
-                if not _has_sha(target, m.sha256):
+                if self._hashes.sha256(os.path.join(folder, name)) != m.sha256:
                     raise ValueError(f"no manifest XML for {addin_id} {m.version}")
                 continue
+            target = d / name
             try:
                 if target.read_bytes() == m.xml:
                     continue
@@ -186,28 +229,35 @@ class ManagedFolder:
     def prune(self, d: Path, keep: set[str]) -> None:
         """Remove the owned files of `d` whose add-in is not in `keep`, and temporary files
         left by a crash."""
-        if not d.is_dir():
+        try:
+            names = os.listdir(d)  # names, not Paths: a launch lists every file of the folder
+        except (FileNotFoundError, NotADirectoryError):
             return
-        for old in d.iterdir():
-            if old.name.startswith(self.tmp_prefix):
-                old.unlink(missing_ok=True)  # left by a crash during an earlier apply
+        for name in names:
+            if name.startswith(self.tmp_prefix):
+                (d / name).unlink(missing_ok=True)  # left by a crash during an earlier apply
                 continue
-            owned = self.owned_id(old.name)
+            owned = self.owned_id(name)
             if owned is not None and owned not in keep:
-                old.unlink(missing_ok=True)
+                (d / name).unlink(missing_ok=True)
 
     def current(self, d: Path) -> dict[str, str]:
         """{addin_id: sha256} of the owned files in `d`."""
         out: dict[str, str] = {}
-        if not d.is_dir():
+        folder = str(d)
+        try:
+            names = os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):  # nothing loaded from it
             return out
-        for f in d.iterdir():
-            addin_id = self.owned_id(f.name)
+        owned = set()
+        for name in names:
+            addin_id = self.owned_id(name)
             if addin_id is not None:
-                try:
-                    out[addin_id] = hashlib.sha256(f.read_bytes()).hexdigest()
-                except OSError:
-                    continue  # removed meanwhile, or unreadable: not loaded either
+                owned.add(name)
+                sha = self._hashes.sha256(os.path.join(folder, name))
+                if sha is not None:  # None: removed meanwhile, or unreadable: not loaded either
+                    out[addin_id] = sha
+        self._hashes.keep_only(folder, owned)
         return out
 
     def survey(self, host: Host, d: Path, location: str | None = None) -> Survey:

@@ -152,6 +152,19 @@ class Retention:
         )
 
 
+def _run_transaction(conn: sqlite3.Connection, statements: Sequence[Statement]) -> None:
+    """One transaction, on the connection's own thread (`Cache.commit`)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, params in statements:
+            conn.execute(sql, params)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # a failed COMMIT may have ended it already (SQLITE_FULL)
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _init_sync(conn: sqlite3.Connection, memory: bool) -> None:
     if memory:
         # An agent's cache holds a few dozen rows per table; with 512-byte pages an in-memory
@@ -281,23 +294,23 @@ class Cache:
             return
         statements = self._statements(tx)
         if self._sync is not None:
-            conn = self._sync
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    conn.execute(sql, params)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            _run_transaction(self._sync, statements)
             return
         async with self._commit_lock:
             db = self._async
             if db is None:
                 raise CacheError("cache is closed")
-            async with transaction(db):
-                for sql, params in statements:
-                    await db.execute(sql, params)
+            if db.in_transaction:
+                # Not left by a commit (they finish on the thread): undo it, as
+                # `addin_runtime.sqlite_tx.transaction` does.
+                async with transaction(db):
+                    pass
+            # The whole transaction in ONE call on aiosqlite's thread (its `_execute`, which
+            # every public method goes through): a statement per await was five thread hops
+            # per launch, each waiting for the other thread to be scheduled on a busy machine.
+            # A caller cancelled meanwhile does not stop it: the transaction commits whole,
+            # or rolls back whole on an error, before the next one queued on that thread.
+            await db._execute(_run_transaction, db._conn, statements)
 
     async def sync_value(self, key: str) -> str | None:
         rows = await self.fetchall("SELECT value FROM sync WHERE key = ?", (key,))

@@ -201,7 +201,8 @@ class ControlServer:
         try:
             token = self._token_endpoint
             uid = -1 if token else peer_uid(writer.get_extra_info("socket"))
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            async with asyncio.timeout(10):  # not wait_for: no Task per request
+                head = await reader.readuntil(b"\r\n\r\n")
             if len(head) > MAX_REQUEST:
                 raise ValueError("request too large")
             if token is not None:

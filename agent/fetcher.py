@@ -2,7 +2,8 @@
 
 Downloads go through `agent.http_pool.HttpPool` (aiohttp with a body-size cap), one per
 agent by default; one pool can be shared by many agents (the simulator runs thousands in one
-process and wants one connection pool). An `httpx.AsyncClient` is accepted too. Concurrency per agent is bounded by a semaphore;
+process and wants one connection pool). An `httpx.AsyncClient` is accepted too (httpx is
+never imported here: only its user does). Concurrency per agent is bounded by a semaphore;
 transient failures (connection errors, 5xx, 408/429) are retried with exponential backoff
 and full jitter. A manifest is accepted only if its sha256 matches the one it was asked
 for, the manifest reader accepts it, and its Id and Version equal the catalog entry's.
@@ -16,18 +17,22 @@ import hashlib
 import logging
 import random
 import ssl
+import sys
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
-import httpx
-
-from addin_core.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, parse_manifest
 from addin_core.protocol import CatalogEntry, Host
+from agent.http_errors import transport_errors
 from agent.http_pool import HttpPool, HttpResponse
+
+if TYPE_CHECKING:
+    import httpx
+
+    from addin_core.manifest import Manifest
 
 log = logging.getLogger("addin_agent.fetcher")
 
@@ -37,10 +42,16 @@ agents using it. httpcore's pool scans its whole wait queue on every request, so
 thousands of agents queue there costs quadratic CPU and starves the event loop (measured:
 300 agents x 10 manifests stalled the loop for 20 s); queueing on a semaphore is O(1)."""
 
-HttpClient = HttpPool | httpx.AsyncClient
-HttpResponseLike = HttpResponse | httpx.Response
+HttpClient: TypeAlias = "HttpPool | httpx.AsyncClient"
+HttpResponseLike: TypeAlias = "HttpResponse | httpx.Response"
 """What a Fetcher downloads with: both have ``await get(url, headers=...)`` returning an object
-with ``status_code`` and ``content``, and raise `httpx.HTTPError` subclasses on failure."""
+with ``status_code`` and ``content``, and raise one of `transport_errors()` on failure."""
+
+
+def _is_httpx_client(http: object) -> bool:
+    httpx = sys.modules.get("httpx")  # an httpx client exists only once httpx is imported
+    return httpx is not None and isinstance(http, httpx.AsyncClient)
+
 
 _shared_limits: weakref.WeakKeyDictionary[HttpClient, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
@@ -83,6 +94,10 @@ def verify(entry: CatalogEntry, body: bytes) -> FetchResult:
             fetched_at=time.time(),
         )
 
+    # The manifest reader (lxml, ~6.5 MB of RSS) loads at the first download: an agent
+    # restarted on a warm cache, with nothing new, never needs it.
+    from addin_core.manifest import MAX_MANIFEST_BYTES
+
     if len(body) > MAX_MANIFEST_BYTES:
         return refuse(f"manifest is {len(body)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
     digest = hashlib.sha256(body).hexdigest()
@@ -122,6 +137,8 @@ def _read_by_digest(digest: str, body: bytes) -> Manifest | str:
     if hit is not None:
         _read_memo.move_to_end(digest)
         return hit
+    from addin_core.manifest import ManifestError, parse_manifest
+
     try:
         verdict: Manifest | str = parse_manifest(body)
     except ManifestError as e:
@@ -163,7 +180,7 @@ class Fetcher:
         )
         self._sem = asyncio.Semaphore(concurrency)
         # An HttpPool bounds its own connections (O(1) wait); httpx's pool does not scale.
-        self._shared = _shared_limit(http) if isinstance(http, httpx.AsyncClient) else None
+        self._shared = _shared_limit(http) if http is not None and _is_httpx_client(http) else None
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
@@ -210,7 +227,7 @@ class Fetcher:
                 where = f"mirror {url}" if mirror else url
                 try:
                     resp = await self._get(url, headers, mirror)
-                except httpx.HTTPError as e:
+                except transport_errors() as e:
                     failures.append(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
                     log.info("manifest %s from %s failed: %s", entry.addin_id, where, failures[-1])
                     continue

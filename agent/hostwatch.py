@@ -95,6 +95,8 @@ class HostWatcher:
         self._uid, self._username = _own_user()
         self._seen: dict[int, Host | None] = {}
         """Every pid seen at the last poll: the host it belongs to, or None."""
+        self._running: set[Host] = set()
+        """The hosts of `_seen`."""
         self._procs: dict[int, psutil.Process] = {}
         """The host processes being followed (they also detect a reused pid)."""
         self._last = 0.0
@@ -105,7 +107,9 @@ class HostWatcher:
 
     # -- queries ---------------------------------------------------------------------------
     def running(self, host: Host) -> bool:
-        return any(h == host for h in self._seen.values())
+        # A set kept by each poll: the daemon asks for every host after every transition
+        # (a launch included), and `_seen` holds every pid of the machine.
+        return host in self._running
 
     def pids(self, host: Host) -> list[int]:
         return sorted(p for p, h in self._seen.items() if h == host)
@@ -173,6 +177,7 @@ class HostWatcher:
         for pid in self._procs.keys() - {p for p, h in current.items() if h is not None}:
             del self._procs[pid]
         self._seen = current
+        self._running = {h for h in current.values() if h is not None}
         self._last = now
         if full:
             self._last_full = now

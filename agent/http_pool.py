@@ -7,8 +7,9 @@ pool, and an agent must not spend more CPU fetching a 5 KB file than the server 
 
 What this module adds to aiohttp: a hard cap on the body size (a hostile server cannot make
 the agent buffer more than `max_body` bytes), one timeout per request, no redirects, no
-decompression, and failures raised as httpx's transport exceptions so the fetcher handles
-both clients alike. One instance is shared by every agent of a process. With an
+decompression, and failures raised as `agent.http_errors` (httpx's names for them) so the
+fetcher handles both clients alike. aiohttp itself is imported at the first request: an agent
+restarted on a warm cache, with nothing to download, never loads it (~9 MB of RSS). One instance is shared by every agent of a process. With an
 `ssl_context` (agent/tls.py) an https server is verified against the tenant's CA; a server
 whose certificate is refused fails with words saying so (agent/tls.py `explain`).
 """
@@ -18,12 +19,21 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import aiohttp
-import httpx
-
+from agent.http_errors import (
+    ConnectError,
+    ConnectTimeout,
+    ReadTimeout,
+    RemoteProtocolError,
+    TransportError,
+    UnsupportedProtocol,
+)
 from agent.tls import explain
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,8 @@ class HttpPool:
     def _get_session(self) -> aiohttp.ClientSession:
         # Created on first use: an aiohttp session belongs to the running event loop.
         if self._session is None:
+            import aiohttp
+
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(
                     limit=self.max_connections,
@@ -99,10 +111,10 @@ class HttpPool:
         mirror on a public CDN is verified with the system's CAs, the server with the
         tenant's)."""
         if self._closed:
-            raise httpx.TransportError("the HTTP pool is closed")
+            raise TransportError("the HTTP pool is closed")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise httpx.UnsupportedProtocol(f"cannot fetch {url!r}: only http(s) URLs")
+            raise UnsupportedProtocol(f"cannot fetch {url!r}: only http(s) URLs")
         async with self._slots:
             return await self._get(url, headers, tls)
 
@@ -110,37 +122,39 @@ class HttpPool:
         self, url: str, headers: dict[str, str] | None, tls: ssl.SSLContext | None
     ) -> HttpResponse:
         session = self._get_session()
+        import aiohttp  # imported by the session's creation: a dictionary lookup
+
         try:
             # ssl=True keeps the connector's context (aiohttp's default for a request).
             async with session.get(
                 url, headers=headers, allow_redirects=False, ssl=True if tls is None else tls
             ) as resp:
                 if resp.content_length is not None and resp.content_length > self.max_body:
-                    raise httpx.RemoteProtocolError(
+                    raise RemoteProtocolError(
                         f"body of {resp.content_length} bytes is over {self.max_body}"
                     )
                 body = bytearray()
                 async for chunk in resp.content.iter_chunked(64 * 1024):
                     body += chunk
                     if len(body) > self.max_body:
-                        raise httpx.RemoteProtocolError(f"body over {self.max_body} bytes")
+                        raise RemoteProtocolError(f"body over {self.max_body} bytes")
                 headers_out = {k.lower(): v for k, v in resp.headers.items()}
                 return HttpResponse(resp.status, headers_out, bytes(body))
         except aiohttp.ConnectionTimeoutError as e:
-            raise httpx.ConnectTimeout(f"connecting for {url} timed out: {e}") from None
+            raise ConnectTimeout(f"connecting for {url} timed out: {e}") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            raise httpx.ReadTimeout(f"no complete answer for {url} in {self.timeout}s") from None
+            raise ReadTimeout(f"no complete answer for {url} in {self.timeout}s") from None
         except aiohttp.ClientConnectorError as e:
             # Certificate errors are ClientConnectorErrors too: say what they mean.
             words = explain(e, "server")
-            raise httpx.ConnectError(f"cannot connect for {url}: {words or e}") from None
+            raise ConnectError(f"cannot connect for {url}: {words or e}") from None
         except (
             aiohttp.ClientPayloadError,
             aiohttp.ServerDisconnectedError,
             aiohttp.ClientResponseError,
         ) as e:
-            raise httpx.RemoteProtocolError(f"bad answer for {url}: {e}") from None
+            raise RemoteProtocolError(f"bad answer for {url}: {e}") from None
         except aiohttp.ClientError as e:
-            raise httpx.TransportError(f"{type(e).__name__} for {url}: {e}") from None
+            raise TransportError(f"{type(e).__name__} for {url}: {e}") from None
         except asyncio.CancelledError:
             raise

@@ -13,14 +13,16 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING
 
 from agent.config_file import PEM_BEGIN as PEM_BEGIN  # re-exported
 from agent.config_file import is_inline as is_inline
+
+if TYPE_CHECKING:
+    # Imported where used: cryptography's Rust module is ~8.5 MB of RSS, which an agent
+    # whose config has no TLS material (a lab) should not carry (docs/benchmarks.md).
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 MAX_PEM_BYTES = 256 * 1024
 """A CA bundle with a few hundred certificates fits; anything bigger is not TLS material."""
@@ -54,6 +56,8 @@ def _where(value: str) -> str:
 
 def certificates(value: str) -> list[x509.Certificate]:
     """The certificates in a tls_ca or tls_cert value (at least one)."""
+    from cryptography import x509
+
     pem = pem_bytes(value)
     try:
         certs = x509.load_pem_x509_certificates(pem)
@@ -69,6 +73,8 @@ def certificates(value: str) -> list[x509.Certificate]:
 
 def private_key(value: str) -> PrivateKeyTypes:
     """The private key in a tls_key value (unencrypted PEM)."""
+    from cryptography.hazmat.primitives import serialization
+
     pem = pem_bytes(value)
     try:
         return serialization.load_pem_private_key(pem, password=None)
@@ -87,11 +93,15 @@ def private_key(value: str) -> PrivateKeyTypes:
 
 
 def common_name(cert: x509.Certificate) -> str | None:
+    from cryptography.x509.oid import NameOID
+
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else None
 
 
 def same_key(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return bool(cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt))
 

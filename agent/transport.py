@@ -31,7 +31,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from addin_runtime.mqtt import deliver_directly, fail_fast_before_connack, payload_bytes
+from addin_runtime.mqtt import (
+    deliver_directly,
+    fail_fast_before_connack,
+    payload_bytes,
+    wake_only_when_due,
+)
 from addin_runtime.mqtt_version import MqttVersion, VersionChoice
 from addin_runtime.reconnect import (
     Backoff,
@@ -182,6 +187,8 @@ class Transport:
         # A broker refusing our certificate says so only after the handshake: without this
         # the attempt would end 10 s later as "Operation timed out".
         fail_fast_before_connack(client)
+        # aiomqtt's keepalive loop woke every agent once a second; now once per keepalive.
+        wake_only_when_due(client)
         return client
 
     async def _run(self) -> None:

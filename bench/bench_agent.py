@@ -1,12 +1,21 @@
 """Agent benchmarks: the daemon as a real process against a real server and broker.
 
-* idle daemon RSS and CPU with 50 add-ins entitled, installed in Word and Excel;
-* `launch` latency through the daemon's control socket (and the CLI process end to end);
+* idle daemon RSS and CPU with 50 add-ins entitled, installed in Word and Excel, and the
+  event loop's wake-ups over that window (epoll_wait calls counted by strace, when present);
+  RSS again after a restart on the warm cache (nothing to download: a workstation's boot);
+* `launch` latency through the daemon's control socket: with the CLI's own client
+  (`agent.control_client`, http.client) and with httpx (the figure before that client
+  existed); the daemon's CPU time per launch; `status` through the same client as the
+  floor of any request in the same minute (socket, event loop, the machine's scheduling);
+  and the CLI process end to end;
 * `why` latency on the cache (in-process read-only query, and the CLI process end to end);
 * admin write → manifest cached: HTTP upload of a new version until the daemon has fetched,
   verified and committed it (read from the cache file's `manifests.fetched_at`).
 
     .venv/bin/python bench/bench_agent.py [--addins 50] [--launches 300] [--writes 20]
+        [--idle-seconds 60] [--runs 3]
+
+With ``--runs N`` the whole measurement is made N times and the medians are printed last.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import asyncio
 import json
 import os
 import platform
+import re
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -36,6 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from agent_helpers import AGENT_TOKEN, ServerProcess, addin_id, manifest  # noqa: E402
 
 from addin_runtime.sqlite_tx import readonly_uri  # noqa: E402
+from agent import control_client  # noqa: E402
 from agent.why import why  # noqa: E402
 from simulator.mosquitto import MosquittoBroker  # noqa: E402
 
@@ -58,6 +70,35 @@ def summary(values_s: list[float]) -> dict[str, float]:
     }
 
 
+def _rss_mb(pid: int) -> float:
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
+def count_wakeups(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """strace logging the daemon's epoll_wait calls until it is interrupted; None without
+    strace (or the right to attach)."""
+    if shutil.which("strace") is None:
+        return None
+    return subprocess.Popen(
+        ["strace", "-f", "-e", "trace=epoll_wait", "-o", str(out), "-p", str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wakeups_counted(tracer: subprocess.Popen[bytes] | None, out: Path) -> int | None:
+    """The event loop's sleeps that ended: epoll_wait calls with a timeout other than 0 (a
+    call with 0 only collects what is ready while the loop is awake)."""
+    if tracer is None:
+        return None
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(30)
+    if not out.exists():
+        return None
+    calls = [line for line in out.read_text().splitlines() if "epoll_wait(" in line]
+    return sum(1 for line in calls if not re.search(r",\s*0\)\s*=", line))
+
+
 def _spawn(cfg: Path, log: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([*CLI, "run", "--config", str(cfg)], stdout=log, stderr=log, env=env)
 
@@ -69,7 +110,7 @@ def _timed_cli(env: dict[str, str], *args: str) -> float:
     return time.perf_counter() - t0
 
 
-async def run(addins: int, launches: int, writes: int) -> dict[str, Any]:
+async def run(addins: int, launches: int, writes: int, idle_seconds: float) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     broker = MosquittoBroker(work / "broker")
     broker.start()
@@ -121,12 +162,37 @@ async def run(addins: int, launches: int, writes: int) -> dict[str, Any]:
             # Idle: connected, nothing happening.
             p = psutil.Process(proc.pid)
             await asyncio.sleep(2)
+            tracer = count_wakeups(proc.pid, work / "idle.strace")
             cpu0 = p.cpu_times()
             t0 = time.monotonic()
-            await asyncio.sleep(10)
+            await asyncio.sleep(idle_seconds)
             cpu1 = p.cpu_times()
-            idle_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (time.monotonic() - t0)
+            idle_window = time.monotonic() - t0
+            wakeups = wakeups_counted(tracer, work / "idle.strace")
+            idle_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / idle_window
             rss = p.memory_info().rss
+
+            # The floor in the same minute: a request that does no work (`status` reads
+            # four in-memory values), on the same socket with the same client.
+            lat_status = []
+            for _ in range(launches):
+                t0 = time.perf_counter()
+                answer = control_client.call(str(sock), "GET", "/v1/status")
+                lat_status.append(time.perf_counter() - t0)
+                assert answer is not None and answer[0] == 200, answer
+
+            # The CLI's client: what `addin-agent launch` (and a launch hook using it) does.
+            lat_cli_client = []
+            cpu0 = p.cpu_times()
+            for i in range(launches):
+                host = ("Word", "Excel", "PowerPoint", "Outlook")[i % 4]
+                t0 = time.perf_counter()
+                answer = control_client.call(str(sock), "POST", f"/v1/launch/{host}")
+                lat_cli_client.append(time.perf_counter() - t0)
+                assert answer is not None and answer[0] == 200, answer
+            cpu1 = p.cpu_times()
+            # The daemon's CPU per launch (both of its threads): the work, whatever the load.
+            launch_cpu_ms = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / launches * 1000
 
             lat = []
             for i in range(launches):
@@ -177,12 +243,32 @@ async def run(addins: int, launches: int, writes: int) -> dict[str, Any]:
                     raise RuntimeError(f"{version} not cached within 30 s")
                 await asyncio.sleep(0.002)
         ro.close()
+
+        # A restart on the warm cache: every manifest is cached, nothing is downloaded.
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        proc = _spawn(cfg, log, env)
+        t0 = time.time()
+        while control_client.call(str(sock), "GET", "/v1/status") is None:
+            if time.time() - t0 > 60 or proc.poll() is not None:
+                raise RuntimeError("the restarted daemon did not answer in 60 s")
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(5)
+        rss_restarted = _rss_mb(proc.pid)
         return {
             "addins": addins,
             "cold_start_all_manifests_cached_s": round(cold, 2),
             "first_launch_applying_all_ms": round(first_launch * 1000, 1),
             "idle_rss_mb": round(rss / 2**20, 1),
+            "idle_rss_mb_after_warm_restart": rss_restarted,
+            "idle_seconds": round(idle_window, 1),
             "idle_cpu_percent": round(max(0.0, idle_cpu) * 100, 3),
+            "idle_wakeups_per_minute": (
+                None if wakeups is None else round(wakeups * 60 / idle_window, 1)
+            ),
+            "status_via_socket_cli_client": summary(lat_status),
+            "launch_via_socket_cli_client": summary(lat_cli_client),
+            "launch_daemon_cpu_ms": round(launch_cpu_ms, 3),
             "launch_via_socket": summary(lat),
             "launch_cli_process": summary(cli_launch),
             "why_in_process": summary(why_lat),
@@ -204,8 +290,33 @@ def main() -> None:
     ap.add_argument("--addins", type=int, default=50)
     ap.add_argument("--launches", type=int, default=300)
     ap.add_argument("--writes", type=int, default=20)
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
+    ap.add_argument("--runs", type=int, default=1)
     a = ap.parse_args()
-    print(json.dumps(asyncio.run(run(a.addins, a.launches, a.writes)), indent=2))
+    results = []
+    for _ in range(a.runs):
+        load = os.getloadavg()[0]
+        r = asyncio.run(run(a.addins, a.launches, a.writes, a.idle_seconds))
+        r["load_1min_before"] = round(load, 2)
+        r["load_1min_after"] = round(os.getloadavg()[0], 2)
+        results.append(r)
+        print(json.dumps(r, indent=2), flush=True)
+    if a.runs > 1:
+        print(json.dumps({"median_of_runs": a.runs, **medians(results)}, indent=2))
+
+
+def medians(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every number over the runs (nested summaries included)."""
+    out: dict[str, Any] = {}
+    for key, first in results[0].items():
+        if isinstance(first, dict):
+            out[key] = medians([r[key] for r in results])
+        elif isinstance(first, int | float) and not isinstance(first, bool):
+            values = [r[key] for r in results if r[key] is not None]
+            out[key] = statistics.median(values) if values else None
+        else:
+            out[key] = first
+    return out
 
 
 if __name__ == "__main__":

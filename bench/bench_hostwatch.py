@@ -9,7 +9,9 @@ from psutil) is sampled over `--seconds` and extrapolated to an hour, in three p
 * watch_hosts = true, "Word" and "Excel" running (copies of `sleep` named WINWORD.EXE and
   EXCEL.EXE, started before the sample; their launches were noticed and applied).
 
-It also times one watcher poll in-process (the usual poll, and a full rescan of every name).
+With strace on the machine, each phase also counts the event loop's wake-ups per minute (its
+epoll_wait calls that slept, bench_agent.py's `count_wakeups`). It also times one watcher
+poll in-process (the usual poll, and a full rescan of every name).
 
     .venv/bin/python bench/bench_hostwatch.py [--seconds 60] [--interval 1.0]
 """
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from agent_helpers import AGENT_TOKEN, ServerProcess, addin_id, manifest  # noqa: E402
+from bench_agent import count_wakeups, wakeups_counted  # noqa: E402  (bench/ is sys.path[0])
 from host_helpers import HostApp  # noqa: E402
 
 from addin_runtime.sqlite_tx import readonly_uri  # noqa: E402
@@ -65,14 +68,20 @@ async def _until(cache: Path, sql: str, want: int, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _cpu_per_hour(pid: int, seconds: float) -> float:
+async def _cpu_per_hour(pid: int, seconds: float, out: dict[str, Any], key: str) -> None:
+    """CPU seconds per hour into ``out[key]``, and the event loop's wake-ups per minute
+    (strace, when present: bench_agent.count_wakeups) into ``out[key + "_wakeups_per_min"]``."""
     p = psutil.Process(pid)
     await asyncio.sleep(2)  # let whatever the last change started finish
+    trace = Path(tempfile.mkdtemp(prefix="bench-hostwatch-strace-")) / "idle.strace"
+    tracer = count_wakeups(pid, trace)
     c0, t0 = p.cpu_times(), time.monotonic()
     await asyncio.sleep(seconds)
     c1, t1 = p.cpu_times(), time.monotonic()
+    woke = wakeups_counted(tracer, trace)
     used = c1.user + c1.system - c0.user - c0.system
-    return round(used / (t1 - t0) * 3600, 2) + 0.0  # + 0.0: no "-0.0"
+    out[key] = round(used / (t1 - t0) * 3600, 2) + 0.0  # + 0.0: no "-0.0"
+    out[key + "_wakeups_per_min"] = None if woke is None else round(woke * 60 / (t1 - t0), 1)
 
 
 def _spawn(cfg: Path, log: Any, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -145,9 +154,9 @@ async def run(seconds: float, interval: float) -> dict[str, Any]:
                 "the manifests",
             )
             if not watch:
-                out["cpu_s_per_h_without_watcher"] = await _cpu_per_hour(proc.pid, seconds)
+                await _cpu_per_hour(proc.pid, seconds, out, "cpu_s_per_h_without_watcher")
             else:
-                out["cpu_s_per_h_watching_no_host"] = await _cpu_per_hour(proc.pid, seconds)
+                await _cpu_per_hour(proc.pid, seconds, out, "cpu_s_per_h_watching_no_host")
                 hosts = [HostApp(work / "bin", n) for n in ("WINWORD.EXE", "EXCEL.EXE")]
                 await _until(
                     cache,
@@ -155,7 +164,7 @@ async def run(seconds: float, interval: float) -> dict[str, Any]:
                     2 * ADDINS,
                     "the launches of Word and Excel",
                 )
-                out["cpu_s_per_h_watching_2_hosts"] = await _cpu_per_hour(proc.pid, seconds)
+                await _cpu_per_hour(proc.pid, seconds, out, "cpu_s_per_h_watching_2_hosts")
             proc.send_signal(signal.SIGTERM)
             proc.wait(20)
             proc = None

@@ -14,8 +14,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
+from agent.http_errors import HttpError
 from agent.http_pool import HttpPool, HttpResponse
 from simulator.metrics import LatencyHistogram, Timeline
 
@@ -118,7 +117,7 @@ class MeteredHttpPool(HttpPool):
         t0 = time.perf_counter()
         try:
             resp = await super()._get(url, headers, tls)
-        except httpx.HTTPError as e:
+        except HttpError as e:
             self.stats.request(time.time(), time.perf_counter() - t0, type(e).__name__)
             raise
         self.stats.request(time.time(), time.perf_counter() - t0, str(resp.status_code))

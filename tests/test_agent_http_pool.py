@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-import httpx
 import pytest
 
+from agent import http_errors
 from agent.http_pool import HttpPool
 
 Handler = Callable[[str], bytes | None]
@@ -103,14 +103,14 @@ async def test_server_closing_idle_connections_is_retried_once(pool: HttpPool) -
 async def test_bodies_over_the_limit_are_refused(pool: HttpPool) -> None:
     big = b"y" * 1001
     async with RawServer(lambda t: ok(big)) as srv:
-        with pytest.raises(httpx.RemoteProtocolError, match="over 1000"):
+        with pytest.raises(http_errors.RemoteProtocolError, match="over 1000"):
             await pool.get(srv.url + "/big")
     chunk = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e9\r\n" + big + b"\r\n0\r\n\r\n"
     async with RawServer(lambda t: chunk) as srv:
-        with pytest.raises(httpx.RemoteProtocolError, match="over 1000"):
+        with pytest.raises(http_errors.RemoteProtocolError, match="over 1000"):
             await pool.get(srv.url + "/big")
     async with RawServer(lambda t: b"HTTP/1.1 200 OK\r\n\r\n" + big, close_after=1) as srv:
-        with pytest.raises(httpx.RemoteProtocolError, match="over 1000"):
+        with pytest.raises(http_errors.RemoteProtocolError, match="over 1000"):
             await pool.get(srv.url + "/big")
 
 
@@ -126,14 +126,14 @@ async def test_bodies_over_the_limit_are_refused(pool: HttpPool) -> None:
 )
 async def test_malformed_answers_are_protocol_errors(pool: HttpPool, answer: bytes) -> None:
     async with RawServer(lambda t: answer, close_after=1) as srv:
-        with pytest.raises(httpx.RemoteProtocolError):
+        with pytest.raises(http_errors.RemoteProtocolError):
             await pool.get(srv.url + "/m")
 
 
 async def test_unreachable_stalled_and_unsupported(pool: HttpPool) -> None:
     async with RawServer(lambda t: ok(b"")) as srv:
         url = srv.url
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(http_errors.ConnectError):
         await pool.get(url + "/m")  # the server is gone
     stall = asyncio.Event()
 
@@ -144,16 +144,16 @@ async def test_unreachable_stalled_and_unsupported(pool: HttpPool) -> None:
     port = server.sockets[0].getsockname()[1]
     fast = HttpPool(timeout=0.3)
     try:
-        with pytest.raises(httpx.ReadTimeout):
+        with pytest.raises(http_errors.ReadTimeout):
             await fast.get(f"http://127.0.0.1:{port}/m")
     finally:
         stall.set()
         server.close()
         await fast.aclose()
-    with pytest.raises(httpx.UnsupportedProtocol):
+    with pytest.raises(http_errors.UnsupportedProtocol):
         await pool.get("ftp://127.0.0.1/x")
     await pool.aclose()
-    with pytest.raises(httpx.TransportError):
+    with pytest.raises(http_errors.TransportError):
         await pool.get(url + "/m")
 
 

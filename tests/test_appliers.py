@@ -23,7 +23,8 @@ import pytest
 from agent_helpers import addin_id, manifest
 
 from addin_core.protocol import Host
-from agent.applier import MAILBOX, AppliedManifest, FolderApplier
+from agent import applier as applier_module
+from agent.applier import MAILBOX, SETTLED_NS, AppliedManifest, FolderApplier
 from agent.applier_mac import MacApplier
 from agent.applier_windows import DEVELOPER_KEY, WindowsApplier, plan
 from agent.appliers import make_applier
@@ -385,6 +386,50 @@ def test_windows_survey_names_the_key_and_foreign_values(tmp_path: Path) -> None
     ]
 
 
+# -- remembered hashes (a launch does not re-read intact files) ------------------------------------
+
+
+def _rewrite_in_place(path: Path, data: bytes) -> None:
+    """Write `data` over `path` (same inode) until its ctime differs from before: the file
+    times come from a coarse clock, and the memo is only told of changes that show there."""
+    before = os.stat(path).st_ctime_ns
+    for _ in range(10_000):
+        with open(path, "r+b") as f:
+            f.write(data)
+        if os.stat(path).st_ctime_ns != before:
+            return
+    raise AssertionError("ctime never moved")
+
+
+def test_a_remembered_hash_is_read_again_when_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = FolderApplier(tmp_path)
+    a.apply(Host.WORD, applied((A, 1), (B, 1)))
+    target = a.folder(Host.WORD) / f"{A}.xml"
+    # Just written: not remembered (a change within the same clock tick would not show).
+    assert a.current(Host.WORD) == shas(applied((A, 1), (B, 1)))
+    assert a._files._hashes._known == {}
+    # Read long enough after the last change: remembered, and not read again.
+    real_ns = applier_module.time.time_ns
+    monkeypatch.setattr(applier_module.time, "time_ns", lambda: real_ns() + 2 * SETTLED_NS)
+    assert a.current(Host.WORD) == shas(applied((A, 1), (B, 1)))
+    assert str(target) in a._files._hashes._known
+    # Changed in place, same size: read again, and the next launch writes it back.
+    forged = XML[A, 1].replace(b"alpha", b"ALPHA")
+    assert len(forged) == len(XML[A, 1]) and forged != XML[A, 1]
+    _rewrite_in_place(target, forged)
+    assert a.current(Host.WORD)[A] == hashlib.sha256(forged).hexdigest()
+    with pytest.raises(ValueError, match="no manifest XML"):
+        a.apply(Host.WORD, {A: AppliedManifest(A, "1.0.0.0", shas(applied((A, 1)))[A], None)})
+    a.apply(Host.WORD, applied((A, 1), (B, 1)))
+    assert target.read_bytes() == XML[A, 1]
+    # A removed file is forgotten, and reported missing.
+    (a.folder(Host.WORD) / f"{B}.xml").unlink()
+    assert a.current(Host.WORD) == shas(applied((A, 1)))
+    assert not any(k.endswith(f"{B}.xml") for k in a._files._hashes._known)
+
+
 # -- configuration -----------------------------------------------------------------------------
 
 
@@ -424,7 +469,9 @@ def test_windows_applier_is_refused_off_windows(tmp_path: Path) -> None:
     assert "works on Windows only" in str(e.value)
 
 
-def test_an_agent_toml_without_an_applier_places_add_ins_where_its_platforms_office_loads_them() -> None:
+def test_an_agent_toml_without_an_applier_places_add_ins_where_its_platforms_office_loads_them() -> (
+    None
+):
     from agent.config import default_applier
 
     assert default_applier("darwin") == "mac"

@@ -130,3 +130,25 @@ def test_launch_through_the_daemon_imports_no_daemon_code(daemon: Path) -> None:
     body = json.loads(out)
     assert body["via"] == "daemon" and body["host"] == "Word"
     assert not mods & NOT_FOR_CACHE_READS, sorted(mods & NOT_FOR_CACHE_READS)
+
+
+NOT_IN_AN_IDLE_DAEMON = {
+    "httpx",  # the daemon downloads with agent.http_pool (its errors: agent.http_errors)
+    "cryptography",  # only with a signing_key or TLS material in the config
+    "aiohttp",  # at the first download
+    "lxml",  # at the first download (the manifest reader)
+    "addin_core.manifest",
+}
+
+
+def test_the_daemons_modules_load_no_http_client_crypto_or_xml_reader() -> None:
+    """`addin-agent run` imports `agent.daemon`: what that pulls in is in every idle agent's
+    RSS (docs/benchmarks.md "Agent"); the rest waits until a download or a key needs it."""
+    probe = "import sys, agent.cli, agent.daemon; print(' '.join(sorted(sys.modules)))"
+    r = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    mods = set(r.stdout.split())
+    mods |= {m.split(".")[0] for m in mods}
+    assert "agent.daemon" in mods
+    assert not mods & NOT_IN_AN_IDLE_DAEMON, sorted(mods & NOT_IN_AN_IDLE_DAEMON)

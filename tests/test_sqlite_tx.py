@@ -134,7 +134,9 @@ async def test_cancelled_cache_commit_leaves_the_cache_writable(tmp_path: Path) 
         statements = await _cancel_everywhere(
             cache._async, lambda: cache.commit(tx()), lambda: cache.commit(tx())
         )
-        assert statements >= 3
+        # One call on the connection's thread (BEGIN, the statements and COMMIT together):
+        # cancelled there, it still commits whole, and the next commit finds no transaction.
+        assert statements == 1
     finally:
         await cache.close()
 
