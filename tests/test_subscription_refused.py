@@ -171,9 +171,15 @@ async def test_the_agent_records_the_refusal_and_doctor_names_it(
 
     await agent.start()
     try:
-        await eventually(lambda: subscriptions_check().status == "fail", 15, "doctor failing")
-        check = subscriptions_check()
-        assert check.detail.startswith(f"missing {EVERYONE}: the broker refused it"), check
+        # The connect records the subscriptions held, the refusal its event just after.
+        await eventually(
+            lambda: subscriptions_check().detail.startswith(
+                f"missing {EVERYONE}: the broker refused it"
+            ),
+            15,
+            "doctor naming the refusal",
+        )
+        assert subscriptions_check().status == "fail"
         with contextlib.closing(sqlite3.connect(cfg.cache_path)) as conn:
             details = [r[0] for r in conn.execute(
                 "SELECT detail FROM events WHERE kind = 'subscription_refused'")]  # fmt: skip
