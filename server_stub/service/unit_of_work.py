@@ -156,6 +156,8 @@ class UnitOfWork:
         """The group new writes join; None when the last one has stopped taking writes."""
         self._last: _Group | None = None
         """The newest group: the next one's transaction starts after its commit."""
+        self.commits = 0
+        """Transactions committed (each holding one or more writes)."""
 
     def _join(self) -> _Group:
         group = self._open
@@ -191,6 +193,7 @@ class UnitOfWork:
                     raise group.broken
                 if group.revision > group.base:
                     await _group_bookkeeping(conn, group)
+            self.commits += 1
         except BaseException as e:
             self._close(group)
             if not group.ready.done():
