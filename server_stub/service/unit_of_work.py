@@ -67,7 +67,9 @@ class Tx:
         return await self.conn.execute(sql, tuple(args))
 
     async def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> None:
-        await self.conn.executemany(sql, rows)
+        batch = list(rows)
+        if batch:  # nothing to send: no round trip (one per statement on either engine)
+            await self.conn.executemany(sql, batch)
 
     async def rows(self, sql: str, args: Iterable[Any] = ()) -> list[Row]:
         return list(await (await self.conn.execute(sql, tuple(args))).fetchall())
