@@ -23,7 +23,6 @@ from pydantic import BaseModel
 
 from addin_core.protocol import Tombstone, Topic
 from addin_runtime.logs import context
-from addin_runtime.tasks import to_completion
 from server_stub.db import Conn, Database, Row, read_revision
 from server_stub.sql import Cursor
 
@@ -214,7 +213,8 @@ class UnitOfWork:
         Returns once the change has committed (with the writes of its group)."""
         group = self._join()
         try:
-            conn = await asyncio.shield(group.ready)
+            ready = group.ready
+            conn = ready.result() if ready.done() else await asyncio.shield(ready)
             async with group.turn:
                 if group.broken is not None:
                     raise group.broken
@@ -267,7 +267,9 @@ async def _savepoint(group: _Group, conn: Conn, *statements: str) -> None:
         raise group.broken
     try:
         for sql in statements:
-            await to_completion(conn.execute(sql))
+            # Not `to_completion` (a task per statement): a cancelled caller's statement
+            # still runs, and the rollback it then sends is queued behind it.
+            await conn.execute(sql)
     except Exception as e:
         group.broken = e
         raise
