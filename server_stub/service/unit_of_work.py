@@ -1,10 +1,12 @@
-"""The unit of work: one admin change as ONE database transaction.
+"""The unit of work: one admin change, all or nothing, in a database transaction (which
+concurrent changes share: group commit, `UnitOfWork`).
 
 Inside it an operation changes the state and emits the MQTT messages that describe the
 result. On exit the tenant revision is bumped, the audit log gets a line, the messages go
 to the outbox (and the latest payload per topic to `retained`), all in the same commit.
 Publishing happens later, in `server_stub/publisher.py`, so a crash at any point loses
-nothing and publishes nothing uncommitted. An exception rolls everything back.
+nothing and publishes nothing uncommitted. An exception rolls the change back (to its
+savepoint: the changes sharing its transaction are not affected).
 """
 
 from __future__ import annotations
