@@ -1,14 +1,25 @@
-"""How many admin writes per second the server commits, and commits *and* publishes.
+"""The server under bulk admin work: writes per second, `status`/`explain` latency, and
+admin writes during a burst of agent reports.
 
-Runs `addin-server serve` as a real process against a private Mosquitto, sends N admin
-writes over HTTP from C concurrent clients (assign / unassign of one add-in to distinct
-users: one transaction, one outbox row, one retained publish each), and measures:
+Runs `addin-server serve` as a real process against a private Mosquitto (a fresh server,
+broker and database per run) and measures, each as the median of ``--runs`` runs:
 
-* committed/s: HTTP 200 responses (each is a committed transaction) per second;
-* published/s: writes per second until a plain subscriber has received the last one
-  (commit + QoS 1 publish + PUBACK + delivery).
+* ``writes``: N admin writes over HTTP from C concurrent clients (assign of one add-in to
+  distinct users: one revision, one audit line, one outbox row and one retained QoS 1
+  publish each). committed/s counts HTTP 200s (each reply is sent once its write is
+  durable); published/s stops the clock when a plain subscriber has received the last
+  write (commit + publish + PUBACK + delivery). Also the server's CPU time per write (a
+  figure the machine's other load does not inflate as much as wall time).
+* ``reads``: ``GET /v1/status`` (every add-in), ``/v1/status?addin=`` and ``/v1/explain``
+  latency, p50/p99, with 10,000 users whose 10,000 devices have reported (over MQTT,
+  stored by the server) and 200 add-ins (each assigned to one group of 500 users).
+* ``burst``: admin write latency (a paced 100 writes/s from 8 clients) while the broker
+  restarts and 10,000 agent reports arrive at once (the fleet reconnecting), against the
+  same load on a quiet server just before: p50/p99 of each, and how long the reports
+  took to be stored.
 
-    .venv/bin/python bench/bench_server_writes.py [--writes 2000] [--concurrency 16]
+    .venv/bin/python bench/bench_server_writes.py [--part writes,reads,burst] [--runs 3]
+        [--db postgresql://HOST/EMPTY_DB]   # PostgreSQL instead of SQLite
 """
 
 from __future__ import annotations
@@ -18,89 +29,147 @@ import asyncio
 import json
 import os
 import platform
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import httpx
+import paho.mqtt.client as paho
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from addin_core.protocol import Host  # noqa: E402
+from server_stub.db import Database  # noqa: E402
 from simulator.mosquitto import MosquittoBroker, free_port  # noqa: E402
+from simulator.orggen import make_manifest  # noqa: E402
 
 MANIFEST = ROOT / "server_stub" / "store_catalog" / "WA200004567" / "1.0.0.0.xml"
 ADDIN = "cff613f2-7421-4dfe-beb2-c81162b92abb"
+TENANT = "contoso"
 H = {"Authorization": "Bearer bench"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-async def run(writes: int, concurrency: int, users: int, db_url: str | None) -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def _ms(x: float) -> float:
+    return round(x * 1000, 1)
+
+
+def _child(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@dataclass
+class Server:
+    url: str
+    pid: int
+    broker: MosquittoBroker
+    db: Path | str
+
+
+async def _reset_pg(url: str) -> None:
+    """An empty schema: each run starts from the same state."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as c:
+        await c.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+
+
+@asynccontextmanager
+async def server(org: dict[str, Any], db_url: str | None) -> AsyncIterator[Server]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
-    broker = MosquittoBroker(tmp / "broker")
+    broker = MosquittoBroker(tmp / "broker", max_queued_messages=100_000)
     broker.start()
     port = free_port()
-    # --db postgresql://...: an empty database the bench fills (the same load and writes).
     db: Path | str = db_url or tmp / "server.db"
-    org = tmp / "org.yaml"
-    org.write_text(
-        json.dumps(
-            {
-                "tenant": "contoso",
-                "users": [{"id": f"u{i:05d}"} for i in range(users)],
-                "addins": [{"manifest": str(MANIFEST)}],
-            }
-        )
-    )
+    if db_url:
+        await _reset_pg(db_url)
+    (tmp / "org.json").write_text(json.dumps(org))
     await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "server_stub", "load", str(org), "--db", str(db)],
+        [sys.executable, "-m", "server_stub", "load", str(tmp / "org.json"), "--db", str(db)],
         check=True,
         capture_output=True,
     )
+    wrap = os.environ.get("BENCH_SERVER_WRAP", "").split()  # e.g. py-spy record -o x.svg --
     proc = await asyncio.to_thread(
         subprocess.Popen,
-        [
-            sys.executable,
-            "-m",
-            "server_stub",
-            "serve",
-            "--db",
-            str(db),
-            "--tenant",
-            "contoso",
-            "--broker",
-            broker.url,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin-token",
-            "bench",
-            "--agent-token",
-            "agent",
-            "--insecure",
-        ],
+        [*wrap, sys.executable, "-m", "server_stub", "serve", "--db", str(db),
+         "--tenant", TENANT, "--broker", broker.url, "--listen", f"127.0.0.1:{port}",
+         "--admin-token", "bench", "--agent-token", "agent", "--insecure"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url, headers=H, timeout=30) as http:
-            for _ in range(400):
+            for _ in range(600):
                 try:
-                    if (await http.get("/healthz")).status_code == 200:
+                    if (await http.get("/readyz")).status_code == 200:
                         break
                 except httpx.HTTPError:
-                    await asyncio.sleep(0.05)
-            last_topic = f"addins/v1/contoso/assign/user/u{(writes - 1) % users:05d}/{ADDIN}"
+                    pass
+                await asyncio.sleep(0.05)
+        pid = proc.pid
+        if wrap:  # the server is py-spy's child
+            pid = _child(proc.pid)
+        yield Server(url, pid, broker, db)
+    finally:
+        if wrap:
+            os.kill(pid, signal.SIGTERM)  # py-spy writes its profile when the server ends
+            proc.wait(60)
+        else:
+            proc.terminate()
+            proc.wait(10)
+        broker.kill()
+
+
+def _small_org(users: int) -> dict[str, Any]:
+    return {
+        "tenant": TENANT,
+        "users": [{"id": f"u{i:05d}"} for i in range(users)],
+        "addins": [{"manifest": str(MANIFEST)}],
+    }
+
+
+# -- writes per second --------------------------------------------------------------------
+
+
+async def run_writes(writes: int, concurrency: int, users: int, db_url: str | None) -> dict[str, Any]:
+    async with server(_small_org(users), db_url) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, headers=H, timeout=30) as http:
+            last_topic = f"addins/v1/{TENANT}/assign/user/u{(writes - 1) % users:05d}/{ADDIN}"
             seen = asyncio.Event()
             target_rev = 0
 
             async def watch(ready: asyncio.Event) -> None:
-                async with aiomqtt.Client("127.0.0.1", broker.port) as c:
-                    await c.subscribe("addins/v1/contoso/assign/user/+/+", qos=1)
+                async with aiomqtt.Client("127.0.0.1", srv.broker.port) as c:
+                    await c.subscribe(f"addins/v1/{TENANT}/assign/user/+/+", qos=1)
                     ready.set()
                     async for m in c.messages:
                         if str(m.topic) == last_topic and not m.retain:
@@ -116,15 +185,19 @@ async def run(writes: int, concurrency: int, users: int, db_url: str | None) -> 
             for i in range(writes):
                 queue.put_nowait(i)
             revs: list[int] = []
+            lat: list[float] = []
 
             async def worker() -> None:
                 while not queue.empty():
                     i = queue.get_nowait()
                     body = {"target": "user", "target_id": f"u{i % users:05d}", "mode": "fixed"}
+                    t = time.perf_counter()
                     r = await http.post(f"/v1/addins/{ADDIN}/assign", json=body)
+                    lat.append(time.perf_counter() - t)
                     r.raise_for_status()
                     revs.append(r.json()["revision"])
 
+            cpu0 = _cpu_seconds(srv.pid)
             t0 = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             t_commit = time.perf_counter() - t0
@@ -136,30 +209,253 @@ async def run(writes: int, concurrency: int, users: int, db_url: str | None) -> 
             target_rev = r.json()["revision"]
             await asyncio.wait_for(seen.wait(), 120)
             t_pub = time.perf_counter() - t0
+            cpu = _cpu_seconds(srv.pid) - cpu0
             watcher.cancel()
+            assert len(set(revs)) == writes, "two replies carried the same revision"
             return {
                 "writes": writes + 1,
-                "concurrency": concurrency,
                 "commit_seconds": round(t_commit, 3),
                 "committed_per_s": round(writes / t_commit, 1),
                 "published_seconds": round(t_pub, 3),
                 "published_per_s": round((writes + 1) / t_pub, 1),
+                "write_p50_ms": _ms(_pct(lat, 0.5)),
+                "write_p99_ms": _ms(_pct(lat, 0.99)),
+                "server_cpu_ms_per_write": round(cpu * 1000 / (writes + 1), 3),
+                "load": _load(),
             }
+
+
+# -- status and explain with 10,000 devices and 200 add-ins -----------------------------------
+
+GROUP_SIZE = 500
+
+
+def _big_org(users: int, addins: int, tmp: Path) -> tuple[dict[str, Any], list[str]]:
+    ngroups = max(1, users // GROUP_SIZE)
+    ids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(addins)]
+    docs = []
+    for i, a in enumerate(ids):
+        xml = make_manifest(a, name=f"Bench add-in {i}", version="1.0.0.0",
+                            hosts=[Host.WORD, Host.EXCEL], permissions="ReadDocument")  # fmt: skip
+        path = tmp / f"{i}.xml"
+        path.write_bytes(xml)
+        docs.append({"manifest": str(path)})
+    groups = [
+        {"id": f"g{g:03d}", "members": [f"u{i:05d}" for i in range(g, users, ngroups)]}
+        for g in range(ngroups)
+    ]
+    assignments = [
+        {"addin": a, "target": f"group:g{i % ngroups:03d}", "mode": "fixed"}
+        for i, a in enumerate(ids)
+    ]
+    org = {"tenant": TENANT, "users": [{"id": f"u{i:05d}"} for i in range(users)],
+           "groups": groups, "addins": docs, "assignments": assignments}  # fmt: skip
+    return org, ids
+
+
+def _reports(users: int, ids: list[str], revision: int) -> list[tuple[str, bytes]]:
+    """One device per user, reporting the add-ins of its group applied."""
+    ngroups = max(1, users // GROUP_SIZE)
+    out = []
+    now = time.time()
+    for u in range(users):
+        mine = [a for i, a in enumerate(ids) if i % ngroups == u % ngroups]
+        client = f"dev{u:05d}"
+        body = {
+            "client_id": client,
+            "user_id": f"u{u:05d}",
+            "revision": revision,
+            "reported_at": now,
+            "applied": [{"addin_id": a, "version": "1.0.0.0", "host": "Word"} for a in mine],
+        }
+        out.append((f"addins/v1/{TENANT}/report/{client}", json.dumps(body).encode()))
+    return out
+
+
+def _publish_burst(port: int, msgs: list[tuple[str, bytes]], connections: int = 8) -> float:
+    """Publish `msgs` (QoS 1) from `connections` paho clients at once; seconds taken to have
+    every PUBACK."""
+
+    def one(part: list[tuple[str, bytes]], i: int) -> None:
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"bench-burst-{i}")
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        infos = [c.publish(t, p, qos=1) for t, p in part]
+        for info in infos:
+            info.wait_for_publish(60)
+        c.loop_stop()
+        c.disconnect()
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(msgs[i::connections], i))
+               for i in range(connections)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+async def _reports_stored(db: Path | str) -> int:
+    database = await Database.open(db, pool_size=1)
+    try:
+        return int((await database.rows("SELECT count(*) FROM reports"))[0][0])
     finally:
-        proc.terminate()
-        proc.wait(10)
-        broker.kill()
+        await database.close()
+
+
+async def _wait_stored(db: Path | str, n: int, timeout: float = 300) -> float:
+    t0 = time.perf_counter()
+    while await _reports_stored(db) < n:
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"reports not stored within {timeout}s")
+        await asyncio.sleep(0.1)
+    return time.perf_counter() - t0
+
+
+async def run_reads(users: int, addins: int, n: int, db_url: str | None) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-reads-"))
+    org, ids = _big_org(users, addins, tmp)
+    async with server(org, db_url) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, headers=H, timeout=60) as http:
+            revision = (await http.get("/v1/status?addin=" + ids[0])).json()["revision"]
+            msgs = _reports(users, ids, revision)
+            await asyncio.to_thread(_publish_burst, srv.broker.port, msgs)
+            await _wait_stored(srv.db, users)
+            out: dict[str, Any] = {"users": users, "devices_reported": users, "addins": addins}
+            probes: dict[str, Callable[[int], str]] = {
+                "status_all": lambda i: "/v1/status",
+                "status_one": lambda i: f"/v1/status?addin={ids[i % addins]}",
+                "explain": lambda i: f"/v1/explain?user=u{(i * 37) % users:05d}"
+                f"&addin={ids[(i * 37) % users % (users // GROUP_SIZE or 1)]}",
+            }
+            for name, path in probes.items():
+                lat = []
+                for i in range(n):
+                    t = time.perf_counter()
+                    r = await http.get(path(i))
+                    lat.append(time.perf_counter() - t)
+                    r.raise_for_status()
+                # The first call after the reports changed reads and parses all of them.
+                out[f"{name}_first_ms"] = _ms(lat[0])
+                out[f"{name}_p50_ms"] = _ms(_pct(lat, 0.5))
+                out[f"{name}_p99_ms"] = _ms(_pct(lat, 0.99))
+            out["load"] = _load()
+            return out
+
+
+# -- admin writes during a burst of reports ---------------------------------------------------
+
+
+async def _paced_writes(
+    http: httpx.AsyncClient, users: int, rate: float, stop: asyncio.Event, clients: int = 8
+) -> list[float]:
+    """Writes at `rate` per second (each sent on schedule by one of `clients` workers) until
+    `stop`; the latency of each."""
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    sem = asyncio.Semaphore(clients)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            body = {"target": "user", "target_id": f"u{i % users:05d}", "mode": "fixed"}
+            t = time.perf_counter()
+            r = await http.post(f"/v1/addins/{ADDIN}/assign", json=body)
+            lat.append(time.perf_counter() - t)
+            r.raise_for_status()
+
+    i = 0
+    while not stop.is_set():
+        tasks.append(asyncio.create_task(one(i)))
+        i += 1
+        await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+    await asyncio.gather(*tasks)
+    return lat
+
+
+async def run_burst(users: int, reports: int, rate: float, quiet: float, db_url: str | None) -> dict[str, Any]:
+    # One device per user: the reports claim users the server knows.
+    async with server(_small_org(max(users, reports)), db_url) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, headers=H, timeout=60) as http:
+            msgs = _reports(reports, [ADDIN], 1)
+            stop = asyncio.Event()
+            writer = asyncio.create_task(_paced_writes(http, users, rate, stop))
+            await asyncio.sleep(quiet)
+            stop.set()
+            quiet_lat = await writer
+            # The broker restarts (its fleet reconnects and reports at once).
+            await asyncio.to_thread(srv.broker.restart, hard=True)
+            for _ in range(600):
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            stop = asyncio.Event()
+            writer = asyncio.create_task(_paced_writes(http, users, rate, stop))
+            t0 = time.perf_counter()
+            await asyncio.to_thread(_publish_burst, srv.broker.port, msgs)
+            await _wait_stored(srv.db, reports)
+            ingest = time.perf_counter() - t0
+            stop.set()
+            burst_lat = await writer
+            return {
+                "reports": reports,
+                "write_rate_per_s": rate,
+                "quiet_writes": len(quiet_lat),
+                "quiet_p50_ms": _ms(_pct(quiet_lat, 0.5)),
+                "quiet_p99_ms": _ms(_pct(quiet_lat, 0.99)),
+                "burst_writes": len(burst_lat),
+                "burst_p50_ms": _ms(_pct(burst_lat, 0.5)),
+                "burst_p99_ms": _ms(_pct(burst_lat, 0.99)),
+                "p99_delay_ms": _ms(_pct(burst_lat, 0.99) - _pct(quiet_lat, 0.99)),
+                "reports_stored_s": round(ingest, 2),
+                "load": _load(),
+            }
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per numeric field: the median of the runs, with [min, max]."""
+    out: dict[str, Any] = {}
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            vals = [r[k] for r in runs]
+            out[k] = statistics.median(vals)
+            if len(set(vals)) > 1:
+                out[k + "_range"] = [min(vals), max(vals)]
+        else:
+            out[k] = [r[k] for r in runs] if k == "load" else v
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", default="writes", help="writes,reads,burst (comma separated)")
+    ap.add_argument("--runs", type=int, default=1, help="runs of each part; the median is shown")
     ap.add_argument("--writes", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--users", type=int, default=1000, help="users of the writes and burst parts")
+    ap.add_argument("--devices", type=int, default=10_000, help="reports (reads and burst parts)")
+    ap.add_argument("--addins", type=int, default=200, help="add-ins of the reads part")
+    ap.add_argument("--rate", type=float, default=100.0, help="admin writes/s of the burst part")
     ap.add_argument("--db", default=None, help="an empty postgresql:// database instead of SQLite")
     a = ap.parse_args()
-    result = asyncio.run(run(a.writes, a.concurrency, a.users, a.db))
-    result["backend"] = "postgresql" if a.db else "sqlite"
+    result: dict[str, Any] = {"backend": "postgresql" if a.db else "sqlite"}
+    for part in a.part.split(","):
+        runs = []
+        for _ in range(a.runs):
+            if part == "writes":
+                runs.append(asyncio.run(run_writes(a.writes, a.concurrency, a.users, a.db)))
+            elif part == "reads":
+                runs.append(asyncio.run(run_reads(a.devices, a.addins, 30, a.db)))
+            elif part == "burst":
+                runs.append(asyncio.run(run_burst(a.users, a.devices, a.rate, 5.0, a.db)))
+            else:
+                raise SystemExit(f"unknown part {part!r}: use writes, reads or burst")
+        result[part] = _median(runs) if len(runs) > 1 else runs[0]
+        if part == "writes":
+            result[part]["concurrency"] = a.concurrency
     result["machine"] = (
         f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
     )

@@ -50,3 +50,16 @@ echo "==> bench/bench_brokers.py --clients 2000 10000"
 # operation, operations per second): the unit costs docs/scale.md sizes from.
 echo "==> bench/bench_unit_costs.py"
 .venv/bin/python bench/bench_unit_costs.py --users 10000 --requests 5000 --reports 10000 || echo "   (exit status $?)"
+
+# The server under bulk admin work (docs/benchmarks.md "The server under bulk admin work"):
+# writes/s with 16 HTTP clients (group commit), status/explain with 10,000 reporting devices
+# and 200 add-ins, admin write latency during a 10,000-report burst after a broker restart.
+# Median of 3 runs each; with BENCH_PG_URL (an empty PostgreSQL database) on PostgreSQL too.
+echo "==> bench/bench_server_writes.py --part writes,reads,burst --runs 3"
+.venv/bin/python bench/bench_server_writes.py --part writes,reads,burst --runs 3 \
+    || echo "   (exit status $?)"
+if [ -n "${BENCH_PG_URL:-}" ]; then
+    echo "==> bench/bench_server_writes.py --part writes,reads,burst --runs 3 --db \$BENCH_PG_URL"
+    .venv/bin/python bench/bench_server_writes.py --part writes,reads,burst --runs 3 \
+        --db "$BENCH_PG_URL" || echo "   (exit status $?)"
+fi

@@ -18,6 +18,7 @@ _.store_asset_id
 _.removed_from_catalog
 
 # -- Counters and helpers the test suite reads -------------------------------------------------
+_.commits  # UnitOfWork: transactions committed (tests/test_group_commit.py)
 _.resent  # simulator: commands the coordinator published again
 _.resyncs  # agent anti-entropy
 _.taken_over  # agent transport and server publisher: session taken over by a second instance

@@ -225,6 +225,15 @@ class Database:
         rows = await self.rows("SELECT value FROM meta WHERE key='revision'")
         return int(rows[0][0]) if rows else 0
 
+    async def state_key(self) -> tuple[int, int]:
+        """(revision, reports generation): changes whenever the admin state or any stored
+        report does; what summaries of them are cached on."""
+        rows = await self.rows(
+            "SELECT key, value FROM meta WHERE key IN ('revision', 'reports_generation')"
+        )
+        got = {str(k): int(v) for k, v in rows}
+        return got.get("revision", 0), got.get("reports_generation", 0)
+
     async def manifest(self, sha256: str) -> bytes | None:
         """Manifest bytes by content hash."""
         rows = await self.rows("SELECT content FROM manifests WHERE sha256=?", (sha256,))
@@ -355,6 +364,13 @@ class Database:
                 "reports.revision AND excluded.received_at >= reports.received_at))",
                 accepted,
             )
+            if accepted:
+                # What `status` keys its summary of the reports on (with the revision).
+                await conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('reports_generation', '1') "
+                    "ON CONFLICT(key) DO UPDATE SET "
+                    "value=CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"
+                )
         return refused
 
 

@@ -18,8 +18,9 @@ log = logging.getLogger("addin_server.reports")
 
 ReportSink = Callable[[list[AgentReport]], Awaitable[None]]
 
-REPORT_BATCH = 1000
-"""Reports written in one transaction at most."""
+REPORT_BATCH = 250
+"""Reports written in one transaction at most: a burst is stored in transactions short
+enough for the admin writes queued behind each (one writer at a time) not to wait long."""
 
 
 MAX_PENDING = 100_000

@@ -38,6 +38,12 @@ class Troubleshooting:
     def __init__(self, database: Database, reads: Reads) -> None:
         self.database = database
         self.reads = reads
+        self._applied_cache: (
+            tuple[tuple[int, int], dict[tuple[str, str], set[str]], set[str]] | None
+        ) = None
+        self._entitled_cache: (
+            tuple[int, bool, list[tuple[dict[str, Any], int, set[str]]]] | None
+        ) = None
 
     async def _reports_of(self, user_id: str, addin_id: str) -> list[dict[str, Any]]:
         reports = await self.database.rows(
@@ -110,20 +116,33 @@ class Troubleshooting:
             "revision": await self.database.revision(),
         }
 
-    async def status(self, addin_id: str | None = None) -> dict[str, Any]:
-        """Per add-in: entitled users and how many of them have an agent reporting the
-        current version applied."""
-        reads = self.reads
-        addins = [await reads.get_addin(addin_id)] if addin_id else await reads.list_addins()
-        nested = await reads.nested_groups()
-        rows = self.database.rows
-        all_users, members, children = await directory_graph(rows)
+    async def _applied(self, key: tuple[int, int]) -> tuple[dict[tuple[str, str], set[str]], set[str]]:
+        """((add-in, version) -> users with a device reporting it applied, users with a
+        device reporting): every report read and parsed once per `key`, not per call (10,000
+        devices' reports took ~0.3 s of CPU each time)."""
+        if self._applied_cache is not None and self._applied_cache[0] == key:
+            return self._applied_cache[1], self._applied_cache[2]
         applied: dict[tuple[str, str], set[str]] = defaultdict(set)
         reporting: set[str] = set()
-        for r in await rows("SELECT user_id, applied FROM reports"):
+        for r in await self.database.rows("SELECT user_id, applied FROM reports"):
             reporting.add(r[0])
             for a in json.loads(r[1]):
                 applied[(a["addin_id"], a["version"])].add(r[0])
+        self._applied_cache = (key, applied, reporting)
+        return applied, reporting
+
+    async def _entitled(
+        self, revision: int, addin_id: str | None
+    ) -> tuple[bool, list[tuple[dict[str, Any], int, set[str]]]]:
+        """(nested groups, per add-in: its view, entitled users, users to install it); for
+        every add-in, computed once per revision."""
+        if addin_id is None and self._entitled_cache is not None:
+            if self._entitled_cache[0] == revision:
+                return self._entitled_cache[1], self._entitled_cache[2]
+        reads = self.reads
+        addins = [await reads.get_addin(addin_id)] if addin_id else await reads.list_addins()
+        nested = await reads.nested_groups()
+        all_users, members, children = await directory_graph(self.database.rows)
         out = []
         for a in addins:
             assigned = [
@@ -132,6 +151,21 @@ class Troubleshooting:
             ]
             ent = entitled_users(assigned, all_users, members, children, nested)
             installing = {u for u, m in ent.items() if m is not Mode.AVAILABLE}
+            out.append((a, len(ent), installing))
+        if addin_id is None:
+            # Keyed on the revision read before the reads: a write in between makes the
+            # next call compute again, never serve an older state.
+            self._entitled_cache = (revision, nested, out)
+        return nested, out
+
+    async def status(self, addin_id: str | None = None) -> dict[str, Any]:
+        """Per add-in: entitled users and how many of them have an agent reporting the
+        current version applied."""
+        key = await self.database.state_key()
+        nested, addins = await self._entitled(key[0], addin_id)
+        applied, reporting = await self._applied(key)
+        out = []
+        for a, entitled, installing in addins:
             done = installing & applied.get((a["addin_id"], a["version"]), set())
             out.append(
                 {
@@ -140,9 +174,9 @@ class Troubleshooting:
                     "version": a["version"],
                     "enabled": a["enabled"],
                     "state": a["state"],
-                    "entitled_users": len(ent),
+                    "entitled_users": entitled,
                     "to_install": len(installing),
-                    "available_only": len(ent) - len(installing),
+                    "available_only": entitled - len(installing),
                     "reported_current": len(done),
                     "reporting": len(installing & reporting),
                 }
@@ -150,6 +184,6 @@ class Troubleshooting:
         return {
             "nested_groups": nested,
             "addins": out,
-            "revision": await self.database.revision(),
+            "revision": key[0],
             "outbox": await self.database.outbox_backlog(),
         }
