@@ -424,11 +424,8 @@ class Publisher:
             if payload == self._probe_nonce:
                 self._probe_seen.set()
         elif retained:
-            try:
-                revision = json.loads(payload)["revision"]
-            except (ValueError, TypeError, KeyError):
-                revision = None
-            self._marker = revision if isinstance(revision, int) else None
+            revision = _revision_of(payload)
+            self._marker = revision if revision >= 0 else None
 
     async def republish_all(self, database: Database, client: aiomqtt.Client) -> int:
         """Publish every current retained payload; the outbox rows it covers are done."""
@@ -531,29 +528,38 @@ class Publisher:
                     # for seconds, and every HTTP request (admin writes) with it.
                     await asyncio.sleep(0)
                 topic = str(message.topic)
-                if topic in (self._marker_topic, self._probe_topic):
-                    self._on_server_topic(topic, bytes(message.payload), bool(message.retain))
-                    continue
-                if topic in self._collecting:
-                    if message.retain:
-                        self._collected[topic] = _revision_of(bytes(message.payload))
-                    continue
                 try:
-                    _, payload = decode_message(topic, bytes(message.payload))
+                    self._take(topic, bytes(message.payload), bool(message.retain), intake)
                 except ProtocolError as e:
                     log.warning("ignoring invalid message: %s", e)
-                    continue
-                if isinstance(payload, AgentReport) and intake is not None:
-                    intake.offer(payload)
+                except Exception:
+                    # One message must never end this loop: the publisher would stall
+                    # silently (no marker, no reports) with the connection still up.
+                    log.exception("ignoring a message on %s that could not be read", topic[:200])
         finally:
             if store is not None:
                 store.cancel()
 
+    def _take(self, topic: str, raw: bytes, retained: bool, intake: ReportIntake | None) -> None:
+        """One received message: the server's own topics, a collected retained revision, or
+        an agent's report (ProtocolError when it is not a valid one)."""
+        if topic in (self._marker_topic, self._probe_topic):
+            self._on_server_topic(topic, raw, retained)
+        elif topic in self._collecting:
+            if retained:
+                self._collected[topic] = _revision_of(raw)
+        else:
+            _, payload = decode_message(topic, raw)
+            if isinstance(payload, AgentReport) and intake is not None:
+                intake.offer(payload)
+
 
 def _revision_of(payload: bytes) -> int:
-    """The revision a retained state payload carries (signed or not; -1 if none)."""
+    """The revision a retained state payload carries (signed or not; -1 if none). Anyone
+    who can publish on the broker may have left anything there, JSON nested past the
+    parser's depth included (RecursionError)."""
     try:
         revision = json.loads(payload)["revision"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         return -1
-    return revision if isinstance(revision, int) else -1
+    return revision if isinstance(revision, int) and revision >= 0 else -1

@@ -202,3 +202,51 @@ async def test_a_report_nested_past_the_parsers_depth_is_refused_and_reports_go_
         await _publish(broker, _report("ann-laptop", "ann", rev, applied=True))
         await _until(http, "ann", "ann-laptop", rev)
     assert server.proc is not None and server.proc.poll() is None
+
+
+@pytest.mark.parametrize("hostile", [b"[" * 60_000, b'{"revision": ' * 12_000, b"\xff\xfe"])
+async def test_a_hostile_marker_left_on_the_broker_does_not_stall_the_publisher(
+    tmp_path: Path, broker: MosquittoBroker, hostile: bytes
+) -> None:
+    """The server reads its own retained marker (`server/published`) when it reconnects to
+    a session; on a broker without an ACL anyone may have replaced it. JSON nested past the
+    parser's depth raised RecursionError out of the receive loop, which ended: no marker, no
+    reports, /readyz never ready again, nothing published, nothing logged."""
+    from addin_core.protocol import server_topic
+
+    marker = server_topic("contoso", "published")
+    srv = ServerProcess(tmp_path / "server.db", broker.url)
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def ready(http: httpx.AsyncClient) -> None:
+        for _ in range(200):  # bounded: ready once the broker session is up
+            if (await http.get("/readyz")).status_code == 200:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError((await http.get("/readyz")).text)
+
+    srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, headers=headers, timeout=10) as http:
+            await ready(http)
+            rev = await _setup(http)
+        srv.stop()  # the broker keeps its session; the intruder replaces its marker
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="intruder") as c:
+            await c.publish(marker, hostile, qos=1, retain=True)
+        srv.start()
+        async with httpx.AsyncClient(base_url=srv.url, headers=headers, timeout=10) as http:
+            await ready(http)
+            await _publish(broker, _report("ann-laptop", "ann", rev, applied=True))
+            await _until(http, "ann", "ann-laptop", rev)  # reports are still taken
+            r = await http.post("/v1/users", json={"id": "dora"})
+            assert r.status_code == 200, r.text
+            written = int(r.json()["revision"])
+        # ... and published: the server's own marker replaces the intruder's.
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="reader") as c:
+            await c.subscribe(marker, qos=1)
+            async with asyncio.timeout(10):
+                async for m in c.messages:
+                    if m.payload != hostile and b'"revision": %d' % written in bytes(m.payload):
+                        break
+    finally:
+        srv.stop()
