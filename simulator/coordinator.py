@@ -31,6 +31,7 @@ from simulator.fleetstats import FleetStats
 from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet
 from simulator.oracle import GroundTruth
 from simulator.orggen import Org, generate_org
+from simulator.processes import OpenFilesError, open_files_needed, raise_open_files
 from simulator.results import RunError, RunOptions, RunResult, StepResult, curve_of
 from simulator.scenario import Scenario
 from simulator.steps import StateTap, StepExecutor
@@ -104,6 +105,19 @@ class Coordinator:
         return result
 
     async def _execute_in(self, workdir: Path) -> RunResult:
+        o = self.options
+        try:
+            # Before anything starts: the broker, server and workers inherit the limit.
+            raise_open_files(
+                open_files_needed(
+                    o.clients,
+                    o.workers + o.remote_workers,
+                    own_broker=o.broker_url is None,
+                    cache=o.cache or self.scenario.cache,
+                )
+            )
+        except OpenFilesError as e:
+            raise RunError(str(e)) from None
         with contextlib.ExitStack() as stack:
             env = Environment(self.options, workdir, self.clients)
             stack.callback(env.stop)
