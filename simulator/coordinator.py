@@ -89,6 +89,20 @@ class Coordinator:
         return self.fleet.tearing_down
 
     async def execute(self) -> RunResult:
+        o = self.options
+        try:
+            # Before anything starts (no folder, no process): the broker, server and workers
+            # inherit the limit.
+            raise_open_files(
+                open_files_needed(
+                    o.clients,
+                    o.workers + o.remote_workers,
+                    own_broker=o.broker_url is None,
+                    cache=o.cache or self.scenario.cache,
+                )
+            )
+        except OpenFilesError as e:
+            raise RunError(str(e)) from None
         if self.options.workdir is not None:
             return await self._execute_in(self.options.workdir)
         # A private folder, removed after a run that ended well; a failed run keeps it: its
@@ -105,19 +119,6 @@ class Coordinator:
         return result
 
     async def _execute_in(self, workdir: Path) -> RunResult:
-        o = self.options
-        try:
-            # Before anything starts: the broker, server and workers inherit the limit.
-            raise_open_files(
-                open_files_needed(
-                    o.clients,
-                    o.workers + o.remote_workers,
-                    own_broker=o.broker_url is None,
-                    cache=o.cache or self.scenario.cache,
-                )
-            )
-        except OpenFilesError as e:
-            raise RunError(str(e)) from None
         with contextlib.ExitStack() as stack:
             env = Environment(self.options, workdir, self.clients)
             stack.callback(env.stop)
