@@ -22,6 +22,13 @@ echo "==> addin-sim run --clients 10000 --scenario phased-rollout (cache: in-mem
 .venv/bin/addin-sim run --clients 10000 --scenario phased-rollout \
     --report "bench-results/phased-rollout-10000-memory" || echo "   (exit status $?)"
 
+# How cost grows with the fleet (docs/benchmarks.md "How cost grows"): phased-rollout with the
+# volatile cache at 1,000 / 5,000 / 10,000 / 19,000 clients, three runs each back to back, one
+# table of medians with ranges and one page of plots (bench-results/growth/growth.html).
+echo "==> bench/bench_growth.py"
+.venv/bin/python bench/bench_growth.py --sizes ${SIM_GROWTH_CLIENTS:-1000 5000 10000 19000} \
+    --repeats 3 || echo "   (exit status $?)"
+
 # Per-agent CPU and memory of one fleet-wide change, many agents in one process.
 echo "==> bench/bench_agent_fleet.py"
 .venv/bin/python bench/bench_agent_fleet.py --agents 4000 || echo "   (exit status $?)"

@@ -53,3 +53,12 @@ _.free_nodes
 _.node_arg
 _.write_open_cluster
 _.mqtt_url
+
+# -- `addin-sim compare`'s figures, read by name (`MEDIAN_FIGURES`, the table's cells) --------
+_.cpu_us_per_client
+_.kb_per_client
+_.notified_p99_ms
+_.cached_p99_ms
+_.floor_p99_ms
+_.download_p99_ms
+_.cached_ratio

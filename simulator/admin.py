@@ -4,6 +4,7 @@ accepted it, to the oracle (`simulator.oracle`), which keeps the ground truth.""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import ssl
 import time
@@ -46,6 +47,8 @@ class AdminActions:
         """The last rollout started per add-in id."""
         self.reached: dict[str, int] = {}
         """Rings of that rollout the oracle knows reached (beyond its first)."""
+        self.manifests: list[str] = []
+        """The sha256 of every manifest uploaded, in order (the download baseline GETs one)."""
         self._http: httpx.AsyncClient | None = None
         self._ops: dict[str, Callable[[str, Args], Awaitable[dict[str, Any]]]] = {
             "upload": self._upload,
@@ -169,6 +172,7 @@ class AdminActions:
             content=xml,
             headers={"Content-Type": "application/xml"},
         )
+        self.manifests.append(hashlib.sha256(xml).hexdigest())
         expected = self.truth.apply(action)
         if res.get("state") != expected:
             self.disagreements.append(

@@ -8,6 +8,10 @@ falling back to 3.1.1, QoS 1, the same topic):
   cheapest subscriber an agent could be; the floor the notify ratio is computed against.
 - `aiomqtt`: aiomqtt's message iterator (a Task and an `asyncio.wait` per message), the
   earlier floor, kept beside it for continuity.
+- `download`: the paho subscriber that, on the message, GETs one real manifest from the
+  run's server through one HTTP pool per worker process (the agents' `HttpPool` with the
+  worker's settings): the floor of the agents' "cached" stage, which is the same fan-out plus
+  one manifest download (plus what the agent adds: checks, its state, its cache).
 
 Run inside a simulation (each worker process hosts its share, next to its agents, so the
 baseline is measured on the same broker and machine) or on its own with
@@ -20,27 +24,55 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import aiomqtt
+import httpx
 import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import CallbackAPIVersion
 
 from addin_runtime.mqtt_version import VersionChoice
 from addin_runtime.tasks import wait_event
+from agent.http_pool import HttpPool
 from simulator.control import BrokerAddress
 from simulator.metrics import LatencyHistogram
 
 CONNECT_CONCURRENCY = 50
 """Mosquitto drops connects beyond about 100 in flight; stay well below."""
 
-Subscriber = Literal["paho", "aiomqtt"]
-"""A run measures paho (the floor) first, then aiomqtt, one after the other: both at once would
-double the broker's connections."""
+Subscriber = Literal["paho", "aiomqtt", "download"]
+"""A run measures paho (the floor) first, then aiomqtt, then download, one after the other:
+two at once would double the broker's connections."""
+
+HTTP_CONNECTIONS = 64
+"""Connections of a worker's shared manifest pool (the agents' and the download baseline's)."""
+
+HTTP_TIMEOUT = 30.0
+"""Seconds per manifest request in a worker (the agents' and the download baseline's)."""
+
+
+@dataclass(frozen=True)
+class Download:
+    """What the download baseline fetches: a manifest the run's server holds, as an agent
+    would (`url` is the server's URL plus the catalog's manifest_url), with an agent's token;
+    `ca` is the run's CA file when the server speaks https (--tls)."""
+
+    url: str
+    token: str | None = None
+    ca: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.ca is None:
+            return None
+        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
 
 
 class Shard(Protocol):
@@ -52,9 +84,20 @@ class Shard(Protocol):
     async def close(self) -> None: ...
 
 
-def make_shard(kind: Subscriber, broker: BrokerAddress, topic: str, n: int, prefix: str) -> Shard:
+def make_shard(
+    kind: Subscriber,
+    broker: BrokerAddress,
+    topic: str,
+    n: int,
+    prefix: str,
+    download: Download | None = None,
+) -> Shard:
     if kind == "paho":
         return PahoShard(broker, topic, n, prefix)
+    if kind == "download":
+        if download is None:
+            raise ValueError("the download baseline needs a manifest URL")
+        return DownloadShard(broker, topic, n, prefix, download)
     return BaselineShard(broker, topic, n, prefix)
 
 
@@ -224,6 +267,55 @@ class PahoShard:
         self._clients.clear()
 
 
+class DownloadShard(PahoShard):
+    """`n` bare paho subscribers on one event loop, each GETting the manifest when the probe
+    arrives, through one `HttpPool` for all of them (as a worker's agents share one). The
+    latency is from the publish until the manifest's bytes are read; `failed` counts the
+    requests that got no 200 (they are not in the histogram)."""
+
+    def __init__(
+        self, broker: BrokerAddress, topic: str, n: int, prefix: str, download: Download
+    ) -> None:
+        super().__init__(broker, topic, n, prefix)
+        self.download = download
+        self.failed = 0
+        self.http = HttpPool(
+            max_connections=HTTP_CONNECTIONS,
+            timeout=HTTP_TIMEOUT,
+            ssl_context=download.ssl_context(),
+        )
+        self._headers = (
+            {"Authorization": f"Bearer {download.token}"} if download.token is not None else {}
+        )
+        self._gets: set[asyncio.Task[None]] = set()
+
+    def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
+        sent = float(json.loads(message.payload)["sent_at"])
+        t = asyncio.get_running_loop().create_task(self._get(sent))
+        self._gets.add(t)
+        t.add_done_callback(self._gets.discard)
+
+    async def _get(self, sent: float) -> None:
+        try:
+            resp = await self.http.get(self.download.url, headers=self._headers)
+            ok = resp.status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if ok:
+            self.hist.record(time.time() - sent)
+            self.received += 1
+        else:
+            self.failed += 1
+        if self.received + self.failed >= self.n:
+            self._all_in.set()
+
+    async def close(self) -> None:
+        for t in list(self._gets):
+            t.cancel()
+        await super().close()
+        await self.http.aclose()
+
+
 async def publish_probe(broker: BrokerAddress, topic: str) -> None:
     version = VersionChoice("auto")
     for _ in range(2):
@@ -339,13 +431,16 @@ async def baseline_in_loop(
     ready: Callable[[], Awaitable[None]],
     timeout: float,
     kind: Subscriber = "paho",
-) -> tuple[LatencyHistogram, int]:
-    """Used by a simulation worker: connect `n` subscribers, call `ready`, wait for the probe."""
-    shard = make_shard(kind, broker, topic, n, prefix)
+    download: Download | None = None,
+) -> tuple[LatencyHistogram, int, int]:
+    """Used by a simulation worker: connect `n` subscribers, call `ready`, wait for the probe.
+    Returns the latencies, how many were received (downloaded) and how many downloads
+    failed."""
+    shard = make_shard(kind, broker, topic, n, prefix, download)
     try:
         await shard.connect()
         await ready()
         await shard.wait(timeout)
-        return shard.hist, shard.received
+        return shard.hist, shard.received, getattr(shard, "failed", 0)
     finally:
         await shard.close()

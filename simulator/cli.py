@@ -152,20 +152,39 @@ def baseline(
     default=None,
     help="Also write the table and the figures plotted against the client count (inline SVG).",
 )
-def compare(reports: tuple[Path, ...], html_file: Path | None) -> None:
+@click.option(
+    "--median",
+    "take_median",
+    is_flag=True,
+    help="Repeated runs (same client count, cache mode and main step) become one row: each "
+    "figure the median of theirs, with its range.",
+)
+def compare(reports: tuple[Path, ...], html_file: Path | None, take_median: bool) -> None:
     """Compare runs: REPORTS are report.json files (or the --report directories) of
     `addin-sim run`; one row per run, by client count: workers' CPU and peak RSS per client,
     notify and cached p99 of the main step (the scenario step that notified most clients), the bare
-    fan-out floor and notify p99 ÷ floor."""
+    fan-out floor and notify p99 ÷ floor, the download floor (the fan-out plus one manifest
+    GET) and cached p99 ÷ that floor."""
     from rich.table import Table
 
-    from simulator.report.compare import COLUMNS, CompareError, load_all, render_html, rows
+    from simulator.report.compare import (
+        COLUMNS,
+        CompareError,
+        load_all,
+        median,
+        render_html,
+        rows,
+    )
 
     try:
         runs = load_all(reports)
     except CompareError as e:
         raise click.UsageError(str(e)) from None
-    t = Table(title=f"{len(runs)} runs")
+    title = f"{len(runs)} runs"
+    if take_median:
+        runs = median(runs)
+        title += f", {len(runs)} rows (medians)"
+    t = Table(title=title)
     for i, col in enumerate(COLUMNS):
         # Folded, never cut: the run's name is a path the reader needs whole.
         t.add_column(col, justify="left" if i in (0, 2, 5) else "right", overflow="fold")

@@ -31,6 +31,7 @@ from simulator.fleetstats import FleetStats
 from simulator.metrics import LatencyHistogram, ProcessMonitor, StageSet
 from simulator.oracle import GroundTruth
 from simulator.orggen import Org, generate_org
+from simulator.processes import OpenFilesError, open_files_needed, raise_open_files
 from simulator.results import RunError, RunOptions, RunResult, StepResult, curve_of
 from simulator.scenario import Scenario
 from simulator.steps import StateTap, StepExecutor
@@ -88,6 +89,20 @@ class Coordinator:
         return self.fleet.tearing_down
 
     async def execute(self) -> RunResult:
+        o = self.options
+        try:
+            # Before anything starts (no folder, no process): the broker, server and workers
+            # inherit the limit.
+            raise_open_files(
+                open_files_needed(
+                    o.clients,
+                    o.workers + o.remote_workers,
+                    own_broker=o.broker_url is None,
+                    cache=o.cache or self.scenario.cache,
+                )
+            )
+        except OpenFilesError as e:
+            raise RunError(str(e)) from None
         if self.options.workdir is not None:
             return await self._execute_in(self.options.workdir)
         # A private folder, removed after a run that ended well; a failed run keeps it: its
@@ -134,9 +149,13 @@ class Coordinator:
             # 20,000 open-file limit), and it measures what the machine can do at all.
             baseline: dict[str, Any] = {"p99_ms": None, "max_ms": None, "clients": 0}
             if self.options.baseline:
-                # The paho floor, then aiomqtt beside it (under "aiomqtt"), one after the other.
+                # The paho floor, then aiomqtt beside it (under "aiomqtt"), then the fan-out
+                # plus one manifest GET (under "download"), one after the other.
                 baseline = await self._baseline(broker, "paho")
                 baseline["aiomqtt"] = await self._baseline(broker, "aiomqtt")
+                download = self._download(env)
+                if download is not None:
+                    baseline["download"] = await self._baseline(broker, "download", download)
             executor = StepExecutor(
                 self.options,
                 env,
@@ -250,8 +269,28 @@ class Coordinator:
             }
         return {"shards": shards, "cold_revision": cold_revision, "agent": agent}
 
-    async def _baseline(self, broker: BrokerAddress, subscriber: str) -> dict[str, Any]:
-        """The bare MQTT fan-out to as many plain subscribers as there are clients."""
+    def _download(self, env: Environment) -> dict[str, Any] | None:
+        """What the download baseline GETs: the last manifest the scenario's setup uploaded
+        (the one its steps then assign, in the shipped scenarios), with an agent's token;
+        None when the setup uploaded none."""
+        if not self.admin.manifests:
+            return None
+        pki = env.pki
+        token = env.agent_token
+        if pki is not None:
+            # With --tls the server knows devices by their own tokens, as the agents use them.
+            token = pki.tokens[self.clients[0][0]]
+        return {
+            "url": f"{env.server_url}/v1/manifests/{self.admin.manifests[-1]}",
+            "token": token,
+            "ca": str(pki.ca_file) if pki is not None else None,
+        }
+
+    async def _baseline(
+        self, broker: BrokerAddress, subscriber: str, download: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The bare MQTT fan-out to as many plain subscribers as there are clients (each
+        downloading a manifest too, with `download`)."""
         workers = self.fleet.workers
         n = len(self.clients)
         shares = {
@@ -259,26 +298,36 @@ class Coordinator:
             for i, wid in enumerate(workers)
         }
         topic = f"{control.baseline_topic(self.run)}/{subscriber}"
-        seq = await self.fleet.publish_command(
-            "baseline", {"shares": shares, "topic": topic, "timeout": 30, "subscriber": subscriber}
-        )
+        args: dict[str, Any] = {
+            "shares": shares,
+            "topic": topic,
+            # Downloads take longer than the fan-out: at 10,000 clients and 64 connections per
+            # worker they queue for seconds.
+            "timeout": 30 if download is None else 120,
+            "subscriber": subscriber,
+        }
+        if download is not None:
+            args["download"] = download
+        seq = await self.fleet.publish_command("baseline", args)
         try:
             await self.fleet.wait_replies(seq, 600, phase="ready")
             from simulator.baseline import publish_probe
 
             await publish_probe(broker, topic)
-            replies = await self.fleet.wait_replies(seq, 120)
+            replies = await self.fleet.wait_replies(seq, args["timeout"] + 90)
         finally:
             await self.fleet.retire_command(seq)
         hist = LatencyHistogram()
-        received = 0
+        received = failed = 0
         for r in replies.values():
             hist.merge(LatencyHistogram.decode(r["result"]["hist"]))
             received += r["result"]["received"]
+            failed += r["result"].get("failed", 0)
         return {
             "subscriber": subscriber,
             "clients": n,
             "received": received,
+            **({"failed": failed} if download is not None else {}),
             **hist.summary(),
             "cdf": hist.cdf(),
         }

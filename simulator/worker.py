@@ -33,7 +33,7 @@ from addin_runtime.tasks import cancel_and_wait
 from agent.http_pool import HttpPool
 from agent.tls import https_context
 from simulator import control
-from simulator.baseline import baseline_in_loop
+from simulator.baseline import HTTP_CONNECTIONS, HTTP_TIMEOUT, Download, baseline_in_loop
 from simulator.control import BrokerAddress, ControlChannel
 from simulator.fleetstats import AGENT_EVENTS, FleetStats, MeteredHttpPool
 from simulator.metrics import ProcessMonitor, StageSet
@@ -214,7 +214,10 @@ class Worker:
             first = next(iter(self.clients.values()), None)
             https = None if first is None else https_context(self._config(first))
             self.http = MeteredHttpPool(
-                self.fleet, max_connections=64, timeout=30, ssl_context=https
+                self.fleet,
+                max_connections=HTTP_CONNECTIONS,
+                timeout=HTTP_TIMEOUT,
+                ssl_context=https,
             )
         await self._start_clients(list(self.clients.values()), seq, args.get("storm"))
         return {"clients": len(self.clients)}
@@ -516,7 +519,8 @@ class Worker:
             gc.freeze()  # the same collector policy as the agents get
             await self._reply(seq, {"ok": True, "phase": "ready"})
 
-        hist, received = await baseline_in_loop(
+        download = args.get("download")
+        hist, received, failed = await baseline_in_loop(
             self.broker,
             args["topic"],
             n,
@@ -524,8 +528,9 @@ class Worker:
             ready,
             float(args.get("timeout", 30)),
             args.get("subscriber", "paho"),
+            Download(**download) if download else None,
         )
-        return {"hist": hist.encode(), "received": received}
+        return {"hist": hist.encode(), "received": received, "failed": failed}
 
     async def cmd_sample(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
         self.monitor.sample()

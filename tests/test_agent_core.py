@@ -5,11 +5,15 @@ Plain function calls on hand-built state: no broker, no files, no clock.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
+from typing import cast
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -477,3 +481,51 @@ async def test_repeated_messages_decode_once_and_bad_ones_are_refused_every_time
         assert len(rows) == 2 and "mode" in rows[0]["detail"]
     for agent in agents:
         await agent.cache.close()
+
+
+async def test_a_report_after_a_download_is_spread_and_a_launch_brings_it_forward(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent import daemon
+    from agent.applier import MemoryApplier
+    from agent.config import AgentConfig
+
+    config = AgentConfig(
+        tenant="contoso", user_id="u", client_id="c", insecure=True,
+        broker_url="mqtt://127.0.0.1:1", server_url="http://127.0.0.1:1",
+        cache_path=":none:", applier="memory", control=None,
+    )  # fmt: skip
+    agent = daemon.Agent(config, applier=MemoryApplier())
+    published: list[float] = []
+
+    async def publish() -> bool:
+        published.append(time.monotonic())
+        return True
+
+    monkeypatch.setattr(agent, "publish_report", publish)
+    monkeypatch.setattr(daemon, "REPORT_DELAY", 0.0)
+    # After a download: due somewhere in the spread, not at once.
+    spread = []
+    for _ in range(20):
+        before = time.monotonic()
+        agent._schedule_report(daemon.CACHED_REPORT_SPREAD)
+        spread.append(agent._report_due - before)
+        cast(asyncio.Task[None], agent._report_task).cancel()
+        agent._report_task = None
+    assert all(0 <= s <= daemon.CACHED_REPORT_SPREAD + 0.1 for s in spread)
+    assert len({round(s, 3) for s in spread}) > 1  # spread at random, not one fixed delay
+    # A spread report is waiting; a launch's report (no spread) replaces it, due at once ...
+    monkeypatch.setattr(daemon.random, "uniform", lambda lo, hi: hi)
+    agent._schedule_report(daemon.CACHED_REPORT_SPREAD)
+    waiting = agent._report_task
+    agent._schedule_report()
+    assert waiting is not None and waiting is not agent._report_task
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # ... and a later download's report does not push it back.
+    current = agent._report_task
+    agent._schedule_report(daemon.CACHED_REPORT_SPREAD)
+    assert agent._report_task is current
+    assert current is not None
+    await current
+    assert len(published) == 1

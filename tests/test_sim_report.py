@@ -324,6 +324,17 @@ def _report() -> dict[str, Any]:
                 "max_ms": 184.0,
                 "notified_p99_ratio": 1.486,
             },
+            "download": {
+                "subscriber": "download",
+                "clients": 1000,
+                "received": 998,
+                "failed": 2,
+                "p50_ms": 212.0,
+                "p95_ms": 371.0,
+                "p99_ms": 402.0,
+                "max_ms": 409.0,
+                "cached_p99_ratio": 1.269,
+            },
         },
         "throughput": {
             "deliveries": 2858,
@@ -400,6 +411,8 @@ def test_html_shows_what_report_json_holds() -> None:
         "158",  # p95 of the bare fan-out
         "1.711",  # notified p99 / baseline p99
         "against the paho floor (1.486 against aiomqtt",
+        "cached p99 / download floor p99 =  1.269",
+        "998 downloaded, 2 failed",
     ):
         assert expected in text, expected
     # Latency table: a row per stage, the bare fan-out and the manifest endpoint.
@@ -411,6 +424,11 @@ def test_html_shows_what_report_json_holds() -> None:
     )
     assert re.search(
         r"bare MQTT fan-out \(aiomqtt\)</td><td>101</td><td>181</td><td>183</td>", page
+    )
+    assert re.search(
+        r"manifest GET \(the download floor\)</td><td>212</td><td>371</td><td>402</td>"
+        r"<td>409</td><td>998</td>",
+        page,
     )
 
 
@@ -503,6 +521,8 @@ def test_html_and_terminal_say_what_n_counts() -> None:
     assert "1000 paho subscribers (the floor): p99 159 ms" in flat
     assert "notified p99 / floor p99 = 1.711" in flat
     assert "aiomqtt iterator subscribers: p99 183 ms" in flat and "= 1.486" in flat
+    assert "(the download floor): 998 downloaded, 2 failed; p99 402 ms" in flat
+    assert "cached p99 / download floor p99 = 1.269" in flat
     assert "everyone: broker kill, 330 duplicated/reordered messages" in flat
 
 
@@ -543,6 +563,7 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
     fleet.timeline.record("notified", t0 + 1.5, 0.2)
     stages = StageSet()
     stages.record("notified", 0.2)
+    stages.record("cached", 0.012)
     # Two clients got a message of the step; the third already matched when it started.
     step = StepResult("pilot", started_at=t0 + 1, offsets=[0.0, 0.4, 0.9], online=3)
     step.unconverged = 1
@@ -562,6 +583,13 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
             "max_ms": 2.0,
             "cdf": [(1.0, 0.0), (2.0, 1.0)],
             "aiomqtt": {"subscriber": "aiomqtt", "clients": 4, "received": 4, "p99_ms": 4.0},
+            "download": {
+                "subscriber": "download",
+                "clients": 4,
+                "received": 3,
+                "failed": 1,
+                "p99_ms": 8.0,
+            },
         },
         processes=[{"role": "worker", "pid": 1, "cpu_s": 1.0, "rss_max_kb": 4096}],
         started_at=t0,
@@ -598,6 +626,11 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
     assert report["baseline"]["aiomqtt"]["notified_p99_ratio"] == round(
         report["stages"]["notified"]["p99_ms"] / 4.0, 3
     )
+    # The cached ratio is against the download floor (fan-out plus one manifest GET).
+    download = report["baseline"]["download"]
+    assert download["cached_p99_ratio"] == round(report["stages"]["cached"]["p99_ms"] / 8.0, 3)
+    assert (download["received"], download["failed"]) == (3, 1)
+    assert "notified_p99_ratio" not in download
     assert report["baseline"]["p95_ms"] == 2.0 and report["cdf"]["baseline"] == [
         [1.0, 0.0],
         [2.0, 1.0],

@@ -57,6 +57,18 @@ async def test_small_run_of_every_scenario_has_no_mismatch(name: str, tmp_path: 
     # The paho floor, and the aiomqtt subscribers measured after it, each reached every client.
     assert data["baseline"]["subscriber"] == "paho"
     assert data["baseline"]["aiomqtt"]["received"] == CLIENTS
+    # Then the download floor: each bare subscriber GOT the setup's manifest from the server.
+    download = data["baseline"]["download"]
+    assert (download["subscriber"], download["received"], download["failed"]) == (
+        "download",
+        CLIENTS,
+        0,
+    )
+    assert download["p99_ms"] > 0
+    cached = data["stages"]["cached"]["p99_ms"]  # 0 where no step made clients download
+    assert download["cached_p99_ratio"] == (
+        round(cached / download["p99_ms"], 3) if cached else None
+    )
     assert all({"role", "cpu_s", "rss_max_kb"} <= set(p) for p in data["processes"])
     assert [s["name"] for s in data["steps"]][-1] == "final-check"
     # every online client converged in every step

@@ -72,6 +72,9 @@ async def test_a_tls_run_has_no_mismatch_and_every_client_its_own_identity(
     assert report["connect_storms"][0]["connected"] == CLIENTS
     assert report["connect_storms"][0]["seconds"] > 0
     assert report["errors"]["reconnects"] == 0
+    # The download floor fetched the manifest over https with a device's own token.
+    download = report["baseline"]["download"]
+    assert (download["received"], download["failed"]) == (CLIENTS, 0)
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert data["connect_storms"] == report["connect_storms"]
     page = (tmp_path / "report" / "report.html").read_text()

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import html
 import json
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,28 @@ class RunFigures:
     floor: str | None
     floor_p99_ms: float | None
     ratio: float | None
+    download_p99_ms: float | None = None
+    """The download floor: the bare fan-out plus one manifest GET per client."""
+    cached_ratio: float | None = None
+    """The main step's cached p99 over the download floor's p99."""
+    runs: int = 1
+    """How many runs this row is the median of (`median`)."""
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """For a median of several runs: each figure's (lowest, highest) over them."""
+
+
+MEDIAN_FIGURES = (
+    "cpu_us_per_client",
+    "kb_per_client",
+    "notified_p99_ms",
+    "cached_p99_ms",
+    "floor_p99_ms",
+    "ratio",
+    "download_p99_ms",
+    "cached_ratio",
+)
+"""The figures a median row takes the median of (each ratio is the median of the runs' own
+ratios, each measured within its run)."""
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -59,6 +82,7 @@ def figures(report: dict[str, Any], source: str) -> RunFigures:
         step = _main_step(report.get("steps", []))
         stages = step["stages"] if step else {}
         baseline = report.get("baseline") or {}
+        download = baseline.get("download") or {}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         # The caller names the file: `source` is the run's name, not necessarily a file.
         raise CompareError(f"not a report.json of `addin-sim run` ({e})") from None
@@ -75,12 +99,14 @@ def figures(report: dict[str, Any], source: str) -> RunFigures:
         floor=baseline.get("subscriber") or ("aiomqtt" if baseline.get("p99_ms") else None),
         floor_p99_ms=baseline.get("p99_ms"),
         ratio=_ratio((stages.get("notified") or {}).get("p99_ms"), baseline.get("p99_ms")),
+        download_p99_ms=download.get("p99_ms"),
+        cached_ratio=_ratio((stages.get("cached") or {}).get("p99_ms"), download.get("p99_ms")),
     )
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    # The main step's notify p99 over the floor, so that the row's own figures give it (the
-    # run's summary divides the p99 over all its steps).
+    # The main step's p99 over the floor, so that the row's own figures give it (the run's
+    # summary divides the p99 over all its steps).
     return round(a / b, 2) if a and b else None
 
 
@@ -114,6 +140,40 @@ def load_all(paths: Sequence[Path]) -> list[RunFigures]:
     return sorted(runs, key=lambda r: r.clients)
 
 
+def median(runs: Sequence[RunFigures]) -> list[RunFigures]:
+    """One row per client count, cache mode and main step: repeats of one configuration
+    become their median, with each figure's range, in client-count order."""
+    groups: dict[tuple[int, str, str | None], list[RunFigures]] = {}
+    for r in runs:
+        groups.setdefault((r.clients, r.cache, r.main_step), []).append(r)
+    out = []
+    for rs in groups.values():
+        if len(rs) == 1:
+            out.append(rs[0])
+            continue
+        values: dict[str, float | None] = {}
+        ranges: dict[str, tuple[float, float]] = {}
+        for name in MEDIAN_FIGURES:
+            got = [float(v) for r in rs if (v := getattr(r, name)) is not None]
+            values[name] = round(statistics.median(got), 2) if got else None
+            if got:
+                ranges[name] = (min(got), max(got))
+        floors = {r.floor for r in rs if r.floor}
+        out.append(
+            replace(
+                rs[0],
+                source=f"{rs[0].source} +{len(rs) - 1}",
+                floor=" / ".join(sorted(floors)) or None,
+                runs=len(rs),
+                ranges=ranges,
+                **values,  # type: ignore[arg-type]
+            )
+        )
+    return sorted(out, key=lambda r: r.clients)
+
+
+assert set(MEDIAN_FIGURES) <= {f.name for f in fields(RunFigures)}
+
 COLUMNS = (
     "run",
     "clients",
@@ -125,6 +185,8 @@ COLUMNS = (
     "cached\np99 ms",
     "floor\np99 ms",
     "notify\n÷ floor",
+    "download\nfloor p99 ms",
+    "cached\n÷ download",
 )
 
 
@@ -133,24 +195,40 @@ def _num(v: float | None, digits: int = 0) -> str:
 
 
 def rows(runs: Sequence[RunFigures]) -> list[list[str]]:
+    """The table's cells; a median row's figures are followed by their range."""
+
+    def cell(r: RunFigures, name: str, digits: int = 0) -> str:
+        text = _num(getattr(r, name), digits)
+        lo_hi = r.ranges.get(name)
+        if lo_hi is None or lo_hi[0] == lo_hi[1]:
+            return text
+        return f"{text} ({_num(lo_hi[0], digits)}–{_num(lo_hi[1], digits)})"
+
     return [
         [
-            r.source,
+            r.source if r.runs == 1 else f"{r.source} (median of {r.runs})",
             f"{r.clients:,}",
             r.cache,
-            _num(r.cpu_us_per_client),
-            _num(r.kb_per_client),
+            cell(r, "cpu_us_per_client"),
+            cell(r, "kb_per_client"),
             r.main_step or "-",
-            _num(r.notified_p99_ms),
-            _num(r.cached_p99_ms),
-            f"{_num(r.floor_p99_ms)} ({r.floor})" if r.floor else "-",
-            _num(r.ratio, 2),
+            cell(r, "notified_p99_ms"),
+            cell(r, "cached_p99_ms"),
+            f"{cell(r, 'floor_p99_ms')} ({r.floor})" if r.floor else "-",
+            cell(r, "ratio", 2),
+            cell(r, "download_p99_ms"),
+            cell(r, "cached_ratio", 2),
         ]
         for r in runs
     ]
 
 
-_COLORS = {"notify": "#1f77b4", "cached": "#2ca02c", "floor": "#555555"}
+_COLORS = {
+    "notify": "#1f77b4",
+    "cached": "#2ca02c",
+    "floor": "#555555",
+    "download": "#ff7f0e",
+}
 _CACHE_DASH = ("", "6,3", "2,3", "10,3,2,3")
 _CACHE_COLORS = ("#d62728", "#9467bd", "#8c564b", "#17becf")
 
@@ -184,6 +262,12 @@ def render_html(runs: Sequence[RunFigures]) -> str:
             ),
             Series(f"cached p99 ({cache})", _points(rs, "cached_p99_ms"), _COLORS["cached"], dash),
             Series(f"floor p99 ({cache})", _points(rs, "floor_p99_ms"), _COLORS["floor"], dash),
+            Series(
+                f"download floor p99 ({cache})",
+                _points(rs, "download_p99_ms"),
+                _COLORS["download"],
+                dash,
+            ),
         ]
         cpu.append(Series(cache, _points(rs, "cpu_us_per_client"), color))
         rss.append(Series(cache, _points(rs, "kb_per_client"), color))
@@ -191,11 +275,11 @@ def render_html(runs: Sequence[RunFigures]) -> str:
     plots = [
         svg_plot(
             latency,
-            title="p99 of the main step and the bare fan-out floor",
+            title="p99 of the main step and the bare fan-out floors",
             x=clients,
             y=Axis("ms (log scale)", log=True),
             width=760,
-            legend_width=190,
+            legend_width=230,
         ),
         svg_plot(
             cpu,
@@ -228,7 +312,11 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}svg{{margin:6px}}
 <table><tr>{head}</tr>{body}</table>
 <p>Main step: the scenario step that notified the most clients. CPU µs/client: the workers' CPU time
 over the client count. notify ÷ floor: the main step's notify p99 over the bare fan-out p99
-(the floor: paho callbacks; aiomqtt in reports made before it).</p>
+(the floor: paho callbacks; aiomqtt in reports made before it). cached ÷ download: the main
+step's cached p99 over the download floor's p99 (the same bare fan-out, each subscriber then
+GETting one manifest from the run's server). A row that is the median of several runs (same
+client count, cache mode and main step) shows each figure's range after it; each ratio is the
+median of the runs' own ratios.</p>
 <div>{plots[0]}</div>
 <div>{plots[1]}{plots[2]}</div>
 </body></html>

@@ -43,6 +43,7 @@ def _latency_rows(report: dict[str, Any]) -> list[list[str]]:
     for name, fig in (
         (f"bare MQTT fan-out ({b.get('subscriber') or 'aiomqtt'}, the floor)", b),
         ("bare MQTT fan-out (aiomqtt)", b.get("aiomqtt") or {}),
+        ("bare fan-out + manifest GET (the download floor)", b.get("download") or {}),
     ):
         if fig.get("p99_ms") is not None:
             rows.append(
@@ -208,6 +209,15 @@ def render_html(report: dict[str, Any]) -> str:
         if b.get("p99_ms") is not None
         else "<p>Bare fan-out not measured (--no-baseline).</p>"
     )
+    d = b.get("download") or {}
+    if d.get("p99_ms") is not None:
+        ratio += (
+            f"<p>cached p99 / download floor p99 = <b>{d.get('cached_p99_ratio')}</b>. The "
+            "download floor is the same bare paho fan-out where each subscriber, on the "
+            "message, GETs one real manifest from the run's server through one HTTP pool per "
+            f"worker (the agents' pool and settings): {d['received']:,} downloaded, "
+            f"{d.get('failed', 0):,} failed.</p>"
+        )
     procs = _table(
         ["role", "pid", "CPU s", "max RSS MiB"],
         [

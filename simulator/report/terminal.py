@@ -40,6 +40,14 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
             f"  beside it, aiomqtt iterator subscribers: p99 {a['p99_ms']:.0f} ms, "
             f"max {a['max_ms']:.0f} ms; notified p99 / that p99 = {a['notified_p99_ratio']}"
         )
+    d = b.get("download") or {}
+    if d.get("p99_ms") is not None:
+        console.print(
+            f"bare fan-out + one manifest GET per subscriber (the download floor): "
+            f"{d['received']} downloaded, {d.get('failed', 0)} failed; p99 {d['p99_ms']:.0f} ms, "
+            f"max {d['max_ms']:.0f} ms; cached p99 / download floor p99 = "
+            f"{d['cached_p99_ratio']}"
+        )
     m = report.get("manifest_requests")
     if m and m["count"]:
         console.print(
