@@ -28,7 +28,7 @@ def api_schema(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     cli(db, "user", "add", "ann", "--tenant", "contoso")
     cli(db, "group", "add", "sales")
     cli(db, "addin", "add", str(TASKPANE_V1))
-    server = Server(db, broker)
+    server = Server(str(db), broker, tmp)
     try:
         server.wait_ready()
         yield schemathesis.openapi.from_url(f"{server.url}/openapi.json")

@@ -558,7 +558,9 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
     fleet.request(t0 + 3, 0.020, "503")
     fleet.request(t0 + 3, 0.001, "ConnectError")
     fleet.request(t0 + 3.1, 0.001, "ConnectError")
-    fleet.events.update({"disconnected": 4, "connected": 7, "fetch_failed": 1})
+    fleet.events.update(
+        {"disconnected": 4, "connected": 7, "fetch_failed": 1, "subscription_refused": 2}
+    )
     fleet.reconnects = 4
     fleet.timeline.record("notified", t0 + 1.5, 0.2)
     stages = StageSet()
@@ -608,6 +610,7 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
         "manifest_requests_failed": 3,
         "fetch_rounds_failed": 1,
         "connection_failures": 4,
+        "subscriptions_refused": 2,
         "reconnects": 4,
         "messages_stale": 0,
         "messages_invalid": 0,

@@ -57,11 +57,12 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
         )
     e = report.get("errors")
     if e:
+        n_refused = e.get("subscriptions_refused", 0)
+        refused = f"{n_refused} subscriptions refused (retried), " if n_refused else ""
         console.print(
             f"errors and retries: {e['manifest_requests_failed']} failed manifest requests, "
             f"{e['fetch_rounds_failed']} failed fetch rounds, {e['connection_failures']} MQTT "
-            f"connection failures, {e.get('subscriptions_refused', 0)} subscriptions refused (retried), "
-            f"{e['reconnects']} reconnects, {e['messages_stale']} stale "
+            f"connection failures, {refused}{e['reconnects']} reconnects, {e['messages_stale']} stale "
             f"or duplicate, {e['messages_invalid']} invalid and "
             f"{e.get('messages_signature_refused', 0)} unsigned or badly signed messages ignored, "
             f"{e['admin_retries']} admin calls retried"
