@@ -156,6 +156,10 @@ def fail_fast_before_connack(client: object) -> bool:
             def fail() -> None:
                 if not waiting.done():
                     waiting.set_exception(aiomqtt.MqttError(why))
+                    # Marked as retrieved: when aiomqtt's connect had already timed out,
+                    # nobody awaits it and asyncio logged "Future exception was never
+                    # retrieved" (seen in a NATS connect storm).
+                    waiting.exception()
 
             # paho calls back on the event loop's thread under aiomqtt, but not promised.
             waiting.get_loop().call_soon_threadsafe(fail)
