@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -129,3 +129,15 @@ def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     with postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+async def service(db_target: str) -> AsyncIterator[Any]:
+    """The server's service layer on a fresh database of each backend, tenant contoso."""
+    from server_stub import db
+    from server_stub.service import Service
+
+    database = await db.Database.open(db_target)
+    await database.bind_tenant("contoso")
+    yield Service(database, "contoso")
+    await database.close()

@@ -25,13 +25,6 @@ from simulator.mosquitto import MosquittoBroker
 NOTES = manifest("Notes")
 
 
-@pytest.fixture
-async def service(db_target: str) -> AsyncIterator[Service]:
-    database = await db.Database.open(db_target)
-    await database.bind_tenant("contoso")
-    s = Service(database, "contoso")
-    yield s
-    await database.close()
 
 
 async def _audit(service: Service) -> dict[int, tuple[str, dict[str, Any]]]:

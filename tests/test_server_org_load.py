@@ -3,23 +3,12 @@ error and changes nothing; a good one loads in one revision, and loading it agai
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from server_helpers import GIFME_ID, TASKPANE_ID, TASKPANE_V1
 
-from server_stub import db
 from server_stub.service import BadRequest, Conflict, NotFound, OperationError, Service
-
-
-@pytest.fixture
-async def service(db_target: str) -> AsyncIterator[Service]:
-    database = await db.Database.open(db_target)
-    await database.bind_tenant("contoso")
-    yield Service(database, "contoso")
-    await database.close()
-
 
 GOOD: dict[str, Any] = {
     "tenant": "contoso",

@@ -4,7 +4,7 @@ the publisher republishes everything to a broker that lost its state."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,9 @@ from server_helpers import (
 )
 
 from addin_core.protocol import Topic, decode
-from server_stub import db
 from server_stub.publisher import Publisher
 from server_stub.service import Conflict, NotFound, Service
 from simulator.mosquitto import MosquittoBroker
-
-
-@pytest.fixture
-async def service(db_target: str) -> AsyncIterator[Service]:
-    database = await db.Database.open(db_target)
-    await database.bind_tenant("contoso")
-    s = Service(database, "contoso")
-    yield s
-    await database.close()
 
 
 async def _start_publisher(
