@@ -150,16 +150,21 @@ class WorkerFleet:
     ) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while True:
-            got = {
+            mine = {
                 wid: r[str(seq)]
                 for wid, r in self.replies.items()
-                if wid in self.workers
-                and str(seq) in r
-                and (r[str(seq)].get("phase") == phase if phase else "phase" not in r[str(seq)])
+                if wid in self.workers and str(seq) in r
             }
-            for wid, r in got.items():
+            # A failure ends the wait whatever phase it waits for: a worker whose command
+            # failed before its "ready" never sends one (a run waited out the 600 s).
+            for wid, r in mine.items():
                 if not r.get("ok", False):
                     raise RunError(f"worker {wid}: {r.get('error')}")
+            got = {
+                wid: r
+                for wid, r in mine.items()
+                if (r.get("phase") == phase if phase else "phase" not in r)
+            }
             if progress_task and self.progress:
                 done = sum(p["done"] for p in self.progress_seen.values() if p.get("seq") == seq)
                 self.progress(progress_task, done, 0)

@@ -262,3 +262,20 @@ def test_a_sigkilled_run_takes_its_children_along(tmp_path: Path) -> None:
         assert _survivors(children) == []
     finally:
         _kill_all(children)
+
+
+async def test_a_command_failing_before_its_ready_phase_fails_the_run_at_once() -> None:
+    """The baseline command answers "ready" once its subscribers are connected; a worker
+    whose subscribers could not connect answers with its error and never sends "ready".
+    The coordinator waited out the 600 s for the "ready" instead of failing the run."""
+    from simulator.fleet import RunError, WorkerFleet
+
+    fleet = WorkerFleet("r", None)
+    fleet.workers = ["w1", "w2"]
+    fleet.replies = {
+        "w1": {"7": {"ok": True, "phase": "ready"}},
+        "w2": {"7": {"ok": False, "error": "RuntimeError: baseline subscriber 4945 could not"
+                                          " connect"}},
+    }  # fmt: skip
+    with pytest.raises(RunError, match="worker w2: RuntimeError: baseline subscriber 4945"):
+        await asyncio.wait_for(fleet.wait_replies(7, 600, phase="ready"), 5)
