@@ -216,6 +216,7 @@ class PahoShard:
 
     async def _connect_one(self, i: int, version: VersionChoice) -> paho.Client:
         loop = asyncio.get_running_loop()
+        last: BaseException | None = None
         for attempt in range(10):
             c = self._client(i, version)
             connacked: asyncio.Future[Any] = loop.create_future()
@@ -232,10 +233,12 @@ class PahoShard:
                 await asyncio.wait_for(subacked, 30)
                 return c
             except (OSError, TimeoutError, MqttConnectError) as e:
+                last = e
                 c.disconnect()
                 version.fall_back(e)
                 await asyncio.sleep(0.2 * (attempt + 1))
-        raise RuntimeError(f"baseline subscriber {i} could not connect")
+        why = f"{type(last).__name__}: {last}" if last is not None else "no attempt"
+        raise RuntimeError(f"baseline subscriber {i} could not connect in 10 attempts ({why})")
 
     async def connect(self) -> None:
         sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
