@@ -6,7 +6,10 @@ broker and database per run) and measures, each as the median of ``--runs`` runs
 
 * ``writes``: N admin writes over HTTP from C concurrent clients (assign of one add-in to
   distinct users: one revision, one audit line, one outbox row and one retained QoS 1
-  publish each). committed/s counts HTTP 200s (each reply is sent once its write is
+  publish each). The clients are aiohttp connections (keep-alive): httpx cost ~2.2 ms of
+  CPU per request on this bench's 2-CPU machine, more than the server's write, so the
+  figure was the load generator's. With ``--replicas N`` (PostgreSQL) N servers share the
+  database and the clients are spread over them. committed/s counts HTTP 200s (each reply is sent once its write is
   durable); published/s stops the clock when a plain subscriber has received the last
   write (commit + publish + PUBACK + delivery). Also the server's CPU time per write (a
   figure the machine's other load does not inflate as much as wall time).
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import httpx
 import paho.mqtt.client as paho
@@ -90,6 +94,8 @@ class Server:
     pid: int
     broker: MosquittoBroker
     db: Path | str
+    replicas: list[tuple[str, int]]
+    """(url, pid) of every server on the database, this one first."""
 
 
 async def _reset_pg(url: str) -> None:
@@ -101,11 +107,12 @@ async def _reset_pg(url: str) -> None:
 
 
 @asynccontextmanager
-async def server(org: dict[str, Any], db_url: str | None) -> AsyncIterator[Server]:
+async def server(
+    org: dict[str, Any], db_url: str | None, replicas: int = 1
+) -> AsyncIterator[Server]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-server-"))
     broker = MosquittoBroker(tmp / "broker", max_queued_messages=100_000)
     broker.start()
-    port = free_port()
     db: Path | str = db_url or tmp / "server.db"
     if db_url:
         await _reset_pg(db_url)
@@ -117,36 +124,48 @@ async def server(org: dict[str, Any], db_url: str | None) -> AsyncIterator[Serve
         capture_output=True,
     )
     wrap = os.environ.get("BENCH_SERVER_WRAP", "").split()  # e.g. py-spy record -o x.svg --
-    proc = await asyncio.to_thread(
-        subprocess.Popen,
-        [*wrap, sys.executable, "-m", "server_stub", "serve", "--db", str(db),
-         "--tenant", TENANT, "--broker", broker.url, "--listen", f"127.0.0.1:{port}",
-         "--admin-token", "bench", "--agent-token", "agent", "--insecure"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    procs: list[tuple[subprocess.Popen[bytes], int]] = []
     try:
-        async with httpx.AsyncClient(base_url=url, headers=H, timeout=30) as http:
-            for _ in range(600):
-                try:
-                    if (await http.get("/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.05)
-        pid = proc.pid
+        for n in range(replicas):
+            port = free_port()
+            proc = await asyncio.to_thread(
+                subprocess.Popen,
+                [*(wrap if n == 0 else []), sys.executable, "-m", "server_stub", "serve",
+                 "--db", str(db), "--tenant", TENANT, "--broker", broker.url,
+                 "--listen", f"127.0.0.1:{port}", "--admin-token", "bench",
+                 "--agent-token", "agent", "--insecure"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            procs.append((proc, port))
+            await _wait_ready(f"http://127.0.0.1:{port}")
+        pid = procs[0][0].pid
         if wrap:  # the server is py-spy's child
-            pid = _child(proc.pid)
-        yield Server(url, pid, broker, db)
+            pid = _child(pid)
+        pids = [pid] + [p.pid for p, _ in procs[1:]]
+        urls = [f"http://127.0.0.1:{port}" for _, port in procs]
+        yield Server(urls[0], pid, broker, db, list(zip(urls, pids, strict=True)))
     finally:
-        if wrap:
-            os.kill(pid, signal.SIGTERM)  # py-spy writes its profile when the server ends
-            proc.wait(60)
-        else:
-            proc.terminate()
-            proc.wait(10)
+        for n, (proc, _) in enumerate(procs):
+            if wrap and n == 0:
+                os.kill(_child(proc.pid), signal.SIGTERM)  # py-spy writes its profile then
+                proc.wait(60)
+            else:
+                proc.terminate()
+                proc.wait(10)
         broker.kill()
+
+
+async def _wait_ready(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url, headers=H, timeout=30) as http:
+        for _ in range(600):
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"the server at {url} did not become ready in 30 s")
 
 
 def _small_org(users: int) -> dict[str, Any]:
@@ -160,69 +179,89 @@ def _small_org(users: int) -> dict[str, Any]:
 # -- writes per second --------------------------------------------------------------------
 
 
-async def run_writes(writes: int, concurrency: int, users: int, db_url: str | None) -> dict[str, Any]:
-    async with server(_small_org(users), db_url) as srv:
-        async with httpx.AsyncClient(base_url=srv.url, headers=H, timeout=30) as http:
-            last_topic = f"addins/v1/{TENANT}/assign/user/u{(writes - 1) % users:05d}/{ADDIN}"
-            seen = asyncio.Event()
-            target_rev = 0
+async def run_writes(
+    writes: int, concurrency: int, users: int, db_url: str | None, replicas: int = 1
+) -> dict[str, Any]:
+    async with server(_small_org(users), db_url, replicas) as srv:
+        last_topic = f"addins/v1/{TENANT}/assign/user/u{(writes - 1) % users:05d}/{ADDIN}"
+        seen = asyncio.Event()
+        target_rev = 0
 
-            async def watch(ready: asyncio.Event) -> None:
-                async with aiomqtt.Client("127.0.0.1", srv.broker.port) as c:
-                    await c.subscribe(f"addins/v1/{TENANT}/assign/user/+/+", qos=1)
-                    ready.set()
-                    async for m in c.messages:
-                        if str(m.topic) == last_topic and not m.retain:
-                            rev = json.loads(bytes(m.payload))["revision"]  # type: ignore[arg-type]
-                            if target_rev and rev >= target_rev:
-                                seen.set()
-                                return
+        async def watch(ready: asyncio.Event) -> None:
+            async with aiomqtt.Client("127.0.0.1", srv.broker.port) as c:
+                await c.subscribe(f"addins/v1/{TENANT}/assign/user/+/+", qos=1)
+                ready.set()
+                async for m in c.messages:
+                    if str(m.topic) == last_topic and not m.retain:
+                        rev = json.loads(bytes(m.payload))["revision"]
+                        if target_rev and rev >= target_rev:
+                            seen.set()
+                            return
 
-            ready = asyncio.Event()
-            watcher = asyncio.create_task(watch(ready))
-            await ready.wait()
-            queue: asyncio.Queue[int] = asyncio.Queue()
-            for i in range(writes):
-                queue.put_nowait(i)
-            revs: list[int] = []
-            lat: list[float] = []
+        ready = asyncio.Event()
+        watcher = asyncio.create_task(watch(ready))
+        await ready.wait()
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(writes):
+            queue.put_nowait(i)
+        revs: list[int] = []
+        lat: list[float] = []
+        sessions = [
+            aiohttp.ClientSession(url, headers=H, connector=aiohttp.TCPConnector(limit=0))
+            for url, _ in srv.replicas
+        ]
 
-            async def worker() -> None:
-                while not queue.empty():
-                    i = queue.get_nowait()
-                    body = {"target": "user", "target_id": f"u{i % users:05d}", "mode": "fixed"}
-                    t = time.perf_counter()
-                    r = await http.post(f"/v1/addins/{ADDIN}/assign", json=body)
+        async def worker(http: aiohttp.ClientSession) -> None:
+            # One keep-alive connection per worker, as 16 admin tools would hold.
+            while not queue.empty():
+                i = queue.get_nowait()
+                body = {"target": "user", "target_id": f"u{i % users:05d}", "mode": "fixed"}
+                t = time.perf_counter()
+                async with http.post(f"/v1/addins/{ADDIN}/assign", json=body) as r:
+                    reply = await r.json()
                     lat.append(time.perf_counter() - t)
-                    r.raise_for_status()
-                    revs.append(r.json()["revision"])
+                    if r.status != 200:
+                        raise RuntimeError(f"write refused: {r.status} {reply}")
+                revs.append(reply["revision"])
 
-            cpu0 = _cpu_seconds(srv.pid)
+        try:
+            pids = [pid for _, pid in srv.replicas]
+            cpu0 = [_cpu_seconds(p) for p in pids]
+            own0 = time.process_time()
             t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(
+                *(worker(sessions[n % len(sessions)]) for n in range(concurrency))
+            )
             t_commit = time.perf_counter() - t0
             # The last write to the last user's topic carries the highest revision for it.
-            r = await http.post(
+            async with sessions[0].post(
                 f"/v1/addins/{ADDIN}/assign",
                 json={"target": "user", "target_id": last_topic.split("/")[-2], "mode": "optional"},
-            )
-            target_rev = r.json()["revision"]
+            ) as r:
+                target_rev = (await r.json())["revision"]
             await asyncio.wait_for(seen.wait(), 120)
             t_pub = time.perf_counter() - t0
-            cpu = _cpu_seconds(srv.pid) - cpu0
+            cpu = sum(_cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True))
+            own = time.process_time() - own0
+        finally:
             watcher.cancel()
-            assert len(set(revs)) == writes, "two replies carried the same revision"
-            return {
-                "writes": writes + 1,
-                "commit_seconds": round(t_commit, 3),
-                "committed_per_s": round(writes / t_commit, 1),
-                "published_seconds": round(t_pub, 3),
-                "published_per_s": round((writes + 1) / t_pub, 1),
-                "write_p50_ms": _ms(_pct(lat, 0.5)),
-                "write_p99_ms": _ms(_pct(lat, 0.99)),
-                "server_cpu_ms_per_write": round(cpu * 1000 / (writes + 1), 3),
-                "load": _load(),
-            }
+            for http in sessions:
+                await http.close()
+        assert len(set(revs)) == writes, "two replies carried the same revision"
+        return {
+            "writes": writes + 1,
+            "replicas": replicas,
+            "commit_seconds": round(t_commit, 3),
+            "committed_per_s": round(writes / t_commit, 1),
+            "published_seconds": round(t_pub, 3),
+            "published_per_s": round((writes + 1) / t_pub, 1),
+            "write_p50_ms": _ms(_pct(lat, 0.5)),
+            "write_p99_ms": _ms(_pct(lat, 0.99)),
+            "server_cpu_ms_per_write": round(cpu * 1000 / (writes + 1), 3),
+            # The load generator and the subscriber (this process), for the CPU budget.
+            "client_cpu_ms_per_write": round(own * 1000 / (writes + 1), 3),
+            "load": _load(),
+        }
 
 
 # -- status and explain with 10,000 devices and 200 add-ins -----------------------------------
@@ -440,13 +479,18 @@ def main() -> None:
     ap.add_argument("--addins", type=int, default=200, help="add-ins of the reads part")
     ap.add_argument("--rate", type=float, default=100.0, help="admin writes/s of the burst part")
     ap.add_argument("--db", default=None, help="an empty postgresql:// database instead of SQLite")
+    ap.add_argument(
+        "--replicas", type=int, default=1, help="servers sharing the --db (writes part)"
+    )
     a = ap.parse_args()
+    if a.replicas > 1 and not a.db:
+        raise SystemExit("--replicas needs --db postgresql://... (replicas share PostgreSQL)")
     result: dict[str, Any] = {"backend": "postgresql" if a.db else "sqlite"}
     for part in a.part.split(","):
         runs = []
         for _ in range(a.runs):
             if part == "writes":
-                runs.append(asyncio.run(run_writes(a.writes, a.concurrency, a.users, a.db)))
+                runs.append(asyncio.run(run_writes(a.writes, a.concurrency, a.users, a.db, a.replicas)))
             elif part == "reads":
                 runs.append(asyncio.run(run_reads(a.devices, a.addins, 30, a.db)))
             elif part == "burst":
