@@ -151,6 +151,10 @@ class AgentConfig(BaseModel):
     mqtt_version: Literal["auto", "5", "3.1.1"] = "auto"
     """MQTT 5, falling back to 3.1.1 when the broker refuses 5 (``auto``), or pinned; see
     addin_runtime/mqtt_version.py for what 3.1.1 loses."""
+    mqtt_source_address: str | None = None
+    """The local address the MQTT connection leaves from (an address of this machine);
+    None: the system's choice. The simulator spreads its thousands of agents over several
+    loopback addresses with it (simulator/sources.py)."""
     events_keep_days: float = Field(default=30.0, gt=0)
     """The cache's event log keeps this many days of history ..."""
     events_keep_rows: int = Field(default=10_000, ge=100)

@@ -251,6 +251,7 @@ class Agent:
             tls_context=mqtt_context(self.config),
             mqtt_version=self.config.mqtt_version,
             on_refused=self._on_refused,
+            source_address=self.config.mqtt_source_address,
         )
         self.transport.start()
         self._schedule_fetches()

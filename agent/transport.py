@@ -112,8 +112,10 @@ class Transport:
         tls_context: ssl.SSLContext | None = None,
         mqtt_version: MqttVersion = "auto",
         on_refused: RefusedHandler | None = None,
+        source_address: str | None = None,
     ) -> None:
         self.host, self.port, self.client_id = host, port, client_id
+        self.source_address = source_address
         self.version = VersionChoice(mqtt_version)
         self.tls_context = tls_context
         self.username, self.password = username, password
@@ -183,6 +185,7 @@ class Transport:
             keepalive=self.keepalive,
             timeout=10,
             tls_context=self.tls_context,
+            bind_address=self.source_address or "",
         )
         # A broker refusing our certificate says so only after the handshake: without this
         # the attempt would end 10 s later as "Operation timed out".

@@ -45,6 +45,7 @@ from addin_runtime.tasks import wait_event
 from agent.http_pool import HttpPool
 from simulator.control import BrokerAddress
 from simulator.metrics import LatencyHistogram
+from simulator.sources import source_address
 
 CONNECT_CONCURRENCY = 50
 """Mosquitto drops connects beyond about 100 in flight; stay well below."""
@@ -129,6 +130,7 @@ class BaselineShard:
                 password=self.broker.password,
                 protocol=version.protocol,
                 timeout=30,
+                bind_address=source_address(i, self.broker.host) or "",
             )
 
         async def one(i: int) -> None:
@@ -230,7 +232,12 @@ class PahoShard:
             c.on_subscribe = lambda _c, _u, _m, _rc, _p, f=subacked: f.done() or f.set_result(None)
             try:
                 # A blocking TCP connect (as paho does it); the CONNACK comes through the loop.
-                c.connect(self.broker.host, self.broker.port, keepalive=60)
+                c.connect(
+                    self.broker.host,
+                    self.broker.port,
+                    keepalive=60,
+                    bind_address=source_address(i, self.broker.host) or "",
+                )
                 rc = await asyncio.wait_for(connacked, 30)
                 if rc.is_failure:
                     raise MqttConnectError(rc)

@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from addin_core.protocol import Host
 from addin_runtime.tasks import cancel_and_wait
@@ -38,6 +39,7 @@ from simulator.control import BrokerAddress, ControlChannel
 from simulator.fleetstats import AGENT_EVENTS, FleetStats, MeteredHttpPool
 from simulator.metrics import ProcessMonitor, StageSet
 from simulator.oracle import diff_entitlements, diff_installed
+from simulator.sources import source_address
 
 log = logging.getLogger(__name__)
 
@@ -306,16 +308,19 @@ class Worker:
             return AgentConfig(
                 **common,
                 broker_url=tls["broker_url"],
+                mqtt_source_address=_source(c.client_id, tls["broker_url"]),
                 server_token=c.token,
                 signing_key=s["signing_key"],
                 tls_ca=tls["ca"],
                 tls_cert=str(devices / f"{c.client_id}.crt"),
                 tls_key=str(devices / f"{c.client_id}.key"),
             )
+        broker_url = self._agent_broker(c.client_id, s.get("brokers") or [])
         return AgentConfig(
             **common,
             insecure=True,  # the simulated fleet runs on a private loopback broker
-            broker_url=self._agent_broker(c.client_id, s.get("brokers") or []),
+            broker_url=broker_url,
+            mqtt_source_address=_source(c.client_id, broker_url),
             broker_username=self.broker.username,
             broker_password=self.broker.password,
             server_token=s.get("agent_token"),
@@ -592,3 +597,7 @@ async def run_worker(
     for sig in (signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop_on, sig)
     await w.serve()
+
+
+def _source(client_id: str, broker_url: str) -> str | None:
+    return source_address(client_id, urlsplit(broker_url).hostname or "")
