@@ -304,9 +304,13 @@ class DownloadShard(PahoShard):
             {"Authorization": f"Bearer {download.token}"} if download.token is not None else {}
         )
         self._gets: set[asyncio.Task[None]] = set()
+        self.notified = LatencyHistogram()
+        """When each subscriber got the probe, while the others' downloads share its loop:
+        the notify floor of a step in which every client downloads as it is notified."""
 
     def _on_message(self, _c: paho.Client, _u: Any, message: paho.MQTTMessage) -> None:
         sent = float(json.loads(message.payload)["sent_at"])
+        self.notified.record(time.time() - sent)
         t = asyncio.get_running_loop().create_task(self._get(sent))
         self._gets.add(t)
         t.add_done_callback(self._gets.discard)
@@ -460,15 +464,16 @@ async def baseline_in_loop(
     timeout: float,
     kind: Subscriber = "paho",
     download: Download | None = None,
-) -> tuple[LatencyHistogram, int, int]:
+) -> tuple[LatencyHistogram, int, int, LatencyHistogram | None]:
     """Used by a simulation worker: connect `n` subscribers, call `ready`, wait for the probe.
-    Returns the latencies, how many were received (downloaded) and how many downloads
-    failed."""
+    Returns the latencies, how many were received (downloaded), how many downloads failed
+    and, for the download floor, when each subscriber was notified."""
     shard = make_shard(kind, broker, topic, n, prefix, download)
     try:
         await shard.connect()
         await ready()
         await shard.wait(timeout)
-        return shard.hist, shard.received, getattr(shard, "failed", 0)
+        notified = shard.notified if isinstance(shard, DownloadShard) else None
+        return shard.hist, shard.received, getattr(shard, "failed", 0), notified
     finally:
         await shard.close()

@@ -317,17 +317,24 @@ class Coordinator:
             replies = await self.fleet.wait_replies(seq, args["timeout"] + 90)
         finally:
             await self.fleet.retire_command(seq)
-        hist = LatencyHistogram()
+        hist, notified = LatencyHistogram(), LatencyHistogram()
         received = failed = 0
         for r in replies.values():
             hist.merge(LatencyHistogram.decode(r["result"]["hist"]))
+            if "notified" in r["result"]:
+                notified.merge(LatencyHistogram.decode(r["result"]["notified"]))
             received += r["result"]["received"]
             failed += r["result"].get("failed", 0)
+        extra: dict[str, Any] = {}
+        if download is not None:
+            extra["failed"] = failed
+            # The download floor's subscribers' own notification, under the downloads.
+            extra["notified"] = notified.summary()
         return {
             "subscriber": subscriber,
             "clients": n,
             "received": received,
-            **({"failed": failed} if download is not None else {}),
+            **extra,
             **hist.summary(),
             "cdf": hist.cdf(),
         }

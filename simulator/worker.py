@@ -525,7 +525,7 @@ class Worker:
             await self._reply(seq, {"ok": True, "phase": "ready"})
 
         download = args.get("download")
-        hist, received, failed = await baseline_in_loop(
+        hist, received, failed, notified = await baseline_in_loop(
             self.broker,
             args["topic"],
             n,
@@ -535,7 +535,10 @@ class Worker:
             args.get("subscriber", "paho"),
             Download(**download) if download else None,
         )
-        return {"hist": hist.encode(), "received": received, "failed": failed}
+        out = {"hist": hist.encode(), "received": received, "failed": failed}
+        if notified is not None:
+            out["notified"] = notified.encode()
+        return out
 
     async def cmd_sample(self, seq: int, args: dict[str, Any]) -> dict[str, Any]:
         self.monitor.sample()

@@ -50,7 +50,7 @@ def test_compare_tables_real_runs_by_client_count(reports: list[Path], tmp_path:
     for line, report_file in zip(lines, reversed(reports[:2]), strict=True):
         data = json.loads(report_file.read_text())
         cells = [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]
-        run, clients, cache, cpu, kb, step, notify, cached, floor, ratio, down, dratio = cells
+        run, clients, cache, cpu, kb, step, notify, cached, floor, ratio, down, dratio, nratio = cells
         assert run == str(report_file.parent)  # named by its report directory
         assert clients == str(data["clients"]) and cache == "none"
         workers_cpu = sum(p["cpu_s"] for p in data["processes"] if "worker" in p["role"])
@@ -72,6 +72,9 @@ def test_compare_tables_real_runs_by_client_count(reports: list[Path], tmp_path:
         assert down == f"{download['p99_ms']:,.0f}"
         expected = everyone["stages"]["cached"]["p99_ms"] / download["p99_ms"]
         assert float(dratio) == pytest.approx(expected, abs=0.006)
+        # And its subscribers' own notification (under the downloads) against the step's.
+        expected = everyone["stages"]["notified"]["p99_ms"] / download["notified_p99_ms"]
+        assert float(nratio) == pytest.approx(expected, abs=0.006)
     html = page.read_text()
     assert html.count("<svg") == 3 and "notify p99" in html and "no data" not in html
     assert "download floor p99" in html

@@ -334,6 +334,8 @@ def _report() -> dict[str, Any]:
                 "p99_ms": 402.0,
                 "max_ms": 409.0,
                 "cached_p99_ratio": 1.269,
+                "notified_p99_ms": 350.0,
+                "notified_p99_ratio": 0.777,
             },
         },
         "throughput": {
@@ -523,6 +525,7 @@ def test_html_and_terminal_say_what_n_counts() -> None:
     assert "aiomqtt iterator subscribers: p99 183 ms" in flat and "= 1.486" in flat
     assert "(the download floor): 998 downloaded, 2 failed; p99 402 ms" in flat
     assert "cached p99 / download floor p99 = 1.269" in flat
+    assert "notified (while the others downloaded) p99 350 ms; notified p99 / that p99 = 0.777" in flat
     assert "everyone: broker kill, 330 duplicated/reordered messages" in flat
 
 
@@ -591,6 +594,7 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
                 "received": 3,
                 "failed": 1,
                 "p99_ms": 8.0,
+                "notified": {"p99_ms": 6.0},
             },
         },
         processes=[{"role": "worker", "pid": 1, "cpu_s": 1.0, "rss_max_kb": 4096}],
@@ -633,7 +637,9 @@ def test_build_report_counts_every_manifest_request_and_who_each_step_reached() 
     download = report["baseline"]["download"]
     assert download["cached_p99_ratio"] == round(report["stages"]["cached"]["p99_ms"] / 8.0, 3)
     assert (download["received"], download["failed"]) == (3, 1)
-    assert "notified_p99_ratio" not in download
+    # Its notify ratio is against when its own subscribers were notified, under downloads.
+    assert download["notified_p99_ms"] == 6.0
+    assert download["notified_p99_ratio"] == round(report["stages"]["notified"]["p99_ms"] / 6.0, 3)
     assert report["baseline"]["p95_ms"] == 2.0 and report["cdf"]["baseline"] == [
         [1.0, 0.0],
         [2.0, 1.0],

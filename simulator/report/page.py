@@ -218,6 +218,13 @@ def render_html(report: dict[str, Any]) -> str:
             f"worker (the agents' pool and settings): {d['received']:,} downloaded, "
             f"{d.get('failed', 0):,} failed.</p>"
         )
+        if d.get("notified_p99_ms") is not None:
+            ratio += (
+                f"<p>Its subscribers were notified p99 <b>{d['notified_p99_ms']:.0f} ms</b> "
+                "while the others' downloads shared their event loops: the notify floor of a "
+                "step in which every client downloads as it is notified. notified p99 / that "
+                f"p99 = <b>{d.get('notified_p99_ratio')}</b>.</p>"
+            )
     procs = _table(
         ["role", "pid", "CPU s", "max RSS MiB"],
         [

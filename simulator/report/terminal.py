@@ -48,6 +48,12 @@ def print_summary(report: dict[str, Any], console: Console | None = None) -> Non
             f"max {d['max_ms']:.0f} ms; cached p99 / download floor p99 = "
             f"{d['cached_p99_ratio']}"
         )
+        if d.get("notified_p99_ms") is not None:
+            console.print(
+                f"  its subscribers were notified (while the others downloaded) p99 "
+                f"{d['notified_p99_ms']:.0f} ms; notified p99 / that p99 = "
+                f"{d['notified_p99_ratio']}"
+            )
     m = report.get("manifest_requests")
     if m and m["count"]:
         console.print(
