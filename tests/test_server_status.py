@@ -153,3 +153,29 @@ def test_an_unreadable_applied_list_counts_as_nothing(caplog: pytest.LogCaptureF
         '[{"addin_id": "a", "version": "1", "host": "Word"},'
         ' {"addin_id": "a", "version": "1", "host": "Excel"}]',
     ) == {("a", "1")}
+
+
+async def test_status_counts_whom_explain_says_is_entitled(service: Service) -> None:
+    """An exclusion (a group, a user) takes users out of `status`'s counts as out of
+    `explain`'s answer."""
+    users = ("ann", "bob", "cat", "dan")
+    for u in users:
+        await service.create_user(u, u)
+    await service.create_group("contractors", "contractors")
+    await service.add_member("contractors", "cat")
+    for name in ("one", "two"):
+        await service.add_lob(manifest(name, "1.0"))
+    await service.assign(ONE, "everyone", None, "fixed", ["group:contractors", "user:dan"])
+    await service.assign(TWO, "everyone", None, "available", ["user:ann"])
+    await service.assign(TWO, "user", "bob", "fixed")
+    got = {
+        a["addin_id"]: (a["entitled_users"], a["to_install"])
+        for a in (await service.status())["addins"]
+    }
+    for addin in (ONE, TWO):
+        modes = [(await service.explain(u, addin))["mode"] for u in users]
+        assert got[addin] == (
+            sum(m is not None for m in modes),
+            sum(m is not None and m != "available" for m in modes),
+        )
+    assert got == {ONE: (2, 2), TWO: (3, 1)}

@@ -19,6 +19,7 @@ from server_stub.entitlement import (
     paths_for_user,
 )
 from server_stub.rollout_rules import catalog_rings, version_for
+from server_stub.service.assignments import parse_exceptions
 from server_stub.service.reads import Reads, directory_graph
 from server_stub.service.report_summary import ReportSummaries
 
@@ -32,6 +33,14 @@ def _path_view(p: AssignmentPath, user_id: str) -> dict[str, Any]:
         "counts": p.counts,
         "why": p.describe(user_id),
     }
+
+
+def _assignment_row(view: dict[str, Any]) -> AssignmentRow:
+    """An assignment of the admin's view of an add-in, with its exclusions (an excluded user
+    is not entitled, as `explain` says)."""
+    groups, users = parse_exceptions(view["except"])
+    return AssignmentRow(view["target"], view["target_id"] or "", Mode(view["mode"]),
+                         frozenset(groups), frozenset(users))  # fmt: skip
 
 
 class Troubleshooting:
@@ -132,10 +141,7 @@ class Troubleshooting:
         # same users: computed once each (200 add-ins on 20 groups: 20 computations).
         seen: dict[tuple[AssignmentRow, ...], tuple[int, set[str]]] = {}
         for a in addins:
-            assigned = tuple(
-                AssignmentRow(x["target"], x["target_id"] or "", Mode(x["mode"]))
-                for x in a["assignments"]
-            )
+            assigned = tuple(_assignment_row(x) for x in a["assignments"])
             found = seen.get(assigned)
             if found is None:
                 ent = entitled_users(assigned, all_users, members, children, nested)
