@@ -179,3 +179,22 @@ async def test_status_counts_whom_explain_says_is_entitled(service: Service) -> 
             sum(m is not None and m != "available" for m in modes),
         )
     assert got == {ONE: (2, 2), TWO: (3, 1)}
+
+
+async def test_one_addins_status_is_its_line_of_the_whole(service: Service) -> None:
+    """`status ADDIN` (by id or name) says what `status` says of it, whether taken from the
+    whole one's entitlements or, after a write, computed alone."""
+    for u in ("ann", "bob"):
+        await service.create_user(u, u)
+    for name in ("one", "two"):
+        await service.add_lob(manifest(name, "1.0"))
+    await service.assign(ONE, "everyone", None, "fixed")
+    await service.record_reports([report("ann-pc", "ann", 1, ONE)])
+    whole = await service.status()
+    for a in whole["addins"]:
+        assert (await service.status(a["addin_id"]))["addins"] == [a]
+        assert (await service.status(a["name"]))["addins"] == [a]
+    await service.assign(TWO, "user", "ann", "fixed")
+    alone = (await service.status(TWO))["addins"]
+    assert alone == [a for a in (await service.status())["addins"] if a["addin_id"] == TWO]
+    assert alone[0]["to_install"] == 1

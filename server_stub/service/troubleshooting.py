@@ -20,6 +20,7 @@ from server_stub.entitlement import (
 )
 from server_stub.rollout_rules import catalog_rings, version_for
 from server_stub.service.assignments import parse_exceptions
+from server_stub.service.lookup import find_addin
 from server_stub.service.reads import Reads, directory_graph
 from server_stub.service.report_summary import ReportSummaries
 
@@ -128,10 +129,16 @@ class Troubleshooting:
         self, revision: int, addin_id: str | None
     ) -> tuple[bool, list[tuple[dict[str, Any], int, set[str]]]]:
         """(nested groups, per add-in: its view, entitled users, users to install it); for
-        every add-in, computed once per revision."""
-        if addin_id is None and self._entitled_cache is not None:
-            if self._entitled_cache[0] == revision:
-                return self._entitled_cache[1], self._entitled_cache[2]
+        every add-in, computed once per revision; one add-in's taken from there when it is
+        current (computing it alone reads the whole directory all the same)."""
+        cache = self._entitled_cache
+        if cache is not None and cache[0] == revision:
+            if addin_id is None:
+                return cache[1], cache[2]
+            wanted = await find_addin(self.database, addin_id)
+            one = [x for x in cache[2] if x[0]["addin_id"] == wanted]
+            if one:
+                return cache[1], one
         reads = self.reads
         addins = [await reads.get_addin(addin_id)] if addin_id else await reads.list_addins()
         nested = await reads.nested_groups()
