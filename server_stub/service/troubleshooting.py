@@ -171,10 +171,15 @@ class Troubleshooting:
         nested, addins = await self._entitled(revision, addin_id)
         summary = await self.reports.current()
         reporting = summary.reporting_users()
+        # Add-ins assigned alike share their set of users to install (`_entitled`): how many
+        # of those report is counted once per set.
+        reporting_of: dict[int, int] = {}
         out = []
         # No await from here to the end of the loop: the summary is not changed under it.
         for a, entitled, installing in addins:
             done = installing & summary.applied_users(a["addin_id"], a["version"])
+            if id(installing) not in reporting_of:
+                reporting_of[id(installing)] = len(installing & reporting)
             out.append(
                 {
                     "addin_id": a["addin_id"],
@@ -186,7 +191,7 @@ class Troubleshooting:
                     "to_install": len(installing),
                     "available_only": entitled - len(installing),
                     "reported_current": len(done),
-                    "reporting": len(installing & reporting),
+                    "reporting": reporting_of[id(installing)],
                 }
             )
         return {
