@@ -15,7 +15,9 @@ broker and database per run) and measures, each as the median of ``--runs`` runs
   figure the machine's other load does not inflate as much as wall time).
 * ``reads``: ``GET /v1/status`` (every add-in), ``/v1/status?addin=`` and ``/v1/explain``
   latency, p50/p99, with 10,000 users whose 10,000 devices have reported (over MQTT,
-  stored by the server) and 200 add-ins (each assigned to one group of 500 users).
+  stored by the server) and 200 add-ins (each assigned to one group of 500 users); then
+  the first ``status`` after 500 new devices' reports were stored and the first after an
+  admin write (3 of each: median, max and the server's CPU time).
 * ``burst``: admin write latency (a paced 100 writes/s from 8 clients) while the broker
   restarts and 10,000 agent reports arrive at once (the fleet reconnecting), against the
   same load on a quiet server just before: p50/p99 of each, and how long the reports
@@ -292,14 +294,17 @@ def _big_org(users: int, addins: int, tmp: Path) -> tuple[dict[str, Any], list[s
     return org, ids
 
 
-def _reports(users: int, ids: list[str], revision: int) -> list[tuple[str, bytes]]:
-    """One device per user, reporting the add-ins of its group applied."""
+def _reports(
+    users: int, ids: list[str], revision: int, of: range | None = None, prefix: str = "dev"
+) -> list[tuple[str, bytes]]:
+    """One device per user (of the users `of`, default all), reporting the add-ins of its
+    group applied."""
     ngroups = max(1, users // GROUP_SIZE)
     out = []
     now = time.time()
-    for u in range(users):
+    for u in of if of is not None else range(users):
         mine = [a for i, a in enumerate(ids) if i % ngroups == u % ngroups]
-        client = f"dev{u:05d}"
+        client = f"{prefix}{u:05d}"
         body = {
             "client_id": client,
             "user_id": f"u{u:05d}",
@@ -381,8 +386,42 @@ async def run_reads(users: int, addins: int, n: int, db_url: str | None) -> dict
                 out[f"{name}_first_ms"] = _ms(lat[0])
                 out[f"{name}_p50_ms"] = _ms(_pct(lat, 0.5))
                 out[f"{name}_p99_ms"] = _ms(_pct(lat, 0.99))
+            # The calls a fleet that keeps reporting and admins who keep working make:
+            # the first `status` after a batch of new reports was stored, and the first
+            # after an admin write (a new revision). Each AFTER_CYCLES times.
+            after_reports: list[tuple[float, float]] = []
+            stored = users
+            for c in range(AFTER_CYCLES):
+                batch = _reports(users, ids, revision, range(AFTER_BATCH), prefix=f"d{c}x")
+                await asyncio.to_thread(_publish_burst, srv.broker.port, batch)
+                stored += len(batch)
+                await _wait_stored(srv.db, stored)
+                after_reports.append(await _timed_get(http, srv.pid, "/v1/status"))
+            after_write: list[tuple[float, float]] = []
+            for c in range(AFTER_CYCLES):
+                body = {"target": "user", "target_id": f"u{c:05d}", "mode": "available"}
+                (await http.post(f"/v1/addins/{ids[-1]}/assign", json=body)).raise_for_status()
+                after_write.append(await _timed_get(http, srv.pid, "/v1/status"))
+            for name, got in (("after_reports", after_reports), ("after_write", after_write)):
+                out[f"status_{name}_ms"] = _ms(statistics.median(t for t, _ in got))
+                out[f"status_{name}_max_ms"] = _ms(max(t for t, _ in got))
+                out[f"status_{name}_cpu_ms"] = _ms(statistics.median(c for _, c in got))
             out["load"] = _load()
             return out
+
+
+AFTER_CYCLES = 3
+AFTER_BATCH = 500
+"""New devices reporting before each "first status after new reports" call."""
+
+
+async def _timed_get(http: httpx.AsyncClient, pid: int, path: str) -> tuple[float, float]:
+    """(seconds, server CPU seconds) of one GET."""
+    cpu, t = _cpu_seconds(pid), time.perf_counter()
+    r = await http.get(path)
+    wall = time.perf_counter() - t
+    r.raise_for_status()
+    return wall, _cpu_seconds(pid) - cpu
 
 
 # -- admin writes during a burst of reports ---------------------------------------------------

@@ -225,14 +225,21 @@ class Database:
         rows = await self.rows("SELECT value FROM meta WHERE key='revision'")
         return int(rows[0][0]) if rows else 0
 
-    async def state_key(self) -> tuple[int, int]:
-        """(revision, reports generation): changes whenever the admin state or any stored
-        report does; what summaries of them are cached on."""
-        rows = await self.rows(
-            "SELECT key, value FROM meta WHERE key IN ('revision', 'reports_generation')"
-        )
-        got = {str(k): int(v) for k, v in rows}
-        return got.get("revision", 0), got.get("reports_generation", 0)
+    async def reports_since(self, generation: int) -> tuple[int, list[tuple[str, str, str]]]:
+        """(the reports generation now, the (client id, user id, applied JSON) of every
+        report stored by a write of a later generation than `generation`), read in one
+        transaction. Reports are only ever inserted or replaced, never deleted, so these
+        rows are the whole change since `generation` (-1: every report)."""
+        async with self.snapshot() as conn:
+            now = await _reports_generation(conn)
+            if now == generation:
+                return now, []
+            cur = await conn.execute(
+                "SELECT client_id, user_id, applied FROM reports WHERE generation > ?",
+                (generation,),
+            )
+            rows = await cur.fetchall()
+        return now, [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
 
     async def manifest(self, sha256: str) -> bytes | None:
         """Manifest bytes by content hash."""
@@ -352,26 +359,36 @@ class Database:
                     accepted.append(row)
                 else:
                     refused.append((client_id, user_id, f"that client reports for {owner!r}"))
+            if not accepted:
+                return refused
+            # Each write is one reports generation, and every row it stores carries it:
+            # `status` keeps its summary of the reports up to date by reading only the rows
+            # of a generation above the one it reflects, whoever wrote them.
+            await conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('reports_generation', '1') "
+                "ON CONFLICT(key) DO UPDATE SET "
+                "value=CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"
+            )
+            generation = await _reports_generation(conn)
             await conn.executemany(
                 "INSERT INTO reports(client_id, user_id, revision, reported_at, received_at, "
-                "applied, errors, failed, cached) VALUES (?,?,?,?,?,?,?,?,?) "
+                "applied, errors, failed, cached, generation) VALUES (?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(client_id) DO UPDATE SET revision=excluded.revision, "
                 "reported_at=excluded.reported_at, received_at=excluded.received_at, "
                 "applied=excluded.applied, errors=excluded.errors, failed=excluded.failed, "
-                "cached=excluded.cached "
+                "cached=excluded.cached, generation=excluded.generation "
                 "WHERE excluded.user_id = reports.user_id "
                 "AND (excluded.revision > reports.revision OR (excluded.revision = "
                 "reports.revision AND excluded.received_at >= reports.received_at))",
-                accepted,
+                [(*row, generation) for row in accepted],
             )
-            if accepted:
-                # What `status` keys its summary of the reports on (with the revision).
-                await conn.execute(
-                    "INSERT INTO meta(key, value) VALUES ('reports_generation', '1') "
-                    "ON CONFLICT(key) DO UPDATE SET "
-                    "value=CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)"
-                )
         return refused
+
+
+async def _reports_generation(conn: Conn) -> int:
+    cur = await conn.execute("SELECT value FROM meta WHERE key='reports_generation'")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 async def _devices(

@@ -217,6 +217,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     )),
     Migration(4, "assignment exclusions", split(_EXCEPTIONS)),
     Migration(5, "rollouts", split(_ROLLOUTS)),
+    Migration(6, "reports: the reports generation of the write that stored each", (
+        # What `status` catches up from (server_stub/service/report_summary.py). Old rows:
+        # 0, older than any generation a summary starts from.
+        AddColumn("reports", "generation", "INTEGER NOT NULL DEFAULT 0"),
+        "CREATE INDEX IF NOT EXISTS reports_by_generation ON reports(generation)",
+    )),
 )  # fmt: skip
 
 LATEST = MIGRATIONS[-1].number

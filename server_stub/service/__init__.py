@@ -180,6 +180,11 @@ class Service:
             ],
             enrolled_only=self.enrolled_reports_only,
         )
+        try:
+            await self._troubleshooting.reports.catch_up()
+        except Exception:
+            # The reports are stored; `status` catches up on its next call.
+            log.exception("could not fold the reports just stored into the status summary")
         for client_id, claimed, why in refused:
             log.warning(
                 "refused a report from client %r claiming user %r: %s",

@@ -5,7 +5,6 @@ agents reported; per add-in, how far a rollout got. The text forms are in
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from typing import Any
 
 from addin_core.protocol import Mode
@@ -20,7 +19,10 @@ from server_stub.entitlement import (
     paths_for_user,
 )
 from server_stub.rollout_rules import catalog_rings, version_for
+from server_stub.service.assignments import parse_exceptions
+from server_stub.service.lookup import find_addin
 from server_stub.service.reads import Reads, directory_graph
+from server_stub.service.report_summary import ReportSummaries
 
 
 def _path_view(p: AssignmentPath, user_id: str) -> dict[str, Any]:
@@ -34,13 +36,20 @@ def _path_view(p: AssignmentPath, user_id: str) -> dict[str, Any]:
     }
 
 
+def _assignment_row(view: dict[str, Any]) -> AssignmentRow:
+    """An assignment of the admin's view of an add-in, with its exclusions (an excluded user
+    is not entitled, as `explain` says)."""
+    groups, users = parse_exceptions(view["except"])
+    return AssignmentRow(view["target"], view["target_id"] or "", Mode(view["mode"]),
+                         frozenset(groups), frozenset(users))  # fmt: skip
+
+
 class Troubleshooting:
     def __init__(self, database: Database, reads: Reads) -> None:
         self.database = database
         self.reads = reads
-        self._applied_cache: (
-            tuple[tuple[int, int], dict[tuple[str, str], set[str]], set[str]] | None
-        ) = None
+        self.reports = ReportSummaries(database)
+        """The agents' reports summed up, kept current as they are stored."""
         self._entitled_cache: (
             tuple[int, bool, list[tuple[dict[str, Any], int, set[str]]]] | None
         ) = None
@@ -116,42 +125,39 @@ class Troubleshooting:
             "revision": await self.database.revision(),
         }
 
-    async def _applied(self, key: tuple[int, int]) -> tuple[dict[tuple[str, str], set[str]], set[str]]:
-        """((add-in, version) -> users with a device reporting it applied, users with a
-        device reporting): every report read and parsed once per `key`, not per call (10,000
-        devices' reports took ~0.3 s of CPU each time)."""
-        if self._applied_cache is not None and self._applied_cache[0] == key:
-            return self._applied_cache[1], self._applied_cache[2]
-        applied: dict[tuple[str, str], set[str]] = defaultdict(set)
-        reporting: set[str] = set()
-        for r in await self.database.rows("SELECT user_id, applied FROM reports"):
-            reporting.add(r[0])
-            for a in json.loads(r[1]):
-                applied[(a["addin_id"], a["version"])].add(r[0])
-        self._applied_cache = (key, applied, reporting)
-        return applied, reporting
-
     async def _entitled(
         self, revision: int, addin_id: str | None
     ) -> tuple[bool, list[tuple[dict[str, Any], int, set[str]]]]:
         """(nested groups, per add-in: its view, entitled users, users to install it); for
-        every add-in, computed once per revision."""
-        if addin_id is None and self._entitled_cache is not None:
-            if self._entitled_cache[0] == revision:
-                return self._entitled_cache[1], self._entitled_cache[2]
+        every add-in, computed once per revision; one add-in's taken from there when it is
+        current (computing it alone reads the whole directory all the same)."""
+        cache = self._entitled_cache
+        if cache is not None and cache[0] == revision:
+            if addin_id is None:
+                return cache[1], cache[2]
+            wanted = await find_addin(self.database, addin_id)
+            one = [x for x in cache[2] if x[0]["addin_id"] == wanted]
+            if one:
+                return cache[1], one
         reads = self.reads
         addins = [await reads.get_addin(addin_id)] if addin_id else await reads.list_addins()
         nested = await reads.nested_groups()
         all_users, members, children = await directory_graph(self.database.rows)
         out = []
+        # Add-ins assigned alike (the same groups, Everyone, in the same modes) reach the
+        # same users: computed once each (200 add-ins on 20 groups: 20 computations).
+        seen: dict[tuple[AssignmentRow, ...], tuple[int, set[str]]] = {}
         for a in addins:
-            assigned = [
-                AssignmentRow(x["target"], x["target_id"] or "", Mode(x["mode"]))
-                for x in a["assignments"]
-            ]
-            ent = entitled_users(assigned, all_users, members, children, nested)
-            installing = {u for u, m in ent.items() if m is not Mode.AVAILABLE}
-            out.append((a, len(ent), installing))
+            assigned = tuple(_assignment_row(x) for x in a["assignments"])
+            found = seen.get(assigned)
+            if found is None:
+                ent = entitled_users(assigned, all_users, members, children, nested)
+                if all(x.mode is not Mode.AVAILABLE for x in assigned):
+                    installing = set(ent)
+                else:
+                    installing = {u for u, m in ent.items() if m is not Mode.AVAILABLE}
+                found = seen[assigned] = (len(ent), installing)
+            out.append((a, *found))
         if addin_id is None:
             # Keyed on the revision read before the reads: a write in between makes the
             # next call compute again, never serve an older state.
@@ -161,12 +167,19 @@ class Troubleshooting:
     async def status(self, addin_id: str | None = None) -> dict[str, Any]:
         """Per add-in: entitled users and how many of them have an agent reporting the
         current version applied."""
-        key = await self.database.state_key()
-        nested, addins = await self._entitled(key[0], addin_id)
-        applied, reporting = await self._applied(key)
+        revision = await self.database.revision()
+        nested, addins = await self._entitled(revision, addin_id)
+        summary = await self.reports.current()
+        reporting = summary.reporting_users()
+        # Add-ins assigned alike share their set of users to install (`_entitled`): how many
+        # of those report is counted once per set.
+        reporting_of: dict[int, int] = {}
         out = []
+        # No await from here to the end of the loop: the summary is not changed under it.
         for a, entitled, installing in addins:
-            done = installing & applied.get((a["addin_id"], a["version"]), set())
+            done = installing & summary.applied_users(a["addin_id"], a["version"])
+            if id(installing) not in reporting_of:
+                reporting_of[id(installing)] = len(installing & reporting)
             out.append(
                 {
                     "addin_id": a["addin_id"],
@@ -178,12 +191,12 @@ class Troubleshooting:
                     "to_install": len(installing),
                     "available_only": entitled - len(installing),
                     "reported_current": len(done),
-                    "reporting": len(installing & reporting),
+                    "reporting": reporting_of[id(installing)],
                 }
             )
         return {
             "nested_groups": nested,
             "addins": out,
-            "revision": key[0],
+            "revision": revision,
             "outbox": await self.database.outbox_backlog(),
         }
