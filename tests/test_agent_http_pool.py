@@ -1,5 +1,6 @@
-"""agent.http_pool.HttpPool against a real loopback HTTP server that answers in every framing
-(Content-Length, chunked, until close), closes idle connections, lies, or stalls."""
+"""The agent's manifest clients, agent.http_pool.HttpPool (aiohttp) and agent.http_lite.StreamPool
+(asyncio streams, the daemon's), against a real loopback HTTP server that answers in every
+framing (Content-Length, chunked, until close), closes idle connections, lies, or stalls."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from agent import http_errors
+from agent.http_lite import StreamPool
 from agent.http_pool import HttpPool
 
 Handler = Callable[[str], bytes | None]
@@ -61,14 +63,23 @@ def ok(body: bytes) -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
 
 
+Pool = HttpPool | StreamPool
+
+
+@pytest.fixture(params=[HttpPool, StreamPool])
+def pool_cls(request: pytest.FixtureRequest) -> type[Pool]:
+    cls: type[Pool] = request.param
+    return cls
+
+
 @pytest.fixture
-async def pool() -> AsyncIterator[HttpPool]:
-    p = HttpPool(max_connections=4, timeout=2.0, connect_timeout=2.0, max_body=1000)
+async def pool(pool_cls: type[Pool]) -> AsyncIterator[Pool]:
+    p = pool_cls(max_connections=4, timeout=2.0, connect_timeout=2.0, max_body=1000)
     yield p
     await p.aclose()
 
 
-async def test_content_length_reuses_one_connection(pool: HttpPool) -> None:
+async def test_content_length_reuses_one_connection(pool: Pool) -> None:
     async with RawServer(lambda t: ok(t.encode())) as srv:
         for i in range(5):
             r = await pool.get(f"{srv.url}/m/{i}?x=1", headers={"Authorization": "Bearer t"})
@@ -78,7 +89,7 @@ async def test_content_length_reuses_one_connection(pool: HttpPool) -> None:
         assert srv.requests[0].startswith("GET /m/0?x=1 HTTP/1.1\r\nHost: 127.0.0.1:")
 
 
-async def test_chunked_and_close_delimited_bodies(pool: HttpPool) -> None:
+async def test_chunked_and_close_delimited_bodies(pool: Pool) -> None:
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n"
     async with RawServer(lambda t: chunked) as srv:
         r = await pool.get(srv.url + "/c")
@@ -92,7 +103,7 @@ async def test_chunked_and_close_delimited_bodies(pool: HttpPool) -> None:
         assert r.status_code == 404 and srv.connections == 2
 
 
-async def test_server_closing_idle_connections_is_retried_once(pool: HttpPool) -> None:
+async def test_server_closing_idle_connections_is_retried_once(pool: Pool) -> None:
     async with RawServer(lambda t: ok(b"x"), close_after=1) as srv:
         for _ in range(3):
             assert (await pool.get(srv.url + "/m")).content == b"x"
@@ -100,7 +111,28 @@ async def test_server_closing_idle_connections_is_retried_once(pool: HttpPool) -
         assert srv.connections == 3
 
 
-async def test_bodies_over_the_limit_are_refused(pool: HttpPool) -> None:
+async def test_a_kept_connection_closed_without_an_answer_is_retried_on_a_new_one(
+    pool: Pool,
+) -> None:
+    """The server takes the second request on the kept-alive connection and closes it without
+    a byte (as a server timing out an idle connection does): the request goes again on a new
+    connection, once; a new connection that does the same is an error."""
+    seen: list[str] = []
+
+    def second_unanswered(target: str) -> bytes | None:
+        seen.append(target)
+        return None if len(seen) == 2 else ok(b"x")
+
+    async with RawServer(second_unanswered) as srv:
+        assert (await pool.get(srv.url + "/a")).content == b"x"
+        assert (await pool.get(srv.url + "/b")).content == b"x"
+        assert seen == ["/a", "/b", "/b"] and srv.connections == 2
+    async with RawServer(lambda t: None) as srv:
+        with pytest.raises(http_errors.RemoteProtocolError):
+            await pool.get(srv.url + "/never")
+
+
+async def test_bodies_over_the_limit_are_refused(pool: Pool) -> None:
     big = b"y" * 1001
     async with RawServer(lambda t: ok(big)) as srv:
         with pytest.raises(http_errors.RemoteProtocolError, match="over 1000"):
@@ -124,13 +156,13 @@ async def test_bodies_over_the_limit_are_refused(pool: HttpPool) -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
     ],
 )
-async def test_malformed_answers_are_protocol_errors(pool: HttpPool, answer: bytes) -> None:
+async def test_malformed_answers_are_protocol_errors(pool: Pool, answer: bytes) -> None:
     async with RawServer(lambda t: answer, close_after=1) as srv:
         with pytest.raises(http_errors.RemoteProtocolError):
             await pool.get(srv.url + "/m")
 
 
-async def test_unreachable_stalled_and_unsupported(pool: HttpPool) -> None:
+async def test_unreachable_stalled_and_unsupported(pool: Pool, pool_cls: type[Pool]) -> None:
     async with RawServer(lambda t: ok(b"")) as srv:
         url = srv.url
     with pytest.raises(http_errors.ConnectError):
@@ -142,7 +174,7 @@ async def test_unreachable_stalled_and_unsupported(pool: HttpPool) -> None:
 
     server = await asyncio.start_server(never, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    fast = HttpPool(timeout=0.3)
+    fast = pool_cls(timeout=0.3)
     try:
         with pytest.raises(http_errors.ReadTimeout):
             await fast.get(f"http://127.0.0.1:{port}/m")
@@ -157,7 +189,9 @@ async def test_unreachable_stalled_and_unsupported(pool: HttpPool) -> None:
         await pool.get(url + "/m")
 
 
-async def test_requests_beyond_the_limit_wait_without_their_timeout_running() -> None:
+async def test_requests_beyond_the_limit_wait_without_their_timeout_running(
+    pool_cls: type[Pool],
+) -> None:
     """Thousands of agents share one pool: requests over `max_connections` queue in the pool,
     never more than that many reach the server at once, and time spent queueing does not
     count against a request's own timeout."""
@@ -184,7 +218,7 @@ async def test_requests_beyond_the_limit_wait_without_their_timeout_running() ->
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/m"
     try:
         # 12 requests, 2 at a time, 0.3 s each: the last waits ~1.5 s, its timeout is 1 s.
-        async with HttpPool(max_connections=2, timeout=1.0) as pool:
+        async with pool_cls(max_connections=2, timeout=1.0) as pool:
             answers = await asyncio.gather(*(pool.get(url) for _ in range(12)))
         assert [a.status_code for a in answers] == [200] * 12
         assert peak == 2
