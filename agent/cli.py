@@ -105,7 +105,7 @@ async def _run(cfg: AgentConfig) -> str | None:
 
     from addin_runtime.stop_signals import on_stop_signals
     from agent.daemon import Agent
-    from agent.memory import MemoryReleaser
+    from agent.memory import MemoryReleaser, freeze_started
 
     log = logging.getLogger("addin_agent")
     agent = Agent(cfg)
@@ -124,6 +124,7 @@ async def _run(cfg: AgentConfig) -> str | None:
         except Exception:  # the first failure is the one to report
             log.debug("stop after a failed start failed too", exc_info=True)
         return _startup_problem(e, cfg)
+    freeze_started()
     if cfg.insecure:  # after the start: a refused start stays one error line
         gaps = cfg.lab_gaps()
         log.warning(

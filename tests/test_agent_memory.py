@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from typing import Any
 
@@ -37,6 +38,11 @@ def test_release_runs_here() -> None:
 
         assert (trim is not None) == bool(os.confstr("CS_GNU_LIBC_VERSION"))
     memory.release_freed_memory()
+    try:
+        memory.freeze_started()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 async def test_the_agent_says_settled_after_a_report_without_downloads(
