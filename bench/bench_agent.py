@@ -3,6 +3,8 @@
 * idle daemon RSS and CPU with 50 add-ins entitled, installed in Word and Excel, and the
   event loop's wake-ups over that window (epoll_wait calls counted by strace, when present);
   RSS again after a restart on the warm cache (nothing to download: a workstation's boot);
+  each RSS also split into anonymous and file-backed memory and PSS (`memory_split`; with
+  ``--smaps-dir`` the daemon's full /proc/PID/smaps at both moments is kept there);
 * `launch` latency through the daemon's control socket: with the CLI's own client
   (`agent.control_client`, http.client) and with httpx (the figure before that client
   existed); the daemon's CPU time per launch; `status` through the same client as the
@@ -13,7 +15,7 @@
   verified and committed it (read from the cache file's `manifests.fetched_at`).
 
     .venv/bin/python bench/bench_agent.py [--addins 50] [--launches 300] [--writes 20]
-        [--idle-seconds 60] [--runs 3]
+        [--idle-seconds 60] [--runs 3] [--smaps-dir DIR]
 
 With ``--runs N`` the whole measurement is made N times and the medians are printed last.
 """
