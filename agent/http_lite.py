@@ -35,6 +35,11 @@ from agent.tls import explain
 MAX_HEAD = 64 * 1024
 """The longest status line and headers accepted (asyncio's stream limit)."""
 
+KEEPALIVE = 15.0
+"""Seconds an unused connection stays open (aiohttp's default too): a burst of downloads
+reuses its connections, and an idle daemon holds none open to the server, which would
+otherwise keep one per device of the fleet."""
+
 _Key = tuple[str, str, int, int]
 """(scheme, host, port, id of the TLS context): connections are reused only for the same."""
 
@@ -45,10 +50,11 @@ class _Stale(Exception):
 
 
 class _Conn:
-    __slots__ = ("reader", "writer")
+    __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.idle_since = 0.0
 
     def close(self) -> None:
         self.writer.close()
@@ -76,9 +82,14 @@ class StreamPool:
         self._closed = False
         self._slots = asyncio.Semaphore(max_connections)
         self._system_tls: ssl.SSLContext | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.keepalive = KEEPALIVE
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         for conns in self._idle.values():
             for c in conns:
                 c.close()
@@ -199,9 +210,37 @@ class StreamPool:
             return response
         finally:
             if keep and not self._closed:
-                self._idle.setdefault(key, []).append(conn)
+                self._park(key, conn)
             else:
                 conn.close()
+
+    def _park(self, key: _Key, conn: _Conn) -> None:
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
+        self._idle.setdefault(key, []).append(conn)
+        if self._expiry is None:
+            self._expiry = loop.call_later(self.keepalive, self._expire)
+
+    def _expire(self) -> None:
+        """Close the connections unused for `keepalive` seconds; look again while any is left."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        oldest_kept = None
+        for key in list(self._idle):
+            kept = []
+            for c in self._idle[key]:
+                if loop.time() - c.idle_since >= self.keepalive:
+                    c.close()
+                else:
+                    kept.append(c)
+                    if oldest_kept is None or c.idle_since < oldest_kept:
+                        oldest_kept = c.idle_since
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        if oldest_kept is not None:
+            self._expiry = loop.call_later(oldest_kept + self.keepalive - loop.time(), self._expire)
 
     async def _read_answer(
         self, reader: asyncio.StreamReader, status_line: bytes, url: str

@@ -132,6 +132,47 @@ async def test_a_kept_connection_closed_without_an_answer_is_retried_on_a_new_on
             await pool.get(srv.url + "/never")
 
 
+async def test_the_daemons_pool_closes_connections_left_unused() -> None:
+    """An idle daemon holds no connection to the server: a connection unused for `keepalive`
+    seconds is closed (the server sees it end), one in use meanwhile stays for reuse."""
+    ended = asyncio.Event()
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        try:
+            while True:
+                try:
+                    await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    ended.set()
+                    return
+                writer.write(ok(b"x"))
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/m"
+    pool = StreamPool(max_connections=2)
+    try:
+        pool.keepalive = 3600.0
+        for _ in range(3):  # in use: kept and reused
+            assert (await pool.get(url)).content == b"x"
+        assert connections == 1 and not ended.is_set()
+        pool.keepalive = 0.01
+        assert pool._expiry is not None
+        pool._expiry.cancel()
+        pool._expire()  # the timer's work now: it closes it, or looks again 0.01 s after its use
+        await asyncio.wait_for(ended.wait(), 10)
+        assert not pool._idle and pool._expiry is None
+        assert (await pool.get(url)).content == b"x" and connections == 2
+    finally:
+        await pool.aclose()
+        server.close()
+
+
 async def test_bodies_over_the_limit_are_refused(pool: Pool) -> None:
     big = b"y" * 1001
     async with RawServer(lambda t: ok(big)) as srv:
