@@ -1,6 +1,6 @@
 """Manifests by sha256 over HTTP, then verification.
 
-Downloads go through `agent.http_lite.StreamPool` (asyncio streams with a body-size cap), one
+Downloads go through `agent.http_lite.StreamPool` (h11 on asyncio streams, with a body-size cap), one
 per agent by default: the daemon's. A process running many agents passes one shared pool,
 usually `agent.http_pool.HttpPool` (aiohttp: less CPU per download; the simulator runs
 thousands of agents in one process and wants one connection pool). An `httpx.AsyncClient` is accepted too (httpx is

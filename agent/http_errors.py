@@ -38,6 +38,10 @@ class ReadTimeout(TransportError):
     """No complete answer in time."""
 
 
+class LocalProtocolError(TransportError):
+    """A request that cannot be sent as asked (a header or path that would break HTTP)."""
+
+
 class RemoteProtocolError(TransportError):
     """An answer that breaks HTTP, or a body over the size limit."""
 

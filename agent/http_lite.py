@@ -1,29 +1,42 @@
-"""A workstation daemon's manifest client: HTTP/1.1 GET on asyncio's own streams.
+"""A workstation daemon's manifest client: HTTP/1.1 GET with h11 on asyncio's own streams.
 
 `agent.http_pool.HttpPool` (aiohttp) is the client for a process running many agents (the
 simulator), where its C parser's CPU per download counts. A workstation's daemon runs one
 agent, downloads a few manifests when something changes, and idles the rest of the day;
 aiohttp with multidict, yarl, attrs, email and the rest stays in memory once imported
-(~9.5 MB of RSS, docs/benchmarks.md "Agent"). This client imports nothing asyncio has not
-already loaded (ssl included), so a daemon that has downloaded is as small as one that has not.
+(~9.5 MB of RSS, docs/benchmarks.md "Agent"). This client adds only h11 (~0.2 MB, imported at
+the first request), the sans-IO HTTP/1.1 library httpx is built on, to what asyncio has
+already loaded (ssl included).
+
+The HTTP wire work is h11's: the request's serialization and validation (no CR/LF smuggled in
+through a header or a path), the status line and headers, the framing (Content-Length, chunked
+transfer coding, the end of the connection) and whether the connection may carry another
+request. The daemon faces mirrors it does not control, so this module only adds the policy
+around it: a hard cap on the body (`max_body`), checked against Content-Length before the
+body is read and on every piece of it as it arrives; a cap on the status line and headers
+(`MAX_HEAD`, h11's ``max_incomplete_event_size``, which also bounds a chunk's size line and
+trailers); an answer with both Content-Length and Transfer-Encoding refused (RFC 9112 6.3: a
+sign of response splitting); a connection that sent more than the answer asked for not
+reused; one timeout per request.
 
 Same interface and guarantees as `HttpPool`: GET only, a bounded keep-alive pool, a hard cap
-on the body (`max_body`), one timeout per request (connecting included; waiting for a
-connection slot is not), no redirects, no decompression (``Accept-Encoding: identity``), and
-failures raised as `agent.http_errors`. Bodies framed by Content-Length, chunked transfer
-coding, or the end of the connection; a kept-alive connection the server closed while idle
-is retried once on a new one.
+on the body, one timeout per request (connecting included; waiting for a connection slot is
+not), no redirects, no decompression (``Accept-Encoding: identity``), and failures raised as
+`agent.http_errors`. A kept-alive connection the server closed while idle is retried once on a
+new one; one unused for `KEEPALIVE` seconds is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from agent.http_errors import (
     ConnectError,
     ConnectTimeout,
+    LocalProtocolError,
     ReadTimeout,
     RemoteProtocolError,
     TransportError,
@@ -32,8 +45,15 @@ from agent.http_errors import (
 from agent.http_pool import HttpResponse
 from agent.tls import explain
 
+if TYPE_CHECKING:
+    import h11  # imported at the first request (see `StreamPool.get`)
+
 MAX_HEAD = 64 * 1024
-"""The longest status line and headers accepted (asyncio's stream limit)."""
+"""The longest status line and headers accepted (also a chunk's size line, and trailers)."""
+
+READ_SIZE = 64 * 1024
+"""Bytes read from the socket at a time: what may be buffered past `max_body` before the cap
+refuses the body."""
 
 KEEPALIVE = 15.0
 """Seconds an unused connection stays open (aiohttp's default too): a burst of downloads
@@ -50,10 +70,13 @@ class _Stale(Exception):
 
 
 class _Conn:
-    __slots__ = ("idle_since", "reader", "writer")
+    __slots__ = ("http", "idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import h11
+
         self.reader, self.writer = reader, writer
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.idle_since = 0.0
 
     def close(self) -> None:
@@ -110,6 +133,11 @@ class StreamPool:
     ) -> HttpResponse:
         """`tls` verifies this request's server instead of the pool's context (see
         `HttpPool.get`)."""
+        # Here, not at the module's import: every daemon imports this module, one on a warm
+        # cache never downloads, and h11 would stay in its memory (~0.2 MB). Later requests'
+        # imports (here and below) are a dictionary lookup.
+        import h11
+
         if self._closed:
             raise TransportError("the HTTP pool is closed")
         parts = urlsplit(url)
@@ -123,11 +151,17 @@ class StreamPool:
         key = (parts.scheme, parts.hostname, port, id(context))
         default_port = parts.port is None or port == (443 if parts.scheme == "https" else 80)
         host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        fields = [
+            ("Host", host if default_port else f"{host}:{port}"),
+            ("User-Agent", self.user_agent),
+            ("Accept-Encoding", "identity"),
+            *(headers or {}).items(),
+        ]
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        head = [f"GET {target} HTTP/1.1", f"Host: {host if default_port else f'{host}:{port}'}"]
-        head += [f"User-Agent: {self.user_agent}", "Accept-Encoding: identity"]
-        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        try:  # h11 validates the target and every header: nothing can end a line early
+            request = h11.Request(method="GET", target=target, headers=fields)
+        except h11.LocalProtocolError as e:
+            raise LocalProtocolError(f"cannot request {url!r}: {e}") from None
         async with self._slots:
             try:
                 async with asyncio.timeout(self.timeout):
@@ -147,7 +181,7 @@ class StreamPool:
         return self._system_tls
 
     async def _exchange(
-        self, key: _Key, context: ssl.SSLContext | None, request: bytes, url: str
+        self, key: _Key, context: ssl.SSLContext | None, request: h11.Request, url: str
     ) -> HttpResponse:
         idle = self._idle.get(key)
         while idle:
@@ -174,7 +208,7 @@ class StreamPool:
                     port,
                     ssl=context,
                     server_hostname=host if context is not None else None,
-                    limit=MAX_HEAD,
+                    limit=READ_SIZE,
                 ),
                 self.connect_timeout,
             )
@@ -186,33 +220,94 @@ class StreamPool:
         return _Conn(reader, writer)
 
     async def _on(
-        self, conn: _Conn, key: _Key, request: bytes, url: str, *, reused: bool
+        self, conn: _Conn, key: _Key, request: h11.Request, url: str, *, reused: bool
     ) -> HttpResponse:
         """One request on `conn`; the connection goes back to the pool only after a complete
-        answer that allows it, and is closed on anything else (cancellation included)."""
+        answer that h11 says allows another, and is closed on anything else (cancellation
+        included)."""
+        import h11
+
         keep = False
         try:
             try:
-                conn.writer.write(request)
+                conn.writer.write(conn.http.send(request) + conn.http.send(h11.EndOfMessage()))
                 await conn.writer.drain()
-                status_line = await conn.reader.readuntil(b"\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError) as e:
-                nothing = isinstance(e, ConnectionError) or (
-                    isinstance(e, asyncio.IncompleteReadError) and not e.partial
-                )
-                if reused and nothing:
+            except OSError as e:  # ssl.SSLError included: raised as agent.http_errors too
+                if reused and isinstance(e, ConnectionError):
                     raise _Stale from None
-                raise RemoteProtocolError(f"bad answer for {url}: {_why(e)}") from None
+                raise RemoteProtocolError(f"bad answer for {url}: {e}") from None
             try:
-                response, keep = await self._read_answer(conn.reader, status_line, url)
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError) as e:
+                response = await self._read_answer(conn, url, reused=reused)
+            except h11.RemoteProtocolError as e:
                 raise RemoteProtocolError(f"bad answer for {url}: {_why(e)}") from None
+            http = conn.http
+            # Both sides done: h11 saw a complete answer that keeps the connection open
+            # (HTTP/1.1, no "Connection: close", not delimited by the close). Bytes already
+            # past its end are a second answer nobody asked for: not a connection to reuse.
+            keep = http.our_state is h11.DONE and http.their_state is h11.DONE
+            if keep and not http.trailing_data[0]:
+                http.start_next_cycle()
+            else:
+                keep = False
             return response
         finally:
             if keep and not self._closed:
                 self._park(key, conn)
             else:
                 conn.close()
+
+    async def _read_answer(self, conn: _Conn, url: str, *, reused: bool) -> HttpResponse:
+        """Feed h11 from the socket until the end of one answer, holding the body to
+        `max_body`. h11's own errors (h11.RemoteProtocolError) go up to the caller."""
+        import h11
+
+        http, reader = conn.http, conn.reader
+        received = 0
+        status = 0
+        headers: dict[str, str] = {}
+        body = bytearray()
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await reader.read(READ_SIZE)
+                except OSError as e:  # ssl.SSLError included
+                    if reused and not received and isinstance(e, ConnectionError):
+                        raise _Stale from None
+                    raise RemoteProtocolError(f"bad answer for {url}: {e}") from None
+                if not data and reused and not received:
+                    raise _Stale
+                received += len(data)
+                http.receive_data(data)  # b"": the end of the connection, which h11 judges
+            elif isinstance(event, h11.Response):
+                # h11 applies its cap only to a head still incomplete: one that arrived whole
+                # in the last read may be up to READ_SIZE longer. The head's exact size is what
+                # came in minus what h11 has not parsed yet (the connection carries nothing
+                # from an earlier answer: it is reused only when h11 had none left).
+                if received - len(http.trailing_data[0]) > MAX_HEAD:
+                    raise RemoteProtocolError(
+                        f"bad answer for {url}: status lines and headers over {MAX_HEAD} bytes"
+                    )
+                status = event.status_code
+                for name, value in event.headers:
+                    k, v = name.decode("latin-1"), value.decode("latin-1")
+                    headers[k] = f"{headers[k]}, {v}" if k in headers else v
+                if "content-length" in headers and "transfer-encoding" in headers:
+                    raise RemoteProtocolError(
+                        f"bad answer for {url}: both Content-Length and Transfer-Encoding"
+                    )
+                if int(headers.get("content-length", 0)) > self.max_body:
+                    raise RemoteProtocolError(
+                        f"body of {headers['content-length']} bytes is over {self.max_body}"
+                    )
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.max_body:
+                    raise RemoteProtocolError(f"body over {self.max_body} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return HttpResponse(status, headers, bytes(body))
+            elif not isinstance(event, h11.InformationalResponse):  # 1xx: the answer follows
+                raise RemoteProtocolError(f"bad answer for {url}: connection closed")
 
     def _park(self, key: _Key, conn: _Conn) -> None:
         loop = asyncio.get_running_loop()
@@ -242,73 +337,8 @@ class StreamPool:
         if oldest_kept is not None:
             self._expiry = loop.call_later(oldest_kept + self.keepalive - loop.time(), self._expire)
 
-    async def _read_answer(
-        self, reader: asyncio.StreamReader, status_line: bytes, url: str
-    ) -> tuple[HttpResponse, bool]:
-        """(the answer, whether the connection may carry another request)."""
-        bad = f"bad answer for {url}"
-        parts = status_line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-        if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0"):
-            raise RemoteProtocolError(f"{bad}: not an HTTP/1.x status line")
-        if not (len(parts[1]) == 3 and parts[1].isdigit()):
-            raise RemoteProtocolError(f"{bad}: status {parts[1]!r} is not a number")
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        size = len(status_line)
-        while (raw := await reader.readuntil(b"\r\n")) != b"\r\n":
-            size += len(raw)
-            if size > MAX_HEAD:
-                raise RemoteProtocolError(f"{bad}: status line and headers over {MAX_HEAD} bytes")
-            name, colon, value = raw.decode("latin-1").rstrip("\r\n").partition(":")
-            if not colon or not name or name != name.strip():
-                raise RemoteProtocolError(f"{bad}: header line without a name")
-            name, value = name.lower(), value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        keep = parts[0] == "HTTP/1.1" and "close" not in headers.get("connection", "").lower()
-        if status < 200 or status in (204, 304):
-            return HttpResponse(status, headers, b""), keep
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = await self._chunked(reader, bad)
-        elif "content-length" in headers:
-            length = headers["content-length"]
-            if not length.isdigit():
-                raise RemoteProtocolError(f"{bad}: Content-Length {length!r}")
-            if int(length) > self.max_body:
-                raise RemoteProtocolError(f"body of {length} bytes is over {self.max_body}")
-            body = await reader.readexactly(int(length))
-        else:  # delimited by the end of the connection
-            body = await reader.read(self.max_body + 1)
-            while len(body) <= self.max_body and not reader.at_eof():
-                more = await reader.read(self.max_body + 1 - len(body))
-                if not more:
-                    break
-                body += more
-            if len(body) > self.max_body:
-                raise RemoteProtocolError(f"body over {self.max_body} bytes")
-            keep = False
-        return HttpResponse(status, headers, body), keep
 
-    async def _chunked(self, reader: asyncio.StreamReader, bad: str) -> bytes:
-        body = bytearray()
-        while True:
-            size_line = (await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip()
-            if not size_line or size_line.strip(b"0123456789abcdefABCDEF"):
-                raise RemoteProtocolError(f"{bad}: chunk size {size_line[:20]!r}")
-            size = int(size_line, 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass  # trailers: read, not kept
-                return bytes(body)
-            if len(body) + size > self.max_body:
-                raise RemoteProtocolError(f"body over {self.max_body} bytes")
-            body += await reader.readexactly(size)
-            if await reader.readexactly(2) != b"\r\n":
-                raise RemoteProtocolError(f"{bad}: chunk not followed by CRLF")
-
-
-def _why(e: BaseException) -> str:
-    if isinstance(e, asyncio.IncompleteReadError):
-        return f"connection closed after {len(e.partial)} bytes of {e.expected or 'more'}"
-    if isinstance(e, asyncio.LimitOverrunError):
-        return f"status line or headers over {MAX_HEAD} bytes"
+def _why(e: h11.RemoteProtocolError) -> str:
+    if e.error_status_hint == 431:  # h11's buffer cap: a head (or chunk line) never ended
+        return f"status line, headers or a chunk line over {MAX_HEAD} bytes"
     return str(e) or type(e).__name__

@@ -1,6 +1,6 @@
 """The HTTP client a process running many agents downloads manifests with (the simulator):
 aiohttp behind a small, bounded interface. A workstation's daemon uses `agent.http_lite`
-(the same interface on asyncio's streams, nothing more to import).
+(the same interface with h11 on asyncio's streams, h11 alone to import).
 
 Why not httpx: a manifest download through httpx costs about 1.4 ms of CPU (httpx, httpcore
 and anyio layers), aiohttp's C-accelerated client about 0.16 ms (`bench/bench_http_clients.py`).

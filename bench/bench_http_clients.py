@@ -1,12 +1,12 @@
-"""CPU per manifest download: httpx vs the agent's HttpPool (aiohttp) vs StreamPool (asyncio
-streams, the daemon's), against one loopback server.
+"""CPU per manifest download: httpx vs the agent's HttpPool (aiohttp) vs StreamPool (h11 on
+asyncio streams, the daemon's), against one loopback server.
 
     .venv/bin/python bench/bench_http_clients.py [--requests 2000] [--concurrency 32]
 
 The server runs in another process, so the CPU figures are the client's alone. This is why
 agent/http_pool.py exists: in a simulator worker thousands of agents share one client. A
-workstation's daemon uses agent/http_lite.py: no library to keep in memory, a few manifests
-at a time. (`--concurrency 4` is the daemon's default `fetch_concurrency`.)
+workstation's daemon uses agent/http_lite.py: h11 alone to keep in memory (~0.2 MB), a few
+manifests at a time. (`--concurrency 4` is the daemon's default `fetch_concurrency`.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The agent's manifest clients, agent.http_pool.HttpPool (aiohttp) and agent.http_lite.StreamPool
-(asyncio streams, the daemon's), against a real loopback HTTP server that answers in every
-framing (Content-Length, chunked, until close), closes idle connections, lies, or stalls."""
+(h11 on asyncio streams, the daemon's), against a real loopback HTTP server that answers in
+every framing (Content-Length, chunked, until close), closes idle connections, lies, or stalls,
+and against hostile ones (bodies over the cap, malformed chunks, oversized heads, both
+framings at once, closes mid-answer)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ Handler = Callable[[str], bytes | None]
 
 
 class RawServer:
-    def __init__(self, handler: Handler, close_after: int = 0) -> None:
+    def __init__(self, handler: Handler, close_after: int = 0, stall: bool = False) -> None:
         self.handler = handler
         self.close_after = close_after  # close the connection after N answers (0: keep)
+        # After the first answer, hold the connection open and send nothing more until the
+        # server stops: a client that waits for more than it needs waits for its timeout.
+        self.stall = stall
+        self._release = asyncio.Event()
         self.connections = 0
         self.requests: list[str] = []
         self.server: asyncio.Server | None = None
@@ -42,6 +48,9 @@ class RawServer:
                     return
                 writer.write(out)
                 await writer.drain()
+                if self.stall:
+                    await self._release.wait()
+                    return
                 answered += 1
                 if self.close_after and answered >= self.close_after:
                     return
@@ -56,6 +65,7 @@ class RawServer:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
+        self._release.set()
         self.server.close()
 
 
@@ -265,3 +275,132 @@ async def test_requests_beyond_the_limit_wait_without_their_timeout_running(
         assert peak == 2
     finally:
         server.close()
+
+
+# Hostile servers. Each answer below is refused with a RemoteProtocolError (a ReadTimeout, the
+# sibling error, fails the test), most while the server holds the connection open and sends
+# nothing more: the client decides from what it has, it does not wait for its timeout.
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n" + b"y" * 10,
+        CHUNKED + b"7d0\r\n" + b"y" * 2000 + b"\r\n",
+        CHUNKED + (b"a\r\n" + b"y" * 10 + b"\r\n") * 101,
+        b"HTTP/1.1 200 OK\r\n\r\n" + b"y" * 2000,
+    ],
+    ids=["content-length", "one-chunk", "many-chunks", "until-close"],
+)
+async def test_a_body_over_the_cap_is_refused_without_waiting_for_the_rest(
+    pool: Pool, answer: bytes
+) -> None:
+    async with RawServer(lambda t: answer, stall=True) as srv:
+        with pytest.raises(http_errors.RemoteProtocolError, match="over 1000"):
+            await pool.get(srv.url + "/big")
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        b"zz\r\nhello\r\n0\r\n\r\n",
+        b"-5\r\nhello\r\n0\r\n\r\n",
+        b"5\r\nhelloXX0\r\n\r\n",
+        b"1" + b"0" * 40 + b"\r\nhello\r\n",
+        b"\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["not-hex", "negative", "no-crlf-after-data", "absurd-size", "empty-size"],
+)
+async def test_malformed_chunk_sizes_are_protocol_errors(pool: Pool, chunks: bytes) -> None:
+    async with RawServer(lambda t: CHUNKED + chunks, stall=True) as srv:
+        with pytest.raises(http_errors.RemoteProtocolError):
+            await pool.get(srv.url + "/m")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000,
+        b"HTTP/1.1 200 OK" + b"x" * 70_000,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n",
+    ],
+    ids=["endless-header", "endless-status-line", "long-header"],
+)
+async def test_oversized_heads_are_refused_without_waiting_for_their_end(
+    pool: Pool, head: bytes
+) -> None:
+    async with RawServer(lambda t: head, stall=True) as srv:
+        with pytest.raises(http_errors.RemoteProtocolError):
+            await pool.get(srv.url + "/m")
+
+
+async def test_many_headers_over_the_head_limit_are_refused() -> None:
+    """64 KiB of short headers that never end: h11's buffer cap (`MAX_HEAD`) refuses them."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%05d: v\r\n" % i for i in range(7000))
+    async with RawServer(lambda t: head, stall=True) as srv, StreamPool(timeout=5.0) as pool:
+        with pytest.raises(http_errors.RemoteProtocolError, match="over 65536 bytes"):
+            await pool.get(srv.url + "/m")
+
+
+async def test_content_length_with_transfer_encoding_is_refused(pool: Pool) -> None:
+    """Both framings in one answer is how responses are split (RFC 9112 6.3): no body trusted."""
+    both = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
+    async with RawServer(lambda t: both, stall=True) as srv:
+        with pytest.raises(http_errors.RemoteProtocolError):
+            await pool.get(srv.url + "/m")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Le",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"y" * 50,
+        CHUNKED + b"a\r\nhel",
+        CHUNKED + b"5\r\nhello\r\n",
+        CHUNKED + b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n",
+    ],
+    ids=["in-headers", "content-length", "in-chunk", "before-last-chunk", "in-trailers"],
+)
+async def test_a_server_closing_mid_answer_is_a_protocol_error(pool: Pool, answer: bytes) -> None:
+    async with RawServer(lambda t: answer, close_after=1) as srv:
+        with pytest.raises(http_errors.RemoteProtocolError):
+            await pool.get(srv.url + "/m")
+
+
+async def test_the_daemons_pool_sends_no_header_or_path_that_breaks_the_request() -> None:
+    """A CR/LF in a header or the path would end the request line early and smuggle another
+    request or header: refused before anything is sent."""
+    async with RawServer(lambda t: ok(b"x")) as srv, StreamPool() as pool:
+        with pytest.raises(http_errors.LocalProtocolError):
+            await pool.get(srv.url + "/m", headers={"X-Tag": "a\r\nAuthorization: Bearer x"})
+        with pytest.raises(http_errors.LocalProtocolError):
+            await pool.get(srv.url + "/m a HTTP/1.1\r\nX: y")
+        assert srv.requests == []
+        assert (await pool.get(srv.url + "/m")).content == b"x"
+
+
+async def test_the_daemons_pool_skips_interim_answers_and_refuses_a_protocol_switch() -> None:
+    early = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    async with RawServer(lambda t: early + ok(b"x")) as srv, StreamPool() as pool:
+        r = await pool.get(srv.url + "/m")
+        assert (r.status_code, r.content) == (200, b"x")
+    switch = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    async with RawServer(lambda t: switch, stall=True) as srv, StreamPool() as pool:
+        with pytest.raises(http_errors.RemoteProtocolError):
+            await pool.get(srv.url + "/m")
+
+
+async def test_the_daemons_pool_drops_a_connection_that_answered_twice() -> None:
+    """A second answer sent with the first is nobody's: the connection is not reused, so it
+    cannot pass for the answer to the next request."""
+    async with RawServer(lambda t: ok(b"first") + ok(b"second")) as srv, StreamPool() as pool:
+        assert (await pool.get(srv.url + "/a")).content == b"first"
+        assert (await pool.get(srv.url + "/b")).content == b"first"
+        assert srv.connections == 2

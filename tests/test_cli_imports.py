@@ -137,6 +137,7 @@ NOT_IN_AN_IDLE_DAEMON = {
     "cryptography",  # only with a signing_key or TLS material in the config
     "aiohttp",  # never in the daemon (agent.http_lite); the simulator's shared pool uses it
     "lxml",  # at the first download (the manifest reader)
+    "h11",  # at the first download too (agent.http_lite's HTTP/1.1)
     "addin_core.manifest",
 }
 
