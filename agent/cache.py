@@ -50,6 +50,15 @@ from agent.cache_rows import SCHEMA, SCHEMA_VERSION, Row
 
 Statement = tuple[str, Sequence[Any]]
 
+PAGE_CACHE_KIB = 512
+"""SQLite's page cache for the daemon's connection (its default is 2,000 KiB). The daemon's
+queries touch a few dozen rows; what fills a larger cache is the events table (up to
+`events_keep_rows`) read by retention and `why`, and it stayed resident for the daemon's life.
+The file's pages remain in the system's page cache, shared, for the next read."""
+
+MANIFEST_FIELDS = "sha256, addin_id, version, status, reason, permissions, hosts, fetched_at"
+"""What the model loads of a cached manifest (agent/cache_rows.py `manifest_record`)."""
+
 
 @dataclass(slots=True)
 class Tx:
@@ -251,6 +260,7 @@ class Cache:
             if not row or str(row[0]).lower() != "wal":
                 raise CacheError(f"could not switch {spath} to WAL mode")
             await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
             await db.executescript(SCHEMA)
             await db.execute(
                 "INSERT OR IGNORE INTO sync (key, value) VALUES ('schema_version', ?)",
@@ -320,7 +330,9 @@ class Cache:
         entitled = await self.fetchall("SELECT addin_id FROM entitlements")
         return CachedRows(
             received=await self.fetchall("SELECT topic, payload FROM received"),
-            manifests=await self.fetchall("SELECT * FROM manifests"),
+            # Not the XML: the model keeps none of it, and reading 50 manifests' blobs at
+            # every start filled the page cache with them.
+            manifests=await self.fetchall(f"SELECT {MANIFEST_FIELDS} FROM manifests"),
             installed=await self.fetchall("SELECT * FROM installed"),
             pending=await self.fetchall("SELECT * FROM pending"),
             choices=await self.fetchall("SELECT addin_id, choice FROM choices"),

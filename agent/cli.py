@@ -105,9 +105,12 @@ async def _run(cfg: AgentConfig) -> str | None:
 
     from addin_runtime.stop_signals import on_stop_signals
     from agent.daemon import Agent
+    from agent.memory import MemoryReleaser, freeze_started
 
     log = logging.getLogger("addin_agent")
     agent = Agent(cfg)
+    releaser = MemoryReleaser()
+    agent.settled = releaser.request  # one agent in this process: give back what a burst freed
     stop = asyncio.Event()
     on_stop_signals(asyncio.get_running_loop(), stop.set)
     try:
@@ -121,6 +124,7 @@ async def _run(cfg: AgentConfig) -> str | None:
         except Exception:  # the first failure is the one to report
             log.debug("stop after a failed start failed too", exc_info=True)
         return _startup_problem(e, cfg)
+    freeze_started()
     if cfg.insecure:  # after the start: a refused start stays one error line
         gaps = cfg.lab_gaps()
         log.warning(
@@ -138,6 +142,7 @@ async def _run(cfg: AgentConfig) -> str | None:
     )
     await stop.wait()
     log.info("shutting down")
+    releaser.cancel()
     await agent.stop()
     return None
 

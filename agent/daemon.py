@@ -144,6 +144,10 @@ class Agent:
         self.watcher: HostWatcher | None = None  # started by start() with watch_hosts
         self._staged: dict[Host, Staged] = {}
         self._metrics_task: asyncio.Task[None] | None = None
+        self.settled: Callable[[], None] | None = None
+        """Called after a report goes out with no download running: the work of a change (or
+        of the start) is done. The daemon's CLI gives memory back to the system there
+        (agent/memory.py); None in a process running many agents."""
 
     # -- public interface --------------------------------------------------------------------
     def entitlements(self) -> dict[str, Entitlement]:
@@ -730,6 +734,7 @@ class Agent:
         tx.event("connected", f"connected to {self.config.broker_host}:{self.config.broker_port}")
         await self.cache.commit(tx)
         await self.publish_report()
+        self._after_report()
 
     async def _on_disconnect(self, reason: str, kind: str = "disconnected") -> None:
         if self.cache is None or self._stopping:
@@ -779,6 +784,11 @@ class Agent:
         self._report_waiting = False
         with contextlib.suppress(Exception):  # best effort; the next change reports again
             await self.publish_report()
+        self._after_report()
+
+    def _after_report(self) -> None:
+        if self.settled is not None and not self._fetching and not self._stopping:
+            self.settled()
 
     async def publish_report(self) -> bool:
         if self.transport is None:

@@ -1,8 +1,9 @@
 """Manifests by sha256 over HTTP, then verification.
 
-Downloads go through `agent.http_pool.HttpPool` (aiohttp with a body-size cap), one per
-agent by default; one pool can be shared by many agents (the simulator runs thousands in one
-process and wants one connection pool). An `httpx.AsyncClient` is accepted too (httpx is
+Downloads go through `agent.http_lite.StreamPool` (h11 on asyncio streams, with a body-size cap), one
+per agent by default: the daemon's. A process running many agents passes one shared pool,
+usually `agent.http_pool.HttpPool` (aiohttp: less CPU per download; the simulator runs
+thousands of agents in one process and wants one connection pool). An `httpx.AsyncClient` is accepted too (httpx is
 never imported here: only its user does). Concurrency per agent is bounded by a semaphore;
 transient failures (connection errors, 5xx, 408/429) are retried with exponential backoff
 and full jitter. A manifest is accepted only if its sha256 matches the one it was asked
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from addin_core.protocol import CatalogEntry, Host
 from agent.http_errors import transport_errors
+from agent.http_lite import StreamPool
 from agent.http_pool import HttpPool, HttpResponse
 
 if TYPE_CHECKING:
@@ -42,7 +44,7 @@ agents using it. httpcore's pool scans its whole wait queue on every request, so
 thousands of agents queue there costs quadratic CPU and starves the event loop (measured:
 300 agents x 10 manifests stalled the loop for 20 s); queueing on a semaphore is O(1)."""
 
-HttpClient: TypeAlias = "HttpPool | httpx.AsyncClient"
+HttpClient: TypeAlias = "HttpPool | StreamPool | httpx.AsyncClient"
 HttpResponseLike: TypeAlias = "HttpResponse | httpx.Response"
 """What a Fetcher downloads with: both have ``await get(url, headers=...)`` returning an object
 with ``status_code`` and ``content``, and raise one of `transport_errors()` on failure."""
@@ -81,8 +83,9 @@ class FetchResult:
     fetched_at: float = 0.0
 
 
-def verify(entry: CatalogEntry, body: bytes) -> FetchResult:
-    """Check downloaded bytes against the catalog entry. Pure (no I/O)."""
+def verify(entry: CatalogEntry, body: bytes, memo: bool = True) -> FetchResult:
+    """Check downloaded bytes against the catalog entry. Pure (no I/O). `memo`: remember the
+    reader's verdict by sha256 for the other agents of this process (`_read_by_digest`)."""
 
     def refuse(reason: str) -> FetchResult:
         return FetchResult(
@@ -103,7 +106,7 @@ def verify(entry: CatalogEntry, body: bytes) -> FetchResult:
     digest = hashlib.sha256(body).hexdigest()
     if digest != entry.manifest_sha256:
         return refuse(f"content hash {digest[:12]}… does not match {entry.manifest_sha256[:12]}…")
-    manifest = _read_by_digest(digest, body)
+    manifest = _read_by_digest(digest, body) if memo else _read(body)
     if isinstance(manifest, str):
         return refuse(f"the manifest reader rejected it: {manifest}")
     if str(manifest.id).lower() != entry.addin_id.lower():
@@ -137,16 +140,20 @@ def _read_by_digest(digest: str, body: bytes) -> Manifest | str:
     if hit is not None:
         _read_memo.move_to_end(digest)
         return hit
-    from addin_core.manifest import ManifestError, parse_manifest
-
-    try:
-        verdict: Manifest | str = parse_manifest(body)
-    except ManifestError as e:
-        verdict = str(e)
+    verdict = _read(body)
     _read_memo[digest] = verdict
     if len(_read_memo) > READ_MEMO_SIZE:
         _read_memo.popitem(last=False)
     return verdict
+
+
+def _read(body: bytes) -> Manifest | str:
+    from addin_core.manifest import ManifestError, parse_manifest
+
+    try:
+        return parse_manifest(body)
+    except ManifestError as e:
+        return str(e)
 
 
 class Fetcher:
@@ -172,7 +179,10 @@ class Fetcher:
         self.mirror_tls = mirror_tls
         self.token = token
         self._own = http is None
-        self.http: HttpClient = http or HttpPool(
+        # A pool of its own means one agent in this process (the daemon): no other agent
+        # would ever read a remembered verdict, so none is kept (a parsed manifest each).
+        self._memo = not self._own
+        self.http: HttpClient = http or StreamPool(
             max_connections=concurrency,
             timeout=10.0,
             connect_timeout=5.0,
@@ -209,7 +219,7 @@ class Fetcher:
             if self._shared is not None:
                 async with self._shared:
                     return await self.http.get(url, headers=headers)
-            if mirror and isinstance(self.http, HttpPool) and url.startswith("https:"):
+            if mirror and isinstance(self.http, HttpPool | StreamPool) and url.startswith("https:"):
                 return await self.http.get(url, headers=headers, tls=self.mirror_tls)
             return await self.http.get(url, headers=headers)
 
@@ -240,7 +250,7 @@ class Fetcher:
                     failures.append(f"{where} sent bytes that do not hash to the entry's sha256")
                     log.warning("manifest %s: %s; skipped", entry.addin_id, failures[-1])
                     continue
-                return _with_attempts(verify(entry, resp.content), attempt + 1)
+                return _with_attempts(verify(entry, resp.content, self._memo), attempt + 1)
         return FetchResult(
             "failed",
             entry.manifest_sha256,

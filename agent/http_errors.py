@@ -1,7 +1,8 @@
-"""The errors of the agent's manifest client (`agent.http_pool.HttpPool`), by the names httpx
+"""The errors of the agent's manifest clients (`agent.http_lite.StreamPool`, the daemon's, and
+`agent.http_pool.HttpPool`), by the names httpx
 gives the same failures, so that a failure reads the same whichever client fetched.
 
-Not httpx's own classes: the daemon downloads with `HttpPool` only, and importing httpx
+Not httpx's own classes: the daemon never uses httpx, and importing httpx
 (with httpcore, anyio, h11, idna, certifi) to name five exceptions cost ~7.6 MB of its idle
 RSS (docs/benchmarks.md, "Agent"). Code that also accepts an `httpx.AsyncClient` (the
 fetcher, anti-entropy) catches `transport_errors()`: httpx's errors are among them once
@@ -14,7 +15,7 @@ import sys
 
 
 class HttpError(Exception):
-    """A request through `HttpPool` got no usable answer (no HTTP status to look at)."""
+    """A request got no usable answer (no HTTP status to look at)."""
 
 
 class TransportError(HttpError):
@@ -35,6 +36,10 @@ class ConnectTimeout(TransportError):
 
 class ReadTimeout(TransportError):
     """No complete answer in time."""
+
+
+class LocalProtocolError(TransportError):
+    """A request that cannot be sent as asked (a header or path that would break HTTP)."""
 
 
 class RemoteProtocolError(TransportError):

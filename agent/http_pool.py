@@ -1,4 +1,6 @@
-"""The HTTP client agents download manifests with: aiohttp behind a small, bounded interface.
+"""The HTTP client a process running many agents downloads manifests with (the simulator):
+aiohttp behind a small, bounded interface. A workstation's daemon uses `agent.http_lite`
+(the same interface with h11 on asyncio's streams, h11 alone to import).
 
 Why not httpx: a manifest download through httpx costs about 1.4 ms of CPU (httpx, httpcore
 and anyio layers), aiohttp's C-accelerated client about 0.16 ms (`bench/bench_http_clients.py`).
@@ -8,8 +10,8 @@ pool, and an agent must not spend more CPU fetching a 5 KB file than the server 
 What this module adds to aiohttp: a hard cap on the body size (a hostile server cannot make
 the agent buffer more than `max_body` bytes), one timeout per request, no redirects, no
 decompression, and failures raised as `agent.http_errors` (httpx's names for them) so the
-fetcher handles both clients alike. aiohttp itself is imported at the first request: an agent
-restarted on a warm cache, with nothing to download, never loads it (~9 MB of RSS). One instance is shared by every agent of a process. With an
+fetcher handles every client alike. aiohttp itself is imported at the first request (~9.5 MB
+of RSS). One instance is shared by every agent of a process. With an
 `ssl_context` (agent/tls.py) an https server is verified against the tenant's CA; a server
 whose certificate is refused fails with words saying so (agent/tls.py `explain`).
 """

@@ -3,6 +3,8 @@
 * idle daemon RSS and CPU with 50 add-ins entitled, installed in Word and Excel, and the
   event loop's wake-ups over that window (epoll_wait calls counted by strace, when present);
   RSS again after a restart on the warm cache (nothing to download: a workstation's boot);
+  each RSS also split into anonymous and file-backed memory and PSS (`memory_split`; with
+  ``--smaps-dir`` the daemon's full /proc/PID/smaps at both moments is kept there);
 * `launch` latency through the daemon's control socket: with the CLI's own client
   (`agent.control_client`, http.client) and with httpx (the figure before that client
   existed); the daemon's CPU time per launch; `status` through the same client as the
@@ -13,7 +15,7 @@
   verified and committed it (read from the cache file's `manifests.fetched_at`).
 
     .venv/bin/python bench/bench_agent.py [--addins 50] [--launches 300] [--writes 20]
-        [--idle-seconds 60] [--runs 3]
+        [--idle-seconds 60] [--runs 3] [--smaps-dir DIR]
 
 With ``--runs N`` the whole measurement is made N times and the medians are printed last.
 """
@@ -74,6 +76,33 @@ def _rss_mb(pid: int) -> float:
     return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
 
 
+def memory_split(pid: int, save_to: Path | None = None) -> dict[str, float] | None:
+    """The RSS split by what it is (/proc/PID/smaps_rollup, Linux): `anon_mb` is the
+    process's own memory (Python objects, malloc, thread stacks); `file_mb` is pages of
+    files mapped from disk (the interpreter, shared libraries, extension modules), which the
+    page cache shares with every process mapping the same file; `pss_mb` charges each shared
+    page to the processes mapping it. None where /proc has no smaps_rollup. `save_to` keeps
+    the full /proc/PID/smaps, to see which mapping holds what."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        if save_to is not None:
+            save_to.write_text(Path(f"/proc/{pid}/smaps").read_text())
+    except OSError:
+        return None
+    kb = {}
+    for line in rollup.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "kB":
+            kb[parts[0].rstrip(":")] = int(parts[1])
+    anon = kb["Anonymous"]
+    return {
+        "rss_mb": round(kb["Rss"] / 1024, 1),
+        "anon_mb": round(anon / 1024, 1),
+        "file_mb": round((kb["Rss"] - anon) / 1024, 1),
+        "pss_mb": round(kb["Pss"] / 1024, 1),
+    }
+
+
 def count_wakeups(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     """strace logging the daemon's epoll_wait calls until it is interrupted; None without
     strace (or the right to attach)."""
@@ -110,7 +139,9 @@ def _timed_cli(env: dict[str, str], *args: str) -> float:
     return time.perf_counter() - t0
 
 
-async def run(addins: int, launches: int, writes: int, idle_seconds: float) -> dict[str, Any]:
+async def run(
+    addins: int, launches: int, writes: int, idle_seconds: float, smaps_dir: Path | None = None
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-agent-"))
     broker = MosquittoBroker(work / "broker")
     broker.start()
@@ -171,6 +202,7 @@ async def run(addins: int, launches: int, writes: int, idle_seconds: float) -> d
             wakeups = wakeups_counted(tracer, work / "idle.strace")
             idle_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / idle_window
             rss = p.memory_info().rss
+            idle_split = memory_split(proc.pid, smaps_dir and smaps_dir / "idle.smaps")
 
             # The floor in the same minute: a request that does no work (`status` reads
             # four in-memory values), on the same socket with the same client.
@@ -255,12 +287,15 @@ async def run(addins: int, launches: int, writes: int, idle_seconds: float) -> d
             await asyncio.sleep(0.05)
         await asyncio.sleep(5)
         rss_restarted = _rss_mb(proc.pid)
+        restarted_split = memory_split(proc.pid, smaps_dir and smaps_dir / "restarted.smaps")
         return {
             "addins": addins,
             "cold_start_all_manifests_cached_s": round(cold, 2),
             "first_launch_applying_all_ms": round(first_launch * 1000, 1),
             "idle_rss_mb": round(rss / 2**20, 1),
             "idle_rss_mb_after_warm_restart": rss_restarted,
+            "idle_memory_split": idle_split,
+            "idle_memory_split_after_warm_restart": restarted_split,
             "idle_seconds": round(idle_window, 1),
             "idle_cpu_percent": round(max(0.0, idle_cpu) * 100, 3),
             "idle_wakeups_per_minute": (
@@ -292,11 +327,14 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=20)
     ap.add_argument("--idle-seconds", type=float, default=60.0)
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument(
+        "--smaps-dir", type=Path, help="keep the idle daemon's /proc/PID/smaps files here"
+    )
     a = ap.parse_args()
     results = []
     for _ in range(a.runs):
         load = os.getloadavg()[0]
-        r = asyncio.run(run(a.addins, a.launches, a.writes, a.idle_seconds))
+        r = asyncio.run(run(a.addins, a.launches, a.writes, a.idle_seconds, a.smaps_dir))
         r["load_1min_before"] = round(load, 2)
         r["load_1min_after"] = round(os.getloadavg()[0], 2)
         results.append(r)

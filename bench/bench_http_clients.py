@@ -1,9 +1,12 @@
-"""CPU per manifest download: httpx vs the agent's HttpPool (aiohttp), against one loopback server.
+"""CPU per manifest download: httpx vs the agent's HttpPool (aiohttp) vs StreamPool (h11 on
+asyncio streams, the daemon's), against one loopback server.
 
     .venv/bin/python bench/bench_http_clients.py [--requests 2000] [--concurrency 32]
 
 The server runs in another process, so the CPU figures are the client's alone. This is why
-agent/http_pool.py exists: in a simulator worker thousands of agents share one client.
+agent/http_pool.py exists: in a simulator worker thousands of agents share one client. A
+workstation's daemon uses agent/http_lite.py: h11 alone to keep in memory (~0.2 MB), a few
+manifests at a time. (`--concurrency 4` is the daemon's default `fetch_concurrency`.)
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
+from agent.http_lite import StreamPool
 from agent.http_pool import HttpPool
 from simulator.mosquitto import free_port
 
@@ -44,7 +48,7 @@ async def measure(
     await asyncio.gather(*(one(i) for i in range(n)))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     print(
-        f"{name:8} {n} GETs: client CPU {cpu:.2f} s ({cpu / n * 1000:.3f} ms each), wall {wall:.2f} s"
+        f"{name:10} {n} GETs: client CPU {cpu:.2f} s ({cpu / n * 1000:.3f} ms each), wall {wall:.2f} s"
     )
 
 
@@ -75,6 +79,12 @@ async def main(n: int, concurrency: int) -> None:
                 return (await pool.get(url)).content
 
             await measure("HttpPool", via_pool, base, n, concurrency)
+        async with StreamPool(max_connections=concurrency) as lite:
+
+            async def via_lite(url: str) -> bytes:
+                return (await lite.get(url)).content
+
+            await measure("StreamPool", via_lite, base, n, concurrency)
     finally:
         server.kill()
         await server.wait()

@@ -437,6 +437,13 @@ def test_verification_reads_each_digest_once_and_still_checks_every_download() -
     assert refused[0].reason == refused[1].reason and "reader rejected" in str(refused[0].reason)
     tampered = fetcher.verify(good_entry, bad)
     assert tampered.status == "refused" and "does not match" in str(tampered.reason)
+    # Without the memo (a daemon: one agent per process) the verdict is the same and nothing
+    # is kept.
+    fetcher._read_memo.clear()
+    alone = fetcher.verify(good_entry, xml, memo=False)
+    assert (alone.status, alone.hosts) == (first.status, first.hosts)
+    assert fetcher.verify(bad_entry, bad, memo=False).reason == refused[0].reason
+    assert not fetcher._read_memo
 
 
 def test_a_transition_for_a_cache_without_tables_keeps_only_what_is_read_back() -> None:

@@ -133,10 +133,11 @@ def test_launch_through_the_daemon_imports_no_daemon_code(daemon: Path) -> None:
 
 
 NOT_IN_AN_IDLE_DAEMON = {
-    "httpx",  # the daemon downloads with agent.http_pool (its errors: agent.http_errors)
+    "httpx",  # the daemon downloads with agent.http_lite (its errors: agent.http_errors)
     "cryptography",  # only with a signing_key or TLS material in the config
-    "aiohttp",  # at the first download
+    "aiohttp",  # never in the daemon (agent.http_lite); the simulator's shared pool uses it
     "lxml",  # at the first download (the manifest reader)
+    "h11",  # at the first download too (agent.http_lite's HTTP/1.1)
     "addin_core.manifest",
 }
 
@@ -152,3 +153,55 @@ def test_the_daemons_modules_load_no_http_client_crypto_or_xml_reader() -> None:
     mods |= {m.split(".")[0] for m in mods}
     assert "agent.daemon" in mods
     assert not mods & NOT_IN_AN_IDLE_DAEMON, sorted(mods & NOT_IN_AN_IDLE_DAEMON)
+
+
+DOWNLOAD_PROBE = """
+import asyncio, hashlib, sys
+from addin_core.protocol import CatalogEntry, Host, Source
+from agent.fetcher import Fetcher
+from simulator.orggen import make_manifest
+
+ADDIN = "0b5cb8a0-1f53-4e4e-8a60-1d1a8cd8e0aa"
+XML = make_manifest(ADDIN, name="P", version="1.0.0.0", hosts=[Host.WORD], permissions="ReadDocument")
+SHA = hashlib.sha256(XML).hexdigest()
+
+async def serve(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(XML) + XML)
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fetcher = Fetcher(f"http://127.0.0.1:{port}", None)
+    entry = CatalogEntry(
+        addin_id=ADDIN, name="P", source=Source.LOB, version="1.0.0.0", manifest_sha256=SHA,
+        manifest_url=f"/v1/manifests/{SHA}", hosts=[Host.WORD], permissions="ReadDocument",
+        enabled=True, revision=1,
+    )
+    result = await fetcher.fetch(entry)
+    await fetcher.aclose()
+    server.close()
+    print(result.status, " ".join(sorted(sys.modules)))
+
+asyncio.run(main())
+"""
+
+
+def test_a_daemons_download_loads_no_http_library() -> None:
+    """The daemon's own fetcher (no shared pool given) downloads on asyncio's streams: after a
+    real download and verification neither aiohttp nor httpx is in the process (the manifest
+    reader, lxml, is: it verifies)."""
+    r = subprocess.run(
+        [sys.executable, "-c", DOWNLOAD_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    status, *names = r.stdout.split()
+    assert status == "verified", r.stdout[:200]
+    mods = {m.split(".")[0] for m in names}
+    assert "lxml" in mods and not mods & {"aiohttp", "httpx"}, sorted(mods & {"aiohttp", "httpx"})
