@@ -62,3 +62,5 @@ _.cached_p99_ms
 _.floor_p99_ms
 _.download_p99_ms
 _.cached_ratio
+_.download_notify_p99_ms  # RunFigures: read by name (MEDIAN_FIGURES, rows)
+_.download_notify_ratio
