@@ -61,6 +61,21 @@ async def _first_state_message(port: int) -> None:
     raise AssertionError("the restarted broker never got any state from the server")
 
 
+async def _reports_stored_again(port: int, db: str, revision: int) -> None:
+    """Wait until a report published now is stored: the server's report subscription is
+    back (on PostgreSQL a connection of its own, reconnecting on its own backoff; a report
+    published before it is gone, and its agent would report again)."""
+    canary = _report("u0000", revision).model_copy(update={"client_id": "canary"})
+    async with aiomqtt.Client("127.0.0.1", port, identifier="canary") as c:
+        for _ in range(60):
+            await c.publish(str(Topic.report("contoso", "canary")), canary.to_bytes(), qos=1)
+            for _ in range(10):
+                if query(db, "SELECT 1 FROM reports WHERE client_id='canary'"):
+                    return
+                await asyncio.sleep(0.1)
+    raise AssertionError("no report stored after the broker restart")
+
+
 async def _fleet_reports(port: int, reports: list[AgentReport]) -> None:
     """The fleet reconnecting: every report at once, over two connections."""
 
@@ -102,12 +117,13 @@ async def test_a_broker_restart_loses_no_report_write_or_retained_topic(
         await asyncio.to_thread(broker.restart, hard=True)  # no persistence: all state gone
         writes = [asyncio.create_task(_writes(http, w)) for w in range(WRITERS)]
         await _first_state_message(broker.port)
+        await _reports_stored_again(broker.port, db_target, revision)
         await _fleet_reports(broker.port, [_report(u, revision) for u in users])
         revisions = sorted(rev for revs in await asyncio.gather(*writes) for rev in revs)
 
     assert len(set(revisions)) == WRITERS * WRITES_EACH
     # Every report stored (bounded wait: the intake stores them in batches).
-    want = {(f"dev-{u}", revision) for u in users}
+    want = {(f"dev-{u}", revision) for u in users} | {("canary", revision)}
     stored: set[tuple[str, int]] = set()
     for _ in range(600):
         stored = {(str(c), int(r)) for c, r in query(db_target, "SELECT client_id, revision FROM reports")}  # fmt: skip
