@@ -68,6 +68,7 @@ from addin_runtime.reconnect import (
 from addin_runtime.tasks import cancel_and_wait, wait_event
 from server_stub.db import TRANSIENT_ERRORS, Database
 from server_stub.db_target import is_url
+from server_stub.loop_thread import WritesFirst
 from server_stub.reports import ReportIntake, ReportSink
 from server_stub.signer import StateSigner, sign_all
 
@@ -150,7 +151,12 @@ class Publisher:
         self.password = password
         self.poll_interval = poll_interval
         self.report_sink = report_sink
+        self.writes_first: WritesFirst | None = None
+        """Set by `serve`, which runs the publisher on a thread of its own: its bulk work (a
+        broker's whole state, a fleet's reports) steps aside for the admin writes."""
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop `run` runs on: `wake` may be called from another one."""
         self._session_present = False
         self._marker_topic = server_topic(tenant, "published")
         self._probe_topic = server_topic(tenant, "probe")
@@ -182,7 +188,20 @@ class Publisher:
         return self._last_error
 
     def wake(self, _revision: int | None = None) -> None:
-        self._wake.set()
+        """A commit has rows to publish; callable from any thread (`serve` runs the
+        publisher on a loop of its own, `server_stub/loop_thread.py`)."""
+        loop = self._loop
+        try:
+            same = loop is None or asyncio.get_running_loop() is loop
+        except RuntimeError:
+            same = False
+        if same:
+            self._wake.set()
+        elif loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # that loop has closed: the server is stopping
+                pass
 
     def _crash_hook(self) -> None:
         if os.environ.get(CRASH_ENV) == "1":
@@ -223,6 +242,7 @@ class Publisher:
     async def run(self) -> None:
         """Connect, publish, reconnect on failure; runs until cancelled. On PostgreSQL,
         only while this replica holds the outbox (`server_stub/replicas.py`)."""
+        self._loop = asyncio.get_running_loop()
         database = await Database.open(self.db_path, pool_size=2)
         try:
             if database.is_postgresql:
@@ -482,6 +502,8 @@ class Publisher:
                 *(client.publish(t, p, qos=1, retain=True, timeout=30) for t, p in chunk)
             )
             self.published += len(chunk)
+            if self.writes_first is not None:
+                self.writes_first.step_aside()
 
     async def drain_once(self, database: Database, client: aiomqtt.Client) -> int:
         rows = await database.outbox_batch(BATCH * 4)
@@ -527,6 +549,8 @@ class Publisher:
                     # of reports (10,000 after a broker restart) would hold the event loop
                     # for seconds, and every HTTP request (admin writes) with it.
                     await asyncio.sleep(0)
+                if self.writes_first is not None:
+                    self.writes_first.step_aside()
                 topic = str(message.topic)
                 try:
                     self._take(topic, bytes(message.payload), bool(message.retain), intake)

@@ -36,6 +36,7 @@ from paho.mqtt.properties import Properties
 from addin_core.protocol import AgentReport, Filters, ProtocolError, decode_message, server_identity
 from addin_runtime.reconnect import Backoff
 from server_stub.db_target import describe
+from server_stub.loop_thread import WritesFirst
 from server_stub.pg import CONNECT_TIMEOUT, LEADER_LOCK, OUTBOX_CHANNEL
 from server_stub.reports import ReportIntake, ReportSink
 
@@ -127,9 +128,12 @@ class SharedReports:
         *,
         username: str | None = None,
         password: str | None = None,
+        writes_first: WritesFirst | None = None,
     ) -> None:
         self.tenant = tenant
         self.host, self.port = host, port
+        self.writes_first = writes_first
+        """`serve` runs this on its MQTT thread: a fleet's reports step aside for writes."""
         self.username, self.password = username, password
         self.sink = sink
         self.client_id = f"{server_identity(tenant)}-{secrets.token_hex(4)}"
@@ -174,6 +178,8 @@ class SharedReports:
                             if isinstance(payload, AgentReport):
                                 self.received += 1
                                 intake.offer(payload)
+                            if self.writes_first is not None:
+                                self.writes_first.step_aside()
                 except aiomqtt.MqttError as e:
                     self.connected.clear()
                     delay = backoff.failed()

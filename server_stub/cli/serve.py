@@ -396,17 +396,26 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
     from addin_runtime.tasks import cancel_and_wait
     from server_stub.api import create_app
     from server_stub.db_target import describe
+    from server_stub.loop_thread import LoopThread, WritesFirst, on_loop
     from server_stub.metrics import ServerMetrics
     from server_stub.publisher import Publisher
 
     service = await open_service(path, s.tenant, s.store_catalog, s.max_addins, s.admin_user)
     service.act_as_server()
     metrics = ServerMetrics(service.database) if s.metrics else None
-    sink = (
+    record = (
         metrics.count_reports(service.record_reports)
         if metrics is not None
         else service.record_reports
     )
+    # The MQTT work (the publisher, the broker restore after a restart, the fleet's reports)
+    # runs on a loop of its own, and steps aside while admin writes are served: on this
+    # loop it held them for whole batches of publishes and messages
+    # (server_stub/loop_thread.py). The reports are stored from this loop, whose database
+    # connection and lock order them with the admin writes.
+    mqtt = LoopThread("mqtt")
+    writes_first = WritesFirst()
+    sink = on_loop(asyncio.get_running_loop(), record)
     # Replicas share the reports through a shared subscription, each on a client id of its
     # own; with --pki the broker forces one client id per certificate, so there the
     # leader's session takes them all (server_stub/replicas.py).
@@ -440,9 +449,10 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
         metrics_token=s.metrics_token,
         max_outbox_lag=s.max_outbox_lag,
     )
+    publisher.writes_first = writes_first
     server = uvicorn.Server(
         uvicorn.Config(
-            app,
+            writes_first.asgi(app),
             host=s.host,
             port=s.port,
             log_level="warning",
@@ -454,14 +464,15 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
             ssl_keyfile=str(s.tls.keyfile) if s.tls is not None else None,
         )
     )
-    pub = asyncio.create_task(publisher.run())
-    reports = None
+    mqtt.start()
+    mqtt.submit(publisher.run())
     if shared:
         from server_stub.replicas import SharedReports
 
         listener = SharedReports(s.tenant, publisher.host, publisher.port, sink,
-                                 username=s.broker_username, password=s.broker_password)  # fmt: skip
-        reports = asyncio.create_task(listener.run(), name="shared reports")
+                                 username=s.broker_username, password=s.broker_password,
+                                 writes_first=writes_first)  # fmt: skip
+        mqtt.submit(listener.run())
     # Timers that write decide once per database: on PostgreSQL only the replica that holds
     # the outbox runs them (two replicas would both advance a rollout whose gate holds).
     gates = asyncio.create_task(_watch_gates(service, s.gate_interval, publisher.is_leader))
@@ -501,9 +512,7 @@ async def _run_server(path: Path | str, s: _Settings) -> None:
         await cancel_and_wait(gates, 10, "the rollout gates")
         if syncing is not None:
             await cancel_and_wait(syncing, 10, "the directory sync")
-        await cancel_and_wait(pub, 10, "the publisher")
-        if reports is not None:
-            await cancel_and_wait(reports, 10, "the report subscription")
+        await mqtt.stop(10)
         await service.close()
 
 
