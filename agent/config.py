@@ -33,6 +33,7 @@ field, where it came from and what to write instead.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -194,6 +195,20 @@ class AgentConfig(BaseModel):
         # A client id of the server's takes over its broker session: it would stop
         # publication for the whole tenant.
         return check_unreserved(v)
+
+    @field_validator("mqtt_source_address")
+    @classmethod
+    def _source_address(cls, v: str | None) -> str | None:
+        # A name here would only surface as "Name or service not known" about the broker.
+        if v is not None:
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(
+                    f"{v!r} is not an IP address: give one of this machine's addresses, "
+                    "e.g. 10.0.0.5, or leave mqtt_source_address out"
+                ) from None
+        return v
 
     @field_validator("broker_url")
     @classmethod

@@ -71,3 +71,17 @@ async def test_an_agent_connects_from_its_configured_source_address(
         if agent is not None:
             await stop_agents({"u01": agent})
         server.kill()
+
+
+def test_a_source_address_that_is_not_an_ip_address_is_refused_by_the_config() -> None:
+    from agent.config import AgentConfig
+
+    base = dict(
+        tenant="contoso", user_id="u", client_id="c", insecure=True,
+        broker_url="mqtt://127.0.0.1:1883", server_url="http://127.0.0.1:1",
+    )  # fmt: skip
+    assert AgentConfig(**base, mqtt_source_address="127.0.100.1").mqtt_source_address == (
+        "127.0.100.1"
+    )
+    with pytest.raises(ValueError, match="is not an IP address"):
+        AgentConfig(**base, mqtt_source_address="workstation.local")
