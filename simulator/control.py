@@ -37,6 +37,7 @@ import aiomqtt
 
 from addin_runtime.mqtt_version import VersionChoice
 from addin_runtime.tasks import cancel_and_wait
+from simulator.results import RunError
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,21 @@ class ControlChannel:
         self._closing = False
         self.connected_since = 0.0
         """`time.monotonic()` of the latest (re)connect; 0 while disconnected."""
+        self._last_error = ""
+        """Why the latest connection attempt failed, for `start`'s error."""
 
     async def start(self, timeout: float = 30.0) -> None:
         self._task = asyncio.create_task(self._run(), name=f"control-{self.identifier}")
-        async with asyncio.timeout(timeout):
-            await self._connected.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+        except TimeoutError:
+            await self.close()
+            why = f": {self._last_error}" if self._last_error else ""
+            raise RunError(
+                f"cannot reach the broker {self.broker.host}:{self.broker.port} "
+                f"in {timeout:g} s{why}"
+            ) from None
 
     async def _run(self) -> None:
         delay = 0.2
@@ -191,6 +202,7 @@ class ControlChannel:
             except aiomqtt.MqttError as e:
                 if self._closing:
                     return
+                self._last_error = str(e)
                 if self._version.fall_back(e):
                     continue
                 log.info(

@@ -87,3 +87,18 @@ def test_netns_refuses_a_loopback_broker(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="loopback"):
         env.start()
     assert env.netns is None
+
+
+async def test_an_unreachable_broker_is_a_run_error_naming_it() -> None:
+    """`addin-sim run --broker` at a port nobody listens on: one line saying which broker and
+    why (it was a TimeoutError traceback)."""
+    from simulator.control import BrokerAddress, ControlChannel
+    from simulator.mosquitto import free_port
+
+    async def ignore(_topic: str, _data: object) -> None:
+        return None
+
+    port = free_port()
+    channel = ControlChannel(BrokerAddress.parse(f"mqtt://127.0.0.1:{port}"), "t", [], ignore)
+    with pytest.raises(RunError, match=rf"cannot reach the broker 127.0.0.1:{port} in 1 s: .*refused"):
+        await channel.start(timeout=1)
