@@ -141,6 +141,19 @@ def agent_config(
     return AgentConfig(**base)
 
 
+def offline_agent(user: str = "u", client: str = "c", cache_path: str = ":none:") -> Agent:
+    """An agent with a memory applier and nowhere to connect (broker and server on port 1):
+    for tests that drive its model, reports and launches directly."""
+    from agent.applier import MemoryApplier
+
+    config = AgentConfig(
+        tenant="contoso", user_id=user, client_id=client, insecure=True,
+        broker_url="mqtt://127.0.0.1:1", server_url="http://127.0.0.1:1",
+        cache_path=cache_path, applier="memory", control=None,
+    )  # fmt: skip
+    return Agent(config, applier=MemoryApplier())
+
+
 async def until(
     cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str = "condition"
 ) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from agent_helpers import offline_agent
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -459,18 +460,9 @@ def test_a_transition_for_a_cache_without_tables_keeps_only_what_is_read_back() 
 async def test_repeated_messages_decode_once_and_bad_ones_are_refused_every_time(
     tmp_path: Path,
 ) -> None:
-    from agent import daemon
-    from agent.applier import MemoryApplier
-    from agent.config import AgentConfig
-
     agents = []
     for n in range(2):
-        config = AgentConfig(
-            tenant="contoso", user_id=f"u{n}", client_id=f"c{n}", insecure=True,
-            broker_url="mqtt://127.0.0.1:1", server_url="http://127.0.0.1:1",
-            cache_path=":memory:", applier="memory", control=None,
-        )  # fmt: skip
-        agent = daemon.Agent(config, applier=MemoryApplier())
+        agent = offline_agent(f"u{n}", f"c{n}", ":memory:")
         await agent.open()
         agents.append(agent)
     topic = str(Topic.assign_everyone("contoso", "addin-1"))
@@ -494,15 +486,8 @@ async def test_a_report_after_a_download_is_spread_and_a_launch_brings_it_forwar
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from agent import daemon
-    from agent.applier import MemoryApplier
-    from agent.config import AgentConfig
 
-    config = AgentConfig(
-        tenant="contoso", user_id="u", client_id="c", insecure=True,
-        broker_url="mqtt://127.0.0.1:1", server_url="http://127.0.0.1:1",
-        cache_path=":none:", applier="memory", control=None,
-    )  # fmt: skip
-    agent = daemon.Agent(config, applier=MemoryApplier())
+    agent = offline_agent()
     published: list[float] = []
 
     async def publish() -> bool:

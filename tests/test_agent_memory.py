@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import pytest
+from agent_helpers import offline_agent
 
 from agent import memory
 
@@ -49,15 +50,8 @@ async def test_the_agent_says_settled_after_a_report_without_downloads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from agent import daemon
-    from agent.applier import MemoryApplier
-    from agent.config import AgentConfig
 
-    config = AgentConfig(
-        tenant="contoso", user_id="u", client_id="c", insecure=True,
-        broker_url="mqtt://127.0.0.1:1", server_url="http://127.0.0.1:1",
-        cache_path=":none:", applier="memory", control=None,
-    )  # fmt: skip
-    agent = daemon.Agent(config, applier=MemoryApplier())
+    agent = offline_agent()
     settled: list[int] = []
 
     async def publish() -> bool:
